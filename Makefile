@@ -1,0 +1,34 @@
+# Two entry points: `make serve` runs the service, `make test` runs the tests.
+# Both create or refresh the virtualenv first (re-installed when pyproject.toml changes).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test lint bench-distill bench-quality clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+serve: venv
+	$(VENV)/bin/fd2 serve
+
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-distill: venv
+	$(PY) bench/distill_step.py
+
+bench-quality: venv
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VENV) .fd2 .pytest_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""Sending jobs to the workers: a Celery client that knows tasks only by name.
+
+The API never imports `worker` (which would pull in torch); it publishes `fd2.run_job(job_id)` with the task
+id equal to the job id, so a revoke names the job directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+
+from celery import Celery
+
+from store.settings import RUN_JOB_TASK, Settings
+
+logger = logging.getLogger("fd2.api")
+
+
+class JobBroker:
+    """Publish, revoke and health-check against the configured broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = Celery("fd2-api", set_as_current=False)
+        app.conf.update(self.settings.celery_config())
+        return app
+
+    def send_job(self, job_id: str, queue: str) -> None:
+        """Enqueue the job (blocking; raises when the broker cannot take it)."""
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=job_id, retry=True,
+                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+    def revoke(self, job_id: str) -> None:
+        """Ask workers to drop the job's message; best effort, the database flag is what workers obey."""
+        try:
+            self.celery.control.revoke(job_id)
+        except Exception:  # cancellation already succeeded in the database
+            logger.warning("revoke of %s could not be broadcast", job_id, exc_info=True)
+
+    def ping(self) -> None:
+        """Raise unless the broker accepts a connection right now."""
+        if self.settings.uses_embedded_broker:
+            queue_dir = self.settings.broker_dir / "queue"
+            if not (queue_dir.is_dir() and os.access(queue_dir, os.W_OK)):
+                raise RuntimeError(f"broker folder {queue_dir} is not writable")
+            return
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=self.settings.readiness_timeout_s)
+            client = getattr(connection.default_channel, "client", None)
+            if client is not None and hasattr(client, "ping"):
+                client.ping()
+
+    def close(self) -> None:
+        if "celery" in self.__dict__:
+            self.celery.close()

@@ -1,0 +1,127 @@
+"""Request and response bodies of the REST contract (docs/API.md), also the OpenAPI schema.
+
+A job's `spec` is kept as a plain mapping here and typed in OpenAPI as `JobSpec` (fd2_core.spec), the one
+schema with every field's default, range and meaning; `fd2_core.spec.resolve_spec` is what validates it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+JOB_SPEC_REF = {"$ref": "#/components/schemas/JobSpec"}
+SpecMapping = Annotated[dict[str, Any], WithJsonSchema(JOB_SPEC_REF)]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStage = Literal["pretrain", "distill", "relabel", "evaluate", "package"]
+DatasetStatus = Literal["validating", "ready", "invalid"]
+
+
+class ManifestItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, max_length=4096, description="Image path relative to the root.")
+    label: str | int = Field(..., description="Class name (or integer class index).")
+    split: Literal["train", "test", "val"] | None = Field(
+        None, description="train, test or val (val counts as test); omitted everywhere = a test share is carved."
+    )
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(..., min_length=1, description="Folder under an operator-allowed data root.")
+    items: list[ManifestItem] = Field(..., min_length=1, description="One row per image.")
+
+
+class DatasetRef(BaseModel):
+    """Exactly one of `id` (an uploaded dataset) or `manifest` (data already on the workers' storage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, description="Id of a `ready` uploaded dataset.")
+    manifest: Manifest | None = Field(None, description="Images listed under an allowed data root.")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetRef
+    spec: SpecMapping = Field(
+        default_factory=dict,
+        description="Partial spec: `preset` picks the base configuration and any other field overrides it. "
+        "Unknown fields are rejected. The job answers with the fully resolved spec.",
+    )
+    callback_url: str | None = Field(
+        None, max_length=2048, description="POSTed the job resource when the job ends (host must be allowed)."
+    )
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+    url: str = Field(..., description="Download path (supports Range, ETag, Digest).")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    stage: JobStage | None = None
+    progress: float = Field(..., description="Overall progress 0-1.")
+    stage_progress: float = Field(..., description="Progress of the current stage 0-1.")
+    eta_seconds: float | None = None
+    spec: SpecMapping = Field(..., description="The full resolved spec.")
+    dataset_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: JobError | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[ArtifactOut] = Field(default_factory=list)
+    cancel_requested: bool = False
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    status: DatasetStatus
+    num_classes: int
+    classes: list[str]
+    splits: dict[str, int]
+    per_class: dict[str, dict[str, int]]
+    errors: list[dict[str, Any]] = Field(default_factory=list, description="Skipped files with reasons.")
+    size_bytes: int
+    created_at: datetime
+
+
+class EventOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    stage: str | None = None
+    progress: float | None = None
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = None
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
+    next_cursor: str | None = None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None = Field(None, description="Pass as `after` to read the following events.")

@@ -1,0 +1,192 @@
+"""`fd2 distill` and `fd2 data`: the pipeline from a terminal, with a progress bar per stage.
+
+Bad input (missing folder, one class, ipc larger than the smallest class, unknown backbone, bad spec value)
+prints one line on stderr and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .spec import METHODS, PRESETS, JobSpec
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {"preset": args.preset, "method": args.method, "ipc": args.ipc, "seed": args.seed}
+    if args.device:
+        raw["device"] = args.device
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        raw[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "spec"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"invalid spec field {loc!r}: {first.get('msg')}{more}"
+
+
+class ProgressPrinter:
+    """A bar per stage on a terminal; one line per stage and every few seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._last_line = 0.0
+        self._stage: str | None = None
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        if event.kind == "stage_start":
+            self._stage = event.stage
+        bar = "#" * int(event.stage_progress * 30)
+        eta = f" eta {int(event.eta_seconds) // 60}m{int(event.eta_seconds) % 60:02d}s" if event.eta_seconds else ""
+        losses = " ".join(f"{k} {v:.3g}" for k, v in list(event.losses.items())[:4])
+        line = f"{event.stage:<9} [{bar:<30}] {event.stage_progress * 100:5.1f}%{eta} {losses}".rstrip()
+        if event.kind == "log":
+            line = f"{event.stage:<9} {event.message}"
+        if self.tty:
+            end = "\n" if event.kind in ("stage_end", "log") else ""
+            self.stream.write("\r\033[K" + line + end)
+        elif event.kind in ("stage_end", "log") or time.monotonic() - self._last_line > 5:
+            self._last_line = time.monotonic()
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .spec import resolve_spec
+
+    try:
+        spec = resolve_spec(spec_from_args(args))
+    except ValidationError as err:
+        return _fail(format_validation_error(err))
+    except ValueError as err:
+        return _fail(str(err))
+
+    from .data.errors import DataError
+    from .pipeline import StopRequested, run
+
+    out = Path(args.out)
+    try:
+        result = run(spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet))
+    except DataError as err:
+        return _fail(str(err))
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        return _fail(str(err))
+    except (KeyboardInterrupt, StopRequested):
+        print(f"\nfd2: interrupted; run the same command again to resume from {out}", file=sys.stderr)
+        return 130
+    _print_summary(spec, result)
+    return 0
+
+
+def _print_summary(spec: JobSpec, result) -> None:
+    m = result.metrics
+    timings = result.report.get("timings_s", {})
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = [
+        f"method {spec.method}, ipc {spec.ipc}, {spec.backbone} @ {spec.image_size}px, "
+        f"{timings.get('total', 0):.0f}s on {result.report['device']['type']}",
+        f"teacher accuracy          {pct(m.get('teacher_accuracy'))}",
+    ]
+    if "student_accuracy" in m:
+        lines.append(f"student (distilled set)   {pct(m.get('student_accuracy'))}")
+    if "random_baseline_accuracy" in m:
+        lines.append(f"student (random real set) {pct(m.get('random_baseline_accuracy'))}")
+    lines.append("artifacts:")
+    lines += [f"  {path}" for path in result.artifacts.values()]
+    print("\n".join(lines))
+
+
+def cmd_data_fgsynth(args: argparse.Namespace) -> int:
+    from .data.fgsynth import write_fgsynth
+
+    fmt = "zip" if args.zip else "folder"
+    try:
+        path = write_fgsynth(
+            Path(args.out),
+            fmt,
+            num_classes=args.classes,
+            image_size=args.size,
+            train_per_class=args.train,
+            test_per_class=args.test,
+            seed=args.seed,
+            variant=args.variant,
+        )
+    except ValueError as err:
+        return _fail(str(err))
+    print(path)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"fd2: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `distill` and `data` to a parser (the service CLI mounts them next to its own commands)."""
+    d = subparsers.add_parser("distill", help="run the whole pipeline on a dataset, no service needed")
+    d.add_argument("--data", required=True, help="folder, .zip/.tar(.gz), manifest.json/.csv, or fgsynth[:k=v,…]")
+    d.add_argument("--method", choices=METHODS, default="fd2")
+    d.add_argument("--ipc", type=int, default=1, help="synthetic images per class")
+    d.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    d.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any spec field (repeatable)")
+    d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    d.set_defaults(func=cmd_distill)
+
+    data = subparsers.add_parser("data", help="built-in data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    g = data_sub.add_parser("fgsynth", help="write the built-in fine-grained dataset")
+    g.add_argument("--out", required=True)
+    g.add_argument("--zip", action="store_true", help="write a .zip instead of a folder")
+    g.add_argument("--classes", type=int, default=20)
+    g.add_argument("--size", type=int, default=32)
+    g.add_argument("--train", type=int, default=150, help="train images per class")
+    g.add_argument("--test", type=int, default=50, help="test images per class")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--variant", default="birds")
+    g.set_defaults(func=cmd_data_fgsynth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fd2", description="FD² fine-grained dataset distillation")
+    register_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

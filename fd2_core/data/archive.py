@@ -1,0 +1,276 @@
+"""Unpack an uploaded zip or tar(.gz) without trusting anything it says about itself (torch-free).
+
+The archive type comes from magic bytes, not the file name. Member paths that are absolute or climb out with
+`..` refuse the whole archive (that is an attack, not an accident); links, devices, fifos, encrypted members
+and nested archives are skipped and reported. File count, total bytes and the compression ratio are enforced
+on the bytes actually written, so lying headers do not help a bomb. Everything is written to a temporary
+folder beside the destination and renamed into place only on success: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+from typing import IO, Literal
+
+from fd2_core.data.errors import DataError, FileError
+from fd2_core.data.layout import find_data_root, is_ignored_name
+from fd2_core.data.limits import DataLimits
+
+ArchiveKind = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
+
+NESTED_ARCHIVE_SUFFIXES: tuple[str, ...] = (
+    ".zip", ".tar", ".tgz", ".gz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".7z", ".rar", ".zst",
+)
+_CHUNK = 1024 * 1024
+# Exceptions that mean "the archive's bytes are wrong" while reading (writing errors are the server's own).
+_READ_ERRORS = (
+    tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError,
+)
+_TAR_MODES: dict[str, str] = {"tar": "r|", "tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
+
+
+@dataclass
+class Extraction:
+    """Result of `extract_archive`: the folder to scan and what was left out."""
+
+    root: Path
+    dest: Path
+    kind: ArchiveKind
+    files: int = 0
+    bytes_written: int = 0
+    skipped: list[FileError] = field(default_factory=list)
+
+
+def detect_archive(path: str | Path) -> ArchiveKind | None:
+    """The archive type from the first bytes of the file, or None when it is not a supported archive."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tar.gz"
+    if head[:3] == b"BZh":
+        return "tar.bz2"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "tar.xz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def member_parts(name: str) -> tuple[str, ...]:
+    """Split a member name into safe path parts; raise DataError `path_escape` for absolute or `..` names."""
+    text = name.replace("\\", "/")
+    if text.startswith("/") or PureWindowsPath(name).drive or re.match(r"^[A-Za-z]:", text):
+        raise DataError("path_escape", f"archive member {name!r} has an absolute path")
+    parts = tuple(p for p in text.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise DataError("path_escape", f"archive member {name!r} points outside the archive")
+    return parts
+
+
+def _is_nested_archive(name: str) -> bool:
+    return name.lower().endswith(NESTED_ARCHIVE_SUFFIXES)
+
+
+class _Writer:
+    """Writes members under `base` while counting files and bytes against the limits."""
+
+    def __init__(self, base: Path, limits: DataLimits, archive_bytes: int, result: Extraction) -> None:
+        self.base = base
+        self.limits = limits
+        self.archive_bytes = max(archive_bytes, 1)
+        self.result = result
+
+    def skip(self, name: str, reason: str) -> None:
+        self.result.skipped.append(FileError(name, reason))
+
+    def accept(self, raw_name: str) -> tuple[str, ...] | None:
+        """Safe parts of a member name, or None when the member is to be skipped silently."""
+        if "\x00" in raw_name:
+            raise DataError("bad_archive", "archive member name contains a NUL byte")
+        parts = member_parts(raw_name)
+        if not parts or any(is_ignored_name(p) for p in parts):
+            return None
+        return parts
+
+    def make_dir(self, parts: tuple[str, ...]) -> None:
+        try:
+            self.base.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.skip("/".join(parts) + "/", f"cannot create folder: {exc.strerror or exc}")
+
+    def write_file(self, parts: tuple[str, ...], read: Callable[[int], bytes]) -> None:
+        name = "/".join(parts)
+        if self.result.files >= self.limits.max_files:
+            raise DataError("too_many_files", f"the archive holds more than {self.limits.max_files} files")
+        target = self.base.joinpath(*parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = open(target, "xb")
+        except FileExistsError:
+            self.skip(name, "duplicate archive member; the first one is kept")
+            return
+        except OSError as exc:
+            self.skip(name, f"cannot create file: {exc.strerror or exc}")
+            return
+        self.result.files += 1
+        with out:
+            while True:
+                try:
+                    chunk = read(_CHUNK)
+                except _READ_ERRORS as exc:
+                    message = f"the archive is corrupt or truncated at {name}: {exc}"
+                    raise DataError("bad_archive", message) from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                self._count(len(chunk))
+
+    def _count(self, n: int) -> None:
+        self.result.bytes_written += n
+        total = self.result.bytes_written
+        limits = self.limits
+        if total > limits.max_total_uncompressed_bytes:
+            cap = limits.max_total_uncompressed_bytes
+            raise DataError("too_large", f"the archive unpacks to more than {cap} bytes")
+        if total > limits.ratio_grace_bytes and total > limits.max_compression_ratio * self.archive_bytes:
+            ratio = limits.max_compression_ratio
+            raise DataError("too_large", f"the archive expands more than {ratio:g} times its size (a bomb?)")
+
+
+def _zip_members(path: Path, writer: _Writer) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except _READ_ERRORS as exc:
+        raise DataError("bad_archive", f"not a readable zip archive: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        declared = sum(i.file_size for i in infos)
+        if declared > writer.limits.max_total_uncompressed_bytes:
+            raise DataError("too_large", f"the archive declares {declared} uncompressed bytes; the limit is"
+                                         f" {writer.limits.max_total_uncompressed_bytes}")
+        for info in infos:
+            parts = writer.accept(info.filename)
+            if parts is None:
+                continue
+            name = "/".join(parts)
+            mode = info.external_attr >> 16
+            if info.is_dir() or stat.S_ISDIR(mode):
+                writer.make_dir(parts)
+            elif stat.S_ISLNK(mode):
+                writer.skip(name, "symbolic link refused")
+            elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+                writer.skip(name, "special file refused")
+            elif info.flag_bits & 0x1:
+                writer.skip(name, "encrypted member skipped")
+            elif _is_nested_archive(name):
+                writer.skip(name, "nested archive not extracted")
+            else:
+                try:
+                    src = zf.open(info)
+                except NotImplementedError as exc:
+                    writer.skip(name, f"unsupported compression: {exc}")
+                    continue
+                except _READ_ERRORS as exc:
+                    raise DataError("bad_archive", f"the archive is corrupt at {name}: {exc}") from None
+                with src:
+                    writer.write_file(parts, src.read)
+
+
+def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
+    with open(path, "rb") as raw:
+        try:
+            tf = tarfile.open(fileobj=raw, mode=_TAR_MODES[kind])
+        except _READ_ERRORS as exc:
+            raise DataError("bad_archive", f"not a readable tar archive: {exc}") from None
+        with tf:
+            for member in _iterate_tar(tf):
+                parts = writer.accept(member.name)
+                if parts is None:
+                    continue
+                name = "/".join(parts)
+                if member.isdir():
+                    writer.make_dir(parts)
+                elif member.issym() or member.islnk():
+                    writer.skip(name, "link refused")
+                elif not member.isfile():
+                    writer.skip(name, "device, fifo or other special file refused")
+                elif _is_nested_archive(name):
+                    writer.skip(name, "nested archive not extracted")
+                else:
+                    src = _open_tar_member(tf, member)
+                    writer.write_file(parts, src.read)
+
+
+def _iterate_tar(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while True:
+        try:
+            member = tf.next()
+        except _READ_ERRORS as exc:
+            raise DataError("bad_archive", f"the tar archive is corrupt or truncated: {exc}") from None
+        if member is None:
+            return
+        yield member
+
+
+def _open_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    try:
+        src = tf.extractfile(member)
+    except _READ_ERRORS as exc:
+        raise DataError("bad_archive", f"the tar archive is corrupt at {member.name}: {exc}") from None
+    if src is None:
+        raise DataError("bad_archive", f"the tar archive has no data for {member.name}")
+    return src
+
+
+def extract_archive(
+    archive_path: str | Path, dest_dir: str | Path, limits: DataLimits = DataLimits()
+) -> Extraction:
+    """Unpack a zip/tar/tar.gz into `dest_dir` (which must not exist yet, or be empty) safely.
+
+    Raises DataError: `not_found`, `bad_archive` (unknown type, corrupt, truncated), `path_escape`,
+    `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`.
+    """
+    archive_path = Path(archive_path)
+    dest = Path(dest_dir)
+    if not archive_path.is_file():
+        raise DataError("not_found", f"archive {archive_path.name!r} not found")
+    kind = detect_archive(archive_path)
+    if kind is None:
+        raise DataError("bad_archive", f"{archive_path.name} is not a zip or tar(.gz) archive")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"extraction target {dest} exists and is not an empty folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    result = Extraction(root=dest, dest=dest, kind=kind)
+    try:
+        writer = _Writer(tmp, limits, archive_path.stat().st_size, result)
+        if kind == "zip":
+            _zip_members(archive_path, writer)
+        else:
+            _tar_members(archive_path, kind, writer)
+        if dest.exists():
+            dest.rmdir()
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.root = find_data_root(dest)
+    return result
+
+
+def safe_extract(archive_path: str | Path, dest_dir: str | Path, limits: DataLimits = DataLimits()) -> Path:
+    """Unpack safely (see `extract_archive`) and return the folder to scan, one wrapping folder unwrapped."""
+    return extract_archive(archive_path, dest_dir, limits).root

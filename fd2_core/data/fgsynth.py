@@ -1,0 +1,519 @@
+"""FGSynth: a built-in, procedurally generated fine-grained image dataset (numpy only, deterministic by seed).
+
+Every image shows the same kind of object ("birds" or "cars") with the same layout and the same nuisance
+factors drawn at random for every image: position, scale, rotation, mirror, body colours, background texture,
+lighting and sensor noise. Classes differ *only* in one small part of the object (at most 10 % of its area):
+the part's shape, its two-colour pattern and, past 40 classes, where on the object it sits. The part's two
+colours are drawn at random per image from one distribution shared by all classes, so global colour
+statistics carry no class information; a model has to find the part and read its shape and pattern.
+Class `k` is numbered so that neighbouring classes form confusable groups: within a group of five, classes
+share shape and placement and differ in the pattern alone.
+
+Shapes are signed distance functions evaluated on every pixel, so edges are anti-aliased analytically without
+supersampling, and all images of a chunk are drawn at once with array operations.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+Variant = Literal["birds", "cars"]
+VARIANTS: tuple[str, ...] = ("birds", "cars")
+
+PATTERNS: tuple[str, ...] = ("solid", "split", "band", "rim", "dot")
+SHAPES: dict[str, tuple[str, ...]] = {
+    "birds": ("disc", "square", "triangle", "diamond", "cross", "bar", "ring", "half"),
+    "cars": ("bar", "disc", "diamond", "triangle", "square", "half", "cross", "ring"),
+}
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "birds": ("crest", "throat", "nape", "cheek", "tail"),
+    "cars": ("headlight", "door", "roof", "taillight", "hood"),
+}
+MAX_CLASSES = len(PATTERNS) * 8 * 5
+MIN_IMAGE_SIZE = 16
+_CHUNK = 512
+# Share of the object's area covered by the discriminative part (the generator guarantees at most 10 %).
+PART_AREA_FRACTION = 0.085
+
+
+@dataclass(frozen=True)
+class ClassRecipe:
+    """What tells one class apart: the part's shape, its pattern and its placement on the object."""
+
+    name: str
+    shape: str
+    pattern: str
+    placement: str
+
+
+@dataclass
+class FGSynthSplit:
+    """Images `[N, S, S, 3]` uint8, labels `[N]` int64, and (when asked for) the rendering masks in [0, 1]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    object_masks: np.ndarray | None = None
+    part_masks: np.ndarray | None = None
+
+
+@dataclass
+class FGSynthData:
+    """A generated dataset: class names, recipes and the train and test splits."""
+
+    classes: list[str]
+    recipes: list[ClassRecipe]
+    train: FGSynthSplit
+    test: FGSynthSplit
+    variant: str
+    seed: int
+    image_size: int
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def train_images(self) -> np.ndarray:
+        return self.train.images
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.labels
+
+    @property
+    def test_images(self) -> np.ndarray:
+        return self.test.images
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test.labels
+
+
+def class_recipes(num_classes: int, variant: str = "birds") -> list[ClassRecipe]:
+    """Recipe of class `k`: pattern varies fastest, then shape, then placement (mixed radix)."""
+    _check_variant(variant)
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}]")
+    shapes, placements = SHAPES[variant], PLACEMENTS[variant]
+    width = len(str(num_classes - 1))
+    recipes = []
+    for k in range(num_classes):
+        pattern = PATTERNS[k % len(PATTERNS)]
+        shape = shapes[(k // len(PATTERNS)) % len(shapes)]
+        placement = placements[k // (len(PATTERNS) * len(shapes))]
+        name = f"{k:0{width}d}_{placement}_{shape}_{pattern}"
+        recipes.append(ClassRecipe(name, shape, pattern, placement))
+    return recipes
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown fgsynth variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+# ---------------------------------------------------------------- signed distances (negative inside, in units)
+
+def _sd_box(u: np.ndarray, v: np.ndarray, hx: float, hy: float, r: float = 0.0) -> np.ndarray:
+    qx = np.abs(u) - (hx - r)
+    qy = np.abs(v) - (hy - r)
+    outside = np.hypot(np.maximum(qx, 0.0), np.maximum(qy, 0.0))
+    return outside + np.minimum(np.maximum(qx, qy), 0.0) - r
+
+
+def _sd_ellipse(u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
+    """First-order distance to an ellipse: exact enough for one-pixel anti-aliasing."""
+    k = np.hypot(u / a, v / b)
+    return (k - 1.0) * min(a, b)
+
+
+def _sd_disc(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    return np.hypot(u, v) - r
+
+
+def _sd_triangle(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Equilateral triangle pointing up (Inigo Quilez's exact formula)."""
+    k = np.sqrt(3.0)
+    px = np.abs(u) - r
+    py = v + r / k
+    fold = px + k * py > 0
+    px, py = np.where(fold, (px - k * py) / 2, px), np.where(fold, (-k * px - py) / 2, py)
+    px = px - np.clip(px, -2 * r, 0.0)
+    return -np.hypot(px, py) * np.sign(py)
+
+
+_UNIT_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "disc": lambda u, v: _sd_disc(u, v, 1.0),
+    "square": lambda u, v: _sd_box(u, v, 0.9, 0.9),
+    "triangle": lambda u, v: _sd_triangle(u, v + 0.25, 1.2),
+    "diamond": lambda u, v: (np.abs(u) + np.abs(v) - 1.2) / np.sqrt(2.0),
+    "cross": lambda u, v: np.minimum(_sd_box(u, v, 1.1, 0.36), _sd_box(u, v, 0.36, 1.1)),
+    "bar": lambda u, v: _sd_box(u, v, 1.3, 0.5),
+    "ring": lambda u, v: np.abs(np.hypot(u, v) - 0.8) - 0.42,
+    "half": lambda u, v: np.maximum(np.hypot(u, v + 0.4) - 1.3, -(v + 0.4)),
+}
+
+
+@cache
+def _area_scale(shape: str) -> float:
+    """Factor that gives every part shape the area of the unit disc, so size never reveals the class."""
+    grid = np.linspace(-2.5, 2.5, 1001)
+    u, v = np.meshgrid(grid, grid)
+    area = (_UNIT_SHAPES[shape](u, v) < 0).mean() * 25.0
+    return float(np.sqrt(area / np.pi))
+
+
+def _part_sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Equal-area shape (area pi) in part units."""
+    c = _area_scale(shape)
+    return _UNIT_SHAPES[shape](u * c, v * c) / c
+
+
+def _pattern_weight(pattern: str, u: np.ndarray, v: np.ndarray, sd: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Weight of the second part colour; `px` converts part units to pixels for soft (anti-aliased) edges."""
+    if pattern == "solid":
+        return np.zeros_like(u)
+    if pattern == "split":
+        edge = -u
+    elif pattern == "band":
+        edge = np.abs(v) - 0.38
+    elif pattern == "rim":
+        edge = -(sd + 0.42)
+    elif pattern == "dot":
+        edge = np.hypot(u, v) - 0.5
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    return np.clip(0.5 - edge * px, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- object geometry, in object units
+
+@dataclass(frozen=True)
+class _Body:
+    """One object kind: its layers as (name, signed distance) and where the class part may sit."""
+
+    object_area: float
+    placements: dict[str, tuple[float, float]]
+    rotation_deg: float
+
+
+_BIRD = _Body(
+    object_area=2.55,
+    placements={"crest": (0.95, 0.98), "throat": (1.05, 0.0), "nape": (0.55, 0.8), "cheek": (1.05, 0.42),
+                "tail": (-1.45, 0.12)},
+    rotation_deg=35.0,
+)
+_CAR = _Body(
+    object_area=2.2,
+    placements={"headlight": (1.1, 0.08), "door": (0.05, 0.02), "roof": (-0.05, 0.78),
+                "taillight": (-1.12, 0.08), "hood": (0.78, 0.32)},
+    rotation_deg=12.0,
+)
+_BODIES = {"birds": _BIRD, "cars": _CAR}
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV in [0, 1] to RGB `[..., 3]`."""
+    i = np.floor(h * 6.0) % 6
+    f = h * 6.0 - np.floor(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = np.stack([
+        np.stack([v, t, p], -1), np.stack([q, v, p], -1), np.stack([p, v, t], -1),
+        np.stack([p, q, v], -1), np.stack([t, p, v], -1), np.stack([v, p, q], -1),
+    ])
+    return np.take_along_axis(table, i.astype(np.int64)[None, ..., None].repeat(3, -1), 0)[0]
+
+
+def _random_colours(rng: np.random.Generator, n: int, s_range=(0.15, 0.95), v_range=(0.2, 0.95)) -> np.ndarray:
+    return _hsv_to_rgb(rng.random(n), rng.uniform(*s_range, n), rng.uniform(*v_range, n)).astype(np.float32)
+
+
+@dataclass
+class _Draws:
+    """Per-image random factors of one split (small arrays, drawn before any pixel)."""
+
+    n: int
+    values: dict[str, np.ndarray]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.values[key]
+
+
+def _draw_factors(rng: np.random.Generator, n: int, size: int, body: _Body) -> _Draws:
+    u = rng.uniform
+    d: dict[str, np.ndarray] = {
+        "scale": u(0.20, 0.27, n) * size,
+        "cx": size / 2 + u(-0.11, 0.11, n) * size,
+        "cy": size / 2 + u(-0.09, 0.09, n) * size,
+        "angle": np.deg2rad(u(-body.rotation_deg, body.rotation_deg, n)),
+        "mirror": np.where(rng.random(n) < 0.5, -1.0, 1.0),
+        "part_angle": np.deg2rad(u(-12.0, 12.0, n)),
+        "part_area": u(0.85, 1.0, n) * PART_AREA_FRACTION,
+        "body_rgb": _random_colours(rng, n),
+        "head_mix": u(0.0, 0.6, n),
+        "head_rgb": _random_colours(rng, n),
+        "wing_rgb": _random_colours(rng, n, v_range=(0.1, 0.9)),
+        "wing_stripe": u(0.0, 1.0, n) * (rng.random(n) < 0.5),
+        "wing_freq": u(5.0, 12.0, n),
+        "wing_phase": u(0, 2 * np.pi, n),
+        "bg_a": _random_colours(rng, n, v_range=(0.15, 1.0)),
+        "bg_b": _random_colours(rng, n, v_range=(0.15, 1.0)),
+        "bg_grid": rng.random((n, 6, 6)).astype(np.float32),
+        "bg_freq": u(0.15, 0.9, n),
+        "bg_dir": u(0, np.pi, n),
+        "bg_phase": u(0, 2 * np.pi, n),
+        "bg_wave": u(0.0, 0.6, n),
+        "horizon": u(0.55, 0.8, n) * size,
+        "gain": u(0.7, 1.2, n),
+        "gradient": u(0.0, 0.5, n),
+        "light_dir": u(0, 2 * np.pi, n),
+        "cast": u(0.9, 1.1, (n, 3)),
+        "noise": u(0.0, 0.05, n),
+    }
+    # Two part colours on opposite sides of mid-brightness, the one unlike the head first: every pattern shows.
+    light_first = rng.random(n) < 0.5
+    dark = _random_colours(rng, n, v_range=(0.05, 0.4))
+    light = _random_colours(rng, n, s_range=(0.0, 0.8), v_range=(0.7, 1.0))
+    d["part_a"] = np.where(light_first[:, None], light, dark)
+    d["part_b"] = np.where(light_first[:, None], dark, light)
+    return _Draws(n, d)
+
+
+def _interp_matrix(size: int, cells: int) -> np.ndarray:
+    """Bilinear upsampling of `cells` control points to `size` pixels, as a matrix."""
+    pos = (np.arange(size) + 0.5) / size * (cells - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, cells - 2)
+    frac = pos - lo
+    m = np.zeros((size, cells), dtype=np.float32)
+    m[np.arange(size), lo] = 1 - frac
+    m[np.arange(size), lo + 1] = frac
+    return m
+
+
+def _coverage(sd_units: np.ndarray, px_per_unit: np.ndarray) -> np.ndarray:
+    """Pixel coverage of a shape from its signed distance (half-pixel linear ramp)."""
+    return np.clip(0.5 - sd_units * px_per_unit, 0.0, 1.0)
+
+
+def _over(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    a = alpha[..., None]
+    return img * (1 - a) + colour * a
+
+
+def _render_chunk(
+    variant: str, recipes: list[ClassRecipe], labels: np.ndarray, d: dict[str, np.ndarray], size: int,
+    noise_rng: np.random.Generator, with_masks: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    n = len(labels)
+    col = lambda key: d[key][:, None, None, :]  # noqa: E731 - [n,1,1,3] colour broadcast
+    sca = lambda key: d[key][:, None, None]  # noqa: E731 - [n,1,1] scalar broadcast
+    ys, xs = np.meshgrid(np.arange(size, dtype=np.float32) + 0.5, np.arange(size, dtype=np.float32) + 0.5,
+                         indexing="ij")
+    # background: bilinear blotches plus a soft wave, mixing two colours; cars add a darker road below a horizon
+    interp = _interp_matrix(size, 6)
+    blotch = np.einsum("ij,njk,lk->nil", interp, d["bg_grid"], interp)
+    wave = np.sin(sca("bg_freq") * (xs * np.cos(sca("bg_dir")) + ys * np.sin(sca("bg_dir"))) + sca("bg_phase"))
+    texture = np.clip((1 - sca("bg_wave")) * blotch + sca("bg_wave") * (0.5 + 0.5 * wave), 0, 1)
+    img = col("bg_a") * (1 - texture[..., None]) + col("bg_b") * texture[..., None]
+    if variant == "cars":
+        road = np.clip(ys - sca("horizon") + 0.5, 0, 1)[..., None]
+        img = img * (1 - road) + (0.25 + 0.4 * col("bg_b") * texture[..., None]) * road
+
+    # object frame: u forward (mirrored), v up, in object units
+    s = sca("scale")
+    dx, dy = xs - sca("cx"), ys - sca("cy")
+    cos, sin = np.cos(sca("angle")), np.sin(sca("angle"))
+    u = (dx * cos + dy * sin) * sca("mirror") / s
+    v = (dx * sin - dy * cos) / s
+    layers: list[np.ndarray] = []
+    body_rgb = col("body_rgb")
+    if variant == "birds":
+        tail = _coverage(_sd_ellipse(u + 1.15, v - 0.08, 0.5, 0.17), s)
+        body = _coverage(_sd_ellipse(u, v, 1.0, 0.55), s)
+        head = _coverage(_sd_disc(u - 0.95, v - 0.45, 0.42), s)
+        wing = _coverage(_sd_ellipse(u + 0.15, v - 0.08, 0.62, 0.3), s)
+        eye = _coverage(_sd_disc(u - 1.08, v - 0.52, 0.07), s)
+        stripes = sca("wing_stripe") * (0.5 + 0.5 * np.sin(sca("wing_freq") * u + sca("wing_phase")))
+        wing_rgb = col("wing_rgb") * (1 - 0.7 * stripes[..., None])
+        head_rgb = body_rgb * (1 - sca("head_mix")[..., None]) + col("head_rgb") * sca("head_mix")[..., None]
+        img = _over(img, tail, body_rgb * 0.8)
+        img = _over(img, body, body_rgb)
+        img = _over(img, wing, wing_rgb)
+        img = _over(img, head, head_rgb)
+        img = _over(img, eye, np.float32(0.05))
+        layers = [tail, body, head]
+    else:
+        body = _coverage(_sd_box(u, v, 1.25, 0.3, 0.12), s)
+        cabin = _coverage(_sd_box(u + 0.1, v - 0.45, 0.62, 0.3, 0.18), s)
+        window = _coverage(_sd_box(u + 0.1, v - 0.47, 0.5, 0.2, 0.1), s)
+        wheels = np.maximum(_coverage(_sd_disc(u - 0.72, v + 0.34, 0.27), s),
+                            _coverage(_sd_disc(u + 0.72, v + 0.34, 0.27), s))
+        hubs = np.maximum(_coverage(_sd_disc(u - 0.72, v + 0.34, 0.1), s),
+                          _coverage(_sd_disc(u + 0.72, v + 0.34, 0.1), s))
+        img = _over(img, cabin, body_rgb)
+        img = _over(img, window, 0.15 + 0.35 * col("wing_rgb"))
+        img = _over(img, body, body_rgb)
+        img = _over(img, wheels, np.float32(0.06))
+        img = _over(img, hubs, 0.5 + 0.3 * col("head_rgb"))
+        layers = [body, cabin, wheels]
+
+    # the class part: equal-area shape of area `part_area * object_area`, at its placement, same frame
+    body_spec = _BODIES[variant]
+    radius = np.sqrt(d["part_area"] * body_spec.object_area / np.pi)[:, None, None]
+    part_alpha = np.zeros((n, size, size), dtype=np.float32)
+    part_colour = np.zeros((n, size, size, 3), dtype=np.float32)
+    recipe_of = [recipes[k] for k in labels]
+    keys = sorted({(r.placement, r.shape, r.pattern) for r in recipe_of})
+    pa, pb = col("part_a"), col("part_b")
+    pcos, psin = np.cos(sca("part_angle")), np.sin(sca("part_angle"))
+    for placement, shape, pattern in keys:
+        idx = np.array([i for i, r in enumerate(recipe_of) if (r.placement, r.shape, r.pattern) ==
+                        (placement, shape, pattern)])
+        ox, oy = body_spec.placements[placement]
+        ru, rv = u[idx] - ox, v[idx] - oy
+        pu = (ru * pcos[idx] + rv * psin[idx]) / radius[idx]
+        pv = (-ru * psin[idx] + rv * pcos[idx]) / radius[idx]
+        px_per_part_unit = s[idx] * radius[idx]
+        sd = _part_sdf(shape, pu, pv)
+        part_alpha[idx] = _coverage(sd, px_per_part_unit)
+        w = _pattern_weight(pattern, pu, pv, sd, px_per_part_unit)[..., None]
+        part_colour[idx] = pa[idx] * (1 - w) + pb[idx] * w
+    img = img * (1 - part_alpha[..., None]) + part_colour * part_alpha[..., None]
+
+    # lighting (gain, linear gradient, colour cast) and sensor noise
+    lx = (xs / size - 0.5) * np.cos(sca("light_dir")) + (ys / size - 0.5) * np.sin(sca("light_dir"))
+    light = sca("gain") * (1 + sca("gradient") * lx)
+    img = img * light[..., None] * d["cast"][:, None, None, :]
+    img = img + noise_rng.standard_normal(img.shape, dtype=np.float32) * sca("noise")[..., None]
+    images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    if not with_masks:
+        return images, None, None
+    obj = 1 - np.prod([1 - layer for layer in [*layers, part_alpha]], axis=0)
+    return images, obj.astype(np.float32), part_alpha
+
+
+def _render_split(
+    variant: str, recipes: list[ClassRecipe], per_class: int, size: int, seed_seq: np.random.SeedSequence,
+    with_masks: bool,
+) -> FGSynthSplit:
+    labels = np.repeat(np.arange(len(recipes), dtype=np.int64), per_class)
+    n = len(labels)
+    factor_seq, noise_seq = seed_seq.spawn(2)
+    draws = _draw_factors(np.random.default_rng(factor_seq), n, size, _BODIES[variant])
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    object_masks = np.empty((n, size, size), dtype=np.float32) if with_masks else None
+    part_masks = np.empty((n, size, size), dtype=np.float32) if with_masks else None
+    chunk = max(16, _CHUNK * 32 * 32 // (size * size))
+    for start, chunk_seq in zip(range(0, n, chunk), noise_seq.spawn(max(1, -(-n // chunk))), strict=False):
+        sl = slice(start, min(n, start + chunk))
+        values = {key: value[sl] for key, value in draws.values.items()}
+        imgs, obj, part = _render_chunk(
+            variant, recipes, labels[sl], values, size, np.random.default_rng(chunk_seq), with_masks
+        )
+        images[sl] = imgs
+        if with_masks:
+            object_masks[sl], part_masks[sl] = obj, part
+    return FGSynthSplit(images, labels, object_masks, part_masks)
+
+
+def generate(
+    num_classes: int = 20,
+    image_size: int = 32,
+    train_per_class: int = 150,
+    test_per_class: int = 50,
+    seed: int = 0,
+    variant: str = "birds",
+    with_masks: bool = False,
+) -> FGSynthData:
+    """Generate FGSynth (see the module docstring); the same arguments always give the same arrays.
+
+    `with_masks` also returns per-image object and class-part coverage masks (to check the part's share).
+    """
+    _check_variant(variant)
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}")
+    if train_per_class < 1 or test_per_class < 0:
+        raise ValueError("train_per_class must be >= 1 and test_per_class >= 0")
+    recipes = class_recipes(num_classes, variant)
+    root = np.random.SeedSequence([int(seed), VARIANTS.index(variant), 0x46_44_32])
+    train_seq, test_seq = root.spawn(2)
+    train = _render_split(variant, recipes, train_per_class, image_size, train_seq, with_masks)
+    test = _render_split(variant, recipes, test_per_class, image_size, test_seq, with_masks)
+    params = {"num_classes": num_classes, "image_size": image_size, "train_per_class": train_per_class,
+              "test_per_class": test_per_class, "seed": seed, "variant": variant}
+    return FGSynthData([r.name for r in recipes], recipes, train, test, variant, seed, image_size, params)
+
+
+# ---------------------------------------------------------------- writers
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _members(data: FGSynthData):
+    for split_name, split in (("train", data.train), ("test", data.test)):
+        counters: dict[int, int] = {}
+        for image, label in zip(split.images, split.labels, strict=True):
+            index = counters.get(int(label), 0)
+            counters[int(label)] = index + 1
+            yield f"{split_name}/{data.classes[int(label)]}/{index:05d}.png", image
+
+
+def write_imagefolder(data: FGSynthData, out: str | Path) -> Path:
+    """Write `out/train/<class>/*.png` and `out/test/<class>/*.png`; `out` must not exist or be empty.
+
+    Written beside `out` first and renamed into place, so an interrupted write leaves no partial tree."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for name, image in _members(data):
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_png_bytes(image))
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_zip(data: FGSynthData, out: str | Path) -> Path:
+    """Write the ImageFolder tree into one zip file (PNG members are stored, not recompressed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, image in _members(data):
+                zf.writestr(name, _png_bytes(image))
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_fgsynth(out: str | Path, fmt: Literal["folder", "zip"] = "folder", **generate_kwargs: object) -> Path:
+    """Generate FGSynth and write it as an ImageFolder tree or a zip of one (what `fd2 data fgsynth` runs)."""
+    data = generate(**generate_kwargs)  # type: ignore[arg-type]
+    if fmt == "folder":
+        return write_imagefolder(data, out)
+    if fmt == "zip":
+        return write_zip(data, out)
+    raise ValueError(f"fmt must be 'folder' or 'zip', not {fmt!r}")

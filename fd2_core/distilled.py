@@ -1,0 +1,93 @@
+"""Public loader: turn downloaded artifacts back into a torch Dataset that replays the soft labels.
+
+    from fd2_core.distilled import SoftLabelReplay
+    data = SoftLabelReplay("distilled.tar.gz", "soft_labels.safetensors")
+    for images, teacher_logits in torch.utils.data.DataLoader(data, batch_size=None, shuffle=False):
+        loss = kl(student(images) / T, teacher_logits / T)
+
+Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay).
+Only tarfile, PIL, json and safetensors are used to read the files: no pickles.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import apply_crop_flip, apply_cutmix
+from .softlabels import SoftLabels
+
+
+@dataclass
+class DistilledSet:
+    images: torch.Tensor  # uint8 [N, 3, S, S], in the order of labels.csv
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+    files: list[str]
+    manifest: dict
+
+
+def read_distilled(path: str | Path) -> DistilledSet:
+    """Read `distilled.tar.gz` (or an extracted folder) into tensors, in labels.csv order."""
+    path = Path(path)
+    blobs: dict[str, bytes] = {}
+    if path.is_dir():
+        for p in path.rglob("*"):
+            if p.is_file():
+                blobs[p.relative_to(path).as_posix()] = p.read_bytes()
+    else:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    blobs[member.name] = tar.extractfile(member).read()
+    manifest = json.loads(blobs["manifest.json"])
+    rows = list(csv.DictReader(io.StringIO(blobs["labels.csv"].decode("utf-8"))))
+    images = [np.asarray(Image.open(io.BytesIO(blobs[r["file"]])).convert("RGB")) for r in rows]
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([int(r["class_index"]) for r in rows], dtype=torch.long)
+    return DistilledSet(tensor, labels, list(manifest["dataset"]["classes"]), [r["file"] for r in rows], manifest)
+
+
+class SoftLabelReplay(torch.utils.data.Dataset):
+    """Item i = (normalised augmented images [b,3,S,S], teacher logits [b,K]) of recorded batch i."""
+
+    def __init__(self, distilled: str | Path | DistilledSet, soft_labels: str | Path | SoftLabels):
+        self.set = distilled if isinstance(distilled, DistilledSet) else read_distilled(distilled)
+        self.soft = soft_labels if isinstance(soft_labels, SoftLabels) else SoftLabels.load(soft_labels)
+        meta = self.soft.metadata
+        order = json.loads(meta["labels"])
+        if len(order) != self.set.images.shape[0]:
+            raise ValueError("soft labels and distilled set describe a different number of images")
+        # soft labels index images in distillation order (ipc-major); labels.csv is sorted by file name
+        by_file = {name: i for i, name in enumerate(self.set.files)}
+        sorted_idx = _distillation_order(self.set, by_file, order)
+        mean = torch.tensor(json.loads(meta["mean"])).view(1, 3, 1, 1)
+        std = torch.tensor(json.loads(meta["std"])).view(1, 3, 1, 1)
+        self.images = (self.set.images[sorted_idx].float() / 255.0 - mean) / std
+        self.labels = torch.tensor(order, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.soft)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, crop, cutmix, logits = self.soft.batch(step)
+        return apply_cutmix(apply_crop_flip(self.images[idx], crop), cutmix), logits
+
+
+def _distillation_order(ds: DistilledSet, by_file: dict[str, int], labels: list[int]) -> torch.Tensor:
+    """Position k·ipc-major: image j of class c sits at j·K + c; file names carry c's folder and j."""
+    k = len(ds.classes)
+    index = torch.empty(len(labels), dtype=torch.long)
+    for name, i in by_file.items():
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        j = int(stem.rsplit("_", 1)[-1])
+        index[j * k + int(ds.labels[i])] = i
+    return index

@@ -1,0 +1,276 @@
+"""`run(spec, dataset, workdir, on_event, should_stop) -> PipelineResult`: the whole FD² job.
+
+pretrain → distill → relabel → evaluate → package. Each stage writes its outputs under `workdir/stages`
+atomically and a re-run with the same workdir skips finished work, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+
+from . import __version__
+from .artifacts import MEDIA_TYPES, copy_file, write_distilled_tar, write_preview
+from .atomic import read_json, write_json
+from .data.dataset import ImageDataset, load_dataset
+from .data.errors import DataError
+from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
+from .runtime import autocast, pick_device
+from .spec import JobSpec, resolve_spec
+from .stages.context import RunContext
+from .stages.distill import distill, random_real_indices
+from .stages.evaluate import train_student
+from .stages.pretrain import pretrain
+from .stages.relabel import SOFT_LABELS_FILE, relabel
+
+__all__ = ["PipelineEvent", "PipelineResult", "StopRequested", "run", "check_dataset"]
+
+ARTIFACT_NAMES = tuple(MEDIA_TYPES)
+
+
+@dataclass
+class PipelineResult:
+    artifacts: dict[str, Path]
+    metrics: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
+    """What makes a spec unrunnable on a dataset, caught before any stage starts."""
+    if len(data.classes) < 2:
+        raise DataError("one_class", "the dataset needs at least two classes")
+    counts = torch.bincount(data.train_labels, minlength=len(data.classes))
+    smallest = int(counts.min())
+    if spec.ipc > smallest:
+        name = data.classes[int(counts.argmin())]
+        raise DataError(
+            "ipc_too_large", f"ipc={spec.ipc} is larger than the smallest class ({name!r}: {smallest} train images)"
+        )
+    if spec.evaluate and data.test_images.shape[0] == 0:
+        raise DataError("no_test_split", "evaluation needs a test split; set evaluate=false or add test images")
+
+
+def _stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
+    """Rough cost of each stage in image forward/backward passes, to weight the overall progress."""
+    k, n_train = len(data.classes), data.train_images.shape[0]
+    n_syn = spec.ipc * k
+    cal = 3.0 if spec.uses_cal else 1.0
+    distill_cost = 0.0 if spec.method == "random" else spec.ipc * spec.distill_iterations * k * 3.0
+    student = spec.relabel_epochs * n_syn * 3.0
+    evaluate = (student * (2 if spec.eval_random_baseline else 1) + spec.relabel_epochs * n_syn) if spec.evaluate else 0
+    return {
+        "pretrain": spec.pretrain_epochs * n_train * 3.0 * cal,
+        "distill": distill_cost,
+        "relabel": spec.relabel_epochs * n_syn,
+        "evaluate": float(evaluate),
+        "package": n_syn * 2.0 + 1.0,
+    }
+
+
+def _quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:
+    """Normalised float [ipc,K,3,S,S] → uint8 [ipc·K,3,S,S]: what a user downloads is what we evaluate."""
+    flat = synthetic.reshape(-1, *synthetic.shape[2:])
+    return (ctx.denormalize(flat) * 255.0).round().to(torch.uint8).cpu()
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "fd2": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _device_info(device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: unknown numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+@torch.no_grad()
+def _attention_of(ctx: RunContext, teacher, images_u8: torch.Tensor) -> torch.Tensor | None:
+    if teacher.cal_head is None:
+        return None
+    teacher.eval()
+    maps = []
+    with autocast(ctx.device, ctx.amp):
+        for start in range(0, images_u8.shape[0], 256):
+            maps.append(teacher(ctx.normalize(images_u8[start : start + 256])).cal.attention.float().cpu())
+    return torch.cat(maps)
+
+
+def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, Any]:
+    spec = ctx.spec
+    path = ctx.stage_dir / "evaluate.json"
+    reporter = ctx.tracker.stage("evaluate")
+    if path.exists():
+        reporter.begin(1, "evaluation already finished; reusing it")
+        reporter.end()
+        return read_json(path)
+    steps = len(soft)
+    reporter.begin(steps * (2 if spec.eval_random_baseline else 1))
+    result: dict[str, Any] = {}
+    result["student_accuracy"] = train_student(
+        ctx, images_u8, labels, soft, stream="student", reporter=reporter
+    )
+    if spec.eval_random_baseline:
+        idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
+        real_u8 = ctx.data.train_images[idx]
+        real_labels = ctx.data.train_labels[idx]
+        baseline_soft = relabel(
+            ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
+            stream="baseline-relabel", stage="evaluate",
+        )
+        result["random_baseline_accuracy"] = train_student(
+            ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=steps
+        )
+        result["gain_over_random"] = result["student_accuracy"] - result["random_baseline_accuracy"]
+    write_json(path, result)
+    reporter.end(f"student accuracy {result['student_accuracy']:.3f}")
+    return result
+
+
+def run(
+    spec: JobSpec | dict[str, Any],
+    dataset: Any,
+    workdir: str | Path,
+    on_event: EventSink | None = None,
+    should_stop: StopCheck | None = None,
+) -> PipelineResult:
+    """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop."""
+    spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / "spec.json"
+    resolved = spec.model_dump(mode="json")
+    if spec_path.exists() and read_json(spec_path) != resolved:
+        raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec; use a new folder")
+    resumed = (workdir / "stages").exists()
+    write_json(spec_path, resolved)
+
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
+        dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction
+    )
+    timings["load"] = time.monotonic() - started
+    check_dataset(spec, data)
+    device = pick_device(spec.device)
+    tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
+    ctx = RunContext(spec=spec, data=data, workdir=workdir, device=device, tracker=tracker)
+    torch.manual_seed(spec.seed)
+
+    t = time.monotonic()
+    teacher = pretrain(ctx)
+    timings["pretrain"] = time.monotonic() - t
+
+    t = time.monotonic()
+    synthetic = distill(ctx, teacher.model)
+    timings["distill"] = time.monotonic() - t
+    images_u8 = _quantize(ctx, synthetic)
+    k = ctx.num_classes
+    labels = torch.arange(k).repeat(spec.ipc)
+    ipc_index = torch.arange(spec.ipc).repeat_interleave(k)
+
+    t = time.monotonic()
+    soft = relabel(ctx, teacher.model, images_u8, labels, ctx.stage_dir / SOFT_LABELS_FILE)
+    timings["relabel"] = time.monotonic() - t
+
+    metrics: dict[str, Any] = {
+        "teacher_accuracy": teacher.info.get("test_accuracy"),
+        "teacher_val_accuracy": teacher.info.get("val_accuracy"),
+        "teacher_backbone_accuracy": teacher.info.get("backbone_test_accuracy"),
+    }
+    if spec.evaluate:
+        t = time.monotonic()
+        metrics.update(_evaluate(ctx, teacher.model, images_u8, labels, soft))
+        timings["evaluate"] = time.monotonic() - t
+
+    t = time.monotonic()
+    reporter = tracker.stage("package")
+    reporter.begin(1)
+    out = workdir / "artifacts"
+    out.mkdir(exist_ok=True)
+    versions = _versions()
+    dataset_summary = {
+        "source": data.source,
+        "num_classes": k,
+        "classes": data.classes,
+        "splits": {"train": int(data.train_images.shape[0]), "test": int(data.test_images.shape[0])},
+        "per_class_train": torch.bincount(data.train_labels, minlength=k).tolist(),
+        "skipped_files": len(data.errors),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    manifest = {
+        "format": "fd2.distilled.v1",
+        "method": spec.method,
+        "spec": resolved,
+        "dataset": dataset_summary,
+        "versions": versions,
+        "seed": spec.seed,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+    }
+    artifacts = {
+        "distilled.tar.gz": write_distilled_tar(
+            out / "distilled.tar.gz", images_u8, labels, ipc_index, data.classes, manifest
+        ),
+        "soft_labels.safetensors": copy_file(ctx.stage_dir / SOFT_LABELS_FILE, out / "soft_labels.safetensors"),
+        "teacher.safetensors": copy_file(ctx.stage_dir / "teacher.safetensors", out / "teacher.safetensors"),
+        "preview.png": write_preview(
+            out / "preview.png", images_u8, labels, ipc_index, k, spec.ipc,
+            attention=_attention_of(ctx, teacher.model, images_u8),
+        ),
+    }
+    timings["package"] = time.monotonic() - t
+    timings["total"] = time.monotonic() - started
+    report = _clean(
+        {
+            "format": "fd2.report.v1",
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "method": spec.method,
+            "spec": resolved,
+            "metrics": metrics,
+            "comparison": {
+                "student_accuracy": metrics.get("student_accuracy"),
+                "random_baseline_accuracy": metrics.get("random_baseline_accuracy"),
+                "gain_over_random": metrics.get("gain_over_random"),
+                "protocol": "student trained only on the set from its stored soft labels; top-1 on the real "
+                "test split; the random baseline is a random real subset of the same size, relabelled and "
+                "trained identically",
+            },
+            "teacher": teacher.info,
+            "dataset": {**dataset_summary, "errors": [e.__dict__ for e in data.errors[:100]]},
+            "timings_s": {name: round(v, 3) for name, v in timings.items()},
+            "resumed": resumed,
+            "device": _device_info(device),
+            "versions": versions,
+        }
+    )
+    artifacts["report.json"] = write_json(out / "report.json", report)
+    reporter.end()
+    return PipelineResult(artifacts=artifacts, metrics=_clean(metrics), report=report)

@@ -1,0 +1,1 @@
+"""The four stages of decoupled distillation: pretrain → distill → relabel → evaluate."""

@@ -1,0 +1,209 @@
+"""Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop (FD²).
+
+The checkpoint is selected on a validation split carved from train (never on test). Each epoch is
+checkpointed, so a killed run resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import load_tensors, read_json, save_tensors, write_json
+from ..attention_aug import attention_crop_drop
+from ..augment import train_augment
+from ..losses import center_loss
+from ..models import FD2Model
+from ..runtime import autocast, generator
+from .context import RunContext
+from .teacher import accuracy, load_teacher, new_teacher, save_teacher
+
+TEACHER_FILE = "teacher.safetensors"
+TEACHER_INFO = "teacher.json"
+CHECKPOINT_FILE = "pretrain_checkpoint.safetensors"
+CHECKPOINT_INFO = "pretrain_checkpoint.json"
+
+
+@dataclass
+class TeacherResult:
+    model: FD2Model
+    info: dict
+
+
+def split_train_val(labels: torch.Tensor, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: `fraction` of every class (at least one image when the class has ≥ 3) goes to val."""
+    if fraction <= 0:
+        return torch.arange(labels.numel()), torch.empty(0, dtype=torch.long)
+    order = torch.randperm(labels.numel(), generator=g)
+    shuffled = labels[order]
+    # rank of each shuffled sample inside its class, computed without a Python loop over classes
+    sort_idx = torch.argsort(shuffled, stable=True)
+    sorted_labels = shuffled[sort_idx]
+    counts = torch.bincount(sorted_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(labels.numel()) - starts[sorted_labels]
+    rank = torch.empty_like(rank_sorted)
+    rank[sort_idx] = rank_sorted
+    per_class_val = torch.floor(counts.float() * fraction).long()
+    per_class_val = torch.where((per_class_val == 0) & (counts >= 3), torch.ones_like(counts), per_class_val)
+    is_val = rank < per_class_val[shuffled]
+    return order[~is_val].sort().values, order[is_val].sort().values
+
+
+def _optimizer(ctx: RunContext, model: FD2Model) -> torch.optim.Optimizer:
+    spec = ctx.spec
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.pretrain_optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.pretrain_lr, momentum=spec.pretrain_momentum, weight_decay=spec.pretrain_weight_decay
+        )
+    return torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay)
+
+
+def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> float:
+    spec = ctx.spec
+    if spec.pretrain_lr_decay > 0:  # the published step schedule: lr·γ^(epoch/2)
+        return spec.pretrain_lr * spec.pretrain_lr_decay ** (epoch // 2)
+    total = spec.pretrain_epochs * steps_per_epoch
+    t = epoch * steps_per_epoch + step
+    return 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * t / max(total, 1)))
+
+
+def cal_loss(model: FD2Model, x: torch.Tensor, y: torch.Tensor, ratio: float, g: torch.Generator) -> tuple:
+    """L = (1−r)·CE(f(x),y) + r·[CE(p,y)/3 + CE(p_eff over x+crop+drop) + (2/3)·CE(p over crop+drop) + center].
+
+    Returns (loss, embedding of the original batch for the prototype update, loss parts for progress).
+    """
+    out = model(x, counterfactual=True)
+    assert out.cal is not None and model.cal_head is not None
+    crops, drops = attention_crop_drop(x, out.cal.attention.detach().float(), generator=g)
+    aug = model(torch.cat([crops, drops]), counterfactual=True)
+    assert aug.cal is not None
+    y2, y3 = torch.cat([y, y]), torch.cat([y, y, y])
+    ce_bb = F.cross_entropy(out.logits, y)
+    ce_raw = F.cross_entropy(out.cal.logits, y)
+    ce_eff = F.cross_entropy(torch.cat([out.cal.effect_logits, aug.cal.effect_logits]), y3)
+    ce_aug = F.cross_entropy(aug.cal.logits, y2)
+    center = center_loss(out.cal.embedding.float(), y, model.cal_head.prototypes)
+    cal_terms = ce_raw / 3 + ce_eff + (2.0 / 3.0) * ce_aug + center
+    loss = (1.0 - ratio) * ce_bb + ratio * cal_terms
+    parts = {"ce": float(ce_bb), "cal": float(cal_terms), "center": float(center)}
+    return loss, out.cal.embedding.detach().float(), parts
+
+
+def _save_checkpoint(ctx, model, optimizer, best_state, info: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{i}.{key}"] = value if value.dim() else value.reshape(1)
+    save_tensors(ctx.stage_dir / CHECKPOINT_FILE, tensors)
+    write_json(ctx.stage_dir / CHECKPOINT_INFO, info)
+
+
+def _load_checkpoint(ctx, model, optimizer) -> tuple[dict, dict] | None:
+    path, info_path = ctx.stage_dir / CHECKPOINT_FILE, ctx.stage_dir / CHECKPOINT_INFO
+    if not (path.exists() and info_path.exists()):
+        return None
+    info = read_json(info_path)
+    tensors = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v.to(ctx.device) for k, v in tensors.items() if k.startswith("best.")}
+    state = optimizer.state_dict()
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            target = state["state"].setdefault(int(idx), {})
+            target[key] = value.to(ctx.device) if key != "step" else value.reshape(())
+    optimizer.load_state_dict(state)
+    return info, best
+
+
+def pretrain(ctx: RunContext) -> TeacherResult:
+    spec, data = ctx.spec, ctx.data
+    out_path, info_path = ctx.stage_dir / TEACHER_FILE, ctx.stage_dir / TEACHER_INFO
+    reporter = ctx.tracker.stage("pretrain")
+    if out_path.exists() and info_path.exists():
+        reporter.begin(1, "pretrain already finished; reusing the saved teacher")
+        reporter.end()
+        return TeacherResult(load_teacher(out_path, ctx), read_json(info_path))
+
+    g_split = generator(spec.seed, "val-split")
+    train_idx, val_idx = split_train_val(data.train_labels, spec.val_fraction, g_split)
+    x_train, y_train = data.train_images[train_idx], data.train_labels[train_idx]
+    x_val, y_val = data.train_images[val_idx], data.train_labels[val_idx]
+
+    torch.manual_seed(spec.seed)
+    model = new_teacher(ctx)
+    optimizer = _optimizer(ctx, model)
+    steps_per_epoch = max(1, x_train.shape[0] // spec.pretrain_batch_size)
+    reporter.begin(spec.pretrain_epochs * steps_per_epoch)
+
+    start_epoch, best_acc, history = 0, -1.0, []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    resumed = _load_checkpoint(ctx, model, optimizer)
+    if resumed is not None:
+        info, best_state = resumed
+        start_epoch, best_acc, history = info["next_epoch"], info["best_val_accuracy"], info["history"]
+        reporter.log(f"resumed pretraining at epoch {start_epoch}")
+
+    ratio = spec.cal_ratio
+    for epoch in range(start_epoch, spec.pretrain_epochs):
+        g = generator(spec.seed, "pretrain", epoch)
+        model.train()
+        running = 0.0
+        for step, (x, y) in enumerate(ctx.iterate(x_train, y_train, spec.pretrain_batch_size, g, drop_last=True)):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(ctx, epoch, step, steps_per_epoch)
+            x = train_augment(x, g)
+            with autocast(ctx.device, ctx.amp):
+                if spec.uses_cal:
+                    loss, embedding, parts = cal_loss(model, x, y, ratio, g)
+                else:
+                    loss = F.cross_entropy(model(x).logits, y)
+                    embedding, parts = None, {"ce": float(loss)}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if embedding is not None:
+                model.cal_head.update_prototypes(embedding, y, spec.prototype_momentum)
+            running = 0.9 * running + 0.1 * float(loss) if step else float(loss)
+            reporter.step(epoch * steps_per_epoch + step + 1, {"loss": running, **parts})
+        if x_val.shape[0]:
+            val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=ratio if spec.uses_cal else None)
+        else:
+            val_acc = float("nan")
+        history.append({"epoch": epoch, "loss": running, "val_accuracy": val_acc})
+        if not x_val.shape[0] or val_acc >= best_acc:
+            best_acc = val_acc if x_val.shape[0] else best_acc
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        reporter.log(f"epoch {epoch + 1}/{spec.pretrain_epochs}: loss {running:.3f}, val acc {val_acc:.3f}")
+        _save_checkpoint(
+            ctx,
+            model,
+            optimizer,
+            best_state,
+            {"next_epoch": epoch + 1, "best_val_accuracy": best_acc, "history": history},
+        )
+
+    model.load_state_dict(best_state)
+    model.eval()
+    ratio_or_none = ratio if spec.uses_cal else None
+    info = {
+        "val_accuracy": best_acc if x_val.shape[0] else None,
+        "test_accuracy": accuracy(model, ctx, data.test_images, data.test_labels, cal_ratio=ratio_or_none),
+        "backbone_test_accuracy": accuracy(model, ctx, data.test_images, data.test_labels),
+        "train_images": int(x_train.shape[0]),
+        "val_images": int(x_val.shape[0]),
+        "history": history,
+    }
+    save_teacher(out_path, model, ctx)
+    write_json(info_path, info)
+    for name in (CHECKPOINT_FILE, CHECKPOINT_INFO):
+        (ctx.stage_dir / name).unlink(missing_ok=True)
+    reporter.end(f"teacher test accuracy {info['test_accuracy']:.3f}")
+    return TeacherResult(model, info)

@@ -1,0 +1,87 @@
+"""Uploaded datasets: rows plus their extracted files under `<datasets_dir>/<dataset id>/`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.jobs import SAFE_ID
+from store.models import Dataset
+from store.pagination import Page, newest_first_page
+from store.settings import Settings
+
+
+def dataset_path(settings: Settings, dataset_id: str) -> Path:
+    """The folder that holds everything of one dataset (removed whole on delete)."""
+    if not SAFE_ID.match(dataset_id):
+        raise ValueError(f"not a dataset id: {dataset_id!r}")
+    assert settings.datasets_dir is not None
+    return settings.datasets_dir / dataset_id
+
+
+def create_dataset(
+    session: Session,
+    *,
+    dataset_id: str,
+    tenant_id: str,
+    name: str,
+    summary: dict[str, Any],
+    path: Path,
+    size_bytes: int,
+    has_test_split: bool,
+    status: str = "ready",
+) -> Dataset:
+    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors."""
+    dataset = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        status=status,
+        num_classes=int(summary["num_classes"]),
+        classes=list(summary["classes"]),
+        splits=dict(summary["splits"]),
+        per_class=dict(summary["per_class"]),
+        errors=list(summary.get("errors", [])),
+        has_test_split=has_test_split,
+        path=str(path),
+        size_bytes=size_bytes,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def get_tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+
+
+def list_datasets(session: Session, tenant_id: str, *, limit: int = 50, cursor: str | None = None) -> Page[Dataset]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    return newest_first_page(session, query, Dataset.created_at, Dataset.id, limit=limit, cursor=cursor)
+
+
+def delete_dataset(session: Session, dataset: Dataset) -> None:
+    """Delete the row (jobs that used it keep their results; their dataset_id becomes null).
+
+    The caller removes the files with `remove_dataset_files` after committing, so a failed commit never
+    leaves a row whose files are gone.
+    """
+    session.delete(dataset)
+    session.flush()
+
+
+def remove_dataset_files(settings: Settings, dataset_id: str) -> None:
+    remove_tree(dataset_path(settings, dataset_id))
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove a folder if present; quietly, since a half-created folder is exactly what is being cleaned."""
+    shutil.rmtree(folder, ignore_errors=True)

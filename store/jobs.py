@@ -1,0 +1,296 @@
+"""Jobs and their events: what the API writes at submit/cancel and what the worker writes while running.
+
+State changes are single conditional UPDATEs (`... WHERE status IN (...)`), so the API cancelling and a worker
+starting or finishing the same job cannot overwrite each other on either database. None of these functions
+commits: the caller's `session_scope()` (or the route) decides the transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session, joinedload
+
+from store.models import ACTIVE_JOB_STATUSES, FINISHED_JOB_STATUSES, Job, JobEvent, utcnow
+from store.pagination import Page, newest_first_page
+from store.settings import Settings
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def job_workdir(settings: Settings, job_id: str) -> Path:
+    """`<jobs_dir>/<job id>/`: the pipeline's resumable working folder for this job."""
+    if not SAFE_ID.match(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    assert settings.jobs_dir is not None
+    return settings.jobs_dir / job_id
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    spec: dict[str, Any],
+    queue: str,
+    dataset_id: str | None = None,
+    manifest_path: str | None = None,
+    callback_url: str | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    job_id: str | None = None,
+) -> Job:
+    """Insert a queued job (the caller sends it to the broker after committing)."""
+    job = Job(
+        tenant_id=tenant_id,
+        spec=spec,
+        queue=queue,
+        dataset_id=dataset_id,
+        manifest_path=manifest_path,
+        callback_url=callback_url,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        status="queued",
+    )
+    if job_id is not None:
+        job.id = job_id
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def get_tenant_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    """The job with its artifacts in one query, or None when unknown or another tenant's."""
+    query = (
+        select(Job)
+        .options(joinedload(Job.artifacts))
+        .where(Job.id == job_id, Job.tenant_id == tenant_id)
+        .execution_options(populate_existing=True)
+    )
+    return session.scalars(query).unique().one_or_none()
+
+
+def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    query = (
+        select(Job)
+        .options(joinedload(Job.artifacts))
+        .where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    )
+    return session.scalars(query).unique().one_or_none()
+
+
+def list_jobs(
+    session: Session, tenant_id: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+) -> Page[Job]:
+    """One page of the tenant's jobs, newest first (artifacts loaded in the same query)."""
+    query = select(Job).options(joinedload(Job.artifacts)).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return newest_first_page(session, query, Job.created_at, Job.id, limit=limit, cursor=cursor)
+
+
+def count_active_jobs(session: Session, tenant_id: str) -> int:
+    query = select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES)
+    )
+    return int(session.scalar(query) or 0)
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    """Every job status with its count across tenants (for metrics)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(count) for status, count in rows}
+
+
+def dataset_has_active_jobs(session: Session, dataset_id: str) -> bool:
+    query = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
+    return session.scalar(query) is not None
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Flag a queued or running job for cancellation; a queued one is cancelled at once.
+
+    False when the job is already finished (or unknown), which the API answers with 409.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .values(
+            cancel_requested=True,
+            status=case((Job.status == "queued", "cancelled"), else_=Job.status),
+            finished_at=case((Job.status == "queued", now), else_=Job.finished_at),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def mark_running(session: Session, job_id: str, worker: str, *, takeover_after_s: float | None = None) -> Job | None:
+    """Claim the job for `worker` and count the attempt; None means skip it (cancelled, finished, unknown).
+
+    A job already `running` (a redelivered message after a crash) is taken over, unless `takeover_after_s` is
+    given and its last heartbeat is younger than that (another worker is still alive on it).
+    """
+    now = utcnow()
+    claimable = Job.status == "queued"
+    if takeover_after_s is None:
+        claimable = or_(claimable, Job.status == "running")
+    else:
+        cutoff = now - timedelta(seconds=takeover_after_s)
+        claimable = or_(
+            claimable,
+            (Job.status == "running") & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+        )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.cancel_requested.is_(False), claimable)
+        .values(
+            status="running",
+            worker=worker,
+            attempts=Job.attempts + 1,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    return get_job(session, job_id)
+
+
+def update_progress(
+    session: Session,
+    job_id: str,
+    *,
+    stage: str | None,
+    progress: float,
+    stage_progress: float,
+    eta_seconds: float | None,
+) -> None:
+    """Record the latest progress (also counts as a heartbeat)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(
+            stage=stage,
+            progress=min(max(float(progress), 0.0), 1.0),
+            stage_progress=min(max(float(stage_progress), 0.0), 1.0),
+            eta_seconds=None if eta_seconds is None else max(float(eta_seconds), 0.0),
+            heartbeat_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: str,
+    message: str,
+    *,
+    stage: str | None = None,
+    progress: float | None = None,
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, kind=kind, message=message, stage=stage, progress=progress, data=data)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(session: Session, job_id: str, *, after: int | None = None, limit: int = 100) -> list[JobEvent]:
+    """Events oldest first, strictly after event id `after`, at most `limit`."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
+
+
+def heartbeat(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    """True when the job was cancelled or no longer exists (either way: stop working on it)."""
+    flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return flag is None or bool(flag)
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    status: str,
+    *,
+    metrics: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> Job | None:
+    """Move an active job to `succeeded`, `failed` or `cancelled`; None if it had already finished."""
+    if status not in FINISHED_JOB_STATUSES:
+        raise ValueError(f"not a final status: {status!r}")
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
+    if metrics is not None:
+        values["metrics"] = metrics
+    if error is not None:
+        values["error"] = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
+    if status == "succeeded":
+        values.update(progress=1.0, stage_progress=1.0)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    return get_job(session, job_id)
+
+
+def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
+    """Running jobs whose worker went silent for `older_than_s` go back to `queued`; returns their ids.
+
+    For brokers that lose a crashed worker's message: the caller sends the returned ids again. A stale job
+    whose cancellation was requested is finished as `cancelled` instead.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    stale = or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & (Job.started_at < cutoff))
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.status == "running", Job.cancel_requested.is_(True), stale)
+        .values(status="cancelled", finished_at=now, eta_seconds=None)
+        .execution_options(synchronize_session=False)
+    )
+    ids = list(session.scalars(select(Job.id).where(Job.status == "running", stale).order_by(Job.created_at)))
+    requeued: list[str] = []
+    for job_id in ids:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", stale)
+            .values(status="queued", worker=None, heartbeat_at=None, eta_seconds=None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            add_event(session, job_id, "requeued", f"worker silent for over {older_than_s:.0f} s; job requeued")
+            requeued.append(job_id)
+    return requeued
+
+
+def latest_event_id(session: Session, job_id: str) -> int | None:
+    return session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id))
+
+
+def oldest_queued_at(session: Session) -> datetime | None:
+    return session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))

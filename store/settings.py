@@ -1,0 +1,172 @@
+"""The service's one settings object, read from `FD2_*` environment variables.
+
+Everything has an embedded default (a SQLite file, a broker made of folders, data under one home folder), so a
+single machine runs the whole service with no servers; Redis, PostgreSQL and remote workers are a matter of
+setting URLs. The API and the worker build their Celery apps from the same `celery_config()` so that routing,
+serialisation and acknowledgement rules cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GPU_QUEUE = "fd2.gpu"
+CPU_QUEUE = "fd2.cpu"
+RUN_JOB_TASK = "fd2.run_job"
+EMBEDDED_BROKER_URL = "filesystem://"
+EMBEDDED_BROKER_TRANSPORT = "store.fs_broker:Transport"
+GIB = 1024**3
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string, as operators write both in environment files."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the worker and the CLI (environment prefix `FD2_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="FD2_", extra="ignore")
+
+    home: Path = Field(Path("./.fd2"), description="Folder holding the embedded database, broker and data.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file `<home>/fd2.db`.")
+    broker_url: str = Field("", description="Celery broker URL; empty = the embedded folder broker under home.")
+    broker_visibility_timeout_s: int = Field(
+        12 * 3600, ge=60, description="Redis: seconds before an unacknowledged job message is redelivered."
+    )
+    artifacts_dir: Path | None = Field(None, description="Long-lived artifact storage; default `<home>/artifacts`.")
+    datasets_dir: Path | None = Field(None, description="Extracted uploaded datasets; default `<home>/datasets`.")
+    jobs_dir: Path | None = Field(None, description="Per-job working folders; default `<home>/jobs`.")
+
+    max_upload_bytes: int = Field(2 * GIB, ge=1, description="Largest accepted dataset upload (413 past it).")
+    max_extracted_bytes: int = Field(8 * GIB, ge=1, description="Largest total size of an extracted archive.")
+    max_archive_members: int = Field(500_000, ge=1, description="Most files an uploaded archive may hold.")
+    dataset_test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Held-out test share carved per class when an upload has no test split."
+    )
+    allowed_data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Folders that manifest jobs may read from (empty = manifests refused)."
+    )
+    callback_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names a job's callback_url may point to (empty = none)."
+    )
+    default_queue: str = Field(GPU_QUEUE, description="Queue for jobs whose spec device is `auto`.")
+    public_base_url: str = Field("", description="Prefix for artifact URLs in responses (empty = path only).")
+
+    page_size_default: int = Field(50, ge=1, description="Items per page when a list call names no limit.")
+    page_size_max: int = Field(200, ge=1, description="Largest accepted `limit` of a list call.")
+    max_active_jobs_per_tenant: int = Field(
+        1000, ge=0, description="Queued + running jobs a tenant may have at once (0 = unlimited); 429 past it."
+    )
+    auth_cache_ttl_s: float = Field(
+        3.0, ge=0.0, description="Seconds an authenticated key is trusted without a database look-up."
+    )
+    readiness_timeout_s: float = Field(2.0, gt=0.0, description="Budget of each /readyz dependency check.")
+    stale_heartbeat_s: float = Field(
+        300.0, gt=0.0, description="A running job whose worker was silent this long counts as abandoned."
+    )
+
+    @field_validator("allowed_data_roots", "callback_allow_hosts", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        # Absolute paths, so a worker started from another directory still finds the same files.
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'fd2.db'}"
+        if not self.broker_url:
+            self.broker_url = EMBEDDED_BROKER_URL
+        self.artifacts_dir = (self.artifacts_dir or self.home / "artifacts").expanduser().resolve()
+        self.datasets_dir = (self.datasets_dir or self.home / "datasets").expanduser().resolve()
+        self.jobs_dir = (self.jobs_dir or self.home / "jobs").expanduser().resolve()
+        self.allowed_data_roots = [Path(p).expanduser().resolve() for p in self.allowed_data_roots]
+        self.callback_allow_hosts = [h.lower() for h in self.callback_allow_hosts]
+        return self
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url.startswith(EMBEDDED_BROKER_URL)
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the embedded broker keeps its message files."""
+        return self.home / "broker"
+
+    def ensure_dirs(self) -> None:
+        """Create the folders the service writes to (idempotent)."""
+        for folder in (self.home, self.artifacts_dir, self.datasets_dir, self.jobs_dir):
+            assert folder is not None
+            folder.mkdir(parents=True, exist_ok=True)
+        if self.uses_embedded_broker:
+            for sub in ("queue", "control", "claimed"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def celery_config(self) -> dict[str, Any]:
+        """Celery settings for both sides of the queue: the API (sends by name) and the worker (runs)."""
+        from kombu import Queue
+
+        config: dict[str, Any] = {
+            "broker_url": self.broker_url,
+            "broker_connection_retry_on_startup": True,
+            "broker_transport_options": self._broker_transport_options(),
+            "task_serializer": "json",
+            "accept_content": ["json"],
+            "result_serializer": "json",
+            "result_backend": None,
+            "task_ignore_result": True,
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            "task_queues": (Queue(GPU_QUEUE, routing_key=GPU_QUEUE), Queue(CPU_QUEUE, routing_key=CPU_QUEUE)),
+            "task_default_queue": self.default_queue,
+            "task_routes": {RUN_JOB_TASK: {"queue": self.default_queue}},
+            "timezone": "UTC",
+            "enable_utc": True,
+        }
+        if self.uses_embedded_broker:
+            self.ensure_dirs()
+            config["broker_transport"] = EMBEDDED_BROKER_TRANSPORT
+        return config
+
+    def _broker_transport_options(self) -> dict[str, Any]:
+        if self.uses_embedded_broker:
+            return {
+                "data_folder_in": str(self.broker_dir / "queue"),
+                "data_folder_out": str(self.broker_dir / "queue"),
+                "control_folder": str(self.broker_dir / "control"),
+                "processed_folder": str(self.broker_dir / "claimed"),
+            }
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return {"visibility_timeout": self.broker_visibility_timeout_s, "socket_connect_timeout": 5}
+        return {}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests change the environment and call `get_settings.cache_clear()`."""
+    return Settings()
+
+
+def queue_for_device(settings: Settings, device: str) -> str:
+    """Route a job by its spec's device: explicit cpu/cuda pick their queue, `auto` the configured default."""
+    if device == "cpu":
+        return CPU_QUEUE
+    if device == "cuda":
+        return GPU_QUEUE
+    return settings.default_queue

@@ -1,0 +1,88 @@
+"""Who holds a running job, and when another worker may take it over.
+
+A job row names its holder as `<host>:<pid>` of the process running it. A holder on this same host whose
+process is gone (a worker killed with SIGKILL, a crashed `fd2 serve`) is known dead at once, so its job is
+taken over without waiting for the heartbeat to go stale; a holder elsewhere is judged by its heartbeat
+(`stale_heartbeat_s`). A live holder is never displaced, so a duplicate message (Redis redelivery, a
+recovery re-send) cannot start a second run of the same job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from store.jobs import add_event, finish_job, get_job, mark_running
+from store.models import Job
+
+
+def worker_identity() -> str:
+    """`<host>:<pid>` of this process (the one that runs the pipeline)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_is_dead(holder: str | None) -> bool:
+    """True only when `holder` ran on this host and its process no longer exists (or is this idle process)."""
+    if not holder:
+        return False
+    host, _, pid_text = holder.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # this process is idle (it is claiming a job), so it is not running that one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a live process of another user
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed child not yet reaped by its parent still answers kill(0); /proc tells it is dead."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> Job | None:
+    """Mark the job running for `me`, or None when it must be skipped (finished, cancelled, held by a live worker)."""
+    job = get_job(session, job_id)
+    if job is None or job.is_finished:
+        return None
+    if job.cancel_requested:
+        if job.status == "running" and holder_is_dead(job.worker):
+            finish_job(session, job_id, "cancelled")  # cancelled while its worker was down
+        return None
+    takeover_after_s: float | None = stale_after_s
+    if job.status == "running" and holder_is_dead(job.worker):
+        takeover_after_s = None
+    previous = job.worker if job.status == "running" else None
+    claimed = mark_running(session, job_id, me, takeover_after_s=takeover_after_s)
+    if claimed is not None and previous:
+        add_event(session, job_id, "takeover", f"worker {previous} is gone; job taken over by {me}")
+    return claimed
+
+
+def release_job(session: Session, job_id: str, holder: str, reason: str) -> bool:
+    """Put a job `holder` is running back to `queued` (kept checkpoints make the next run resume).
+
+    Conditional on the holder, so a job another worker has taken over meanwhile is left alone.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker == holder)
+        .values(status="queued", worker=None, heartbeat_at=None, eta_seconds=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    add_event(session, job_id, "requeued", reason)
+    return True

@@ -1,0 +1,227 @@
+"""Run one job: claim it, run the pipeline in its working folder, record the outcome.
+
+No database session is held while the pipeline runs: every write (claim, progress, heartbeat, cancel poll,
+final state) is its own short transaction, so a long job never pins a connection or a SQLite write lock.
+The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints, so running the same job
+again after a crash, a redelivery or a worker shutdown resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from store.artifacts import register_artifact
+from store.datasets import dataset_path
+from store.db import session_scope
+from store.jobs import add_event, finish_job, get_job, heartbeat, is_cancel_requested, job_workdir
+from store.models import Job
+from store.settings import Settings
+from worker.callback_delivery import start_callback
+from worker.heartbeat import Heartbeat
+from worker.job_claims import claim_job, release_job
+from worker.limits import WorkerLimits
+from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
+from worker.stopping import StopPoller, StopReason, worker_shutdown
+
+log = logging.getLogger(__name__)
+
+# A job whose runs keep dying (say, the kernel's OOM killer) is failed instead of being retried forever.
+MAX_ATTEMPTS = 5
+MESSAGE_LIMIT = 300
+
+
+class JobReleased(Exception):
+    """The worker is shutting down: the job went back to `queued` and its message must be requeued."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What the run needs from the job row, read inside the claim transaction."""
+
+    id: str
+    spec: dict[str, Any]
+    source: str | None
+    attempts: int
+    callback_url: str | None
+
+
+@dataclass
+class DatabaseProgressSink:
+    """Writes one throttled batch of progress and events in its own transaction."""
+
+    settings: Settings
+    job_id: str
+
+    def write(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
+        with session_scope(self.settings) as session:
+            if update is not None:
+                update_fields = dict(
+                    stage=update.stage,
+                    progress=update.progress,
+                    stage_progress=update.stage_progress,
+                    eta_seconds=update.eta_seconds,
+                )
+                from store.jobs import update_progress
+
+                update_progress(session, self.job_id, **update_fields)
+            for record in events:
+                add_event(
+                    session,
+                    self.job_id,
+                    record.kind,
+                    record.message,
+                    stage=record.stage,
+                    progress=record.progress,
+                    data=record.data,
+                )
+
+
+class JobRunner:
+    """Runs jobs for one worker process (`me` is its `<host>:<pid>` identity)."""
+
+    def __init__(self, settings: Settings, limits: WorkerLimits, me: str) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.me = me
+
+    def run(self, job_id: str, *, soft_deadline: float | None = None) -> str:
+        """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
+        claimed = self._claim(job_id)
+        if claimed is None:
+            log.info("job %s: nothing to do (finished, cancelled or held by a live worker)", job_id)
+            return "skipped"
+        if claimed.attempts > MAX_ATTEMPTS:
+            return self._finish(
+                job_id, "failed", error=_error("too_many_attempts", f"the job was interrupted {MAX_ATTEMPTS} times")
+            )
+        if claimed.source is None:
+            return self._finish(job_id, "failed", error=_error("not_found", "the job's dataset no longer exists"))
+        workdir = job_workdir(self.settings, job_id)
+        self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
+        deadline = soft_deadline or time.monotonic() + self.limits.soft_time_limit_s
+        poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline)
+        reporter = ProgressReporter(DatabaseProgressSink(self.settings, job_id))
+        with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):
+            return self._run_pipeline(claimed, workdir, reporter, poller)
+
+    # ---------------------------------------------------------------- the run and its outcomes
+
+    def _run_pipeline(self, job: ClaimedJob, workdir: Path, reporter: ProgressReporter, poller: StopPoller) -> str:
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        from fd2_core.data.errors import DataError
+        from fd2_core.pipeline import StopRequested, run
+
+        try:
+            result = run(job.spec, job.source, workdir, on_event=reporter, should_stop=poller)
+        except StopRequested:
+            reporter.flush()
+            return self._stopped(job.id, poller.reason or StopReason.CANCELLED)
+        except SoftTimeLimitExceeded:
+            reporter.flush()
+            return self._stopped(job.id, StopReason.TIME_LIMIT)
+        except DataError as exc:
+            reporter.flush()
+            return self._finish(job.id, "failed", error=_error(exc.code, str(exc)))
+        except Exception as exc:  # the traceback stays in the worker log, never in the job resource
+            log.exception("job %s failed", job.id)
+            reporter.flush()
+            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
+        reporter.flush()
+        try:
+            self._register_artifacts(job.id, result.artifacts)
+        except Exception as exc:
+            log.exception("job %s: registering artifacts failed", job.id)
+            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
+        return self._finish(job.id, "succeeded", metrics=dict(result.metrics))
+
+    def _stopped(self, job_id: str, reason: StopReason) -> str:
+        if reason is StopReason.SHUTDOWN:
+            with session_scope(self.settings) as session:
+                release_job(session, job_id, self.me, "worker shutting down; job requeued to resume elsewhere")
+            raise JobReleased(job_id)
+        if reason is StopReason.TIME_LIMIT:
+            limit = self.limits.soft_time_limit_s
+            return self._finish(job_id, "failed", error=_error("time_limit", f"the job ran past its {limit:.0f} s limit"))
+        return self._finish(job_id, "cancelled")
+
+    def _finish(
+        self, job_id: str, status: str, *, metrics: dict[str, Any] | None = None, error: dict[str, str] | None = None
+    ) -> str:
+        with session_scope(self.settings) as session:
+            job = finish_job(session, job_id, status, metrics=metrics, error=error)
+            final = job.status if job is not None else (getattr(get_job(session, job_id), "status", None) or status)
+            message = f"job {final}" + (f": {error['message']}" if error and job is not None else "")
+            add_event(session, job_id, final, message, data={"error": error} if error and job is not None else None)
+            callback_url = job.callback_url if job is not None else None
+        log.info("job %s: %s", job_id, final)
+        if callback_url:
+            start_callback(job_id, self.settings)
+        return final
+
+    # ---------------------------------------------------------------- short transactions
+
+    def _claim(self, job_id: str) -> ClaimedJob | None:
+        with session_scope(self.settings) as session:
+            job = claim_job(session, job_id, self.me, self.limits.stale_after_s)
+            if job is None:
+                return None
+            return ClaimedJob(job.id, dict(job.spec), self._source_of(session, job), job.attempts, job.callback_url)
+
+    def _source_of(self, session: Any, job: Job) -> str | None:
+        """What `load_dataset` reads: an operator-side manifest, or the uploaded dataset's folder."""
+        if job.manifest_path:
+            return job.manifest_path
+        if not job.dataset_id:
+            return None
+        from store.datasets import get_dataset
+
+        dataset = get_dataset(session, job.dataset_id)
+        if dataset is None:
+            return None
+        return dataset.path or str(dataset_path(self.settings, dataset.id))
+
+    def _register_artifacts(self, job_id: str, artifacts: dict[str, Any]) -> None:
+        with session_scope(self.settings) as session:
+            for name, path in sorted(artifacts.items()):
+                register_artifact(session, job_id, name, path)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        with session_scope(self.settings) as session:
+            return is_cancel_requested(session, job_id)
+
+    def _beat(self, job_id: str) -> None:
+        with session_scope(self.settings) as session:
+            heartbeat(session, job_id)
+
+    def _event(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with session_scope(self.settings) as session:
+            add_event(session, job_id, kind, message, data=data)
+
+    def _start_message(self, job: ClaimedJob, workdir: Path) -> str:
+        resuming = (workdir / "stages").exists()
+        verb = "resuming from the checkpoints of an earlier run" if resuming else "starting"
+        return f"attempt {job.attempts} on {self.me}: {verb}"
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": " ".join(message.split())[:MESSAGE_LIMIT]}
+
+
+def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, str]:
+    """A one-line, path-free description of an unexpected failure for the job resource."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return _error(
+            "out_of_memory",
+            "the device ran out of memory; lower distill_batch_classes, the batch sizes or image_size",
+        )
+    detail = (str(exc).strip().splitlines() or [""])[0].replace(str(settings.home), "<home>")
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return _error("internal_error", f"the job failed on the worker ({text})")
+
+
+__all__ = ["JobReleased", "JobRunner", "MAX_ATTEMPTS", "worker_shutdown"]

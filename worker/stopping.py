@@ -1,0 +1,62 @@
+"""Decide when a running pipeline must stop: cancel request, worker shutdown or time limit.
+
+The pipeline calls `should_stop()` often; the cancel flag lives in the database, so it is read at most once
+per `poll_interval_s` and cached in between. A worker shutdown (SIGTERM) and the job's time budget are
+checked on every call because they cost nothing. The first reason seen sticks, so the task can tell a
+cancelled job (final) from an interrupted one (to be resumed elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(str, Enum):
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    TIME_LIMIT = "time_limit"
+
+
+# Set by the worker's shutdown signal handler; the task running in this process reads it.
+worker_shutdown = threading.Event()
+
+
+@dataclass
+class StopPoller:
+    """Callable `should_stop` for the pipeline."""
+
+    is_cancel_requested: Callable[[], bool]
+    poll_interval_s: float = 1.0
+    deadline: float | None = None
+    shutdown: threading.Event = field(default_factory=lambda: worker_shutdown)
+    clock: Callable[[], float] = time.monotonic
+    reason: StopReason | None = field(default=None, init=False)
+    _next_poll: float = field(default=float("-inf"), init=False)
+
+    def __call__(self) -> bool:
+        if self.reason is not None:
+            return True
+        now = self.clock()
+        if self.shutdown.is_set():
+            self.reason = StopReason.SHUTDOWN
+        elif self.deadline is not None and now >= self.deadline:
+            self.reason = StopReason.TIME_LIMIT
+        elif now >= self._next_poll:
+            self._next_poll = now + self.poll_interval_s
+            if self._cancel_requested():
+                self.reason = StopReason.CANCELLED
+        return self.reason is not None
+
+    def _cancel_requested(self) -> bool:
+        try:
+            return bool(self.is_cancel_requested())
+        except Exception:  # an unreachable database must not look like a cancel
+            log.warning("cancel poll failed; will retry", exc_info=True)
+            return False
