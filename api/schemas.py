@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-JOB_SPEC_REF = {"$ref": "#/components/schemas/JobSpec"}
+# allOf so that a field's own description can sit beside the reference.
+JOB_SPEC_REF = {"allOf": [{"$ref": "#/components/schemas/JobSpec"}]}
 SpecMapping = Annotated[dict[str, Any], WithJsonSchema(JOB_SPEC_REF)]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobStage = Literal["pretrain", "distill", "relabel", "evaluate", "package"]

@@ -34,6 +34,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=5 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
 
-# Migrations are applied before the server takes traffic; several API replicas may run this concurrently
-# because Alembic serialises on its version table.
-CMD ["sh", "-c", "fd2 migrate && exec uvicorn api.main:app --host 0.0.0.0 --port 8000 --proxy-headers"]
+# The app applies database migrations at start-up (under a lock, so several replicas may start together).
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

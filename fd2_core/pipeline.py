@@ -143,7 +143,7 @@ def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, An
         real_labels = ctx.data.train_labels[idx]
         baseline_soft = relabel(
             ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
-            stream="baseline-relabel", stage="evaluate",
+            stream="baseline-relabel", parent=reporter,
         )
         result["random_baseline_accuracy"] = train_student(
             ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=steps
@@ -264,7 +264,7 @@ def run(
                 "trained identically",
             },
             "teacher": teacher.info,
-            "dataset": {**dataset_summary, "errors": [e.__dict__ for e in data.errors[:100]]},
+            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,
             "device": _device_info(device),

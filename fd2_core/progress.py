@@ -79,6 +79,7 @@ class StageReporter:
         self.total = 1
         self._last_emit = 0.0
         self._last_poll = 0.0
+        self._fraction = 0.0
         self.started_at = time.monotonic()
 
     def overall(self, fraction: float) -> float:
@@ -90,17 +91,24 @@ class StageReporter:
         self.tracker.check_stop()
         self._emit("stage_start", 0.0, message or f"{self.name} started")
 
-    def step(self, done_units: int, losses: dict[str, float] | None = None, message: str = "") -> None:
-        """Cheap to call every iteration: polls the stop flag and emits at most one event per interval."""
+    def poll(self) -> None:
+        """Check the stop flag, at most every STOP_POLL_INTERVAL_S."""
         now = time.monotonic()
         if now - self._last_poll >= STOP_POLL_INTERVAL_S:
             self._last_poll = now
             self.tracker.check_stop()
-        if now - self._last_emit >= EVENT_INTERVAL_S:
-            self._emit("progress", done_units / self.total, message, losses or {})
+
+    def step(self, done_units: int, losses: dict[str, float] | None = None, message: str = "") -> None:
+        """Cheap to call every iteration: polls the stop flag and emits at most one event per interval."""
+        self.poll()
+        self._fraction = max(self._fraction, done_units / self.total)
+        if time.monotonic() - self._last_emit >= EVENT_INTERVAL_S:
+            self._emit("progress", self._fraction, message, losses or {})
 
     def log(self, message: str, fraction: float | None = None) -> None:
-        self._emit("log", fraction if fraction is not None else 0.0, message)
+        if fraction is not None:
+            self._fraction = max(self._fraction, fraction)
+        self._emit("log", self._fraction, message)
 
     def end(self, message: str = "") -> None:
         self._emit("stage_end", 1.0, message or f"{self.name} finished")

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import Artifact
+from store.models import Artifact, Job
 
 CHUNK_BYTES = 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -72,3 +72,12 @@ def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
 
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_tenant_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Artifact | None:
+    """The artifact only if its job belongs to the tenant (else None, like an unknown name)."""
+    return session.scalar(
+        select(Artifact)
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Artifact.job_id == job_id, Artifact.name == name, Job.tenant_id == tenant_id)
+    )

@@ -8,14 +8,15 @@ commits: the caller's `session_scope()` (or the route) decides the transaction.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy.orm import Session, joinedload, selectinload
 
-from store.models import ACTIVE_JOB_STATUSES, FINISHED_JOB_STATUSES, Job, JobEvent, utcnow
+from store.models import ACTIVE_JOB_STATUSES, FINISHED_JOB_STATUSES, Artifact, Job, JobEvent, utcnow
 from store.pagination import Page, newest_first_page
 from store.settings import Settings
 
@@ -62,6 +63,11 @@ def create_job(
     return job
 
 
+def delete_job(session: Session, job_id: str) -> None:
+    """Remove a job with its events and artifact rows (a submission that never reached the broker)."""
+    session.execute(delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
+
+
 def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
@@ -77,6 +83,64 @@ def get_tenant_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalars(query).unique().one_or_none()
 
 
+@dataclass
+class ArtifactRecord:
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+
+
+@dataclass
+class JobRecord:
+    """A read-only job with its artifacts, attribute-compatible with `Job` for presenting."""
+
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    stage_progress: float
+    eta_seconds: float | None
+    spec: dict[str, Any]
+    dataset_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    metrics: dict[str, Any]
+    cancel_requested: bool
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+
+
+_RECORD_COLUMNS = [getattr(Job, name) for name in JobRecord.__dataclass_fields__ if name != "artifacts"]
+# Built once: constructing a statement costs more than running it on the polling hot path.
+_JOB_RECORD_QUERY = (
+    select(*_RECORD_COLUMNS, Artifact.name.label("artifact_name"), Artifact.size, Artifact.sha256,
+           Artifact.media_type)
+    .outerjoin(Artifact, Artifact.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+    .order_by(Artifact.name)
+)
+
+
+def read_job_record(session: Session, tenant_id: str, job_id: str) -> JobRecord | None:
+    """The tenant's job and its artifacts in one indexed query without ORM identity tracking.
+
+    This is what job polling (`GET /v1/jobs/{id}`) runs, so it is kept to a single prebuilt SELECT.
+    """
+    rows = session.connection().execute(_JOB_RECORD_QUERY, {"job_id": job_id, "tenant_id": tenant_id}).all()
+    if not rows:
+        return None
+    first = rows[0]
+    record = JobRecord(*first[: len(_RECORD_COLUMNS)])
+    record.artifacts = [
+        ArtifactRecord(row.artifact_name, row.size, row.sha256, row.media_type)
+        for row in rows
+        if row.artifact_name is not None
+    ]
+    return record
+
+
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     query = (
         select(Job)
@@ -89,8 +153,8 @@ def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job |
 def list_jobs(
     session: Session, tenant_id: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
 ) -> Page[Job]:
-    """One page of the tenant's jobs, newest first (artifacts loaded in the same query)."""
-    query = select(Job).options(joinedload(Job.artifacts)).where(Job.tenant_id == tenant_id)
+    """One page of the tenant's jobs, newest first (artifacts of the whole page in one more query)."""
+    query = select(Job).options(selectinload(Job.artifacts)).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     return newest_first_page(session, query, Job.created_at, Job.id, limit=limit, cursor=cursor)

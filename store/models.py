@@ -158,7 +158,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(
-        back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", lazy="raise"
+        back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True,
+        lazy="raise",
     )
 
     @property

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 GPU_QUEUE = "fd2.gpu"
 CPU_QUEUE = "fd2.cpu"
 RUN_JOB_TASK = "fd2.run_job"
-EMBEDDED_BROKER_URL = "filesystem://"
+EMBEDDED_BROKER_URL = "filesystem://localhost/"
 EMBEDDED_BROKER_TRANSPORT = "store.fs_broker:Transport"
 GIB = 1024**3
 
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
 
     @property
     def uses_embedded_broker(self) -> bool:
-        return self.broker_url.startswith(EMBEDDED_BROKER_URL)
+        return self.broker_url.startswith("filesystem://")
 
     @property
     def broker_dir(self) -> Path:

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from fd2_core.losses import (
     BNStatMatcher,
+    batch_statistics,
     cal_pretrain_loss,
     center_loss,
     fc_loss,
@@ -151,6 +152,22 @@ def test_bn_matching_loss_matches_reference(gen):
         matcher.reset()
         with pytest.raises(RuntimeError):
             matcher.loss()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_statistics_values_and_gradient_match_var_mean(gen, channels_last):
+    x = 1.5 * torch.randn(4, 3, 5, 5, generator=gen) + 0.7
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weights = torch.randn(2, 3, generator=gen)
+    mean, var = batch_statistics(x)
+    ((weights[0] * mean).sum() + (weights[1] * var).sum()).backward()
+    reference = x.detach().clone().requires_grad_(True)
+    ref_var, ref_mean = torch.var_mean(reference, dim=(0, 2, 3), correction=0)
+    ((weights[0] * ref_mean).sum() + (weights[1] * ref_var).sum()).backward()
+    assert torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(var, ref_var, atol=1e-4)
+    assert torch.allclose(x.grad, reference.grad, atol=1e-5)
 
 
 def _hook_count(module: nn.Module) -> int:

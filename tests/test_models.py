@@ -54,6 +54,14 @@ def test_low_resolution_feature_maps():
     assert sizes == {"convnet": 8, "resnet18": 4}
 
 
+def test_width_sets_convnet_channels_and_torchvision_backbones_ignore_it():
+    narrow = build_model("convnet", 3, 32, cal=True, num_attention_maps=2, width=16)
+    out = narrow.eval()(torch.randn(2, 3, 32, 32))
+    assert narrow.feature_channels == 16 and out.feature_map.shape[1] == 16
+    assert out.cal.embedding.shape == (2, 2 * 16)
+    assert build_model("resnet18", 3, 32, cal=False, width=16).feature_channels == 512
+
+
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(ValueError) as error:
         build_model("vgg11", 3, 32, cal=False)

@@ -18,14 +18,21 @@ from sqlalchemy.orm import Session
 from store.jobs import add_event, finish_job, get_job, mark_running
 from store.models import Job
 
+# Jobs this process is running right now (the recovery thread must not mistake them for orphans).
+held_here: set[str] = set()
+
 
 def worker_identity() -> str:
     """`<host>:<pid>` of this process (the one that runs the pipeline)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def holder_is_dead(holder: str | None) -> bool:
-    """True only when `holder` ran on this host and its process no longer exists (or is this idle process)."""
+def holder_is_dead(holder: str | None, *, running_here: bool) -> bool:
+    """True only when `holder` ran on this host and its process is gone.
+
+    `holder` may name this very process (a restarted container reuses its predecessor's pid); it is then
+    dead unless `running_here` says this process is running the job now.
+    """
     if not holder:
         return False
     host, _, pid_text = holder.rpartition(":")
@@ -33,7 +40,7 @@ def holder_is_dead(holder: str | None) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return True  # this process is idle (it is claiming a job), so it is not running that one
+        return not running_here
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,16 +60,19 @@ def _is_zombie(pid: int) -> bool:
 
 
 def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> Job | None:
-    """Mark the job running for `me`, or None when it must be skipped (finished, cancelled, held by a live worker)."""
+    """Mark the job running for `me`; None means skip it (finished, cancelled, held by a live worker).
+
+    The calling process is about to run the job, so it is not running it already.
+    """
     job = get_job(session, job_id)
     if job is None or job.is_finished:
         return None
     if job.cancel_requested:
-        if job.status == "running" and holder_is_dead(job.worker):
+        if job.status == "running" and holder_is_dead(job.worker, running_here=False):
             finish_job(session, job_id, "cancelled")  # cancelled while its worker was down
         return None
     takeover_after_s: float | None = stale_after_s
-    if job.status == "running" and holder_is_dead(job.worker):
+    if job.status == "running" and holder_is_dead(job.worker, running_here=False):
         takeover_after_s = None
     previous = job.worker if job.status == "running" else None
     claimed = mark_running(session, job_id, me, takeover_after_s=takeover_after_s)

@@ -1,13 +1,14 @@
 """The job resource of the REST contract, built from a job row for the completion callback.
 
-The worker may not import the API, so the callback body is assembled here from the same row and with the
-same field names as `GET /v1/jobs/{id}` (see API.md); a test compares the two.
+The worker may not import the API, so the callback body is assembled here from the same row with the same
+fields as `GET /v1/jobs/{id}` (`api.presenters.job_resource`); a test compares the two.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def artifact_url(settings: Settings, job_id: str, name: str) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/v1/jobs/{job_id}/artifacts/{name}"
+    return f"{settings.public_base_url.rstrip('/')}/v1/jobs/{job_id}/artifacts/{quote(name)}"
 
 
 def job_resource(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
@@ -51,4 +52,5 @@ def job_resource(session: Session, job: Job, settings: Settings) -> dict[str, An
         "error": job.error,
         "metrics": job.metrics or {},
         "artifacts": artifacts,
+        "cancel_requested": job.cancel_requested,
     }

@@ -15,14 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from store.artifacts import register_artifact
-from store.datasets import dataset_path
+from store.datasets import dataset_path, get_dataset
 from store.db import session_scope
-from store.jobs import add_event, finish_job, get_job, heartbeat, is_cancel_requested, job_workdir
+from store.jobs import (
+    add_event,
+    finish_job,
+    get_job,
+    heartbeat,
+    is_cancel_requested,
+    job_workdir,
+    update_progress,
+)
 from store.models import Job
 from store.settings import Settings
 from worker.callback_delivery import start_callback
 from worker.heartbeat import Heartbeat
-from worker.job_claims import claim_job, release_job
+from worker.job_claims import claim_job, held_here, release_job
 from worker.limits import WorkerLimits
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
 from worker.stopping import StopPoller, StopReason, worker_shutdown
@@ -59,15 +67,14 @@ class DatabaseProgressSink:
     def write(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
         with session_scope(self.settings) as session:
             if update is not None:
-                update_fields = dict(
+                update_progress(
+                    session,
+                    self.job_id,
                     stage=update.stage,
                     progress=update.progress,
                     stage_progress=update.stage_progress,
                     eta_seconds=update.eta_seconds,
                 )
-                from store.jobs import update_progress
-
-                update_progress(session, self.job_id, **update_fields)
             for record in events:
                 add_event(
                     session,
@@ -90,16 +97,22 @@ class JobRunner:
 
     def run(self, job_id: str, *, soft_deadline: float | None = None) -> str:
         """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
-        claimed = self._claim(job_id)
-        if claimed is None:
-            log.info("job %s: nothing to do (finished, cancelled or held by a live worker)", job_id)
-            return "skipped"
+        held_here.add(job_id)  # before the claim commits, so recovery never sees it unheld here
+        try:
+            claimed = self._claim(job_id)
+            if claimed is None:
+                log.info("job %s: nothing to do (finished, cancelled or held by a live worker)", job_id)
+                return "skipped"
+            return self._run_claimed(claimed, soft_deadline)
+        finally:
+            held_here.discard(job_id)
+
+    def _run_claimed(self, claimed: ClaimedJob, soft_deadline: float | None) -> str:
+        job_id = claimed.id
         if claimed.attempts > MAX_ATTEMPTS:
-            return self._finish(
-                job_id, "failed", error=_error("too_many_attempts", f"the job was interrupted {MAX_ATTEMPTS} times")
-            )
+            return self._fail(job_id, "too_many_attempts", f"the job was interrupted {MAX_ATTEMPTS} times")
         if claimed.source is None:
-            return self._finish(job_id, "failed", error=_error("not_found", "the job's dataset no longer exists"))
+            return self._fail(job_id, "not_found", "the job's dataset no longer exists")
         workdir = job_workdir(self.settings, job_id)
         self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
         deadline = soft_deadline or time.monotonic() + self.limits.soft_time_limit_s
@@ -110,8 +123,11 @@ class JobRunner:
 
     # ---------------------------------------------------------------- the run and its outcomes
 
-    def _run_pipeline(self, job: ClaimedJob, workdir: Path, reporter: ProgressReporter, poller: StopPoller) -> str:
+    def _run_pipeline(
+        self, job: ClaimedJob, workdir: Path, reporter: ProgressReporter, poller: StopPoller
+    ) -> str:
         from celery.exceptions import SoftTimeLimitExceeded
+        from pydantic import ValidationError
 
         from fd2_core.data.errors import DataError
         from fd2_core.pipeline import StopRequested, run
@@ -126,7 +142,10 @@ class JobRunner:
             return self._stopped(job.id, StopReason.TIME_LIMIT)
         except DataError as exc:
             reporter.flush()
-            return self._finish(job.id, "failed", error=_error(exc.code, str(exc)))
+            return self._fail(job.id, exc.code, str(exc))
+        except ValidationError as exc:  # a stored spec the current schema no longer accepts
+            log.warning("job %s: stored spec is invalid: %s", job.id, exc)
+            return self._fail(job.id, "invalid_spec", _validation_message(exc))
         except Exception as exc:  # the traceback stays in the worker log, never in the job resource
             log.exception("job %s failed", job.id)
             reporter.flush()
@@ -142,26 +161,38 @@ class JobRunner:
     def _stopped(self, job_id: str, reason: StopReason) -> str:
         if reason is StopReason.SHUTDOWN:
             with session_scope(self.settings) as session:
-                release_job(session, job_id, self.me, "worker shutting down; job requeued to resume elsewhere")
+                release_job(session, job_id, self.me, "worker shutting down; job requeued to resume later")
             raise JobReleased(job_id)
         if reason is StopReason.TIME_LIMIT:
-            limit = self.limits.soft_time_limit_s
-            return self._finish(job_id, "failed", error=_error("time_limit", f"the job ran past its {limit:.0f} s limit"))
+            limit = f"{self.limits.soft_time_limit_s:.0f} s"
+            return self._fail(job_id, "time_limit", f"the job ran past its {limit} limit")
         return self._finish(job_id, "cancelled")
 
+    def _fail(self, job_id: str, code: str, message: str) -> str:
+        return self._finish(job_id, "failed", error=_error(code, message))
+
     def _finish(
-        self, job_id: str, status: str, *, metrics: dict[str, Any] | None = None, error: dict[str, str] | None = None
+        self,
+        job_id: str,
+        status: str,
+        *,
+        metrics: dict[str, Any] | None = None,
+        error: dict[str, str] | None = None,
     ) -> str:
+        """Write the final state (one transaction), then start the callback if the job has one."""
         with session_scope(self.settings) as session:
             job = finish_job(session, job_id, status, metrics=metrics, error=error)
-            final = job.status if job is not None else (getattr(get_job(session, job_id), "status", None) or status)
-            message = f"job {final}" + (f": {error['message']}" if error and job is not None else "")
-            add_event(session, job_id, final, message, data={"error": error} if error and job is not None else None)
-            callback_url = job.callback_url if job is not None else None
-        log.info("job %s: %s", job_id, final)
+            if job is None:  # someone else finished it meanwhile (e.g. recovery cancelled it)
+                current = get_job(session, job_id)
+                log.info("job %s was already %s", job_id, current.status if current else "gone")
+                return current.status if current else status
+            message = f"job {job.status}" + (f": {error['message']}" if error else "")
+            add_event(session, job_id, job.status, message, data={"error": error} if error else None)
+            callback_url = job.callback_url
+        log.info("job %s: %s", job_id, status)
         if callback_url:
             start_callback(job_id, self.settings)
-        return final
+        return status
 
     # ---------------------------------------------------------------- short transactions
 
@@ -170,7 +201,8 @@ class JobRunner:
             job = claim_job(session, job_id, self.me, self.limits.stale_after_s)
             if job is None:
                 return None
-            return ClaimedJob(job.id, dict(job.spec), self._source_of(session, job), job.attempts, job.callback_url)
+            source = self._source_of(session, job)
+            return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url)
 
     def _source_of(self, session: Any, job: Job) -> str | None:
         """What `load_dataset` reads: an operator-side manifest, or the uploaded dataset's folder."""
@@ -178,8 +210,6 @@ class JobRunner:
             return job.manifest_path
         if not job.dataset_id:
             return None
-        from store.datasets import get_dataset
-
         dataset = get_dataset(session, job.dataset_id)
         if dataset is None:
             return None
@@ -210,6 +240,12 @@ class JobRunner:
 
 def _error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": " ".join(message.split())[:MESSAGE_LIMIT]}
+
+
+def _validation_message(exc: Any) -> str:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    where = ".".join(str(part) for part in first.get("loc", ())) or "spec"
+    return f"the job's spec is not valid: {where}: {first.get('msg', '')}"
 
 
 def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, str]:

@@ -19,5 +19,6 @@ def parse_queue_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ALL_QUEUES]
     if unknown or not names:
-        raise ValueError(f"unknown queue(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(ALL_QUEUES)}")
+        named = ", ".join(unknown) or repr(text)
+        raise ValueError(f"unknown queue(s) {named}; choose from {', '.join(ALL_QUEUES)}")
     return names

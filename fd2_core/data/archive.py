@@ -9,6 +9,8 @@ folder beside the destination and renamed into place only on success: a failure 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import lzma
 import os
 import re
@@ -37,7 +39,12 @@ _CHUNK = 1024 * 1024
 _READ_ERRORS = (
     tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError,
 )
-_TAR_MODES: dict[str, str] = {"tar": "r|", "tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
+# Decompressors that check the stream's end marker and checksum (tarfile's own stream mode does not).
+_DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
+    "tar.gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    "tar.bz2": lambda raw: bz2.BZ2File(raw, mode="rb"),
+    "tar.xz": lambda raw: lzma.LZMAFile(raw, mode="rb"),
+}
 
 
 @dataclass
@@ -136,9 +143,9 @@ class _Writer:
                 if not chunk:
                     break
                 out.write(chunk)
-                self._count(len(chunk))
+                self.count(len(chunk))
 
-    def _count(self, n: int) -> None:
+    def count(self, n: int) -> None:
         self.result.bytes_written += n
         total = self.result.bytes_written
         limits = self.limits
@@ -191,13 +198,19 @@ def _zip_members(path: Path, writer: _Writer) -> None:
 
 def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
     with open(path, "rb") as raw:
+        stream = _DECOMPRESSORS[kind](raw) if kind in _DECOMPRESSORS else raw
         try:
-            tf = tarfile.open(fileobj=raw, mode=_TAR_MODES[kind])
+            tf = tarfile.open(fileobj=stream, mode="r|")
         except _READ_ERRORS as exc:
             raise DataError("bad_archive", f"not a readable tar archive: {exc}") from None
         with tf:
             for member in _iterate_tar(tf):
                 parts = writer.accept(member.name)
+                if parts is not None and member.isfile() and not _is_nested_archive(parts[-1]):
+                    writer.write_file(parts, _open_tar_member(tf, member).read)
+                    continue
+                # Skipped data is still decompressed to reach the next header: it counts against the budget.
+                writer.count(max(member.size, 0) if member.isfile() else 0)
                 if parts is None:
                     continue
                 name = "/".join(parts)
@@ -207,11 +220,22 @@ def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
                     writer.skip(name, "link refused")
                 elif not member.isfile():
                     writer.skip(name, "device, fifo or other special file refused")
-                elif _is_nested_archive(name):
-                    writer.skip(name, "nested archive not extracted")
                 else:
-                    src = _open_tar_member(tf, member)
-                    writer.write_file(parts, src.read)
+                    writer.skip(name, "nested archive not extracted")
+        if stream is not raw:
+            _drain(stream, writer)
+
+
+def _drain(stream: IO[bytes], writer: _Writer) -> None:
+    """Read a compressed stream to its end so a truncated or corrupt tail is noticed (bytes still count)."""
+    while True:
+        try:
+            chunk = stream.read(_CHUNK)
+        except _READ_ERRORS as exc:
+            raise DataError("bad_archive", f"the compressed archive is corrupt or truncated: {exc}") from None
+        if not chunk:
+            return
+        writer.count(len(chunk))
 
 
 def _iterate_tar(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -21,6 +21,10 @@ DATA_ERROR_CODES: frozenset[str] = frozenset(
         "bad_manifest",
         "not_found",
         "bad_source",
+        # raised by the pipeline when a spec cannot run on a dataset or a work folder
+        "ipc_too_large",
+        "no_test_split",
+        "workdir_conflict",
     }
 )
 

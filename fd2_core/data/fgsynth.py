@@ -44,8 +44,6 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 MAX_CLASSES = len(PATTERNS) * 8 * 5
 MIN_IMAGE_SIZE = 16
 _CHUNK = 512
-# Share of the object's area covered by the discriminative part (the generator guarantees at most 10 %).
-PART_AREA_FRACTION = 0.085
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,10 @@ class ClassRecipe:
     shape: str
     pattern: str
     placement: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.placement}/{self.shape}/{self.pattern}"
 
 
 @dataclass
@@ -194,69 +196,121 @@ def _pattern_weight(pattern: str, u: np.ndarray, v: np.ndarray, sd: np.ndarray, 
     return np.clip(0.5 - edge * px, 0.0, 1.0)
 
 
-# ---------------------------------------------------------------- object geometry, in object units
+# ---------------------------------------------------------------- nuisance and object geometry
+
+@dataclass(frozen=True)
+class Nuisance:
+    """Ranges of the factors drawn independently of the class for every image (the defaults are FGSynth).
+
+    Sizes are shares of the image side, so an image looks the same at any resolution.
+    """
+
+    scale: tuple[float, float] = (0.30, 0.35)  # pixels per object unit (an object is about 2.8 units long)
+    shift: float = 0.07  # largest offset of the object's centre from the image centre
+    rotation_deg: float = 25.0  # largest in-plane rotation (cars turn at most half as much)
+    part_area: float = 0.095  # class part's area as a share of the object's (never above 0.1)
+    part_angle_deg: float = 10.0  # the part's own wobble around its place on the object
+    gain: tuple[float, float] = (0.7, 1.2)  # global brightness
+    gradient: float = 0.5  # strength of a linear light falloff across the image
+    noise: float = 0.05  # largest standard deviation of Gaussian pixel noise, in [0, 1] units
+    texture: float = 0.6  # largest weight of the striped wave in the background texture
+
+    def __post_init__(self) -> None:
+        if not 0 < self.part_area <= 0.1:
+            raise ValueError("part_area must be in (0, 0.1]: the class part stays small")
+
+
+def _bird_layers(u: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "tail": _sd_ellipse(u + 1.0, v - 0.05, 0.42, 0.16),
+        "body": _sd_ellipse(u, v, 0.95, 0.6),
+        "wing": _sd_ellipse(u + 0.15, v - 0.08, 0.58, 0.3),
+        "head": _sd_disc(u - 0.9, v - 0.45, 0.42),
+        "eye": _sd_disc(u - 1.02, v - 0.52, 0.07),
+    }
+
+
+def _car_layers(u: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
+    wheels = np.minimum(_sd_disc(u - 0.72, v + 0.34, 0.27), _sd_disc(u + 0.72, v + 0.34, 0.27))
+    hubs = np.minimum(_sd_disc(u - 0.72, v + 0.34, 0.1), _sd_disc(u + 0.72, v + 0.34, 0.1))
+    return {
+        "cabin": _sd_box(u + 0.1, v - 0.45, 0.62, 0.3, 0.18),
+        "window": _sd_box(u + 0.1, v - 0.47, 0.5, 0.2, 0.1),
+        "body": _sd_box(u, v, 1.25, 0.3, 0.12),
+        "wheels": wheels,
+        "hubs": hubs,
+    }
+
 
 @dataclass(frozen=True)
 class _Body:
-    """One object kind: its layers as (name, signed distance) and where the class part may sit."""
+    """One object kind: its layers, the layers forming its silhouette, its centre and the part placements."""
 
-    object_area: float
+    layers: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+    silhouette: tuple[str, ...]
+    centre: tuple[float, float]  # object point put at the drawn image position (middle of its extent)
     placements: dict[str, tuple[float, float]]
-    rotation_deg: float
+    rotation_share: float
 
 
-_BIRD = _Body(
-    object_area=2.55,
-    placements={"crest": (0.95, 0.98), "throat": (1.05, 0.0), "nape": (0.55, 0.8), "cheek": (1.05, 0.42),
-                "tail": (-1.45, 0.12)},
-    rotation_deg=35.0,
-)
-_CAR = _Body(
-    object_area=2.2,
-    placements={"headlight": (1.1, 0.08), "door": (0.05, 0.02), "roof": (-0.05, 0.78),
-                "taillight": (-1.12, 0.08), "hood": (0.78, 0.32)},
-    rotation_deg=12.0,
-)
-_BODIES = {"birds": _BIRD, "cars": _CAR}
+_BODIES: dict[str, _Body] = {
+    "birds": _Body(
+        _bird_layers, ("tail", "body", "head"), (0.0, 0.3),
+        {"crest": (0.9, 0.95), "throat": (1.02, 0.02), "nape": (0.5, 0.78), "cheek": (1.0, 0.38),
+         "tail": (-1.2, 0.1)},
+        1.0,
+    ),
+    "cars": _Body(
+        _car_layers, ("cabin", "body", "wheels"), (0.0, 0.15),
+        {"headlight": (1.12, 0.06), "door": (0.05, 0.0), "roof": (-0.1, 0.72), "taillight": (-1.14, 0.06),
+         "hood": (0.78, 0.3)},
+        0.5,
+    ),
+}
+
+
+@cache
+def _object_area(variant: str) -> float:
+    """Area of the object's silhouette in object units squared, measured once on a fine grid."""
+    body = _BODIES[variant]
+    grid = np.linspace(-2.0, 2.0, 801)
+    u, v = np.meshgrid(grid, grid)
+    layers = body.layers(u, v)
+    inside = np.min([layers[name] for name in body.silhouette], axis=0) < 0
+    return float(inside.mean() * 16.0)
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Vectorised HSV in [0, 1] to RGB `[..., 3]`."""
-    i = np.floor(h * 6.0) % 6
+    i = (np.floor(h * 6.0) % 6).astype(np.int64)
     f = h * 6.0 - np.floor(h * 6.0)
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     table = np.stack([
         np.stack([v, t, p], -1), np.stack([q, v, p], -1), np.stack([p, v, t], -1),
         np.stack([p, q, v], -1), np.stack([t, p, v], -1), np.stack([v, p, q], -1),
     ])
-    return np.take_along_axis(table, i.astype(np.int64)[None, ..., None].repeat(3, -1), 0)[0]
+    return np.take_along_axis(table, i[None, ..., None].repeat(3, -1), 0)[0]
 
 
-def _random_colours(rng: np.random.Generator, n: int, s_range=(0.15, 0.95), v_range=(0.2, 0.95)) -> np.ndarray:
+def _random_colours(
+    rng: np.random.Generator, n: int, s_range: tuple[float, float] = (0.15, 0.95),
+    v_range: tuple[float, float] = (0.2, 0.95),
+) -> np.ndarray:
     return _hsv_to_rgb(rng.random(n), rng.uniform(*s_range, n), rng.uniform(*v_range, n)).astype(np.float32)
 
 
-@dataclass
-class _Draws:
-    """Per-image random factors of one split (small arrays, drawn before any pixel)."""
-
-    n: int
-    values: dict[str, np.ndarray]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.values[key]
-
-
-def _draw_factors(rng: np.random.Generator, n: int, size: int, body: _Body) -> _Draws:
+def _draw_factors(rng: np.random.Generator, n: int, body: _Body, nz: Nuisance) -> dict[str, np.ndarray]:
+    """Per-image random factors of one split: small arrays, drawn before any pixel, independent of class."""
     u = rng.uniform
+    rotation = nz.rotation_deg * body.rotation_share
     d: dict[str, np.ndarray] = {
-        "scale": u(0.20, 0.27, n) * size,
-        "cx": size / 2 + u(-0.11, 0.11, n) * size,
-        "cy": size / 2 + u(-0.09, 0.09, n) * size,
-        "angle": np.deg2rad(u(-body.rotation_deg, body.rotation_deg, n)),
+        "scale": u(*nz.scale, n),
+        "cx": 0.5 + u(-nz.shift, nz.shift, n),
+        "cy": 0.5 + u(-nz.shift, nz.shift, n),
+        "angle": np.deg2rad(u(-rotation, rotation, n)),
         "mirror": np.where(rng.random(n) < 0.5, -1.0, 1.0),
-        "part_angle": np.deg2rad(u(-12.0, 12.0, n)),
-        "part_area": u(0.85, 1.0, n) * PART_AREA_FRACTION,
+        "part_angle": np.deg2rad(u(-nz.part_angle_deg, nz.part_angle_deg, n)),
+        "part_area": u(0.9, 1.0, n) * nz.part_area,
         "body_rgb": _random_colours(rng, n),
         "head_mix": u(0.0, 0.6, n),
         "head_rgb": _random_colours(rng, n),
@@ -267,24 +321,24 @@ def _draw_factors(rng: np.random.Generator, n: int, size: int, body: _Body) -> _
         "bg_a": _random_colours(rng, n, v_range=(0.15, 1.0)),
         "bg_b": _random_colours(rng, n, v_range=(0.15, 1.0)),
         "bg_grid": rng.random((n, 6, 6)).astype(np.float32),
-        "bg_freq": u(0.15, 0.9, n),
+        "bg_freq": u(5.0, 28.0, n),
         "bg_dir": u(0, np.pi, n),
         "bg_phase": u(0, 2 * np.pi, n),
-        "bg_wave": u(0.0, 0.6, n),
-        "horizon": u(0.55, 0.8, n) * size,
-        "gain": u(0.7, 1.2, n),
-        "gradient": u(0.0, 0.5, n),
+        "bg_wave": u(0.0, nz.texture, n),
+        "horizon": u(0.55, 0.8, n),
+        "gain": u(*nz.gain, n),
+        "gradient": u(0.0, nz.gradient, n),
         "light_dir": u(0, 2 * np.pi, n),
         "cast": u(0.9, 1.1, (n, 3)),
-        "noise": u(0.0, 0.05, n),
+        "noise": u(0.0, nz.noise, n),
     }
-    # Two part colours on opposite sides of mid-brightness, the one unlike the head first: every pattern shows.
+    # Two part colours on opposite sides of mid-brightness, so the part's pattern always shows.
     light_first = rng.random(n) < 0.5
     dark = _random_colours(rng, n, v_range=(0.05, 0.4))
     light = _random_colours(rng, n, s_range=(0.0, 0.8), v_range=(0.7, 1.0))
     d["part_a"] = np.where(light_first[:, None], light, dark)
     d["part_b"] = np.where(light_first[:, None], dark, light)
-    return _Draws(n, d)
+    return d
 
 
 def _interp_matrix(size: int, cells: int) -> np.ndarray:
@@ -300,10 +354,10 @@ def _interp_matrix(size: int, cells: int) -> np.ndarray:
 
 def _coverage(sd_units: np.ndarray, px_per_unit: np.ndarray) -> np.ndarray:
     """Pixel coverage of a shape from its signed distance (half-pixel linear ramp)."""
-    return np.clip(0.5 - sd_units * px_per_unit, 0.0, 1.0)
+    return np.clip(0.5 - sd_units * px_per_unit, 0.0, 1.0).astype(np.float32)
 
 
-def _over(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarray:
+def _over(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray | float) -> np.ndarray:
     a = alpha[..., None]
     return img * (1 - a) + colour * a
 
@@ -313,113 +367,117 @@ def _render_chunk(
     noise_rng: np.random.Generator, with_masks: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     n = len(labels)
-    col = lambda key: d[key][:, None, None, :]  # noqa: E731 - [n,1,1,3] colour broadcast
-    sca = lambda key: d[key][:, None, None]  # noqa: E731 - [n,1,1] scalar broadcast
-    ys, xs = np.meshgrid(np.arange(size, dtype=np.float32) + 0.5, np.arange(size, dtype=np.float32) + 0.5,
-                         indexing="ij")
-    # background: bilinear blotches plus a soft wave, mixing two colours; cars add a darker road below a horizon
+    col = lambda key: d[key][:, None, None, :].astype(np.float32)  # noqa: E731 - [n,1,1,3] colour
+    sca = lambda key: d[key][:, None, None].astype(np.float32)  # noqa: E731 - [n,1,1] scalar
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")  # image coordinates in [0, 1]
+
+    # background: bilinear blotches plus a soft wave mixing two colours; cars add a road below a horizon
     interp = _interp_matrix(size, 6)
-    blotch = np.einsum("ij,njk,lk->nil", interp, d["bg_grid"], interp)
-    wave = np.sin(sca("bg_freq") * (xs * np.cos(sca("bg_dir")) + ys * np.sin(sca("bg_dir"))) + sca("bg_phase"))
-    texture = np.clip((1 - sca("bg_wave")) * blotch + sca("bg_wave") * (0.5 + 0.5 * wave), 0, 1)
+    blotch = np.einsum("ij,njk,lk->nil", interp, d["bg_grid"], interp, optimize=True)
+    phase = sca("bg_freq") * (xs * np.cos(sca("bg_dir")) + ys * np.sin(sca("bg_dir"))) + sca("bg_phase")
+    texture = np.clip((1 - sca("bg_wave")) * blotch + sca("bg_wave") * (0.5 + 0.5 * np.sin(phase)), 0, 1)
     img = col("bg_a") * (1 - texture[..., None]) + col("bg_b") * texture[..., None]
     if variant == "cars":
-        road = np.clip(ys - sca("horizon") + 0.5, 0, 1)[..., None]
+        road = np.clip((ys - sca("horizon")) * size + 0.5, 0, 1)[..., None]
         img = img * (1 - road) + (0.25 + 0.4 * col("bg_b") * texture[..., None]) * road
 
-    # object frame: u forward (mirrored), v up, in object units
-    s = sca("scale")
-    dx, dy = xs - sca("cx"), ys - sca("cy")
+    # object frame: u forward (mirrored), v up, in object units; `px` = pixels per object unit
+    body_spec = _BODIES[variant]
+    px = sca("scale") * size
+    dx, dy = (xs - sca("cx")) * size, (ys - sca("cy")) * size
     cos, sin = np.cos(sca("angle")), np.sin(sca("angle"))
-    u = (dx * cos + dy * sin) * sca("mirror") / s
-    v = (dx * sin - dy * cos) / s
-    layers: list[np.ndarray] = []
+    u = (dx * cos + dy * sin) * sca("mirror") / px + body_spec.centre[0]
+    v = (dx * sin - dy * cos) / px + body_spec.centre[1]
+    sd = body_spec.layers(u, v)
+    alpha = {name: _coverage(value, px) for name, value in sd.items()}
     body_rgb = col("body_rgb")
     if variant == "birds":
-        tail = _coverage(_sd_ellipse(u + 1.15, v - 0.08, 0.5, 0.17), s)
-        body = _coverage(_sd_ellipse(u, v, 1.0, 0.55), s)
-        head = _coverage(_sd_disc(u - 0.95, v - 0.45, 0.42), s)
-        wing = _coverage(_sd_ellipse(u + 0.15, v - 0.08, 0.62, 0.3), s)
-        eye = _coverage(_sd_disc(u - 1.08, v - 0.52, 0.07), s)
         stripes = sca("wing_stripe") * (0.5 + 0.5 * np.sin(sca("wing_freq") * u + sca("wing_phase")))
         wing_rgb = col("wing_rgb") * (1 - 0.7 * stripes[..., None])
-        head_rgb = body_rgb * (1 - sca("head_mix")[..., None]) + col("head_rgb") * sca("head_mix")[..., None]
-        img = _over(img, tail, body_rgb * 0.8)
-        img = _over(img, body, body_rgb)
-        img = _over(img, wing, wing_rgb)
-        img = _over(img, head, head_rgb)
-        img = _over(img, eye, np.float32(0.05))
-        layers = [tail, body, head]
+        mix = sca("head_mix")[..., None]
+        img = _over(img, alpha["tail"], body_rgb * 0.8)
+        img = _over(img, alpha["body"], body_rgb)
+        img = _over(img, alpha["wing"], wing_rgb)
+        img = _over(img, alpha["head"], body_rgb * (1 - mix) + col("head_rgb") * mix)
+        img = _over(img, alpha["eye"], 0.05)
     else:
-        body = _coverage(_sd_box(u, v, 1.25, 0.3, 0.12), s)
-        cabin = _coverage(_sd_box(u + 0.1, v - 0.45, 0.62, 0.3, 0.18), s)
-        window = _coverage(_sd_box(u + 0.1, v - 0.47, 0.5, 0.2, 0.1), s)
-        wheels = np.maximum(_coverage(_sd_disc(u - 0.72, v + 0.34, 0.27), s),
-                            _coverage(_sd_disc(u + 0.72, v + 0.34, 0.27), s))
-        hubs = np.maximum(_coverage(_sd_disc(u - 0.72, v + 0.34, 0.1), s),
-                          _coverage(_sd_disc(u + 0.72, v + 0.34, 0.1), s))
-        img = _over(img, cabin, body_rgb)
-        img = _over(img, window, 0.15 + 0.35 * col("wing_rgb"))
-        img = _over(img, body, body_rgb)
-        img = _over(img, wheels, np.float32(0.06))
-        img = _over(img, hubs, 0.5 + 0.3 * col("head_rgb"))
-        layers = [body, cabin, wheels]
+        img = _over(img, alpha["cabin"], body_rgb)
+        img = _over(img, alpha["window"], 0.15 + 0.35 * col("wing_rgb"))
+        img = _over(img, alpha["body"], body_rgb)
+        img = _over(img, alpha["wheels"], 0.06)
+        img = _over(img, alpha["hubs"], 0.5 + 0.3 * col("head_rgb"))
 
-    # the class part: equal-area shape of area `part_area * object_area`, at its placement, same frame
-    body_spec = _BODIES[variant]
-    radius = np.sqrt(d["part_area"] * body_spec.object_area / np.pi)[:, None, None]
+    # the class part: an equal-area shape covering `part_area` of the object, at its placement, same frame
+    radius = np.sqrt(d["part_area"] * _object_area(variant) / np.pi).astype(np.float32)[:, None, None]
     part_alpha = np.zeros((n, size, size), dtype=np.float32)
     part_colour = np.zeros((n, size, size, 3), dtype=np.float32)
-    recipe_of = [recipes[k] for k in labels]
-    keys = sorted({(r.placement, r.shape, r.pattern) for r in recipe_of})
+    keys = np.array([recipes[k].key for k in labels])
     pa, pb = col("part_a"), col("part_b")
     pcos, psin = np.cos(sca("part_angle")), np.sin(sca("part_angle"))
-    for placement, shape, pattern in keys:
-        idx = np.array([i for i, r in enumerate(recipe_of) if (r.placement, r.shape, r.pattern) ==
-                        (placement, shape, pattern)])
+    for key in sorted(set(keys.tolist())):
+        idx = np.flatnonzero(keys == key)
+        placement, shape, pattern = key.split("/")
         ox, oy = body_spec.placements[placement]
         ru, rv = u[idx] - ox, v[idx] - oy
         pu = (ru * pcos[idx] + rv * psin[idx]) / radius[idx]
         pv = (-ru * psin[idx] + rv * pcos[idx]) / radius[idx]
-        px_per_part_unit = s[idx] * radius[idx]
-        sd = _part_sdf(shape, pu, pv)
-        part_alpha[idx] = _coverage(sd, px_per_part_unit)
-        w = _pattern_weight(pattern, pu, pv, sd, px_per_part_unit)[..., None]
+        px_part = px[idx] * radius[idx]
+        part_sd = _part_sdf(shape, pu, pv)
+        part_alpha[idx] = _coverage(part_sd, px_part)
+        w = _pattern_weight(pattern, pu, pv, part_sd, px_part)[..., None]
         part_colour[idx] = pa[idx] * (1 - w) + pb[idx] * w
     img = img * (1 - part_alpha[..., None]) + part_colour * part_alpha[..., None]
 
-    # lighting (gain, linear gradient, colour cast) and sensor noise
-    lx = (xs / size - 0.5) * np.cos(sca("light_dir")) + (ys / size - 0.5) * np.sin(sca("light_dir"))
+    # lighting (gain, linear falloff, colour cast) and sensor noise
+    lx = (xs - 0.5) * np.cos(sca("light_dir")) + (ys - 0.5) * np.sin(sca("light_dir"))
     light = sca("gain") * (1 + sca("gradient") * lx)
-    img = img * light[..., None] * d["cast"][:, None, None, :]
+    img = img * light[..., None] * d["cast"][:, None, None, :].astype(np.float32)
     img = img + noise_rng.standard_normal(img.shape, dtype=np.float32) * sca("noise")[..., None]
     images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     if not with_masks:
         return images, None, None
-    obj = 1 - np.prod([1 - layer for layer in [*layers, part_alpha]], axis=0)
+    silhouette = [alpha[name] for name in body_spec.silhouette]
+    obj = 1 - np.prod([1 - layer for layer in [*silhouette, part_alpha]], axis=0)
     return images, obj.astype(np.float32), part_alpha
 
 
-def _render_split(
-    variant: str, recipes: list[ClassRecipe], per_class: int, size: int, seed_seq: np.random.SeedSequence,
-    with_masks: bool,
+def render(
+    labels: np.ndarray,
+    num_classes: int,
+    image_size: int = 32,
+    seed: int = 0,
+    variant: str = "birds",
+    stream: int = 0,
+    nuisance: Nuisance | None = None,
+    with_masks: bool = False,
 ) -> FGSynthSplit:
-    labels = np.repeat(np.arange(len(recipes), dtype=np.int64), per_class)
-    n = len(labels)
-    factor_seq, noise_seq = seed_seq.spawn(2)
-    draws = _draw_factors(np.random.default_rng(factor_seq), n, size, _BODIES[variant])
+    """Draw one image per label. The nuisance factors of image `i` depend on (seed, variant, stream, number
+    of images, i) and never on the labels: the same call with other labels changes the class parts only."""
+    _check_variant(variant)
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}")
+    recipes = class_recipes(num_classes, variant)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError("labels must be in [0, num_classes)")
+    nuisance = nuisance or Nuisance()
+    size, n = image_size, len(labels)
+    root = np.random.SeedSequence([int(seed), VARIANTS.index(variant), 0x46_44_32, int(stream)])
+    factor_seq, noise_seq = root.spawn(2)
+    draws = _draw_factors(np.random.default_rng(factor_seq), n, _BODIES[variant], nuisance)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     object_masks = np.empty((n, size, size), dtype=np.float32) if with_masks else None
     part_masks = np.empty((n, size, size), dtype=np.float32) if with_masks else None
     chunk = max(16, _CHUNK * 32 * 32 // (size * size))
     for start, chunk_seq in zip(range(0, n, chunk), noise_seq.spawn(max(1, -(-n // chunk))), strict=False):
         sl = slice(start, min(n, start + chunk))
-        values = {key: value[sl] for key, value in draws.values.items()}
+        values = {key: value[sl] for key, value in draws.items()}
         imgs, obj, part = _render_chunk(
             variant, recipes, labels[sl], values, size, np.random.default_rng(chunk_seq), with_masks
         )
         images[sl] = imgs
-        if with_masks:
+        if object_masks is not None and part_masks is not None:
             object_masks[sl], part_masks[sl] = obj, part
     return FGSynthSplit(images, labels, object_masks, part_masks)
 
@@ -432,21 +490,21 @@ def generate(
     seed: int = 0,
     variant: str = "birds",
     with_masks: bool = False,
+    nuisance: Nuisance | None = None,
 ) -> FGSynthData:
     """Generate FGSynth (see the module docstring); the same arguments always give the same arrays.
 
-    `with_masks` also returns per-image object and class-part coverage masks (to check the part's share).
+    Labels are sorted (class 0 first). `with_masks` also returns per-image object and class-part coverage
+    masks (to check the part's share); `nuisance` changes the ranges of the class-independent factors.
     """
-    _check_variant(variant)
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}")
     if train_per_class < 1 or test_per_class < 0:
         raise ValueError("train_per_class must be >= 1 and test_per_class >= 0")
     recipes = class_recipes(num_classes, variant)
-    root = np.random.SeedSequence([int(seed), VARIANTS.index(variant), 0x46_44_32])
-    train_seq, test_seq = root.spawn(2)
-    train = _render_split(variant, recipes, train_per_class, image_size, train_seq, with_masks)
-    test = _render_split(variant, recipes, test_per_class, image_size, test_seq, with_masks)
+    common = {"num_classes": num_classes, "image_size": image_size, "seed": seed, "variant": variant,
+              "nuisance": nuisance, "with_masks": with_masks}
+    classes = np.arange(num_classes, dtype=np.int64)
+    train = render(np.repeat(classes, train_per_class), stream=0, **common)
+    test = render(np.repeat(classes, test_per_class), stream=1, **common)
     params = {"num_classes": num_classes, "image_size": image_size, "train_per_class": train_per_class,
               "test_per_class": test_per_class, "seed": seed, "variant": variant}
     return FGSynthData([r.name for r in recipes], recipes, train, test, variant, seed, image_size, params)

@@ -55,15 +55,18 @@ def build_model(
     num_attention_maps: int = 8,
     weights_path: str | Path | None = None,
     torchvision_weights: bool = False,
+    width: int | None = None,
 ) -> FD2Model:
     """Build a registered backbone (+ CAL head) and optionally load a local weights file.
+
+    `width` is the convnet's channel count (default 128; torchvision backbones ignore it).
 
     `torchvision_weights` fetches torchvision's ImageNet weights (once, into the torch hub cache); a
     `weights_path` is loaded afterwards and must match the backbone exactly.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    net = build_backbone(backbone, num_classes, image_size, torchvision_weights=torchvision_weights)
+    net = build_backbone(backbone, num_classes, image_size, torchvision_weights=torchvision_weights, width=width)
     head = CALHead(net.feature_channels, num_classes, num_attention_maps) if cal else None
     model = FD2Model(net, num_classes, head)
     if weights_path is not None:

@@ -22,24 +22,31 @@ class FeatureBackbone(Protocol):
     def forward_head(self, feature_map: Tensor) -> Tensor: ...
 
 
-BackboneBuilder = Callable[[int, int, bool], nn.Module]
+# builder(num_classes, image_size, *, torchvision_weights=False, width=None) -> backbone module
+BackboneBuilder = Callable[..., nn.Module]
+DEFAULT_CONVNET_WIDTH = 128
 
 
-def build_convnet(num_classes: int, image_size: int, torchvision_weights: bool = False) -> ConvNetBN:
+def build_convnet(
+    num_classes: int, image_size: int, *, torchvision_weights: bool = False, width: int | None = None
+) -> ConvNetBN:
     if torchvision_weights:
         raise ValueError("torchvision has no ImageNet weights for convnet; set torchvision_weights to false")
-    return ConvNetBN(num_classes, image_size)
+    return ConvNetBN(num_classes, image_size, width=width or DEFAULT_CONVNET_WIDTH)
 
 
 BACKBONES: dict[str, BackboneBuilder] = {"convnet": build_convnet, **TORCHVISION_BUILDERS}
 
 
 def build_backbone(
-    name: str, num_classes: int, image_size: int, *, torchvision_weights: bool = False
+    name: str, num_classes: int, image_size: int, *, torchvision_weights: bool = False, width: int | None = None
 ) -> nn.Module:
-    """Instantiate a registered backbone; unknown names raise ValueError listing the valid ones."""
+    """Instantiate a registered backbone; unknown names raise ValueError listing the valid ones.
+
+    `width` sets the convnet's channels (default 128); torchvision backbones ignore it.
+    """
     try:
         builder = BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}") from None
-    return builder(num_classes, image_size, torchvision_weights)
+    return builder(num_classes, image_size, torchvision_weights=torchvision_weights, width=width)

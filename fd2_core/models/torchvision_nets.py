@@ -95,14 +95,18 @@ def _load_imagenet_weights(model: nn.Module, weights: tvm.WeightsEnum, name: str
         )
 
 
-def build_resnet18(num_classes: int, image_size: int, torchvision_weights: bool = False) -> ResNetBackbone:
+def build_resnet18(
+    num_classes: int, image_size: int, *, torchvision_weights: bool = False, width: int | None = None
+) -> ResNetBackbone:
     model = ResNetBackbone(BasicBlock, [2, 2, 2, 2], num_classes, image_size)
     if torchvision_weights:
         _load_imagenet_weights(model, tvm.ResNet18_Weights.DEFAULT, "resnet18")
     return model
 
 
-def build_resnet50(num_classes: int, image_size: int, torchvision_weights: bool = False) -> ResNetBackbone:
+def build_resnet50(
+    num_classes: int, image_size: int, *, torchvision_weights: bool = False, width: int | None = None
+) -> ResNetBackbone:
     model = ResNetBackbone(Bottleneck, [3, 4, 6, 3], num_classes, image_size)
     if torchvision_weights:
         _load_imagenet_weights(model, tvm.ResNet50_Weights.DEFAULT, "resnet50")
@@ -110,7 +114,7 @@ def build_resnet50(num_classes: int, image_size: int, torchvision_weights: bool 
 
 
 def build_mobilenetv2(
-    num_classes: int, image_size: int, torchvision_weights: bool = False
+    num_classes: int, image_size: int, *, torchvision_weights: bool = False, width: int | None = None
 ) -> MobileNetV2Backbone:
     model = MobileNetV2Backbone(num_classes, image_size)
     if torchvision_weights:
@@ -118,7 +122,8 @@ def build_mobilenetv2(
     return model
 
 
-TORCHVISION_BUILDERS: dict[str, Callable[[int, int, bool], nn.Module]] = {
+# `width` belongs to the convnet; torchvision architectures have fixed widths and ignore it.
+TORCHVISION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": build_resnet18,
     "resnet50": build_resnet50,
     "mobilenetv2": build_mobilenetv2,

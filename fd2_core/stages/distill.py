@@ -125,19 +125,19 @@ def distill_loss(
         loss = spec.cal_ratio * ce_cal + (1.0 - spec.cal_ratio) * ce_bb
     else:
         loss = ce_bb
-    parts["ce"] = float(loss)
+    parts["ce"] = loss.item()
     bn_loss = bn.loss()
     loss = loss + spec.r_bn * bn_loss
-    parts["bn"] = float(bn_loss)
+    parts["bn"] = bn_loss.item()
     if spec.uses_fc and out.cal is not None:
         fc = fc_loss(out.cal.embedding.float(), y, teacher.cal_head.prototypes, spec.fc_rho)
         loss = loss + spec.lambda_fc * fc.total
-        parts["fc"] = float(fc.total)
+        parts["fc"] = fc.total.item()
     if spec.uses_sc and out.cal is not None and prev_maps is not None:
         sc = sc_loss(out.cal.attention.float(), prev_maps)
-        if float(sc) >= spec.sc_tau:
+        if sc.item() >= spec.sc_tau:
             loss = loss + spec.lambda_sc * sc
-        parts["sc"] = float(sc)
+        parts["sc"] = sc.item()
     return loss, parts
 
 
@@ -174,7 +174,7 @@ def optimise_chunk(
             optimizer.step()
             with torch.no_grad():
                 x.data = torch.max(torch.min(x.data, hi), lo)
-            reporter.step(done_before + it + 1, {"loss": float(loss), **parts})
+            reporter.step(done_before + it + 1, {"loss": loss.item(), **parts})
     return x.detach().float().contiguous()
 
 

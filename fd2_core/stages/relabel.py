@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..models import FD2Model
+from ..progress import StageReporter
 from ..runtime import autocast, frozen, generator
 from ..softlabels import SoftLabels, record_soft_labels, save_soft_labels
 from .context import RunContext
@@ -22,21 +23,30 @@ def relabel(
     labels: torch.Tensor,
     path: Path,
     stream: str = "relabel",
-    stage: str = "relabel",
+    parent: StageReporter | None = None,
 ) -> SoftLabels:
-    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists."""
+    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists.
+
+    Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
+    keeps polling the stop flag through the parent and emits no stage events of its own.
+    """
     spec = ctx.spec
-    reporter = ctx.tracker.stage(stage)
+    reporter = parent or ctx.tracker.stage("relabel")
     if path.exists():
-        reporter.begin(1, f"{path.name} already recorded; reusing it")
-        reporter.end()
+        if parent is None:
+            reporter.begin(1, f"{path.name} already recorded; reusing it")
+            reporter.end()
         return SoftLabels.load(path)
     images = ctx.normalize(images_u8).float()
-    reporter.begin(1)
+    if parent is None:
+        reporter.begin(1)
 
     def on_batch(done: int, total: int) -> None:
-        reporter.total = total
-        reporter.step(done)
+        if parent is None:
+            reporter.total = total
+            reporter.step(done)
+        else:
+            parent.poll()
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         with autocast(ctx.device, ctx.amp):
@@ -72,5 +82,6 @@ def relabel(
         "std": list(ctx.data.std),
     }
     save_soft_labels(path, tensors, meta)
-    reporter.end()
+    if parent is None:
+        reporter.end()
     return SoftLabels.load(path)

@@ -1,0 +1,127 @@
+"""Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
+
+Steps: the body is streamed to a temporary file; then, off the event loop, safe extraction into the
+dataset's own folder, layout scan and a decode check of every image; the archive itself is deleted once
+extracted. Any failure removes the folder and no row is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from api.auth import CurrentTenant
+from api.errors import ApiError
+from api.uploads import receive_upload
+from fd2_core.data.archive import extract_archive
+from fd2_core.data.errors import DataError
+from fd2_core.data.layout import DatasetLayout, scan_source, validate_images
+from fd2_core.data.limits import DataLimits
+from store.datasets import create_dataset, dataset_path, remove_tree
+from store.models import Dataset, new_id
+from store.settings import Settings
+
+MAX_STORED_ERRORS = 1000
+INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dataset ids
+ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
+
+
+@dataclass
+class IntakeResult:
+    root: Path
+    summary: dict[str, Any]
+    size_bytes: int
+    has_test_split: bool
+
+
+def data_limits(settings: Settings) -> DataLimits:
+    return DataLimits(
+        max_files=settings.max_archive_members,
+        max_total_uncompressed_bytes=settings.max_extracted_bytes,
+    )
+
+
+def default_dataset_name(filename: str) -> str:
+    stem = ARCHIVE_SUFFIXES.sub("", Path(filename or "").name).strip()
+    return stem[:200] or "dataset"
+
+
+def carved_test_count(total: int, test_fraction: float) -> int:
+    """How many images of a class become test when the data has no test split.
+
+    Mirrors fd2_core.data.layout's carving rule: at least one test image when a class has two or more,
+    always at least one training image.
+    """
+    if total < 2 or test_fraction <= 0:
+        return 0
+    return min(total - 1, max(1, int(total * test_fraction + 0.5)))
+
+
+def split_summary(layout: DatasetLayout, test_fraction: float) -> tuple[dict[str, Any], bool]:
+    """The resource's counts; without an explicit test split they show the documented carved share."""
+    summary = layout.summary(max_errors=MAX_STORED_ERRORS)
+    has_test_split = summary["splits"]["test"] > 0
+    if not has_test_split:
+        per_class = {}
+        for name, counts in summary["per_class"].items():
+            test = carved_test_count(counts["train"], test_fraction)
+            per_class[name] = {"train": counts["train"] - test, "test": test}
+        summary["per_class"] = per_class
+        summary["splits"] = {
+            "train": sum(c["train"] for c in per_class.values()),
+            "test": sum(c["test"] for c in per_class.values()),
+        }
+    return summary, has_test_split
+
+
+def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> IntakeResult:
+    """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed)."""
+    folder = dataset_path(settings, dataset_id)
+    limits = data_limits(settings)
+    try:
+        extraction = extract_archive(archive, folder / "data", limits)
+        archive.unlink(missing_ok=True)
+        # Scanned without carving, so an explicit test split can be told apart from a carved one.
+        layout = scan_source(extraction.root, test_fraction=0.0, seed=0, limits=limits)
+        layout = validate_images(layout, limits, verify=True)
+        layout.errors[:0] = extraction.skipped
+        summary, has_test_split = split_summary(layout, settings.dataset_test_fraction)
+    except BaseException:
+        remove_tree(folder)
+        raise
+    return IntakeResult(extraction.root, summary, extraction.bytes_written, has_test_split)
+
+
+async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
+    """The whole upload: stream to disk, extract and validate off the loop, then insert the ready row."""
+    assert settings.datasets_dir is not None
+    dataset_id = new_id("ds")
+    incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
+    try:
+        upload = await receive_upload(request, incoming, settings.max_upload_bytes)
+        result = await run_in_threadpool(ingest_archive, settings, incoming, dataset_id)
+    except DataError as exc:
+        raise ApiError(422, exc.code, exc.message) from None
+    finally:
+        incoming.unlink(missing_ok=True)
+    name = (upload.fields.get("name") or "").strip()[:200] or default_dataset_name(upload.filename)
+    try:
+        return await run_in_threadpool(_insert_ready, session, tenant, dataset_id, name, result)
+    except BaseException:
+        remove_tree(dataset_path(settings, dataset_id))
+        raise
+
+
+def _insert_ready(session: Session, tenant: CurrentTenant, dataset_id: str, name: str, result: IntakeResult) -> Dataset:
+    dataset = create_dataset(
+        session, dataset_id=dataset_id, tenant_id=tenant.id, name=name, summary=result.summary, path=result.root,
+        size_bytes=result.size_bytes, has_test_split=result.has_test_split,
+    )
+    session.commit()
+    return dataset

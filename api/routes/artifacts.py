@@ -1,0 +1,28 @@
+"""Artifact downloads: only names registered for the tenant's job exist (no paths, no traversal)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from api.artifact_download import artifact_response
+from api.deps import SessionDep, TenantDep
+from api.errors import ErrorBody, not_found
+from store.artifacts import get_tenant_artifact
+
+router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+
+
+@router.head("/{job_id}/artifacts/{name}", response_class=Response, include_in_schema=False)
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=Response,
+    summary="Download an artifact (Range, ETag = sha256, Digest)",
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content."},
+               304: {"description": "Not modified (If-None-Match)."},
+               **{code: {"model": ErrorBody} for code in (401, 404, 416)}},
+)
+def download_artifact(job_id: str, name: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
+    artifact = get_tenant_artifact(session, tenant.id, job_id, name)
+    if artifact is None:
+        raise not_found("artifact")
+    return artifact_response(request, artifact)

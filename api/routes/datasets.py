@@ -1,0 +1,94 @@
+"""Dataset upload, listing, reading and deletion."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from api.dataset_intake import receive_dataset
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, ErrorBody, not_found
+from api.presenters import dataset_resource
+from api.schemas import DatasetOut, DatasetPage
+from store.datasets import (
+    delete_dataset,
+    get_tenant_dataset,
+    list_datasets,
+    remove_dataset_files,
+)
+from store.jobs import dataset_has_active_jobs
+from store.pagination import InvalidCursor
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images."},
+                        "name": {"type": "string", "maxLength": 200,
+                                 "description": "Display name (default: the archive's file name)."},
+                    },
+                }
+            }
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422)
+}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY, responses=ERRORS,
+             summary="Upload an image archive as a dataset")
+async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
+                         tenant: TenantDep) -> dict[str, Any]:
+    """Stream the archive to disk (413 past the size limit), extract it safely, check every image, and answer
+    with the ready dataset; on any failure nothing is kept."""
+    dataset = await receive_dataset(request, session, settings, tenant)
+    return dataset_resource(dataset)
+
+
+@router.get("", response_model=DatasetPage, responses=ERRORS, summary="List datasets, newest first")
+def read_datasets(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    limit = min(limit or settings.page_size_default, settings.page_size_max)
+    try:
+        page = list_datasets(session, tenant.id, limit=limit, cursor=cursor)
+    except InvalidCursor as exc:
+        raise ApiError(422, "invalid_cursor", str(exc), {"field": "cursor"}) from None
+    return {"items": [dataset_resource(d) for d in page.items], "next_cursor": page.next_cursor}
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS, summary="Read a dataset")
+def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    dataset = get_tenant_dataset(session, tenant.id, dataset_id)
+    if dataset is None:
+        raise not_found("dataset")
+    return dataset_resource(dataset)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response, responses=ERRORS,
+               summary="Delete a dataset and its files (409 while a queued or running job uses it)")
+def remove_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    dataset = get_tenant_dataset(session, tenant.id, dataset_id)
+    if dataset is None:
+        raise not_found("dataset")
+    if dataset_has_active_jobs(session, dataset.id):
+        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset")
+    delete_dataset(session, dataset)
+    session.commit()
+    remove_dataset_files(settings, dataset_id)
+    return Response(status_code=204)

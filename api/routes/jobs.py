@@ -1,0 +1,104 @@
+"""Job submission, reading, listing, cancellation and events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import BrokerDep, SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, ErrorBody, not_found
+from api.job_submission import submit_job
+from api.presenters import event_resource, job_resource
+from api.schemas import EventPage, JobCreate, JobOut, JobPage, JobStatus
+from store.jobs import add_event, get_tenant_job, list_events, list_jobs, read_job_record, request_cancel
+from store.pagination import InvalidCursor
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429, 503)
+}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=200,
+           description="Same key + same body returns the first job (200); a different body answers 409."),
+]
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Submit a distillation job",
+             responses={200: {"model": JobOut, "description": "Replay of an earlier request with this key."},
+                        **ERRORS})
+def submit(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep, broker: BrokerDep,
+           tenant: TenantDep, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Validate the spec and the data now (422 for anything that cannot run) and queue the job."""
+    submission = submit_job(session, settings, broker, tenant, body, idempotency_key)
+    if not submission.created:
+        response.status_code = 200
+    return job_resource(submission.job, settings)
+
+
+@router.get("", response_model=JobPage, responses=ERRORS, summary="List jobs, newest first")
+def read_jobs(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    limit = min(limit or settings.page_size_default, settings.page_size_max)
+    try:
+        page = list_jobs(session, tenant.id, status=status, limit=limit, cursor=cursor)
+    except InvalidCursor as exc:
+        raise ApiError(422, "invalid_cursor", str(exc), {"field": "cursor"}) from None
+    return {"items": [job_resource(j, settings) for j in page.items], "next_cursor": page.next_cursor}
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Read a job")
+def read_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    job = read_job_record(session, tenant.id, job_id)
+    if job is None:
+        raise not_found("job")
+    return job_resource(job, settings)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS,
+             summary="Cancel a job (409 when it already finished)")
+async def cancel(job_id: str, session: SessionDep, settings: SettingsDep, broker: BrokerDep,
+                 tenant: TenantDep) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one stops at its worker's next check (seconds)."""
+    job = await run_in_threadpool(_cancel_in_store, session, tenant.id, job_id)
+    await run_in_threadpool(broker.revoke, job_id)
+    return job_resource(job, settings)
+
+
+def _cancel_in_store(session: Any, tenant_id: str, job_id: str) -> Any:
+    job = get_tenant_job(session, tenant_id, job_id)
+    if job is None:
+        raise not_found("job")
+    if job.is_finished or not request_cancel(session, job_id):
+        raise ApiError(409, "job_finished", f"job is already {job.status}", {"status": job.status})
+    add_event(session, job_id, "cancel_requested", "cancellation requested")
+    session.commit()
+    job = get_tenant_job(session, tenant_id, job_id)
+    assert job is not None
+    return job
+
+
+@router.get("/{job_id}/events", response_model=EventPage, responses=ERRORS,
+            summary="Progress and log events, oldest first")
+def read_events(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    after: Annotated[int | None, Query(ge=0, description="Return events with a larger id.")] = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+) -> dict[str, Any]:
+    if get_tenant_job(session, tenant.id, job_id) is None:
+        raise not_found("job")
+    limit = min(limit or settings.page_size_max, settings.page_size_max)
+    events = list_events(session, job_id, after=after, limit=limit)
+    next_cursor = str(events[-1].id) if len(events) == limit else None
+    return {"items": [event_resource(e) for e in events], "next_cursor": next_cursor}

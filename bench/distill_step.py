@@ -1,0 +1,121 @@
+"""Time one full FD² distill iteration against the bare teacher forward+backward, side by side.
+
+Full iteration = augmentation (crop/flip/roll) + teacher forward with BatchNorm hooks + CAL head + CE +
+BN matching + FC + SC + backward to the images + Adam step + clamp. Bare pass = the backbone's forward and
+CE backward to the same images. Both are timed interleaved in one process, so machine noise hits both.
+
+    python bench/distill_step.py [--rounds 7] [--iters 5] [--threads N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fd2_core.data.dataset import ImageDataset  # noqa: E402
+from fd2_core.losses import BNStatMatcher  # noqa: E402
+from fd2_core.progress import ProgressTracker  # noqa: E402
+from fd2_core.runtime import autocast, frozen  # noqa: E402
+from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.stages.context import RunContext  # noqa: E402
+from fd2_core.stages.distill import _augment, distill_loss  # noqa: E402
+from fd2_core.stages.teacher import new_teacher  # noqa: E402
+
+SETTINGS = [("resnet18", 100), ("convnet", 20)]
+
+
+def fake_data(num_classes: int, size: int) -> ImageDataset:
+    empty = torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return ImageDataset(
+        classes=[f"c{i}" for i in range(num_classes)],
+        train_images=torch.zeros(num_classes, 3, size, size, dtype=torch.uint8),
+        train_labels=torch.arange(num_classes),
+        test_images=empty,
+        test_labels=torch.zeros(0, dtype=torch.long),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        errors=[],
+        source="bench",
+    )
+
+
+def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: int) -> dict[str, float]:
+    spec = resolve_spec({"backbone": backbone, "image_size": 32, "model_width": 128, "device": device})
+    ctx = RunContext(spec, fake_data(num_classes, 32), Path("."), torch.device(device), ProgressTracker({}, None, None))
+    torch.manual_seed(0)
+    teacher = new_teacher(ctx)
+    with torch.no_grad():
+        teacher.cal_head.prototypes.copy_(F.normalize(torch.randn_like(teacher.cal_head.prototypes), dim=1))
+    y = torch.arange(num_classes, device=ctx.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_classes, 3, 32, 32, device=ctx.device, requires_grad=True)
+    with torch.no_grad():
+        prev = teacher.eval()(x).cal.attention.float()[None]  # one previous ipc index → SC active
+    optimizer = torch.optim.Adam([x], lr=0.05, betas=(0.5, 0.9))
+    lo, hi = ctx.pixel_bounds()
+
+    def bare() -> None:
+        with autocast(ctx.device, ctx.amp):
+            logits = teacher.backbone.forward_head(teacher.backbone.forward_features(x))
+        loss = F.cross_entropy(logits.float(), y)
+        x.grad = None
+        loss.backward()
+
+    def full(bn: BNStatMatcher) -> None:
+        loss, _ = distill_loss(ctx, teacher, _augment(ctx, x, g), y, prev, bn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            x.data = torch.max(torch.min(x.data, hi), lo)
+
+    def timed(fn) -> float:
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / iters
+
+    bare_times, full_times = [], []
+    with frozen(teacher):
+        bare(), bare()
+        with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
+            full(bn), full(bn)
+        for _ in range(rounds):
+            bare_times.append(timed(bare))
+            with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
+                full_times.append(timed(lambda: full(bn)))
+    b, f = statistics.median(bare_times), statistics.median(full_times)
+    return {"bare_ms": 1000 * b, "full_ms": 1000 * f, "ratio": f / b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'setting':<22} {'bare fwd+bwd':>13} {'FD² iteration':>14} {'ratio':>7}")
+    for backbone, k in SETTINGS:
+        r = measure(backbone, k, args.device, args.rounds, args.iters)
+        print(f"{backbone + ' / ' + str(k) + ' classes':<22} {r['bare_ms']:>10.1f} ms {r['full_ms']:>11.1f} ms "
+              f"{r['ratio']:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

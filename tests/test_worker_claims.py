@@ -1,0 +1,197 @@
+"""Claiming, releasing and recovering jobs against a real (SQLite) database and the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+from service_harness import embedded_settings, seed_job
+from sqlalchemy import update
+
+from store.db import dispose_engines, migrate, session_scope
+from store.jobs import finish_job, get_job, list_events, request_cancel
+from store.models import Job, utcnow
+from worker.celery_app import create_app
+from worker.job_claims import claim_job, held_here, holder_is_dead, release_job, worker_identity
+from worker.recovery import find_orphans, recover_once
+
+SPEC = {"preset": "cpu-small", "device": "cpu"}
+STALE_S = 30.0
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator:
+    settings = embedded_settings(tmp_path / "home", stale_heartbeat_s=STALE_S)
+    migrate(settings)
+    yield settings
+    dispose_engines()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def here(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}"
+
+
+def set_running(settings, job_id: str, holder: str, heartbeat_age_s: float = 0.0) -> None:
+    beat = utcnow() - timedelta(seconds=heartbeat_age_s)
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status="running", worker=holder, heartbeat_at=beat)
+        )
+
+
+def job_row(settings, job_id: str) -> Job:
+    with session_scope(settings) as session:
+        return get_job(session, job_id)
+
+
+def event_kinds(settings, job_id: str) -> list[str]:
+    with session_scope(settings) as session:
+        return [event.kind for event in list_events(session, job_id)]
+
+
+def claim(settings, job_id: str, me: str = "other-host:1") -> Job | None:
+    with session_scope(settings) as session:
+        return claim_job(session, job_id, me, STALE_S)
+
+
+# ---------------------------------------------------------------- holder liveness
+
+
+def test_holder_liveness_on_this_host():
+    assert holder_is_dead(here(dead_pid()), running_here=False)
+    assert not holder_is_dead(here(os.getppid()), running_here=False)  # our parent is alive
+    assert holder_is_dead(here(os.getpid()), running_here=False)  # this process, not running it
+    assert not holder_is_dead(here(os.getpid()), running_here=True)
+    assert not holder_is_dead(f"elsewhere-{socket.gethostname()}:{dead_pid()}", running_here=False)
+    assert not holder_is_dead(None, running_here=False)
+    assert not holder_is_dead("garbage", running_here=False)
+
+
+# ---------------------------------------------------------------- claims
+
+
+def test_a_queued_job_is_claimed_once(settings):
+    job_id = seed_job(settings, SPEC)
+    first = claim(settings, job_id, "host-a:10")
+    assert first is not None and first.status == "running" and first.worker == "host-a:10"
+    assert first.attempts == 1
+    assert claim(settings, job_id, "host-b:20") is None  # a live holder (fresh heartbeat) keeps it
+    assert job_row(settings, job_id).worker == "host-a:10"
+
+
+def test_finished_and_cancelled_jobs_are_skipped(settings):
+    finished = seed_job(settings, SPEC)
+    cancelled = seed_job(settings, SPEC)
+    with session_scope(settings) as session:
+        finish_job(session, finished, "succeeded", metrics={})
+        request_cancel(session, cancelled)
+    assert claim(settings, finished) is None
+    assert claim(settings, cancelled) is None
+    assert job_row(settings, finished).status == "succeeded"
+    assert job_row(settings, cancelled).status == "cancelled"
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(settings):
+    job_id = seed_job(settings, SPEC)
+    set_running(settings, job_id, here(dead_pid()), heartbeat_age_s=0)
+    claimed = claim(settings, job_id, worker_identity())
+    assert claimed is not None and claimed.worker == worker_identity()
+    assert "takeover" in event_kinds(settings, job_id)
+
+
+def test_a_remote_holder_is_taken_over_only_after_its_heartbeat_is_stale(settings):
+    job_id = seed_job(settings, SPEC)
+    set_running(settings, job_id, "remote-host:7", heartbeat_age_s=STALE_S / 3)
+    assert claim(settings, job_id) is None
+    set_running(settings, job_id, "remote-host:7", heartbeat_age_s=STALE_S * 2)
+    assert claim(settings, job_id, "host-b:20") is not None
+
+
+def test_a_running_job_cancelled_while_its_worker_died_ends_cancelled(settings):
+    job_id = seed_job(settings, SPEC)
+    set_running(settings, job_id, here(dead_pid()))
+    with session_scope(settings) as session:
+        assert request_cancel(session, job_id)
+    assert claim(settings, job_id) is None
+    assert job_row(settings, job_id).status == "cancelled"
+
+
+def test_release_only_affects_the_named_holder(settings):
+    job_id = seed_job(settings, SPEC)
+    set_running(settings, job_id, "host-a:10")
+    with session_scope(settings) as session:
+        assert not release_job(session, job_id, "host-b:20", "not mine")
+    assert job_row(settings, job_id).status == "running"
+    with session_scope(settings) as session:
+        assert release_job(session, job_id, "host-a:10", "shutting down")
+    row = job_row(settings, job_id)
+    assert (row.status, row.worker, row.heartbeat_at) == ("queued", None, None)
+    assert "requeued" in event_kinds(settings, job_id)
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def broker_messages(settings, queue: str) -> list[str]:
+    """Job ids of the `fd2.run_job` messages waiting in the embedded broker's queue (consumed here)."""
+    app = create_app(settings)
+    ids = []
+    with Connection(app.conf.broker_url, transport_options=app.conf.broker_transport_options) as conn:
+        simple = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = simple.get(block=False)
+            except simple.Empty:
+                break
+            args, _kwargs, _embed = message.decode()
+            ids.append(args[0])
+            message.ack()
+        simple.close()
+    return ids
+
+
+def test_recovery_requeues_dead_and_stale_jobs_and_leaves_live_ones(settings):
+    dead_here = seed_job(settings, SPEC, queue="fd2.cpu")
+    stale_remote = seed_job(settings, SPEC, queue="fd2.gpu")
+    live_remote = seed_job(settings, SPEC)
+    running_in_this_process = seed_job(settings, SPEC)
+    set_running(settings, dead_here, here(dead_pid()))
+    set_running(settings, stale_remote, "remote-host:7", heartbeat_age_s=STALE_S * 2)
+    set_running(settings, live_remote, "remote-host:8", heartbeat_age_s=1)
+    set_running(settings, running_in_this_process, worker_identity())
+    held_here.add(running_in_this_process)
+    try:
+        found = dict(find_orphans(settings, include_queued=False))
+    finally:
+        held_here.discard(running_in_this_process)
+    assert found == {dead_here: "fd2.cpu", stale_remote: "fd2.gpu"}
+    assert job_row(settings, dead_here).status == "queued"
+    assert job_row(settings, stale_remote).status == "queued"
+    assert job_row(settings, live_remote).status == "running"
+    assert job_row(settings, running_in_this_process).status == "running"
+
+
+def test_recovery_sends_each_job_to_its_queue_through_the_broker(settings):
+    dead_here = seed_job(settings, SPEC, queue="fd2.cpu")
+    waiting = seed_job(settings, SPEC, queue="fd2.gpu")
+    set_running(settings, dead_here, here(dead_pid()))
+    app = create_app(settings)
+    sent = recover_once(app, settings, at_start=True)  # embedded broker: queued jobs are re-sent too
+    assert sorted(sent) == sorted([dead_here, waiting])
+    assert broker_messages(settings, "fd2.cpu") == [dead_here]
+    assert broker_messages(settings, "fd2.gpu") == [waiting]
+    assert recover_once(app, settings, at_start=False) == []  # nothing left to recover

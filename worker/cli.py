@@ -1,0 +1,226 @@
+"""`fd2`: the project's command line.
+
+Library commands (`distill`, `data`) come from `fd2_core.cli`; the service commands live here:
+`serve` (API + one worker on this machine), `worker` (a worker alone, for distributed mode), `keys`
+(tenant API keys) and `migrate`. Heavy imports (Celery app, torch) happen inside the command that needs
+them, so `fd2 keys create` stays quick and works where torch is not installed (the API image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.queues import ALL_QUEUES, parse_queue_list
+
+EXIT_USAGE = 2
+
+
+def _home_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--home", metavar="DIR", help="service home folder (sets FD2_HOME; default ./.fd2)")
+    return parent
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The settings after applying `--home` (the environment is the one source children inherit too)."""
+    from store.settings import get_settings
+
+    if getattr(args, "home", None):
+        os.environ["FD2_HOME"] = str(Path(args.home).expanduser().resolve())
+    get_settings.cache_clear()
+    return get_settings()
+
+
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Migrate, make sure a key exists, then run the API server and one worker until a signal."""
+    from store.db import migrate
+    from worker.serve import api_command, child_env, start_child, supervise, worker_command
+
+    settings = _settings(args)
+    migrate(settings)
+    first_key = _first_key(settings)
+    env = child_env(str(settings.home))
+    children = [
+        start_child("api", api_command(args.host, args.port), env),
+        start_child("worker", worker_command(ALL_QUEUES, 1), env),
+    ]
+    print(f"FD² service on http://{args.host}:{args.port} (home {settings.home})", flush=True)
+    if first_key:
+        print(f"API key for tenant 'default' (shown once, store it now): {first_key}", flush=True)
+    else:
+        print("API keys exist already; `fd2 keys create <tenant>` makes another.", flush=True)
+    return supervise(children)
+
+
+def _first_key(settings: Any) -> str | None:
+    """A key for tenant `default` when the service has no key at all yet (only its hash is stored)."""
+    from store.db import session_scope
+    from store.keys import create_tenant_key, list_keys
+
+    with session_scope(settings) as session:
+        if list_keys(session):
+            return None
+        return create_tenant_key(session, "default")
+
+
+# ---------------------------------------------------------------- worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker consuming the given queues; solo pool (one job, in this process) by default."""
+    try:
+        queues = parse_queue_list(args.queues)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.concurrency < 1:
+        return _fail("--concurrency must be at least 1")
+    pool = args.pool or ("solo" if args.concurrency == 1 else "prefork")
+    if pool == "solo" and args.concurrency != 1:
+        return _fail("the solo pool runs one job at a time; use --pool prefork for --concurrency > 1")
+    _settings(args)
+    from worker.celery_app import app
+
+    argv = [
+        "worker",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={args.concurrency}",
+        f"--pool={pool}",
+        f"--loglevel={args.loglevel}",
+        f"--hostname=fd2-{os.getpid()}@%h",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    return int(app.start(argv=argv) or 0)
+
+
+# ---------------------------------------------------------------- keys and migrate
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    """Print only the new key on stdout, so `KEY=$(fd2 keys create acme)` works."""
+    from store.db import migrate, session_scope
+    from store.keys import create_tenant_key
+
+    settings = _settings(args)
+    migrate(settings)
+    try:
+        with session_scope(settings) as session:
+            key = create_tenant_key(session, args.tenant)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(key)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from store.db import migrate, session_scope
+    from store.keys import revoke_key
+
+    settings = _settings(args)
+    migrate(settings)
+    with session_scope(settings) as session:
+        revoked = revoke_key(session, args.key)
+    if not revoked:
+        return _fail("no active key matches; give the whole key or its fd2_xxxxxxxx prefix", code=1)
+    print(f"revoked {args.key.strip()[:12]}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from store.db import migrate, session_scope
+    from store.keys import list_keys
+
+    settings = _settings(args)
+    migrate(settings)
+    with session_scope(settings) as session:
+        keys = list_keys(session, args.tenant)
+    for info in keys:
+        state = f"revoked {info.revoked_at:%Y-%m-%d}" if info.revoked_at else "active"
+        print(f"{info.prefix}\t{info.tenant}\t{info.created_at:%Y-%m-%d %H:%M}\t{state}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from store.db import current_revision, migrate
+
+    settings = _settings(args)
+    migrate(settings)
+    print(f"database at revision {current_revision(settings)}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _register_core_commands(subparsers: argparse._SubParsersAction) -> None:
+    """`distill` and `data` from the library, or stand-ins that say why they are missing."""
+    try:
+        from fd2_core.cli import register_commands
+    except ImportError as exc:
+        reason = f"the fd2_core command line is not available ({exc})"
+        for name in ("distill", "data"):
+            stub = subparsers.add_parser(name, help=f"unavailable: {reason}")
+            stub.set_defaults(func=lambda _args, why=reason: _fail(why))
+        return
+    register_commands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fd2", description="FD² fine-grained dataset distillation service")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_core_commands(subparsers)
+    home = _home_option()
+
+    serve = subparsers.add_parser("serve", parents=[home], help="run the API and one worker on this machine")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = subparsers.add_parser("worker", parents=[home], help="run a worker alone (distributed mode)")
+    worker.add_argument(
+        "--queues", default=",".join(ALL_QUEUES), help="comma-separated queues (default fd2.gpu,fd2.cpu)"
+    )
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once; 1 per GPU (default 1)")
+    worker.add_argument(
+        "--pool", choices=("solo", "prefork"), default=None, help="solo for concurrency 1, else prefork"
+    )
+    worker.add_argument("--loglevel", default="INFO", help="worker log level (default INFO)")
+    worker.set_defaults(func=cmd_worker)
+
+    keys = subparsers.add_parser("keys", help="manage tenant API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", parents=[home], help="new key for a tenant; prints only the key")
+    create.add_argument("tenant", help="tenant name (created when new)")
+    create.set_defaults(func=cmd_keys_create)
+    revoke = keys_sub.add_parser("revoke", parents=[home], help="revoke a key (whole key or its prefix)")
+    revoke.add_argument("key", help="the key or its fd2_xxxxxxxx prefix")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    listing = keys_sub.add_parser("list", parents=[home], help="list key prefixes, tenants and states")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    listing.set_defaults(func=cmd_keys_list)
+
+    migrate = subparsers.add_parser("migrate", parents=[home], help="apply database migrations")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"fd2: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fd2` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
