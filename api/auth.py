@@ -11,9 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from store.db import session_scope
-from store.keys import authenticate, hash_key
-from store.settings import Settings
+from store.keys import hash_key
 
 MAX_CACHED_KEYS = 10_000
 
@@ -57,11 +55,4 @@ class TenantCache:
             self._entries.clear()
 
 
-def lookup_tenant(settings: Settings, key: str) -> CurrentTenant | None:
-    """Check a key against the database (blocking; run it off the event loop)."""
-    with session_scope(settings) as session:
-        tenant = authenticate(session, key)
-        return CurrentTenant(tenant.id, tenant.name) if tenant is not None else None
-
-
-__all__ = ["CurrentTenant", "TenantCache", "hash_key", "lookup_tenant"]
+__all__ = ["CurrentTenant", "TenantCache", "hash_key"]

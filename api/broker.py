@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from functools import cached_property
-
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from store.settings import RUN_JOB_TASK, Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 logger = logging.getLogger("fd2.api")
 
@@ -25,6 +27,9 @@ class JobBroker:
 
     @cached_property
     def celery(self) -> Celery:
+        # Imported on first use: Celery is a large import and most API processes start before any job.
+        from celery import Celery
+
         app = Celery("fd2-api", set_as_current=False)
         app.conf.update(self.settings.celery_config())
         return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -105,7 +106,10 @@ async def receive_dataset(request: Request, session: Session, settings: Settings
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:
         upload = await receive_upload(request, incoming, settings.max_upload_bytes)
-        result = await run_in_threadpool(ingest_archive, settings, incoming, dataset_id)
+        # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
+        # thread that short requests need.
+        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id,
+                                                limiter=request.app.state.intake_limiter)
     except DataError as exc:
         raise ApiError(422, exc.code, exc.message) from None
     finally:

@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantCache
+from api.body_limits import BodyLimitMiddleware
 from api.broker import JobBroker
+from api.deps import Reader
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import artifacts, datasets, health, jobs, metrics
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.intake_limiter = anyio.CapacityLimiter(settings.max_concurrent_intakes)
         if run_migrations:
             await run_in_threadpool(migrate, settings)
         else:
@@ -48,10 +52,13 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.state.settings = settings
     app.state.broker = JobBroker(settings)
     app.state.tenant_cache = TenantCache(settings.auth_cache_ttl_s)
+    app.state.reader = Reader(settings)
     app.state.metrics = ApiMetrics(settings)
     install_error_handlers(app)
-    for module in (health, metrics, datasets, jobs, artifacts):
+    # Job polling is the hot path: its router is matched first.
+    for module in (jobs, artifacts, datasets, health, metrics):
         app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi_with_job_spec(app)  # type: ignore[method-assign]
     return app

@@ -149,6 +149,22 @@ async def hammer(port: int, key: str, ids: list[str], concurrency: int, duration
     return latencies, statuses, duration
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) of every process in a process group, from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime(11) stime(12)
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
     return sorted_values[index]
@@ -170,11 +186,14 @@ def main() -> None:
         settings = Settings(home=home, database_url=args.database_url)
         started = time.perf_counter()
         key, ids = seed(settings, args.jobs)
-        print(f"seeded {len(ids)} jobs in {time.perf_counter() - started:.1f} s ({settings.database_url.split(':')[0]})")
+        backend = settings.database_url.split(":")[0]
+        print(f"seeded {len(ids)} jobs in {time.perf_counter() - started:.1f} s ({backend})")
         port = free_port()
         server = start_server(settings, port, args.workers)
+        cpu_before = group_cpu_seconds(server.pid)
         latencies, statuses, duration = asyncio.run(
             hammer(port, key, ids, args.concurrency, args.duration, args.warmup))
+        server_cpu = group_cpu_seconds(server.pid) - cpu_before
         latencies.sort()
         print(f"uvicorn workers={args.workers} clients={args.concurrency} duration={duration:.0f} s "
               f"cpus={os.cpu_count()}")
@@ -182,6 +201,10 @@ def main() -> None:
         print(f"throughput={len(latencies) / duration:.0f} req/s  "
               f"p50={percentile(latencies, 0.50) * 1000:.1f} ms  p99={percentile(latencies, 0.99) * 1000:.1f} ms  "
               f"mean={statistics.fmean(latencies) * 1000:.1f} ms")
+        # Includes the warm-up requests, so it slightly overstates the cost per measured request.
+        per_request = server_cpu / max(1, len(latencies)) * 1e6
+        print(f"server cpu={server_cpu:.1f} s ({per_request:.0f} us per request; "
+              f"load average now {os.getloadavg()[0]:.1f})")
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)

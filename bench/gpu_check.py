@@ -31,24 +31,30 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--distill-iters", type=int, default=300)
     parser.add_argument("--relabel-epochs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     parser.add_argument("--out", default="/tmp/fd2-gpu-check")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "no CUDA device"
+    cuda = args.device == "cuda"
+    assert not cuda or torch.cuda.is_available(), "no CUDA device"
     torch.backends.cudnn.benchmark = True
     t = time.perf_counter()
-    data = load_dataset(f"fgsynth:classes={args.classes},size=224,train={args.train},test=10,seed=0", 224)
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; "
-          f"data {len(data.classes)} classes × {args.train} train at 224 px in {time.perf_counter() - t:.1f}s")
+    data = load_dataset(f"fgsynth:classes={args.classes},size={args.size},train={args.train},test=4,seed=0", args.size)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device {name}, torch {torch.__version__}; "
+          f"data {len(data.classes)} classes × {args.train} train at {args.size} px in {time.perf_counter() - t:.1f}s")
     rows = []
-    for amp in (False, True):
+    for amp in (False, True) if cuda else (False,):
         spec = resolve_spec({
-            "preset": "paper-cub", "torchvision_weights": False, "device": "cuda", "amp": amp,
+            "preset": "paper-cub", "torchvision_weights": False, "device": args.device, "amp": amp,
+            "image_size": args.size,
             "ipc": args.ipc, "pretrain_epochs": args.pretrain_epochs, "pretrain_batch_size": 32,
             "pretrain_optimizer": "adamw", "pretrain_lr": 1e-3, "pretrain_lr_decay": 0.0,
             "distill_iterations": args.distill_iters, "relabel_epochs": args.relabel_epochs,
             "evaluate": False, "eval_random_baseline": False, "test_fraction": 0.2,
         })
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         result = run(spec, data, Path(args.out) / ("bf16" if amp else "fp32"))
         tm = result.report["timings_s"]
         n_train = int(result.report["teacher"]["train_images"])
@@ -58,7 +64,7 @@ def main() -> None:
             "pretrain_img_per_s": args.pretrain_epochs * n_train / tm["pretrain"],
             "distill_img_iter_per_s": args.ipc * k * args.distill_iters / tm["distill"],
             "relabel_img_per_s": args.relabel_epochs * args.ipc * k / tm["relabel"],
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "timings_s": tm,
         }
         rows.append(row)

@@ -91,7 +91,24 @@ def apply_cutmix(images: torch.Tensor, params: CutMix | None) -> torch.Tensor:
     return mixed
 
 
-def train_augment(images: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
-    """Teacher/student training augmentation: random resized crop + flip, batched."""
-    params = sample_crop_flip(images.shape[0], images.shape[-1], generator, scale=scale)
+def sample_shift_flip(batch: int, size: int, generator: torch.Generator, max_shift: float) -> CropFlip:
+    """Full-size boxes shifted by up to `max_shift` pixels (zero padding outside) plus flips."""
+    offsets = (torch.rand(batch, 2, generator=generator) * 2 - 1) * max_shift
+    boxes = torch.cat([offsets, offsets + size], dim=1)
+    flips = torch.rand(batch, generator=generator) < 0.5
+    return CropFlip(boxes.float(), flips)
+
+
+def train_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Teacher training augmentation, batched.
+
+    Small images (≤ 64 px) get a shift of up to 1/16 of the side + flip: a random resized crop at 32 px
+    rescales or cuts away the few pixels that tell fine-grained classes apart. Larger images get the usual
+    RandomResizedCrop(0.35–1) + flip.
+    """
+    size = images.shape[-1]
+    if size <= 64:
+        params = sample_shift_flip(images.shape[0], size, generator, max_shift=size / 16)
+    else:
+        params = sample_crop_flip(images.shape[0], size, generator, scale=(0.35, 1.0))
     return apply_crop_flip(images, params)

@@ -7,6 +7,7 @@ progress, ETA, current losses) and polls `should_stop` so a cancel is honoured w
 from __future__ import annotations
 
 import time
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,8 +99,11 @@ class StageReporter:
             self._last_poll = now
             self.tracker.check_stop()
 
-    def step(self, done_units: int, losses: dict[str, float] | None = None, message: str = "") -> None:
-        """Cheap to call every iteration: polls the stop flag and emits at most one event per interval."""
+    def step(self, done_units: int, losses: dict[str, Any] | None = None, message: str = "") -> None:
+        """Cheap to call every iteration: polls the stop flag and emits at most one event per interval.
+
+        `losses` may hold tensors: they are read (a device sync) only when an event is actually emitted.
+        """
         self.poll()
         self._fraction = max(self._fraction, done_units / self.total)
         if time.monotonic() - self._last_emit >= EVENT_INTERVAL_S:
@@ -113,7 +117,7 @@ class StageReporter:
     def end(self, message: str = "") -> None:
         self._emit("stage_end", 1.0, message or f"{self.name} finished")
 
-    def _emit(self, kind: str, fraction: float, message: str, losses: dict[str, float] | None = None) -> None:
+    def _emit(self, kind: str, fraction: float, message: str, losses: dict[str, Any] | None = None) -> None:
         self._last_emit = time.monotonic()
         overall = self.overall(fraction)
         self.tracker.emit(

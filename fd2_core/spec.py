@@ -113,6 +113,8 @@ class JobSpec(BaseModel):
             raise ValueError("fc and sc need the CAL head (cal=true); disable them or enable cal")
         if self.eval_random_baseline and not self.evaluate and "eval_random_baseline" in self.model_fields_set:
             raise ValueError("eval_random_baseline needs evaluate=true")
+        if self.torchvision_weights and self.backbone == "convnet":
+            raise ValueError("torchvision_weights needs a torchvision backbone (resnet18, resnet50, mobilenetv2)")
         return self
 
     @property
@@ -187,8 +189,9 @@ def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
         for part in _FD2_PARTS:
             if part not in user_set:
                 merged[part] = False
-    spec = JobSpec.model_validate(merged)
-    return spec
+    if merged.get("evaluate") is False and "eval_random_baseline" not in raw:
+        merged["eval_random_baseline"] = False
+    return JobSpec.model_validate(merged)
 
 
 def spec_json_schema() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import SingletonThreadPool
 
 from store.settings import Settings, get_settings
 
@@ -61,7 +62,8 @@ def create_db_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Pre-ping: a connection that died with a server restart is replaced instead of failing a request.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -72,6 +74,43 @@ def get_engine(url: str | None = None) -> Engine:
         if engine is None:
             engine = _engines[url] = create_db_engine(url)
         return engine
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(normalize_url(url)).get_backend_name() == "sqlite"
+
+
+def get_thread_local_engine(url: str) -> Engine:
+    """A SQLite engine with one connection per thread (for reads on an event loop thread).
+
+    Such reads never wait for the shared pool, so they cannot stall behind connections that only the same
+    event loop would release.
+    """
+    key = f"thread-local:{normalize_url(url)}"
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            if not is_sqlite(url):
+                raise ValueError("thread-local engines are for SQLite files only")
+            engine = create_engine(
+                normalize_url(url),
+                poolclass=SingletonThreadPool,
+                pool_size=8,
+                connect_args={"timeout": 5, "check_same_thread": False},
+            )
+            event.listen(engine, "connect", _set_sqlite_pragmas)
+            _engines[key] = engine
+        return engine
+
+
+@contextmanager
+def read_session(url: str) -> Iterator[Session]:
+    """A short session on the calling thread's own SQLite connection (nothing to commit)."""
+    session = Session(bind=get_thread_local_engine(url), expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:

@@ -7,6 +7,7 @@ commits: the caller's `session_scope()` (or the route) decides the transaction.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,6 +22,22 @@ from store.pagination import Page, newest_first_page
 from store.settings import Settings
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN and infinities (a diverged loss) by None: PostgreSQL's json type refuses them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fraction(value: float) -> float:
+    value = float(value)
+    return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
 
 
 def job_workdir(settings: Settings, job_id: str) -> Path:
@@ -118,17 +135,23 @@ _JOB_RECORD_QUERY = (
     select(*_RECORD_COLUMNS, Artifact.name.label("artifact_name"), Artifact.size, Artifact.sha256,
            Artifact.media_type)
     .outerjoin(Artifact, Artifact.job_id == Job.id)
-    .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+    .where(Job.id == bindparam("job_id"))
     .order_by(Artifact.name)
 )
+_TENANT_JOB_RECORD_QUERY = _JOB_RECORD_QUERY.where(Job.tenant_id == bindparam("tenant_id"))
 
 
-def read_job_record(session: Session, tenant_id: str, job_id: str) -> JobRecord | None:
-    """The tenant's job and its artifacts in one indexed query without ORM identity tracking.
+def read_job_record(session: Session, tenant_id: str | None, job_id: str) -> JobRecord | None:
+    """The job (the tenant's only, unless `tenant_id` is None) and its artifacts in one indexed query,
+    without ORM identity tracking.
 
     This is what job polling (`GET /v1/jobs/{id}`) runs, so it is kept to a single prebuilt SELECT.
     """
-    rows = session.connection().execute(_JOB_RECORD_QUERY, {"job_id": job_id, "tenant_id": tenant_id}).all()
+    if tenant_id is None:
+        query, params = _JOB_RECORD_QUERY, {"job_id": job_id}
+    else:
+        query, params = _TENANT_JOB_RECORD_QUERY, {"job_id": job_id, "tenant_id": tenant_id}
+    rows = session.connection().execute(query, params).all()
     if not rows:
         return None
     first = rows[0]
@@ -245,9 +268,10 @@ def update_progress(
         .where(Job.id == job_id, Job.status == "running")
         .values(
             stage=stage,
-            progress=min(max(float(progress), 0.0), 1.0),
-            stage_progress=min(max(float(stage_progress), 0.0), 1.0),
-            eta_seconds=None if eta_seconds is None else max(float(eta_seconds), 0.0),
+            progress=_fraction(progress),
+            stage_progress=_fraction(stage_progress),
+            eta_seconds=max(float(eta_seconds), 0.0) if eta_seconds is not None and math.isfinite(eta_seconds)
+            else None,
             heartbeat_at=utcnow(),
         )
         .execution_options(synchronize_session=False)
@@ -264,7 +288,10 @@ def add_event(
     progress: float | None = None,
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
-    event = JobEvent(job_id=job_id, kind=kind, message=message, stage=stage, progress=progress, data=data)
+    if progress is not None:
+        progress = _fraction(progress)
+    event = JobEvent(job_id=job_id, kind=kind, message=message, stage=stage, progress=progress,
+                     data=json_safe(data))
     session.add(event)
     session.flush()
     return event
@@ -306,7 +333,7 @@ def finish_job(
         raise ValueError(f"not a final status: {status!r}")
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
     if metrics is not None:
-        values["metrics"] = metrics
+        values["metrics"] = json_safe(metrics)
     if error is not None:
         values["error"] = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
     if status == "succeeded":
@@ -351,10 +378,3 @@ def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
             requeued.append(job_id)
     return requeued
 
-
-def latest_event_id(session: Session, job_id: str) -> int | None:
-    return session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id))
-
-
-def oldest_queued_at(session: Session) -> datetime | None:
-    return session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))

@@ -159,7 +159,6 @@ class Job(Base):
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True,
-        lazy="raise",
     )
 
     @property

@@ -52,10 +52,16 @@ class Settings(BaseSettings):
     jobs_dir: Path | None = Field(None, description="Per-job working folders; default `<home>/jobs`.")
 
     max_upload_bytes: int = Field(2 * GIB, ge=1, description="Largest accepted dataset upload (413 past it).")
+    max_json_body_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="Largest JSON request body (a job with a long manifest); 413 past it."
+    )
     max_extracted_bytes: int = Field(8 * GIB, ge=1, description="Largest total size of an extracted archive.")
     max_archive_members: int = Field(500_000, ge=1, description="Most files an uploaded archive may hold.")
     dataset_test_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Held-out test share carved per class when an upload has no test split."
+    )
+    max_concurrent_intakes: int = Field(
+        2, ge=1, description="Uploads extracted and validated at once per API process (others wait)."
     )
     allowed_data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Folders that manifest jobs may read from (empty = manifests refused)."

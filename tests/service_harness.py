@@ -29,6 +29,7 @@ REDIS_TEST_URL = os.environ.get("FD2_TEST_REDIS_URL", "redis://127.0.0.1:6379/15
 # Short enough that a killed worker's job is detected quickly in tests; the heartbeat follows from it.
 TEST_STALE_HEARTBEAT_S = 10.0
 FD2_ENV_PREFIX = "FD2_"
+WORKER_READY = " ready."  # Celery's "<node name> ready." line, printed once it consumes
 
 
 # ---------------------------------------------------------------- in-process settings and rows
@@ -261,7 +262,7 @@ class ServiceStack:
         worker = start_child("worker", command, self.env, self.log_dir)
         self.workers.append(worker)
         wait_until(
-            lambda: "ready" in worker.log_path.read_text(errors="replace") or not worker.alive,
+            lambda: WORKER_READY in worker.log_path.read_text(errors="replace") or not worker.alive,
             timeout_s=90,
             what="the worker to be ready",
         )

@@ -23,6 +23,7 @@ from fd2_core.spec import resolve_spec
 from store.db import session_scope
 from store.jobs import add_event, create_job, finish_job, mark_running
 from store.models import Dataset
+from store.resources import job_resource_json
 from store.settings import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, Settings
 
 
@@ -83,8 +84,9 @@ def test_ipc_larger_than_the_smallest_class_is_refused(client: TestClient, tenan
     assert response.json()["error"]["code"] == "ipc_too_large"
 
 
-def test_dataset_must_exist_for_the_tenant_and_be_ready(client: TestClient, settings: Settings, tenant,
-                                                        dataset) -> None:  # noqa: F811
+def test_dataset_must_exist_for_the_tenant_and_be_ready(  # noqa: F811
+    client: TestClient, settings: Settings, tenant, dataset  # noqa: F811
+) -> None:
     other = new_tenant(settings)
     for headers in (other, tenant):
         missing = submit(client, headers, "ds_unknown" if headers is tenant else dataset["id"])
@@ -152,6 +154,20 @@ def test_manifest_jobs_need_an_allowed_root(settings: Settings, tmp_path) -> Non
         assert api.post("/v1/jobs", headers=headers, json=missing).status_code == 422
 
 
+def test_oversized_job_body_answers_413(settings: Settings) -> None:  # noqa: F811
+    with running_client(settings.model_copy(update={"max_json_body_bytes": 4096})) as api:
+        headers = new_tenant(settings)
+        items = [{"path": f"a/{i}.png", "label": "a"} for i in range(500)]
+        body = {"dataset": {"manifest": {"root": "/data", "items": items}}, "spec": {}}
+        announced = api.post("/v1/jobs", headers=headers, json=body)
+        raw = json.dumps(body).encode()
+        chunked = api.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"},
+                           content=iter([raw[i:i + 1000] for i in range(0, len(raw), 1000)]))
+    for response in (announced, chunked):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+
 def test_job_list_pages_newest_first_and_filters(client: TestClient, settings: Settings) -> None:  # noqa: F811
     headers = new_tenant(settings)
     owner = tenant_id(settings, headers)
@@ -193,7 +209,10 @@ def test_cancel_queued_running_and_finished(client: TestClient, settings: Settin
         finish_job(session, done["id"], "succeeded", metrics={"student_accuracy": 0.4})
     response = client.post(f"/v1/jobs/{done['id']}/cancel", headers=tenant)
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"
-    assert client.get(f"/v1/jobs/{done['id']}", headers=tenant).json()["metrics"] == {"student_accuracy": 0.4}
+    served = client.get(f"/v1/jobs/{done['id']}", headers=tenant).json()
+    assert served["metrics"] == {"student_accuracy": 0.4}
+    with session_scope(settings) as session:  # what a worker sends to the callback URL
+        assert job_resource_json(session, settings, done["id"]) == served
 
 
 def test_events_are_oldest_first_after_an_id(client: TestClient, settings: Settings, tenant, dataset) -> None:  # noqa: F811

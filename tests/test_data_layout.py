@@ -178,6 +178,16 @@ def test_manifest_json_list_and_items(tmp_path, make_image):
     assert scan_source(tmp_path / "manifest.json").splits == {"train": 4, "test": 0}
 
 
+def test_manifest_beside_its_images_inside_a_wrapping_folder(tmp_path, make_image):
+    for i in range(4):
+        make_image(tmp_path / "upload" / f"{i}.png")
+    rows = "path,label,split\n" + "".join(f"{i}.png,{'ab'[i % 2]},train\n" for i in range(4))
+    (tmp_path / "upload" / "manifest.csv").write_text(rows)
+    layout = scan_source(tmp_path)
+    assert layout.kind == "manifest" and layout.per_class == {"a": {"train": 2, "test": 0},
+                                                               "b": {"train": 2, "test": 0}}
+
+
 def test_manifest_csv_with_splits_and_bad_rows(tmp_path, make_image):
     _tree(tmp_path / "data", make_image, {"x": 4})
     (tmp_path / "secret.png").write_bytes(b"outside the root")

@@ -51,7 +51,7 @@ def test_fc_switch_adds_the_prototype_term(tmp_path, data):
     loss_on, parts_on, grad_on = _loss(on, teacher)
     loss_off, parts_off, _ = _loss(off, teacher)
     assert "fc" in parts_on and "fc" not in parts_off
-    assert loss_on.item() == pytest.approx(loss_off.item() + on.spec.lambda_fc * parts_on["fc"], rel=1e-4)
+    assert loss_on.item() == pytest.approx(loss_off.item() + on.spec.lambda_fc * float(parts_on["fc"]), rel=1e-4)
     assert grad_on.abs().sum() > 0
 
 
@@ -65,7 +65,7 @@ def test_sc_switch_adds_the_attention_term_only_with_previous_images(tmp_path, d
     loss_off, parts_off, _ = _loss(off, teacher, prev)
     _, parts_first, _ = _loss(on, teacher, None)
     assert "sc" in parts_on and "sc" not in parts_off and "sc" not in parts_first
-    assert loss_on.item() == pytest.approx(loss_off.item() + on.spec.lambda_sc * parts_on["sc"], rel=1e-4)
+    assert loss_on.item() == pytest.approx(loss_off.item() + on.spec.lambda_sc * float(parts_on["sc"]), rel=1e-4)
 
 
 def test_sc_threshold_tau_drops_the_term_below_it(tmp_path, data):
@@ -76,7 +76,7 @@ def test_sc_threshold_tau_drops_the_term_below_it(tmp_path, data):
     prev = _prev_maps(teacher, ctx)
     loss_tau, parts, _ = _loss(ctx, teacher, prev)
     loss_base, _, _ = _loss(base, teacher, prev)
-    assert parts["sc"] < 1.0
+    assert float(parts["sc"]) < 1.0
     assert loss_tau.item() == pytest.approx(loss_base.item(), rel=1e-5)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +14,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from api_helpers import settings  # noqa: F401  (fixture, parametrized over both backends)
+from api_helpers import (
+    BACKENDS,
+    database_url,
+    make_settings,
+    settings,  # noqa: F401  (fixture, parametrized over both backends)
+)
 from celery import Celery
 from kombu import Connection
 from sqlalchemy import inspect, update
@@ -65,6 +71,18 @@ def test_migrations_reach_head_and_match_the_models(db: Settings) -> None:
         assert compare_metadata(context, Base.metadata) == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_processes_starting_together_migrate_once(backend: str, tmp_path: Path) -> None:
+    with database_url(backend, tmp_path) as url:
+        fresh = make_settings(tmp_path, url)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = [pool.submit(migrate, fresh) for _ in range(3)]
+            for result in results:
+                result.result()
+        head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+        assert current_revision(fresh) == head
+
+
 def test_keys_authenticate_until_revoked(db: Settings) -> None:
     with session_scope(db) as session:
         key = create_tenant_key(session, "keys-tenant")
@@ -113,6 +131,23 @@ def test_worker_life_cycle_of_a_job(db: Settings) -> None:
         assert finish_job(session, job_id, "failed", error={"code": "x", "message": "late"}) is None
         assert mark_running(session, job_id, "worker-2") is None
         assert get_job(session, job_id).metrics == {"student_accuracy": 0.5}
+
+
+def test_non_finite_numbers_are_stored_as_null(db: Settings) -> None:
+    with session_scope(db) as session:
+        job_id = new_job(session).id
+        mark_running(session, job_id, "w")
+        update_progress(session, job_id, stage="distill", progress=float("nan"), stage_progress=0.5,
+                        eta_seconds=float("inf"))
+        add_event(session, job_id, "progress", "diverged", data={"losses": {"fc": float("nan"), "ce": 2.0}})
+        finish_job(session, job_id, "failed", metrics={"student_accuracy": float("inf"), "n": 3},
+                   error={"code": "diverged", "message": "loss is NaN"})
+    with session_scope(db) as session:
+        job = get_job(session, job_id)
+        assert job.progress == 0.0 and job.eta_seconds is None
+        assert job.metrics == {"student_accuracy": None, "n": 3}
+        assert job.error == {"code": "diverged", "message": "loss is NaN"}
+        assert list_events(session, job_id)[0].data == {"losses": {"fc": None, "ce": 2.0}}
 
 
 def test_cancel_of_queued_and_running_jobs(db: Settings) -> None:

@@ -111,3 +111,88 @@ def test_backoff_grows_and_is_capped():
     assert len(delays) == 7
     assert all(b >= a for a, b in zip(delays, delays[1:], strict=False))
     assert delays[0] == 1.0 and max(delays) == 10.0
+
+
+# ---------------------------------------------------------------- delivery of a finished job
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from service_harness import embedded_settings
+
+    from store.db import dispose_engines, migrate
+
+    settings = embedded_settings(tmp_path / "home", callback_allow_hosts=["127.0.0.1"])
+    migrate(settings)
+    yield settings
+    dispose_engines()
+
+
+def finished_job_with_callback(settings, url: str) -> str:
+    from service_harness import seed_job
+
+    from store.db import session_scope
+    from store.jobs import finish_job, mark_running
+
+    job_id = seed_job(settings, {"device": "cpu"}, callback_url=url)
+    with session_scope(settings) as session:
+        mark_running(session, job_id, "host:1")
+        finish_job(session, job_id, "succeeded", metrics={"student_accuracy": 0.5})
+    return job_id
+
+
+def callback_events(settings, job_id: str) -> list:
+    from store.db import session_scope
+    from store.jobs import list_events
+
+    with session_scope(settings) as session:
+        return [event for event in list_events(session, job_id) if event.kind == "callback"]
+
+
+def test_a_flaky_receiver_gets_the_job_resource_after_retries(settings, receiver_factory):
+    from worker.callback_delivery import deliver_callback
+
+    receiver = receiver_factory([503, 502])
+    job_id = finished_job_with_callback(settings, receiver.url)
+    waits: list[float] = []
+    assert deliver_callback(job_id, settings, attempts=4, sleep=waits.append) is True
+    assert len(receiver.bodies) == 3 and len(waits) == 2 and waits[1] > waits[0]
+    body = receiver.bodies[-1]
+    assert (body["id"], body["status"], body["metrics"]) == (job_id, "succeeded", {"student_accuracy": 0.5})
+    [event] = callback_events(settings, job_id)
+    assert event.data["delivered"] is True
+
+
+def test_a_host_off_the_allow_list_is_recorded_and_not_contacted(settings, receiver_factory):
+    from worker.callback_delivery import deliver_callback
+
+    receiver = receiver_factory([])
+    job_id = finished_job_with_callback(settings, receiver.url.replace("127.0.0.1", "localhost"))
+    assert deliver_callback(job_id, settings, sleep=lambda _s: None) is False
+    assert receiver.bodies == []
+    [event] = callback_events(settings, job_id)
+    assert event.data["delivered"] is False and "allow-list" in event.message
+
+
+def test_the_callback_body_matches_the_api_job_resource(settings):
+    """The worker cannot import the API; its job resource must say what GET /v1/jobs/{id} says."""
+    from pydantic import TypeAdapter
+
+    from api.presenters import job_resource as api_job_resource
+    from api.schemas import JobOut
+    from store.artifacts import register_artifact
+    from store.db import session_scope
+    from store.jobs import get_job, get_tenant_job
+    from worker.job_resource import job_resource
+
+    job_id = finished_job_with_callback(settings, "http://127.0.0.1:1/x")
+    artifact = settings.home / "report.json"
+    artifact.write_text("{}")
+    with session_scope(settings) as session:
+        register_artifact(session, job_id, "report.json", artifact)
+    with session_scope(settings) as session:
+        job = get_job(session, job_id)
+        ours = job_resource(session, job, settings)
+        theirs = api_job_resource(get_tenant_job(session, job.tenant_id, job_id), settings)
+    as_sent_by_api = TypeAdapter(JobOut).dump_python(TypeAdapter(JobOut).validate_python(theirs), mode="json")
+    assert json.loads(json.dumps(ours)) == as_sent_by_api

@@ -14,7 +14,7 @@ from service_harness import embedded_settings, seed_job, wait_until, write_fgsyn
 
 from store.artifacts import file_digest, list_artifacts
 from store.db import dispose_engines, migrate, session_scope
-from store.jobs import get_job, list_events, request_cancel
+from store.jobs import get_job, job_workdir, list_events, request_cancel
 from store.models import Job
 from worker.job_claims import worker_identity
 from worker.job_runner import MAX_ATTEMPTS, JobReleased, JobRunner
@@ -75,6 +75,8 @@ def test_a_job_succeeds_with_every_artifact_registered(settings, dataset_folder)
     for stage in ("pretrain", "distill", "relabel", "evaluate", "package"):
         assert ("stage_start", stage) in kinds and ("stage_end", stage) in kinds
     assert kinds[0][0] == "started" and kinds[-1][0] == "succeeded"
+    workdir = job_workdir(settings, job_id)
+    assert not (workdir / "stages").exists()  # checkpoints are dropped, the registered files stay
 
 
 def test_bad_data_fails_with_its_code_and_a_one_line_message(settings, tmp_path):
@@ -114,6 +116,7 @@ def test_cancel_mid_stage_is_honoured_quickly(settings, dataset_folder):
     assert outcome == ["cancelled"]
     job = job_row(settings, job_id)
     assert job.status == "cancelled" and job.stage == "distill"
+    assert not job_workdir(settings, job_id).exists()
 
 
 def test_worker_shutdown_requeues_the_job_and_the_next_run_resumes(settings, dataset_folder):

@@ -84,7 +84,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     pool = args.pool or ("solo" if args.concurrency == 1 else "prefork")
     if pool == "solo" and args.concurrency != 1:
         return _fail("the solo pool runs one job at a time; use --pool prefork for --concurrency > 1")
-    _settings(args)
+    from store.db import migrate
+
+    migrate(_settings(args))  # idempotent and locked: workers may start before the API
     from worker.celery_app import app
 
     argv = [

@@ -8,6 +8,8 @@ again after a crash, a redelivery or a worker shutdown resumes where it stopped.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ from worker.heartbeat import Heartbeat
 from worker.job_claims import claim_job, held_here, release_job
 from worker.limits import WorkerLimits
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
-from worker.stopping import StopPoller, StopReason, worker_shutdown
+from worker.stopping import StopPoller, StopReason
+from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class JobRunner:
         self.limits = limits
         self.me = me
 
-    def run(self, job_id: str, *, soft_deadline: float | None = None) -> str:
+    def run(self, job_id: str) -> str:
         """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
         held_here.add(job_id)  # before the claim commits, so recovery never sees it unheld here
         try:
@@ -103,11 +106,11 @@ class JobRunner:
             if claimed is None:
                 log.info("job %s: nothing to do (finished, cancelled or held by a live worker)", job_id)
                 return "skipped"
-            return self._run_claimed(claimed, soft_deadline)
+            return self._run_claimed(claimed)
         finally:
             held_here.discard(job_id)
 
-    def _run_claimed(self, claimed: ClaimedJob, soft_deadline: float | None) -> str:
+    def _run_claimed(self, claimed: ClaimedJob) -> str:
         job_id = claimed.id
         if claimed.attempts > MAX_ATTEMPTS:
             return self._fail(job_id, "too_many_attempts", f"the job was interrupted {MAX_ATTEMPTS} times")
@@ -115,7 +118,7 @@ class JobRunner:
             return self._fail(job_id, "not_found", "the job's dataset no longer exists")
         workdir = job_workdir(self.settings, job_id)
         self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
-        deadline = soft_deadline or time.monotonic() + self.limits.soft_time_limit_s
+        deadline = time.monotonic() + self.limits.soft_time_limit_s
         poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline)
         reporter = ProgressReporter(DatabaseProgressSink(self.settings, job_id))
         with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):
@@ -126,6 +129,7 @@ class JobRunner:
     def _run_pipeline(
         self, job: ClaimedJob, workdir: Path, reporter: ProgressReporter, poller: StopPoller
     ) -> str:
+        # Imported here, not at module level: the worker parent process must not load torch (celery_app).
         from celery.exceptions import SoftTimeLimitExceeded
         from pydantic import ValidationError
 
@@ -179,7 +183,7 @@ class JobRunner:
         metrics: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
     ) -> str:
-        """Write the final state (one transaction), then start the callback if the job has one."""
+        """Write the final state (one transaction), free the disk, then start the callback if any."""
         with session_scope(self.settings) as session:
             job = finish_job(session, job_id, status, metrics=metrics, error=error)
             if job is None:  # someone else finished it meanwhile (e.g. recovery cancelled it)
@@ -190,6 +194,11 @@ class JobRunner:
             add_event(session, job_id, job.status, message, data={"error": error} if error else None)
             callback_url = job.callback_url
         log.info("job %s: %s", job_id, status)
+        workdir = job_workdir(self.settings, job_id)
+        if status == "succeeded":
+            prune_checkpoints(workdir)
+        else:
+            discard_workdir(workdir)
         if callback_url:
             start_callback(job_id, self.settings)
         return status
@@ -204,10 +213,14 @@ class JobRunner:
             source = self._source_of(session, job)
             return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url)
 
-    def _source_of(self, session: Any, job: Job) -> str | None:
-        """What `load_dataset` reads: an operator-side manifest, or the uploaded dataset's folder."""
+    def _source_of(self, session: Any, job: Job) -> str | dict[str, Any] | None:
+        """What `load_dataset` reads: an operator-side manifest, or the uploaded dataset's folder.
+
+        The API stores a manifest job's `{"root", "items"}` as JSON; it is handed over as that mapping so the
+        items resolve against the operator-approved `root`, not against the job folder the file sits in.
+        """
         if job.manifest_path:
-            return job.manifest_path
+            return json.loads(Path(job.manifest_path).read_text(encoding="utf-8"))
         if not job.dataset_id:
             return None
         dataset = get_dataset(session, job.dataset_id)
@@ -260,4 +273,4 @@ def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, str]:
     return _error("internal_error", f"the job failed on the worker ({text})")
 
 
-__all__ = ["JobReleased", "JobRunner", "MAX_ATTEMPTS", "worker_shutdown"]
+__all__ = ["MAX_ATTEMPTS", "JobReleased", "JobRunner"]

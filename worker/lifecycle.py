@@ -3,7 +3,9 @@
 Shutdown (SIGTERM/SIGINT, warm): the running job is asked to stop through `should_stop`, saves what it has
 finished, goes back to `queued` and its message is requeued, so stopping a worker costs seconds of work,
 not the job. With the solo pool the task runs in the process that receives the signal, which is why
-`fd2 worker` uses it by default.
+`fd2 worker` uses it by default. A prefork pool (`--concurrency` > 1) waits for its running jobs on a warm
+shutdown; a cold one (SIGQUIT) kills them, their messages are requeued (`task_reject_on_worker_lost`) and
+the next claim takes over because the holder process is gone.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from api.artifact_download import artifact_response
-from api.deps import SessionDep, TenantDep
+from api.deps import ReaderDep, TenantDep
 from api.errors import ErrorBody, not_found
 from store.artifacts import get_tenant_artifact
 
@@ -21,8 +21,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
                304: {"description": "Not modified (If-None-Match)."},
                **{code: {"model": ErrorBody} for code in (401, 404, 416)}},
 )
-def download_artifact(job_id: str, name: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
-    artifact = get_tenant_artifact(session, tenant.id, job_id, name)
+async def download_artifact(job_id: str, name: str, request: Request, reader: ReaderDep,
+                            tenant: TenantDep) -> Response:
+    artifact = await reader.run(get_tenant_artifact, tenant.id, job_id, name)
     if artifact is None:
         raise not_found("artifact")
     return artifact_response(request, artifact)

@@ -1,24 +1,23 @@
-"""Dataset upload, listing, reading and deletion."""
+"""Dataset upload, listing, reading and deletion (async routes, blocking work in one thread-pool call)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.dataset_intake import receive_dataset
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import ReaderDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, ErrorBody, not_found
-from api.presenters import dataset_resource
 from api.schemas import DatasetOut, DatasetPage
-from store.datasets import (
-    delete_dataset,
-    get_tenant_dataset,
-    list_datasets,
-    remove_dataset_files,
-)
+from store.datasets import delete_dataset, get_tenant_dataset, list_datasets, remove_dataset_files
 from store.jobs import dataset_has_active_jobs
-from store.pagination import InvalidCursor
+from store.models import Dataset
+from store.pagination import InvalidCursor, Page
+from store.resources import dataset_resource
+from store.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -57,8 +56,8 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
 
 
 @router.get("", response_model=DatasetPage, responses=ERRORS, summary="List datasets, newest first")
-def read_datasets(
-    session: SessionDep,
+async def read_datasets(
+    reader: ReaderDep,
     settings: SettingsDep,
     tenant: TenantDep,
     limit: Annotated[int | None, Query(ge=1)] = None,
@@ -66,15 +65,15 @@ def read_datasets(
 ) -> dict[str, Any]:
     limit = min(limit or settings.page_size_default, settings.page_size_max)
     try:
-        page = list_datasets(session, tenant.id, limit=limit, cursor=cursor)
+        page: Page[Dataset] = await reader.run(list_datasets, tenant.id, limit=limit, cursor=cursor)
     except InvalidCursor as exc:
         raise ApiError(422, "invalid_cursor", str(exc), {"field": "cursor"}) from None
     return {"items": [dataset_resource(d) for d in page.items], "next_cursor": page.next_cursor}
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS, summary="Read a dataset")
-def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    dataset = get_tenant_dataset(session, tenant.id, dataset_id)
+async def read_dataset(dataset_id: str, reader: ReaderDep, tenant: TenantDep) -> dict[str, Any]:
+    dataset = await reader.run(get_tenant_dataset, tenant.id, dataset_id)
     if dataset is None:
         raise not_found("dataset")
     return dataset_resource(dataset)
@@ -82,8 +81,14 @@ def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> dic
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response, responses=ERRORS,
                summary="Delete a dataset and its files (409 while a queued or running job uses it)")
-def remove_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    dataset = get_tenant_dataset(session, tenant.id, dataset_id)
+async def remove_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep,
+                         tenant: TenantDep) -> Response:
+    await run_in_threadpool(_delete_unused_dataset, session, settings, tenant.id, dataset_id)
+    return Response(status_code=204)
+
+
+def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str, dataset_id: str) -> None:
+    dataset = get_tenant_dataset(session, tenant_id, dataset_id)
     if dataset is None:
         raise not_found("dataset")
     if dataset_has_active_jobs(session, dataset.id):
@@ -91,4 +96,3 @@ def remove_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, 
     delete_dataset(session, dataset)
     session.commit()
     remove_dataset_files(settings, dataset_id)
-    return Response(status_code=204)

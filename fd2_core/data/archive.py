@@ -125,6 +125,10 @@ class _Writer:
         target = self.base.joinpath(*parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            self.skip(name, "a file of the archive is in the way of this member's folder")
+            return
+        try:
             out = open(target, "xb")
         except FileExistsError:
             self.skip(name, "duplicate archive member; the first one is kept")
@@ -164,6 +168,8 @@ def _zip_members(path: Path, writer: _Writer) -> None:
         raise DataError("bad_archive", f"not a readable zip archive: {exc}") from None
     with zf:
         infos = zf.infolist()
+        if sum(not i.is_dir() for i in infos) > writer.limits.max_files:
+            raise DataError("too_many_files", f"the archive holds more than {writer.limits.max_files} files")
         declared = sum(i.file_size for i in infos)
         if declared > writer.limits.max_total_uncompressed_bytes:
             raise DataError("too_large", f"the archive declares {declared} uncompressed bytes; the limit is"

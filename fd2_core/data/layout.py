@@ -114,7 +114,7 @@ def _visible_entries(folder: Path) -> list[os.DirEntry]:
 
 def find_data_root(path: Path) -> Path:
     """Look through one wrapping folder: the only entry of `path` is a folder that is not itself a split
-    folder and holds no images directly (a lone class folder is not a wrapper)."""
+    folder and holds a manifest or no images directly (a lone class folder is not a wrapper)."""
     path = Path(path)
     if any((path / name).is_file() for name in MANIFEST_NAMES):
         return path
@@ -124,6 +124,8 @@ def find_data_root(path: Path) -> Path:
     inner = Path(entries[0].path)
     if entries[0].name.lower() in _SPLIT_DIR_NAMES:
         return path
+    if any((inner / name).is_file() for name in MANIFEST_NAMES):
+        return inner
     if any(e.is_file(follow_symlinks=False) and is_image_name(e.name) for e in _visible_entries(inner)):
         return path
     return inner

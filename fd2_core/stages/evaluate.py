@@ -72,5 +72,5 @@ def train_student(
         loss.backward()
         optimizer.step()
         if reporter is not None:
-            reporter.step(done_before + step + 1, {"student_loss": loss.item()})
+            reporter.step(done_before + step + 1, {"student_loss": loss.detach()})
     return accuracy(student, ctx, ctx.data.test_images, ctx.data.test_labels)

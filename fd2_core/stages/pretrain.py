@@ -90,7 +90,7 @@ def cal_loss(model: FD2Model, x: torch.Tensor, y: torch.Tensor, ratio: float, g:
     center = center_loss(out.cal.embedding.float(), y, model.cal_head.prototypes)
     cal_terms = ce_raw / 3 + ce_eff + (2.0 / 3.0) * ce_aug + center
     loss = (1.0 - ratio) * ce_bb + ratio * cal_terms
-    parts = {"ce": ce_bb.item(), "cal": cal_terms.item(), "center": center.item()}
+    parts = {"ce": ce_bb.detach(), "cal": cal_terms.detach(), "center": center.detach()}
     return loss, out.cal.embedding.detach().float(), parts
 
 
@@ -165,18 +165,19 @@ def pretrain(ctx: RunContext) -> TeacherResult:
                     loss, embedding, parts = cal_loss(model, x, y, ratio, g)
                 else:
                     loss = F.cross_entropy(model(x).logits, y)
-                    embedding, parts = None, {"ce": loss.item()}
+                    embedding, parts = None, {"ce": loss.detach()}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if embedding is not None:
                 model.cal_head.update_prototypes(embedding, y, spec.prototype_momentum)
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            running = 0.9 * running + 0.1 * loss.detach() if step else loss.detach()
             reporter.step(epoch * steps_per_epoch + step + 1, {"loss": running, **parts})
         if x_val.shape[0]:
             val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=ratio if spec.uses_cal else None)
         else:
             val_acc = float("nan")
+        running = float(running)
         history.append({"epoch": epoch, "loss": running, "val_accuracy": val_acc})
         if not x_val.shape[0] or val_acc >= best_acc:
             best_acc = val_acc if x_val.shape[0] else best_acc
