@@ -7,9 +7,9 @@ progress, ETA, current losses) and polls `should_stop` so a cancel is honoured w
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 EVENT_INTERVAL_S = 1.0
 STOP_POLL_INTERVAL_S = 0.5

@@ -9,7 +9,6 @@ again after a crash, a redelivery or a worker shutdown resumes where it stopped.
 from __future__ import annotations
 
 import json
-
 import logging
 import time
 from dataclasses import dataclass
