@@ -1,8 +1,9 @@
 """Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
 
-Steps: the body is streamed to a temporary file; then, off the event loop, safe extraction into the
-dataset's own folder, layout scan and a decode check of every image; the archive itself is deleted once
-extracted. Any failure removes the folder and no row is written.
+Steps: the tenant's storage quota is checked; the body is streamed to a temporary file; then, off the event
+loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image; the archive
+itself is deleted once extracted, and the quota is checked again with the extracted size. Any failure removes
+the folder and no row is written.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from fd2_core.data.archive import extract_archive
 from fd2_core.data.errors import DataError
 from fd2_core.data.layout import DatasetLayout, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
-from store.datasets import create_dataset, dataset_path, remove_tree
+from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
 from store.models import Dataset, new_id
 from store.settings import Settings
 
 MAX_STORED_ERRORS = 1000
 INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dataset ids
 ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_NAME_CHARS = 200
 
 
 @dataclass
@@ -42,15 +45,35 @@ class IntakeResult:
 
 
 def data_limits(settings: Settings) -> DataLimits:
-    return DataLimits(
-        max_files=settings.max_archive_members,
-        max_total_uncompressed_bytes=settings.max_extracted_bytes,
-    )
+    return DataLimits(**settings.data_limit_values())
+
+
+def clean_name(text: str) -> str:
+    """A display name without control characters (some databases refuse NUL), trimmed to the column size."""
+    return " ".join(CONTROL_CHARACTERS.sub(" ", text).split())[:MAX_NAME_CHARS]
 
 
 def default_dataset_name(filename: str) -> str:
-    stem = ARCHIVE_SUFFIXES.sub("", Path(filename or "").name).strip()
-    return stem[:200] or "dataset"
+    stem = ARCHIVE_SUFFIXES.sub("", Path(clean_name(filename or "")).name).strip()
+    return stem[:MAX_NAME_CHARS] or "dataset"
+
+
+def quota_exceeded(quota: int, used: int, adding: int | None = None) -> ApiError:
+    message = f"the tenant's datasets would exceed the storage quota of {quota} bytes"
+    details = {"max_tenant_storage_bytes": quota, "used_bytes": used}
+    if adding is not None:
+        details["dataset_bytes"] = adding
+    return ApiError(413, "storage_quota_exceeded", message + "; delete datasets to make room", details)
+
+
+def check_storage_quota(session: Session, settings: Settings, tenant: CurrentTenant, adding: int) -> None:
+    """413 when the tenant's kept datasets plus `adding` bytes would pass `max_tenant_storage_bytes`."""
+    quota = settings.max_tenant_storage_bytes
+    if not quota:
+        return
+    used = tenant_storage_bytes(session, tenant.id)
+    if used + adding > quota or used >= quota:
+        raise quota_exceeded(quota, used, adding or None)
 
 
 def carved_test_count(total: int, test_fraction: float) -> int:
@@ -102,6 +125,7 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
     """The whole upload: stream to disk, extract and validate off the loop, then insert the ready row."""
     assert settings.datasets_dir is not None
+    await run_in_threadpool(check_storage_quota, session, settings, tenant, 0)
     dataset_id = new_id("ds")
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:
@@ -114,8 +138,9 @@ async def receive_dataset(request: Request, session: Session, settings: Settings
         raise ApiError(422, exc.code, exc.message) from None
     finally:
         incoming.unlink(missing_ok=True)
-    name = (upload.fields.get("name") or "").strip()[:200] or default_dataset_name(upload.filename)
+    name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)
     try:
+        await run_in_threadpool(check_storage_quota, session, settings, tenant, result.size_bytes)
         return await run_in_threadpool(_insert_ready, session, tenant, dataset_id, name, result)
     except BaseException:
         remove_tree(dataset_path(settings, dataset_id))

@@ -91,7 +91,8 @@ async def get_current_tenant(
     reader: ReaderDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> CurrentTenant:
-    """The tenant of the request's bearer key; 401 for a missing, unknown or revoked key."""
+    """The tenant of the request's bearer key; 401 for a missing, unknown or revoked key, 429 past the key's
+    request rate."""
     challenge = {"WWW-Authenticate": "Bearer"}
     key = credentials.credentials.strip() if credentials is not None else ""
     if not key:
@@ -104,6 +105,10 @@ async def get_current_tenant(
         if tenant is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=challenge)
         cache.put(key_hash, tenant)
+    wait_s = request.app.state.rate_limiter.acquire(key_hash)
+    if wait_s:
+        raise ApiError(429, "rate_limited", f"too many requests with this API key; retry in {wait_s} s",
+                       {"retry_after_s": wait_s}, headers={"Retry-After": str(wait_s)})
     return tenant
 
 

@@ -67,6 +67,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+AUTHENTICATED_ROUTE_ERRORS = (401, 413, 422, 429)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a `/v1` route's error statuses; every such route may also answer 401 (key), 413
+    (body too large), 422 (validation) and 429 (rate limit)."""
+    return {status: {"model": ErrorBody} for status in sorted({*statuses, *AUTHENTICATED_ROUTE_ERRORS})}
+
+
 def not_found(what: str) -> ApiError:
     """The one answer for unknown ids and other tenants' ids alike."""
     return ApiError(404, "not_found", f"{what} not found")

@@ -1,8 +1,8 @@
 """Everything that happens between `POST /v1/jobs` and a queued job: validation, idempotency, enqueueing.
 
 A job that cannot run is refused here with 422 rather than failing an hour later on a worker: the spec is
-resolved with the one schema, the dataset must be ready and large enough for the requested ipc, manifest
-roots must be operator-allowed, callbacks must target allowed hosts.
+resolved with the one schema (`api.spec_checks`), the dataset must be ready and fit the spec and the operator's
+cost limits, manifest roots must be operator-allowed (`api.manifest_jobs`), callbacks must target allowed hosts.
 """
 
 from __future__ import annotations
@@ -10,23 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import CurrentTenant
 from api.broker import JobBroker
-from api.dataset_intake import carved_test_count, data_limits
-from api.errors import ApiError, validation_details
-from api.schemas import JobCreate, Manifest
-from fd2_core.data.errors import DataError
-from fd2_core.data.layout import scan_manifest_items
-from fd2_core.spec import JobSpec, resolve_spec
+from api.dataset_intake import carved_test_count
+from api.errors import ApiError
+from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
+from api.schemas import JobCreate
+from api.spec_checks import check_runnable, resolve_job_spec
+from fd2_core.spec import JobSpec
+from store.callback_hosts import callback_host_allowed, callback_url_problem
 from store.datasets import get_tenant_dataset
 from store.jobs import (
     add_event,
@@ -35,13 +35,13 @@ from store.jobs import (
     delete_job,
     find_by_idempotency_key,
     get_tenant_job,
-    job_workdir,
 )
 from store.models import Dataset, Job, new_id
 from store.settings import Settings, queue_for_device
 
 logger = logging.getLogger("fd2.api")
-MANIFEST_FILE = "manifest.json"
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
+ACTIVE_JOBS_RETRY_AFTER_S = 30
 
 
 @dataclass
@@ -56,42 +56,23 @@ def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def resolve_job_spec(raw: dict[str, Any]) -> JobSpec:
-    try:
-        return resolve_spec(raw)
-    except ValidationError as exc:
-        details = validation_details(exc.errors(include_input=False), prefix=("body", "spec"))
-        first = details[0]
-        where = f"spec.{first['field']}" if first["field"] else "spec"
-        raise ApiError(422, "invalid_spec", f"{where}: {first['msg']}", details) from None
+def check_idempotency_key(key: str | None) -> None:
+    if key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise ApiError(422, "validation_error", "Idempotency-Key must be 1-200 visible ASCII characters",
+                       {"field": "Idempotency-Key"})
 
 
 def check_callback_url(settings: Settings, url: str | None) -> None:
     if url is None:
         return
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(422, "invalid_callback_url", "callback_url must be an absolute http(s) URL",
-                       {"field": "callback_url"})
-    if parts.hostname.lower() not in settings.callback_allow_hosts:
+    problem = callback_url_problem(url)
+    if problem is not None:
+        raise ApiError(422, "invalid_callback_url", problem, {"field": "callback_url"})
+    if not callback_host_allowed(url, settings.callback_allow_hosts):
+        host = urlsplit(url).hostname
         raise ApiError(422, "callback_host_not_allowed",
-                       f"callback host {parts.hostname!r} is not on the operator's allow-list",
-                       {"field": "callback_url", "host": parts.hostname})
-
-
-def check_ipc(spec: JobSpec, train_counts: dict[str, int]) -> None:
-    """Each class needs at least `ipc` training images (ipc real images initialise the synthetic ones)."""
-    if not train_counts:
-        return
-    smallest = min(train_counts, key=lambda name: train_counts[name])
-    if spec.ipc > train_counts[smallest]:
-        raise ApiError(
-            422,
-            "ipc_too_large",
-            f"ipc={spec.ipc} is larger than the {train_counts[smallest]} training images of class {smallest!r}",
-            {"field": "spec.ipc", "ipc": spec.ipc, "smallest_class": smallest,
-             "smallest_class_train_images": train_counts[smallest]},
-        )
+                       f"callback host {host!r} is not on the operator's allow-list",
+                       {"field": "callback_url", "host": host})
 
 
 def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
@@ -106,51 +87,18 @@ def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
     return counts
 
 
-def uploaded_dataset(session: Session, tenant: CurrentTenant, dataset_id: str, spec: JobSpec) -> Dataset:
+def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant, dataset_id: str,
+                     spec: JobSpec) -> Dataset:
     dataset = get_tenant_dataset(session, tenant.id, dataset_id)
     if dataset is None:
         raise ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found", {"field": "dataset.id"})
     if dataset.status != "ready":
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready",
                        {"field": "dataset.id", "status": dataset.status})
-    check_ipc(spec, dataset_train_counts(dataset, spec))
+    train_counts = dataset_train_counts(dataset, spec)
+    total = sum(int(split.get("train", 0)) + int(split.get("test", 0)) for split in dataset.per_class.values())
+    check_runnable(settings, spec, train_counts, total - sum(train_counts.values()))
     return dataset
-
-
-def allowed_manifest_root(settings: Settings, root_text: str) -> Path:
-    root = Path(root_text).expanduser()
-    if not root.is_absolute():
-        raise ApiError(422, "data_root_not_allowed", "manifest root must be an absolute path",
-                       {"field": "dataset.manifest.root"})
-    resolved = root.resolve()
-    for allowed in settings.allowed_data_roots:
-        if resolved == allowed or allowed in resolved.parents:
-            return resolved
-    raise ApiError(422, "data_root_not_allowed", "manifest root is not under an operator-allowed data root",
-                   {"field": "dataset.manifest.root"})
-
-
-def checked_manifest(settings: Settings, manifest: Manifest, spec: JobSpec) -> tuple[Path, list[dict[str, Any]]]:
-    """Resolve and check a manifest now (files exist, classes, ipc); returns the root and the rows."""
-    root = allowed_manifest_root(settings, manifest.root)
-    rows = [item.model_dump(exclude_none=True) for item in manifest.items]
-    try:
-        layout = scan_manifest_items(root, rows, test_fraction=spec.test_fraction, seed=spec.seed,
-                                     limits=data_limits(settings))
-    except DataError as exc:
-        raise ApiError(422, exc.code, exc.message, {"field": "dataset.manifest"}) from None
-    check_ipc(spec, {name: counts["train"] for name, counts in layout.per_class.items()})
-    return root, rows
-
-
-def write_manifest(settings: Settings, job_id: str, root: Path, rows: list[dict[str, Any]]) -> Path:
-    """`<job workdir>/manifest.json` = {"root", "items"}: the worker reads rows relative to `root`."""
-    path = job_workdir(settings, job_id) / MANIFEST_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"root": str(root), "items": rows}))
-    partial.replace(path)
-    return path
 
 
 def _replay(existing: Job, fingerprint: str) -> Submission:
@@ -170,6 +118,7 @@ def submit_job(
     idempotency_key: str | None,
 ) -> Submission:
     """Validate, store and enqueue a job (blocking). An idempotent replay returns the first job."""
+    check_idempotency_key(idempotency_key)
     fingerprint = request_hash(body)
     if idempotency_key is not None:
         existing = find_by_idempotency_key(session, tenant.id, idempotency_key)
@@ -184,16 +133,21 @@ def submit_job(
                        {"field": "dataset"})
     cap = settings.max_active_jobs_per_tenant
     if cap and count_active_jobs(session, tenant.id) >= cap:
-        raise ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant")
+        raise ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant",
+                       {"max_active_jobs_per_tenant": cap},
+                       headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)})
 
     job_id = new_id("job")
     dataset_id: str | None = None
     manifest_path: Path | None = None
     if ref.id is not None:
-        dataset_id = uploaded_dataset(session, tenant, ref.id, spec).id
+        dataset_id = uploaded_dataset(session, settings, tenant, ref.id, spec).id
     else:
         assert ref.manifest is not None
-        root, rows = checked_manifest(settings, ref.manifest, spec)
+        root, rows, layout = scan_manifest(settings, ref.manifest, spec.test_fraction, spec.seed)
+        per_class = layout.per_class
+        check_runnable(settings, spec, {name: c["train"] for name, c in per_class.items()},
+                       sum(c["test"] for c in per_class.values()))
         manifest_path = write_manifest(settings, job_id, root, rows)
 
     queue = queue_for_device(settings, spec.device)
@@ -207,7 +161,7 @@ def submit_job(
         session.commit()
     except IntegrityError:
         session.rollback()
-        _remove_manifest(manifest_path)
+        remove_manifest(manifest_path)
         existing = find_by_idempotency_key(session, tenant.id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
@@ -220,18 +174,8 @@ def submit_job(
         session.rollback()
         delete_job(session, job.id)
         session.commit()
-        _remove_manifest(manifest_path)
+        remove_manifest(manifest_path)
         raise ApiError(503, "broker_unavailable", "the job queue is unreachable; nothing was submitted") from None
     fresh = get_tenant_job(session, tenant.id, job.id)
     assert fresh is not None
     return Submission(fresh, created=True)
-
-
-def _remove_manifest(path: Path | None) -> None:
-    if path is None:
-        return
-    path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()
-    except OSError:
-        pass

@@ -22,6 +22,7 @@ from api.broker import JobBroker
 from api.deps import Reader
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
+from api.rate_limit import RateLimiter
 from api.routes import artifacts, datasets, health, jobs, metrics
 from fd2_core.spec import PRESET_DESCRIPTIONS, JobSpec
 from store.db import migrate
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.state.settings = settings
     app.state.broker = JobBroker(settings)
     app.state.tenant_cache = TenantCache(settings.auth_cache_ttl_s)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.reader = Reader(settings)
     app.state.metrics = ApiMetrics(settings)
     install_error_handlers(app)

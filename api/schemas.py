@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 # allOf so that a field's own description can sit beside the reference.
 JOB_SPEC_REF = {"allOf": [{"$ref": "#/components/schemas/JobSpec"}]}
 SpecMapping = Annotated[dict[str, Any], WithJsonSchema(JOB_SPEC_REF)]
+ClassName = Annotated[str, Field(min_length=1, max_length=200)]
+ClassIndex = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobStage = Literal["pretrain", "distill", "relabel", "evaluate", "package"]
 DatasetStatus = Literal["validating", "ready", "invalid"]
@@ -23,7 +25,7 @@ class ManifestItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(..., min_length=1, max_length=4096, description="Image path relative to the root.")
-    label: str | int = Field(..., description="Class name (or integer class index).")
+    label: ClassName | ClassIndex = Field(..., description="Class name (or integer class index).")
     split: Literal["train", "test", "val"] | None = Field(
         None, description="train, test or val (val counts as test); omitted everywhere = a test share is carved."
     )
@@ -32,7 +34,7 @@ class ManifestItem(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: str = Field(..., min_length=1, description="Folder under an operator-allowed data root.")
+    root: str = Field(..., min_length=1, max_length=4096, description="Folder under an operator-allowed data root.")
     items: list[ManifestItem] = Field(..., min_length=1, description="One row per image.")
 
 
@@ -41,7 +43,7 @@ class DatasetRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, description="Id of a `ready` uploaded dataset.")
+    id: str | None = Field(None, max_length=200, description="Id of a `ready` uploaded dataset.")
     manifest: Manifest | None = Field(None, description="Images listed under an allowed data root.")
 
 

@@ -128,7 +128,8 @@ def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, An
     path = ctx.stage_dir / "evaluate.json"
     reporter = ctx.tracker.stage("evaluate")
     if path.exists():
-        reporter.begin(1, "evaluation already finished; reusing it")
+        reporter.begin(1)
+        reporter.log("evaluation already finished; reusing it")
         reporter.end()
         return read_json(path)
     steps = len(soft)

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import Artifact, Job
+from store.models import Artifact, Job, is_public_id
 
 CHUNK_BYTES = 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -76,6 +76,8 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
 
 def get_tenant_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Artifact | None:
     """The artifact only if its job belongs to the tenant (else None, like an unknown name)."""
+    if not is_public_id(job_id) or not NAME_PATTERN.fullmatch(name):
+        return None
     return session.scalar(
         select(Artifact)
         .join(Job, Job.id == Artifact.job_id)

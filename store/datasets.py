@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.jobs import SAFE_ID
-from store.models import Dataset
+from store.models import Dataset, is_public_id
 from store.pagination import Page, newest_first_page
 from store.settings import Settings
 
@@ -60,7 +60,15 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
 
 
 def get_tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
+    if not is_public_id(dataset_id):
+        return None
     return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+
+
+def tenant_storage_bytes(session: Session, tenant_id: str) -> int:
+    """Extracted bytes of every dataset the tenant keeps (what the storage quota counts)."""
+    total = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
+    return int(total or 0)
 
 
 def list_datasets(session: Session, tenant_id: str, *, limit: int = 50, cursor: str | None = None) -> Page[Dataset]:

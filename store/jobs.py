@@ -8,7 +8,6 @@ commits: the caller's `session_scope()` (or the route) decides the transaction.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,11 +16,20 @@ from typing import Any
 from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from store.models import ACTIVE_JOB_STATUSES, FINISHED_JOB_STATUSES, Artifact, Job, JobEvent, utcnow
+from store.models import (
+    ACTIVE_JOB_STATUSES,
+    FINISHED_JOB_STATUSES,
+    PUBLIC_ID,
+    Artifact,
+    Job,
+    JobEvent,
+    is_public_id,
+    utcnow,
+)
 from store.pagination import Page, newest_first_page
 from store.settings import Settings
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SAFE_ID = PUBLIC_ID
 
 
 def json_safe(value: Any) -> Any:
@@ -91,6 +99,8 @@ def get_job(session: Session, job_id: str) -> Job | None:
 
 def get_tenant_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     """The job with its artifacts in one query, or None when unknown or another tenant's."""
+    if not is_public_id(job_id):
+        return None
     query = (
         select(Job)
         .options(joinedload(Job.artifacts))
@@ -147,6 +157,8 @@ def read_job_record(session: Session, tenant_id: str | None, job_id: str) -> Job
 
     This is what job polling (`GET /v1/jobs/{id}`) runs, so it is kept to a single prebuilt SELECT.
     """
+    if not is_public_id(job_id):
+        return None
     if tenant_id is None:
         query, params = _JOB_RECORD_QUERY, {"job_id": job_id}
     else:

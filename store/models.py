@@ -6,6 +6,7 @@ Schema changes go through Alembic (`store/migrations`); these classes and the la
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -50,9 +51,18 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+PUBLIC_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def new_id(prefix: str) -> str:
     """An unguessable public id (`ds_…`, `job_…`): 128 random bits, URL-safe."""
     return f"{prefix}_{secrets.token_hex(16)}"
+
+
+def is_public_id(text: str) -> bool:
+    """Whether `text` can be an id at all; anything else is unknown without asking the database (which may
+    refuse odd characters such as NUL with an error instead of an empty answer)."""
+    return isinstance(text, str) and PUBLIC_ID.fullmatch(text) is not None
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -16,6 +16,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute
 
+from store.models import is_public_id
+
 T = TypeVar("T")
 
 
@@ -39,7 +41,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         stamp, row_id = json.loads(raw)
         created_at = datetime.fromisoformat(stamp)
-        if not isinstance(row_id, str) or created_at.tzinfo is None:
+        if not isinstance(row_id, str) or not is_public_id(row_id) or created_at.tzinfo is None:
             raise ValueError
     except (ValueError, TypeError, json.JSONDecodeError):
         raise InvalidCursor("cursor is not valid; pass next_cursor from a previous page") from None

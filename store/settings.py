@@ -57,6 +57,27 @@ class Settings(BaseSettings):
     )
     max_extracted_bytes: int = Field(8 * GIB, ge=1, description="Largest total size of an extracted archive.")
     max_archive_members: int = Field(500_000, ge=1, description="Most files an uploaded archive may hold.")
+    max_compression_ratio: float = Field(
+        200.0, gt=1.0, description="Most extracted bytes per archive byte (zip bombs), judged past the grace size."
+    )
+    compression_ratio_grace_bytes: int = Field(
+        64 * 1024**2, ge=0, description="Extracted bytes below which the compression ratio is not judged."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Most pixels (width x height, read from the header) of one image."
+    )
+    max_classes: int = Field(5_000, ge=2, description="Most classes a dataset may have.")
+    max_manifest_rows: int = Field(500_000, ge=1, description="Most rows of a manifest (uploaded or in a job).")
+    max_manifest_bytes: int = Field(256 * 1024**2, ge=1, description="Largest manifest file inside an upload.")
+    max_tenant_storage_bytes: int = Field(
+        100 * GIB, ge=0, description="Extracted dataset bytes a tenant may keep (0 = unlimited); 413 past it."
+    )
+    max_job_cost: float = Field(
+        1e12, gt=0.0, description="Largest estimated job cost in 32-px image passes (fd2_core.cost); 422 past it."
+    )
+    max_dataset_memory_bytes: int = Field(
+        64 * GIB, ge=1, description="Largest decoded dataset (images x side² x 3 bytes) a job may load."
+    )
     dataset_test_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Held-out test share carved per class when an upload has no test split."
     )
@@ -67,7 +88,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Folders that manifest jobs may read from (empty = manifests refused)."
     )
     callback_allow_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Host names a job's callback_url may point to (empty = none)."
+        default_factory=list,
+        description="Hosts a job's callback_url may point to: `host`, `host:port` or `.domain` (empty = none).",
     )
     default_queue: str = Field(GPU_QUEUE, description="Queue for jobs whose spec device is `auto`.")
     public_base_url: str = Field("", description="Prefix for artifact URLs in responses (empty = path only).")
@@ -76,6 +98,12 @@ class Settings(BaseSettings):
     page_size_max: int = Field(200, ge=1, description="Largest accepted `limit` of a list call.")
     max_active_jobs_per_tenant: int = Field(
         1000, ge=0, description="Queued + running jobs a tenant may have at once (0 = unlimited); 429 past it."
+    )
+    rate_limit_per_minute: float = Field(
+        1200.0, ge=0.0, description="Requests per minute one API key may make, per API process (0 = off); 429."
+    )
+    rate_limit_burst: int = Field(
+        300, ge=1, description="Requests one API key may make at once before the per-minute rate applies."
     )
     auth_cache_ttl_s: float = Field(
         3.0, ge=0.0, description="Seconds an authenticated key is trusted without a database look-up."
@@ -104,6 +132,19 @@ class Settings(BaseSettings):
         self.allowed_data_roots = [Path(p).expanduser().resolve() for p in self.allowed_data_roots]
         self.callback_allow_hosts = [h.lower() for h in self.callback_allow_hosts]
         return self
+
+    def data_limit_values(self) -> dict[str, Any]:
+        """Keyword arguments of `fd2_core.data.limits.DataLimits`, so the API and the worker apply the same bounds."""
+        return {
+            "max_files": self.max_archive_members,
+            "max_total_uncompressed_bytes": self.max_extracted_bytes,
+            "max_compression_ratio": self.max_compression_ratio,
+            "ratio_grace_bytes": self.compression_ratio_grace_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_classes": self.max_classes,
+            "max_manifest_rows": self.max_manifest_rows,
+            "max_manifest_bytes": self.max_manifest_bytes,
+        }
 
     @property
     def uses_embedded_broker(self) -> bool:

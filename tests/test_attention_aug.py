@@ -8,8 +8,6 @@ from torch.nn import functional as F
 
 from fd2_core.attention_aug import attention_crop_drop, crop_and_resize, mask_boxes, select_attention_maps
 
-torch.set_num_threads(1)
-
 SIZE = 32
 
 

@@ -21,8 +21,6 @@ from fd2_core.losses import (
 )
 from fd2_core.models import CALOutput, build_model
 
-torch.set_num_threads(1)
-
 
 def ref_distance(a: list[float], b: list[float]) -> float:
     diff = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))

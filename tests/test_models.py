@@ -17,8 +17,6 @@ from fd2_core.models import (
     save_model_weights,
 )
 
-torch.set_num_threads(1)
-
 EXPECTED_CHANNELS = {"convnet": 128, "resnet18": 512, "resnet50": 2048, "mobilenetv2": 1280}
 
 

@@ -8,7 +8,6 @@ again after a crash, a redelivery or a worker shutdown resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from worker.heartbeat import Heartbeat
 from worker.job_claims import claim_job, held_here, release_job
 from worker.limits import WorkerLimits
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
+from worker.source_check import JobSource, SourceRejected, prepare_source
 from worker.stopping import StopPoller, StopReason
 from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
@@ -54,7 +54,7 @@ class ClaimedJob:
 
     id: str
     spec: dict[str, Any]
-    source: str | None
+    source: JobSource | None
     attempts: int
     callback_url: str | None
 
@@ -134,9 +134,17 @@ class JobRunner:
 
         from fd2_core.data.errors import DataError
         from fd2_core.pipeline import StopRequested, run
+        from fd2_core.spec import resolve_spec
 
+        assert job.source is not None
         try:
-            result = run(job.spec, job.source, workdir, on_event=reporter, should_stop=poller)
+            spec = resolve_spec(job.spec)
+            # Re-checked here, not trusted from submission: the files may have changed since.
+            data = prepare_source(self.settings, job.id, job.source, spec)
+            result = run(spec, data, workdir, on_event=reporter, should_stop=poller)
+        except SourceRejected as exc:
+            reporter.flush()
+            return self._fail(job.id, exc.code, exc.message)
         except StopRequested:
             reporter.flush()
             return self._stopped(job.id, poller.reason or StopReason.CANCELLED)
@@ -212,20 +220,21 @@ class JobRunner:
             source = self._source_of(session, job)
             return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url)
 
-    def _source_of(self, session: Any, job: Job) -> str | dict[str, Any] | None:
-        """What `load_dataset` reads: an operator-side manifest, or the uploaded dataset's folder.
+    def _source_of(self, session: Any, job: Job) -> JobSource | None:
+        """Where the job's data is recorded to be: an operator-side manifest, or the uploaded dataset's folder.
 
-        The API stores a manifest job's `{"root", "items"}` as JSON; it is handed over as that mapping so the
-        items resolve against the operator-approved `root`, not against the job folder the file sits in.
+        Only the rows are read here; the files are checked (`worker.source_check`) when the run starts. A
+        manifest job's stored `{"root", "items"}` resolves against the operator-approved `root`, not against
+        the job folder the file sits in.
         """
         if job.manifest_path:
-            return json.loads(Path(job.manifest_path).read_text(encoding="utf-8"))
+            return JobSource("manifest", job.manifest_path)
         if not job.dataset_id:
             return None
         dataset = get_dataset(session, job.dataset_id)
         if dataset is None:
             return None
-        return dataset.path or str(dataset_path(self.settings, dataset.id))
+        return JobSource("dataset", dataset.path or str(dataset_path(self.settings, dataset.id)), dataset.id)
 
     def _register_artifacts(self, job_id: str, artifacts: dict[str, Any]) -> None:
         with session_scope(self.settings) as session:

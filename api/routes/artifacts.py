@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from api.artifact_download import artifact_response
 from api.deps import ReaderDep, TenantDep
-from api.errors import ErrorBody, not_found
+from api.errors import error_responses, not_found
 from store.artifacts import get_tenant_artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
     summary="Download an artifact (Range, ETag = sha256, Digest)",
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content."},
                304: {"description": "Not modified (If-None-Match)."},
-               **{code: {"model": ErrorBody} for code in (401, 404, 416)}},
+               **error_responses(404, 416)},
 )
 async def download_artifact(job_id: str, name: str, request: Request, reader: ReaderDep,
                             tenant: TenantDep) -> Response:

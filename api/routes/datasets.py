@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.dataset_intake import receive_dataset
 from api.deps import ReaderDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, ErrorBody, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.schemas import DatasetOut, DatasetPage
 from store.datasets import delete_dataset, get_tenant_dataset, list_datasets, remove_dataset_files
 from store.jobs import dataset_has_active_jobs
@@ -40,9 +40,7 @@ UPLOAD_BODY = {
         },
     }
 }
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422)
-}
+ERRORS = error_responses(404, 409, 415)
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY, responses=ERRORS,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, ErrorBody, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.job_submission import submit_job
 from api.schemas import EventPage, JobCreate, JobOut, JobPage, JobStatus
 from store.jobs import (
@@ -30,9 +30,7 @@ from store.pagination import InvalidCursor, Page
 from store.resources import event_resource, job_resource
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429, 503)
-}
+ERRORS = error_responses(404, 409, 503)
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=200,
@@ -107,7 +105,7 @@ async def read_events(
     reader: ReaderDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    after: Annotated[int | None, Query(ge=0, description="Return events with a larger id.")] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="Return events with a larger id.")] = None,
     limit: Annotated[int | None, Query(ge=1)] = None,
 ) -> dict[str, Any]:
     limit = min(limit or settings.page_size_max, settings.page_size_max)

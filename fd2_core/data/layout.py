@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import random
+import re
 import stat
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,12 @@ TEST_DIR_NAMES: frozenset[str] = frozenset({"test"})
 VAL_DIR_NAMES: frozenset[str] = frozenset({"val", "validation"})
 _SPLIT_DIR_NAMES = TRAIN_DIR_NAMES | TEST_DIR_NAMES | VAL_DIR_NAMES
 _SPLIT_ALIASES: dict[str, Split] = {"train": "train", "test": "test", "val": "test", "validation": "test"}
+MAX_LABEL_CHARS = 200
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Reasons of manifest rows that point outside their root: callers that refuse such input outright match on them.
+ABSOLUTE_PATH_REASON = "absolute path refused: paths are relative to the dataset root"
+ESCAPING_PATH_REASON = "path escapes the dataset root"
+PATH_ESCAPE_REASONS: frozenset[str] = frozenset({ABSOLUTE_PATH_REASON, ESCAPING_PATH_REASON})
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ def _class_folders(
             images = list(_walk_images(path, root, errors, budget))
             if images:
                 found[entry.name] = images
+            else:
+                errors.append(FileError(relative_name(root, path) + "/", "class folder has no images; ignored"))
         else:
             budget.take()
             reason = f"skipped: not inside a class folder of {where}"
@@ -308,8 +317,8 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError("bad_manifest", f"{path.name} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep, a 5000-digit number
+            raise DataError("bad_manifest", f"{path.name} is not valid JSON: {str(exc)[:200]}") from None
         if isinstance(data, dict) and isinstance(data.get("items"), list):
             data = data["items"]
         if not isinstance(data, list):
@@ -340,29 +349,55 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
 def _label_text(value: Any) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int):
+    if isinstance(value, int) and abs(value) < 10**MAX_LABEL_CHARS:
         return str(value)
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
 
 
+def _label_problem(label: str) -> str | None:
+    """Why a label cannot name a class (it becomes a folder and a CSV cell of the distilled artifact)."""
+    if len(label) > MAX_LABEL_CHARS:
+        return f"label is longer than {MAX_LABEL_CHARS} characters"
+    if _CONTROL_CHARACTERS.search(label):
+        return "label contains control characters"
+    return None
+
+
+def _is_integer_label(name: str) -> bool:
+    digits = name[1:] if name.startswith("-") else name
+    return digits.isascii() and digits.isdigit()
+
+
 def _manifest_class_order(names: Iterable[str]) -> list[str]:
     """Sorted names; integer labels sort numerically so label `k` keeps index `k` when labels are 0..K-1."""
     names = set(names)
-    if names and all(n.lstrip("-").isdigit() for n in names):
+    if names and all(_is_integer_label(n) for n in names):
         return sorted(names, key=int)
     return sorted(names)
 
 
 def _resolve_member(root_resolved: Path, text: str) -> tuple[Path | None, str]:
+    if _CONTROL_CHARACTERS.search(text):
+        return None, "path contains control characters"
     windows = PureWindowsPath(text)
     if PurePosixPath(text).is_absolute() or windows.is_absolute() or windows.drive:
-        return None, "absolute path refused: paths are relative to the dataset root"
-    candidate = (root_resolved / text.replace("\\", "/")).resolve()
+        return None, ABSOLUTE_PATH_REASON
+    try:
+        candidate = (root_resolved / text.replace("\\", "/")).resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name too long for the system
+        return None, "path cannot be resolved"
     if candidate != root_resolved and root_resolved not in candidate.parents:
-        return None, "path escapes the dataset root"
+        return None, ESCAPING_PATH_REASON
     return candidate, ""
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def scan_manifest_items(
@@ -402,6 +437,10 @@ def scan_manifest_items(
         if label is None:
             errors.append(FileError(text, "row has no label"))
             continue
+        label_problem = _label_problem(label)
+        if label_problem is not None:
+            errors.append(FileError(text, label_problem))
+            continue
         split_text = _clean(row.get("split"))
         if split_text and split_text not in _SPLIT_ALIASES:
             errors.append(FileError(text, f"unknown split {split_text!r} (use train, test or val)"))
@@ -411,7 +450,7 @@ def scan_manifest_items(
             errors.append(FileError(text, reason))
         elif not is_image_name(path.name):
             errors.append(FileError(text, "skipped: not an image file"))
-        elif not path.is_file():
+        elif not _is_regular_file(path):
             errors.append(FileError(text, "file not found"))
         elif path in seen:
             errors.append(FileError(text, "listed twice; the first row is used"))

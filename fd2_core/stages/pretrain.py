@@ -128,7 +128,8 @@ def pretrain(ctx: RunContext) -> TeacherResult:
     out_path, info_path = ctx.stage_dir / TEACHER_FILE, ctx.stage_dir / TEACHER_INFO
     reporter = ctx.tracker.stage("pretrain")
     if out_path.exists() and info_path.exists():
-        reporter.begin(1, "pretrain already finished; reusing the saved teacher")
+        reporter.begin(1)
+        reporter.log("pretrain already finished; reusing the saved teacher")
         reporter.end()
         return TeacherResult(load_teacher(out_path, ctx), read_json(info_path))
 

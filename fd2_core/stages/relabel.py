@@ -34,7 +34,8 @@ def relabel(
     reporter = parent or ctx.tracker.stage("relabel")
     if path.exists():
         if parent is None:
-            reporter.begin(1, f"{path.name} already recorded; reusing it")
+            reporter.begin(1)
+            reporter.log(f"{path.name} already recorded; reusing it")
             reporter.end()
         return SoftLabels.load(path)
     images = ctx.normalize(images_u8).float()

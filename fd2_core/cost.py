@@ -1,0 +1,76 @@
+"""What a job will cost, estimated from its spec and dataset size alone (torch-free).
+
+The API refuses a job whose estimate is above the operator's limit before it reaches a worker, and the worker
+checks again with the files it actually found. The unit is the *32-px image pass*: one image through the
+network once at 32 px; a training step (forward + backward) counts as three passes, and larger images cost
+in proportion to their pixel count. It is a coarse bound meant to stop runaway specs (100 ipc x 100 000
+iterations x thousands of classes), not a price: the stage weights follow the pipeline's own progress weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fd2_core.spec import JobSpec
+
+REFERENCE_SIDE = 32
+TRAIN_STEP_PASSES = 3.0  # forward + backward ≈ three forward passes
+CAL_PASSES = 3.0  # the CAL head adds a counterfactual and an attention-augmented pass per image
+RGB_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    """The counts a cost estimate needs: classes and images per split as the job will see them."""
+
+    num_classes: int
+    train_images: int
+    test_images: int
+
+    @property
+    def total_images(self) -> int:
+        return self.train_images + self.test_images
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Image passes per stage at the spec's image size, and their total in 32-px image passes."""
+
+    stage_passes: dict[str, float]
+    pixel_factor: float
+
+    @property
+    def image_passes(self) -> float:
+        return sum(self.stage_passes.values())
+
+    @property
+    def cost(self) -> float:
+        return self.image_passes * self.pixel_factor
+
+
+def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
+    """Image passes of each stage (the same weighting as the pipeline's progress)."""
+    k, n_train = size.num_classes, size.train_images
+    n_syn = spec.ipc * k
+    pretrain = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
+    distill = 0.0 if spec.method == "random" else spec.ipc * spec.distill_iterations * k * TRAIN_STEP_PASSES
+    relabel = float(spec.relabel_epochs * n_syn)
+    evaluate = 0.0
+    if spec.evaluate:
+        students = 2 if spec.eval_random_baseline else 1
+        evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + 1) + size.test_images * students
+    return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate}
+
+
+def estimate_cost(spec: JobSpec, size: DatasetSize) -> CostEstimate:
+    """The cost of running `spec` on a dataset of `size`."""
+    pixel_factor = (spec.image_size / REFERENCE_SIDE) ** 2
+    return CostEstimate(stage_image_passes(spec, size), pixel_factor)
+
+
+def decoded_dataset_bytes(spec: JobSpec, size: DatasetSize) -> int:
+    """Memory the decoded dataset takes: every image as uint8 RGB at the spec's side."""
+    return size.total_images * spec.image_size * spec.image_size * RGB_CHANNELS
+
+
+__all__ = ["CostEstimate", "DatasetSize", "decoded_dataset_bytes", "estimate_cost", "stage_image_passes"]

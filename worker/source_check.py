@@ -1,0 +1,120 @@
+"""Defence in depth: the worker checks the data a job will read again, just before the pipeline reads it.
+
+The API validated the upload or the manifest at submit time, but files can change afterwards (a mounted share,
+an operator's copy, a bug). So before any stage starts, with the worker's own settings:
+- an uploaded dataset is read only from the folder the service made for it (`<datasets_dir>/<dataset id>/`),
+  never through a link that leads elsewhere;
+- a manifest job's stored manifest must sit in the job's own folder, be no larger than the manifest limit, and
+  its root must still be under the worker's `allowed_data_roots`; rows resolve inside that root;
+- the layout is scanned again under the operator's limits (files, classes, manifest rows; links not followed);
+- the estimated cost and the decoded size are checked with the counts actually found.
+The pipeline's loader then skips links again and checks each image's pixel count before decoding it.
+Torch-free, so it can run before the pipeline is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost
+from fd2_core.data.layout import DatasetLayout, scan_manifest_items, scan_source
+from fd2_core.data.limits import DataLimits
+from fd2_core.spec import JobSpec
+from store.datasets import dataset_path
+from store.jobs import job_workdir
+from store.settings import Settings
+
+
+class SourceRejected(Exception):
+    """The job's data may not be read; `code` is the job error's code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """Where a job's data is, as recorded in the database (nothing on disk has been looked at yet)."""
+
+    kind: Literal["dataset", "manifest"]
+    path: str
+    dataset_id: str | None = None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def confined_dataset_folder(settings: Settings, dataset_id: str, recorded: str) -> Path:
+    """The uploaded dataset's folder, refused when it (or a link on the way) leads out of its own folder."""
+    folder = Path(recorded)
+    own = dataset_path(settings, dataset_id)
+    if _inside(folder, own.parent) and not _inside(folder.resolve(), own.resolve()):
+        raise SourceRejected("path_escape", "the dataset folder leads outside the dataset's own storage")
+    if folder.is_symlink() or not folder.is_dir():
+        raise SourceRejected("not_found", "the dataset's files are missing")
+    return folder.resolve()
+
+
+def load_stored_manifest(settings: Settings, job_id: str, recorded: str, limits: DataLimits) -> dict[str, Any]:
+    """The `{"root", "items"}` the API stored for a manifest job, with its root re-checked."""
+    path = Path(recorded)
+    workdir = job_workdir(settings, job_id).resolve()
+    if path.is_symlink() or not _inside(path.resolve(), workdir) or not path.is_file():
+        raise SourceRejected("not_found", "the job's manifest is missing or outside the job's folder")
+    if path.stat().st_size > limits.max_manifest_bytes:
+        raise SourceRejected("too_large", f"the job's manifest is larger than {limits.max_manifest_bytes} bytes")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise SourceRejected("bad_manifest", "the job's stored manifest is not valid JSON") from None
+    root, items = (stored.get("root"), stored.get("items")) if isinstance(stored, dict) else (None, None)
+    if not isinstance(root, str) or not isinstance(items, list):
+        raise SourceRejected("bad_manifest", 'the job\'s stored manifest needs "root" and "items"')
+    resolved = Path(root).resolve()
+    if not any(_inside(resolved, allowed) for allowed in settings.allowed_data_roots):
+        raise SourceRejected("data_root_not_allowed", "the manifest root is not under this worker's allowed data roots")
+    if len(items) > limits.max_manifest_rows:
+        raise SourceRejected("too_many_files", f"the manifest has more than {limits.max_manifest_rows} rows")
+    return {"root": str(resolved), "items": items}
+
+
+def check_size(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None:
+    """Cost and decoded size with the counts found now (the files may have grown since submission)."""
+    splits = layout.splits
+    size = DatasetSize(len(layout.classes), splits["train"], splits["test"])
+    cost = estimate_cost(spec, size).cost
+    if cost > settings.max_job_cost:
+        raise SourceRejected("cost_too_high", f"the job's estimated cost of {cost:.3g} image passes is above the "
+                             f"limit of {settings.max_job_cost:.3g}")
+    memory = decoded_dataset_bytes(spec, size)
+    if memory > settings.max_dataset_memory_bytes:
+        raise SourceRejected("dataset_too_large", f"the dataset decodes to {memory} bytes, above the limit of "
+                             f"{settings.max_dataset_memory_bytes}")
+
+
+def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec) -> str | dict[str, Any]:
+    """What `load_dataset` may read for this job, after every check above.
+
+    Raises SourceRejected, or DataError when the data as it is now cannot be used (its code is kept).
+    """
+    limits = DataLimits(**settings.data_limit_values())
+    if source.kind == "dataset":
+        assert source.dataset_id is not None
+        folder = confined_dataset_folder(settings, source.dataset_id, source.path)
+        layout = scan_source(folder, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
+        check_size(settings, spec, layout)
+        return str(folder)
+    manifest = load_stored_manifest(settings, job_id, source.path, limits)
+    layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,
+                                 seed=spec.seed, limits=limits)
+    check_size(settings, spec, layout)
+    return manifest
+
+
+__all__ = ["JobSource", "SourceRejected", "confined_dataset_folder", "load_stored_manifest", "prepare_source"]
