@@ -113,3 +113,11 @@ async def get_current_tenant(
 
 
 TenantDep = Annotated[CurrentTenant, Depends(get_current_tenant)]
+
+
+async def require_json_body(request: Request) -> None:
+    """415 unless the body is declared as JSON: a form or text body would otherwise surface as a confusing
+    validation error about the body's shape."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "send the request body as application/json")

@@ -393,7 +393,7 @@ def _class_cases() -> Iterator[Case]:
     yield Case("class_names_differing_by_case", "classes", lambda c: c.upload(zip_of(tree({"Wren": 2, "wren": 2}))),
                Expect(201, classes=("Wren", "wren")))
     yield Case("thousands_of_classes", "classes",
-               lambda c: c.upload(zip_of({f"c{i:04d}/0.png": image_bytes((1, 1)) for i in range(1001)})),
+               lambda c: c.upload(zip_of({f"c{i:04d}/0.png": image_bytes("PNG", (1, 1)) for i in range(1001)})),
                Expect(422, "too_many_classes"))
 
 

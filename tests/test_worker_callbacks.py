@@ -175,15 +175,15 @@ def test_a_host_off_the_allow_list_is_recorded_and_not_contacted(settings, recei
 
 
 def test_the_callback_body_matches_the_api_job_resource(settings):
-    """The worker cannot import the API; its job resource must say what GET /v1/jobs/{id} says."""
+    """The callback body (built in `store`, which the worker can import) must say what GET /v1/jobs/{id} says."""
     from pydantic import TypeAdapter
 
-    from api.presenters import job_resource as api_job_resource
     from api.schemas import JobOut
     from store.artifacts import register_artifact
     from store.db import session_scope
     from store.jobs import get_job, get_tenant_job
-    from worker.job_resource import job_resource
+    from store.resources import job_resource as api_job_resource
+    from store.resources import job_resource_json
 
     job_id = finished_job_with_callback(settings, "http://127.0.0.1:1/x")
     artifact = settings.home / "report.json"
@@ -191,8 +191,8 @@ def test_the_callback_body_matches_the_api_job_resource(settings):
     with session_scope(settings) as session:
         register_artifact(session, job_id, "report.json", artifact)
     with session_scope(settings) as session:
-        job = get_job(session, job_id)
-        ours = job_resource(session, job, settings)
-        theirs = api_job_resource(get_tenant_job(session, job.tenant_id, job_id), settings)
+        ours = job_resource_json(session, settings, job_id)
+        tenant_id = get_job(session, job_id).tenant_id
+        theirs = api_job_resource(get_tenant_job(session, tenant_id, job_id), settings)
     as_sent_by_api = TypeAdapter(JobOut).dump_python(TypeAdapter(JobOut).validate_python(theirs), mode="json")
     assert json.loads(json.dumps(ours)) == as_sent_by_api

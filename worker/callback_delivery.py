@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from store.db import session_scope
 from store.jobs import add_event, get_job
+from store.resources import job_resource_json
 from store.settings import Settings
 from worker.callbacks import CallbackFailed, CallbackRejected, backoff_delays, post_job_resource
-from worker.job_resource import job_resource
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def deliver_callback(
         job = get_job(session, job_id)
         if job is None or not job.callback_url:
             return False
-        url, resource = job.callback_url, job_resource(session, job, settings)
+        url, resource = job.callback_url, job_resource_json(session, settings, job_id)
     delays = backoff_delays(attempts, base_delay_s)
     outcome, delivered = f"callback to {url} not delivered", False
     for attempt in range(1, attempts + 1):

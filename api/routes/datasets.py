@@ -40,10 +40,11 @@ UPLOAD_BODY = {
         },
     }
 }
-ERRORS = error_responses(404, 409, 415)
+ERRORS = error_responses(404, 409)
+UPLOAD_ERRORS = error_responses(400, 415)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY, responses=ERRORS,
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY, responses=UPLOAD_ERRORS,
              summary="Upload an image archive as a dataset")
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
                          tenant: TenantDep) -> dict[str, Any]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep
+from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep, require_json_body
 from api.errors import ApiError, error_responses, not_found
 from api.job_submission import submit_job
 from api.schemas import EventPage, JobCreate, JobOut, JobPage, JobStatus
@@ -31,6 +31,7 @@ from store.resources import event_resource, job_resource
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = error_responses(404, 409, 503)
+SUBMIT_ERRORS = error_responses(400, 404, 409, 415, 503)
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=200,
@@ -39,8 +40,9 @@ IdempotencyKey = Annotated[
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a distillation job",
+             dependencies=[Depends(require_json_body)],
              responses={200: {"model": JobOut, "description": "Replay of an earlier request with this key."},
-                        **ERRORS})
+                        **SUBMIT_ERRORS})
 async def submit(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
                  broker: BrokerDep, tenant: TenantDep, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Validate the spec and the data now (422 for anything that cannot run) and queue the job."""
