@@ -26,7 +26,7 @@ from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.runtime import autocast, frozen  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
-from fd2_core.stages.distill import _augment, distill_loss  # noqa: E402
+from fd2_core.stages.distill import distill_step  # noqa: E402
 from fd2_core.stages.teacher import new_teacher  # noqa: E402
 
 SETTINGS = [("resnet18", 100), ("convnet", 20)]
@@ -60,7 +60,7 @@ def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: in
     with torch.no_grad():
         prev = teacher.eval()(x).cal.attention.float()[None]  # one previous ipc index → SC active
     optimizer = torch.optim.Adam([x], lr=0.05, betas=(0.5, 0.9))
-    lo, hi = ctx.pixel_bounds()
+    bounds = ctx.pixel_bounds()
 
     def bare() -> None:
         with autocast(ctx.device, ctx.amp):
@@ -70,12 +70,7 @@ def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: in
         loss.backward()
 
     def full(bn: BNStatMatcher) -> None:
-        loss, _ = distill_loss(ctx, teacher, _augment(ctx, x, g), y, prev, bn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            x.data = torch.max(torch.min(x.data, hi), lo)
+        distill_step(ctx, teacher, x, y, prev, bn, optimizer, g, bounds)
 
     def timed(fn) -> float:
         if ctx.device.type == "cuda":

@@ -302,8 +302,9 @@ def _archive_cases() -> Iterator[Case]:
                Expect(201, skipped=("wren/device.png",), **contained))
     yield Case("zip_bomb_total_size", "archive", lambda c: c.upload(zip_bomb(5 * 1024**2)), Expect(422, "too_large"))
     yield Case("zip_bomb_ratio", "archive", lambda c: c.upload(zip_bomb(2 * 1024**2)), Expect(422, "too_large"))
+    # Only the declared bytes are read; the checksum then no longer matches.
     yield Case("zip_bomb_lying_header", "archive", lambda c: c.upload(lying_zip(5 * 1024**2)),
-               Expect(422, "too_large"))
+               Expect(422, "bad_archive"))
     yield Case("tar_gz_bomb_stream", "archive",
                lambda c: c.upload(tar_of([tar_entry("wren/zeros.png", b"\0" * 5 * 1024**2)], tree(BASE)), "b.tgz"),
                Expect(422, "too_large"))
@@ -338,8 +339,9 @@ def _archive_cases() -> Iterator[Case]:
                Expect(422, "bad_archive"))
     yield Case("truncated_tar_gz", "archive", lambda c: c.upload(cut(tar_of([], tree(BASE))), "d.tgz"),
                Expect(422, "bad_archive"))
+    # The zip reader ends a name at its NUL byte: `wren/a` is then no image name.
     yield Case("zip_member_name_with_nul", "archive", lambda c: c.upload(with_base({"wren/a\0b.png": b"x"})),
-               Expect(422, "bad_archive"))
+               Expect(201, skipped=("wren/a",), **contained))
 
 
 # ---------------------------------------------------------------- images
@@ -400,9 +402,9 @@ def _class_cases() -> Iterator[Case]:
 # ---------------------------------------------------------------- manifests
 
 
-def _in_archive_manifest(rows: Any, name: str = "manifest.json") -> bytes:
+def _in_archive_manifest(rows: Any, name: str = "manifest.json", extra: Mapping[str, bytes] | None = None) -> bytes:
     text = rows if isinstance(rows, (bytes, str)) else json.dumps(rows)
-    return zip_of({**tree(BASE), name: text.encode() if isinstance(text, str) else text})
+    return zip_of({**tree(BASE), **(extra or {}), name: text.encode() if isinstance(text, str) else text})
 
 
 def _rows(extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -424,11 +426,11 @@ def _manifest_cases() -> Iterator[Case]:
         # The duplicated or relabelled image stays once under its own class.
         yield Case(case_name, "manifest", lambda c, row=row: c.upload(_in_archive_manifest(_rows([row]))),
                    Expect(201, skipped=(reason,), **contained))
-    test_only = [{"path": "wren/0.png", "label": "heron", "split": "test"}]
+    test_only = [{"path": "heron/0.png", "label": "heron", "split": "test"}]
     yield Case("archive_manifest_label_not_in_training_classes", "manifest",
-               lambda c: c.upload(_in_archive_manifest(
-                   [{**r, "split": "train"} for r in _rows([])] + test_only)),
-               Expect(201, skipped=("wren/0.png",), classes=("finch", "wren")))
+               lambda c: c.upload(_in_archive_manifest([{**r, "split": "train"} for r in _rows([])] + test_only,
+                                                       extra={"heron/0.png": image_bytes()})),
+               Expect(201, skipped=("heron/0.png",), classes=("finch", "wren")))
     digits = [{"path": "wren/0.png", "label": "0"}, {"path": "wren/1.png", "label": "0"},
               {"path": "finch/0.png", "label": "²"}, {"path": "finch/1.png", "label": "²"}]
     yield Case("archive_manifest_unicode_digit_label", "manifest",
@@ -437,7 +439,7 @@ def _manifest_cases() -> Iterator[Case]:
                lambda c: c.upload(_in_archive_manifest('[{"path": "wren/0.png", "label": ')),
                Expect(422, "bad_manifest"))
     yield Case("archive_manifest_deeply_nested_json", "manifest",
-               lambda c: c.upload(_in_archive_manifest("[" * 50_000 + "]" * 50_000)), Expect(422, "bad_manifest"))
+               lambda c: c.upload(_in_archive_manifest("[" * 20_000 + "]" * 20_000)), Expect(422, "bad_manifest"))
     yield Case("archive_manifest_not_a_list", "manifest", lambda c: c.upload(_in_archive_manifest({"rows": 3})),
                Expect(422, "bad_manifest"))
     yield Case("archive_manifest_csv_without_header", "manifest",

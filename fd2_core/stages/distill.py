@@ -141,6 +141,27 @@ def distill_loss(
     return loss, parts
 
 
+def distill_step(
+    ctx: RunContext,
+    teacher: FD2Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prev_maps: torch.Tensor | None,
+    bn: BNStatMatcher,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One full iteration: augment, all losses, backward to the images, Adam step, clamp to valid pixels."""
+    loss, parts = distill_loss(ctx, teacher, _augment(ctx, x, g), y, prev_maps, bn)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        x.data = torch.max(torch.min(x.data, bounds[1]), bounds[0])
+    return loss.detach(), parts
+
+
 def optimise_chunk(
     ctx: RunContext,
     teacher: FD2Model,
@@ -162,19 +183,13 @@ def optimise_chunk(
     y = classes.to(ctx.device)
     prev_maps = previous_attention(ctx, teacher, previous, classes, g) if spec.uses_sc else None
     optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=(0.5, 0.9), eps=1e-8)
-    lo, hi = ctx.pixel_bounds()
+    bounds = ctx.pixel_bounds()
     iters = spec.distill_iterations
     with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
         for it in range(iters):
-            lr = 0.5 * spec.distill_lr * (1.0 + math.cos(math.pi * it / iters))
-            optimizer.param_groups[0]["lr"] = lr
-            loss, parts = distill_loss(ctx, teacher, _augment(ctx, x, g), y, prev_maps, bn)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                x.data = torch.max(torch.min(x.data, hi), lo)
-            reporter.step(done_before + it + 1, {"loss": loss.detach(), **parts})
+            optimizer.param_groups[0]["lr"] = 0.5 * spec.distill_lr * (1.0 + math.cos(math.pi * it / iters))
+            loss, parts = distill_step(ctx, teacher, x, y, prev_maps, bn, optimizer, g, bounds)
+            reporter.step(done_before + it + 1, {"loss": loss, **parts})
     return x.detach().float().contiguous()
 
 
