@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from api.auth import CurrentTenant
 from api.errors import ApiError
+from api.upload_slots import check_free_disk
 from api.uploads import receive_upload
 from fd2_core.data.archive import extract_archive
 from fd2_core.data.errors import DataError
@@ -30,6 +31,7 @@ from store.models import Dataset, new_id
 from store.settings import Settings
 
 MAX_STORED_ERRORS = 1000
+MAX_ERROR_TEXT_CHARS = 300  # an archive member's name may be 64 KiB long; the resource stays small
 INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dataset ids
 ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -87,9 +89,18 @@ def carved_test_count(total: int, test_fraction: float) -> int:
     return min(total - 1, max(1, int(total * test_fraction + 0.5)))
 
 
+def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
+    """`text` cut in the middle when too long, so both the folder and the file name stay readable."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
+
+
 def split_summary(layout: DatasetLayout, test_fraction: float) -> tuple[dict[str, Any], bool]:
     """The resource's counts; without an explicit test split they show the documented carved share."""
     summary = layout.summary(max_errors=MAX_STORED_ERRORS)
+    summary["errors"] = [{"path": shorten(e["path"]), "reason": shorten(e["reason"])} for e in summary["errors"]]
     has_test_split = summary["splits"]["test"] > 0
     if not has_test_split:
         per_class = {}
@@ -125,7 +136,15 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
     """The whole upload: stream to disk, extract and validate off the loop, then insert the ready row."""
     assert settings.datasets_dir is not None
+    check_free_disk(settings.datasets_dir, settings.min_free_disk_bytes)
     await run_in_threadpool(check_storage_quota, session, settings, tenant, 0)
+    with request.app.state.upload_slots.hold(tenant.id):
+        return await _receive_and_store(request, session, settings, tenant)
+
+
+async def _receive_and_store(request: Request, session: Session, settings: Settings,
+                             tenant: CurrentTenant) -> Dataset:
+    assert settings.datasets_dir is not None
     dataset_id = new_id("ds")
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:

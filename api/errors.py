@@ -88,12 +88,23 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+MAX_VALIDATION_DETAILS = 50
+MAX_LOC_PART_CHARS = 200
+
+
+def _loc_part(part: Any) -> Any:
+    """A location step as sent back: a client's own (unknown) field name may be arbitrarily long."""
+    return part if isinstance(part, int) or len(str(part)) <= MAX_LOC_PART_CHARS else str(part)[:MAX_LOC_PART_CHARS]
+
+
 def validation_details(errors: Any, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """Pydantic errors reduced to JSON-safe `{loc, field, msg, type}` (inputs are not echoed back)."""
+    """Pydantic errors reduced to JSON-safe `{loc, field, msg, type}` (inputs are not echoed back), at most
+    `MAX_VALIDATION_DETAILS` of them: a body of a million bad rows must not answer with a million errors."""
     details = []
-    for err in errors:
-        loc = [*prefix, *err.get("loc", ())]
-        field = ".".join(str(part) for part in err.get("loc", ())) or None
+    for err in list(errors)[:MAX_VALIDATION_DETAILS]:
+        own = [_loc_part(part) for part in err.get("loc", ())]
+        loc = [*prefix, *own]
+        field = ".".join(str(part) for part in own) or None
         details.append({"loc": loc, "field": field, "msg": err.get("msg", ""), "type": err.get("type", "")})
     return details
 

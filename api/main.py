@@ -24,6 +24,7 @@ from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.rate_limit import RateLimiter
 from api.routes import artifacts, datasets, health, jobs, metrics
+from api.upload_slots import UploadSlots
 from fd2_core.spec import PRESET_DESCRIPTIONS, JobSpec
 from store.db import migrate
 from store.settings import Settings, get_settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.state.broker = JobBroker(settings)
     app.state.tenant_cache = TenantCache(settings.auth_cache_ttl_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads_per_tenant)
     app.state.reader = Reader(settings)
     app.state.metrics = ApiMetrics(settings)
     install_error_handlers(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_TRACKED_KEYS = 100_000
@@ -25,9 +26,10 @@ class _Bucket:
 class RateLimiter:
     """`acquire(key_hash)` answers 0 when the request may go ahead, else the seconds to wait."""
 
-    def __init__(self, per_minute: float, burst: int) -> None:
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
+        self.clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -38,7 +40,7 @@ class RateLimiter:
     def acquire(self, key_hash: str) -> int:
         if not self.enabled:
             return 0
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             bucket = self._buckets.get(key_hash)
             if bucket is None:

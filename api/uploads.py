@@ -2,7 +2,9 @@
 
 Starlette's form parsing reads the whole body before the route runs and has no limit for file parts, so the
 dataset upload parses the stream itself: the `file` part goes to disk in ~1 MiB writes (off the event loop)
-and the request stops with 413 as soon as it passes the limit, without reading the rest.
+and the request stops with 413 as soon as it passes the limit, without reading the rest. Everything else a
+client could use to make the server hold memory is bounded too: the whole body, the number of parts, each
+part's headers and the text fields together.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from api.errors import ApiError
 
 FLUSH_BYTES = 1024 * 1024
 MAX_TEXT_FIELD_BYTES = 4096
+MAX_PARTS = 16
+MAX_PART_HEADER_BYTES = 8 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
@@ -52,6 +56,7 @@ class _PartCollector:
         self._current: str | None = None
         self._is_file = False
         self._text = bytearray()
+        self.parts = 0
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -65,6 +70,9 @@ class _PartCollector:
         }
 
     def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise ApiError(422, "validation_error", f"the form has more than {MAX_PARTS} parts")
         self._headers = {}
         self._current = None
         self._is_file = False
@@ -72,9 +80,15 @@ class _PartCollector:
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
+        self._check_header_size()
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header_size()
+
+    def _check_header_size(self) -> None:
+        if len(self._header_field) + len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise ApiError(400, "bad_request", f"a form part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_end(self) -> None:
         self._headers[self._header_field.strip().lower()] = self._header_value.strip()
@@ -123,8 +137,12 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int, file_fiel
     with open(dest, "wb") as handle:
         collector = _PartCollector(file_field, handle, max_bytes)
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+        received = 0
         try:
             async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes + MULTIPART_OVERHEAD_BYTES:
+                    raise too_large(max_bytes)
                 parser.write(chunk)
                 if len(collector.pending) >= FLUSH_BYTES:
                     data = bytes(collector.pending)

@@ -91,8 +91,9 @@ def free_port() -> int:
 
 
 def start_server(settings: Settings, port: int, workers: int) -> subprocess.Popen:
+    # one key drives all clients: the per-key rate limit is switched off so polling, not 429s, is measured
     env = {**os.environ, "FD2_HOME": str(settings.home), "FD2_DATABASE_URL": settings.database_url,
-           "PYTHONPATH": str(REPO)}
+           "FD2_RATE_LIMIT_PER_MINUTE": "0", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
     process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)

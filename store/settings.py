@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     max_classes: int = Field(5_000, ge=2, description="Most classes a dataset may have.")
     max_manifest_rows: int = Field(500_000, ge=1, description="Most rows of a manifest (uploaded or in a job).")
     max_manifest_bytes: int = Field(256 * 1024**2, ge=1, description="Largest manifest file inside an upload.")
+    max_concurrent_uploads_per_tenant: int = Field(
+        2, ge=0, description="Uploads one tenant may stream at once per API process (0 = unlimited); 429 past it."
+    )
+    min_free_disk_bytes: int = Field(
+        1 * GIB, ge=0, description="Uploads are refused (503) while the datasets folder has less free space."
+    )
     max_tenant_storage_bytes: int = Field(
         100 * GIB, ge=0, description="Extracted dataset bytes a tenant may keep (0 = unlimited); 413 past it."
     )

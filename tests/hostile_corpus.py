@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import secrets
 import struct
 import tarfile
 import zipfile
@@ -22,7 +23,7 @@ from typing import Any
 
 from annotated_types import Ge, Gt, Le, Lt
 from fastapi.testclient import TestClient
-from PIL import Image, features
+from PIL import Image
 
 from fd2_core.spec import JobSpec
 from store.db import session_scope
@@ -327,6 +328,10 @@ def _archive_cases() -> Iterator[Case]:
                lambda c: c.upload(with_base({"wren/notes.txt": b"hi", "finch/run.sh": b"#!/bin/sh",
                                              "README.md": b"#"})),
                Expect(201, skipped=("wren/notes.txt", "finch/run.sh", "README.md"), **contained))
+    long_names = {f"wren/{i}" + "x" * 60_000 + ".txt": b"x" for i in range(6)}
+    long_names["/".join(["d" * 200] * 30) + "/0.png"] = image_bytes()
+    yield Case("member_names_of_sixty_thousand_chars", "archive", lambda c: c.upload(with_base(long_names)),
+               Expect(201, **contained))
     yield Case("empty_zip", "archive", lambda c: c.upload(zip_of({})), Expect(422, "no_images"))
     yield Case("empty_tar", "archive", lambda c: c.upload(tar_of([], mode="w"), "empty.tar"),
                Expect(422, "bad_archive"))
@@ -373,8 +378,7 @@ def _image_cases() -> Iterator[Case]:
     yield _image_case("exif_rotated_jpeg", "rotated.jpg", exif_rotated_jpeg, True)
     yield _image_case("one_pixel_png", "dot.png", lambda: image_bytes("PNG", (1, 1)), True)
     yield _image_case("animated_png", "anim.png", lambda: animated("PNG"), True)
-    if features.check("webp"):
-        yield _image_case("animated_webp", "anim.webp", lambda: animated("WEBP"), True)
+    yield _image_case("animated_webp", "anim.webp", lambda: animated("WEBP"), True)
     yield Case("every_image_broken", "image",
                lambda c: c.upload(zip_of({"wren/a.jpg": b"", "finch/b.png": cut(noisy_bytes("PNG"))})),
                Expect(422, "no_images"))
@@ -547,6 +551,8 @@ def _spec_cases() -> Iterator[Case]:
         ("spec_huge_integer", {"seed": 10**30}), ("spec_unknown_field", {"learning_rate": 0.1}),
         ("spec_unknown_preset", {"preset": "paper-imagenet"}), ("spec_unknown_backbone", {"backbone": "vgg19"}),
         ("spec_unknown_method", {"method": "dc"}),
+        ("spec_thousands_of_unknown_fields", {f"field_{i}": i for i in range(5000)}),
+        ("spec_unknown_field_with_a_huge_name", {"x" * 100_000: 1}),
         ("spec_random_with_fd2_parts", {"method": "random", "fc": True}),
         ("spec_base_recipe_with_sc", {"method": "sre2l++", "sc": True}),
         ("spec_fc_without_cal", {"cal": False, "fc": True}),
@@ -656,6 +662,19 @@ def _http_cases() -> Iterator[Case]:
     yield Case("upload_without_file_part", "http",
                lambda c: c.client.post("/v1/datasets", headers=c.caller, files={"other": ("a.zip", b"PK")}),
                Expect(422, "validation_error"))
+    yield Case("upload_with_too_many_form_parts", "http",
+               lambda c: c.client.post("/v1/datasets", headers=c.caller, data={f"f{i}": "x" for i in range(40)},
+                                       files={"file": ("d.zip", zip_of(tree(BASE)), "application/zip")}),
+               Expect(422, "validation_error"))
+    yield Case("upload_with_a_huge_part_header", "http", _upload_with_huge_part_header, Expect(400, "bad_request"))
+    yield Case("upload_name_field_too_long", "http",
+               lambda c: c.client.post("/v1/datasets", headers=c.caller, data={"name": "n" * 5000},
+                                       files={"file": ("d.zip", zip_of(tree(BASE)), "application/zip")}),
+               Expect(422, "validation_error"))
+    yield Case("upload_malformed_multipart", "http",
+               lambda c: c.client.post("/v1/datasets", content=b"--zz\r\nContent-Disposition: form-data\r\n\r\n",
+                                       headers={**c.caller, "Content-Type": "multipart/form-data; boundary=zz"}),
+               Expect(422, "validation_error"))
     yield Case("job_as_plain_text", "http",
                lambda c: c.client.post("/v1/jobs", headers={**c.caller, "Content-Type": "text/plain"},
                                        content=json.dumps({"dataset": {"id": c.dataset_id}})),
@@ -684,6 +703,24 @@ def _http_cases() -> Iterator[Case]:
                settings={"max_active_jobs_per_tenant": 1})
     yield Case("storage_quota_per_tenant", "http", lambda c: c.upload(zip_of(tree(BASE))),
                Expect(413, "storage_quota_exceeded"), settings={"max_tenant_storage_bytes": 1000})
+    yield Case("storage_quota_reached_by_extraction", "http", _upload_past_a_fresh_quota,
+               Expect(413, "storage_quota_exceeded"), settings={"max_tenant_storage_bytes": 1500})
+
+
+def _upload_past_a_fresh_quota(c: Corpus) -> Any:
+    """A tenant with nothing stored yet passes the first check; the extracted size then exceeds the quota."""
+    with session_scope(c.settings) as session:
+        key = create_tenant_key(session, f"fresh-{secrets.token_hex(4)}")
+    photos = {f"{name}/{i}.png": noisy_bytes("PNG") for name in BASE for i in range(2)}
+    return c.client.post("/v1/datasets", headers={"Authorization": f"Bearer {key}"},
+                         files={"file": ("d.zip", zip_of(photos), "application/zip")})
+
+
+def _upload_with_huge_part_header(c: Corpus) -> Any:
+    body = (b'--zz\r\nContent-Disposition: form-data; name="file"; filename="d.zip"\r\nX-Padding: '
+            + b"p" * 20_000 + b"\r\n\r\nPK\r\n--zz--\r\n")
+    return c.client.post("/v1/datasets", content=body,
+                         headers={**c.caller, "Content-Type": "multipart/form-data; boundary=zz"})
 
 
 def _burst_of_requests(c: Corpus) -> Any:

@@ -112,6 +112,7 @@ def check_contained(case: Case, corpus: Corpus, response: Any, before: dict, aft
     body = response.json()
     assert body["status"] == "ready"
     reported = [e["path"] for e in body["errors"]]
+    assert all(len(e["path"]) <= 300 and len(e["reason"]) <= 300 for e in body["errors"]), "unbounded error text"
     for path in case.expect.skipped:
         assert path in reported, f"{path!r} is not named in errors: {reported}"
     for path in case.expect.not_reported:

@@ -5,7 +5,8 @@ an operator's copy, a bug). So before any stage starts, with the worker's own se
 - an uploaded dataset is read only from the folder the service made for it (`<datasets_dir>/<dataset id>/`),
   never through a link that leads elsewhere;
 - a manifest job's stored manifest must sit in the job's own folder, be no larger than the manifest limit, and
-  its root must still be under the worker's `allowed_data_roots`; rows resolve inside that root;
+  its root must still be under the worker's `allowed_data_roots`; a row leading out of the root (the API
+  refused those at submission, so the file was edited) refuses the job;
 - the layout is scanned again under the operator's limits (files, classes, manifest rows; links not followed);
 - the estimated cost and the decoded size are checked with the counts actually found.
 The pipeline's loader then skips links again and checks each image's pixel count before decoding it.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost
-from fd2_core.data.layout import DatasetLayout, scan_manifest_items, scan_source
+from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
 from fd2_core.spec import JobSpec
 from store.datasets import dataset_path
@@ -113,6 +114,9 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
     layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,
                                  seed=spec.seed, limits=limits)
+    escaping = [e.path for e in layout.errors if e.reason in PATH_ESCAPE_REASONS]
+    if escaping:
+        raise SourceRejected("path_escape", f"manifest row {escaping[0]!r} leads outside the manifest root")
     check_size(settings, spec, layout)
     return manifest
 
