@@ -24,6 +24,7 @@ from .artifacts import MEDIA_TYPES, copy_file, write_distilled_tar, write_previe
 from .atomic import read_json, write_json
 from .data.dataset import ImageDataset, load_dataset
 from .data.errors import DataError
+from .data.limits import DataLimits
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import autocast, pick_device
 from .spec import JobSpec, resolve_spec
@@ -161,8 +162,13 @@ def run(
     workdir: str | Path,
     on_event: EventSink | None = None,
     should_stop: StopCheck | None = None,
+    limits: DataLimits | None = None,
 ) -> PipelineResult:
-    """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop."""
+    """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
+
+    `limits` bounds what the data loader accepts (a service passes its operator settings; default: the
+    library's own limits).
+    """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +182,7 @@ def run(
     timings: dict[str, float] = {}
     started = time.monotonic()
     data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
-        dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction
+        dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits()
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)

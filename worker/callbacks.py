@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
+
+from store.callback_hosts import callback_host_allowed
 
 
 class CallbackRejected(Exception):
@@ -23,18 +24,11 @@ class CallbackFailed(Exception):
 
 
 def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
-    """True when the URL's host is listed: `host`, `host:port`, or `.domain` for any subdomain of it."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
-        return False
-    with_port = f"{host}:{parts.port}" if parts.port else host
-    for entry in (item.strip().lower() for item in allowed_hosts):
-        if not entry:
-            continue
-        if entry in (host, with_port) or (entry.startswith(".") and host.endswith(entry)):
-            return True
-    return False
+    """True when the URL's host is listed: `host`, `host:port`, or `.domain` for any subdomain of it.
+
+    The very rule the API applied at submission, checked again here before the worker connects anywhere.
+    """
+    return callback_host_allowed(url, allowed_hosts)
 
 
 def post_job_resource(

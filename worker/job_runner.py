@@ -133,6 +133,7 @@ class JobRunner:
         from pydantic import ValidationError
 
         from fd2_core.data.errors import DataError
+        from fd2_core.data.limits import DataLimits
         from fd2_core.pipeline import StopRequested, run
         from fd2_core.spec import resolve_spec
 
@@ -141,7 +142,8 @@ class JobRunner:
             spec = resolve_spec(job.spec)
             # Re-checked here, not trusted from submission: the files may have changed since.
             data = prepare_source(self.settings, job.id, job.source, spec)
-            result = run(spec, data, workdir, on_event=reporter, should_stop=poller)
+            limits = DataLimits(**self.settings.data_limit_values())
+            result = run(spec, data, workdir, on_event=reporter, should_stop=poller, limits=limits)
         except SourceRejected as exc:
             reporter.flush()
             return self._fail(job.id, exc.code, exc.message)
