@@ -64,8 +64,8 @@ class JobSpec(BaseModel):
     sc_tau: float = Field(0.0, ge=0.0, le=1.0, description="τ: SC is added only when it is at least τ.")
 
     # stage 1 — pretrain
-    pretrain_epochs: int = Field(30, ge=1, le=1000, description="Teacher training epochs.")
-    pretrain_batch_size: int = Field(64, ge=2, le=4096, description="Teacher training batch size.")
+    pretrain_epochs: int = Field(20, ge=1, le=1000, description="Teacher training epochs.")
+    pretrain_batch_size: int = Field(16, ge=2, le=4096, description="Teacher training batch size.")
     pretrain_optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Teacher optimiser.")
     pretrain_lr: float = Field(2e-3, gt=0.0, le=10.0, description="Teacher learning rate.")
     pretrain_weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Teacher weight decay.")
@@ -88,7 +88,7 @@ class JobSpec(BaseModel):
     )
 
     # stage 3 — relabel
-    relabel_epochs: int = Field(60, ge=1, le=2000, description="Epochs of recorded augmentations + soft labels.")
+    relabel_epochs: int = Field(300, ge=1, le=2000, description="Epochs of recorded augmentations + soft labels.")
     relabel_batch_size: int = Field(20, ge=1, le=4096, description="Batch size of the relabel walk (and student).")
     cutmix_alpha: float = Field(1.0, ge=0.0, le=10.0, description="CutMix Beta(α, α); 0 disables CutMix.")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop minimum area scale.")
@@ -135,8 +135,13 @@ class JobSpec(BaseModel):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The CPU preset narrows the convnet to 64 channels: 4x cheaper per image on 2 cores, same depth.
-    "cpu-small": {"model_width": 64},
+    # The CPU preset narrows the convnet to 32 channels (about 3x cheaper per image than 64 on 2 cores, same
+    # depth) and spends the time on teacher steps instead: 20 epochs at batch 16 (the field defaults). Calibrated
+    # on a validation set (fgsynth seed 7): CAL teacher ~75 % on the 20-class set; 64 channels with the same
+    # time budget reached fewer epochs and stayed far lower. The student's lr is 3e-3 (the paper's 1e-3 stays the
+    # field default): with 300 relabel epochs of a 20-100 image set, 1e-3 left the student 10-17 points lower at
+    # IPC 5 on the validation set, for every method alike.
+    "cpu-small": {"model_width": 32, "eval_lr": 3e-3},
     "paper-cub": {
         "image_size": 224,
         "backbone": "resnet18",

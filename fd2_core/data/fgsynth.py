@@ -9,9 +9,12 @@ statistics carry no class information; a model has to find the part and read its
 Class `k` is numbered so that neighbouring classes form confusable groups: within a group of five, classes
 share shape and placement and differ in the pattern alone.
 
-Difficulty (default: birds, 20 classes, 150 train / 50 test per class, 32 px): a ConvNet-BN of three blocks
-(width 128) trained 30 epochs with AdamW reaches about 77 % test accuracy; the "cars" variant is harder (about
-64 %). Global colour histograms stay at chance.
+Difficulty (default: birds, 20 classes, 150 train / 50 test per class, 32 px): the `cpu-small` FD² teacher
+(ConvNet-BN of three blocks, width 32, CAL, 20 epochs with AdamW at batch 16) reaches about 75 % test accuracy
+(77 % on seed 0), a plain-CE teacher with the same schedule about 70 %. Global colour histograms stay at chance.
+The `Nuisance` defaults are calibrated so that this teacher finds the part within a couple of minutes on two CPU
+cores; stronger nuisance (e.g. `Nuisance(scale=(0.30, 0.35), shift=0.05, rotation_deg=10, part_angle_deg=10)`)
+makes the part much slower to find.
 
 Shapes are signed distance functions evaluated on every pixel, so edges are anti-aliased analytically without
 supersampling, and all images of a chunk are drawn at once with array operations.
@@ -216,15 +219,15 @@ class Nuisance:
     Sizes are shares of the image side, so an image looks the same at any resolution.
     """
 
-    scale: tuple[float, float] = (0.30, 0.35)  # pixels per object unit (an object is about 2.8 units long)
-    shift: float = 0.05  # largest offset of the object's centre from the image centre
-    rotation_deg: float = 10.0  # largest in-plane rotation (cars turn at most half as much)
+    scale: tuple[float, float] = (0.33, 0.35)  # pixels per object unit (an object is about 2.8 units long)
+    shift: float = 0.02  # largest offset of the object's centre from the image centre
+    rotation_deg: float = 4.0  # largest in-plane rotation (cars turn at most half as much)
     part_area: float = 0.095  # class part's area as a share of the object's (never above 0.1)
-    part_angle_deg: float = 10.0  # the part's own wobble around its place on the object
+    part_angle_deg: float = 4.0  # the part's own wobble around its place on the object
     gain: tuple[float, float] = (0.7, 1.2)  # global brightness
-    gradient: float = 0.35  # strength of a linear light falloff across the image
-    noise: float = 0.03  # largest standard deviation of Gaussian pixel noise, in [0, 1] units
-    texture: float = 0.45  # largest weight of the striped wave in the background texture
+    gradient: float = 0.25  # strength of a linear light falloff across the image
+    noise: float = 0.02  # largest standard deviation of Gaussian pixel noise, in [0, 1] units
+    texture: float = 0.3  # largest weight of the striped wave in the background texture
 
     def __post_init__(self) -> None:
         if not 0 < self.part_area <= 0.1:
