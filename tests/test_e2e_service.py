@@ -31,19 +31,15 @@ from service_harness import (
     wait_until,
 )
 
+from fd2_core.pipeline import ARTIFACT_NAMES
+
 pytestmark = pytest.mark.service
 
 CLASSES = 10
 JOB_TIMEOUT_S = 240
 FINAL = {"succeeded", "failed", "cancelled"}
 CPU_SPEC = tiny_spec(device="cpu")
-EXPECTED_ARTIFACTS = {
-    "distilled.tar.gz",
-    "soft_labels.safetensors",
-    "teacher.safetensors",
-    "report.json",
-    "preview.png",
-}
+EXPECTED_ARTIFACTS = set(ARTIFACT_NAMES)
 # Long enough per ipc index that a test can act between two indices, short enough to finish quickly.
 SLOW_DISTILL_SPEC = tiny_spec(
     device="cpu", ipc=3, distill_iterations=40, evaluate=False, eval_random_baseline=False

@@ -12,6 +12,7 @@ import torch
 from pipeline_helpers import tiny_spec
 from service_harness import embedded_settings, seed_job, wait_until, write_fgsynth_folder
 
+from fd2_core.pipeline import ARTIFACT_NAMES
 from store.artifacts import file_digest, list_artifacts
 from store.db import dispose_engines, migrate, session_scope
 from store.jobs import get_job, job_workdir, list_events, request_cancel
@@ -21,13 +22,7 @@ from worker.job_runner import MAX_ATTEMPTS, JobReleased, JobRunner
 from worker.limits import worker_limits
 from worker.stopping import worker_shutdown
 
-EXPECTED_ARTIFACTS = {
-    "distilled.tar.gz",
-    "soft_labels.safetensors",
-    "teacher.safetensors",
-    "report.json",
-    "preview.png",
-}
+EXPECTED_ARTIFACTS = set(ARTIFACT_NAMES)
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ def distill_loss(
     with autocast(ctx.device, ctx.amp):
         out = teacher(x)
     ce_bb = F.cross_entropy(out.logits.float(), y)
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     if out.cal is not None:
         ce_cal = F.cross_entropy(out.cal.logits.float(), y)
         loss = spec.cal_ratio * ce_cal + (1.0 - spec.cal_ratio) * ce_bb
