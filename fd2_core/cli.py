@@ -90,7 +90,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        result = run(spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet))
+        result = run(
+            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights
+        )
     except DataError as err:
         return _fail(str(err))
     except (ValueError, RuntimeError, FileNotFoundError) as err:
@@ -159,6 +161,12 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     d.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any spec field (repeatable)")
+    d.add_argument(
+        "--teacher-weights",
+        metavar="FILE",
+        help="start the teacher from a local weights file (safetensors or a torch state dict, e.g. an earlier "
+        "run's teacher.safetensors) instead of from scratch",
+    )
     d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=cmd_distill)

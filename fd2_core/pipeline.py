@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 from . import __version__
-from .artifacts import MEDIA_TYPES, copy_file, write_distilled_tar, write_preview
+from .artifacts import MEDIA_TYPES, copy_file, sha256_of, write_distilled_tar, write_preview
 from .atomic import read_json, write_json
 from .data.dataset import ImageDataset, load_dataset
 from .data.errors import DataError
@@ -163,11 +163,13 @@ def run(
     on_event: EventSink | None = None,
     should_stop: StopCheck | None = None,
     limits: DataLimits | None = None,
+    teacher_weights: str | Path | None = None,
 ) -> PipelineResult:
     """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
 
     `limits` bounds what the data loader accepts (a service passes its operator settings; default: the
-    library's own limits).
+    library's own limits). `teacher_weights` is a local weights file the teacher starts from (safetensors or a
+    torch state dict, e.g. an earlier job's `teacher.safetensors`); a resumed run must name the same file.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
@@ -176,8 +178,15 @@ def run(
     resolved = spec.model_dump(mode="json")
     if spec_path.exists() and read_json(spec_path) != resolved:
         raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec; use a new folder")
+    if teacher_weights and not Path(teacher_weights).is_file():
+        raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found")
+    inputs = {"teacher_weights_sha256": sha256_of(Path(teacher_weights)) if teacher_weights else None}
+    inputs_path = workdir / "inputs.json"
+    if inputs_path.exists() and read_json(inputs_path) != inputs:
+        raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights")
     resumed = (workdir / "stages").exists()
     write_json(spec_path, resolved)
+    write_json(inputs_path, inputs)
 
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -188,7 +197,10 @@ def run(
     check_dataset(spec, data)
     device = pick_device(spec.device)
     tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
-    ctx = RunContext(spec=spec, data=data, workdir=workdir, device=device, tracker=tracker)
+    ctx = RunContext(
+        spec=spec, data=data, workdir=workdir, device=device, tracker=tracker,
+        teacher_weights=Path(teacher_weights) if teacher_weights else None,
+    )
     torch.manual_seed(spec.seed)
 
     t = time.monotonic()
@@ -270,7 +282,7 @@ def run(
                 "test split; the random baseline is a random real subset of the same size, relabelled and "
                 "trained identically",
             },
-            "teacher": teacher.info,
+            "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
             "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,

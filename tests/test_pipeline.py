@@ -135,3 +135,33 @@ def test_stop_request_raises_and_keeps_finished_stages(tmp_path, tiny_data):
         run(resolve_spec(tiny_spec(distill_iterations=200)), tiny_data, tmp_path / "run", seen.append, should_stop)
     assert (tmp_path / "run" / "stages" / "teacher.safetensors").exists()
     assert not (tmp_path / "run" / "artifacts" / "report.json").exists()
+
+
+def test_the_teacher_can_start_from_a_local_weights_file(tmp_path, tiny_data):
+    import hashlib
+
+    first = run(resolve_spec(tiny_spec()), tiny_data, tmp_path / "a")
+    weights = first.artifacts["teacher.safetensors"]
+    # a vanishing learning rate: the second teacher must keep the loaded weights
+    raw = tiny_spec(pretrain_lr=1e-9, pretrain_weight_decay=0.0)
+    second = run(resolve_spec(raw), tiny_data, tmp_path / "b", teacher_weights=weights)
+    a = _safetensors_content(weights)[1]
+    b = _safetensors_content(second.artifacts["teacher.safetensors"])[1]
+    conv = [k for k in a if k.endswith("weight") and "bn" not in k and "classifier" not in k]
+    assert conv
+    for key in conv:
+        assert torch.allclose(
+            torch.frombuffer(bytearray(a[key]), dtype=torch.float32),
+            torch.frombuffer(bytearray(b[key]), dtype=torch.float32),
+            atol=1e-6,
+        ), key
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert second.report["teacher"]["initial_weights"] == sha
+
+    with pytest.raises(DataError) as err:  # a resumed run must name the same file
+        run(resolve_spec(raw), tiny_data, tmp_path / "b")
+    assert err.value.code == "workdir_conflict"
+    with pytest.raises(DataError):
+        run(resolve_spec(raw), tiny_data, tmp_path / "c", teacher_weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="backbone"):
+        run(resolve_spec(tiny_spec(backbone="resnet18")), tiny_data, tmp_path / "d", teacher_weights=weights)

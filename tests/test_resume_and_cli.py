@@ -76,6 +76,7 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
         (["--data", TINY_DATA, "--set", "backbone=vgg11"], "backbone"),
         (["--data", TINY_DATA, "--set", "no_such_field=1"], "no_such_field"),
         (["--data", TINY_DATA, "--method", "sre2l++", "--set", "fc=true"], "fc"),
+        (["--data", TINY_DATA, "--teacher-weights", "/nonexistent/teacher.safetensors"], "not found"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, needle):

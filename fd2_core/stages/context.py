@@ -20,6 +20,7 @@ class RunContext:
     workdir: Path
     device: torch.device
     tracker: ProgressTracker
+    teacher_weights: Path | None = None  # local file the teacher starts from (None: scratch or torchvision)
     notes: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

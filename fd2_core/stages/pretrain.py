@@ -139,7 +139,7 @@ def pretrain(ctx: RunContext) -> TeacherResult:
     x_val, y_val = data.train_images[val_idx], data.train_labels[val_idx]
 
     torch.manual_seed(spec.seed)
-    model = new_teacher(ctx)
+    model = new_teacher(ctx, weights_path=ctx.teacher_weights)
     optimizer = _optimizer(ctx, model)
     steps_per_epoch = max(1, x_train.shape[0] // spec.pretrain_batch_size)
     reporter.begin(spec.pretrain_epochs * steps_per_epoch)

@@ -47,7 +47,7 @@ def accuracy(
     return correct / images_u8.shape[0]
 
 
-def new_teacher(ctx: RunContext) -> FD2Model:
+def new_teacher(ctx: RunContext, weights_path: Path | None = None) -> FD2Model:
     spec = ctx.spec
     model = build_model(
         spec.backbone,
@@ -57,6 +57,7 @@ def new_teacher(ctx: RunContext) -> FD2Model:
         num_attention_maps=spec.num_attention_maps,
         width=spec.model_width,
         torchvision_weights=spec.torchvision_weights,
+        weights_path=weights_path,
     )
     return to_device(model, ctx.device, channels_last=ctx.amp)
 
