@@ -156,6 +156,21 @@ def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, An
     return result
 
 
+def _loading_reporter(on_event: EventSink | None, should_stop: StopCheck | None):
+    """Decoding a large dataset takes minutes: report it (as the start of pretraining) and honour a stop."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise StopRequested("stop requested while loading the data")
+        now = time.monotonic()
+        if on_event is not None and (now - last[0] >= 1.0 or done == total):
+            last[0] = now
+            on_event(PipelineEvent("log", "pretrain", 0.0, 0.0, None, f"loading data: {done}/{total} images"))
+
+    return report
+
+
 def run(
     spec: JobSpec | dict[str, Any],
     dataset: Any,
@@ -191,7 +206,8 @@ def run(
     timings: dict[str, float] = {}
     started = time.monotonic()
     data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
-        dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits()
+        dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits(),
+        on_progress=_loading_reporter(on_event, should_stop),
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)

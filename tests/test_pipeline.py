@@ -165,3 +165,19 @@ def test_the_teacher_can_start_from_a_local_weights_file(tmp_path, tiny_data):
         run(resolve_spec(raw), tiny_data, tmp_path / "c", teacher_weights=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="backbone"):
         run(resolve_spec(tiny_spec(backbone="resnet18")), tiny_data, tmp_path / "d", teacher_weights=weights)
+
+
+def test_loading_a_folder_reports_progress_and_honours_a_stop(tmp_path):
+    from fd2_core.data.fgsynth import write_fgsynth
+    from fd2_core.progress import StopRequested
+
+    folder = write_fgsynth(tmp_path / "data", "folder", num_classes=3, train_per_class=8, test_per_class=2)
+    events = []
+    with pytest.raises(StopRequested):
+        run(resolve_spec(tiny_spec()), folder, tmp_path / "stopped", events.append, should_stop=lambda: True)
+    assert not (tmp_path / "stopped" / "stages").exists()
+
+    run(resolve_spec(tiny_spec()), folder, tmp_path / "run", events.append)
+    loading = [e for e in events if e.message.startswith("loading data")]
+    assert loading and loading[-1].message == "loading data: 30/30 images"
+    assert all(e.stage == "pretrain" and e.progress == 0.0 for e in loading)

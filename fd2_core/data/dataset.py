@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +158,11 @@ def decode_layout(
     workers: int | None = None,
     source: str = "",
     extra_errors: Sequence[FileError] = (),
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ImageDataset:
     """Decode every item of a layout in a thread pool; failures move to `errors` (DataError when fewer than
-    two classes with training images remain)."""
+    two classes with training images remain). `on_progress(done, total)` is called from this thread every
+    few hundred images, so a caller can report progress or stop a long decode."""
     buffer = np.empty((len(layout.items), image_size, image_size, 3), dtype=np.uint8)
 
     def decode_into(index_item: tuple[int, Item]) -> str | None:
@@ -172,8 +174,13 @@ def decode_layout(
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
+    total = len(layout.items)
+    reasons: list[str | None] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(decode_into, enumerate(layout.items)))
+        for reason in pool.map(decode_into, enumerate(layout.items)):
+            reasons.append(reason)
+            if on_progress is not None and (len(reasons) % 256 == 0 or len(reasons) == total):
+                on_progress(len(reasons), total)
     row_of = {item.path: index for index, item in enumerate(layout.items)}
     failed = {item.path: r for item, r in zip(layout.items, reasons, strict=True) if r is not None}
     layout.without(failed)
@@ -197,6 +204,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     limits: DataLimits = DataLimits(),
     workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ImageDataset:
     """Load a folder, archive, manifest file, inline manifest `{"root", "items"}` or `fgsynth[:...]` source.
 
@@ -214,7 +222,8 @@ def load_dataset(
         if not isinstance(root, (str, os.PathLike)) or not isinstance(items, Sequence):
             raise DataError("bad_manifest", 'an inline manifest needs "root" (a folder) and "items" (a list)')
         layout = scan_manifest_items(Path(root), items, test_fraction=test_fraction, seed=seed, limits=limits)
-        return decode_layout(layout, image_size, limits=limits, workers=workers, source=f"manifest:{root}")
+        return decode_layout(layout, image_size, limits=limits, workers=workers, source=f"manifest:{root}",
+                             on_progress=on_progress)
     text = os.fspath(source)
     path = Path(text)
     if text.strip().lower().partition(":")[0] == FGSYNTH_PREFIX and not path.exists():
@@ -228,9 +237,9 @@ def load_dataset(
             extraction = extract_archive(path, Path(tmp) / "data", limits)
             layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
             return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
-                                 extra_errors=extraction.skipped)
+                                 extra_errors=extraction.skipped, on_progress=on_progress)
     layout = scan_source(path, test_fraction=test_fraction, seed=seed, limits=limits)
-    return decode_layout(layout, image_size, limits=limits, workers=workers, source=text)
+    return decode_layout(layout, image_size, limits=limits, workers=workers, source=text, on_progress=on_progress)
 
 
 __all__ = [
