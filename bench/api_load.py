@@ -90,6 +90,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_server(server: subprocess.Popen | None) -> None:
+    """Terminate the uvicorn process group started by `start_server` (no-op when it never started)."""
+    if server is not None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def start_server(settings: Settings, port: int, workers: int) -> subprocess.Popen:
     # one key drives all clients: the per-key rate limit is switched off so polling, not 429s, is measured
     env = {**os.environ, "FD2_HOME": str(settings.home), "FD2_DATABASE_URL": settings.database_url,
@@ -207,9 +214,7 @@ def main() -> None:
         print(f"server cpu={server_cpu:.1f} s ({per_request:.0f} us per request; "
               f"load average now {os.getloadavg()[0]:.1f})")
     finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+        stop_server(server)
         shutil.rmtree(home, ignore_errors=True)
 
 

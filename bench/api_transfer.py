@@ -24,7 +24,6 @@ import io
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.api_load import free_port, group_cpu_seconds, start_server  # noqa: E402
+from bench.api_load import free_port, group_cpu_seconds, start_server, stop_server  # noqa: E402
 from store.artifacts import register_artifact  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.jobs import create_job, finish_job, mark_running  # noqa: E402
@@ -414,9 +413,7 @@ def main() -> None:
                 download_check(client, base, key, job_id, artifact, server.pid, args.downloads, args.curl_runs)
         print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+        stop_server(server)
         shutil.rmtree(work, ignore_errors=True)
 
 
