@@ -56,15 +56,21 @@ class FCTerms(NamedTuple):
     inter: Tensor
 
 
-def fc_loss(embedding: Tensor, labels: Tensor, prototypes: Tensor, rho: float) -> FCTerms:
+def fc_loss(
+    embedding: Tensor, labels: Tensor, prototypes: Tensor, rho: float, normalize_prototypes: bool = False
+) -> FCTerms:
     """Fine-grained characteristic constraint.
 
     intra = mean_i d(z_i, P_{y_i});  inter = 1 − mean_i mean_{k≠y_i} d(z_i, P_k);
     L_FC = ρ·intra + (1 − ρ)·inter.  With a single class there is nothing to push away: inter = 0.
+    `normalize_prototypes` uses P_k/||P_k|| instead of P_k: the prototype update keeps ||P_k|| near β while
+    ||z|| = 1, and then d(z, P) ≈ 1/(1 + ||P||) for every class, so the raw distances barely tell classes apart.
     """
     num_classes = prototypes.shape[0]
     labels = labels.to(embedding.device, torch.long)
     prototypes = prototypes.to(embedding.device)
+    if normalize_prototypes:
+        prototypes = F.normalize(prototypes.float(), dim=-1)
     intra = normalized_l2_distance(embedding, prototypes[labels]).mean()
     if num_classes > 1:
         distances = pairwise_normalized_l2_distance(embedding, prototypes)

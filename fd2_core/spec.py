@@ -60,6 +60,11 @@ class JobSpec(BaseModel):
     prototype_momentum: float = Field(0.05, gt=0.0, le=1.0, description="β: prototype update rate.")
     lambda_fc: float = Field(0.9, ge=0.0, le=100.0, description="λ_FC: weight of the FC loss.")
     fc_rho: float = Field(0.5, ge=0.0, le=1.0, description="ρ: intra vs inter balance inside FC.")
+    fc_prototypes: Literal["raw", "normalized"] = Field(
+        "raw",
+        description="FC distances to the prototype buffer as stored (published) or to its unit-norm direction, "
+        "the target the CAL center loss uses (the buffer's norm stays near β, which flattens d(z, P)).",
+    )
     lambda_sc: float = Field(0.1, ge=0.0, le=100.0, description="λ_SC: weight of the SC loss.")
     sc_tau: float = Field(0.0, ge=0.0, le=1.0, description="τ: SC is added only when it is at least τ.")
 

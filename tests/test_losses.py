@@ -81,6 +81,19 @@ def test_fc_loss_is_finite_when_embedding_equals_its_prototype(gen):
     assert torch.isfinite(embedding.grad).all()
 
 
+def test_fc_loss_with_normalized_prototypes_equals_raw_loss_on_unit_prototypes(gen):
+    embedding = F.normalize(torch.randn(6, 16, generator=gen), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    prototypes = torch.randn(4, 16, generator=gen)
+    small = 0.05 * F.normalize(prototypes, dim=-1)  # the norm the prototype update leaves them at
+    normalized = fc_loss(embedding, labels, small, 0.5, normalize_prototypes=True)
+    reference = fc_loss(embedding, labels, F.normalize(prototypes, dim=-1), 0.5)
+    assert normalized.total.item() == pytest.approx(reference.total.item(), abs=1e-6)
+    # raw distances to short prototypes hardly depend on the class: own and other distances nearly coincide
+    raw = fc_loss(embedding, labels, small, 0.5)
+    assert abs((1 - raw.inter.item()) - raw.intra.item()) < abs((1 - normalized.inter.item()) - normalized.intra.item())
+
+
 def test_sc_loss_matches_reference(gen):
     previous = torch.rand(3, 4, 2, 3, 3, generator=gen)
     current = torch.rand(4, 2, 3, 3, generator=gen)

@@ -130,7 +130,13 @@ def distill_loss(
     loss = loss + spec.r_bn * bn_loss
     parts["bn"] = bn_loss.detach()
     if spec.uses_fc and out.cal is not None:
-        fc = fc_loss(out.cal.embedding.float(), y, teacher.cal_head.prototypes, spec.fc_rho)
+        fc = fc_loss(
+            out.cal.embedding.float(),
+            y,
+            teacher.cal_head.prototypes,
+            spec.fc_rho,
+            normalize_prototypes=spec.fc_prototypes == "normalized",
+        )
         loss = loss + spec.lambda_fc * fc.total
         parts["fc"] = fc.total.detach()
     if spec.uses_sc and out.cal is not None and prev_maps is not None:
