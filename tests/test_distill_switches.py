@@ -55,6 +55,21 @@ def test_fc_switch_adds_the_prototype_term(tmp_path, data):
     assert grad_on.abs().sum() > 0
 
 
+def test_fc_prototypes_normalized_measures_distances_to_unit_prototypes(tmp_path, data):
+    raw = _ctx(tmp_path, data)
+    normalized = _ctx(tmp_path, data, fc_prototypes="normalized")
+    torch.manual_seed(0)
+    teacher = new_teacher(raw)
+    teacher.cal_head.prototypes.normal_().mul_(0.05)
+    _, parts_raw, grad_raw = _loss(raw, teacher)
+    _, parts_normalized, grad_normalized = _loss(normalized, teacher)
+    teacher.cal_head.prototypes.div_(teacher.cal_head.prototypes.norm(dim=1, keepdim=True))
+    _, parts_unit, grad_unit = _loss(raw, teacher)
+    assert float(parts_normalized["fc"]) == pytest.approx(float(parts_unit["fc"]), rel=1e-5)
+    assert torch.allclose(grad_normalized, grad_unit, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(grad_normalized, grad_raw, rtol=1e-3, atol=1e-8)
+
+
 def test_sc_switch_adds_the_attention_term_only_with_previous_images(tmp_path, data):
     on = _ctx(tmp_path, data)
     off = _ctx(tmp_path, data, sc=False)
