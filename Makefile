@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test lint bench-distill bench-quality clean
+.PHONY: venv serve test lint bench-distill bench-quality bench-quality-quick clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ bench-distill: venv
 
 bench-quality: venv
 	$(PY) bench/quality.py
+
+bench-quality-quick: venv
+	$(PY) bench/quality.py --quick
 
 clean:
 	rm -rf $(VENV) .fd2 .pytest_cache .ruff_cache
