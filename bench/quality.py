@@ -20,7 +20,7 @@ Work is shared, not repeated:
 Stage outputs land under `--work` (default .fd2/quality_work, git-ignored); a re-run resumes from finished stages.
 Results: bench/results/quality_<mode>.json, a table in docs/BENCHMARKS.md and a plot of accuracy vs IPC.
 
-    .venv/bin/python bench/quality.py            # full grid, about an hour on 2 CPU cores
+    .venv/bin/python bench/quality.py            # full grid, about 70 minutes on 2 CPU cores
     .venv/bin/python bench/quality.py --quick    # smoke run, under 10 minutes
 """
 
