@@ -1,27 +1,28 @@
-"""Quality benchmark: top-1 of a student trained on each method's distilled set, on the real test split.
+"""Quality benchmark: paired comparison of distillation methods on the built-in fine-grained data.
 
-Methods: `random`, `sre2l++`, `fd2` and the ablations fd2 − FC, fd2 − SC, fd2 − CAL, at IPC 1, 3 and 5, on two
-fine-grained settings of the built-in data (FGSynth birds and FGSynth cars, 32 px), several seeds each. Every
-method is evaluated with the identical student protocol: the same student network and initialisation, the same
-epochs, the same recorded augmentations (crop boxes, flips, CutMix, replayed from the soft-label file), and soft
-labels from the teacher the method distilled with. Also reported per setting and seed: the same student on
-hard labels only (same replayed augmentations, CE on the true classes), and the same student trained on the
-whole real train set (the upper bound).
+What it measures: top-1 on the real test split of a student trained only on a method's distilled set, for
+`random`, `sre2l++`, `fd2` and the ablations fd2 − FC, fd2 − SC and CAL only (CAL teacher, FC and SC off), at
+IPC 1, 3 and 5, on two settings of the built-in data (FGSynth birds and FGSynth cars, 32 px), over several seeds.
 
-Work is shared, not repeated:
-- teachers are trained once per (setting, seed): the CAL teacher serves fd2, fd2 − FC, fd2 − SC; the
-  plain-CE teacher serves sre2l++, random and fd2 − CAL;
-- each method is distilled once at the largest IPC; the IPC-k set is its first k ipc indices, which is exactly
-  what a run with ipc=k produces (index j is seeded by (seed, j) and SC only looks at indices < j);
-- fd2 − CAL switches off CAL and, because FC and SC need the CAL head (its prototypes and attention maps),
-  FC and SC too: it runs the same code path as sre2l++ (same teacher, same losses, same seeds), so its
-  numbers are those of sre2l++ and are reused (run with `--no-reuse` to recompute them and see).
+Design (docs/BENCHMARKS.md, "Quality"):
+- **Paired seeds.** Seed s fixes the teacher initialisation, the validation split, the distillation draws and the
+  evaluation stream (the recorded crops, flips, CutMix and the student's initialisation). Every method sees the
+  same seed's split and stream, so per-seed differences cancel what the methods share; the table reports for each
+  (method, IPC) the mean paired difference to sre2l++ and to random with a 95 % t-interval over seeds.
+- **Two protocols.** *end to end*: each method with its own teacher's soft labels (what a user gets: fd2 and its
+  ablations relabel with the CAL teacher, sre2l++ and random with the plain-CE teacher). *images only*: every
+  image set relabelled by one common teacher (the plain-CE one), so only the images differ.
+- **Stable teachers.** Every teacher starts from one backbone pretrained on built-in classes disjoint from the
+  evaluated ones (`fd2_core.models.base_backbone`), as the paper's teachers start from ImageNet weights.
+- **DD-Ranking metrics.** IOR (improvement over random: the method's student minus the random subset's, same
+  protocol) and HLR (hard-label recovery: the full-real-data student minus the method's hard-label student).
+- **Resumable.** The result file is written after every (setting, seed, method); a re-run with the same
+  configuration skips what it holds (and stage outputs under `--work` are reused), so the grid can span sessions.
+  `--commit` commits the result file as results come in.
 
-Stage outputs land under `--work` (default .fd2/quality_work, git-ignored); a re-run resumes from finished stages.
-Results: bench/results/quality_<mode>.json, a table in docs/BENCHMARKS.md and a plot of accuracy vs IPC.
-
-    .venv/bin/python bench/quality.py            # full grid, about 70 minutes on 2 CPU cores
-    .venv/bin/python bench/quality.py --quick    # smoke run, under 10 minutes
+    .venv/bin/python bench/quality.py                       # full grid: 5 seeds x 2 settings (hours on 2 cores)
+    .venv/bin/python bench/quality.py --quick               # smoke run, under 10 minutes
+    .venv/bin/python bench/quality.py --render bench/results/quality_v2_full.json   # table + plot only
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,40 +43,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fd2_core.augment import train_augment  # noqa: E402
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
-from fd2_core.models import build_model  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
-from fd2_core.runtime import generator, to_device  # noqa: E402
 from fd2_core.spec import JobSpec, resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 from fd2_core.stages.relabel import relabel  # noqa: E402
-from fd2_core.stages.teacher import accuracy  # noqa: E402
+
+FORMAT = "fd2.quality.v2"
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     overrides: dict[str, Any]
+    teacher: str  # "cal" or "ce": whose teacher distils and (end to end) relabels
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("random", {"method": "random"}),
-    Variant("sre2l++", {"method": "sre2l++"}),
-    Variant("fd2", {"method": "fd2"}),
-    Variant("fd2 − FC", {"method": "fd2", "fc": False}),
-    Variant("fd2 − SC", {"method": "fd2", "sc": False}),
-    Variant("fd2 − CAL", {"method": "fd2", "cal": False, "fc": False, "sc": False}),
+    Variant("random", {"method": "random"}, "ce"),
+    Variant("sre2l++", {"method": "sre2l++"}, "ce"),
+    Variant("fd2", {"method": "fd2"}, "cal"),
+    Variant("fd2 − FC", {"method": "fd2", "fc": False}, "cal"),
+    Variant("fd2 − SC", {"method": "fd2", "sc": False}, "cal"),
+    Variant("CAL only", {"method": "fd2", "fc": False, "sc": False}, "cal"),
 )
+PROTOCOLS: tuple[str, ...] = ("end-to-end", "images-only")
+COMMON_TEACHER = "ce"  # images only: every set relabelled by the plain-CE teacher
+# name → (minuend, subtrahend): the paired differences the table reports
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "fd2 − sre2l++": ("fd2", "sre2l++"),
+    "fd2 − random": ("fd2", "random"),
+    "CAL (CAL only − sre2l++)": ("CAL only", "sre2l++"),
+    "FC (fd2 − [fd2 − FC])": ("fd2", "fd2 − FC"),
+    "SC (fd2 − [fd2 − SC])": ("fd2", "fd2 − SC"),
+}
 
 # name → (dataset source, short description)
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -82,23 +92,25 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "cars-32": ("fgsynth:variant=cars", "FGSynth cars, 20 classes, 150 train / 50 test per class, 32 px"),
 }
 
-# The paper runs 10 000 distill iterations and 400 relabel epochs at 224 px on a GPU. Here the teacher keeps the
-# cpu-small schedule (it must be good for the comparison to mean anything) and the other stages are scaled down.
-FULL = {
+# The paper runs 10 000 distill iterations and 400 relabel epochs at 224 px on a GPU; here the teacher keeps the
+# cpu-small schedule and the other stages are scaled down to fit 2 CPU cores (docs/BENCHMARKS.md).
+FULL: dict[str, Any] = {
     "spec": {"distill_iterations": 200, "relabel_epochs": 300},
     "ipcs": (1, 3, 5),
-    "seeds": (0, 1, 2),
+    "seeds": (0, 1, 2, 3, 4),
     "settings": ("birds-32", "cars-32"),
     "classes": None,
-    "upper_bound_epochs": None,  # None = the teacher's pretrain_epochs
+    "hard_label_methods": ("random", "sre2l++", "fd2"),
+    "teacher_init": "base",
 }
-QUICK = {
-    "spec": {"distill_iterations": 100, "relabel_epochs": 150},
-    "ipcs": (1, 3, 5),
-    "seeds": (0,),
-    "settings": ("birds-32", "cars-32"),
+QUICK: dict[str, Any] = {
+    "spec": {"distill_iterations": 60, "relabel_epochs": 100},
+    "ipcs": (1, 3),
+    "seeds": (0, 1),
+    "settings": ("birds-32",),
     "classes": 10,
-    "upper_bound_epochs": None,
+    "hard_label_methods": ("random", "fd2"),
+    "teacher_init": "base",
 }
 
 
@@ -106,14 +118,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9+]+", "-", text.lower()).strip("-")
 
 
-def effective_key(spec: JobSpec) -> tuple[bool, bool, bool, bool]:
-    """What a method actually runs: two variants with the same key run identical code with identical seeds."""
-    return (spec.method == "random", spec.uses_cal, spec.uses_fc, spec.uses_sc)
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def make_ctx(spec: JobSpec, data: ImageDataset, workdir: Path) -> RunContext:
+def make_ctx(spec: JobSpec, data: ImageDataset, workdir: Path, teacher_weights: Path | None = None) -> RunContext:
     tracker = ProgressTracker({}, None, None)
-    return RunContext(spec=spec, data=data, workdir=workdir, device=torch.device("cpu"), tracker=tracker)
+    return RunContext(
+        spec=spec, data=data, workdir=workdir, device=torch.device("cpu"), tracker=tracker,
+        teacher_weights=teacher_weights,
+    )
 
 
 def quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:
@@ -122,243 +136,361 @@ def quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:
     return (ctx.denormalize(flat) * 255.0).round().to(torch.uint8).cpu()
 
 
-def train_full_real(ctx: RunContext, epochs: int) -> float:
-    """Upper bound: the same student network trained with hard labels on every real train image (validation share
-    included) with the recipe calibrated for full real data, the teacher's: AdamW at pretrain_lr and
-    pretrain_weight_decay, cosine, `epochs` passes at `pretrain_batch_size`, shift + flip augmentation. Top-1 on
-    the real test split; the last epoch counts (no checkpoint selection)."""
-    spec, data = ctx.spec, ctx.data
-    torch.manual_seed(int(generator(spec.seed, "student-init", "full-real").initial_seed() & 0x7FFFFFFF))
-    student = build_model(spec.student, ctx.num_classes, spec.image_size, cal=False, width=spec.model_width)
-    student = to_device(student, ctx.device, channels_last=False)
-    student.train()
-    lr = spec.pretrain_lr
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=spec.pretrain_weight_decay)
-    n, bs = data.train_images.shape[0], spec.pretrain_batch_size
-    steps_per_epoch = max(1, n // bs)
-    total, step = epochs * steps_per_epoch, 0
-    for epoch in range(epochs):
-        g = generator(spec.seed, "full-real", epoch)
-        for x, y in ctx.iterate(data.train_images, data.train_labels, bs, g, drop_last=True):
-            optimizer.param_groups[0]["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / max(total, 1)))
-            loss = F.cross_entropy(student(train_augment(x, g)).logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    return accuracy(student, ctx, data.test_images, data.test_labels)
+def accuracy_of(result: Any) -> float:
+    """A student's top-1 (train_student returns a result object with `.accuracy`)."""
+    return float(getattr(result, "accuracy", result))
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+def teacher_weights_path(cfg: dict[str, Any]) -> Path | None:
+    """The file every teacher starts from: the shipped base backbone, or None to train from scratch."""
+    if cfg.get("teacher_init", "scratch") == "scratch":
+        return None
+    from fd2_core.models.base_backbone import base_backbone_path
+
+    return Path(base_backbone_path())
 
 
-def run_setting_seed(
-    setting: str,
-    source: str,
-    seed: int,
-    cfg: dict[str, Any],
-    work: Path,
-    variants: tuple[Variant, ...] = VARIANTS,
-    reuse: bool = True,
-) -> dict[str, Any]:
-    """Every method at every IPC for one (setting, seed); returns the records of the result file."""
-    ipcs = tuple(sorted(cfg["ipcs"]))
-    base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": ipcs[-1], **cfg["spec"]}
-    if cfg["classes"]:
-        source = f"{source}{',' if ':' in source else ':'}classes={cfg['classes']}"
-    probe = resolve_spec(base)
-    data = load_dataset(source, probe.image_size, seed=0, test_fraction=probe.test_fraction)
-    root = work / setting / f"seed{seed}"
-    out: dict[str, Any] = {
-        "setting": setting, "seed": seed, "source": source, "num_classes": len(data.classes), "teachers": {},
-        "methods": {},
+def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What must match for stored results to be reused (seeds and settings may grow between runs)."""
+    return {
+        "format": FORMAT,
+        "spec": dict(cfg["spec"]),
+        "ipcs": list(cfg["ipcs"]),
+        "classes": cfg["classes"],
+        "hard_label_methods": list(cfg["hard_label_methods"]),
+        "teacher_init": cfg["teacher_init"],
+        "methods": [v.name for v in VARIANTS],
+        "protocols": list(PROTOCOLS),
     }
 
-    teachers: dict[bool, Any] = {}
-    for cal in (True, False):
-        spec = resolve_spec({**base, "method": "fd2" if cal else "sre2l++"})
-        kind = "cal" if cal else "ce"
-        t = time.monotonic()
-        result = pretrain(make_ctx(spec, data, root / f"teacher-{kind}"))
-        teachers[cal] = result.model
-        out["teachers"][kind] = {
-            "test_accuracy": result.info["test_accuracy"],
-            "val_accuracy": result.info["val_accuracy"],
-            "backbone_test_accuracy": result.info["backbone_test_accuracy"],
-            "time_s": round(time.monotonic() - t, 1),
-        }
-        log(f"{setting} seed {seed}: {kind} teacher test {result.info['test_accuracy']:.3f}")
 
-    done: dict[tuple, str] = {}
-    for variant in variants:
-        spec = resolve_spec({**base, **variant.overrides})
-        key = effective_key(spec)
-        if reuse and key in done:
-            out["methods"][variant.name] = {**out["methods"][done[key]], "same_as": done[key]}
-            log(f"{setting} seed {seed}: {variant.name} runs the same code as {done[key]}; reusing it")
-            continue
-        teacher = teachers[spec.uses_cal]
-        wd = root / slug(variant.name)
-        ctx = make_ctx(spec, data, wd)
-        t = time.monotonic()
-        synthetic = distill(ctx, None if spec.method == "random" else teacher)
-        distill_s = time.monotonic() - t
-        images = quantize(ctx, synthetic)
-        k = ctx.num_classes
-        record: dict[str, Any] = {"teacher": "cal" if spec.uses_cal else "ce", "distill_s": round(distill_s, 1)}
-        student_s = 0.0
-        for ipc in ipcs:
-            ctx_k = make_ctx(resolve_spec({**base, **variant.overrides, "ipc": ipc}), data, wd)
-            imgs, labels = images[: ipc * k], torch.arange(k).repeat(ipc)
+# ---------------------------------------------------------------- one (setting, seed) pair
+
+
+class PairRunner:
+    """Runs every method of one (setting, seed) pair, storing each finished method in `record` via `save`."""
+
+    def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save):
+        self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
+        self.ipcs = tuple(sorted(cfg["ipcs"]))
+        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **cfg["spec"]}
+        if cfg["classes"]:
+            source = f"{source}{',' if ':' in source else ':'}classes={cfg['classes']}"
+        probe = resolve_spec(self.base)
+        self.data = load_dataset(source, probe.image_size, seed=0, test_fraction=probe.test_fraction)
+        self.root = work / setting / f"seed{seed}"
+        self.weights = teacher_weights_path(cfg)
+        record.setdefault("setting", setting)
+        record.setdefault("seed", seed)
+        record.setdefault("source", source)
+        record["num_classes"] = len(self.data.classes)
+        record.setdefault("teachers", {})
+        record.setdefault("methods", {})
+        self.teachers: dict[str, Any] = {}
+
+    def spec(self, variant: Variant | None = None, **extra: Any) -> JobSpec:
+        overrides = variant.overrides if variant is not None else {"method": "sre2l++"}
+        return resolve_spec({**self.base, **overrides, **extra})
+
+    def teacher(self, kind: str):
+        if kind not in self.teachers:
+            spec = resolve_spec({**self.base, "method": "fd2" if kind == "cal" else "sre2l++"})
             t = time.monotonic()
-            soft = relabel(ctx_k, teacher, imgs, labels, wd / f"soft_labels_ipc{ipc}.safetensors")
-            soft_acc = train_student(ctx_k, imgs, labels, soft, stream="student")
-            hard_acc = train_student(ctx_k, imgs, labels, soft, stream="student", hard_labels=True)
-            student_s += time.monotonic() - t
-            record[f"ipc{ipc}"] = {"soft": soft_acc, "hard": hard_acc}
-            log(f"{setting} seed {seed}: {variant.name} ipc {ipc}: soft {soft_acc:.3f} hard {hard_acc:.3f}")
-        record["student_s"] = round(student_s, 1)
-        out["methods"][variant.name] = record
-        done.setdefault(key, variant.name)
+            result = pretrain(make_ctx(spec, self.data, self.root / f"teacher-{kind}", self.weights))
+            self.teachers[kind] = result.model
+            if kind not in self.record["teachers"]:
+                self.record["teachers"][kind] = {
+                    "test_accuracy": result.info["test_accuracy"],
+                    "backbone_test_accuracy": result.info["backbone_test_accuracy"],
+                    "val_accuracy": result.info["val_accuracy"],
+                    "time_s": round(time.monotonic() - t, 1),
+                }
+                self.save()
+            info = self.record["teachers"][kind]
+            log(f"{self.setting} seed {self.seed}: {kind} teacher backbone test {info['backbone_test_accuracy']:.3f}")
+        return self.teachers[kind]
 
-    spec = resolve_spec({**base, "method": "sre2l++"})
-    epochs = cfg["upper_bound_epochs"] or spec.pretrain_epochs
-    t = time.monotonic()
-    out["upper_bound"] = {
-        "accuracy": train_full_real(make_ctx(spec, data, root / "full-real"), epochs),
-        "epochs": epochs,
-        "time_s": round(time.monotonic() - t, 1),
+    def student(self, spec: JobSpec, wd: Path, teacher, images: torch.Tensor, labels: torch.Tensor, name: str,
+                hard: bool = False) -> tuple[float, float]:
+        """(top-1, seconds) of the student on `images` relabelled by `teacher` (file `name` under `wd`)."""
+        ctx = make_ctx(spec, self.data, wd)
+        t = time.monotonic()
+        soft = relabel(ctx, teacher, images, labels, wd / f"{name}.safetensors")
+        result = train_student(ctx, images, labels, soft, stream="student", hard_labels=hard)
+        return accuracy_of(result), round(time.monotonic() - t, 1)
+
+    def method(self, variant: Variant) -> dict[str, Any]:
+        spec = self.spec(variant)
+        own = self.teacher(variant.teacher)
+        common = self.teacher(COMMON_TEACHER)
+        wd = self.root / slug(variant.name)
+        ctx = make_ctx(spec, self.data, wd)
+        t = time.monotonic()
+        synthetic = distill(ctx, None if spec.method == "random" else own)
+        out: dict[str, Any] = {"teacher": variant.teacher, "distill_s": round(time.monotonic() - t, 1)}
+        images = quantize(ctx, synthetic)
+        out["init_psnr_db"] = _init_psnr(ctx, images) if spec.method != "random" else None
+        k = len(self.data.classes)
+        for protocol in PROTOCOLS:
+            out[protocol] = {}
+        for ipc in self.ipcs:
+            spec_k = self.spec(variant, ipc=ipc)
+            imgs, labels = images[: ipc * k], torch.arange(k).repeat(ipc)
+            acc, secs = self.student(spec_k, wd, own, imgs, labels, f"soft_labels_ipc{ipc}")
+            out["end-to-end"][f"ipc{ipc}"] = {"soft": acc, "time_s": secs}
+            if variant.teacher == COMMON_TEACHER:
+                out["images-only"][f"ipc{ipc}"] = {"soft": acc, "time_s": 0.0, "same_as": "end-to-end"}
+            else:
+                acc2, secs2 = self.student(spec_k, wd, common, imgs, labels, f"common_soft_labels_ipc{ipc}")
+                out["images-only"][f"ipc{ipc}"] = {"soft": acc2, "time_s": secs2}
+            line = f"{self.setting} seed {self.seed}: {variant.name} ipc {ipc}: " + ", ".join(
+                f"{p} {out[p][f'ipc{ipc}']['soft']:.3f}" for p in PROTOCOLS
+            )
+            if variant.name in self.cfg["hard_label_methods"]:
+                hard, secs3 = self.student(spec_k, wd, own, imgs, labels, f"soft_labels_ipc{ipc}", hard=True)
+                out[f"hard_ipc{ipc}"] = {"accuracy": hard, "time_s": secs3}
+                line += f", hard {hard:.3f}"
+            log(line)
+        return out
+
+    def upper_bound(self) -> dict[str, Any]:
+        from fd2_core.stages.full_data import train_full_data_student
+
+        spec = self.spec()
+        t = time.monotonic()
+        result = train_full_data_student(make_ctx(spec, self.data, self.root / "full-real"))
+        return {"accuracy": accuracy_of(result), "epochs": spec.pretrain_epochs, "time_s": round(time.monotonic() - t, 1)}
+
+    def run(self) -> dict[str, Any]:
+        for kind in ("ce", "cal"):
+            self.teacher(kind)
+        for variant in VARIANTS:
+            if variant.name in self.record["methods"]:
+                log(f"{self.setting} seed {self.seed}: {variant.name} already in the result file")
+                continue
+            self.record["methods"][variant.name] = self.method(variant)
+            self.save()
+        if "upper_bound" not in self.record:
+            self.record["upper_bound"] = self.upper_bound()
+            log(f"{self.setting} seed {self.seed}: full real train set {self.record['upper_bound']['accuracy']:.3f}")
+            self.save()
+        return self.record
+
+
+def _init_psnr(ctx: RunContext, images_u8: torch.Tensor) -> float | None:
+    """Mean PSNR (dB) of the distilled images against their initialisation, when the stage reports it."""
+    try:
+        from fd2_core.stages.distill import init_drift
+    except ImportError:
+        return None
+    drift = init_drift(ctx)
+    value = drift.get("init_psnr_db") if isinstance(drift, dict) else None
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile(df: int) -> float:
+    """Two-sided 95 % Student-t quantile (scipy when present, else the table above, normal beyond df 30)."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        return T95.get(df, 1.96 if df > 30 else 2.2)
+
+
+def paired_interval(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean of the per-seed differences a − b (points) with a 95 % t-interval over seeds; None below 2 seeds."""
+    diffs = [100.0 * (x - y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "lo": None, "hi": None, "diffs": diffs}
+    half = t_quantile(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "diffs": diffs}
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    pts = [100.0 * v for v in values]
+    return {
+        "values": values,
+        "mean": statistics.fmean(pts) if pts else float("nan"),
+        "std": statistics.stdev(pts) if len(pts) > 1 else 0.0,
     }
-    log(f"{setting} seed {seed}: full real train set {out['upper_bound']['accuracy']:.3f}")
-    return out
 
 
-# ---------------------------------------------------------------- summary, table, plot
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [100.0 * v for v in values]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "–"
-    m, s = mean_std(values)
-    return f"{m:.1f} ± {s:.1f}"
+def _complete(run: dict[str, Any], names: list[str]) -> bool:
+    return all(name in run.get("methods", {}) for name in names)
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Per setting: mean/std over seeds of every method × ipc (soft and hard), teachers, upper bound, times."""
+    """Per setting: accuracies, paired differences, IOR and HLR over the seeds that finished every method used."""
     summary: dict[str, Any] = {}
+    ipcs = results["config"]["ipcs"]
+    names = results["config"]["methods"]
     for setting in results["settings"]:
-        runs = [r for r in results["runs"] if r["setting"] == setting]
+        runs = [r for r in results["runs"].values() if r["setting"] == setting and _complete(r, names)]
         if not runs:
             continue
-        entry: dict[str, Any] = {"methods": {}, "teachers": {}, "upper_bound": None}
-        for name in results["methods"]:
-            rows = [r["methods"][name] for r in runs if name in r["methods"]]
-            if not rows:
-                continue
-            m: dict[str, Any] = {"same_as": rows[0].get("same_as")}
-            for ipc in results["ipcs"]:
-                for label in ("soft", "hard"):
-                    vals = [row[f"ipc{ipc}"][label] for row in rows]
-                    m[f"ipc{ipc}_{label}"] = {"values": vals, "mean": mean_std(vals)[0], "std": mean_std(vals)[1]}
-            m["time_s"] = statistics.fmean(row["distill_s"] + row["student_s"] for row in rows)
-            m["teacher"] = rows[0]["teacher"]
-            entry["methods"][name] = m
-        for kind in ("cal", "ce"):
-            vals = [r["teachers"][kind]["test_accuracy"] for r in runs]
-            entry["teachers"][kind] = {
-                "values": vals,
-                "mean": mean_std(vals)[0],
-                "std": mean_std(vals)[1],
-                "time_s": statistics.fmean(r["teachers"][kind]["time_s"] for r in runs),
-            }
-        vals = [r["upper_bound"]["accuracy"] for r in runs]
-        entry["upper_bound"] = {
-            "values": vals,
-            "mean": mean_std(vals)[0],
-            "std": mean_std(vals)[1],
-            "time_s": statistics.fmean(r["upper_bound"]["time_s"] for r in runs),
-            "epochs": runs[0]["upper_bound"]["epochs"],
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "protocols": {}, "teachers": {}}
+        for kind in ("ce", "cal"):
+            for key in ("backbone_test_accuracy", "test_accuracy"):
+                entry["teachers"][f"{kind}_{key}"] = mean_std([r["teachers"][kind][key] for r in runs])
+            entry["teachers"][f"{kind}_time_s"] = statistics.fmean(r["teachers"][kind]["time_s"] for r in runs)
+        for protocol in results["config"]["protocols"]:
+            block: dict[str, Any] = {"accuracy": {}, "comparisons": {}, "ior": {}}
+            for name in names:
+                block["accuracy"][name] = {
+                    f"ipc{i}": mean_std([r["methods"][name][protocol][f"ipc{i}"]["soft"] for r in runs]) for i in ipcs
+                }
+            for label, (a, b) in COMPARISONS.items():
+                block["comparisons"][label] = {f"ipc{i}": paired_interval(
+                    [r["methods"][a][protocol][f"ipc{i}"]["soft"] for r in runs],
+                    [r["methods"][b][protocol][f"ipc{i}"]["soft"] for r in runs],
+                ) for i in ipcs}
+            for name in names:
+                if name == "random":
+                    continue
+                block["ior"][name] = {f"ipc{i}": paired_interval(
+                    [r["methods"][name][protocol][f"ipc{i}"]["soft"] for r in runs],
+                    [r["methods"]["random"][protocol][f"ipc{i}"]["soft"] for r in runs],
+                ) for i in ipcs}
+            entry["protocols"][protocol] = block
+        with_ub = [r for r in runs if "upper_bound" in r]
+        if with_ub:
+            entry["upper_bound"] = mean_std([r["upper_bound"]["accuracy"] for r in with_ub])
+            entry["upper_bound"]["time_s"] = statistics.fmean(r["upper_bound"]["time_s"] for r in with_ub)
+            entry["hlr"] = {}
+            for name in results["config"]["hard_label_methods"]:
+                entry["hlr"][name] = {f"ipc{i}": {
+                    **paired_interval(
+                        [r["upper_bound"]["accuracy"] for r in with_ub],
+                        [r["methods"][name][f"hard_ipc{i}"]["accuracy"] for r in with_ub],
+                    ),
+                    "hard": mean_std([r["methods"][name][f"hard_ipc{i}"]["accuracy"] for r in with_ub]),
+                } for i in ipcs}
+        entry["time_s"] = {
+            name: statistics.fmean(
+                r["methods"][name]["distill_s"]
+                + sum(r["methods"][name][p][f"ipc{i}"]["time_s"] for p in PROTOCOLS for i in ipcs)
+                + sum(r["methods"][name].get(f"hard_ipc{i}", {}).get("time_s", 0.0) for i in ipcs)
+                for r in runs
+            )
+            for name in names
+        }
+        entry["psnr_db"] = {
+            name: _mean_or_none([r["methods"][name].get("init_psnr_db") for r in runs]) for name in names
         }
         summary[setting] = entry
     return summary
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+# ---------------------------------------------------------------- table and plot
+
+
+def fmt_acc(cell: dict[str, Any]) -> str:
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def fmt_diff(cell: dict[str, Any]) -> str:
+    if cell["lo"] is None:
+        return f"{cell['mean']:+.1f} (n={cell['n']})"
+    mark = "**" if cell["lo"] > 0 else ""
+    return f"{mark}{cell['mean']:+.1f} [{cell['lo']:+.1f}, {cell['hi']:+.1f}]{mark}"
+
+
 def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
-    ipcs = results["ipcs"]
-    summary = results["summary"]
+    cfg = results["config"]
+    ipcs = cfg["ipcs"]
+    head = " | ".join(f"IPC {i}" for i in ipcs)
+    rule = "|---|" + "---|" * len(ipcs)
+    env = results["environment"]
     lines = [
-        f"Command ({results['date']}, {results['environment']['cpu']}, {results['environment']['threads']} torch "
-        f"threads, torch {results['environment']['torch']}; load average {results['load_average_start']} at the "
-        f"start, {results['load_average_end']} at the end; {results['total_s'] / 60:.1f} min in all):",
+        f"Command ({results['date']}, {env['cpu']}, {env['threads']} torch threads, torch {env['torch']}; "
+        f"{results['total_s'] / 60:.1f} min of compute in this result file):",
         "",
         "```bash",
         results["command"],
         "```",
         "",
-        f"Seeds {', '.join(map(str, results['seeds']))}"
-        + (" (one seed: ± 0.0 is no spread)" if len(results["seeds"]) == 1 else "")
-        + f"; mean ± std top-1 (%) on the real test split. Spec: "
-        f"`cpu-small` with {', '.join(f'{k}={v}' for k, v in results['spec_overrides'].items())}"
-        + (f"; {results['classes']} classes per setting" if results["classes"] else "")
-        + f"; the full-real-set student trains for {results['upper_bound_epochs_note']}.",
+        "Spec: `cpu-small` with " + ", ".join(f"{k}={v}" for k, v in cfg["spec"].items())
+        + (f"; {cfg['classes']} classes per setting" if cfg["classes"] else "")
+        + f"; teachers start from {'the shipped base backbone' if cfg['teacher_init'] == 'base' else 'scratch'}. "
+        "Accuracy: mean ± std top-1 (%) over seeds on the real test split. Differences: mean paired difference "
+        "in points over seeds with its 95 % t-interval; **bold** when the interval lies above 0.",
         "",
     ]
-    for setting, entry in summary.items():
-        n_classes = results["num_classes"][setting]
-        head = " | ".join(f"IPC {i}" for i in ipcs)
+    for setting, entry in results["summary"].items():
+        t = entry["teachers"]
         lines += [
-            f"**{setting}** — {results['setting_descriptions'][setting]} (chance {100 / n_classes:.1f} %). "
-            f"Teachers: CAL {fmt(entry['teachers']['cal']['values'])} "
-            f"({entry['teachers']['cal']['time_s']:.0f} s), plain CE {fmt(entry['teachers']['ce']['values'])} "
-            f"({entry['teachers']['ce']['time_s']:.0f} s) per seed.",
+            f"#### {setting} — seeds {', '.join(map(str, entry['seeds']))}",
             "",
-            f"| method (teacher) | {head} | wall s / seed |",
-            "|---|" + "---|" * len(ipcs) + "---|",
+            f"{results['setting_descriptions'].get(setting, setting)}. Teacher backbone test accuracy: plain CE "
+            f"{fmt_acc(t['ce_backbone_test_accuracy'])} ({t['ce_time_s']:.0f} s), CAL "
+            f"{fmt_acc(t['cal_backbone_test_accuracy'])} ({t['cal_time_s']:.0f} s); CAL teacher with its CAL head "
+            f"{fmt_acc(t['cal_test_accuracy'])}."
+            + (f" Full real train set, hard labels: {fmt_acc(entry['upper_bound'])} "
+               f"({entry['upper_bound']['time_s']:.0f} s)." if "upper_bound" in entry else ""),
+            "",
         ]
-        for name, m in entry["methods"].items():
-            cells = " | ".join(fmt(m[f"ipc{i}_soft"]["values"]) for i in ipcs)
-            note = f" ≡ {m['same_as']}" if m["same_as"] else ""
-            wall = "reused" if m["same_as"] else f"{m['time_s']:.0f}"
-            lines.append(f"| {name}{note} ({m['teacher']}) | {cells} | {wall} |")
-        for name, m in entry["methods"].items():
-            if m["same_as"]:
-                continue
-            cells = " | ".join(fmt(m[f"ipc{i}_hard"]["values"]) for i in ipcs)
-            lines.append(f"| {name}, hard labels only | {cells} | (in the row above) |")
-        ub = entry["upper_bound"]
-        cells = " | ".join([fmt(ub["values"])] * len(ipcs))
-        lines.append(f"| full real train set (upper bound) | {cells} | {ub['time_s']:.0f} |")
-        lines.append("")
+        for protocol, block in entry["protocols"].items():
+            lines += [f"*{protocol}* — accuracy", "", f"| method | {head} |", rule]
+            for name, cells in block["accuracy"].items():
+                lines.append(f"| {name} | " + " | ".join(fmt_acc(cells[f"ipc{i}"]) for i in ipcs) + " |")
+            lines += ["", f"*{protocol}* — paired differences (points)", "", f"| comparison | {head} |", rule]
+            for label, cells in block["comparisons"].items():
+                lines.append(f"| {label} | " + " | ".join(fmt_diff(cells[f"ipc{i}"]) for i in ipcs) + " |")
+            for name, cells in block["ior"].items():
+                lines.append(f"| IOR {name} | " + " | ".join(fmt_diff(cells[f"ipc{i}"]) for i in ipcs) + " |")
+            lines.append("")
+        if entry.get("hlr"):
+            lines += ["HLR (full real data − the set, both hard labels; lower is better) and the hard-label accuracy",
+                      "", f"| method | {head} |", rule]
+            for name, cells in entry["hlr"].items():
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{fmt_diff(cells[f'ipc{i}'])} (hard {fmt_acc(cells[f'ipc{i}']['hard'])})" for i in ipcs
+                ) + " |")
+            lines.append("")
+        times = ", ".join(f"{name} {secs:.0f} s" for name, secs in entry["time_s"].items())
+        psnr = ", ".join(f"{n} {v:.1f} dB" for n, v in entry["psnr_db"].items() if v is not None)
+        lines += [f"Wall time per seed (distill + relabel + students, all IPCs): {times}.",
+                  f"Images vs their initialisation (PSNR): {psnr or 'not reported'}.", ""]
     if plot_rel:
-        lines += [f"![accuracy vs IPC]({plot_rel})", ""]
+        lines += [f"![paired differences]({plot_rel})", ""]
     return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy vs IPC per protocol and setting (mean ± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary, ipcs = results["summary"], results["ipcs"]
-    fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4.2), squeeze=False)
-    for ax, (setting, entry) in zip(axes[0], summary.items(), strict=True):
-        for name, m in entry["methods"].items():
-            if m["same_as"]:
-                continue
-            means = [m[f"ipc{i}_soft"]["mean"] for i in ipcs]
-            stds = [m[f"ipc{i}_soft"]["std"] for i in ipcs]
+    summary, ipcs = results["summary"], results["config"]["ipcs"]
+    if not summary:
+        return
+    cols = [(s, p) for s in summary for p in summary[s]["protocols"]]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.0 * len(cols), 4.2), squeeze=False)
+    for ax, (setting, protocol) in zip(axes[0], cols, strict=True):
+        entry = summary[setting]
+        for name, cells in entry["protocols"][protocol]["accuracy"].items():
+            means = [cells[f"ipc{i}"]["mean"] for i in ipcs]
+            stds = [cells[f"ipc{i}"]["std"] for i in ipcs]
             ax.errorbar(ipcs, means, yerr=stds, marker="o", capsize=3, label=name)
-        ub = entry["upper_bound"]
-        ax.axhline(ub["mean"], color="black", linestyle="--", linewidth=1, label="full real set")
-        ax.axhline(100 / results["num_classes"][setting], color="grey", linestyle=":", linewidth=1, label="chance")
-        ax.set_title(setting)
+        if "upper_bound" in entry:
+            ax.axhline(entry["upper_bound"]["mean"], color="black", linestyle="--", linewidth=1, label="full real")
+        ax.set_title(f"{setting}, {protocol}")
         ax.set_xlabel("images per class (IPC)")
         ax.set_ylabel("student top-1 on real test (%)")
         ax.set_xticks(ipcs)
@@ -366,7 +498,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -382,90 +514,127 @@ def update_docs(doc: Path, mode: str, body: str) -> None:
     doc.write_text(text)
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
+# ---------------------------------------------------------------- the grid
 
 
-def run_grid(cfg: dict[str, Any], work: Path, mode: str, command: str, reuse: bool = True) -> dict[str, Any]:
-    """Every (setting, seed) of `cfg`; returns the result document (runs + summary)."""
-    started, load_start = time.monotonic(), load_average()
-    runs, num_classes = [], {}
+def _environment() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> dict[str, Any]:
+    """The result file to extend: the stored one when its configuration matches, else a new document.
+
+    Raises SystemExit when the file holds results of another configuration (they are never mixed).
+    """
+    key = config_key(cfg)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("config") != key:
+            raise SystemExit(
+                f"{path} holds results of another configuration; pass --json with a new file or --fresh to replace"
+            )
+        stored["command"] = command
+        return stored
+    return {"format": FORMAT, "mode": mode, "command": command, "config": key, "runs": {}, "total_s": 0.0}
+
+
+class GitCommitter:
+    """Commits the result file when asked, at most once per `every_s` seconds (and always at the end)."""
+
+    def __init__(self, path: Path, enabled: bool, every_s: float = 300.0):
+        self.path, self.enabled, self.every_s, self.last = path, enabled, every_s, time.monotonic()
+
+    def __call__(self, message: str, force: bool = False) -> None:
+        if not self.enabled or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        rel = os.path.relpath(self.path, ROOT)
+        subprocess.run(["git", "add", rel], cwd=ROOT, check=False)
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=ROOT, check=False)
+        self.last = time.monotonic()
+
+
+def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
+    """Every (setting, seed) of `cfg`, skipping what `results` already holds; `save(results)` after each step."""
     sources = {**{name: src for name, (src, _) in SETTINGS.items()}, **cfg.get("sources", {})}
-    for setting in cfg["settings"]:
-        for seed in cfg["seeds"]:
-            record = run_setting_seed(setting, sources[setting], seed, cfg, work, reuse=reuse)
-            runs.append(record)
-            num_classes[setting] = record["num_classes"]
-    ub_note = f"{cfg['upper_bound_epochs']} epochs" if cfg["upper_bound_epochs"] else "the teacher's pretrain_epochs"
-    descriptions = {}
+    results["settings"] = list(dict.fromkeys([*results.get("settings", []), *cfg["settings"]]))
+    results["seeds"] = sorted({*results.get("seeds", []), *cfg["seeds"]})
+    descriptions = results.setdefault("setting_descriptions", {})
     for s in cfg["settings"]:
         text = SETTINGS[s][1] if s in SETTINGS else sources[s]
         if cfg["classes"]:
             text = text.replace("20 classes", f"{cfg['classes']} classes").replace(" (the default set)", "")
         descriptions[s] = text
-    results: dict[str, Any] = {
-        "format": "fd2.quality.v1",
-        "mode": mode,
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "environment": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "spec_overrides": cfg["spec"],
-        "classes": cfg["classes"],
-        "ipcs": list(cfg["ipcs"]),
-        "seeds": list(cfg["seeds"]),
-        "settings": list(cfg["settings"]),
-        "setting_descriptions": descriptions,
-        "num_classes": num_classes,
-        "methods": [v.name for v in VARIANTS],
-        "upper_bound_epochs_note": ub_note,
-        "runs": runs,
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.monotonic() - started, 1),
-    }
+    results["environment"] = _environment()
+    results["date"] = time.strftime("%Y-%m-%d")
+    clock = [time.monotonic()]
+
+    def checkpoint(message: str) -> None:
+        now = time.monotonic()
+        results["total_s"] = round(results.get("total_s", 0.0) + now - clock[0], 1)
+        clock[0] = now
+        results["summary"] = summarise(results)
+        if save is not None:
+            save(results, message)
+
+    for setting in cfg["settings"]:
+        for seed in cfg["seeds"]:
+            key = f"{setting}/{seed}"
+            record = results["runs"].setdefault(key, {})
+            runner = PairRunner(
+                setting, sources[setting], seed, cfg, work, record,
+                lambda k=key: checkpoint(f"Quality grid: {k} progress"),
+            )
+            runner.run()
+            checkpoint(f"Quality grid: {key} done")
     results["summary"] = summarise(results)
     return results
 
 
 def write_outputs(results: dict[str, Any], json_path: Path, plot_path: Path, docs: Path | None) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    _write_json(json_path, results)
     plot(results, plot_path)
     log(f"wrote {json_path} and {plot_path}")
     if docs is not None:
         rel = os.path.relpath(plot_path, docs.parent)
-        update_docs(docs, results["mode"], markdown(results, rel))
+        update_docs(docs, f"v2-{results['mode']}", markdown(results, rel))
         log(f"updated {docs}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, 10 classes, short schedules")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 10 classes, short schedules")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds of the mode")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="override the settings of the mode")
+    parser.add_argument("--teacher-init", choices=("base", "scratch"), help="override where teachers start")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--work", type=Path, default=ROOT / ".fd2" / "quality_work", help="stage outputs (resumable)")
-    parser.add_argument("--json", type=Path, help="result file (default bench/results/quality_<mode>.json)")
-    parser.add_argument("--plot", type=Path, help="plot file (default docs/quality.png, quick: docs/quality_quick.png)")
+    parser.add_argument("--work", type=Path, default=ROOT / ".fd2" / "quality_v2", help="stage outputs (resumable)")
+    parser.add_argument("--json", type=Path, help="result file (default bench/results/quality_v2_<mode>.json)")
+    parser.add_argument("--plot", type=Path, help="plot file (default docs/quality_v2_<mode>.png)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="page to update")
     parser.add_argument("--no-docs", action="store_true", help="do not touch the benchmarks page")
-    parser.add_argument("--no-reuse", action="store_true", help="also run fd2 − CAL although it equals sre2l++")
+    parser.add_argument("--fresh", action="store_true", help="start a new result file instead of extending it")
+    parser.add_argument("--commit", action="store_true", help="git-commit the result file as results come in")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only redo the plot and table of a result file")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        default_plot = "quality_quick.png" if results["mode"] == "quick" else "quality.png"
-        plot_path = args.plot or ROOT / "docs" / default_plot
+        results["summary"] = summarise(results)
+        plot_path = args.plot or ROOT / "docs" / f"quality_v2_{results['mode']}.png"
         write_outputs(results, args.render, plot_path, None if args.no_docs else args.docs)
+        print(markdown(results, None))
         return 0
 
     mode = "quick" if args.quick else "full"
@@ -474,12 +643,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seeds"] = tuple(args.seeds)
     if args.settings:
         cfg["settings"] = tuple(args.settings)
+    if args.teacher_init:
+        cfg["teacher_init"] = args.teacher_init
     torch.set_num_threads(args.threads)
-    json_path = args.json or ROOT / "bench" / "results" / f"quality_{mode}.json"
-    plot_path = args.plot or ROOT / "docs" / ("quality_quick.png" if args.quick else "quality.png")
+    json_path = args.json or ROOT / "bench" / "results" / f"quality_v2_{mode}.json"
+    plot_path = args.plot or ROOT / "docs" / f"quality_v2_{mode}.png"
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/quality.py", *(argv or sys.argv[1:])])
-    results = run_grid(cfg, args.work / mode, mode, command, reuse=not args.no_reuse)
+    if args.fresh and json_path.exists():
+        json_path.unlink()
+    results = load_results(json_path, cfg, mode, command)
+    committer = GitCommitter(json_path, args.commit)
+
+    def save(doc: dict[str, Any], message: str) -> None:
+        _write_json(json_path, doc)
+        committer(message, force=message.endswith("done"))
+
+    results = run_grid(cfg, args.work / mode, results, save)
     write_outputs(results, json_path, plot_path, None if args.no_docs else args.docs)
+    committer("Quality grid: results", force=True)
     print(markdown(results, None))
     return 0
 

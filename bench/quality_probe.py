@@ -6,7 +6,8 @@ and the sre2l++ and fd2 sets at the largest IPC, and then trains the identical s
 
 - images: random real subset, sre2l++ set, fd2 set (and any extra fd2 variant named with --fd2-set);
 - soft-label source: plain-CE teacher; CAL teacher's combined logits (1 − r)·backbone + r·CAL head; CAL head
-  alone; CAL teacher's backbone alone;
+  alone; CAL teacher's backbone alone — each recorded with the relabel stage's protocol (BatchNorm mode and
+  forward split of the spec);
 - temperature T of the student's KL loss.
 
 Separating "which images" from "whose logits" says where a gap between methods comes from.
@@ -22,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +34,44 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import log, make_ctx, quantize  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
-from fd2_core.runtime import frozen, generator  # noqa: E402
+from fd2_core.runtime import autocast, frozen, generator  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
+from fd2_core.stages.teacher import relabel_mode, source_logits  # noqa: E402
 
-LABEL_SOURCES: dict[str, tuple[str, Callable[[Any, float], torch.Tensor]]] = {
-    # name → (teacher kind, logits of the model output given r)
-    "ce": ("ce", lambda out, r: out.logits.float()),
-    "cal-combined": ("cal", lambda out, r: (1 - r) * out.logits.float() + r * out.cal.logits.float()),
-    "cal-head": ("cal", lambda out, r: out.cal.logits.float()),
-    "cal-backbone": ("cal", lambda out, r: out.logits.float()),
+LABEL_SOURCES: dict[str, tuple[str, str]] = {
+    # name → (teacher kind, soft_label_source of that teacher)
+    "ce": ("ce", "backbone"),
+    "cal-combined": ("cal", "mixed"),
+    "cal-head": ("cal", "cal"),
+    "cal-backbone": ("cal", "backbone"),
 }
 
 
-def soft_labels(ctx, teacher, pick, r: float, images_u8, path: Path) -> SoftLabels:
-    """Record soft labels with the same seeded augmentation stream as the relabel stage, from chosen logits."""
-    if path.exists():
-        return SoftLabels.load(path)
+def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
+    """Record soft labels with the relabel stage's seeded augmentation stream and protocol, from `source`."""
     spec = ctx.spec
+    protocol = {
+        "soft_label_source": source,
+        "relabel_bn_mode": spec.relabel_bn_mode,
+        "forward_splits": spec.relabel_forward_splits,
+    }
+    if path.exists():
+        cached = SoftLabels.load(path)
+        if (cached.soft_label_source, cached.bn_mode, cached.forward_splits) == tuple(protocol.values()):
+            return cached
     images = ctx.normalize(images_u8).float()
-    with frozen(teacher):
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with autocast(ctx.device, ctx.amp):
+            return source_logits(teacher(x), source, spec.cal_ratio)
+
+    with relabel_mode(teacher, spec.relabel_bn_mode):
         tensors = record_soft_labels(
-            lambda x: pick(teacher(x), r),
+            logits_of,
             images,
             epochs=spec.relabel_epochs,
             batch_size=spec.relabel_batch_size,
@@ -66,18 +79,19 @@ def soft_labels(ctx, teacher, pick, r: float, images_u8, path: Path) -> SoftLabe
             cutmix_alpha=spec.cutmix_alpha,
             min_crop_scale=spec.min_crop_scale,
             topk=spec.topk,
+            forward_splits=spec.relabel_forward_splits,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch_size": spec.relabel_batch_size, "epochs": spec.relabel_epochs, "num_images": int(images.shape[0])}
-    save_soft_labels(path, tensors, meta | {"num_classes": ctx.num_classes, "topk": spec.topk})
+    save_soft_labels(path, tensors, meta | protocol | {"num_classes": ctx.num_classes, "topk": spec.topk})
     return SoftLabels.load(path)
 
 
-def logit_stats(teacher, pick, r: float, ctx) -> dict[str, float]:
-    """Accuracy, mean per-image logit std and mean top probability at T (on the validation images)."""
+def logit_stats(teacher, source: str, r: float, ctx) -> dict[str, float]:
+    """Accuracy, mean per-image logit std and mean top probability at T (eval mode, on the validation images)."""
     images = ctx.normalize(ctx.data.test_images).float()
     with torch.no_grad(), frozen(teacher):
-        logits = pick(teacher(images), r)
+        logits = source_logits(teacher(images), source, r)
     acc = (logits.argmax(1) == ctx.data.test_labels).float().mean().item()
     t = ctx.spec.eval_temperature
     return {
@@ -124,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = resolve_spec({**base, "method": method})
             teachers[kind] = pretrain(make_ctx(spec, data, root / f"teacher-{kind}")).model
         ctx0 = make_ctx(resolve_spec({**base, "method": "fd2"}), data, root)
-        for name, (kind, pick) in LABEL_SOURCES.items():
-            teacher_stats[f"seed{seed}/{name}"] = logit_stats(teachers[kind], pick, probe.cal_ratio, ctx0)
+        for name, (kind, source) in LABEL_SOURCES.items():
+            teacher_stats[f"seed{seed}/{name}"] = logit_stats(teachers[kind], source, probe.cal_ratio, ctx0)
             log(f"seed {seed} teacher {name}: {teacher_stats[f'seed{seed}/{name}']}")
         sets = {}
         for name in args.images:
@@ -139,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         for (_name, (tag, images)), ipc, src, temp in itertools.product(
             sets.items(), args.ipcs, args.sources, args.temperatures
         ):
-            kind, pick = LABEL_SOURCES[src]
+            kind, source = LABEL_SOURCES[src]
             spec = resolve_spec({**base, "ipc": ipc, "eval_temperature": temp})
             ctx = make_ctx(spec, data, root)
             imgs, labels = images[: ipc * k], torch.arange(k).repeat(ipc)
-            soft = soft_labels(ctx, teachers[kind], pick, spec.cal_ratio, imgs, root / f"{tag}-ipc{ipc}-{src}.st")
-            acc = train_student(ctx, imgs, labels, soft, stream="student")
+            soft = soft_labels(ctx, teachers[kind], source, imgs, root / f"{tag}-ipc{ipc}-{src}.st")
+            acc = train_student(ctx, imgs, labels, soft, stream="student").accuracy
             rows.append({"seed": seed, "images": tag, "ipc": ipc, "labels": src, "T": temp, "accuracy": acc})
             log(f"seed {seed} images {tag} ipc {ipc} labels {src} T {temp:g}: {acc:.3f}")
 

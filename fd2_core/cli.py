@@ -111,6 +111,13 @@ def _print_summary(spec: JobSpec, result) -> None:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
+    def points(v):
+        return "n/a" if v is None else f"{100 * v:+.1f}"
+
+    def with_ci(v, interval):
+        lo, hi = interval or (None, None)
+        return f"{points(v)} points, 95 % CI [{points(lo)}, {points(hi)}]"
+
     lines = [
         f"method {spec.method}, ipc {spec.ipc}, {spec.backbone} @ {spec.image_size}px, "
         f"{timings.get('total', 0):.0f}s on {result.report['device']['type']}",
@@ -120,8 +127,17 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"student (distilled set)   {pct(m.get('student_accuracy'))}")
     if "random_baseline_accuracy" in m:
         lines.append(f"student (random real set) {pct(m.get('random_baseline_accuracy'))}")
+    judged = (result.report.get("comparison") or {}).get("verdict")
+    if judged:
+        lines.append(f"{'IOR (over random)':<26}{with_ci(judged['ior'], judged['ior_ci95'])}")
+    if "hlr" in m:
+        lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
+        lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
+        lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
     lines.append("artifacts:")
     lines += [f"  {path}" for path in result.artifacts.values()]
+    if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed
+        lines.append(judged["message"])
     print("\n".join(lines))
 
 

@@ -49,7 +49,12 @@ class CostEstimate:
 
 
 def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
-    """Image passes of each stage (the same weighting as the pipeline's progress)."""
+    """Image passes of each stage (the same weighting as the pipeline's progress).
+
+    evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
+    relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
+    full-data student (fd2_core.stages.full_data): pretrain_epochs·n_train training steps + one test pass.
+    """
     k, n_train = size.num_classes, size.train_images
     n_syn = spec.ipc * k
     pretrain = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
@@ -57,8 +62,10 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     relabel = float(spec.relabel_epochs * n_syn)
     evaluate = 0.0
     if spec.evaluate:
-        students = 2 if spec.eval_random_baseline else 1
+        students = 1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)
         evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + 1) + size.test_images * students
+        if spec.eval_hlr:
+            evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
     return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate}
 
 

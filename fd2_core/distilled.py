@@ -2,10 +2,15 @@
 
     from fd2_core.distilled import SoftLabelReplay
     data = SoftLabelReplay("distilled.tar.gz", "soft_labels.safetensors")
-    for images, teacher_logits in torch.utils.data.DataLoader(data, batch_size=None, shuffle=False):
-        loss = kl(student(images) / T, teacher_logits / T)
+    for item in torch.utils.data.DataLoader(data, batch_size=None, shuffle=False):
+        parts = data.split(item)                      # the parts the teacher forwarded
+        for images, teacher_logits in parts:
+            (kl(student(images) / T, teacher_logits / T) / len(parts)).backward()
+        optimizer.step(); optimizer.zero_grad()
 
-Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay).
+Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay). The teacher
+forwarded each batch in `forward_splits` consecutive parts, with train-mode BatchNorm by default; the published
+validation script replays those parts as micro-batches and steps the optimizer once per batch.
 Only tarfile, PIL, json and safetensors are used to read the files: no pickles.
 """
 
@@ -23,7 +28,7 @@ import torch
 from PIL import Image
 
 from .augment import apply_crop_flip, apply_cutmix
-from .softlabels import SoftLabels
+from .softlabels import SoftLabels, forward_parts
 
 
 @dataclass
@@ -57,7 +62,12 @@ def read_distilled(path: str | Path) -> DistilledSet:
 
 
 class SoftLabelReplay(torch.utils.data.Dataset):
-    """Item i = (normalised augmented images [b,3,S,S], teacher logits [b,K]) of recorded batch i."""
+    """Item i = (normalised augmented images [b,3,S,S], teacher logits [b,K]) of recorded batch i.
+
+    How the logits were made, from the file's metadata (v1 files: their recorded source, eval mode, 1 part):
+    `soft_label_source` (backbone | cal | mixed), `bn_mode` (train | eval) and `forward_splits`, the number of
+    consecutive parts each batch was forwarded in; `split(item)` cuts an item into those parts.
+    """
 
     def __init__(self, distilled: str | Path | DistilledSet, soft_labels: str | Path | SoftLabels):
         self.set = distilled if isinstance(distilled, DistilledSet) else read_distilled(distilled)
@@ -80,6 +90,23 @@ class SoftLabelReplay(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, crop, cutmix, logits = self.soft.batch(step)
         return apply_cutmix(apply_crop_flip(self.images[idx], crop), cutmix), logits
+
+    @property
+    def soft_label_source(self) -> str:
+        return self.soft.soft_label_source
+
+    @property
+    def bn_mode(self) -> str:
+        return self.soft.bn_mode
+
+    @property
+    def forward_splits(self) -> int:
+        return self.soft.forward_splits
+
+    def split(self, item: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(images [b_p,3,S,S], logits [b_p,K]) per part the teacher forwarded (published relabel: 20 → 10 + 10)."""
+        images, logits = item
+        return [(images[part], logits[part]) for part in forward_parts(images.shape[0], self.forward_splits)]
 
 
 def _distillation_order(ds: DistilledSet, by_file: dict[str, int], labels: list[int]) -> torch.Tensor:

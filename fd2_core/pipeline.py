@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,16 +22,18 @@ import torchvision
 
 from . import __version__
 from .artifacts import MEDIA_TYPES, copy_file, sha256_of, write_distilled_tar, write_preview
-from .atomic import read_json, write_json
+from .atomic import load_tensors, read_json, save_tensors, write_json
 from .data.dataset import ImageDataset, load_dataset
 from .data.errors import DataError
 from .data.limits import DataLimits
-from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
-from .runtime import autocast, pick_device
+from .metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, bootstrap_interval, hlr, verdict
+from .progress import EventSink, PipelineEvent, ProgressTracker, StageReporter, StopCheck, StopRequested
+from .runtime import autocast, derive_seed, pick_device
 from .spec import JobSpec, resolve_spec
 from .stages.context import RunContext
-from .stages.distill import distill, random_real_indices
-from .stages.evaluate import train_student
+from .stages.distill import distill, init_drift, random_real_indices
+from .stages.evaluate import StudentResult, train_student
+from .stages.full_data import full_data_steps, train_full_data_student
 from .stages.pretrain import pretrain
 from .stages.relabel import SOFT_LABELS_FILE, relabel
 
@@ -62,13 +65,22 @@ def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
 
 
 def _stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
-    """Rough cost of each stage in image forward/backward passes, to weight the overall progress."""
+    """Rough cost of each stage in image forward/backward passes, to weight the overall progress.
+
+    evaluate = students on the set (distilled; random subset; hard labels for HLR) + the random subset's relabel
+    + with eval_hlr the full-data student, which trains on every real train image for pretrain_epochs.
+    """
     k, n_train = len(data.classes), data.train_images.shape[0]
     n_syn = spec.ipc * k
     cal = 3.0 if spec.uses_cal else 1.0
     distill_cost = 0.0 if spec.method == "random" else spec.ipc * spec.distill_iterations * k * 3.0
     student = spec.relabel_epochs * n_syn * 3.0
-    evaluate = (student * (2 if spec.eval_random_baseline else 1) + spec.relabel_epochs * n_syn) if spec.evaluate else 0
+    evaluate = 0.0
+    if spec.evaluate:
+        students = 1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)
+        evaluate = student * students + spec.relabel_epochs * n_syn
+        if spec.eval_hlr:
+            evaluate += spec.pretrain_epochs * n_train * 3.0
     return {
         "pretrain": spec.pretrain_epochs * n_train * 3.0 * cal,
         "distill": distill_cost,
@@ -112,6 +124,35 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The report's comparison block: the set against a random real subset of the same size (IOR, its interval
+    and the verdict, with both accuracies) and, when measured, hard-label recovery; definitions included."""
+    block: dict[str, Any] = {
+        "student_accuracy": metrics.get("student_accuracy"),
+        "random_baseline_accuracy": metrics.get("random_baseline_accuracy"),
+        "ior": metrics.get("ior"),
+        "ior_ci95": metrics.get("ior_ci95"),
+        "verdict": None,
+        "protocol": "student trained only on the set from its stored soft labels; top-1 on the real "
+        "test split; the random baseline is a random real subset of the same size, relabelled and "
+        "trained identically",
+        "definitions": {
+            "ior": "improvement over random (DD-Ranking) = student_accuracy - random_baseline_accuracy",
+            "ior_ci95": f"{100 * CONFIDENCE:.0f} % paired bootstrap interval of IOR over the test images "
+            f"({BOOTSTRAP_RESAMPLES} resamples)",
+            "hlr": "hard-label recovery (DD-Ranking) = full_data_accuracy - hard_label_accuracy: the student with "
+            "hard labels on every real train image minus the same student with hard labels on the set",
+        },
+    }
+    if metrics.get("ior_ci95") is not None:
+        lo, hi = metrics["ior_ci95"]
+        block["verdict"] = verdict(metrics["student_accuracy"], metrics["random_baseline_accuracy"], (lo, hi)).as_dict()
+    if "hlr" in metrics:
+        for key in ("hard_label_accuracy", "full_data_accuracy", "hlr", "hlr_ci95"):
+            block[key] = metrics.get(key)
+    return block
+
+
 @torch.no_grad()
 def _attention_of(ctx: RunContext, teacher, images_u8: torch.Tensor) -> torch.Tensor | None:
     if teacher.cal_head is None:
@@ -124,7 +165,33 @@ def _attention_of(ctx: RunContext, teacher, images_u8: torch.Tensor) -> torch.Te
     return torch.cat(maps)
 
 
+def _student(
+    ctx: RunContext,
+    name: str,
+    reporter: StageReporter,
+    done_before: int,
+    units: int,
+    train: Callable[[int], StudentResult],
+) -> StudentResult:
+    """Train one evaluation student (`train(done_before)`), or reuse it: each finished student's per-test-image
+    correctness is kept, so a killed evaluation resumes after its last finished student."""
+    path = ctx.stage_dir / f"evaluate_{name}.safetensors"
+    if path.exists():
+        reporter.log(f"student {name!r} already trained; reusing it", fraction=(done_before + units) / reporter.total)
+        return StudentResult.from_correct(load_tensors(path)["correct"].bool())
+    result = train(done_before)
+    save_tensors(path, {"correct": result.correct.to(torch.uint8)})
+    return result
+
+
 def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, Any]:
+    """Students trained on the set and tested on the real test split, and DD-Ranking's metrics (fd2_core.metrics).
+
+    Always the student on the distilled set with its soft labels. With eval_random_baseline, the same protocol on
+    a random real subset of the same size: IOR = distilled − random, its paired-bootstrap 95 % interval and the
+    verdict (beats_random only when the whole interval is above 0). With eval_hlr, the same student with hard
+    labels on the distilled set and the full-data student: HLR = full data − distilled (hard labels).
+    """
     spec = ctx.spec
     path = ctx.stage_dir / "evaluate.json"
     reporter = ctx.tracker.stage("evaluate")
@@ -134,23 +201,63 @@ def _evaluate(ctx: RunContext, teacher, images_u8, labels, soft) -> dict[str, An
         reporter.end()
         return read_json(path)
     steps = len(soft)
-    reporter.begin(steps * (2 if spec.eval_random_baseline else 1))
+    full_steps = full_data_steps(ctx) if spec.eval_hlr else 0
+    reporter.begin(steps * (1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)) + full_steps)
     result: dict[str, Any] = {}
-    result["student_accuracy"] = train_student(
-        ctx, images_u8, labels, soft, stream="student", reporter=reporter
+    done = 0
+    distilled = _student(
+        ctx, "distilled", reporter, done, steps,
+        lambda before: train_student(
+            ctx, images_u8, labels, soft, stream="student", reporter=reporter, done_before=before
+        ),
     )
+    done += steps
+    result["student_accuracy"] = distilled.accuracy
     if spec.eval_random_baseline:
         idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
         real_u8 = ctx.data.train_images[idx]
         real_labels = ctx.data.train_labels[idx]
-        baseline_soft = relabel(
-            ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
-            stream="baseline-relabel", parent=reporter,
+
+        def train_random(before: int) -> StudentResult:
+            baseline_soft = relabel(
+                ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
+                stream="baseline-relabel", parent=reporter,
+            )
+            return train_student(
+                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before
+            )
+
+        baseline = _student(ctx, "random", reporter, done, steps, train_random)
+        done += steps
+        interval = bootstrap_interval(
+            distilled.correct, baseline.correct, seed=derive_seed(spec.seed, "bootstrap", "ior")
         )
-        result["random_baseline_accuracy"] = train_student(
-            ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=steps
+        judged = verdict(distilled.accuracy, baseline.accuracy, interval)
+        result["random_baseline_accuracy"] = baseline.accuracy
+        result["ior"] = judged.ior
+        result["ior_ci95"] = list(interval)
+        result["beats_random"] = judged.beats_random
+        result["verdict"] = judged.status
+        reporter.log(judged.message)
+    if spec.eval_hlr:
+        hard = _student(
+            ctx, "distilled_hard_labels", reporter, done, steps,
+            lambda before: train_student(
+                ctx, images_u8, labels, soft, stream="student", hard_labels=True, reporter=reporter,
+                done_before=before,
+            ),
         )
-        result["gain_over_random"] = result["student_accuracy"] - result["random_baseline_accuracy"]
+        done += steps
+        full = _student(
+            ctx, "full_data", reporter, done, full_steps,
+            lambda before: train_full_data_student(ctx, reporter=reporter, done_before=before),
+        )
+        result["hard_label_accuracy"] = hard.accuracy
+        result["full_data_accuracy"] = full.accuracy
+        result["hlr"] = hlr(full.accuracy, hard.accuracy)
+        result["hlr_ci95"] = list(
+            bootstrap_interval(full.correct, hard.correct, seed=derive_seed(spec.seed, "bootstrap", "hlr"))
+        )
     write_json(path, result)
     reporter.end(f"student accuracy {result['student_accuracy']:.3f}")
     return result
@@ -290,15 +397,9 @@ def run(
             "method": spec.method,
             "spec": resolved,
             "metrics": metrics,
-            "comparison": {
-                "student_accuracy": metrics.get("student_accuracy"),
-                "random_baseline_accuracy": metrics.get("random_baseline_accuracy"),
-                "gain_over_random": metrics.get("gain_over_random"),
-                "protocol": "student trained only on the set from its stored soft labels; top-1 on the real "
-                "test split; the random baseline is a random real subset of the same size, relabelled and "
-                "trained identically",
-            },
+            "comparison": _comparison(metrics),
             "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
+            "distill": init_drift(ctx),
             "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,

@@ -12,6 +12,17 @@ Layout of `soft_labels.safetensors` (also written into the file's own metadata, 
   or, with top-k, `topk_values` float16 [E, N, k] and `topk_indices` int32 [E, N, k].
 Images are in normalised space (`mean`/`std` in the metadata); crops are applied with
 torchvision.ops.roi_align(aligned=True, sampling_ratio=2) and resized to `image_size`.
+
+How the logits were computed (metadata, format v2):
+- `soft_label_source`  backbone | cal | mixed — the backbone's own classifier, the CAL head, or
+                       (1 − r)·backbone + r·CAL head with r = `cal_ratio`;
+- `relabel_bn_mode`    train = BatchNorm normalised with the statistics of each forwarded part (the teacher's
+                       running statistics untouched), eval = running statistics;
+- `forward_splits`     P: each recorded batch was forwarded in P consecutive parts (`forward_parts`: sizes
+                       differ by at most one, the larger first, empty parts skipped); a student replaying the
+                       published protocol uses these parts as its micro-batches.
+Format v1 files have none of these keys: one forward pass per batch in eval mode, the source named by
+`teacher_logits`.
 """
 
 from __future__ import annotations
@@ -28,8 +39,30 @@ from safetensors import safe_open
 from .atomic import save_tensors
 from .augment import CropFlip, CutMix, apply_crop_flip, apply_cutmix, sample_crop_flip, sample_cutmix
 
-FORMAT = "fd2.soft_labels.v1"
+FORMAT = "fd2.soft_labels.v2"
+FORMAT_V1 = "fd2.soft_labels.v1"
+READABLE_FORMATS = (FORMAT, FORMAT_V1)
+PROTOCOL_KEYS = ("soft_label_source", "relabel_bn_mode", "forward_splits")
 MISSING_LOGIT = -1.0e4  # logits dropped by top-k: softmax gives them ~0 probability
+V1_MIXED = "(1-r)*backbone + r*cal_head"  # the v1 `teacher_logits` value of a CAL teacher
+
+
+def forward_parts(batch: int, parts: int) -> list[slice]:
+    """Consecutive slices of a batch of `batch` items in `parts` parts (published relabel: 20 → 10 + 10).
+
+    Sizes differ by at most one, the larger first (torch.tensor_split); empty parts are left out, so a short
+    last batch may have fewer parts.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+    base, extra = divmod(batch, parts)
+    slices, start = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        if size:
+            slices.append(slice(start, start + size))
+        start += size
+    return slices
 
 
 @dataclass
@@ -56,6 +89,34 @@ class SoftLabels:
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
+
+    @property
+    def format_version(self) -> int:
+        return 1 if self.metadata.get("format") == FORMAT_V1 else 2
+
+    @property
+    def soft_label_source(self) -> str:
+        """backbone | cal | mixed; for a v1 file read from `teacher_logits` ("unknown" when absent)."""
+        if self.format_version == 1:
+            named = self.metadata.get("teacher_logits")
+            return {V1_MIXED: "mixed", "backbone": "backbone"}.get(named or "", "unknown")
+        return self.metadata["soft_label_source"]
+
+    @property
+    def bn_mode(self) -> str:
+        """train | eval: how the teacher's BatchNorm normalised at relabel (v1: eval)."""
+        return "eval" if self.format_version == 1 else self.metadata["relabel_bn_mode"]
+
+    @property
+    def forward_splits(self) -> int:
+        """Parts each recorded batch was forwarded in (v1: 1)."""
+        return 1 if self.format_version == 1 else int(self.metadata["forward_splits"])
+
+    def parts(self, step: int) -> list[slice]:
+        """Batch-local slices of the parts the teacher forwarded for global batch `step`."""
+        b = step % self.batches_per_epoch
+        size = min(self.batch_size, self.num_images - b * self.batch_size)
+        return forward_parts(size, self.forward_splits)
 
     def __len__(self) -> int:
         return self.epochs * self.batches_per_epoch
@@ -86,8 +147,8 @@ class SoftLabels:
             metadata = dict(fh.metadata() or {})
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file")
+        if metadata.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: not a {' or '.join(READABLE_FORMATS)} file")
         return cls(tensors, metadata)
 
 
@@ -101,9 +162,15 @@ def record_soft_labels(
     cutmix_alpha: float,
     min_crop_scale: float,
     topk: int = 0,
+    forward_splits: int = 1,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Walk the set for `epochs`, augment + CutMix each batch, store teacher logits (fp16) and the choices."""
+    """Walk the set for `epochs`, augment + CutMix each batch, store teacher logits (fp16) and the choices.
+
+    `teacher` is called once per part of `forward_parts(batch, forward_splits)` (published relabel: a batch of 20
+    as two halves), so a train-mode BatchNorm sees each part's statistics; the random choices do not depend on
+    the split.
+    """
     n, _, _, size = images.shape
     nb = math.ceil(n / batch_size)
     order = torch.empty(epochs, n, dtype=torch.int32)
@@ -128,7 +195,8 @@ def record_soft_labels(
                 cm_lam[e, b] = cutmix.lam
             x = apply_cutmix(apply_crop_flip(images[idx.to(images.device)], crop), cutmix)
             with torch.no_grad():
-                logits_all.append(teacher(x).float().cpu())
+                for part in forward_parts(x.shape[0], forward_splits):
+                    logits_all.append(teacher(x[part]).float().cpu())
             if on_batch is not None:
                 on_batch(e * nb + b + 1, total)
     logits = torch.cat(logits_all).view(epochs, n, -1)
@@ -149,6 +217,10 @@ def record_soft_labels(
 
 
 def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
+    """Write a v2 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
+    missing = [key for key in PROTOCOL_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"soft-label metadata lacks {', '.join(missing)}")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta["format"] = FORMAT
     meta["layout"] = __doc__ or ""

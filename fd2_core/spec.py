@@ -78,10 +78,22 @@ class JobSpec(BaseModel):
     pretrain_lr_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="Step decay lr·γ^(epoch/2) when > 0 (published: 0.9); else cosine."
     )
+    pretrain_augment: Literal["auto", "published", "shift-flip", "resized-crop"] = Field(
+        "auto",
+        description="Teacher training augmentation: published = flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + "
+        "rotation ±15°; shift-flip = shift ≤ S/16 + flip; resized-crop = RandomResizedCrop(0.35–1) + flip; "
+        "auto = shift-flip at ≤ 64 px, resized-crop above.",
+    )
 
     # stage 2 — distill
     distill_iterations: int = Field(300, ge=1, le=100_000, description="Optimisation steps per ipc index.")
-    distill_lr: float = Field(0.05, gt=0.0, le=10.0, description="Adam lr for the synthetic images (cosine).")
+    distill_lr: float = Field(
+        1e-3,
+        gt=0.0,
+        le=10.0,
+        description="Adam lr for the synthetic images (cosine); published 1e-3 with patch initialisation, which "
+        "refines the real patches instead of rewriting them.",
+    )
     distill_batch_classes: int = Field(
         0, ge=0, le=10_000, description="Classes optimised together per step; 0 = all (batch by memory)."
     )
@@ -89,15 +101,43 @@ class JobSpec(BaseModel):
     first_bn_multiplier: float = Field(10.0, ge=0.0, le=1000.0, description="α of the first BatchNorm layer.")
     jitter: int = Field(4, ge=0, le=64, description="Max random roll in pixels (32 at 224 px, 4 at ≤ 64 px).")
     patch_candidates: int = Field(
-        5, ge=1, le=64, description="Random crops scored per stitched patch for patch initialisation."
+        5, ge=1, le=64, description="Square RandomResizedCrop views scored per real image for patch initialisation."
+    )
+    patch_pool: int = Field(
+        300, ge=1, le=100_000, description="Real images per class drawn (shuffled) as the patch candidate pool."
+    )
+    patch_factor: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="Views stitched factor×factor per synthetic image; 0 = auto (1 at ≤ 64 px, 2 above, as RDED).",
     )
 
     # stage 3 — relabel
     relabel_epochs: int = Field(300, ge=1, le=2000, description="Epochs of recorded augmentations + soft labels.")
-    relabel_batch_size: int = Field(20, ge=1, le=4096, description="Batch size of the relabel walk (and student).")
+    relabel_batch_size: int = Field(
+        20, ge=1, le=4096, description="Batch size of the relabel walk; the student replays the same batches."
+    )
     cutmix_alpha: float = Field(1.0, ge=0.0, le=10.0, description="CutMix Beta(α, α); 0 disables CutMix.")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop minimum area scale.")
     topk: int = Field(0, ge=0, le=10_000, description="Keep only the top-k teacher logits per sample; 0 = all.")
+    soft_label_source: Literal["backbone", "cal", "mixed"] = Field(
+        "backbone",
+        description="Teacher logits stored as soft labels: the backbone's own classifier (published), the CAL "
+        "head's, or (1−r)·backbone + r·CAL.",
+    )
+    relabel_bn_mode: Literal["train", "eval"] = Field(
+        "train",
+        description="BatchNorm at relabel: train = statistics of each forwarded part (published; the stored "
+        "running statistics stay unchanged), eval = running statistics.",
+    )
+    relabel_forward_splits: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Parts each relabel batch is forwarded in (published: 2 halves); the student accumulates "
+        "gradients over the same parts.",
+    )
 
     # stage 4 — evaluate
     evaluate: bool = Field(True, description="Train a student on the distilled set and test it on real data.")
@@ -105,8 +145,18 @@ class JobSpec(BaseModel):
         True, description="Also evaluate a random real subset of the same size with the same protocol."
     )
     eval_temperature: float = Field(20.0, gt=0.0, le=100.0, description="T of the KL distillation loss.")
-    eval_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Student AdamW learning rate (cosine).")
+    eval_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Student AdamW learning rate.")
     eval_weight_decay: float = Field(1e-5, ge=0.0, le=1.0, description="Student AdamW weight decay.")
+    eval_schedule: Literal["half-cosine", "cosine"] = Field(
+        "half-cosine",
+        description="Student lr per epoch: half-cosine = lr·0.5·(1 + cos(π·e/(2E))), the published schedule that "
+        "ends at half the lr; cosine = down to 0.",
+    )
+    eval_hlr: bool = Field(
+        False,
+        description="Also train a student on the full real train set with hard labels, for the hard-label "
+        "recovery (HLR) metric; costs about one teacher training more.",
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> JobSpec:
@@ -118,6 +168,10 @@ class JobSpec(BaseModel):
             raise ValueError("fc and sc need the CAL head (cal=true); disable them or enable cal")
         if self.eval_random_baseline and not self.evaluate and "eval_random_baseline" in self.model_fields_set:
             raise ValueError("eval_random_baseline needs evaluate=true")
+        if self.soft_label_source != "backbone" and not self.uses_cal:
+            raise ValueError(
+                f"soft_label_source {self.soft_label_source!r} reads the CAL head; it needs method fd2 with cal=true"
+            )
         if self.torchvision_weights and self.backbone == "convnet":
             raise ValueError("torchvision_weights needs a torchvision backbone (resnet18, resnet50, mobilenetv2)")
         return self
@@ -139,6 +193,47 @@ class JobSpec(BaseModel):
         return self.student_backbone or self.backbone
 
 
+# Published CAL settings (M = num_attention_maps, r = cal_ratio), one row per dataset (named by its paper preset),
+# one column per backbone: the paper's table, restated in docs/FD2_SPEC.md "Stage 1". The paper's DenseNet-121
+# column is left out (not a backbone here). The paper has no ConvNet column: a convnet teacher under a paper
+# preset takes the ResNet-18 column, the presets' own backbone (see _CAL_COLUMN).
+PAPER_CAL_SETTINGS: dict[str, dict[str, tuple[int, float]]] = {
+    "paper-cub": {"resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3)},
+    "paper-aircraft": {"resnet18": (32, 0.3), "mobilenetv2": (16, 0.2), "resnet50": (32, 0.4)},
+    "paper-cars": {"resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4)},
+}
+_CAL_COLUMN: dict[str, str] = {"convnet": "resnet18"}
+_CAL_FIELDS = ("num_attention_maps", "cal_ratio")
+
+# What the three paper presets share: the published pretraining (224 px ImageNet-initialised ResNet-18, SGD
+# lr 1e-3, batch 4, 50 epochs, lr·0.9^(epoch/2), flip + colour jitter + rotation), distillation (lr 1e-3 with
+# patch init, r_bn 1e-3, 100 classes per step, jitter 32) and relabelling (400 epochs, batch 20).
+_PAPER_COMMON: dict[str, Any] = {
+    "image_size": 224,
+    "backbone": "resnet18",
+    "torchvision_weights": True,
+    "jitter": 32,
+    "pretrain_epochs": 50,
+    "pretrain_batch_size": 4,
+    "pretrain_optimizer": "sgd",
+    "pretrain_lr": 1e-3,
+    "pretrain_weight_decay": 1e-5,
+    "pretrain_lr_decay": 0.9,
+    "pretrain_augment": "published",
+    "distill_lr": 1e-3,
+    "distill_batch_classes": 100,
+    "r_bn": 1e-3,
+    "relabel_epochs": 400,
+    "relabel_batch_size": 20,
+}
+
+
+def _paper_preset(name: str, **overrides: Any) -> dict[str, Any]:
+    """A paper preset: the shared settings, the dataset's (M, r) for the preset's backbone, then `overrides`."""
+    maps, ratio = PAPER_CAL_SETTINGS[name][_PAPER_COMMON["backbone"]]
+    return {**_PAPER_COMMON, "num_attention_maps": maps, "cal_ratio": ratio, **overrides}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The CPU preset narrows the convnet to 32 channels (about 3x cheaper per image than 64 on 2 cores, same
     # depth) and spends the time on teacher steps instead: 20 epochs at batch 16 (the field defaults). Calibrated
@@ -151,53 +246,62 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (bench/quality_probe.py: 2 seeds x 3 image sets x 3 label sources x IPC 3/5) T = 4 was above T = 20 in 11
     # of 18 cells, by 2.7 points on average at IPC 3 and 1.3 at IPC 5, and T = 2 was lower again.
     "cpu-small": {"model_width": 32, "eval_lr": 3e-3, "eval_temperature": 4.0},
-    "paper-cub": {
-        "image_size": 224,
-        "backbone": "resnet18",
-        "torchvision_weights": True,
-        "jitter": 32,
-        "cal_ratio": 0.5,
-        "pretrain_epochs": 50,
-        "pretrain_batch_size": 4,
-        "pretrain_optimizer": "sgd",
-        "pretrain_lr": 1e-3,
-        "pretrain_weight_decay": 1e-5,
-        "pretrain_lr_decay": 0.9,
-        "distill_iterations": 10_000,
-        "distill_lr": 1e-3,
-        "distill_batch_classes": 100,
-        "r_bn": 1e-3,
-        "relabel_epochs": 400,
-        "relabel_batch_size": 20,
-        "test_fraction": 0.5,
-    },
+    # Published distillation length: 10 000 iterations on CUB, 4 000 on Cars and Aircraft; relabel batch 14 on
+    # Cars. test_fraction only matters for data without a test split (the official splits are about 1/2, 1/3).
+    "paper-cub": _paper_preset("paper-cub", distill_iterations=10_000, test_fraction=0.5),
+    "paper-aircraft": _paper_preset("paper-aircraft", distill_iterations=4_000, test_fraction=0.33),
+    "paper-cars": _paper_preset("paper-cars", distill_iterations=4_000, relabel_batch_size=14, test_fraction=0.5),
 }
-PRESETS["paper-aircraft"] = {**PRESETS["paper-cub"], "test_fraction": 0.33}
-PRESETS["paper-cars"] = {**PRESETS["paper-cub"], "cal_ratio": 0.3, "distill_iterations": 4_000}
 
+_BACKBONE_NOTE = "another backbone takes its own published (M, r) unless set"
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "cpu-small": "32 px ConvNet-BN, short schedules: a 10-class IPC-1 job runs in minutes on 2 CPU cores.",
-    "paper-cub": "224 px ResNet-18, published CUB-200-2011 hyper-parameters (10 000 distill iterations).",
-    "paper-cars": "224 px ResNet-18, published Stanford Cars hyper-parameters (r = 0.3, 4 000 iterations).",
-    "paper-aircraft": "224 px ResNet-18, published FGVC-Aircraft hyper-parameters.",
+    "paper-cub": "224 px ResNet-18, published CUB-200-2011 settings (M = 8, r = 0.5, 10 000 distill iterations, "
+    f"relabel batch 20, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
+    "paper-cars": "224 px ResNet-18, published Stanford Cars settings (M = 8, r = 0.3, 4 000 distill iterations, "
+    f"relabel batch 14, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
+    "paper-aircraft": "224 px ResNet-18, published FGVC-Aircraft settings (M = 32, r = 0.3, 4 000 distill "
+    f"iterations, relabel batch 20, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
 }
 
 _FD2_PARTS = ("cal", "fc", "sc")
 
 
+def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
+    """Published (M, r) of a paper preset's dataset for `backbone`; None outside the paper presets.
+
+    A convnet takes the ResNet-18 column (the paper has none for it); an unknown backbone gives None and is
+    left for the schema to reject.
+    """
+    column = PAPER_CAL_SETTINGS.get(preset)
+    if column is None:
+        return None
+    return column.get(_CAL_COLUMN.get(backbone, backbone))
+
+
 def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
     """Merge a user's partial spec over its preset and validate it.
 
-    The base recipe and the random baseline switch the FD² parts off unless the user named them (then the
-    validator rejects the contradiction with a message naming the fields).
+    Under a paper preset, M (`num_attention_maps`) and r (`cal_ratio`) follow the published table for the
+    resolved backbone, each one unless the user set it. The base recipe and the random baseline switch the FD²
+    parts off unless the user named them (then the validator rejects the contradiction with a message naming
+    the fields).
     Raises pydantic.ValidationError with the offending field in `loc`.
     """
     raw = dict(raw or {})
     preset = raw.get("preset", "cpu-small")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         # let pydantic produce the uniform error for an unknown literal
         JobSpec.model_validate({"preset": preset})
     merged: dict[str, Any] = {**PRESETS[preset], **raw}
+    backbone = merged.get("backbone")
+    published = paper_cal_settings(preset, backbone) if isinstance(backbone, str) else None
+    if published is not None:
+        for name, value in zip(_CAL_FIELDS, published, strict=True):
+            if name not in raw:
+                merged[name] = value
+    if merged.get("backbone") == "convnet" and "torchvision_weights" not in raw:
+        merged["torchvision_weights"] = False  # a paper preset's ImageNet start has no convnet counterpart
     if merged.get("method", "fd2") != "fd2":
         user_set = {k for k in _FD2_PARTS if raw.get(k)}
         for part in _FD2_PARTS:
@@ -216,10 +320,12 @@ def spec_json_schema() -> dict[str, Any]:
 __all__ = [
     "BACKBONES",
     "METHODS",
+    "PAPER_CAL_SETTINGS",
     "PRESETS",
     "PRESET_DESCRIPTIONS",
     "JobSpec",
     "ValidationError",
+    "paper_cal_settings",
     "resolve_spec",
     "spec_json_schema",
 ]

@@ -1,12 +1,14 @@
-"""Smoke test of bench/quality.py's code path on a tiny grid (seconds on a CPU)."""
+"""bench/quality.py: the paired grid's code path on a tiny grid, its statistics, and resuming from the result file."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fd2_core.data.dataset import load_dataset
@@ -28,45 +30,87 @@ def _bench():
 TINY_CFG = {
     "spec": {k: v for k, v in TINY_SPEC.items() if k not in ("preset", "ipc", "device")} | {"distill_iterations": 2},
     "ipcs": (1, 2),
-    "seeds": (0,),
+    "seeds": (0, 1),
     "settings": ("tiny",),
     "sources": {"tiny": TINY_DATA},
     "classes": None,
-    "upper_bound_epochs": 1,
+    "hard_label_methods": ("random", "fd2"),
+    "teacher_init": "scratch",
 }
 
 
-def test_grid_runs_every_method_and_writes_json_table_and_plot(tmp_path):
+def test_grid_runs_every_method_in_both_protocols_and_resumes(tmp_path):
     bench = _bench()
-    results = bench.run_grid(TINY_CFG, tmp_path / "work", "quick", "bench/quality.py --tiny")
-    (run,) = results["runs"]
+    saves: list[str] = []
+    results = bench.load_results(tmp_path / "q.json", TINY_CFG, "quick", "bench/quality.py --tiny")
+    results = bench.run_grid(TINY_CFG, tmp_path / "work", results, lambda doc, msg: saves.append(msg))
+    assert set(results["runs"]) == {"tiny/0", "tiny/1"}
+    run = results["runs"]["tiny/0"]
     assert set(run["methods"]) == {v.name for v in bench.VARIANTS}
     for name, record in run["methods"].items():
-        for ipc in (1, 2):
-            assert 0.0 <= record[f"ipc{ipc}"]["soft"] <= 1.0 and 0.0 <= record[f"ipc{ipc}"]["hard"] <= 1.0, name
-    assert run["methods"]["fd2"]["teacher"] == "cal" and run["methods"]["random"]["teacher"] == "ce"
-    assert run["methods"]["fd2 − CAL"]["same_as"] == "sre2l++"
-    assert set(run["teachers"]) == {"cal", "ce"} and 0.0 <= run["upper_bound"]["accuracy"] <= 1.0
+        for protocol in bench.PROTOCOLS:
+            for ipc in (1, 2):
+                assert 0.0 <= record[protocol][f"ipc{ipc}"]["soft"] <= 1.0, (name, protocol)
+    # the plain-CE teacher relabels random and sre2l++ in both protocols: the numbers are one and the same
+    for name in ("random", "sre2l++"):
+        assert run["methods"][name]["images-only"]["ipc1"]["same_as"] == "end-to-end"
+    assert run["methods"]["fd2"]["teacher"] == "cal" and "hard_ipc2" in run["methods"]["fd2"]
+    assert "hard_ipc1" not in run["methods"]["sre2l++"]
+    assert 0.0 <= run["upper_bound"]["accuracy"] <= 1.0
+    assert saves and saves[-1] == "Quality grid: tiny/1 done"
+
+    summary = results["summary"]["tiny"]
+    assert summary["seeds"] == [0, 1]
+    diff = summary["protocols"]["end-to-end"]["comparisons"]["fd2 − sre2l++"]["ipc2"]
+    expected = [100 * (r["methods"]["fd2"]["end-to-end"]["ipc2"]["soft"]
+                       - r["methods"]["sre2l++"]["end-to-end"]["ipc2"]["soft"]) for r in results["runs"].values()]
+    assert diff["diffs"] == pytest.approx(expected) and diff["mean"] == pytest.approx(sum(expected) / 2)
+    hlr = summary["hlr"]["fd2"]["ipc1"]
+    assert hlr["mean"] == pytest.approx(statistics_mean(
+        [100 * (r["upper_bound"]["accuracy"] - r["methods"]["fd2"]["hard_ipc1"]["accuracy"])
+         for r in results["runs"].values()]))
+
+    # a re-run with the same configuration trains nothing new: every method is taken from the result file
+    bench._write_json(tmp_path / "q.json", results)
+    again = bench.load_results(tmp_path / "q.json", TINY_CFG, "quick", "again")
+    calls: list[str] = []
+    original = bench.PairRunner.method
+    bench.PairRunner.method = lambda self, variant: calls.append(variant.name) or original(self, variant)
+    try:
+        bench.run_grid(TINY_CFG, tmp_path / "work", again, None)
+    finally:
+        bench.PairRunner.method = original
+    assert calls == []
+
+    # another configuration never mixes into the file
+    with pytest.raises(SystemExit):
+        bench.load_results(tmp_path / "q.json", TINY_CFG | {"ipcs": (1,)}, "quick", "other")
 
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nearlier text\n")
     bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)
     bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)  # replaces, never duplicates
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nearlier text") and text.count("<!-- quality:quick:begin -->") == 1
-    assert "| fd2 (cal) |" in text and "full real train set" in text and "bench/quality.py --tiny" in text
+    assert text.startswith("# Benchmarks\n\nearlier text") and text.count("<!-- quality:v2-quick:begin -->") == 1
+    assert "| fd2 − sre2l++ |" in text and "IOR fd2" in text and "bench/quality.py --tiny" in text
     assert (tmp_path / "q.png").stat().st_size > 0
     saved = json.loads((tmp_path / "q.json").read_text())
-    assert saved["summary"]["tiny"]["methods"]["fd2"]["ipc2_soft"]["values"] == [run["methods"]["fd2"]["ipc2"]["soft"]]
+    assert saved["runs"]["tiny/1"]["methods"]["fd2"] == results["runs"]["tiny/1"]["methods"]["fd2"]
 
 
-def test_fd2_without_cal_is_the_base_recipe(tmp_path):
-    """What the bench relies on to reuse sre2l++ for fd2 − CAL: both run the same code with the same seeds."""
+def statistics_mean(values):
+    return sum(values) / len(values)
+
+
+def test_paired_interval_against_a_hand_computation():
     bench = _bench()
-    cfg = TINY_CFG | {"ipcs": (1,)}
-    variants = tuple(v for v in bench.VARIANTS if v.name in ("sre2l++", "fd2 − CAL"))
-    out = bench.run_setting_seed("tiny", TINY_DATA, 0, cfg, tmp_path, variants=variants, reuse=False)
-    assert out["methods"]["fd2 − CAL"]["ipc1"] == out["methods"]["sre2l++"]["ipc1"]
+    # differences 2, 4, 6 points: mean 4, sd 2, t(0.975, 2) = 4.303 → half width 4.303·2/√3
+    out = bench.paired_interval([0.52, 0.54, 0.56], [0.50, 0.50, 0.50])
+    half = 4.302652729911275 * 2 / math.sqrt(3)
+    assert out["mean"] == pytest.approx(4.0)
+    assert out["lo"] == pytest.approx(4.0 - half, rel=1e-4) and out["hi"] == pytest.approx(4.0 + half, rel=1e-4)
+    single = bench.paired_interval([0.6], [0.5])
+    assert single["lo"] is None and single["mean"] == pytest.approx(10.0)
 
 
 def test_a_smaller_ipc_is_the_prefix_of_a_larger_one(tmp_path):

@@ -33,19 +33,24 @@ def data():
     return load_dataset(TINY_DATA, 32, seed=0)
 
 
-@pytest.mark.parametrize(("method", "source"), [("fd2", "cal-combined"), ("sre2l++", "ce")])
-def test_probe_label_source_equals_the_relabel_stage(tmp_path, data, method, source):
+@pytest.mark.parametrize(
+    ("method", "name", "bn_mode"),
+    [("fd2", "cal-backbone", "train"), ("fd2", "cal-combined", "eval"), ("fd2", "cal-head", "train"),
+     ("sre2l++", "ce", "train")],
+)  # fmt: skip
+def test_probe_label_source_equals_the_relabel_stage(tmp_path, data, method, name, bn_mode):
     probe = _load("quality_probe")
-    spec = resolve_spec({**TINY_SPEC, "method": method, "relabel_epochs": 2})
+    kind, source = probe.LABEL_SOURCES[name]
+    raw = {"method": method, "relabel_epochs": 2, "soft_label_source": source, "relabel_bn_mode": bn_mode}
+    spec = resolve_spec({**TINY_SPEC, **raw})
     ctx = probe.make_ctx(spec, data, tmp_path)
     torch.manual_seed(0)
     teacher = new_teacher(ctx)
     images = data.train_images[:8]
     labels = data.train_labels[:8]
     production = relabel(ctx, teacher, images, labels, tmp_path / "stage.safetensors")
-    kind, pick = probe.LABEL_SOURCES[source]
     assert kind == ("cal" if spec.uses_cal else "ce")
-    replayed = probe.soft_labels(ctx, teacher, pick, spec.cal_ratio, images, tmp_path / "probe.st")
+    replayed = probe.soft_labels(ctx, teacher, source, images, tmp_path / "probe.st")
     assert set(replayed.tensors) == set(production.tensors)
     for key, tensor in production.tensors.items():
         assert torch.equal(replayed.tensors[key], tensor), key

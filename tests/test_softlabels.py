@@ -30,7 +30,8 @@ def test_replay_reproduces_recorded_logits(tmp_path, topk):
     tensors = record_soft_labels(
         teacher, images, epochs=3, batch_size=3, generator=g, cutmix_alpha=1.0, min_crop_scale=0.08, topk=topk
     )
-    path = save_soft_labels(tmp_path / "s.safetensors", tensors, {"batch_size": 3, "num_classes": 4})
+    protocol = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1}
+    path = save_soft_labels(tmp_path / "s.safetensors", tensors, {"batch_size": 3, "num_classes": 4, **protocol})
     soft = SoftLabels.load(path)
     assert len(soft) == 3 * 3  # 3 epochs × ceil(7 / 3) batches
     seen = torch.zeros(7, dtype=torch.long)
@@ -70,8 +71,9 @@ def test_public_loader_replays_downloaded_artifacts_against_the_teacher(tmp_path
         meta["backbone"], 4, int(meta["image_size"]), cal=json.loads(meta["cal"]), width=int(meta["model_width"])
     )
     teacher.load_state_dict(state)
-    teacher.eval()
+    assert (data.soft_label_source, data.bn_mode, data.forward_splits) == ("backbone", "train", 2)
+    teacher.train()  # published relabel: BatchNorm normalises with the statistics of each forwarded part
     images, stored = data[0]
     with torch.no_grad():
-        fresh = teacher(images).logits
+        fresh = torch.cat([teacher(part).logits for part, _ in data.split((images, stored))])
     assert torch.allclose(fresh, stored, atol=5e-2, rtol=1e-2)

@@ -2,8 +2,9 @@
 
 Sources: a folder, an archive (.zip/.tar/.tar.gz, unpacked safely into a temporary folder that is removed
 afterwards), a manifest file, an inline manifest `{"root": ..., "items": [...]}`, or the built-in generator
-`fgsynth[:classes=K,size=S,train=N,test=M,seed=X,variant=birds|cars]`. Images are decoded in a thread pool
-(Pillow releases the GIL while decoding); undecodable files are skipped and listed in `errors`.
+`fgsynth[:classes=K,size=S,train=N,test=M,seed=X,variant=birds|cars,first=F]` (`first=F` draws the generator's
+classes F … F+K−1, disjoint from the default 0 … K−1 when F ≥ K; labels still run 0 … K−1). Images are decoded
+in a thread pool (Pillow releases the GIL while decoding); undecodable files are skipped and listed in `errors`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ _FGSYNTH_KEYS: dict[str, tuple[str, type]] = {
     "test": ("test_per_class", int),
     "seed": ("seed", int),
     "variant": ("variant", str),
+    "first": ("first_class", int),
 }
+# Options left out of a described source while at their default, so existing sources keep their description.
+_FGSYNTH_QUIET_DEFAULTS: dict[str, object] = {"first": 0}
 
 
 @dataclass
@@ -143,7 +147,10 @@ def load_fgsynth(source: str, image_size: int) -> ImageDataset:
         raise DataError("bad_source", f"fgsynth: {exc}") from None
     train = _resize(_to_tensor(data.train_images), image_size)
     test = _resize(_to_tensor(data.test_images), image_size)
-    described = ",".join(f"{key}={data.params[name]}" for key, (name, _) in _FGSYNTH_KEYS.items())
+    described = ",".join(
+        f"{key}={data.params[name]}" for key, (name, _) in _FGSYNTH_KEYS.items()
+        if key not in _FGSYNTH_QUIET_DEFAULTS or data.params[name] != _FGSYNTH_QUIET_DEFAULTS[key]
+    )
     return _assemble(
         train, torch.from_numpy(data.train_labels.copy()), test, torch.from_numpy(data.test_labels.copy()),
         data.classes, [], f"{FGSYNTH_PREFIX}:{described}",

@@ -7,7 +7,11 @@ the part's shape, its two-colour pattern and, past 40 classes, where on the obje
 colours are drawn at random per image from one distribution shared by all classes, so global colour
 statistics carry no class information; a model has to find the part and read its shape and pattern.
 Class `k` is numbered so that neighbouring classes form confusable groups: within a group of five, classes
-share shape and placement and differ in the pattern alone.
+share shape and placement and differ in the pattern alone. Numbering is mixed radix, pattern fastest: pattern
+`k % 5`, shape `(k // 5) % 8`, placement `k // 40`, so classes 0–39 share the first placement and 200 classes
+exist per variant. `first_class=F` draws classes F … F+K−1 instead of 0 … K−1 (labels still run 0 … K−1, names
+keep the global number): a set of classes disjoint from the default ones, e.g. for pretraining a backbone that
+never saw the evaluated classes. Classes 0 … K−1 are drawn exactly as before whatever `first_class` allows.
 
 Difficulty (default: birds, 20 classes, 150 train / 50 test per class, 32 px): the `cpu-small` FD² teacher
 (ConvNet-BN of three blocks, width 32, CAL, 20 epochs with AdamW at batch 16) reaches about 75 % test accuracy
@@ -107,15 +111,19 @@ class FGSynthData:
         return self.test.labels
 
 
-def class_recipes(num_classes: int, variant: str = "birds") -> list[ClassRecipe]:
-    """Recipe of class `k`: pattern varies fastest, then shape, then placement (mixed radix)."""
+def class_recipes(num_classes: int, variant: str = "birds", first_class: int = 0) -> list[ClassRecipe]:
+    """Recipes of classes `first_class` … `first_class + num_classes − 1`: pattern varies fastest, then shape,
+    then placement (mixed radix). Names carry the global number, zero-padded so they sort in label order."""
     _check_variant(variant)
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}]")
+    if not 0 <= first_class <= MAX_CLASSES - num_classes:
+        raise ValueError(f"first_class must be in [0, {MAX_CLASSES - num_classes}] for {num_classes} classes "
+                         f"(at most {MAX_CLASSES} classes exist)")
     shapes, placements = SHAPES[variant], PLACEMENTS[variant]
-    width = len(str(num_classes - 1))
+    width = len(str(first_class + num_classes - 1))
     recipes = []
-    for k in range(num_classes):
+    for k in range(first_class, first_class + num_classes):
         pattern = PATTERNS[k % len(PATTERNS)]
         shape = shapes[(k // len(PATTERNS)) % len(shapes)]
         placement = placements[k // (len(PATTERNS) * len(shapes))]
@@ -464,13 +472,15 @@ def render(
     stream: int = 0,
     nuisance: Nuisance | None = None,
     with_masks: bool = False,
+    first_class: int = 0,
 ) -> FGSynthSplit:
-    """Draw one image per label. The nuisance factors of image `i` depend on (seed, variant, stream, number
-    of images, i) and never on the labels: the same call with other labels changes the class parts only."""
+    """Draw one image per label (label `j` shows class `first_class + j`). The nuisance factors of image `i`
+    depend on (seed, variant, stream, number of images, i) and never on the labels or `first_class`: the same
+    call with other labels changes the class parts only."""
     _check_variant(variant)
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}")
-    recipes = class_recipes(num_classes, variant)
+    recipes = class_recipes(num_classes, variant, first_class)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError("labels must be in [0, num_classes)")
@@ -504,22 +514,26 @@ def generate(
     variant: str = "birds",
     with_masks: bool = False,
     nuisance: Nuisance | None = None,
+    first_class: int = 0,
 ) -> FGSynthData:
     """Generate FGSynth (see the module docstring); the same arguments always give the same arrays.
 
     Labels are sorted (class 0 first). `with_masks` also returns per-image object and class-part coverage
-    masks (to check the part's share); `nuisance` changes the ranges of the class-independent factors.
+    masks (to check the part's share); `nuisance` changes the ranges of the class-independent factors;
+    `first_class` shifts the drawn classes to `first_class` … `first_class + num_classes − 1` (labels stay
+    0 … num_classes − 1). Use another `seed` as well when the images must not share their nuisance draws
+    (pose, colours, background) with a set of the same size.
     """
     if train_per_class < 1 or test_per_class < 0:
         raise ValueError("train_per_class must be >= 1 and test_per_class >= 0")
-    recipes = class_recipes(num_classes, variant)
+    recipes = class_recipes(num_classes, variant, first_class)
     common = {"num_classes": num_classes, "image_size": image_size, "seed": seed, "variant": variant,
-              "nuisance": nuisance, "with_masks": with_masks}
+              "nuisance": nuisance, "with_masks": with_masks, "first_class": first_class}
     classes = np.arange(num_classes, dtype=np.int64)
     train = render(np.repeat(classes, train_per_class), stream=0, **common)
     test = render(np.repeat(classes, test_per_class), stream=1, **common)
     params = {"num_classes": num_classes, "image_size": image_size, "train_per_class": train_per_class,
-              "test_per_class": test_per_class, "seed": seed, "variant": variant}
+              "test_per_class": test_per_class, "seed": seed, "variant": variant, "first_class": first_class}
     return FGSynthData([r.name for r in recipes], recipes, train, test, variant, seed, image_size, params)
 
 

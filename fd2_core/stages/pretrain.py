@@ -160,7 +160,7 @@ def pretrain(ctx: RunContext) -> TeacherResult:
         for step, (x, y) in enumerate(ctx.iterate(x_train, y_train, spec.pretrain_batch_size, g, drop_last=True)):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(ctx, epoch, step, steps_per_epoch)
-            x = train_augment(x, g)
+            x = train_augment(x, g, spec.pretrain_augment, mean=ctx.mean, std=ctx.std)
             with autocast(ctx.device, ctx.amp):
                 if spec.uses_cal:
                     loss, embedding, parts = cal_loss(model, x, y, ratio, g)

@@ -1,4 +1,8 @@
-"""Stage 3 — record FKD-style soft labels for a set of images (distilled or random real)."""
+"""Stage 3 — record FKD-style soft labels for a set of images (distilled or random real).
+
+Published relabel: the teacher's logits of the chosen source (default the backbone's own classifier), BatchNorm
+in train mode on each forwarded part of a batch (default two halves), the stored running statistics untouched.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,37 @@ import torch
 
 from ..models import FD2Model
 from ..progress import StageReporter
-from ..runtime import autocast, frozen, generator
+from ..runtime import autocast, generator
 from ..softlabels import SoftLabels, record_soft_labels, save_soft_labels
+from ..spec import JobSpec
 from .context import RunContext
-from .teacher import teacher_logits
+from .teacher import relabel_mode, source_logits
 
 SOFT_LABELS_FILE = "soft_labels.safetensors"
+
+_SOURCE_TEXT = {
+    "backbone": "backbone classifier logits",
+    "cal": "CAL head logits W(100 z)",
+    "mixed": "(1-r)*backbone + r*cal_head logits, r = cal_ratio",
+}
+_MODE_TEXT = {
+    "train": "BatchNorm with the statistics of each forwarded part (train mode; running statistics unchanged)",
+    "eval": "BatchNorm with the running statistics (eval mode)",
+}
+
+
+def describe_logits(source: str, bn_mode: str, forward_splits: int) -> str:
+    """One line saying which logits a soft-label file holds and how they were computed (metadata text)."""
+    return f"{_SOURCE_TEXT[source]}; {_MODE_TEXT[bn_mode]}; each batch forwarded in {forward_splits} part(s)"
+
+
+def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
+    """True when a recorded file used the source, BatchNorm mode and forward split the spec asks for."""
+    return (soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (
+        spec.soft_label_source,
+        spec.relabel_bn_mode,
+        spec.relabel_forward_splits,
+    )
 
 
 def relabel(
@@ -25,22 +54,27 @@ def relabel(
     stream: str = "relabel",
     parent: StageReporter | None = None,
 ) -> SoftLabels:
-    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists.
+    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists with this protocol.
 
     Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
     keeps polling the stop flag through the parent and emits no stage events of its own.
     """
     spec = ctx.spec
     reporter = parent or ctx.tracker.stage("relabel")
-    if path.exists():
-        if parent is None:
-            reporter.begin(1)
-            reporter.log(f"{path.name} already recorded; reusing it")
-            reporter.end()
-        return SoftLabels.load(path)
-    images = ctx.normalize(images_u8).float()
     if parent is None:
         reporter.begin(1)
+    if path.exists():
+        existing = SoftLabels.load(path)
+        if protocol_matches(existing, spec):
+            if parent is None:
+                reporter.log(f"{path.name} already recorded; reusing it")
+                reporter.end()
+            return existing
+        if parent is None:
+            reporter.log(f"{path.name} was recorded with another relabel protocol; recording it again")
+    if spec.soft_label_source != "backbone" and getattr(teacher, "cal_head", None) is None:
+        raise ValueError(f"soft_label_source {spec.soft_label_source!r} needs the CAL head (method fd2, cal on)")
+    images = ctx.normalize(images_u8).float()
 
     def on_batch(done: int, total: int) -> None:
         if parent is None:
@@ -51,9 +85,9 @@ def relabel(
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         with autocast(ctx.device, ctx.amp):
-            return teacher_logits(teacher, x, spec.cal_ratio)
+            return source_logits(teacher(x), spec.soft_label_source, spec.cal_ratio)
 
-    with frozen(teacher):
+    with relabel_mode(teacher, spec.relabel_bn_mode):
         tensors = record_soft_labels(
             logits_of,
             images,
@@ -63,26 +97,34 @@ def relabel(
             cutmix_alpha=spec.cutmix_alpha,
             min_crop_scale=spec.min_crop_scale,
             topk=spec.topk,
+            forward_splits=spec.relabel_forward_splits,
             on_batch=on_batch,
         )
-    meta = {
+    save_soft_labels(path, tensors, _metadata(ctx, images.shape[0], labels))
+    if parent is None:
+        reporter.end()
+    return SoftLabels.load(path)
+
+
+def _metadata(ctx: RunContext, num_images: int, labels: torch.Tensor) -> dict[str, object]:
+    spec = ctx.spec
+    return {
         "batch_size": spec.relabel_batch_size,
         "epochs": spec.relabel_epochs,
-        "num_images": int(images.shape[0]),
+        "num_images": int(num_images),
         "num_classes": ctx.num_classes,
         "image_size": spec.image_size,
         "topk": spec.topk,
         "cutmix_alpha": spec.cutmix_alpha,
         "min_crop_scale": spec.min_crop_scale,
         "temperature": spec.eval_temperature,
-        "teacher_logits": "(1-r)*backbone + r*cal_head" if spec.uses_cal else "backbone",
+        "soft_label_source": spec.soft_label_source,
+        "relabel_bn_mode": spec.relabel_bn_mode,
+        "forward_splits": spec.relabel_forward_splits,
+        "teacher_logits": describe_logits(spec.soft_label_source, spec.relabel_bn_mode, spec.relabel_forward_splits),
         "cal_ratio": spec.cal_ratio,
         "labels": labels.tolist(),
         "classes": ctx.data.classes,
         "mean": list(ctx.data.mean),
         "std": list(ctx.data.std),
     }
-    save_soft_labels(path, tensors, meta)
-    if parent is None:
-        reporter.end()
-    return SoftLabels.load(path)

@@ -2,26 +2,97 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..atomic import load_tensors, save_tensors
-from ..models import FD2Model, build_model
-from ..runtime import autocast, to_device
+from ..models import FD2Model, ModelOutput, build_model
+from ..runtime import autocast, frozen, to_device
 from .context import RunContext
+
+SOFT_LABEL_SOURCES = ("backbone", "cal", "mixed")
+BN_MODES = ("train", "eval")
+
+
+def source_logits(out: ModelOutput, source: str, cal_ratio: float) -> torch.Tensor:
+    """Logits [B, K] of one soft-label source: backbone classifier, CAL head, or (1−r)·backbone + r·CAL.
+
+    The published relabel stores the backbone's and the CAL head's logits; the published validation trains on
+    the backbone's.
+    """
+    if source == "backbone":
+        return out.logits.float()
+    if source not in SOFT_LABEL_SOURCES:
+        raise ValueError(f"unknown soft-label source {source!r}; expected one of {SOFT_LABEL_SOURCES}")
+    if out.cal is None:
+        raise ValueError(f"soft-label source {source!r} needs a teacher with the CAL head")
+    if source == "cal":
+        return out.cal.logits.float()
+    return (1.0 - cal_ratio) * out.logits.float() + cal_ratio * out.cal.logits.float()
 
 
 def teacher_logits(model: FD2Model, x: torch.Tensor, cal_ratio: float) -> torch.Tensor:
     """(1−r)·backbone + r·CAL logits for a CAL teacher (the CE weighting of the spec); backbone otherwise."""
     out = model(x)
-    if out.cal is None:
-        return out.logits.float()
-    return (1.0 - cal_ratio) * out.logits.float() + cal_ratio * out.cal.logits.float()
+    return source_logits(out, "backbone" if out.cal is None else "mixed", cal_ratio)
+
+
+@contextlib.contextmanager
+def relabel_mode(model: torch.nn.Module, bn_mode: str) -> Iterator[torch.nn.Module]:
+    """The teacher as the relabel stage runs it: gradients off, every module in eval mode, and with `train`
+    the BatchNorm layers normalising with the statistics of each forwarded batch (published relabel, which
+    never calls eval()).
+
+    Only BatchNorm changes mode (dropout and the CAL head's random counterfactual stay off), and its running
+    statistics are never read nor written: `track_running_stats` is off while inside, so running_mean,
+    running_var and num_batches_tracked stay bit-identical. Everything is restored on exit.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; expected one of {BN_MODES}")
+    with frozen(model):
+        layers = [m for m in model.modules() if isinstance(m, _BatchNorm)] if bn_mode == "train" else []
+        saved = [(m.training, m.track_running_stats) for m in layers]
+        for m in layers:
+            m.train()
+            m.track_running_stats = False
+        try:
+            yield model
+        finally:
+            for m, (training, tracking) in zip(layers, saved, strict=True):
+                m.track_running_stats = tracking
+                m.train(training)
 
 
 @torch.no_grad()
+def correctness(
+    model: torch.nn.Module,
+    ctx: RunContext,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    cal_ratio: float | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """bool [N] on the CPU, in the order of `images_u8`: top-1 correct in eval mode; `cal_ratio` set = a
+    teacher's combined logits, else plain logits."""
+    was_training = model.training
+    model.eval()
+    hits = []
+    with autocast(ctx.device, ctx.amp):
+        for x, y in ctx.iterate(images_u8, labels, batch_size):
+            if cal_ratio is None:
+                logits = model(x).logits
+            else:
+                logits = teacher_logits(model, x, cal_ratio)
+            hits.append((logits.argmax(1) == y).cpu())
+    model.train(was_training)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
 def accuracy(
     model: torch.nn.Module,
     ctx: RunContext,
@@ -30,21 +101,10 @@ def accuracy(
     cal_ratio: float | None = None,
     batch_size: int = 256,
 ) -> float:
-    """Top-1 accuracy in eval mode; `cal_ratio` set = a teacher's combined logits, else plain logits."""
+    """Top-1 accuracy in eval mode (NaN without images); see `correctness`."""
     if images_u8.shape[0] == 0:
         return float("nan")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with autocast(ctx.device, ctx.amp):
-        for x, y in ctx.iterate(images_u8, labels, batch_size):
-            if cal_ratio is None:
-                logits = model(x).logits
-            else:
-                logits = teacher_logits(model, x, cal_ratio)
-            correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
-    return correct / images_u8.shape[0]
+    return int(correctness(model, ctx, images_u8, labels, cal_ratio, batch_size).sum()) / images_u8.shape[0]
 
 
 def new_teacher(ctx: RunContext, weights_path: Path | None = None) -> FD2Model:
