@@ -56,8 +56,8 @@ def term_gradients(teacher, ctx, draws: int = 4) -> dict[str, float]:
     spec = ctx.spec
     classes = torch.arange(ctx.num_classes)
     g = generator(spec.seed, "fd2-terms")
-    previous = patch_init(ctx, teacher, classes, g)
-    current = patch_init(ctx, teacher, classes, g)
+    previous = patch_init(ctx, teacher, classes, 0)
+    current = patch_init(ctx, teacher, classes, 1)
     sums: dict[str, float] = {}
     with frozen(teacher), BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
         for _ in range(draws):

@@ -259,7 +259,8 @@ class PairRunner:
         spec = self.spec()
         t = time.monotonic()
         result = train_full_data_student(make_ctx(spec, self.data, self.root / "full-real"))
-        return {"accuracy": accuracy_of(result), "epochs": spec.pretrain_epochs, "time_s": round(time.monotonic() - t, 1)}
+        secs = round(time.monotonic() - t, 1)
+        return {"accuracy": accuracy_of(result), "epochs": spec.pretrain_epochs, "time_s": secs}
 
     def run(self) -> dict[str, Any]:
         for kind in ("ce", "cal"):

@@ -35,8 +35,8 @@ class StudentResult:
 
     @classmethod
     def from_correct(cls, correct: torch.Tensor) -> StudentResult:
-        """accuracy = correct.float().mean() (NaN for an empty test split)."""
-        return cls(float(correct.float().mean()), correct)
+        """accuracy = correct.double().mean() (NaN for an empty test split)."""
+        return cls(float(correct.double().mean()), correct)
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
