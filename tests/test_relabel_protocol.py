@@ -294,7 +294,7 @@ def _micro_batches(events: list) -> list[list[int]]:
 def _check_result(result: StudentResult, student: torch.nn.Module, ctx) -> None:
     n_test = ctx.data.test_images.shape[0]
     assert result.correct.dtype == torch.bool and result.correct.shape == (n_test,)
-    assert result.accuracy == float(result.correct.float().mean())
+    assert result.accuracy == float(result.correct.double().mean())
     with torch.no_grad():
         predicted = student.eval()(ctx.normalize(ctx.data.test_images)).logits.argmax(1)
     assert torch.equal(result.correct, predicted == ctx.data.test_labels)  # test-split order
