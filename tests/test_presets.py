@@ -126,3 +126,12 @@ def test_cal_soft_labels_need_the_cal_head(method: str) -> None:
         with pytest.raises(ValidationError, match="soft_label_source"):
             resolve_spec({"method": method, "soft_label_source": source})
     assert resolve_spec({"method": "fd2", "soft_label_source": "cal"}).soft_label_source == "cal"
+
+
+def test_teacher_checkpoint_is_selected_on_the_soft_label_logits() -> None:
+    from fd2_core.stages.pretrain import _selection_ratio
+
+    assert _selection_ratio(resolve_spec({"method": "fd2"})) is None  # backbone logits are the soft labels
+    assert _selection_ratio(resolve_spec({"method": "sre2l++"})) is None
+    mixed = resolve_spec({"method": "fd2", "soft_label_source": "mixed", "cal_ratio": 0.3})
+    assert _selection_ratio(mixed) == 0.3

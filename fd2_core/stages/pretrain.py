@@ -1,7 +1,8 @@
 """Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop (FD²).
 
-The checkpoint is selected on a validation split carved from train (never on test). Each epoch is
-checkpointed, so a killed run resumes from the last finished epoch.
+The checkpoint is selected on a validation split carved from train (never on test), by the accuracy of the
+logits that become the soft labels. Each epoch is checkpointed, so a killed run resumes from the last finished
+epoch.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> floa
     total = spec.pretrain_epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step
     return 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * t / max(total, 1)))
+
+
+def _selection_ratio(spec) -> float | None:
+    """Checkpoint selection reads the logits the soft labels come from: the backbone's by default (None), the
+    combined (1−r)·backbone + r·CAL logits when the soft labels use the CAL head."""
+    return spec.cal_ratio if spec.uses_cal and spec.soft_label_source != "backbone" else None
 
 
 def cal_loss(model: FD2Model, x: torch.Tensor, y: torch.Tensor, ratio: float, g: torch.Generator) -> tuple:
@@ -175,7 +182,7 @@ def pretrain(ctx: RunContext) -> TeacherResult:
             running = 0.9 * running + 0.1 * loss.detach() if step else loss.detach()
             reporter.step(epoch * steps_per_epoch + step + 1, {"loss": running, **parts})
         if x_val.shape[0]:
-            val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=ratio if spec.uses_cal else None)
+            val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=_selection_ratio(spec))
         else:
             val_acc = float("nan")
         running = float(running)
