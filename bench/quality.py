@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fd2_core.artifacts import sha256_of  # noqa: E402
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.spec import JobSpec, resolve_spec  # noqa: E402
@@ -151,9 +152,22 @@ def teacher_weights_path(cfg: dict[str, Any]) -> Path | None:
 
 
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What must match for stored results to be reused (seeds and settings may grow between runs)."""
+    """What must match for stored results to be reused (seeds and settings may grow between runs).
+
+    Besides the bench's own settings it holds every variant's resolved spec (seed aside) and the digest of the
+    teachers' starting weights, so a changed default or a new base backbone never mixes into old results.
+    """
+    weights = teacher_weights_path(cfg)
+    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **cfg["spec"]}
+    resolved = {
+        v.name: {k: val for k, val in resolve_spec({**base, **v.overrides}).model_dump(mode="json").items()
+                 if k != "seed"}
+        for v in VARIANTS
+    }
     return {
         "format": FORMAT,
+        "resolved_specs": resolved,
+        "teacher_weights_sha256": sha256_of(weights) if weights is not None else None,
         "spec": dict(cfg["spec"]),
         "ipcs": list(cfg["ipcs"]),
         "classes": cfg["classes"],
