@@ -15,7 +15,7 @@ dataset name (CIFAR-10/100 with `download=True`, TinyImageNet and ImageNet folde
 load teachers from `<teacher_dir>/<dataset>/<model>/ckpt_best.pt` and build students from their own model zoo,
 so they cannot take our in-memory tensors, teacher or student; they train with their own loop (a learning-rate
 search over five values and the best test accuracy every 20 epochs, both selected on the test split, which
-FD2_SPEC "Evaluation" rules out), draw the random subset with a time-based seed, assume class-major label
+the published evaluation rules out), draw the random subset with a time-based seed, assume class-major label
 order, write CSV files under `./results`, pin `numpy<2` (we run numpy 2) and pull in kornia, timm, pandas and
 scipy; and in 0.2.0 the random-subset path of `LabelRobustScoreSoft` calls `get_random_data_tensors` with one
 argument missing and a `self.teacher_model` attribute that does not exist. The two definitions above are one

@@ -194,7 +194,7 @@ class JobSpec(BaseModel):
 
 
 # Published CAL settings (M = num_attention_maps, r = cal_ratio), one row per dataset (named by its paper preset),
-# one column per backbone: the paper's table, restated in docs/FD2_SPEC.md "Stage 1". The paper's DenseNet-121
+# one column per backbone: the FD² paper's CAL settings table. The paper's DenseNet-121
 # column is left out (not a backbone here). The paper has no ConvNet column: a convnet teacher under a paper
 # preset takes the ResNet-18 column, the presets' own backbone (see _CAL_COLUMN).
 PAPER_CAL_SETTINGS: dict[str, dict[str, tuple[int, float]]] = {

@@ -1,4 +1,4 @@
-"""Presets against the published settings (docs/FD2_SPEC.md "Stage 1" table, "Stage 2", "Stage 3"): (M, r)
+"""Presets against the published settings (the FD² paper's CAL table and its distill and relabel settings): (M, r)
 per dataset and backbone, iterations and relabel batch per dataset, and the user's own values winning."""
 
 from __future__ import annotations

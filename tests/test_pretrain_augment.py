@@ -1,5 +1,5 @@
 """The teacher's training augmentation: the published recipe (flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + rotation
-±15°, docs/FD2_SPEC.md "Stage 1") is batched with per-sample parameters and must agree, sample by sample, with
+±15°, the published pretraining setting) is batched with per-sample parameters and must agree, sample by sample, with
 torchvision's functional ops; `auto` keeps the earlier behaviour; everything follows the given generator."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage 2 — optimise synthetic images against the frozen teacher, one ipc index at a time.
 
-Loss per teacher (FD2_SPEC.md): r·CE_cal + (1−r)·CE_bb + r_bn·BN + λ_FC·L_FC + λ_SC·L_SC, where FC and SC
+Loss per teacher (FD² paper): r·CE_cal + (1−r)·CE_bb + r_bn·BN + λ_FC·L_FC + λ_SC·L_SC, where FC and SC
 are switched by the spec. Images start from RDED's patch initialisation (real views ranked by teacher CE,
 stitched factor×factor) or from noise. Every finished ipc index is saved atomically with its initialisation
 and skipped on a re-run, so a killed run resumes at the first missing index. The `random` method selects real
