@@ -101,6 +101,20 @@ class DatasetOut(BaseModel):
     splits: dict[str, int]
     per_class: dict[str, dict[str, int]]
     errors: list[dict[str, Any]] = Field(default_factory=list, description="Skipped files with reasons.")
+    warnings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Findings that did not stop the upload, each {code, message, details}: e.g. file names "
+        "decoded from a guessed code page, duplicates or test images that also occur in train.",
+    )
+    duplicates: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Duplicate images (same decoded pixels) per split, and test images that also occur in train.",
+    )
+    test_split: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Where the test split comes from: `source` is `archive` (the upload's own test/val folder), "
+        "`carved` (taken from train at `fraction`) or `none`.",
+    )
     size_bytes: int
     created_at: datetime
 

@@ -126,6 +126,12 @@ class Dataset(Base):
     splits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     per_class: Mapped[dict[str, Any]] = mapped_column(default=dict)
     errors: Mapped[list[Any]] = mapped_column(default=list)
+    # Intake findings that did not stop the upload (e.g. file names decoded from a guessed code page).
+    warnings: Mapped[list[Any]] = mapped_column(default=list)
+    # Duplicate images per split and test images that also occur in train (decoded-pixel hashes).
+    duplicates: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Where the test split comes from: {"source": "archive" | "carved" | "none", "fraction": float | None}.
+    test_split: Mapped[dict[str, Any]] = mapped_column(default=dict)
     has_test_split: Mapped[bool] = mapped_column(Boolean, default=False)
     path: Mapped[str] = mapped_column(Text, default="")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

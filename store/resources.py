@@ -77,6 +77,9 @@ def dataset_resource(dataset: Dataset) -> dict[str, Any]:
         "splits": dataset.splits,
         "per_class": dataset.per_class,
         "errors": dataset.errors,
+        "warnings": dataset.warnings or [],
+        "duplicates": dataset.duplicates or {},
+        "test_split": dataset.test_split or {},
         "size_bytes": dataset.size_bytes,
         "created_at": dataset.created_at,
     }
