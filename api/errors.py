@@ -14,7 +14,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from store.db import database_unavailable
 
 logger = logging.getLogger("fd2.api")
 
@@ -68,6 +72,13 @@ class ApiError(Exception):
 
 
 AUTHENTICATED_ROUTE_ERRORS = (401, 413, 422, 429)
+# Seconds a client should wait after a 503 for a dependency that is restarting (broker, database).
+UNAVAILABLE_RETRY_AFTER_S = 5
+
+
+def unavailable(code: str, message: str, details: Any = None) -> ApiError:
+    """503 for a dependency that is down, with `Retry-After` so clients back off instead of failing."""
+    return ApiError(503, code, message, details, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -130,6 +141,19 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", message, details)
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 + `Retry-After` while the database is unreachable (restart, failover, full pool); other database
+    errors are unexpected (500)."""
+    if not database_unavailable(exc):
+        return await _unexpected_error(request, exc)
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    logger.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
+                   type(exc).__name__, first_line)
+    return error_response(503, "database_unavailable",
+                          "the database is unreachable right now (restarting or overloaded); retry after "
+                          f"{UNAVAILABLE_RETRY_AFTER_S} s", None, {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -139,4 +163,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeoutError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

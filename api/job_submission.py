@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.auth import CurrentTenant
 from api.broker import JobBroker
 from api.dataset_intake import carved_test_count
-from api.errors import ApiError
+from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
@@ -175,7 +175,8 @@ def submit_job(
         delete_job(session, job.id)
         session.commit()
         remove_manifest(manifest_path)
-        raise ApiError(503, "broker_unavailable", "the job queue is unreachable; nothing was submitted") from None
+        raise unavailable("broker_unavailable",
+                          "the job queue is unreachable; nothing was submitted, send the job again shortly") from None
     fresh = get_tenant_job(session, tenant.id, job.id)
     assert fresh is not None
     return Submission(fresh, created=True)

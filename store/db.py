@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool
@@ -64,6 +65,18 @@ def create_db_engine(url: str) -> Engine:
         return engine
     # Pre-ping: a connection that died with a server restart is replaced instead of failing a request.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot serve us right now rather than that a statement is wrong.
+
+    That is: the server is down, restarting or refusing connections, a connection dropped mid-transaction
+    (`connection_invalidated`), the pool is exhausted, or SQLite is busy. The worker retries such errors and
+    the API answers them with 503; everything else (constraint violations, bad SQL) is a real failure.
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
 
 
 def get_engine(url: str | None = None) -> Engine:

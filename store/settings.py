@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     stale_heartbeat_s: float = Field(
         300.0, gt=0.0, description="A running job whose worker was silent this long counts as abandoned."
     )
+    database_retry_s: float = Field(
+        300.0, ge=0.0,
+        description="Seconds a worker keeps retrying a job's database writes through an outage (restart, failover).",
+    )
 
     @field_validator("allowed_data_roots", "callback_allow_hosts", mode="before")
     @classmethod

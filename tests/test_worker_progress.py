@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fd2_core.progress import PipelineEvent
-from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
+from worker.progress import MAX_UNSENT_EVENTS, EventRecord, ProgressReporter, ProgressUpdate
 
 
 @dataclass
@@ -109,9 +109,36 @@ def test_a_log_event_also_writes_pending_progress_but_not_its_own_zero_progress(
     assert sink.events[-1].kind == "log"
 
 
-def test_a_failed_write_does_not_raise_and_the_next_one_goes_through():
-    sink, clock = RecordingSink(fail_next=1), FakeClock()
+def test_a_failed_write_does_not_raise_and_its_events_go_with_the_next_one():
+    sink, clock = RecordingSink(fail_next=2), FakeClock()
     reporter = make_reporter(sink, clock)
     reporter(progress("pretrain", 0.0, kind="stage_start"))  # fails, swallowed
-    reporter(progress("pretrain", 0.1, kind="log", message="epoch 1"))
-    assert [event.kind for event in sink.events] == ["log"]
+    reporter(progress("pretrain", 0.1, kind="log", message="epoch 1"))  # fails too
+    assert sink.writes == []
+    reporter(progress("pretrain", 1.0, kind="stage_end"))
+    assert [event.kind for event in sink.events] == ["stage_start", "log", "stage_end"]
+    assert len(sink.writes) == 1
+
+
+def test_events_kept_after_a_failure_are_flushed_before_the_final_state():
+    sink, clock = RecordingSink(fail_next=1), FakeClock()
+    reporter = make_reporter(sink, clock)
+    reporter(progress("package", 1.0, kind="stage_end"))  # fails
+    reporter.flush()
+    assert [event.kind for event in sink.events] == ["stage_end"]
+    reporter.flush()
+    assert len(sink.writes) == 1  # nothing left
+
+
+def test_kept_events_are_bounded_and_drop_plain_progress_first():
+    sink, clock = RecordingSink(fail_next=10**6), FakeClock()
+    reporter = make_reporter(sink, clock)
+    for step in range(MAX_UNSENT_EVENTS + 10):
+        clock.now += 10.0  # every call writes, and stores a progress event
+        reporter(progress("distill", step / 2000))
+    reporter(progress("distill", 0.9, kind="log", message="ipc index 1/1 distilled"))
+    sink.fail_next = 0
+    reporter.flush()
+    kinds = [event.kind for event in sink.events]
+    assert len(kinds) == MAX_UNSENT_EVENTS and kinds[-1] == "log"
+    assert sink.events[-2].progress == (MAX_UNSENT_EVENTS + 9) / 2000 / 2  # the newest progress is kept

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 
+from worker.outages import log_failure
+
 log = logging.getLogger(__name__)
 
 
@@ -39,5 +41,5 @@ class Heartbeat:
             try:
                 self._beat()
                 self.beats += 1
-            except Exception:  # a missed beat is tolerated; recovery waits several intervals
-                log.warning("heartbeat write failed", exc_info=True)
+            except Exception as exc:  # a missed beat is tolerated; recovery waits several intervals
+                log_failure(log, "heartbeat write failed", exc)

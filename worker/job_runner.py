@@ -2,6 +2,8 @@
 
 No database session is held while the pipeline runs: every write (claim, progress, heartbeat, cancel poll,
 final state) is its own short transaction, so a long job never pins a connection or a SQLite write lock.
+Writes that record the job are retried through a database outage (`worker.outages`); the heartbeat and
+the cancel poll are not: they run again seconds later anyway.
 The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints, so running the same job
 again after a crash, a redelivery or a worker shutdown resumes where it stopped.
 """
@@ -32,6 +34,7 @@ from worker.callback_delivery import start_callback
 from worker.heartbeat import Heartbeat
 from worker.job_claims import claim_job, held_here, release_job
 from worker.limits import WorkerLimits
+from worker.outages import with_retries
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
 from worker.source_check import JobSource, SourceRejected, prepare_source
 from worker.stopping import StopPoller, StopReason
@@ -67,6 +70,9 @@ class DatabaseProgressSink:
     job_id: str
 
     def write(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
+        with_retries(self.settings, lambda: self._write_once(update, events))
+
+    def _write_once(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
         with session_scope(self.settings) as session:
             if update is not None:
                 update_progress(
@@ -173,8 +179,7 @@ class JobRunner:
 
     def _stopped(self, job_id: str, reason: StopReason) -> str:
         if reason is StopReason.SHUTDOWN:
-            with session_scope(self.settings) as session:
-                release_job(session, job_id, self.me, "worker shutting down; job requeued to resume later")
+            with_retries(self.settings, lambda: self._release(job_id))
             raise JobReleased(job_id)
         if reason is StopReason.TIME_LIMIT:
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
@@ -193,15 +198,12 @@ class JobRunner:
         error: dict[str, str] | None = None,
     ) -> str:
         """Write the final state (one transaction), free the disk, then start the callback if any."""
-        with session_scope(self.settings) as session:
-            job = finish_job(session, job_id, status, metrics=metrics, error=error)
-            if job is None:  # someone else finished it meanwhile (e.g. recovery cancelled it)
-                current = get_job(session, job_id)
-                log.info("job %s was already %s", job_id, current.status if current else "gone")
-                return current.status if current else status
-            message = f"job {job.status}" + (f": {error['message']}" if error else "")
-            add_event(session, job_id, job.status, message, data={"error": error} if error else None)
-            callback_url = job.callback_url
+        written, current, callback_url = with_retries(
+            self.settings, lambda: self._write_final(job_id, status, metrics, error)
+        )
+        if not written:  # someone else finished it meanwhile (e.g. recovery cancelled it)
+            log.info("job %s was already %s", job_id, current or "gone")
+            return current or status
         log.info("job %s: %s", job_id, status)
         workdir = job_workdir(self.settings, job_id)
         if status == "succeeded":
@@ -214,7 +216,27 @@ class JobRunner:
 
     # ---------------------------------------------------------------- short transactions
 
+    def _write_final(
+        self, job_id: str, status: str, metrics: dict[str, Any] | None, error: dict[str, str] | None
+    ) -> tuple[bool, str | None, str | None]:
+        """(written, the job's status now, its callback URL) in one transaction."""
+        with session_scope(self.settings) as session:
+            job = finish_job(session, job_id, status, metrics=metrics, error=error)
+            if job is None:
+                current = get_job(session, job_id)
+                return False, current.status if current else None, None
+            message = f"job {job.status}" + (f": {error['message']}" if error else "")
+            add_event(session, job_id, job.status, message, data={"error": error} if error else None)
+            return True, job.status, job.callback_url
+
+    def _release(self, job_id: str) -> None:
+        with session_scope(self.settings) as session:
+            release_job(session, job_id, self.me, "worker shutting down; job requeued to resume later")
+
     def _claim(self, job_id: str) -> ClaimedJob | None:
+        return with_retries(self.settings, lambda: self._claim_once(job_id))
+
+    def _claim_once(self, job_id: str) -> ClaimedJob | None:
         with session_scope(self.settings) as session:
             job = claim_job(session, job_id, self.me, self.limits.stale_after_s)
             if job is None:
@@ -239,6 +261,9 @@ class JobRunner:
         return JobSource("dataset", dataset.path or str(dataset_path(self.settings, dataset.id)), dataset.id)
 
     def _register_artifacts(self, job_id: str, artifacts: dict[str, Any]) -> None:
+        with_retries(self.settings, lambda: self._register_artifacts_once(job_id, artifacts))
+
+    def _register_artifacts_once(self, job_id: str, artifacts: dict[str, Any]) -> None:
         with session_scope(self.settings) as session:
             for name, path in sorted(artifacts.items()):
                 register_artifact(session, job_id, name, path)
@@ -252,6 +277,9 @@ class JobRunner:
             heartbeat(session, job_id)
 
     def _event(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with_retries(self.settings, lambda: self._event_once(job_id, kind, message, data))
+
+    def _event_once(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None) -> None:
         with session_scope(self.settings) as session:
             add_event(session, job_id, kind, message, data=data)
 

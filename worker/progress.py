@@ -2,7 +2,9 @@
 
 The pipeline may report many times a second; the job row needs about one update a second and the event log
 far fewer. Stage changes and log lines are written at once (they are rare and a client waits for them); plain
-progress is coalesced and the latest value is flushed before the job's final state is written.
+progress is coalesced and the latest value is flushed before the job's final state is written. Events of a
+write that failed (the sink retries first, `worker.outages`) are kept and go out with the next write, so a
+database outage delays the event log but does not cut holes in it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from worker.outages import log_failure
+
 log = logging.getLogger(__name__)
 
 STAGE_CHANGES = frozenset({"stage_start", "stage_end"})
+# Events kept for the next write while writes fail; the oldest plain progress events go first past it.
+MAX_UNSENT_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class ProgressReporter:
     _last_write: float = field(default=float("-inf"), init=False)
     _last_event: float = field(default=float("-inf"), init=False)
     _pending: ProgressUpdate | None = field(default=None, init=False)
+    _unsent: list[EventRecord] = field(default_factory=list, init=False)
     writes: int = field(default=0, init=False)
 
     def __call__(self, event: Any) -> None:
@@ -83,8 +90,9 @@ class ProgressReporter:
             self._pending = update
 
     def flush(self) -> None:
-        """Write the latest coalesced progress, if any (call before the final state)."""
-        if self._pending is not None:
+        """Write the latest coalesced progress and any events a failed write kept (call before the final
+        state)."""
+        if self._pending is not None or self._unsent:
             self._write(self._take_pending(), [], self.clock())
 
     def _take_pending(self) -> ProgressUpdate | None:
@@ -101,18 +109,37 @@ class ProgressReporter:
 
     def _write(self, update: ProgressUpdate | None, events: list[EventRecord], now: float) -> None:
         self._pending = None
+        events = [*self._unsent, *events]
         if update is None and not events:
             return
         try:
             self.sink.write(update, events)
-        except Exception:  # a lost progress write must not fail a long job
-            log.warning("progress write failed; continuing", exc_info=True)
+        except Exception as exc:  # a failed progress write must not fail a long job; its events wait for the next
+            log_failure(log, f"progress write failed; continuing, its {len(events)} events go with the next write",
+                        exc)
+            self._unsent = _bounded(events)
             return
+        self._unsent = []
         self.writes += 1
         if update is not None:
             self._last_write = now
         if any(record.kind == "progress" for record in events):
             self._last_event = now
+
+
+def _bounded(events: list[EventRecord]) -> list[EventRecord]:
+    """At most `MAX_UNSENT_EVENTS`, dropping the oldest plain progress events first (stage and log events
+    are what a client reads the log for)."""
+    excess = len(events) - MAX_UNSENT_EVENTS
+    if excess <= 0:
+        return events
+    kept = []
+    for record in events:
+        if excess > 0 and record.kind == "progress":
+            excess -= 1
+            continue
+        kept.append(record)
+    return kept[-MAX_UNSENT_EVENTS:]
 
 
 def _default_message(kind: str, update: ProgressUpdate) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from worker.outages import log_failure
+
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +59,6 @@ class StopPoller:
     def _cancel_requested(self) -> bool:
         try:
             return bool(self.is_cancel_requested())
-        except Exception:  # an unreachable database must not look like a cancel
-            log.warning("cancel poll failed; will retry", exc_info=True)
+        except Exception as exc:  # an unreachable database must not look like a cancel
+            log_failure(log, "cancel poll failed; will retry", exc)
             return False

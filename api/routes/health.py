@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from api.broker import JobBroker
 from api.deps import BrokerDep, SettingsDep
-from api.errors import ApiError
+from api.errors import unavailable
 from store.db import session_scope
 from store.settings import Settings
 
@@ -48,5 +48,5 @@ async def readyz(settings: SettingsDep, broker: BrokerDep) -> dict[str, Any]:
     )
     checks = {"database": database, "broker": queue}
     if database != "ok" or queue != "ok":
-        raise ApiError(503, "not_ready", "a dependency of the service is unavailable", checks)
+        raise unavailable("not_ready", "a dependency of the service is unavailable (details name which)", checks)
     return {"status": "ready", "checks": checks}
