@@ -34,7 +34,7 @@ def test_an_outage_is_retried_with_growing_waits(tmp_path: Path):
     settings = Settings(home=tmp_path, database_retry_s=300)
     waits: list[float] = []
     write = FlakyWrite(4, refused())
-    assert with_retries(settings, write, sleep=waits.append) == "done"
+    assert with_retries(settings, write, "test write", sleep=waits.append) == "done"
     assert write.calls == 5 and len(waits) == 4
     assert FIRST_WAIT_S <= waits[0] <= FIRST_WAIT_S + JITTER_S < waits[-1] <= MAX_WAIT_S + JITTER_S
 

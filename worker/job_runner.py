@@ -70,7 +70,7 @@ class DatabaseProgressSink:
     job_id: str
 
     def write(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
-        with_retries(self.settings, lambda: self._write_once(update, events))
+        with_retries(self.settings, lambda: self._write_once(update, events), f"job {self.job_id}: progress write")
 
     def _write_once(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
         with session_scope(self.settings) as session:
@@ -179,7 +179,7 @@ class JobRunner:
 
     def _stopped(self, job_id: str, reason: StopReason) -> str:
         if reason is StopReason.SHUTDOWN:
-            with_retries(self.settings, lambda: self._release(job_id))
+            with_retries(self.settings, lambda: self._release(job_id), f"job {job_id}: release")
             raise JobReleased(job_id)
         if reason is StopReason.TIME_LIMIT:
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
@@ -199,7 +199,7 @@ class JobRunner:
     ) -> str:
         """Write the final state (one transaction), free the disk, then start the callback if any."""
         written, current, callback_url = with_retries(
-            self.settings, lambda: self._write_final(job_id, status, metrics, error)
+            self.settings, lambda: self._write_final(job_id, status, metrics, error), f"job {job_id}: final state"
         )
         if not written:  # someone else finished it meanwhile (e.g. recovery cancelled it)
             log.info("job %s was already %s", job_id, current or "gone")
@@ -234,7 +234,7 @@ class JobRunner:
             release_job(session, job_id, self.me, "worker shutting down; job requeued to resume later")
 
     def _claim(self, job_id: str) -> ClaimedJob | None:
-        return with_retries(self.settings, lambda: self._claim_once(job_id))
+        return with_retries(self.settings, lambda: self._claim_once(job_id), f"job {job_id}: claim")
 
     def _claim_once(self, job_id: str) -> ClaimedJob | None:
         with session_scope(self.settings) as session:
@@ -261,7 +261,8 @@ class JobRunner:
         return JobSource("dataset", dataset.path or str(dataset_path(self.settings, dataset.id)), dataset.id)
 
     def _register_artifacts(self, job_id: str, artifacts: dict[str, Any]) -> None:
-        with_retries(self.settings, lambda: self._register_artifacts_once(job_id, artifacts))
+        with_retries(self.settings, lambda: self._register_artifacts_once(job_id, artifacts),
+                     f"job {job_id}: artifacts")
 
     def _register_artifacts_once(self, job_id: str, artifacts: dict[str, Any]) -> None:
         with session_scope(self.settings) as session:
@@ -277,7 +278,8 @@ class JobRunner:
             heartbeat(session, job_id)
 
     def _event(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        with_retries(self.settings, lambda: self._event_once(job_id, kind, message, data))
+        with_retries(self.settings, lambda: self._event_once(job_id, kind, message, data),
+                     f"job {job_id}: {kind} event")
 
     def _event_once(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None) -> None:
         with session_scope(self.settings) as session:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from tenacity import (
+    RetryCallState,
     Retrying,
-    before_sleep_log,
     retry_if_exception,
     stop_after_delay,
     wait_exponential,
@@ -38,24 +38,33 @@ MAX_WAIT_S = 10.0
 JITTER_S = 0.5  # spread, so workers cut off together do not all retry in step
 
 
-def retrying(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> Retrying:
-    """The worker's retry policy for database writes (see the module docstring)."""
+def retrying(settings: Settings, what: str = "database write", sleep: Callable[[float], None] = time.sleep
+             ) -> Retrying:
+    """The worker's retry policy for database writes (see the module docstring); `what` names the write in
+    the log."""
+
+    def log_retry(state: RetryCallState) -> None:
+        assert state.outcome is not None and state.next_action is not None
+        log.warning("%s: database unavailable, retry %d in %.1f s (%s)", what, state.attempt_number,
+                    state.next_action.sleep, _one_line(state.outcome.exception()))
+
     return Retrying(
         retry=retry_if_exception(database_unavailable),
         stop=stop_after_delay(settings.database_retry_s),
         wait=wait_exponential(multiplier=FIRST_WAIT_S, max=MAX_WAIT_S) + wait_random(0, JITTER_S),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        before_sleep=log_retry,
         sleep=sleep,
         reraise=True,
     )
 
 
-def with_retries(settings: Settings, write: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(settings: Settings, write: Callable[[], T], what: str = "database write",
+                 sleep: Callable[[float], None] = time.sleep) -> T:
     """`write()` (one whole transaction), retried while the database is unavailable; its result.
 
     Raises what `write` raised when the error is not an outage or the outage outlasts `database_retry_s`.
     """
-    return retrying(settings, sleep)(write)
+    return retrying(settings, what, sleep)(write)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -72,7 +81,11 @@ def is_outage(exc: BaseException) -> bool:
 def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
     """`what` failed: one line for an outage (it is expected and retried), the traceback for anything else."""
     if is_outage(exc):
-        detail = (str(exc).strip().splitlines() or [""])[0][:300]
-        logger.warning("%s (%s: %s)", what, type(exc).__name__, detail)
+        logger.warning("%s (%s)", what, _one_line(exc))
     else:
         logger.warning("%s", what, exc_info=exc)
+
+
+def _one_line(exc: BaseException | None) -> str:
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {detail}"
