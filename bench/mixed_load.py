@@ -8,7 +8,7 @@ T tenants) for D seconds (default 60). Each client loops without pause over a we
     list      GET  /v1/jobs?limit=20 or /v1/datasets
     events    GET  /v1/jobs/{id}/events
     download  GET  /v1/jobs/{id}/artifacts/{name}  whole small files, or the first KiB by Range
-    upload    POST /v1/datasets                    a small zip (4 classes x 6 images, 32 px)
+    upload    POST /v1/datasets                    a small zip (4 classes x 8 images, 32 px, 75 KB)
     submit    POST /v1/jobs                        a tiny CPU job (the worker runs them during the load)
 
 A 429 with `Retry-After` is counted apart (the client waits as told, at most 5 s) and is not an error; an
