@@ -14,9 +14,11 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +29,7 @@ PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 START_TIMEOUT_S = 60.0
 
 
-def _wait_for_port(port: int, timeout_s: float, alive: callable = lambda: True) -> bool:
-    import socket
-
+def _wait_for_port(port: int, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
         try:
