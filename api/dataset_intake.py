@@ -78,17 +78,6 @@ def check_storage_quota(session: Session, settings: Settings, tenant: CurrentTen
         raise quota_exceeded(quota, used, adding or None)
 
 
-def carved_test_count(total: int, test_fraction: float) -> int:
-    """How many images of a class become test when the data has no test split.
-
-    Mirrors fd2_core.data.layout's carving rule: at least one test image when a class has two or more,
-    always at least one training image.
-    """
-    if total < 2 or test_fraction <= 0:
-        return 0
-    return min(total - 1, max(1, int(total * test_fraction + 0.5)))
-
-
 def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
     """`text` cut in the middle when too long, so both the folder and the file name stay readable."""
     if len(text) <= limit:
@@ -97,22 +86,11 @@ def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
     return f"{text[:half]}…{text[-half:]}"
 
 
-def split_summary(layout: DatasetLayout, test_fraction: float) -> tuple[dict[str, Any], bool]:
-    """The resource's counts; without an explicit test split they show the documented carved share."""
+def stored_summary(layout: DatasetLayout) -> dict[str, Any]:
+    """The resource's counts as the loader sees them at the operator's test fraction, errors shortened."""
     summary = layout.summary(max_errors=MAX_STORED_ERRORS)
     summary["errors"] = [{"path": shorten(e["path"]), "reason": shorten(e["reason"])} for e in summary["errors"]]
-    has_test_split = summary["splits"]["test"] > 0
-    if not has_test_split:
-        per_class = {}
-        for name, counts in summary["per_class"].items():
-            test = carved_test_count(counts["train"], test_fraction)
-            per_class[name] = {"train": counts["train"] - test, "test": test}
-        summary["per_class"] = per_class
-        summary["splits"] = {
-            "train": sum(c["train"] for c in per_class.values()),
-            "test": sum(c["test"] for c in per_class.values()),
-        }
-    return summary, has_test_split
+    return summary
 
 
 def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> IntakeResult:
@@ -122,11 +100,13 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
     try:
         extraction = extract_archive(archive, folder / "data", limits)
         archive.unlink(missing_ok=True)
-        # Scanned without carving, so an explicit test split can be told apart from a carved one.
-        layout = scan_source(extraction.root, test_fraction=0.0, seed=0, limits=limits)
+        # The one scanner, at the operator's fraction: the summary is what the loader will see (the layout
+        # records whether its test split is the archive's own or carved, for jobs that carve differently).
+        layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0, limits=limits)
         layout = validate_images(layout, limits, verify=True)
         layout.errors[:0] = extraction.skipped
-        summary, has_test_split = split_summary(layout, settings.dataset_test_fraction)
+        summary = stored_summary(layout)
+        has_test_split = layout.test_source == "archive"
     except BaseException:
         remove_tree(folder)
         raise

@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 
 from api.auth import CurrentTenant
 from api.broker import JobBroker
-from api.dataset_intake import carved_test_count
 from api.errors import ApiError
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
+from fd2_core.data.layout import carved_test_count
 from fd2_core.spec import JobSpec
 from store.callback_hosts import callback_host_allowed, callback_url_problem
 from store.datasets import get_tenant_dataset
@@ -76,10 +76,15 @@ def check_callback_url(settings: Settings, url: str | None) -> None:
 
 
 def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
-    """Training images per class as the job will see them (a carved test share follows the spec)."""
+    """Training images per class as the job will see them: a carved test share follows the job's fraction.
+
+    Uses the scanner's own carving rule; a dataset stored before `test_split` existed counts as carved
+    unless it had a test split of its own.
+    """
+    splits_given = bool((dataset.test_split or {}).get("splits_given", dataset.has_test_split))
     counts: dict[str, int] = {}
     for name, split in dataset.per_class.items():
-        if dataset.has_test_split:
+        if splits_given:
             counts[name] = int(split.get("train", 0))
         else:
             total = int(split.get("train", 0)) + int(split.get("test", 0))

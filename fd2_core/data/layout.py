@@ -2,7 +2,8 @@
 
 Accepted layouts, checked in this order (one wrapping top folder is looked through):
 1. `manifest.json` / `manifest.csv` rows `path,label[,split]` relative to the manifest's folder;
-2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no `test/`);
+2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no `test/`; a
+   test folder without class folders of the training classes, such as a flat `val/`, is not a test split);
 3. flat `<class>/...`.
 Without a test split, a seeded per-class share of the images becomes test, so the same data and seed always
 give the same split. Files that cannot be used are recorded in `errors` with a reason, never silently dropped
@@ -52,6 +53,11 @@ class Item:
     path: Path
     label: int
     split: Split
+    # True when the source gave no split and the seeded carve chose one (see `carved_test_count`).
+    assigned: bool = False
+
+
+TestSource = Literal["archive", "carved", "none"]
 
 
 @dataclass
@@ -63,6 +69,27 @@ class DatasetLayout:
     items: list[Item]
     errors: list[FileError] = field(default_factory=list)
     kind: LayoutKind = "imagefolder"
+    # The carve share used for images the source gave no split (0 when every split was given).
+    test_fraction: float = 0.0
+
+    @property
+    def splits_given(self) -> bool:
+        """Whether the source itself says which images are test (a test/val folder or a split column)."""
+        return not any(item.assigned for item in self.items)
+
+    @property
+    def test_source(self) -> TestSource:
+        """`archive` (the source's own test images), `carved` (a seeded share of train) or `none`."""
+        tests = [item for item in self.items if item.split == "test"]
+        if not tests:
+            return "none"
+        return "carved" if all(item.assigned for item in tests) else "archive"
+
+    @property
+    def test_split(self) -> dict[str, Any]:
+        """Where the test split comes from, in the shape of the dataset resource's `test_split`."""
+        return {"source": self.test_source, "splits_given": self.splits_given,
+                "fraction": None if self.splits_given else self.test_fraction}
 
     @property
     def per_class(self) -> dict[str, dict[str, int]]:
@@ -86,6 +113,7 @@ class DatasetLayout:
             "classes": list(self.classes),
             "splits": self.splits,
             "per_class": self.per_class,
+            "test_split": self.test_split,
             "errors": [e.as_dict() for e in errors],
         }
 
@@ -194,13 +222,23 @@ def _class_folders(
     return found
 
 
+def carved_test_count(total: int, test_fraction: float) -> int:
+    """How many of a class's `total` images without a given split become test at `test_fraction`.
+
+    The one carving rule, used by the scanner, the upload summary and submit-time checks alike: a rounded
+    share, at least one test image when the class has two or more, and always at least one training image.
+    """
+    if total < 2 or test_fraction <= 0:
+        return 0
+    return min(total - 1, max(1, int(total * test_fraction + 0.5)))
+
+
 def _carve_test(paths: Sequence[Path], class_name: str, test_fraction: float, seed: int) -> set[Path]:
-    """The seeded test share of one class: at least one image when the class has two or more, and always at
-    least one training image. Seeded per class name, so adding a class leaves the other splits alone."""
-    n = len(paths)
-    if n < 2 or test_fraction <= 0:
+    """The seeded test share of one class (`carved_test_count` images). Seeded per class name, so adding a
+    class leaves the other splits alone."""
+    n_test = carved_test_count(len(paths), test_fraction)
+    if n_test == 0:
         return set()
-    n_test = min(n - 1, max(1, int(n * test_fraction + 0.5)))
     ordered = sorted(paths, key=lambda p: p.as_posix())
     rng = random.Random(f"fd2-split/{seed}/{class_name}")
     return set(rng.sample(ordered, n_test))
@@ -218,7 +256,7 @@ def _drop_untrainable(
                           for i in items if i.label == label)
     kept_names = [name for label, name in enumerate(classes) if label in trainable]
     new_index = {old: new for new, old in enumerate(sorted(trainable))}
-    kept = [Item(i.path, new_index[i.label], i.split) for i in items if i.label in trainable]
+    kept = [Item(i.path, new_index[i.label], i.split, i.assigned) for i in items if i.label in trainable]
     return kept_names, kept
 
 
@@ -251,10 +289,11 @@ def _assemble(
         unsplit = [p for p, s in entries if s is None]
         test = _carve_test(unsplit, name, test_fraction, seed)
         for path, split in entries:
-            items.append(Item(path, label, split or ("test" if path in test else "train")))
+            items.append(Item(path, label, split or ("test" if path in test else "train"), split is None))
     classes, items = _drop_untrainable(root, names, items, errors)
     check_usable(classes, items)
-    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind)
+    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind,
+                         test_fraction=test_fraction)
 
 
 def _scan_split_tree(
@@ -274,26 +313,32 @@ def _scan_split_tree(
             errors.append(FileError(relative_name(root, path) + "/", "folder outside train/ and test/"))
         else:
             errors.append(FileError(relative_name(root, path), "file outside train/ and test/ ignored"))
-    test_dir = dirs.get("test")
-    val_dirs = [dirs[name] for name in sorted(VAL_DIR_NAMES) if name in dirs]
-    if test_dir is None and val_dirs:
-        test_dir, val_dirs = val_dirs[0], val_dirs[1:]
-    for ignored in val_dirs:
-        errors.append(FileError(relative_name(root, ignored) + "/", "ignored: test/ is the test split"))
-
     train = _class_folders(dirs["train"], root, errors, budget, "train/")
     by_class: dict[str, list[tuple[Path, Split | None]]] = defaultdict(list)
     for name, paths in train.items():
         by_class[name].extend((p, "train") for p in paths)
-    if test_dir is None:
-        by_class = defaultdict(list, {name: [(p, None) for p, _ in v] for name, v in by_class.items()})
-    else:
-        for name, paths in _class_folders(test_dir, root, errors, budget, f"{test_dir.name}/").items():
-            if name not in train:
+    test, chosen = {}, None
+    for candidate in [dirs[name] for name in ("test", *sorted(VAL_DIR_NAMES)) if name in dirs]:
+        if chosen is not None:
+            errors.append(FileError(relative_name(root, candidate) + "/", f"ignored: {chosen.name}/ is the test split"))
+            continue
+        for name, paths in _class_folders(candidate, root, errors, budget, f"{candidate.name}/").items():
+            if name in train:
+                test[name] = paths
+            else:
                 errors.extend(FileError(relative_name(root, p), f"class {name!r} has no training images")
                               for p in paths)
-                continue
-            by_class[name].extend((p, "test") for p in paths)
+        if test:
+            chosen = candidate
+        else:
+            # An ImageNet-style flat val/ (images without class folders) carries no labels: it is no test
+            # split, and the scanner, the upload summary and the loader all carve a seeded share instead.
+            errors.append(FileError(relative_name(root, candidate) + "/", "holds no class folders of the "
+                                    "training classes, so it is not used as the test split"))
+    if not test:
+        by_class = defaultdict(list, {name: [(p, None) for p, _ in v] for name, v in by_class.items()})
+    for name, paths in test.items():
+        by_class[name].extend((p, "test") for p in paths)
     return _assemble(
         root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits
     )
