@@ -126,6 +126,7 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
         layout = scan_source(extraction.root, test_fraction=0.0, seed=0, limits=limits)
         layout = validate_images(layout, limits, verify=True)
         layout.errors[:0] = extraction.skipped
+        layout.warnings[:0] = extraction.warnings  # member names decoded from a guessed code page, ...
         summary, has_test_split = split_summary(layout, settings.dataset_test_fraction)
     except BaseException:
         remove_tree(folder)
