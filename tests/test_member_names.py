@@ -92,6 +92,15 @@ def test_legacy_names_are_decoded_with_one_detected_code_page(classes, encoding)
     assert unescape_name(example["bytes"]) == raws[0] and example["name"] == decoding.text(raws[0])
 
 
+@pytest.mark.parametrize("encoding", ["cp1251", "cp866", "koi8_r"])
+def test_many_legacy_names_are_detected_as_well_as_a_few(encoding):
+    words = ["Синица", "Воробей", "Снегирь", "Дятел", "Сорока", "Щегол"]
+    raws = [f"{words[i % len(words)]} {i}/{i}.png".encode(encoding) for i in range(3000)]
+    decoding = decode_names(raws)
+    assert decoding.encoding == encoding
+    assert decoding.text(raws[7]) == "Воробей 7/7.png"
+
+
 def codecs_equal(detected: str, written: str) -> bool:
     """The detected page reads the written one's names alike (cp932 is Shift_JIS as Windows writes it)."""
     return detected == written or (detected, written) == ("cp932", "shift_jis")

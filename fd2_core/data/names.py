@@ -62,7 +62,8 @@ def utf8_name(raw: bytes) -> str | None:
 
 
 def _detection_text(raws: Iterable[bytes]) -> bytes:
-    """Distinct non-ASCII parts of the names, one a line: shared folders and ASCII file names add nothing."""
+    """Distinct non-ASCII parts of the names, joined by spaces (line breaks between many short lines read as
+    mess to the detector): shared folders and ASCII file names add nothing."""
     parts: dict[bytes, None] = {}
     size = 0
     for raw in raws:
@@ -72,8 +73,8 @@ def _detection_text(raws: Iterable[bytes]) -> bytes:
                 parts[part] = None
                 size += len(part) + 1
                 if size >= MAX_DETECTION_BYTES:
-                    return b"\n".join(parts)
-    return b"\n".join(parts)
+                    return b" ".join(parts)
+    return b" ".join(parts)
 
 
 def detect_code_page(raws: Iterable[bytes]) -> str | None:
