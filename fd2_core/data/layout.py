@@ -255,24 +255,24 @@ def _assemble(
     seed: int,
     limits: DataLimits,
     class_order: Sequence[str] | None = None,
-    names: TreeNames | None = None,
+    tree: TreeNames | None = None,
 ) -> DatasetLayout:
     """Labels, carved splits (for images without one) and the final checks, shared by every layout."""
-    class_names = list(class_order) if class_order is not None else sorted(by_class)
-    if len(class_names) > limits.max_classes:
-        raise DataError("too_many_classes", f"{len(class_names)} classes found; the limit is {limits.max_classes}")
+    names = list(class_order) if class_order is not None else sorted(by_class)
+    if len(names) > limits.max_classes:
+        raise DataError("too_many_classes", f"{len(names)} classes found; the limit is {limits.max_classes}")
     items: list[Item] = []
-    for label, name in enumerate(class_names):
+    for label, name in enumerate(names):
         entries = list(by_class[name])
         unsplit = [p for p, s in entries if s is None]
         test = _carve_test(unsplit, name, test_fraction, seed)
         for path, split in entries:
             items.append(Item(path, label, split or ("test" if path in test else "train")))
-    classes, items = _drop_untrainable(root, class_names, items, errors, names)
+    classes, items = _drop_untrainable(root, names, items, errors, tree)
     check_usable(classes, items)
-    warnings = names.warnings if names is not None else []
+    warnings = tree.warnings if tree is not None else []
     return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind, warnings=warnings,
-                         names=names)
+                         names=tree)
 
 
 def _scan_split_tree(
@@ -315,7 +315,7 @@ def _scan_split_tree(
                 continue
             by_class[name].extend((p, "test") for p in paths)
     return _assemble(
-        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits, names=names
+        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits, tree=names
     )
 
 
@@ -325,7 +325,7 @@ def _scan_flat(root: Path, *, test_fraction: float, seed: int, limits: DataLimit
     found = _class_folders(root, root, errors, _FileBudget(limits), "the dataset root", names)
     by_class = {name: [(p, None) for p in paths] for name, paths in found.items()}
     return _assemble(root, "flat", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits,
-                     names=names)
+                     tree=names)
 
 
 def _tree_names(root: Path, limits: DataLimits) -> TreeNames:
