@@ -105,6 +105,7 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
         layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0, limits=limits)
         layout = validate_images(layout, limits, verify=True)
         layout.errors[:0] = extraction.skipped
+        layout.warnings[:0] = extraction.warnings  # member names decoded from a guessed code page, ...
         summary = stored_summary(layout)
         has_test_split = layout.test_source == "archive"
     except BaseException:

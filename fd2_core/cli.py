@@ -134,6 +134,8 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
+    # The dataset's warnings (e.g. file names decoded from a guessed code page), as the service lists them.
+    lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])]
     lines.append("artifacts:")
     lines += [f"  {path}" for path in result.artifacts.values()]
     if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed

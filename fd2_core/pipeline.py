@@ -318,6 +318,9 @@ def run(
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)
+    for warning in data.warnings:  # said at once, not only in the report at the end
+        if on_event is not None:
+            on_event(PipelineEvent("log", "pretrain", 0.0, 0.0, None, f"data warning: {warning.message}"))
     device = pick_device(spec.device)
     tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
     ctx = RunContext(
@@ -400,7 +403,8 @@ def run(
             "comparison": _comparison(metrics),
             "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
             "distill": init_drift(ctx),
-            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
+            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]],
+                        "warnings": [w.as_dict() for w in data.warnings]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,
             "device": _device_info(device),

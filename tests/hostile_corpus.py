@@ -14,6 +14,7 @@ import math
 import secrets
 import struct
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -99,6 +100,7 @@ class Expect:
     classes: tuple[str, ...] | None = None  # 201: the exact class list
     headers: tuple[str, ...] = ()  # response headers that must be present
     not_reported: tuple[str, ...] = ()  # 201: clutter that is skipped silently
+    warnings: tuple[str, ...] | None = None  # 201: the codes of the dataset's `warnings`, in order
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,41 @@ class _quiet_duplicate_warning:
 
     def __exit__(self, *exc: object) -> None:
         self._catcher.__exit__(*exc)
+
+
+class RawNameInfo(zipfile.ZipInfo):
+    """A zip member stored under these exact name bytes without the UTF-8 flag, as legacy zip tools write."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(raw.decode("cp437"))  # how zipfile reads such a name back
+        self.raw = raw
+
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # zipfile's hook for the stored name and flags
+        return self.raw, self.flag_bits & ~0x800
+
+
+def zip_raw_names(members: Mapping[bytes, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for raw, data in members.items():
+            archive.writestr(RawNameInfo(raw), data)
+    return buffer.getvalue()
+
+
+def raw_tree(classes: Mapping[str, int], encoding: str, form: str = "NFC") -> dict[bytes, bytes]:
+    """`tree` with member names as bytes: Unicode form `form` (NFC, NFD), encoded in `encoding`."""
+    return {unicodedata.normalize(form, name).encode(encoding): data for name, data in tree(classes).items()}
+
+
+def tar_in_encoding(classes: Mapping[str, int], encoding: str) -> bytes:
+    """A tar.gz whose member names are bytes in `encoding` (GNU format: PAX would store UTF-8)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT, encoding=encoding) as archive:
+        for name, data in tree(classes).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def tar_entry(name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, target: str = "") -> tuple:
@@ -347,6 +384,35 @@ def _archive_cases() -> Iterator[Case]:
     # The zip reader ends a name at its NUL byte: `wren/a` is then no image name.
     yield Case("zip_member_name_with_nul", "archive", lambda c: c.upload(with_base({"wren/a\0b.png": b"x"})),
                Expect(201, skipped=("wren/a",), **contained))
+    yield from _member_name_cases()
+
+
+def _member_name_cases() -> Iterator[Case]:
+    """Names in another encoding come out as NFC text: UTF-8 whatever the flag says, else a detected code page
+    (warned), else percent-encoded bytes (warned)."""
+    french = {"Café, crème": 3, "Mésange bleue": 3}
+    yield Case("zip_names_nfd_utf8_without_flag", "archive",
+               lambda c: c.upload(zip_raw_names(raw_tree({"Café, crème": 3, "wren": 3}, "utf-8", "NFD"))),
+               Expect(201, classes=("Café, crème", "wren"), warnings=()))
+    yield Case("zip_names_nfc_and_nfd_are_one_class", "archive",
+               lambda c: c.upload(zip_raw_names({**raw_tree({"Café": 2, "wren": 3}, "utf-8", "NFC"),
+                                                 **raw_tree({"Café": 3}, "utf-8", "NFD")})),
+               Expect(201, classes=("Café", "wren"), skipped=("Café/0.png", "Café/1.png"), warnings=(),
+                      class_sizes={"Café": 3, "wren": 3}))
+    for case_name, classes, encoding in (
+        ("zip_names_cp1252", french, "cp1252"),
+        ("zip_names_cp437", {"Grünfink": 3, "Straße": 3}, "cp437"),
+        ("zip_names_cp866", {"Синица": 3, "Воробей": 3}, "cp866"),
+        ("zip_names_shift_jis", {"日本の鳥": 3, "すずめ": 3}, "shift_jis"),
+    ):
+        yield Case(case_name, "archive", lambda c, k=classes, e=encoding: c.upload(zip_raw_names(raw_tree(k, e))),
+                   Expect(201, classes=tuple(sorted(classes)), warnings=("names_code_page",)))
+    yield Case("tar_names_latin1", "archive", lambda c: c.upload(tar_in_encoding(french, "latin-1"), "d.tgz"),
+               Expect(201, classes=tuple(sorted(french)), warnings=("names_code_page",)))
+    undecodable = {b"wren\x01\xff/" + str(i).encode() + b".png": image_bytes(color=(i, 9, 9)) for i in range(3)}
+    yield Case("zip_names_undecodable", "archive",
+               lambda c: c.upload(zip_raw_names({**undecodable, **raw_tree({"finch": 3}, "ascii")})),
+               Expect(201, classes=("finch", "wren%01%FF"), warnings=("names_undecodable",)))
 
 
 # ---------------------------------------------------------------- images

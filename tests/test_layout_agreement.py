@@ -129,8 +129,9 @@ def test_upload_summary_equals_what_the_loader_sees(client: TestClient, settings
     assert submit(client, headers, body["id"], {"ipc": 1}).status_code == 202
 
 
-def test_flat_val_folder_is_reported_and_not_used_as_a_test_split(client: TestClient,  # noqa: F811
-                                                                  settings: Settings) -> None:
+def test_flat_val_folder_is_reported_and_not_used_as_a_test_split(
+    client: TestClient, settings: Settings,  # noqa: F811
+) -> None:
     response = client.post("/v1/datasets", headers=new_tenant(settings),
                            files={"file": ("data.zip", zip_bytes(_flat_val()), "application/zip")})
     assert response.status_code == 201, response.text

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fd2_core.data import fgsynth
 from fd2_core.data.archive import detect_archive, extract_archive
-from fd2_core.data.errors import DataError, FileError, ImageDecodeError
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError
 from fd2_core.data.images import decode_image
 from fd2_core.data.layout import DatasetLayout, Item, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
@@ -44,7 +44,8 @@ _FGSYNTH_QUIET_DEFAULTS: dict[str, object] = {"first": 0}
 
 @dataclass
 class ImageDataset:
-    """A decoded dataset: uint8 images `[N, 3, S, S]`, int64 labels, class names and train-split statistics."""
+    """A decoded dataset: uint8 images `[N, 3, S, S]`, int64 labels, class names and train-split statistics;
+    `warnings` say what was used anyway (e.g. file names decoded from a guessed code page)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -55,6 +56,7 @@ class ImageDataset:
     std: tuple[float, float, float]
     errors: list[FileError] = field(default_factory=list)
     source: str = ""
+    warnings: list[DataWarning] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("train_images", "test_images"):
@@ -112,10 +114,11 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _assemble(
     train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-    classes: Sequence[str], errors: list[FileError], source: str,
+    classes: Sequence[str], errors: list[FileError], source: str, warnings: Sequence[DataWarning] = (),
 ) -> ImageDataset:
     mean, std = channel_stats(train)
-    return ImageDataset(train, train_labels, test, test_labels, list(classes), mean, std, errors, source)
+    return ImageDataset(train, train_labels, test, test_labels, list(classes), mean, std, errors, source,
+                        list(warnings))
 
 
 def parse_fgsynth_source(source: str, image_size: int) -> dict[str, Any]:
@@ -165,6 +168,7 @@ def decode_layout(
     workers: int | None = None,
     source: str = "",
     extra_errors: Sequence[FileError] = (),
+    extra_warnings: Sequence[DataWarning] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ImageDataset:
     """Decode every item of a layout in a thread pool; failures move to `errors` (DataError when fewer than
@@ -200,7 +204,8 @@ def decode_layout(
                                                                          dtype=torch.uint8)
         labels = torch.tensor([item.label for item in chosen], dtype=torch.int64)
         splits[split] = (images, labels)
-    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source)
+    warnings = [*extra_warnings, *layout.warnings]
+    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, warnings)
 
 
 def load_dataset(
@@ -244,7 +249,8 @@ def load_dataset(
             extraction = extract_archive(path, Path(tmp) / "data", limits)
             layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
             return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
-                                 extra_errors=extraction.skipped, on_progress=on_progress)
+                                 extra_errors=extraction.skipped, extra_warnings=extraction.warnings,
+                                 on_progress=on_progress)
     layout = scan_source(path, test_fraction=test_fraction, seed=seed, limits=limits)
     return decode_layout(layout, image_size, limits=limits, workers=workers, source=text, on_progress=on_progress)
 

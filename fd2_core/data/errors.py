@@ -1,4 +1,5 @@
-"""Errors of the data layer: one for a whole input that cannot be used, one for a single skipped file.
+"""Errors of the data layer: one for a whole input that cannot be used, one for a single skipped file, and
+warnings about input that was used anyway.
 
 `DataError.code` is stable snake_case so the API can put it in its JSON error body; the message is one line
 for a person. A `FileError` is not raised: it is recorded beside the data so an upload answers with every
@@ -7,7 +8,8 @@ problem at once instead of failing on the first bad image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 DATA_ERROR_CODES: frozenset[str] = frozenset(
     {
@@ -60,3 +62,19 @@ class ImageDecodeError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class DataWarning:
+    """A finding that did not stop the input being used, e.g. names decoded from a guessed code page.
+
+    `code` is stable snake_case (`names_code_page`, `names_undecodable`), `message` one line for a person,
+    `details` JSON values that back it (the guessed encoding, examples).
+    """
+
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": dict(self.details)}

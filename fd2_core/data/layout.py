@@ -7,7 +7,9 @@ Accepted layouts, checked in this order (one wrapping top folder is looked throu
 3. flat `<class>/...`.
 Without a test split, a seeded per-class share of the images becomes test, so the same data and seed always
 give the same split. Files that cannot be used are recorded in `errors` with a reason, never silently dropped
-(except `__MACOSX/` and dot-files, which are operating-system clutter).
+(except `__MACOSX/` and dot-files, which are operating-system clutter). Names on disk are bytes: class names and
+shown paths are NFC text, decoded for the whole tree at once (`fd2_core.data.names`); folders whose names differ
+only in NFC/NFD spelling are one class.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 import re
 import stat
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
-from fd2_core.data.errors import DataError, FileError, ImageDecodeError
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError
 from fd2_core.data.images import check_image, is_image_name
 from fd2_core.data.limits import DataLimits
+from fd2_core.data.names import TreeNames, escape_name, utf8_name
 
 Split = Literal["train", "test"]
 LayoutKind = Literal["imagefolder", "flat", "manifest"]
@@ -62,7 +66,7 @@ TestSource = Literal["archive", "carved", "none"]
 
 @dataclass
 class DatasetLayout:
-    """What a dataset source holds: classes (sorted names), items and per-file problems."""
+    """What a dataset source holds: classes (sorted names), items, per-file problems and warnings."""
 
     root: Path
     classes: list[str]
@@ -71,6 +75,8 @@ class DatasetLayout:
     kind: LayoutKind = "imagefolder"
     # The carve share used for images the source gave no split (0 when every split was given).
     test_fraction: float = 0.0
+    warnings: list[DataWarning] = field(default_factory=list)
+    names: TreeNames | None = field(default=None, repr=False, compare=False)  # how paths are shown
 
     @property
     def splits_given(self) -> bool:
@@ -115,6 +121,7 @@ class DatasetLayout:
             "per_class": self.per_class,
             "test_split": self.test_split,
             "errors": [e.as_dict() for e in errors],
+            "warnings": [w.as_dict() for w in self.warnings],
         }
 
     def without(self, failed: Mapping[Path, str]) -> DatasetLayout:
@@ -122,19 +129,23 @@ class DatasetLayout:
         images are dropped too and labels renumbered. Raises DataError when too little remains."""
         if not failed:
             return self
-        self.errors.extend(FileError(relative_name(self.root, p), reason) for p, reason in failed.items())
+        self.errors.extend(FileError(relative_name(self.root, p, self.names), reason) for p, reason in failed.items())
         kept = [item for item in self.items if item.path not in failed]
-        self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors)
+        self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors, self.names)
         check_usable(self.classes, self.items)
         return self
 
 
-def relative_name(root: Path, path: Path) -> str:
-    """A path as shown to users: relative to the dataset root, never the server's absolute path."""
+def relative_name(root: Path, path: Path, names: TreeNames | None = None) -> str:
+    """A path as shown to users: relative to the dataset root, never the server's absolute path, as NFC text
+    (decoded by `names` for its tree; else non-UTF-8 parts in the percent-encoded form of `escape_name`)."""
     try:
-        return Path(path).relative_to(root).as_posix()
+        parts = Path(path).relative_to(root).parts
     except ValueError:
-        return Path(path).name
+        parts = (Path(path).name,)
+    if names is not None:
+        return names.relative(parts)
+    return "/".join(utf8_name(os.fsencode(p)) or escape_name(os.fsencode(p)) for p in parts)
 
 
 def is_ignored_name(name: str) -> bool:
@@ -177,7 +188,9 @@ class _FileBudget:
             raise DataError("too_many_files", f"more than {self.limits.max_files} files in the dataset")
 
 
-def _walk_images(folder: Path, root: Path, errors: list[FileError], budget: _FileBudget) -> Iterator[Path]:
+def _walk_images(
+    folder: Path, root: Path, errors: list[FileError], budget: _FileBudget, names: TreeNames
+) -> Iterator[Path]:
     """Image files under `folder`, depth first in name order; links and special files are reported."""
     stack = [folder]
     while stack:
@@ -186,39 +199,41 @@ def _walk_images(folder: Path, root: Path, errors: list[FileError], budget: _Fil
         for entry in _visible_entries(current):
             path = Path(entry.path)
             if entry.is_symlink():
-                errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+                errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
             elif entry.is_dir(follow_symlinks=False):
                 subdirs.append(path)
             elif not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-                errors.append(FileError(relative_name(root, path), "not a regular file"))
+                errors.append(FileError(relative_name(root, path, names), "not a regular file"))
             elif not is_image_name(entry.name):
                 budget.take()
-                errors.append(FileError(relative_name(root, path), "skipped: not an image file"))
+                errors.append(FileError(relative_name(root, path, names), "skipped: not an image file"))
             else:
                 budget.take()
+                names.text(entry.name)  # so that the tree's warnings cover names that are not shown
                 yield path
         stack.extend(reversed(subdirs))
 
 
 def _class_folders(
-    parent: Path, root: Path, errors: list[FileError], budget: _FileBudget, where: str
+    parent: Path, root: Path, errors: list[FileError], budget: _FileBudget, where: str, names: TreeNames
 ) -> dict[str, list[Path]]:
-    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported."""
+    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported. Folders
+    whose decoded names are equal (`Café` written NFC and NFD) are one class."""
     found: dict[str, list[Path]] = {}
     for entry in _visible_entries(parent):
         path = Path(entry.path)
         if entry.is_symlink():
-            errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+            errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
         elif entry.is_dir(follow_symlinks=False):
-            images = list(_walk_images(path, root, errors, budget))
+            images = list(_walk_images(path, root, errors, budget, names))
             if images:
-                found[entry.name] = images
+                found.setdefault(names.text(entry.name), []).extend(images)
             else:
-                errors.append(FileError(relative_name(root, path) + "/", "class folder has no images; ignored"))
+                errors.append(FileError(relative_name(root, path, names) + "/", "class folder has no images; ignored"))
         else:
             budget.take()
             reason = f"skipped: not inside a class folder of {where}"
-            errors.append(FileError(relative_name(root, path), reason))
+            errors.append(FileError(relative_name(root, path, names), reason))
     return found
 
 
@@ -245,14 +260,14 @@ def _carve_test(paths: Sequence[Path], class_name: str, test_fraction: float, se
 
 
 def _drop_untrainable(
-    root: Path, classes: list[str], items: list[Item], errors: list[FileError]
+    root: Path, classes: list[str], items: list[Item], errors: list[FileError], names: TreeNames | None = None
 ) -> tuple[list[str], list[Item]]:
     trainable = {item.label for item in items if item.split == "train"}
     if len(trainable) == len(classes):
         return classes, items
     for label, name in enumerate(classes):
         if label not in trainable:
-            errors.extend(FileError(relative_name(root, i.path), f"class {name!r} has no training images")
+            errors.extend(FileError(relative_name(root, i.path, names), f"class {name!r} has no training images")
                           for i in items if i.label == label)
     kept_names = [name for label, name in enumerate(classes) if label in trainable]
     new_index = {old: new for new, old in enumerate(sorted(trainable))}
@@ -278,6 +293,7 @@ def _assemble(
     seed: int,
     limits: DataLimits,
     class_order: Sequence[str] | None = None,
+    tree: TreeNames | None = None,
 ) -> DatasetLayout:
     """Labels, carved splits (for images without one) and the final checks, shared by every layout."""
     names = list(class_order) if class_order is not None else sorted(by_class)
@@ -290,10 +306,11 @@ def _assemble(
         test = _carve_test(unsplit, name, test_fraction, seed)
         for path, split in entries:
             items.append(Item(path, label, split or ("test" if path in test else "train"), split is None))
-    classes, items = _drop_untrainable(root, names, items, errors)
+    classes, items = _drop_untrainable(root, names, items, errors, tree)
     check_usable(classes, items)
-    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind,
-                         test_fraction=test_fraction)
+    warnings = tree.warnings if tree is not None else []
+    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind, warnings=warnings,
+                         names=tree, test_fraction=test_fraction)
 
 
 def _scan_split_tree(
@@ -301,54 +318,64 @@ def _scan_split_tree(
 ) -> DatasetLayout:
     errors: list[FileError] = []
     budget = _FileBudget(limits)
+    names = _tree_names(root, limits)
     dirs: dict[str, Path] = {}
     for entry in _visible_entries(root):
         path = Path(entry.path)
         lowered = entry.name.lower()
         if entry.is_symlink():
-            errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+            errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
         elif entry.is_dir(follow_symlinks=False) and lowered in _SPLIT_DIR_NAMES and lowered not in dirs:
             dirs[lowered] = path
         elif entry.is_dir(follow_symlinks=False):
-            errors.append(FileError(relative_name(root, path) + "/", "folder outside train/ and test/"))
+            errors.append(FileError(relative_name(root, path, names) + "/", "folder outside train/ and test/"))
         else:
-            errors.append(FileError(relative_name(root, path), "file outside train/ and test/ ignored"))
-    train = _class_folders(dirs["train"], root, errors, budget, "train/")
+            errors.append(FileError(relative_name(root, path, names), "file outside train/ and test/ ignored"))
+    train = _class_folders(dirs["train"], root, errors, budget, "train/", names)
     by_class: dict[str, list[tuple[Path, Split | None]]] = defaultdict(list)
     for name, paths in train.items():
         by_class[name].extend((p, "train") for p in paths)
-    test, chosen = {}, None
+    test: dict[str, list[Path]] = {}
+    chosen: Path | None = None
     for candidate in [dirs[name] for name in ("test", *sorted(VAL_DIR_NAMES)) if name in dirs]:
+        shown = relative_name(root, candidate, names) + "/"
         if chosen is not None:
-            errors.append(FileError(relative_name(root, candidate) + "/", f"ignored: {chosen.name}/ is the test split"))
+            errors.append(FileError(shown, f"ignored: {names.text(chosen.name)}/ is the test split"))
             continue
-        for name, paths in _class_folders(candidate, root, errors, budget, f"{candidate.name}/").items():
+        found = _class_folders(candidate, root, errors, budget, f"{names.text(candidate.name)}/", names)
+        for name, paths in found.items():
             if name in train:
                 test[name] = paths
             else:
-                errors.extend(FileError(relative_name(root, p), f"class {name!r} has no training images")
+                errors.extend(FileError(relative_name(root, p, names), f"class {name!r} has no training images")
                               for p in paths)
         if test:
             chosen = candidate
         else:
             # An ImageNet-style flat val/ (images without class folders) carries no labels: it is no test
             # split, and the scanner, the upload summary and the loader all carve a seeded share instead.
-            errors.append(FileError(relative_name(root, candidate) + "/", "holds no class folders of the "
-                                    "training classes, so it is not used as the test split"))
+            errors.append(FileError(shown, "holds no class folders of the training classes, so it is not used "
+                                    "as the test split"))
     if not test:
         by_class = defaultdict(list, {name: [(p, None) for p, _ in v] for name, v in by_class.items()})
     for name, paths in test.items():
         by_class[name].extend((p, "test") for p in paths)
     return _assemble(
-        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits
+        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits, tree=names
     )
 
 
 def _scan_flat(root: Path, *, test_fraction: float, seed: int, limits: DataLimits) -> DatasetLayout:
     errors: list[FileError] = []
-    found = _class_folders(root, root, errors, _FileBudget(limits), "the dataset root")
+    names = _tree_names(root, limits)
+    found = _class_folders(root, root, errors, _FileBudget(limits), "the dataset root", names)
     by_class = {name: [(p, None) for p in paths] for name, paths in found.items()}
-    return _assemble(root, "flat", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits)
+    return _assemble(root, "flat", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits,
+                     tree=names)
+
+
+def _tree_names(root: Path, limits: DataLimits) -> TreeNames:
+    return TreeNames(root, max_entries=limits.max_files, ignore=is_ignored_name)
 
 
 def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[str, Any]]:
@@ -397,7 +424,7 @@ def _label_text(value: Any) -> str | None:
     if isinstance(value, int) and abs(value) < 10**MAX_LABEL_CHARS:
         return str(value)
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return unicodedata.normalize("NFC", value.strip())  # one class however the label is spelled
     return None
 
 
