@@ -151,6 +151,11 @@ def teacher_weights_path(cfg: dict[str, Any]) -> Path | None:
     return Path(base_backbone_path())
 
 
+def init_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Spec fields of the teachers' start: the base backbone seeds the feature extractor only."""
+    return {"teacher_weights_mode": "backbone"} if teacher_weights_path(cfg) is not None else {}
+
+
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
@@ -158,7 +163,7 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     teachers' starting weights, so a changed default or a new base backbone never mixes into old results.
     """
     weights = teacher_weights_path(cfg)
-    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **cfg["spec"]}
+    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **init_fields(cfg), **cfg["spec"]}
     resolved = {
         v.name: {k: val for k, val in resolve_spec({**base, **v.overrides}).model_dump(mode="json").items()
                  if k != "seed"}
@@ -187,7 +192,8 @@ class PairRunner:
     def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save):
         self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
         self.ipcs = tuple(sorted(cfg["ipcs"]))
-        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **cfg["spec"]}
+        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **init_fields(cfg),
+                     **cfg["spec"]}
         if cfg["classes"]:
             source = f"{source}{',' if ':' in source else ':'}classes={cfg['classes']}"
         probe = resolve_spec(self.base)
