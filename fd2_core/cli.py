@@ -31,6 +31,8 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {"preset": args.preset, "method": args.method, "ipc": args.ipc, "seed": args.seed}
     if args.device:
         raw["device"] = args.device
+    if getattr(args, "teacher_weights_mode", None):
+        raw["teacher_weights_mode"] = args.teacher_weights_mode
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -56,6 +58,10 @@ class ProgressPrinter:
         self._stage: str | None = None
 
     def __call__(self, event) -> None:
+        if event.kind == "warning":  # always shown, on a line of its own
+            self.stream.write(("\r\033[K" if self.tty else "") + f"fd2: warning: {event.message}\n")
+            self.stream.flush()
+            return
         if self.quiet:
             return
         if event.kind == "stage_start":
@@ -184,6 +190,13 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="start the teacher from a local weights file (safetensors or a torch state dict, e.g. an earlier "
         "run's teacher.safetensors) instead of from scratch",
+    )
+    d.add_argument(
+        "--teacher-weights-mode",
+        choices=("full", "backbone"),
+        default=None,
+        help="full (default): the whole teacher of the same classes (stored class names are checked, another "
+        "order is mapped, another set is refused); backbone: only the feature extractor, any classes",
     )
     d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
     d.add_argument("--quiet", action="store_true", help="no progress output")

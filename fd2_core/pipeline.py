@@ -36,6 +36,7 @@ from .stages.evaluate import StudentResult, train_student
 from .stages.full_data import full_data_steps, train_full_data_student
 from .stages.pretrain import pretrain
 from .stages.relabel import SOFT_LABELS_FILE, relabel
+from .stages.teacher import check_teacher_weights
 
 __all__ = ["PipelineEvent", "PipelineResult", "StopRequested", "run", "check_dataset"]
 
@@ -291,11 +292,13 @@ def run(
 
     `limits` bounds what the data loader accepts (a service passes its operator settings; default: the
     library's own limits). `teacher_weights` is a local weights file the teacher starts from (safetensors or a
-    torch state dict, e.g. an earlier job's `teacher.safetensors`); a resumed run must name the same file.
+    torch state dict, e.g. an earlier job's `teacher.safetensors`) in the spec's `teacher_weights_mode`; it is
+    checked against the dataset's classes before anything is written (DataError `teacher_classes_mismatch`,
+    `bad_teacher_weights`), and a file without class names runs with a `warning` event. A resumed run must
+    name the same file.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.json"
     resolved = spec.model_dump(mode="json")
     if spec_path.exists() and read_json(spec_path) != resolved:
@@ -307,8 +310,6 @@ def run(
     if inputs_path.exists() and read_json(inputs_path) != inputs:
         raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights")
     resumed = (workdir / "stages").exists()
-    write_json(spec_path, resolved)
-    write_json(inputs_path, inputs)
 
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -318,11 +319,18 @@ def run(
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)
-    for warning in data.warnings:  # said at once, not only in the report at the end
-        if on_event is not None:
-            on_event(PipelineEvent("log", "pretrain", 0.0, 0.0, None, f"data warning: {warning.message}"))
+    weights_load = check_teacher_weights(spec, data.classes, Path(teacher_weights)) if teacher_weights else None
+    # written only now: bad input (data, spec, weights) leaves no work folder behind
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(spec_path, resolved)
+    write_json(inputs_path, inputs)
     device = pick_device(spec.device)
     tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
+    warnings = list(weights_load.warnings) if weights_load else []
+    for warning in warnings:
+        tracker.stage("pretrain").warn(warning["message"])
+    for data_warning in data.warnings:  # said at once, not only in the report at the end
+        tracker.stage("pretrain").warn(f"data warning: {data_warning.message}")
     ctx = RunContext(
         spec=spec, data=data, workdir=workdir, device=device, tracker=tracker,
         teacher_weights=Path(teacher_weights) if teacher_weights else None,
@@ -401,7 +409,12 @@ def run(
             "spec": resolved,
             "metrics": metrics,
             "comparison": _comparison(metrics),
-            "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
+            "teacher": {
+                **teacher.info,
+                "initial_weights": inputs["teacher_weights_sha256"],
+                "initial_weights_load": weights_load.as_dict() if weights_load else None,
+            },
+            "warnings": warnings,
             "distill": init_drift(ctx),
             "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]],
                         "warnings": [w.as_dict() for w in data.warnings]},

@@ -39,6 +39,13 @@ class JobSpec(BaseModel):
     torchvision_weights: bool = Field(
         False, description="Start the teacher from torchvision's ImageNet weights (downloads them once)."
     )
+    teacher_weights_mode: Literal["full", "backbone"] = Field(
+        "full",
+        description="How a teacher weights file (CLI --teacher-weights) starts the teacher: full = the whole "
+        "teacher of the same classes (classifier, CAL head, prototypes; the stored class names are compared, "
+        "another order is mapped, another set is refused); backbone = the feature extractor only, for any "
+        "class list (classifier, CAL head and prototypes start fresh). Ignored without a weights file.",
+    )
     test_fraction: float = Field(
         0.2, ge=0.05, le=0.5, description="Held-out test share carved per class when the data has no test split."
     )

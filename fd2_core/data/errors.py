@@ -27,6 +27,8 @@ DATA_ERROR_CODES: frozenset[str] = frozenset(
         "ipc_too_large",
         "no_test_split",
         "workdir_conflict",
+        "bad_teacher_weights",
+        "teacher_classes_mismatch",
     }
 )
 
