@@ -91,7 +91,8 @@ def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str,
     if dataset is None:
         raise not_found("dataset")
     if dataset_has_active_jobs(session, dataset.id):
-        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset")
+        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset; cancel the job or wait "
+                       "until it ends, then delete the dataset")
     delete_dataset(session, dataset)
     session.commit()
     remove_dataset_files(settings, dataset_id)
