@@ -40,7 +40,7 @@ DATA_ERROR_CODES: frozenset[str] = frozenset(
 # What to do about each kind of refusal, added to a message that does not name its own fix, so that every
 # refusal says both why and what to change.
 DEFAULT_FIXES: dict[str, str] = {
-    "no_images": "put images in one folder per class: <class>/<image> "
+    "no_images": "put readable images (JPEG, PNG, WebP or BMP) in one folder per class: <class>/<image> "
     "(or train/<class>/<image> with test/<class>/<image>)",
     "one_class": "put each class's images in its own folder, <class>/<image>, with at least two classes",
     "bad_archive": "re-create the archive as .zip, .tar or .tar.gz and send it again",
