@@ -31,7 +31,9 @@ UPLOAD_BODY = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary",
-                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images."},
+                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images in one folder "
+                                 "per class (<class>/<image>, or train/<class>/<image> with "
+                                 "test/<class>/<image>). The only field that takes a file."},
                         "name": {"type": "string", "maxLength": 200,
                                  "description": "Display name (default: the archive's file name)."},
                     },
