@@ -115,7 +115,7 @@ class _PartCollector:
         if name == self.file_field:
             if self.filename is not None:
                 raise _form_error(f"the form has more than one '{self.file_field}' part; send one archive per upload",
-                                  self.file_field, "only one file part is accepted", "too_many_files")
+                                  self.file_field, "only one file part is accepted", "too_many_parts")
             self._is_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
         elif b"filename" in options:  # a file under another name, e.g. `files`: refused before its bytes arrive

@@ -69,6 +69,11 @@ def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
                         fix="")
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def _spec_changes(earlier: Any, resolved: dict[str, Any]) -> list[str]:
     if not isinstance(earlier, dict):
         return ["spec"]
@@ -92,7 +97,7 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
         changed = _spec_changes(earlier, resolved)
         if changed:
             shown = ", ".join(
-                f"{k}: {earlier.get(k)!r} there, {resolved.get(k)!r} now" for k in changed[:3]
+                f"{k}: {_shown(earlier.get(k))} there, {_shown(resolved.get(k))} now" for k in changed[:3]
             ) if isinstance(earlier, dict) else "its spec.json cannot be read"
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec ({shown}{more})",
