@@ -23,7 +23,7 @@ from api.errors import ApiError
 from api.upload_slots import check_free_disk
 from api.uploads import receive_upload
 from fd2_core.data.archive import extract_archive
-from fd2_core.data.errors import DataError
+from fd2_core.data.errors import DataError, UnusableDataError
 from fd2_core.data.layout import DatasetLayout, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
 from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
@@ -100,10 +100,14 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
     try:
         extraction = extract_archive(archive, folder / "data", limits)
         archive.unlink(missing_ok=True)
-        # The one scanner, at the operator's fraction: the summary is what the loader will see (the layout
-        # records whether its test split is the archive's own or carved, for jobs that carve differently).
-        layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0, limits=limits)
-        layout = validate_images(layout, limits, verify=True)
+        try:
+            # The one scanner, at the operator's fraction: the summary is what the loader will see (the layout
+            # records whether its test split is the archive's own or carved, for jobs that carve differently).
+            layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0,
+                                 limits=limits)
+            layout = validate_images(layout, limits, verify=True)
+        except UnusableDataError as exc:  # what extraction left out may be why nothing is usable
+            raise exc.with_skipped(extraction.skipped) from None
         layout.errors[:0] = extraction.skipped
         layout.warnings[:0] = extraction.warnings  # member names decoded from a guessed code page, ...
         summary = stored_summary(layout)
@@ -129,13 +133,13 @@ async def _receive_and_store(request: Request, session: Session, settings: Setti
     dataset_id = new_id("ds")
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:
-        upload = await receive_upload(request, incoming, settings.max_upload_bytes)
+        upload = await receive_upload(request, incoming, settings.max_upload_bytes, text_fields=("name",))
         # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
         # thread that short requests need.
         result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id,
                                                 limiter=request.app.state.intake_limiter)
     except DataError as exc:
-        raise ApiError(422, exc.code, exc.message) from None
+        raise ApiError(422, exc.code, exc.message, exc.details) from None
     finally:
         incoming.unlink(missing_ok=True)
     name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)

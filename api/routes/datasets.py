@@ -31,7 +31,9 @@ UPLOAD_BODY = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary",
-                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images."},
+                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images in one folder "
+                                 "per class (<class>/<image>, or train/<class>/<image> with "
+                                 "test/<class>/<image>). The only field that takes a file."},
                         "name": {"type": "string", "maxLength": 200,
                                  "description": "Display name (default: the archive's file name)."},
                     },
@@ -91,7 +93,8 @@ def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str,
     if dataset is None:
         raise not_found("dataset")
     if dataset_has_active_jobs(session, dataset.id):
-        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset")
+        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset; cancel the job or wait "
+                       "until it ends, then delete the dataset")
     delete_dataset(session, dataset)
     session.commit()
     remove_dataset_files(settings, dataset_id)

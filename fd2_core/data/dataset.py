@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fd2_core.data import fgsynth
 from fd2_core.data.archive import detect_archive, extract_archive
-from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
 from fd2_core.data.images import decode_image
 from fd2_core.data.layout import DatasetLayout, Item, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
@@ -132,12 +132,14 @@ def parse_fgsynth_source(source: str, image_size: int) -> dict[str, Any]:
         key = key.strip().lower()
         if not sep or key not in _FGSYNTH_KEYS:
             known = ", ".join(_FGSYNTH_KEYS)
-            raise DataError("bad_source", f"fgsynth option {option!r} is not key=value with a key in: {known}")
+            raise DataError("bad_source", f"fgsynth option {option!r} is not key=value with a key in: {known}",
+                            fix="")
         name, kind = _FGSYNTH_KEYS[key]
         try:
             kwargs[name] = kind(value.strip())
         except ValueError:
-            raise DataError("bad_source", f"fgsynth option {key} needs a {kind.__name__}, got {value!r}") from None
+            raise DataError("bad_source", f"fgsynth option {key} needs a {kind.__name__}, got {value!r}",
+                            fix="") from None
     return kwargs
 
 
@@ -147,7 +149,7 @@ def load_fgsynth(source: str, image_size: int) -> ImageDataset:
     try:
         data = fgsynth.generate(**kwargs)
     except ValueError as exc:
-        raise DataError("bad_source", f"fgsynth: {exc}") from None
+        raise DataError("bad_source", f"fgsynth: {exc}", fix="") from None
     train = _resize(_to_tensor(data.train_images), image_size)
     test = _resize(_to_tensor(data.test_images), image_size)
     described = ",".join(
@@ -241,16 +243,20 @@ def load_dataset(
     if text.strip().lower().partition(":")[0] == FGSYNTH_PREFIX and not path.exists():
         return load_fgsynth(text, image_size)
     if not path.exists():
-        raise DataError("not_found", f"dataset source {text!r} not found")
+        raise DataError("not_found", f"dataset source {text!r} not found",
+                        fix="check the path, or give fgsynth[:k=v,...] for the built-in data")
     if path.is_file() and path.suffix.lower() not in (".json", ".csv"):
         if detect_archive(path) is None:
             raise DataError("bad_source", f"{path.name} is neither an archive (.zip, .tar, .tar.gz) nor a manifest")
         with tempfile.TemporaryDirectory(prefix="fd2-data-") as tmp:
             extraction = extract_archive(path, Path(tmp) / "data", limits)
-            layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
-            return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
-                                 extra_errors=extraction.skipped, extra_warnings=extraction.warnings,
-                                 on_progress=on_progress)
+            try:
+                layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
+                return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
+                                     extra_errors=extraction.skipped, extra_warnings=extraction.warnings,
+                                     on_progress=on_progress)
+            except UnusableDataError as exc:  # what extraction left out may be why nothing is usable
+                raise exc.with_skipped(extraction.skipped) from None
     layout = scan_source(path, test_fraction=test_fraction, seed=seed, limits=limits)
     return decode_layout(layout, image_size, limits=limits, workers=workers, source=text, on_progress=on_progress)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
-from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
 from fd2_core.data.images import check_image, is_image_name
 from fd2_core.data.limits import DataLimits
 from fd2_core.data.names import TreeNames, escape_name, utf8_name
@@ -132,7 +132,7 @@ class DatasetLayout:
         self.errors.extend(FileError(relative_name(self.root, p, self.names), reason) for p, reason in failed.items())
         kept = [item for item in self.items if item.path not in failed]
         self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors, self.names)
-        check_usable(self.classes, self.items)
+        check_usable(self.classes, self.items, self.errors, self.kind)
         return self
 
 
@@ -275,12 +275,23 @@ def _drop_untrainable(
     return kept_names, kept
 
 
-def check_usable(classes: Sequence[str], items: Sequence[Item]) -> None:
-    """Raise DataError unless at least two classes have training images."""
+MANIFEST_FIXES: dict[str, str] = {
+    "no_images": "list image files that exist, with paths relative to the manifest's folder and a label each",
+    "one_class": "give the rows at least two different labels",
+}
+
+
+def check_usable(
+    classes: Sequence[str], items: Sequence[Item], errors: Sequence[FileError] = (), kind: LayoutKind = "flat"
+) -> None:
+    """Raise UnusableDataError (a DataError whose message and details summarise `errors`, the skipped files)
+    unless at least two classes have training images."""
+    fixes = MANIFEST_FIXES if kind == "manifest" else {}
     if not items:
-        raise DataError("no_images", "no usable images were found")
+        raise UnusableDataError("no_images", "no usable images were found", errors, fix=fixes.get("no_images"))
     if len(classes) < 2:
-        raise DataError("one_class", f"only one class ({classes[0]!r}) was found; at least two are needed")
+        raise UnusableDataError("one_class", f"only one class ({classes[0]!r}) was found; at least two are needed",
+                                errors, fix=fixes.get("one_class"), details={"classes": list(classes)})
 
 
 def _assemble(
@@ -307,7 +318,7 @@ def _assemble(
         for path, split in entries:
             items.append(Item(path, label, split or ("test" if path in test else "train"), split is None))
     classes, items = _drop_untrainable(root, names, items, errors, tree)
-    check_usable(classes, items)
+    check_usable(classes, items, errors, kind)
     warnings = tree.warnings if tree is not None else []
     return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind, warnings=warnings,
                          names=tree, test_fraction=test_fraction)
@@ -394,7 +405,7 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
         if isinstance(data, dict) and isinstance(data.get("items"), list):
             data = data["items"]
         if not isinstance(data, list):
-            raise DataError("bad_manifest", f'{path.name} must be a list of rows or {{"items": [...]}}')
+            raise DataError("bad_manifest", f'{path.name} must be a list of rows or {{"items": [...]}}', fix="")
         rows = data
     elif suffix == ".csv":
         try:
@@ -402,7 +413,8 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
                 reader = csv.DictReader(fh)
                 header = [h.strip().lower() for h in (reader.fieldnames or [])]
                 if "path" not in header or "label" not in header:
-                    raise DataError("bad_manifest", f"{path.name} needs a header row with path,label[,split]")
+                    raise DataError("bad_manifest", f"{path.name} needs a header row with path,label[,split]",
+                                    fix="")
                 reader.fieldnames = header
                 rows = []
                 for row in reader:
@@ -412,7 +424,7 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
         except (UnicodeDecodeError, csv.Error) as exc:
             raise DataError("bad_manifest", f"{path.name} is not a readable CSV file: {exc}") from None
     else:
-        raise DataError("bad_manifest", f"{path.name}: a manifest is a .json or .csv file")
+        raise DataError("bad_manifest", f"{path.name}: a manifest is a .json or .csv file", fix="")
     if len(rows) > limits.max_manifest_rows:
         raise DataError("too_many_files", f"manifest has more than {limits.max_manifest_rows} rows")
     return rows
@@ -487,7 +499,7 @@ def scan_manifest_items(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError("not_found", "manifest root folder not found")
+        raise DataError("not_found", "manifest root folder not found", fix="check the manifest's root folder")
     if len(rows) > limits.max_manifest_rows:
         raise DataError("too_many_files", f"manifest has more than {limits.max_manifest_rows} rows")
     root_resolved = root.resolve()
@@ -577,7 +589,8 @@ def scan_source(
     if path.is_file():
         if path.suffix.lower() in (".json", ".csv"):
             return scan_manifest(path, test_fraction=test_fraction, seed=seed, limits=limits)
-        raise DataError("bad_source", f"{path.name} is a file: expected a folder or a manifest .json/.csv")
+        raise DataError("bad_source", f"{path.name} is a file: expected a folder or a manifest .json/.csv",
+                        fix="extract an archive first, or give its folder")
     root = find_data_root(path)
     for name in MANIFEST_NAMES:
         if (root / name).is_file():
