@@ -1,9 +1,10 @@
 """Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
 
 Steps: the tenant's storage quota is checked; the body is streamed to a temporary file; then, off the event
-loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image; the archive
-itself is deleted once extracted, and the quota is checked again with the extracted size. Any failure removes
-the folder and no row is written.
+loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image, which also
+fingerprints its pixels to count duplicates and test images that occur in train (dropped on request, see
+`fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the quota is checked again with
+the extracted size. Any failure removes the folder and no row is written.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from api.errors import ApiError
 from api.upload_slots import check_free_disk
 from api.uploads import receive_upload
 from fd2_core.data.archive import extract_archive
+from fd2_core.data.duplicates import DuplicateReport, Fingerprint, duplicate_warnings, find_duplicates
 from fd2_core.data.errors import DataError
-from fd2_core.data.layout import DatasetLayout, scan_source, validate_images
+from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
 from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
 from store.models import Dataset, new_id
@@ -36,6 +38,10 @@ INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dat
 ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NAME_CHARS = 200
+DROP_DUPLICATES_FIELD = "drop_duplicates"
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+DUPLICATES_FIX = f"upload again with the form field {DROP_DUPLICATES_FIELD}=true to drop them"
 
 
 @dataclass
@@ -115,8 +121,50 @@ def split_summary(layout: DatasetLayout, test_fraction: float) -> tuple[dict[str
     return summary, has_test_split
 
 
-def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> IntakeResult:
-    """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed)."""
+def drop_duplicates_option(fields: dict[str, str]) -> bool:
+    """The upload's `drop_duplicates` form field (default false); 422 naming the accepted values otherwise."""
+    text = fields.get(DROP_DUPLICATES_FIELD, "").strip().lower()
+    if text in _TRUE_WORDS or text in _FALSE_WORDS:
+        return text in _TRUE_WORDS
+    message = f"form field {DROP_DUPLICATES_FIELD} must be true or false"
+    raise ApiError(422, "validation_error", message,
+                   [{"loc": ["body", DROP_DUPLICATES_FIELD], "field": DROP_DUPLICATES_FIELD, "msg": message,
+                     "type": "bool_parsing"}])
+
+
+def find_upload_duplicates(settings: Settings, root: Path, layout: DatasetLayout, digests: dict[Path, str],
+                           drop: bool) -> DuplicateReport:
+    """Duplicates of a validated layout of `root` in the split jobs will use: its own test split, or else the
+    share a job with the default seed carves (`dataset_test_fraction`, found by scanning `root` as a job
+    does). Without a test split of its own, a drop keeps the first of each group over the whole upload, since
+    every job may carve differently."""
+    split_of = {item.path: item.split for item in layout.items}
+    pooled = layout.splits["test"] == 0
+    if pooled:
+        carved = scan_source(root, test_fraction=settings.dataset_test_fraction, seed=0, limits=data_limits(settings))
+        split_of.update((item.path, item.split) for item in carved.items if item.path in split_of)
+    prints = [Fingerprint(relative_name(layout.root, item.path), split_of[item.path], digests[item.path])
+              for item in layout.items]
+    return find_duplicates(prints, drop=drop, pooled=pooled)
+
+
+def drop_files(layout: DatasetLayout, report: DuplicateReport) -> int:
+    """Delete the files `report` drops (they stay listed in `errors`); returns the bytes freed."""
+    dropped = {layout.items[index].path: reason for index, reason in report.dropped.items()}
+    freed = 0
+    for path in dropped:
+        freed += path.stat().st_size
+        path.unlink()
+    layout.without(dropped)
+    return freed
+
+
+def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_duplicates: bool = False) -> IntakeResult:
+    """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed).
+
+    `drop_duplicates` deletes copies within a split and test images that occur in train before the dataset is
+    stored; either way the summary's `duplicates` counts what the upload held.
+    """
     folder = dataset_path(settings, dataset_id)
     limits = data_limits(settings)
     try:
@@ -124,13 +172,18 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> Intake
         archive.unlink(missing_ok=True)
         # Scanned without carving, so an explicit test split can be told apart from a carved one.
         layout = scan_source(extraction.root, test_fraction=0.0, seed=0, limits=limits)
-        layout = validate_images(layout, limits, verify=True)
+        digests: dict[Path, str] = {}
+        layout = validate_images(layout, limits, verify=True, digests=digests)
+        duplicates = find_upload_duplicates(settings, extraction.root, layout, digests, drop_duplicates)
+        size_bytes = extraction.bytes_written - drop_files(layout, duplicates)
         layout.errors[:0] = extraction.skipped
         summary, has_test_split = split_summary(layout, settings.dataset_test_fraction)
+        summary["duplicates"] = duplicates.as_dict()
+        summary.setdefault("warnings", []).extend(duplicate_warnings(duplicates, DUPLICATES_FIX))
     except BaseException:
         remove_tree(folder)
         raise
-    return IntakeResult(extraction.root, summary, extraction.bytes_written, has_test_split)
+    return IntakeResult(extraction.root, summary, size_bytes, has_test_split)
 
 
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
@@ -149,9 +202,10 @@ async def _receive_and_store(request: Request, session: Session, settings: Setti
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:
         upload = await receive_upload(request, incoming, settings.max_upload_bytes)
+        drop_duplicates = drop_duplicates_option(upload.fields)
         # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
         # thread that short requests need.
-        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id,
+        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id, drop_duplicates,
                                                 limiter=request.app.state.intake_limiter)
     except DataError as exc:
         raise ApiError(422, exc.code, exc.message) from None

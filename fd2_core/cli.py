@@ -91,7 +91,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         result = run(
-            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights
+            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights,
+            drop_duplicates=args.drop_duplicates,
         )
     except DataError as err:
         return _fail(str(err))
@@ -134,11 +135,32 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
+    lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
     lines.append("artifacts:")
     lines += [f"  {path}" for path in result.artifacts.values()]
     if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed
         lines.append(judged["message"])
     print("\n".join(lines))
+
+
+def duplicate_lines(found: dict[str, Any]) -> list[str]:
+    """The summary's duplicate counts (report.json → `dataset.duplicates`), and a warning while test images
+    that also occur in train are still in the test split."""
+    if not found:
+        return []
+    train, test = found["train"], found["test"]
+    line = (f"{'duplicates':<26}train {train['duplicate_images']} ({train['groups']} groups), "
+            f"test {test['duplicate_images']} ({test['groups']} groups), test images also in train "
+            f"{found['test_in_train']}")
+    if found.get("dropped"):
+        return [f"{line}; {found['dropped']} dropped (listed in report.json → dataset.errors)"]
+    lines = [line]
+    if found["test_in_train"]:
+        pair = next(iter(found.get("examples") or []), None)
+        example = f" (e.g. {pair[0]} = {pair[1]})" if pair else ""
+        lines.append(f"WARNING: {found['test_in_train']} test image(s) also occur in train{example}, so every test "
+                     "accuracy above is inflated; run again with --drop-duplicates and a new --out to drop them")
+    return lines
 
 
 def cmd_data_fgsynth(args: argparse.Namespace) -> int:
@@ -182,6 +204,12 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="start the teacher from a local weights file (safetensors or a torch state dict, e.g. an earlier "
         "run's teacher.safetensors) instead of from scratch",
+    )
+    d.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop images whose decoded pixels repeat another image of their split (the first by path is "
+        "kept) and test images whose pixels occur in train; counted in the summary either way",
     )
     d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
     d.add_argument("--quiet", action="store_true", help="no progress output")

@@ -286,12 +286,15 @@ def run(
     should_stop: StopCheck | None = None,
     limits: DataLimits | None = None,
     teacher_weights: str | Path | None = None,
+    drop_duplicates: bool = False,
 ) -> PipelineResult:
     """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
 
     `limits` bounds what the data loader accepts (a service passes its operator settings; default: the
     library's own limits). `teacher_weights` is a local weights file the teacher starts from (safetensors or a
     torch state dict, e.g. an earlier job's `teacher.safetensors`); a resumed run must name the same file.
+    `drop_duplicates` makes the loader drop copies within a split and test images that occur in train (a
+    resumed run must ask the same); `report.json` → `dataset.duplicates` counts them either way.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
@@ -302,10 +305,17 @@ def run(
         raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec; use a new folder")
     if teacher_weights and not Path(teacher_weights).is_file():
         raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found")
-    inputs = {"teacher_weights_sha256": sha256_of(Path(teacher_weights)) if teacher_weights else None}
+    inputs: dict[str, Any] = {"teacher_weights_sha256": sha256_of(Path(teacher_weights)) if teacher_weights else None}
+    if drop_duplicates:  # only when set, so that earlier work folders still resume
+        inputs["drop_duplicates"] = True
     inputs_path = workdir / "inputs.json"
-    if inputs_path.exists() and read_json(inputs_path) != inputs:
+    earlier = read_json(inputs_path) if inputs_path.exists() else inputs
+    if earlier.get("teacher_weights_sha256") != inputs["teacher_weights_sha256"]:
         raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights")
+    if earlier != inputs:
+        done = "dropped" if earlier.get("drop_duplicates") else "kept"
+        raise DataError("workdir_conflict", f"{workdir} holds a run that {done} duplicate images; resume it with "
+                        "the same --drop-duplicates choice or use a new folder")
     resumed = (workdir / "stages").exists()
     write_json(spec_path, resolved)
     write_json(inputs_path, inputs)
@@ -314,7 +324,7 @@ def run(
     started = time.monotonic()
     data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
         dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits(),
-        on_progress=_loading_reporter(on_event, should_stop),
+        on_progress=_loading_reporter(on_event, should_stop), drop_duplicates=drop_duplicates,
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)
@@ -400,7 +410,8 @@ def run(
             "comparison": _comparison(metrics),
             "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
             "distill": init_drift(ctx),
-            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
+            "dataset": {**dataset_summary, "duplicates": data.duplicates,
+                        "errors": [e.as_dict() for e in data.errors[:100]]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,
             "device": _device_info(device),

@@ -35,7 +35,8 @@ def create_dataset(
     has_test_split: bool,
     status: str = "ready",
 ) -> Dataset:
-    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors."""
+    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors, and may have
+    warnings and duplicates."""
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
@@ -46,6 +47,8 @@ def create_dataset(
         splits=dict(summary["splits"]),
         per_class=dict(summary["per_class"]),
         errors=list(summary.get("errors", [])),
+        warnings=list(summary.get("warnings", [])),
+        duplicates=dict(summary.get("duplicates", {})),
         has_test_split=has_test_split,
         path=str(path),
         size_bytes=size_bytes,

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from fd2_core.data.errors import DataError, FileError, ImageDecodeError
-from fd2_core.data.images import check_image, is_image_name
+from fd2_core.data.images import check_image, image_digest, is_image_name
 from fd2_core.data.limits import DataLimits
 
 Split = Literal["train", "test"]
@@ -520,15 +520,20 @@ def validate_images(
     limits: DataLimits = DataLimits(),
     verify: bool = True,
     workers: int | None = None,
+    digests: dict[Path, str] | None = None,
 ) -> DatasetLayout:
     """Open every image (header only, or fully decoded when `verify`), in a thread pool, and move broken
     ones from `items` to `errors`. Updates `layout` in place and returns it; raises DataError when fewer than
-    two classes with training images remain."""
+    two classes with training images remain. Given `digests`, each image is decoded in full at its own
+    resolution instead and its `pixel_digest` stored there by path (the same decode checks and fingerprints)."""
     workers = workers or min(8, os.cpu_count() or 1)
 
     def problem(item: Item) -> str | None:
         try:
-            check_image(item.path, limits.max_image_pixels, full=verify)
+            if digests is None:
+                check_image(item.path, limits.max_image_pixels, full=verify)
+            else:
+                digests[item.path] = image_digest(item.path, limits.max_image_pixels)
         except ImageDecodeError as exc:
             return exc.reason
         return None
