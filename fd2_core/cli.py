@@ -109,7 +109,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     rollback = OutputRollback(out)
     try:
         result = run(
-            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights
+            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights,
+            drop_duplicates=args.drop_duplicates,
         )
     except (DataError, ValueError, RuntimeError, FileNotFoundError) as err:
         rollback.undo()  # a refusal found after writing began: the corrected command may reuse --out
@@ -151,6 +152,7 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
+    lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
     # The dataset's warnings (e.g. file names decoded from a guessed code page), as the service lists them.
     lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])]
     lines.append("artifacts:")
@@ -158,6 +160,26 @@ def _print_summary(spec: JobSpec, result) -> None:
     if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed
         lines.append(judged["message"])
     print("\n".join(lines))
+
+
+def duplicate_lines(found: dict[str, Any]) -> list[str]:
+    """The summary's duplicate counts (report.json → `dataset.duplicates`), and a warning while test images
+    that also occur in train are still in the test split."""
+    if not found:
+        return []
+    train, test = found["train"], found["test"]
+    line = (f"{'duplicates':<26}train {train['duplicate_images']} ({train['groups']} groups), "
+            f"test {test['duplicate_images']} ({test['groups']} groups), test images also in train "
+            f"{found['test_in_train']}")
+    if found.get("dropped"):
+        return [f"{line}; {found['dropped']} dropped (listed in report.json → dataset.errors)"]
+    lines = [line]
+    if found["test_in_train"]:
+        pair = next(iter(found.get("examples") or []), None)
+        example = f" (e.g. {pair[0]} = {pair[1]})" if pair else ""
+        lines.append(f"WARNING: {found['test_in_train']} test image(s) also occur in train{example}, so every test "
+                     "accuracy above is inflated; run again with --drop-duplicates and a new --out to drop them")
+    return lines
 
 
 # generator arguments as the options that set them, so that an error names what the user typed
@@ -235,6 +257,12 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="full (default): the whole teacher of the same classes (stored class names are checked, another "
         "order is mapped, another set is refused); backbone: only the feature extractor, any classes",
+    )
+    d.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop images whose decoded pixels repeat another image of their split (the first by path is "
+        "kept) and test images whose pixels occur in train; counted in the summary either way",
     )
     d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
     d.add_argument("--quiet", action="store_true", help="no progress output")

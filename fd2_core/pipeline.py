@@ -109,9 +109,14 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
             earlier_inputs = read_json(inputs_path)
         except (OSError, ValueError):
             earlier_inputs = None
-        if earlier_inputs != inputs:
+        earlier_weights = (earlier_inputs or {}).get("teacher_weights_sha256")
+        if earlier_inputs is None or earlier_weights != inputs["teacher_weights_sha256"]:
             raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights",
                             fix="choose another work folder, or give the teacher weights file of that run")
+        if earlier_inputs != inputs:
+            done = "dropped" if earlier_inputs.get("drop_duplicates") else "kept"
+            raise DataError("workdir_conflict", f"{workdir} holds a run that {done} duplicate images",
+                            fix="resume it with the same --drop-duplicates choice, or choose another work folder")
 
 
 def _teacher_weights_inputs(teacher_weights: str | Path | None) -> dict[str, Any]:
@@ -357,6 +362,7 @@ def run(
     should_stop: StopCheck | None = None,
     limits: DataLimits | None = None,
     teacher_weights: str | Path | None = None,
+    drop_duplicates: bool = False,
 ) -> PipelineResult:
     """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
 
@@ -369,12 +375,16 @@ def run(
     checked against the dataset's classes before anything is written (DataError `teacher_classes_mismatch`,
     `bad_teacher_weights`), and a file without class names runs with a `warning` event. A resumed run must
     name the same file.
+    `drop_duplicates` makes the loader drop copies within a split and test images that occur in train (a
+    resumed run must ask the same); `report.json` → `dataset.duplicates` counts them either way.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
     resolved = spec.model_dump(mode="json")
     # Every check comes before the first write, so that a refused run leaves the work folder as it was.
     inputs = _teacher_weights_inputs(teacher_weights)
+    if drop_duplicates:  # only when set, so that earlier work folders still resume
+        inputs["drop_duplicates"] = True
     check_workdir(workdir, resolved, inputs)
     device = pick_device(spec.device)
 
@@ -382,7 +392,7 @@ def run(
     started = time.monotonic()
     data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
         dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits(),
-        on_progress=_loading_reporter(on_event, should_stop),
+        on_progress=_loading_reporter(on_event, should_stop), drop_duplicates=drop_duplicates,
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)
@@ -483,7 +493,8 @@ def run(
             },
             "warnings": warnings,
             "distill": init_drift(ctx),
-            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]],
+            "dataset": {**dataset_summary, "duplicates": data.duplicates,
+                        "errors": [e.as_dict() for e in data.errors[:100]],
                         "warnings": [w.as_dict() for w in data.warnings]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,

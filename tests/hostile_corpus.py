@@ -72,8 +72,10 @@ class Corpus:
     data_root: Path  # under an allowed data root: <class>/<i>.png, and `wren/link.png` leading outside
     outside: Path  # a folder under no allowed root, holding `secret.png`
 
-    def upload(self, data: bytes, filename: str = "data.zip", content_type: str = "application/zip") -> Any:
-        return self.client.post("/v1/datasets", headers=self.caller, files={"file": (filename, data, content_type)})
+    def upload(self, data: bytes, filename: str = "data.zip", content_type: str = "application/zip",
+               fields: Mapping[str, str] | None = None) -> Any:
+        return self.client.post("/v1/datasets", headers=self.caller, files={"file": (filename, data, content_type)},
+                                data=dict(fields) if fields else None)
 
     def submit(self, spec: Any = None, *, dataset: Any = None, headers: dict[str, str] | None = None,
                **extra: Any) -> Any:
@@ -100,7 +102,8 @@ class Expect:
     classes: tuple[str, ...] | None = None  # 201: the exact class list
     headers: tuple[str, ...] = ()  # response headers that must be present
     not_reported: tuple[str, ...] = ()  # 201: clutter that is skipped silently
-    warnings: tuple[str, ...] | None = None  # 201: the codes of the dataset's `warnings`, in order
+    duplicates: Mapping[str, Any] | None = None  # 201: entries the dataset's `duplicates` must have
+    warnings: tuple[str, ...] = ()  # 201: codes the dataset's `warnings` must hold (`names_*` ones exactly)
 
 
 @dataclass(frozen=True)
@@ -445,9 +448,51 @@ def _image_cases() -> Iterator[Case]:
     yield _image_case("one_pixel_png", "dot.png", lambda: image_bytes("PNG", (1, 1)), True)
     yield _image_case("animated_png", "anim.png", lambda: animated("PNG"), True)
     yield _image_case("animated_webp", "anim.webp", lambda: animated("WEBP"), True)
+    # The content decides the format; the extension only whether a file is worth opening.
+    yield _image_case("jfif_extension", "photo.jfif", lambda: image_bytes("JPEG"), True)
+    yield _image_case("upper_case_jpe_extension", "PHOTO.JPE", lambda: image_bytes("JPEG"), True)
+    yield _image_case("png_named_jpg", "really_png.jpg", lambda: image_bytes("PNG"), True)
+    yield _image_case("tiff_image", "scan.tif", lambda: image_bytes("TIFF"), False)
     yield Case("every_image_broken", "image",
                lambda c: c.upload(zip_of({"wren/a.jpg": b"", "finch/b.png": cut(noisy_bytes("PNG"))})),
                Expect(422, "no_images"))
+
+
+# ---------------------------------------------------------------- duplicates and train/test leakage
+
+
+def _split_tree(copies: Mapping[str, tuple[str, str]]) -> bytes:
+    """`train/` and `test/` of BASE's classes (distinct images), plus `{member: (source member, format)}`
+    copies: the source's pixels saved again in that format (`same` keeps its bytes)."""
+    members = {**tree(BASE, "train/"),
+               **{f"test/{name}/t.png": image_bytes(color=(250, 5 + 40 * c, 9)) for c, name in enumerate(BASE)}}
+    for member, (source, fmt) in copies.items():
+        buffer = io.BytesIO()
+        if fmt == "same":
+            buffer.write(members[source])
+        else:
+            Image.open(io.BytesIO(members[source])).save(buffer, fmt, lossless=True)
+        members[member] = buffer.getvalue()
+    return zip_of(members)
+
+
+def _duplicate_cases() -> Iterator[Case]:
+    leak = {"test/wren/leak.png": ("train/wren/0.png", "same")}
+    counts = {"train": {"duplicate_images": 0, "groups": 0}, "test": {"duplicate_images": 0, "groups": 0}}
+    yield Case("test_image_in_train_reported", "duplicates", lambda c: c.upload(_split_tree(leak)),
+               Expect(201, class_sizes={"wren": 5, "finch": 4}, warnings=("test_in_train",),
+                      duplicates={**counts, "test_in_train": 1, "dropped": 0}))
+    yield Case("test_image_in_train_dropped", "duplicates",
+               lambda c: c.upload(_split_tree(leak), fields={"drop_duplicates": "true"}),
+               Expect(201, skipped=("test/wren/leak.png",), class_sizes={"wren": 4, "finch": 4},
+                      duplicates={"test_in_train": 1, "dropped": 1}))
+    same_pixels = {"train/finch/copy.webp": ("train/finch/0.png", "WEBP")}
+    yield Case("same_pixels_other_bytes_reported", "duplicates", lambda c: c.upload(_split_tree(same_pixels)),
+               Expect(201, warnings=("duplicates",),
+                      duplicates={"train": {"duplicate_images": 1, "groups": 1}, "test_in_train": 0}))
+    yield Case("drop_duplicates_not_a_boolean", "duplicates",
+               lambda c: c.upload(_split_tree(leak), fields={"drop_duplicates": "maybe"}),
+               Expect(422, "validation_error"))
 
 
 # ---------------------------------------------------------------- class structure
@@ -797,8 +842,8 @@ def _burst_of_requests(c: Corpus) -> Any:
 
 
 def all_cases() -> list[Case]:
-    cases = [*_archive_cases(), *_image_cases(), *_class_cases(), *_manifest_cases(), *_spec_cases(),
-             *_http_cases()]
+    cases = [*_archive_cases(), *_image_cases(), *_duplicate_cases(), *_class_cases(), *_manifest_cases(),
+             *_spec_cases(), *_http_cases()]
     names = [case.name for case in cases]
     duplicates = {n for n in names if names.count(n) > 1}
     assert not duplicates, f"duplicate case names: {duplicates}"

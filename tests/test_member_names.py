@@ -287,7 +287,7 @@ def test_dataset_resource_shows_nfc_names_and_the_warning(client: TestClient, se
     body = response.json()
     assert body["classes"] == ["Café, crème", "Grünfink", "Mésange bleue"]
     assert set(body["per_class"]) == set(body["classes"])
-    [warning] = body["warnings"]
+    [warning] = [w for w in body["warnings"] if w["code"].startswith("names_")]  # duplicates may warn too
     assert warning["code"] == "names_code_page" and warning["details"]["encoding"] == "cp1252"
     assert warning["details"]["count"] == 6
     assert {"bytes", "name"} <= set(warning["details"]["examples"][0])

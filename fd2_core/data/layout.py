@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
-from fd2_core.data.images import check_image, is_image_name
+from fd2_core.data.images import check_image, image_digest, is_image_name
 from fd2_core.data.limits import DataLimits
 from fd2_core.data.names import TreeNames, escape_name, utf8_name
 
@@ -124,12 +124,15 @@ class DatasetLayout:
             "warnings": [w.as_dict() for w in self.warnings],
         }
 
-    def without(self, failed: Mapping[Path, str]) -> DatasetLayout:
-        """Drop the given files (path -> reason) into `errors`, in place; classes left without training
-        images are dropped too and labels renumbered. Raises DataError when too little remains."""
+    def without(self, failed: Mapping[Path, str], record: bool = True) -> DatasetLayout:
+        """Drop the given files (path -> reason) into `errors` (only when `record`: a caller may hold the reasons
+        already), in place; classes left without training images are dropped too and labels renumbered.
+        Raises DataError when too little remains."""
         if not failed:
             return self
-        self.errors.extend(FileError(relative_name(self.root, p, self.names), reason) for p, reason in failed.items())
+        if record:
+            self.errors.extend(FileError(relative_name(self.root, p, self.names), reason)
+                               for p, reason in failed.items())
         kept = [item for item in self.items if item.path not in failed]
         self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors, self.names)
         check_usable(self.classes, self.items, self.errors, self.kind)
@@ -605,15 +608,20 @@ def validate_images(
     limits: DataLimits = DataLimits(),
     verify: bool = True,
     workers: int | None = None,
+    digests: dict[Path, str] | None = None,
 ) -> DatasetLayout:
     """Open every image (header only, or fully decoded when `verify`), in a thread pool, and move broken
     ones from `items` to `errors`. Updates `layout` in place and returns it; raises DataError when fewer than
-    two classes with training images remain."""
+    two classes with training images remain. Given `digests`, each image is decoded in full at its own
+    resolution instead and its `pixel_digest` stored there by path (the same decode checks and fingerprints)."""
     workers = workers or min(8, os.cpu_count() or 1)
 
     def problem(item: Item) -> str | None:
         try:
-            check_image(item.path, limits.max_image_pixels, full=verify)
+            if digests is None:
+                check_image(item.path, limits.max_image_pixels, full=verify)
+            else:
+                digests[item.path] = image_digest(item.path, limits.max_image_pixels)
         except ImageDecodeError as exc:
             return exc.reason
         return None
