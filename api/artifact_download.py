@@ -60,7 +60,8 @@ def parse_range(header: str, size: int) -> ByteRange | None:
 
 
 def unsatisfiable(size: int) -> ApiError:
-    return ApiError(416, "range_not_satisfiable", f"requested range is outside the file of {size} bytes",
+    return ApiError(416, "range_not_satisfiable", f"requested range is outside the file of {size} bytes; ask for "
+                    f"bytes within 0-{max(size - 1, 0)}, or leave out the Range header",
                     {"size": size}, headers={"Content-Range": f"bytes */{size}"})
 
 
@@ -100,7 +101,8 @@ def read_chunks(path: Path, start: int, length: int) -> Iterator[bytes]:
 def artifact_response(request: Request, artifact: Artifact) -> Response:
     path = Path(artifact.path)
     if not path.is_file():
-        raise ApiError(404, "artifact_missing", f"artifact {artifact.name!r} is registered but its file is gone")
+        raise ApiError(404, "artifact_missing", f"artifact {artifact.name!r} is registered but its file is gone; "
+                       "submit the job again to produce it")
     headers = checksum_headers(artifact)
     disposition = {"Content-Disposition": f'attachment; filename="{artifact.name}"'}
     if_none_match = request.headers.get("if-none-match")

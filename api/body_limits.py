@@ -16,7 +16,8 @@ UPLOAD_PATH = "/v1/datasets"
 
 def body_too_large(limit: int) -> HTTPException:
     # An HTTPException, because FastAPI passes those through from body reading (others become 400).
-    return HTTPException(413, f"request body is larger than {limit} bytes")
+    return HTTPException(413, f"request body is larger than {limit} bytes; send a smaller body (datasets go "
+                              "through POST /v1/datasets, which has its own limit)")
 
 
 class BodyLimitMiddleware:

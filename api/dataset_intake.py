@@ -1,9 +1,10 @@
 """Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
 
 Steps: the tenant's storage quota is checked; the body is streamed to a temporary file; then, off the event
-loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image; the archive
-itself is deleted once extracted, and the quota is checked again with the extracted size. Any failure removes
-the folder and no row is written.
+loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image, which also
+fingerprints its pixels to count duplicates and test images that occur in train (dropped on request, see
+`fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the quota is checked again with
+the extracted size. Any failure removes the folder and no row is written.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from api.errors import ApiError
 from api.upload_slots import check_free_disk
 from api.uploads import receive_upload
 from fd2_core.data.archive import extract_archive
-from fd2_core.data.errors import DataError
-from fd2_core.data.layout import DatasetLayout, scan_source, validate_images
+from fd2_core.data.duplicates import DuplicateReport, Fingerprint, duplicate_warnings, find_duplicates
+from fd2_core.data.errors import DataError, FileError, UnusableDataError
+from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
 from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
 from store.models import Dataset, new_id
@@ -36,6 +38,10 @@ INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dat
 ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NAME_CHARS = 200
+DROP_DUPLICATES_FIELD = "drop_duplicates"
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+DUPLICATES_FIX = f"upload again with the form field {DROP_DUPLICATES_FIELD}=true to drop them"
 
 
 @dataclass
@@ -78,17 +84,6 @@ def check_storage_quota(session: Session, settings: Settings, tenant: CurrentTen
         raise quota_exceeded(quota, used, adding or None)
 
 
-def carved_test_count(total: int, test_fraction: float) -> int:
-    """How many images of a class become test when the data has no test split.
-
-    Mirrors fd2_core.data.layout's carving rule: at least one test image when a class has two or more,
-    always at least one training image.
-    """
-    if total < 2 or test_fraction <= 0:
-        return 0
-    return min(total - 1, max(1, int(total * test_fraction + 0.5)))
-
-
 def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
     """`text` cut in the middle when too long, so both the folder and the file name stay readable."""
     if len(text) <= limit:
@@ -97,40 +92,92 @@ def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
     return f"{text[:half]}…{text[-half:]}"
 
 
-def split_summary(layout: DatasetLayout, test_fraction: float) -> tuple[dict[str, Any], bool]:
-    """The resource's counts; without an explicit test split they show the documented carved share."""
+def stored_summary(layout: DatasetLayout) -> dict[str, Any]:
+    """The resource's counts as the loader sees them at the operator's test fraction, errors shortened."""
     summary = layout.summary(max_errors=MAX_STORED_ERRORS)
     summary["errors"] = [{"path": shorten(e["path"]), "reason": shorten(e["reason"])} for e in summary["errors"]]
-    has_test_split = summary["splits"]["test"] > 0
-    if not has_test_split:
-        per_class = {}
-        for name, counts in summary["per_class"].items():
-            test = carved_test_count(counts["train"], test_fraction)
-            per_class[name] = {"train": counts["train"] - test, "test": test}
-        summary["per_class"] = per_class
-        summary["splits"] = {
-            "train": sum(c["train"] for c in per_class.values()),
-            "test": sum(c["test"] for c in per_class.values()),
-        }
-    return summary, has_test_split
+    return summary
 
 
-def ingest_archive(settings: Settings, archive: Path, dataset_id: str) -> IntakeResult:
-    """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed)."""
+def drop_duplicates_option(fields: dict[str, str]) -> bool:
+    """The upload's `drop_duplicates` form field (default false); 422 naming the accepted values otherwise."""
+    text = fields.get(DROP_DUPLICATES_FIELD, "").strip().lower()
+    if text in _TRUE_WORDS or text in _FALSE_WORDS:
+        return text in _TRUE_WORDS
+    message = f"form field {DROP_DUPLICATES_FIELD} must be true or false"
+    raise ApiError(422, "validation_error", message,
+                   [{"loc": ["body", DROP_DUPLICATES_FIELD], "field": DROP_DUPLICATES_FIELD, "msg": message,
+                     "type": "bool_parsing"}])
+
+
+def find_upload_duplicates(layout: DatasetLayout, digests: dict[Path, str], drop: bool) -> DuplicateReport:
+    """Duplicates of a validated layout in the split jobs will use: its own test split, or else the share a
+    job with the default seed carves at `dataset_test_fraction` (the layout's own carve). Without a test split
+    of its own, a drop keeps the first of each group over the whole upload, since every job may carve
+    differently."""
+    prints = [Fingerprint(relative_name(layout.root, item.path, layout.names), item.split, digests[item.path])
+              for item in layout.items]
+    return find_duplicates(prints, drop=drop, pooled=not layout.splits_given)
+
+
+def rescan_after_drop(settings: Settings, root: Path, layout: DatasetLayout, scanned: list[Path],
+                      dropped: dict[Path, str]) -> DatasetLayout:
+    """The layout of `root` once `dropped` files are gone, carved as the loader will carve what is left (so
+    the summary stays what a job sees); the files validation refused stay out, with every reason kept."""
+    fresh = scan_source(root, test_fraction=settings.dataset_test_fraction, seed=0, limits=data_limits(settings))
+    refused = set(scanned) - {item.path for item in layout.items}
+    fresh.errors[:] = layout.errors
+    fresh.errors.extend(FileError(relative_name(root, path, layout.names), reason) for path, reason in dropped.items())
+    fresh.warnings[:] = layout.warnings
+    return fresh.without({path: "" for path in refused}, record=False)
+
+
+def drop_files(layout: DatasetLayout, report: DuplicateReport) -> tuple[dict[Path, str], int]:
+    """Delete the files `report` drops; returns them with their reasons (for `errors`) and the bytes freed."""
+    dropped = {layout.items[index].path: reason for index, reason in report.dropped.items()}
+    freed = 0
+    for path in dropped:
+        freed += path.stat().st_size
+        path.unlink()
+    return dropped, freed
+
+
+def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_duplicates: bool = False) -> IntakeResult:
+    """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed).
+
+    `drop_duplicates` deletes copies within a split and test images that occur in train before the dataset is
+    stored; either way the summary's `duplicates` counts what the upload held.
+    """
     folder = dataset_path(settings, dataset_id)
     limits = data_limits(settings)
     try:
         extraction = extract_archive(archive, folder / "data", limits)
         archive.unlink(missing_ok=True)
-        # Scanned without carving, so an explicit test split can be told apart from a carved one.
-        layout = scan_source(extraction.root, test_fraction=0.0, seed=0, limits=limits)
-        layout = validate_images(layout, limits, verify=True)
+        digests: dict[Path, str] = {}
+        try:
+            # The one scanner, at the operator's fraction: the summary is what the loader will see (the layout
+            # records whether its test split is the archive's own or carved, for jobs that carve differently).
+            layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0,
+                                 limits=limits)
+            scanned = [item.path for item in layout.items]
+            layout = validate_images(layout, limits, verify=True, digests=digests)
+            duplicates = find_upload_duplicates(layout, digests, drop_duplicates)
+            dropped, freed = drop_files(layout, duplicates)
+            size_bytes = extraction.bytes_written - freed
+            if dropped:
+                layout = rescan_after_drop(settings, extraction.root, layout, scanned, dropped)
+        except UnusableDataError as exc:  # what extraction left out may be why nothing is usable
+            raise exc.with_skipped(extraction.skipped) from None
         layout.errors[:0] = extraction.skipped
-        summary, has_test_split = split_summary(layout, settings.dataset_test_fraction)
+        layout.warnings[:0] = extraction.warnings  # member names decoded from a guessed code page, ...
+        summary = stored_summary(layout)
+        summary["duplicates"] = duplicates.as_dict()
+        summary["warnings"].extend(duplicate_warnings(duplicates, DUPLICATES_FIX))
+        has_test_split = layout.test_source == "archive"
     except BaseException:
         remove_tree(folder)
         raise
-    return IntakeResult(extraction.root, summary, extraction.bytes_written, has_test_split)
+    return IntakeResult(extraction.root, summary, size_bytes, has_test_split)
 
 
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
@@ -148,13 +195,15 @@ async def _receive_and_store(request: Request, session: Session, settings: Setti
     dataset_id = new_id("ds")
     incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
     try:
-        upload = await receive_upload(request, incoming, settings.max_upload_bytes)
+        upload = await receive_upload(request, incoming, settings.max_upload_bytes,
+                                      text_fields=("name", DROP_DUPLICATES_FIELD))
+        drop_duplicates = drop_duplicates_option(upload.fields)
         # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
         # thread that short requests need.
-        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id,
+        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id, drop_duplicates,
                                                 limiter=request.app.state.intake_limiter)
     except DataError as exc:
-        raise ApiError(422, exc.code, exc.message) from None
+        raise ApiError(422, exc.code, exc.message, exc.details) from None
     finally:
         incoming.unlink(missing_ok=True)
     name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)

@@ -103,7 +103,8 @@ async def get_current_tenant(
     if tenant is None:
         tenant = await reader.run(_tenant_of_key, key)
         if tenant is None:
-            raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=challenge)
+            raise ApiError(401, "unauthorized", "invalid or revoked API key; use an active key (the operator makes "
+                           "them with `fd2 keys create <tenant>`)", headers=challenge)
         cache.put(key_hash, tenant)
     wait_s = request.app.state.rate_limiter.acquire(key_hash)
     if wait_s:
@@ -120,4 +121,6 @@ async def require_json_body(request: Request) -> None:
     validation error about the body's shape."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", "send the request body as application/json")
+        raise ApiError(415, "unsupported_media_type", f"the body is {media_type[:100] or 'untyped'}; send it as "
+                       "application/json with Content-Type: application/json",
+                       {"received": media_type[:100], "expected": "application/json"})

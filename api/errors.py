@@ -87,9 +87,18 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in sorted({*statuses, *AUTHENTICATED_ROUTE_ERRORS})}
 
 
+# Where a client finds the ids it may use, named in every 404 of that kind of resource.
+LISTED_AT: dict[str, str] = {
+    "dataset": "GET /v1/datasets lists your datasets",
+    "job": "GET /v1/jobs lists your jobs",
+    "artifact": "GET /v1/jobs/{id} lists a finished job's artifacts",
+}
+
+
 def not_found(what: str) -> ApiError:
     """The one answer for unknown ids and other tenants' ids alike."""
-    return ApiError(404, "not_found", f"{what} not found")
+    where = LISTED_AT.get(what)
+    return ApiError(404, "not_found", f"{what} not found; check the id" + (f" ({where})" if where else ""))
 
 
 def error_response(
@@ -125,10 +134,19 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+# FastAPI's own answers for an unknown path or method say only their status; these say what to do.
+ROUTING_FIXES: dict[int, str] = {
+    404: "no such path; the API's paths are listed at /docs",
+    405: "this path does not take that method; the methods of each path are listed at /docs",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code in ROUTING_FIXES and message in ("Not Found", "Method Not Allowed"):
+        message = f"{request.method} {request.url.path[:200]}: {ROUTING_FIXES[exc.status_code]}"
     return error_response(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
 
@@ -138,6 +156,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     first = details[0] if details else None
     where = ".".join(str(p) for p in first["loc"]) if first else "request"
     message = f"invalid request: {where}: {first['msg']}" if first else "invalid request"
+    if first and first["type"] == "extra_forbidden":
+        message = f"invalid request: {where}: unknown field; remove it (the request's fields are listed at /docs)"
     return error_response(422, "validation_error", message, details)
 
 

@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 
 from api.auth import CurrentTenant
 from api.broker import JobBroker
-from api.dataset_intake import carved_test_count
 from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
+from fd2_core.data.layout import carved_test_count
 from fd2_core.spec import JobSpec
 from store.callback_hosts import callback_host_allowed, callback_url_problem
 from store.datasets import get_tenant_dataset
@@ -67,19 +67,26 @@ def check_callback_url(settings: Settings, url: str | None) -> None:
         return
     problem = callback_url_problem(url)
     if problem is not None:
-        raise ApiError(422, "invalid_callback_url", problem, {"field": "callback_url"})
+        raise ApiError(422, "invalid_callback_url", f"{problem}; give a plain absolute http(s) URL such as "
+                       "https://hooks.example.com/fd2", {"field": "callback_url"})
     if not callback_host_allowed(url, settings.callback_allow_hosts):
         host = urlsplit(url).hostname
         raise ApiError(422, "callback_host_not_allowed",
-                       f"callback host {host!r} is not on the operator's allow-list",
+                       f"callback host {host!r} is not on the operator's allow-list; use an allowed host "
+                       "(FD2_CALLBACK_ALLOW_HOSTS) or leave callback_url out and poll the job",
                        {"field": "callback_url", "host": host})
 
 
 def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
-    """Training images per class as the job will see them (a carved test share follows the spec)."""
+    """Training images per class as the job will see them: a carved test share follows the job's fraction.
+
+    Uses the scanner's own carving rule; a dataset stored before `test_split` existed counts as carved
+    unless it had a test split of its own.
+    """
+    splits_given = bool((dataset.test_split or {}).get("splits_given", dataset.has_test_split))
     counts: dict[str, int] = {}
     for name, split in dataset.per_class.items():
-        if dataset.has_test_split:
+        if splits_given:
             counts[name] = int(split.get("train", 0))
         else:
             total = int(split.get("train", 0)) + int(split.get("test", 0))
@@ -91,9 +98,11 @@ def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant
                      spec: JobSpec) -> Dataset:
     dataset = get_tenant_dataset(session, tenant.id, dataset_id)
     if dataset is None:
-        raise ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found", {"field": "dataset.id"})
+        raise ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found; upload one with POST /v1/datasets "
+                       "or use an id from GET /v1/datasets", {"field": "dataset.id"})
     if dataset.status != "ready":
-        raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready",
+        raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready; use a "
+                       "dataset whose status is ready",
                        {"field": "dataset.id", "status": dataset.status})
     train_counts = dataset_train_counts(dataset, spec)
     total = sum(int(split.get("train", 0)) + int(split.get("test", 0)) for split in dataset.per_class.values())
@@ -104,7 +113,8 @@ def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant
 def _replay(existing: Job, fingerprint: str) -> Submission:
     if existing.request_hash != fingerprint:
         raise ApiError(409, "idempotency_conflict",
-                       "this Idempotency-Key was already used with a different request body",
+                       "this Idempotency-Key was already used with a different request body; send a new key "
+                       "for a new request, or the same body to replay the first one",
                        {"job_id": existing.id})
     return Submission(existing, created=False)
 
@@ -129,11 +139,13 @@ def submit_job(
     check_callback_url(settings, body.callback_url)
     ref = body.dataset
     if (ref.id is None) == (ref.manifest is None):
-        raise ApiError(422, "validation_error", "dataset needs exactly one of 'id' or 'manifest'",
+        raise ApiError(422, "validation_error", "dataset needs exactly one of 'id' (an uploaded dataset) or "
+                       "'manifest' (files under an allowed data root); give one of them",
                        {"field": "dataset"})
     cap = settings.max_active_jobs_per_tenant
     if cap and count_active_jobs(session, tenant.id) >= cap:
-        raise ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant",
+        raise ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant; wait for "
+                       "one to end or cancel one, then submit again",
                        {"max_active_jobs_per_tenant": cap},
                        headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)})
 

@@ -31,18 +31,22 @@ def root_not_allowed(message: str) -> ApiError:
 def allowed_manifest_root(settings: Settings, root_text: str) -> Path:
     """The resolved root when it lies under one of the operator's `allowed_data_roots`, else 422."""
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in root_text):
-        raise root_not_allowed("manifest root must not contain control characters")
+        raise root_not_allowed("manifest root must not contain control characters; give the folder's plain path")
     root = Path(root_text).expanduser()
     if not root.is_absolute():
-        raise root_not_allowed("manifest root must be an absolute path")
+        raise root_not_allowed(f"manifest root {root_text[:200]!r} is not an absolute path; give it from / on")
     try:
         resolved = root.resolve()
     except (OSError, RuntimeError, ValueError):
-        raise root_not_allowed("manifest root cannot be resolved") from None
+        raise root_not_allowed("manifest root cannot be resolved; give an existing folder's absolute path") from None
+    if not settings.allowed_data_roots:
+        raise root_not_allowed("this service allows no data roots, so jobs cannot read a manifest's files; upload "
+                               "the data as an archive (POST /v1/datasets) and submit the job with its id")
     for allowed in settings.allowed_data_roots:
         if resolved == allowed or allowed in resolved.parents:
             return resolved
-    raise root_not_allowed("manifest root is not under an operator-allowed data root")
+    raise root_not_allowed("manifest root is not under an operator-allowed data root; use a folder under one of "
+                           "the roots the operator allowed (FD2_ALLOWED_DATA_ROOTS), or upload the data instead")
 
 
 def refuse_unusable_rows(layout: DatasetLayout) -> None:
@@ -53,7 +57,8 @@ def refuse_unusable_rows(layout: DatasetLayout) -> None:
     code = "path_escape" if escaping else "bad_manifest"
     first = problems[0]
     raise ApiError(
-        422, code, f"{len(problems)} manifest row(s) cannot be used; first: {first['path']!r}: {first['reason']}",
+        422, code, f"{len(problems)} manifest row(s) cannot be used; first: {first['path']!r}: {first['reason']}; "
+        "fix or remove those rows (each is listed in details.rows)",
         {"field": "dataset.manifest.items", "rows": problems[:MAX_REPORTED_ROWS], "count": len(problems)},
     )
 
@@ -66,7 +71,7 @@ def scan_manifest(settings: Settings, manifest: Manifest, test_fraction: float,
     try:
         layout = scan_manifest_items(root, rows, test_fraction=test_fraction, seed=seed, limits=data_limits(settings))
     except DataError as exc:
-        raise ApiError(422, exc.code, exc.message, {"field": "dataset.manifest"}) from None
+        raise ApiError(422, exc.code, exc.message, {"field": "dataset.manifest", **(exc.details or {})}) from None
     refuse_unusable_rows(layout)
     return root, rows, layout
 

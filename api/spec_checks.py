@@ -14,15 +14,19 @@ from pydantic import ValidationError
 
 from api.errors import ApiError, validation_details
 from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost
-from fd2_core.spec import JobSpec, resolve_spec
+from fd2_core.spec import JobSpec, describe_spec_error, resolve_spec
 from store.settings import Settings
 
 
 def _invalid_spec(exc: ValidationError) -> ApiError:
-    details = validation_details(exc.errors(include_input=False), prefix=("body", "spec"))
+    errors = exc.errors(include_input=False)
+    details = validation_details(errors, prefix=("body", "spec"))
     first = details[0]
     where = f"spec.{first['field']}" if first["field"] else "spec"
-    return ApiError(422, "invalid_spec", f"{where}: {first['msg']}", details)
+    text = describe_spec_error(errors[0])
+    if first["type"] == "extra_forbidden":
+        text += "; remove it (the spec fields, their defaults and ranges are listed at /docs)"
+    return ApiError(422, "invalid_spec", f"{where}: {text}", details)
 
 
 def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +61,8 @@ def check_ipc(spec: JobSpec, train_counts: dict[str, int]) -> None:
         raise ApiError(
             422,
             "ipc_too_large",
-            f"ipc={spec.ipc} is larger than the {train_counts[smallest]} training images of class {smallest!r}",
+            f"ipc={spec.ipc} is larger than the {train_counts[smallest]} training images of class {smallest!r}; "
+            f"lower spec.ipc to at most {train_counts[smallest]}, or add training images to {smallest!r}",
             {"field": "spec.ipc", "ipc": spec.ipc, "smallest_class": smallest,
              "smallest_class_train_images": train_counts[smallest]},
         )

@@ -4,7 +4,8 @@ Starlette's form parsing reads the whole body before the route runs and has no l
 dataset upload parses the stream itself: the `file` part goes to disk in ~1 MiB writes (off the event loop)
 and the request stops with 413 as soon as it passes the limit, without reading the rest. Everything else a
 client could use to make the server hold memory is bounded too: the whole body, the number of parts, each
-part's headers and the text fields together.
+part's headers and the text fields together. Every refusal names what was received and what the form
+expects (a file part in another field than `file` is refused as soon as its headers arrive).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MAX_TEXT_FIELD_BYTES = 4096
 MAX_PARTS = 16
 MAX_PART_HEADER_BYTES = 8 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+CURL_EXAMPLE = "curl -F file=@data.zip"
 
 
 @dataclass
@@ -35,15 +37,22 @@ class ReceivedUpload:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "upload_too_large", f"upload is larger than the limit of {limit} bytes",
-                    {"max_upload_bytes": limit})
+    return ApiError(413, "upload_too_large", f"upload is larger than the limit of {limit} bytes; split the dataset "
+                    "into smaller archives or use smaller images", {"max_upload_bytes": limit})
+
+
+def _form_error(message: str, field: str, msg: str, kind: str, **extra: object) -> ApiError:
+    """422 in the shape of FastAPI's own validation errors (`details[0].field`), with what was received."""
+    return ApiError(422, "validation_error", message,
+                    [{"loc": ["body", field], "field": field, "msg": msg, "type": kind, **extra}])
 
 
 class _PartCollector:
     """Callbacks of the multipart parser: routes the `file` part to disk, small text fields to memory."""
 
-    def __init__(self, file_field: str, handle: BinaryIO, max_bytes: int) -> None:
+    def __init__(self, file_field: str, handle: BinaryIO, max_bytes: int, text_fields: tuple[str, ...]) -> None:
         self.file_field = file_field
+        self.text_fields = text_fields
         self.handle = handle
         self.max_bytes = max_bytes
         self.fields: dict[str, str] = {}
@@ -72,7 +81,9 @@ class _PartCollector:
     def on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise ApiError(422, "validation_error", f"the form has more than {MAX_PARTS} parts")
+            raise ApiError(422, "validation_error", f"the form has more than {MAX_PARTS} parts; send one "
+                           f"'{self.file_field}' part and the text fields {self._known_text()} only",
+                           {"max_parts": MAX_PARTS})
         self._headers = {}
         self._current = None
         self._is_file = False
@@ -88,7 +99,9 @@ class _PartCollector:
 
     def _check_header_size(self) -> None:
         if len(self._header_field) + len(self._header_value) > MAX_PART_HEADER_BYTES:
-            raise ApiError(400, "bad_request", f"a form part header is longer than {MAX_PART_HEADER_BYTES} bytes")
+            raise ApiError(400, "bad_request", f"a form part header is longer than {MAX_PART_HEADER_BYTES} bytes; "
+                           "send shorter part headers (e.g. a shorter file name)",
+                           {"max_part_header_bytes": MAX_PART_HEADER_BYTES})
 
     def on_header_end(self) -> None:
         self._headers[self._header_field.strip().lower()] = self._header_value.strip()
@@ -101,9 +114,21 @@ class _PartCollector:
         self._current = name
         if name == self.file_field:
             if self.filename is not None:
-                raise ApiError(422, "validation_error", f"only one '{self.file_field}' part is accepted")
+                raise _form_error(f"the form has more than one '{self.file_field}' part; send one archive per upload",
+                                  self.file_field, "only one file part is accepted", "too_many_parts")
             self._is_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        elif b"filename" in options:  # a file under another name, e.g. `files`: refused before its bytes arrive
+            shown = name[:100]
+            raise _form_error(
+                f"the archive was sent in form field {shown!r}; send it in the '{self.file_field}' field "
+                f"(e.g. {CURL_EXAMPLE})",
+                self.file_field, f"Field required; a file arrived in {shown!r} instead", "missing",
+                received_field=shown,
+            )
+
+    def _known_text(self) -> str:
+        return ", ".join(f"'{name}'" for name in self.text_fields) or "(none)"
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._is_file:
@@ -114,7 +139,18 @@ class _PartCollector:
         elif self._current:
             self._text += data[start:end]
             if len(self._text) > MAX_TEXT_FIELD_BYTES:
-                raise ApiError(422, "validation_error", f"form field '{self._current}' is too long")
+                raise self._text_too_long(self._current)
+
+    def _text_too_long(self, name: str) -> ApiError:
+        shown = name[:100]
+        if name in self.text_fields:
+            message = f"form field {shown!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes; shorten it"
+        else:
+            message = (f"form field {shown!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes and is not a field of this "
+                       f"form; send the archive as a file in the '{self.file_field}' field (e.g. {CURL_EXAMPLE}); "
+                       f"the text fields are {self._known_text()}")
+        return _form_error(message, shown, f"at most {MAX_TEXT_FIELD_BYTES} bytes", "string_too_long",
+                           max_bytes=MAX_TEXT_FIELD_BYTES)
 
     def on_part_end(self) -> None:
         if not self._is_file and self._current:
@@ -123,19 +159,27 @@ class _PartCollector:
         self._is_file = False
 
 
-async def receive_upload(request: Request, dest: Path, max_bytes: int, file_field: str = "file") -> ReceivedUpload:
-    """Stream the request's `file_field` part into `dest`; raises ApiError (413, 415, 422, 400)."""
+async def receive_upload(request: Request, dest: Path, max_bytes: int, file_field: str = "file",
+                         text_fields: tuple[str, ...] = ()) -> ReceivedUpload:
+    """Stream the request's `file_field` part into `dest`; raises ApiError (413, 415, 422, 400).
+
+    `text_fields` are the text fields the form takes (named in the messages of refused forms; others are kept
+    in `fields` too)."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise ApiError(415, "unsupported_media_type", "send the dataset as multipart/form-data with a 'file' part")
+        received = content_type.decode("latin-1")[:100] or "no Content-Type"
+        cause = "multipart/form-data without a boundary" if content_type == b"multipart/form-data" else received
+        raise ApiError(415, "unsupported_media_type",
+                       f"the body is {cause}; send the dataset as multipart/form-data with a '{file_field}' part "
+                       f"(e.g. {CURL_EXAMPLE})", {"received": received, "expected": "multipart/form-data"})
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD_BYTES:
         raise too_large(max_bytes)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "wb") as handle:
-        collector = _PartCollector(file_field, handle, max_bytes)
+        collector = _PartCollector(file_field, handle, max_bytes, text_fields)
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
         received = 0
         try:
@@ -150,15 +194,17 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int, file_fiel
                     await run_in_threadpool(handle.write, data)
             parser.finalize()
         except ClientDisconnect:
-            raise ApiError(400, "upload_interrupted", "the upload ended before it was complete") from None
+            raise ApiError(400, "upload_interrupted",
+                           "the upload ended before it was complete; send it again") from None
         except ApiError:
             raise
         except Exception as exc:  # the parser's own errors: malformed multipart body
-            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}; send a multipart/form-data body "
+                           f"with a '{file_field}' part (e.g. {CURL_EXAMPLE})") from None
         if collector.pending:
             await run_in_threadpool(handle.write, bytes(collector.pending))
     if collector.filename is None:
-        raise ApiError(422, "validation_error", f"the form has no '{file_field}' part",
-                       [{"loc": ["body", file_field], "field": file_field, "msg": "Field required",
-                         "type": "missing"}])
+        raise _form_error(f"the form has no '{file_field}' part; send the archive as a file in the '{file_field}' "
+                          f"field (e.g. {CURL_EXAMPLE})", file_field, "Field required", "missing",
+                          received_fields=sorted(name[:100] for name in collector.fields))
     return ReceivedUpload(dest, collector.filename, collector.file_bytes, collector.fields)

@@ -151,6 +151,11 @@ def teacher_weights_path(cfg: dict[str, Any]) -> Path | None:
     return Path(base_backbone_path())
 
 
+def init_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Spec fields of the teachers' start: the base backbone seeds the feature extractor only."""
+    return {"teacher_weights_mode": "backbone"} if teacher_weights_path(cfg) is not None else {}
+
+
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
@@ -158,7 +163,7 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     teachers' starting weights, so a changed default or a new base backbone never mixes into old results.
     """
     weights = teacher_weights_path(cfg)
-    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **cfg["spec"]}
+    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **init_fields(cfg), **cfg["spec"]}
     resolved = {
         v.name: {k: val for k, val in resolve_spec({**base, **v.overrides}).model_dump(mode="json").items()
                  if k != "seed"}
@@ -187,7 +192,8 @@ class PairRunner:
     def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save):
         self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
         self.ipcs = tuple(sorted(cfg["ipcs"]))
-        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **cfg["spec"]}
+        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **init_fields(cfg),
+                     **cfg["spec"]}
         if cfg["classes"]:
             source = f"{source}{',' if ':' in source else ':'}classes={cfg['classes']}"
         probe = resolve_spec(self.base)
@@ -549,6 +555,33 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+# Spec fields added after a result file may have been started, with the values that reproduce what runs did
+# before the field existed: then the teacher file's kind implied the mode (a feature extractor loaded as a
+# backbone, a whole teacher loaded whole), which is what `init_fields` now states explicitly.
+IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {"teacher_weights_mode": frozenset({"backbone", "full"})}
+
+
+def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    """Whether stored results may be extended under `key`: equal, except for spec fields the stored key
+    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`)."""
+    if stored is None:
+        return False
+    if stored == key:
+        return True
+    old_specs, new_specs = stored.get("resolved_specs", {}), key.get("resolved_specs", {})
+    if {k: v for k, v in stored.items() if k != "resolved_specs"} != {
+            k: v for k, v in key.items() if k != "resolved_specs"} or old_specs.keys() != new_specs.keys():
+        return False
+    for name, new in new_specs.items():
+        old = old_specs[name]
+        added = {f: v for f, v in new.items() if f not in old}
+        if any(f not in IMPLIED_BEFORE_ADDED or v not in IMPLIED_BEFORE_ADDED[f] for f, v in added.items()):
+            return False
+        if {f: v for f, v in new.items() if f in old} != old:
+            return False
+    return True
+
+
 def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> dict[str, Any]:
     """The result file to extend: the stored one when its configuration matches, else a new document.
 
@@ -557,7 +590,7 @@ def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> di
     key = config_key(cfg)
     if path.exists():
         stored = json.loads(path.read_text())
-        if stored.get("config") != key:
+        if not same_config(stored.get("config"), key):
             raise SystemExit(
                 f"{path} holds results of another configuration; pass --json with a new file or --fresh to replace"
             )

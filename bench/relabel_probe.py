@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.data, 32, seed=0)
     results: dict[str, float] = {}
     for seed in args.seeds:
-        base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "method": "sre2l++", "ipc": args.ipc}
+        base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "method": "sre2l++", "ipc": args.ipc,
+                "teacher_weights_mode": "backbone"}
         spec = resolve_spec(base)
         root = args.work / f"seed{seed}"
         teacher = pretrain(make_ctx(spec, data, root / "teacher", weights)).model

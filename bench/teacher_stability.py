@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     if stored and stored.get("identity") == identity:
                         continue
                     spec = resolve_spec({"preset": "cpu-small", "device": "cpu", "method": method, "seed": seed,
-                                         **overrides})
+                                         "teacher_weights_mode": "backbone", **overrides})
                     work = args.work / config / setting / method / f"seed{seed}"
                     shutil.rmtree(work, ignore_errors=True)  # a fresh run: the time must be the real one
                     load_before = os.getloadavg()[0]

@@ -1,7 +1,10 @@
 """`fd2 distill` and `fd2 data`: the pipeline from a terminal, with a progress bar per stage.
 
-Bad input (missing folder, one class, ipc larger than the smallest class, unknown backbone, bad spec value)
-prints one line on stderr and exits with code 2, never a traceback.
+Bad input (missing folder, one class, ipc larger than the smallest class, unknown backbone, bad spec value,
+unusable teacher weights, an `--out` holding another run) prints one line on stderr that says the cause and
+the fix, and exits with code 2, never a traceback. Every check runs before the first write; a refusal found
+only later removes what the command wrote (`fd2_core.rollback`), so the corrected command can use the same
+`--out`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .spec import METHODS, PRESETS, JobSpec
+from .rollback import OutputRollback
+from .spec import METHODS, PRESETS, JobSpec, describe_spec_error
 
 EXIT_BAD_INPUT = 2
 
@@ -31,19 +35,28 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {"preset": args.preset, "method": args.method, "ipc": args.ipc, "seed": args.seed}
     if args.device:
         raw["device"] = args.device
+    if getattr(args, "teacher_weights_mode", None):
+        raw["teacher_weights_mode"] = args.teacher_weights_mode
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}; e.g. --set image_size=64")
         raw[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return raw
 
 
 def format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    """The first spec error as one line with its fix (`--set FIELD=VALUE`, or where the fields are listed)."""
+    errors = err.errors(include_input=False)
+    first = errors[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "spec"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"invalid spec field {loc!r}: {first.get('msg')}{more}"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    text = describe_spec_error(first)
+    if first.get("type") == "extra_forbidden":
+        return f"invalid spec field {loc!r}: {text}{more}; the fields and their ranges are in fd2_core/spec.py"
+    if loc == "spec":
+        return f"invalid spec: {text}{more}"
+    return f"invalid spec field {loc!r}: {text}{more}; set it with --set {loc}=VALUE or leave it at its default"
 
 
 class ProgressPrinter:
@@ -56,6 +69,10 @@ class ProgressPrinter:
         self._stage: str | None = None
 
     def __call__(self, event) -> None:
+        if event.kind == "warning":  # always shown, on a line of its own
+            self.stream.write(("\r\033[K" if self.tty else "") + f"fd2: warning: {event.message}\n")
+            self.stream.flush()
+            return
         if self.quiet:
             return
         if event.kind == "stage_start":
@@ -89,13 +106,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .pipeline import StopRequested, run
 
     out = Path(args.out)
+    rollback = OutputRollback(out)
     try:
         result = run(
-            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights
+            spec, args.data, out, on_event=ProgressPrinter(quiet=args.quiet), teacher_weights=args.teacher_weights,
+            drop_duplicates=args.drop_duplicates,
         )
-    except DataError as err:
-        return _fail(str(err))
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (DataError, ValueError, RuntimeError, FileNotFoundError) as err:
+        rollback.undo()  # a refusal found after writing began: the corrected command may reuse --out
         return _fail(str(err))
     except (KeyboardInterrupt, StopRequested):
         print(f"\nfd2: interrupted; run the same command again to resume from {out}", file=sys.stderr)
@@ -134,6 +152,9 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
+    lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
+    # The dataset's warnings (e.g. file names decoded from a guessed code page), as the service lists them.
+    lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])]
     lines.append("artifacts:")
     lines += [f"  {path}" for path in result.artifacts.values()]
     if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed
@@ -141,14 +162,52 @@ def _print_summary(spec: JobSpec, result) -> None:
     print("\n".join(lines))
 
 
-def cmd_data_fgsynth(args: argparse.Namespace) -> int:
-    from .data.fgsynth import write_fgsynth
+def duplicate_lines(found: dict[str, Any]) -> list[str]:
+    """The summary's duplicate counts (report.json → `dataset.duplicates`), and a warning while test images
+    that also occur in train are still in the test split."""
+    if not found:
+        return []
+    train, test = found["train"], found["test"]
+    line = (f"{'duplicates':<26}train {train['duplicate_images']} ({train['groups']} groups), "
+            f"test {test['duplicate_images']} ({test['groups']} groups), test images also in train "
+            f"{found['test_in_train']}")
+    if found.get("dropped"):
+        return [f"{line}; {found['dropped']} dropped (listed in report.json → dataset.errors)"]
+    lines = [line]
+    if found["test_in_train"]:
+        pair = next(iter(found.get("examples") or []), None)
+        example = f" (e.g. {pair[0]} = {pair[1]})" if pair else ""
+        lines.append(f"WARNING: {found['test_in_train']} test image(s) also occur in train{example}, so every test "
+                     "accuracy above is inflated; run again with --drop-duplicates and a new --out to drop them")
+    return lines
 
-    fmt = "zip" if args.zip else "folder"
+
+# generator arguments as the options that set them, so that an error names what the user typed
+_FGSYNTH_FLAGS = {"num_classes": "--classes", "image_size": "--size", "train_per_class": "--train",
+                  "test_per_class": "--test", "fgsynth variant": "--variant"}
+
+
+def _out_problem(out: Path, zip_file: bool) -> str | None:
+    """Why `fd2 data fgsynth` cannot write to `out`, checked before generating anything."""
+    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"--out {str(out)!r} lies under {str(blocking)!r}, which is a file; choose another --out"
+    if zip_file and out.is_dir():
+        return f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'fgsynth.zip')!r}"
+    if not zip_file and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"--out {str(out)!r} exists and is not an empty folder; choose a new --out or remove it first"
+    return None
+
+
+def cmd_data_fgsynth(args: argparse.Namespace) -> int:
+    from .data.fgsynth import generate, write_imagefolder, write_zip
+
+    out = Path(args.out)
+    problem = _out_problem(out, args.zip)
+    if problem:
+        return _fail(problem)
     try:
-        path = write_fgsynth(
-            Path(args.out),
-            fmt,
+        data = generate(
             num_classes=args.classes,
             image_size=args.size,
             train_per_class=args.train,
@@ -157,7 +216,16 @@ def cmd_data_fgsynth(args: argparse.Namespace) -> int:
             variant=args.variant,
         )
     except ValueError as err:
-        return _fail(str(err))
+        message = str(err)
+        for name, flag in _FGSYNTH_FLAGS.items():
+            message = message.replace(name, flag)
+        return _fail(f"{message}; change that option (see fd2 data fgsynth --help)")
+    rollback = OutputRollback(out)
+    try:
+        path = write_zip(data, out) if args.zip else write_imagefolder(data, out)
+    except OSError as err:
+        rollback.undo()
+        return _fail(f"cannot write {str(out)!r}: {err.strerror or err}; choose another --out")
     print(path)
     return 0
 
@@ -182,6 +250,19 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="start the teacher from a local weights file (safetensors or a torch state dict, e.g. an earlier "
         "run's teacher.safetensors) instead of from scratch",
+    )
+    d.add_argument(
+        "--teacher-weights-mode",
+        choices=("full", "backbone"),
+        default=None,
+        help="full (default): the whole teacher of the same classes (stored class names are checked, another "
+        "order is mapped, another set is refused); backbone: only the feature extractor, any classes",
+    )
+    d.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop images whose decoded pixels repeat another image of their split (the first by path is "
+        "kept) and test images whose pixels occur in train; counted in the summary either way",
     )
     d.add_argument("--out", required=True, help="work folder; artifacts land in <out>/artifacts")
     d.add_argument("--quiet", action="store_true", help="no progress output")

@@ -7,6 +7,7 @@ atomically and a re-run with the same workdir skips finished work, so a killed r
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from .data.dataset import ImageDataset, load_dataset
 from .data.errors import DataError
 from .data.limits import DataLimits
 from .metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, bootstrap_interval, hlr, verdict
+from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StageReporter, StopCheck, StopRequested
 from .runtime import autocast, derive_seed, pick_device
 from .spec import JobSpec, resolve_spec
@@ -36,8 +38,9 @@ from .stages.evaluate import StudentResult, train_student
 from .stages.full_data import full_data_steps, train_full_data_student
 from .stages.pretrain import pretrain
 from .stages.relabel import SOFT_LABELS_FILE, relabel
+from .stages.teacher import check_teacher_weights
 
-__all__ = ["PipelineEvent", "PipelineResult", "StopRequested", "run", "check_dataset"]
+__all__ = ["PipelineEvent", "PipelineResult", "StopRequested", "run", "check_dataset", "check_workdir"]
 
 ARTIFACT_NAMES = tuple(MEDIA_TYPES)
 
@@ -52,16 +55,89 @@ class PipelineResult:
 def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
     """What makes a spec unrunnable on a dataset, caught before any stage starts."""
     if len(data.classes) < 2:
-        raise DataError("one_class", "the dataset needs at least two classes")
+        raise DataError("one_class", f"the dataset has {len(data.classes)} class(es); at least two are needed")
     counts = torch.bincount(data.train_labels, minlength=len(data.classes))
     smallest = int(counts.min())
     if spec.ipc > smallest:
         name = data.classes[int(counts.argmin())]
         raise DataError(
-            "ipc_too_large", f"ipc={spec.ipc} is larger than the smallest class ({name!r}: {smallest} train images)"
+            "ipc_too_large", f"ipc={spec.ipc} is larger than the smallest class ({name!r}: {smallest} train images)",
+            {"field": "ipc", "ipc": spec.ipc, "smallest_class": name, "smallest_class_train_images": smallest},
+            fix=f"lower ipc to at most {smallest}, or add training images to {name!r}",
         )
     if spec.evaluate and data.test_images.shape[0] == 0:
-        raise DataError("no_test_split", "evaluation needs a test split; set evaluate=false or add test images")
+        raise DataError("no_test_split", "evaluation needs a test split; set evaluate=false or add test images",
+                        fix="")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _spec_changes(earlier: Any, resolved: dict[str, Any]) -> list[str]:
+    if not isinstance(earlier, dict):
+        return ["spec"]
+    return sorted(k for k in set(earlier) | set(resolved) if earlier.get(k) != resolved.get(k))
+
+
+def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Refuse a work folder that cannot take this run: a file, not writable, or holding a run of another spec
+    or other teacher weights. Reads only, so a refused run leaves the folder as it was."""
+    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError("bad_workdir", f"{existing} is a file, so {workdir} cannot be a work folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError("bad_workdir", f"{existing} is not writable")
+    spec_path = workdir / "spec.json"
+    if spec_path.is_file():
+        try:
+            earlier = read_json(spec_path)
+        except (OSError, ValueError):
+            earlier = None
+        changed = _spec_changes(earlier, resolved)
+        if changed:
+            shown = ", ".join(
+                f"{k}: {_shown(earlier.get(k))} there, {_shown(resolved.get(k))} now" for k in changed[:3]
+            ) if isinstance(earlier, dict) else "its spec.json cannot be read"
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec ({shown}{more})",
+                            {"changed_fields": changed})
+    inputs_path = workdir / "inputs.json"
+    if inputs_path.is_file():
+        try:
+            earlier_inputs = read_json(inputs_path)
+        except (OSError, ValueError):
+            earlier_inputs = None
+        earlier_weights = (earlier_inputs or {}).get("teacher_weights_sha256")
+        if earlier_inputs is None or earlier_weights != inputs["teacher_weights_sha256"]:
+            raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights",
+                            fix="choose another work folder, or give the teacher weights file of that run")
+        if earlier_inputs != inputs:
+            done = "dropped" if earlier_inputs.get("drop_duplicates") else "kept"
+            raise DataError("workdir_conflict", f"{workdir} holds a run that {done} duplicate images",
+                            fix="resume it with the same --drop-duplicates choice, or choose another work folder")
+
+
+def _teacher_weights_inputs(teacher_weights: str | Path | None) -> dict[str, Any]:
+    """The run's recorded inputs; the weights file must exist and hold tensors (read here, before the data
+    is loaded; whether they fit the backbone is checked once the number of classes is known)."""
+    if not teacher_weights:
+        return {"teacher_weights_sha256": None}
+    path = Path(teacher_weights)
+    if not path.is_file():
+        raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found",
+                        fix="check the path, or leave the teacher weights out to train the teacher from scratch")
+    try:
+        read_state_dict(path)
+        return {"teacher_weights_sha256": sha256_of(path)}
+    except OSError as exc:
+        raise DataError("bad_teacher_weights",
+                        f"teacher weights file {path.name!r} cannot be read: {exc.strerror or exc}",
+                        fix="check the file's permissions") from None
+    except Exception:  # safetensors, pickle and zip readers each raise their own errors on a bad file
+        raise DataError("bad_teacher_weights",
+                        f"{path.name} is neither a safetensors file nor a torch state dict of tensors") from None
 
 
 def _stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
@@ -286,40 +362,52 @@ def run(
     should_stop: StopCheck | None = None,
     limits: DataLimits | None = None,
     teacher_weights: str | Path | None = None,
+    drop_duplicates: bool = False,
 ) -> PipelineResult:
     """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
 
+    Bad input (spec against the data, the work folder, the teacher weights, the device) is refused before
+    anything is written, so a refused run leaves `workdir` as it was.
+
     `limits` bounds what the data loader accepts (a service passes its operator settings; default: the
     library's own limits). `teacher_weights` is a local weights file the teacher starts from (safetensors or a
-    torch state dict, e.g. an earlier job's `teacher.safetensors`); a resumed run must name the same file.
+    torch state dict, e.g. an earlier job's `teacher.safetensors`) in the spec's `teacher_weights_mode`; it is
+    checked against the dataset's classes before anything is written (DataError `teacher_classes_mismatch`,
+    `bad_teacher_weights`), and a file without class names runs with a `warning` event. A resumed run must
+    name the same file.
+    `drop_duplicates` makes the loader drop copies within a split and test images that occur in train (a
+    resumed run must ask the same); `report.json` → `dataset.duplicates` counts them either way.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec_path = workdir / "spec.json"
     resolved = spec.model_dump(mode="json")
-    if spec_path.exists() and read_json(spec_path) != resolved:
-        raise DataError("workdir_conflict", f"{workdir} holds a run with a different spec; use a new folder")
-    if teacher_weights and not Path(teacher_weights).is_file():
-        raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found")
-    inputs = {"teacher_weights_sha256": sha256_of(Path(teacher_weights)) if teacher_weights else None}
-    inputs_path = workdir / "inputs.json"
-    if inputs_path.exists() and read_json(inputs_path) != inputs:
-        raise DataError("workdir_conflict", f"{workdir} holds a run started from other teacher weights")
-    resumed = (workdir / "stages").exists()
-    write_json(spec_path, resolved)
-    write_json(inputs_path, inputs)
+    # Every check comes before the first write, so that a refused run leaves the work folder as it was.
+    inputs = _teacher_weights_inputs(teacher_weights)
+    if drop_duplicates:  # only when set, so that earlier work folders still resume
+        inputs["drop_duplicates"] = True
+    check_workdir(workdir, resolved, inputs)
+    device = pick_device(spec.device)
 
     timings: dict[str, float] = {}
     started = time.monotonic()
     data = dataset if isinstance(dataset, ImageDataset) else load_dataset(
         dataset, spec.image_size, seed=spec.seed, test_fraction=spec.test_fraction, limits=limits or DataLimits(),
-        on_progress=_loading_reporter(on_event, should_stop),
+        on_progress=_loading_reporter(on_event, should_stop), drop_duplicates=drop_duplicates,
     )
     timings["load"] = time.monotonic() - started
     check_dataset(spec, data)
-    device = pick_device(spec.device)
+    weights_load = check_teacher_weights(spec, data.classes, Path(teacher_weights)) if teacher_weights else None
+
+    resumed = (workdir / "stages").exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "spec.json", resolved)
+    write_json(workdir / "inputs.json", inputs)
     tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
+    warnings = list(weights_load.warnings) if weights_load else []
+    for warning in warnings:
+        tracker.stage("pretrain").warn(warning["message"])
+    for data_warning in data.warnings:  # said at once, not only in the report at the end
+        tracker.stage("pretrain").warn(f"data warning: {data_warning.message}")
     ctx = RunContext(
         spec=spec, data=data, workdir=workdir, device=device, tracker=tracker,
         teacher_weights=Path(teacher_weights) if teacher_weights else None,
@@ -398,9 +486,16 @@ def run(
             "spec": resolved,
             "metrics": metrics,
             "comparison": _comparison(metrics),
-            "teacher": {**teacher.info, "initial_weights": inputs["teacher_weights_sha256"]},
+            "teacher": {
+                **teacher.info,
+                "initial_weights": inputs["teacher_weights_sha256"],
+                "initial_weights_load": weights_load.as_dict() if weights_load else None,
+            },
+            "warnings": warnings,
             "distill": init_drift(ctx),
-            "dataset": {**dataset_summary, "errors": [e.as_dict() for e in data.errors[:100]]},
+            "dataset": {**dataset_summary, "duplicates": data.duplicates,
+                        "errors": [e.as_dict() for e in data.errors[:100]],
+                        "warnings": [w.as_dict() for w in data.warnings]},
             "timings_s": {name: round(v, 3) for name, v in timings.items()},
             "resumed": resumed,
             "device": _device_info(device),

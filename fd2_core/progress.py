@@ -21,7 +21,7 @@ class StopRequested(Exception):
 
 @dataclass(frozen=True)
 class PipelineEvent:
-    kind: str  # "stage_start" | "progress" | "stage_end" | "log"
+    kind: str  # "stage_start" | "progress" | "stage_end" | "log" | "warning" (a log line a person must see)
     stage: str
     progress: float
     stage_progress: float
@@ -113,6 +113,10 @@ class StageReporter:
         if fraction is not None:
             self._fraction = max(self._fraction, fraction)
         self._emit("log", self._fraction, message)
+
+    def warn(self, message: str) -> None:
+        """A `warning` event: something the run accepted but a person should know (shown even by a quiet CLI)."""
+        self._emit("warning", self._fraction, message)
 
     def end(self, message: str = "") -> None:
         self._emit("stage_end", 1.0, message or f"{self.name} finished")

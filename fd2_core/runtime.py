@@ -12,7 +12,7 @@ import torch
 def pick_device(preference: str = "auto") -> torch.device:
     """`auto` takes CUDA when present; asking for CUDA without one is a clear error, not a silent CPU run."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is available; set device to cpu or auto")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -7,6 +7,8 @@ same fields, applied before the user's own values.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,6 +40,13 @@ class JobSpec(BaseModel):
     student_backbone: Backbone | None = Field(None, description="Student for evaluation; null = same as teacher.")
     torchvision_weights: bool = Field(
         False, description="Start the teacher from torchvision's ImageNet weights (downloads them once)."
+    )
+    teacher_weights_mode: Literal["full", "backbone"] = Field(
+        "full",
+        description="How a teacher weights file (CLI --teacher-weights) starts the teacher: full = the whole "
+        "teacher of the same classes (classifier, CAL head, prototypes; the stored class names are compared, "
+        "another order is mapped, another set is refused); backbone = the feature extractor only, for any "
+        "class list (classifier, CAL head and prototypes start fresh). Ignored without a weights file.",
     )
     test_fraction: float = Field(
         0.2, ge=0.05, le=0.5, description="Held-out test share carved per class when the data has no test split."
@@ -312,6 +321,16 @@ def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
     return JobSpec.model_validate(merged)
 
 
+def describe_spec_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error of a spec in words that say what to change: an unknown field gets the closest known
+    names (`unknown field (did you mean 'ipc'?)`), a rule of the spec loses pydantic's `Value error, ` prefix."""
+    if error.get("type") == "extra_forbidden":
+        loc = error.get("loc") or ("",)
+        close = difflib.get_close_matches(str(loc[-1]), sorted(JobSpec.model_fields), n=2)
+        return "unknown field" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
+    return str(error.get("msg", "")).removeprefix("Value error, ")
+
+
 def spec_json_schema() -> dict[str, Any]:
     """JSON schema of the spec for docs and OpenAPI (fields, defaults, ranges, descriptions)."""
     return JobSpec.model_json_schema()
@@ -325,6 +344,7 @@ __all__ = [
     "PRESET_DESCRIPTIONS",
     "JobSpec",
     "ValidationError",
+    "describe_spec_error",
     "paper_cal_settings",
     "resolve_spec",
     "spec_json_schema",

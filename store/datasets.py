@@ -35,7 +35,8 @@ def create_dataset(
     has_test_split: bool,
     status: str = "ready",
 ) -> Dataset:
-    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors."""
+    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors and optionally
+    warnings, duplicates and test_split."""
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
@@ -46,6 +47,9 @@ def create_dataset(
         splits=dict(summary["splits"]),
         per_class=dict(summary["per_class"]),
         errors=list(summary.get("errors", [])),
+        warnings=list(summary.get("warnings", [])),
+        duplicates=dict(summary.get("duplicates", {})),
+        test_split=dict(summary.get("test_split", {})),
         has_test_split=has_test_split,
         path=str(path),
         size_bytes=size_bytes,

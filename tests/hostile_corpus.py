@@ -14,6 +14,7 @@ import math
 import secrets
 import struct
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -71,8 +72,10 @@ class Corpus:
     data_root: Path  # under an allowed data root: <class>/<i>.png, and `wren/link.png` leading outside
     outside: Path  # a folder under no allowed root, holding `secret.png`
 
-    def upload(self, data: bytes, filename: str = "data.zip", content_type: str = "application/zip") -> Any:
-        return self.client.post("/v1/datasets", headers=self.caller, files={"file": (filename, data, content_type)})
+    def upload(self, data: bytes, filename: str = "data.zip", content_type: str = "application/zip",
+               fields: Mapping[str, str] | None = None) -> Any:
+        return self.client.post("/v1/datasets", headers=self.caller, files={"file": (filename, data, content_type)},
+                                data=dict(fields) if fields else None)
 
     def submit(self, spec: Any = None, *, dataset: Any = None, headers: dict[str, str] | None = None,
                **extra: Any) -> Any:
@@ -99,6 +102,8 @@ class Expect:
     classes: tuple[str, ...] | None = None  # 201: the exact class list
     headers: tuple[str, ...] = ()  # response headers that must be present
     not_reported: tuple[str, ...] = ()  # 201: clutter that is skipped silently
+    duplicates: Mapping[str, Any] | None = None  # 201: entries the dataset's `duplicates` must have
+    warnings: tuple[str, ...] = ()  # 201: codes the dataset's `warnings` must hold (`names_*` ones exactly)
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,41 @@ class _quiet_duplicate_warning:
 
     def __exit__(self, *exc: object) -> None:
         self._catcher.__exit__(*exc)
+
+
+class RawNameInfo(zipfile.ZipInfo):
+    """A zip member stored under these exact name bytes without the UTF-8 flag, as legacy zip tools write."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(raw.decode("cp437"))  # how zipfile reads such a name back
+        self.raw = raw
+
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # zipfile's hook for the stored name and flags
+        return self.raw, self.flag_bits & ~0x800
+
+
+def zip_raw_names(members: Mapping[bytes, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for raw, data in members.items():
+            archive.writestr(RawNameInfo(raw), data)
+    return buffer.getvalue()
+
+
+def raw_tree(classes: Mapping[str, int], encoding: str, form: str = "NFC") -> dict[bytes, bytes]:
+    """`tree` with member names as bytes: Unicode form `form` (NFC, NFD), encoded in `encoding`."""
+    return {unicodedata.normalize(form, name).encode(encoding): data for name, data in tree(classes).items()}
+
+
+def tar_in_encoding(classes: Mapping[str, int], encoding: str) -> bytes:
+    """A tar.gz whose member names are bytes in `encoding` (GNU format: PAX would store UTF-8)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT, encoding=encoding) as archive:
+        for name, data in tree(classes).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def tar_entry(name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, target: str = "") -> tuple:
@@ -347,6 +387,35 @@ def _archive_cases() -> Iterator[Case]:
     # The zip reader ends a name at its NUL byte: `wren/a` is then no image name.
     yield Case("zip_member_name_with_nul", "archive", lambda c: c.upload(with_base({"wren/a\0b.png": b"x"})),
                Expect(201, skipped=("wren/a",), **contained))
+    yield from _member_name_cases()
+
+
+def _member_name_cases() -> Iterator[Case]:
+    """Names in another encoding come out as NFC text: UTF-8 whatever the flag says, else a detected code page
+    (warned), else percent-encoded bytes (warned)."""
+    french = {"Café, crème": 3, "Mésange bleue": 3}
+    yield Case("zip_names_nfd_utf8_without_flag", "archive",
+               lambda c: c.upload(zip_raw_names(raw_tree({"Café, crème": 3, "wren": 3}, "utf-8", "NFD"))),
+               Expect(201, classes=("Café, crème", "wren"), warnings=()))
+    yield Case("zip_names_nfc_and_nfd_are_one_class", "archive",
+               lambda c: c.upload(zip_raw_names({**raw_tree({"Café": 2, "wren": 3}, "utf-8", "NFC"),
+                                                 **raw_tree({"Café": 3}, "utf-8", "NFD")})),
+               Expect(201, classes=("Café", "wren"), skipped=("Café/0.png", "Café/1.png"), warnings=(),
+                      class_sizes={"Café": 3, "wren": 3}))
+    for case_name, classes, encoding in (
+        ("zip_names_cp1252", french, "cp1252"),
+        ("zip_names_cp437", {"Grünfink": 3, "Straße": 3}, "cp437"),
+        ("zip_names_cp866", {"Синица": 3, "Воробей": 3}, "cp866"),
+        ("zip_names_shift_jis", {"日本の鳥": 3, "すずめ": 3}, "shift_jis"),
+    ):
+        yield Case(case_name, "archive", lambda c, k=classes, e=encoding: c.upload(zip_raw_names(raw_tree(k, e))),
+                   Expect(201, classes=tuple(sorted(classes)), warnings=("names_code_page",)))
+    yield Case("tar_names_latin1", "archive", lambda c: c.upload(tar_in_encoding(french, "latin-1"), "d.tgz"),
+               Expect(201, classes=tuple(sorted(french)), warnings=("names_code_page",)))
+    undecodable = {b"wren\x01\xff/" + str(i).encode() + b".png": image_bytes(color=(i, 9, 9)) for i in range(3)}
+    yield Case("zip_names_undecodable", "archive",
+               lambda c: c.upload(zip_raw_names({**undecodable, **raw_tree({"finch": 3}, "ascii")})),
+               Expect(201, classes=("finch", "wren%01%FF"), warnings=("names_undecodable",)))
 
 
 # ---------------------------------------------------------------- images
@@ -379,9 +448,51 @@ def _image_cases() -> Iterator[Case]:
     yield _image_case("one_pixel_png", "dot.png", lambda: image_bytes("PNG", (1, 1)), True)
     yield _image_case("animated_png", "anim.png", lambda: animated("PNG"), True)
     yield _image_case("animated_webp", "anim.webp", lambda: animated("WEBP"), True)
+    # The content decides the format; the extension only whether a file is worth opening.
+    yield _image_case("jfif_extension", "photo.jfif", lambda: image_bytes("JPEG"), True)
+    yield _image_case("upper_case_jpe_extension", "PHOTO.JPE", lambda: image_bytes("JPEG"), True)
+    yield _image_case("png_named_jpg", "really_png.jpg", lambda: image_bytes("PNG"), True)
+    yield _image_case("tiff_image", "scan.tif", lambda: image_bytes("TIFF"), False)
     yield Case("every_image_broken", "image",
                lambda c: c.upload(zip_of({"wren/a.jpg": b"", "finch/b.png": cut(noisy_bytes("PNG"))})),
                Expect(422, "no_images"))
+
+
+# ---------------------------------------------------------------- duplicates and train/test leakage
+
+
+def _split_tree(copies: Mapping[str, tuple[str, str]]) -> bytes:
+    """`train/` and `test/` of BASE's classes (distinct images), plus `{member: (source member, format)}`
+    copies: the source's pixels saved again in that format (`same` keeps its bytes)."""
+    members = {**tree(BASE, "train/"),
+               **{f"test/{name}/t.png": image_bytes(color=(250, 5 + 40 * c, 9)) for c, name in enumerate(BASE)}}
+    for member, (source, fmt) in copies.items():
+        buffer = io.BytesIO()
+        if fmt == "same":
+            buffer.write(members[source])
+        else:
+            Image.open(io.BytesIO(members[source])).save(buffer, fmt, lossless=True)
+        members[member] = buffer.getvalue()
+    return zip_of(members)
+
+
+def _duplicate_cases() -> Iterator[Case]:
+    leak = {"test/wren/leak.png": ("train/wren/0.png", "same")}
+    counts = {"train": {"duplicate_images": 0, "groups": 0}, "test": {"duplicate_images": 0, "groups": 0}}
+    yield Case("test_image_in_train_reported", "duplicates", lambda c: c.upload(_split_tree(leak)),
+               Expect(201, class_sizes={"wren": 5, "finch": 4}, warnings=("test_in_train",),
+                      duplicates={**counts, "test_in_train": 1, "dropped": 0}))
+    yield Case("test_image_in_train_dropped", "duplicates",
+               lambda c: c.upload(_split_tree(leak), fields={"drop_duplicates": "true"}),
+               Expect(201, skipped=("test/wren/leak.png",), class_sizes={"wren": 4, "finch": 4},
+                      duplicates={"test_in_train": 1, "dropped": 1}))
+    same_pixels = {"train/finch/copy.webp": ("train/finch/0.png", "WEBP")}
+    yield Case("same_pixels_other_bytes_reported", "duplicates", lambda c: c.upload(_split_tree(same_pixels)),
+               Expect(201, warnings=("duplicates",),
+                      duplicates={"train": {"duplicate_images": 1, "groups": 1}, "test_in_train": 0}))
+    yield Case("drop_duplicates_not_a_boolean", "duplicates",
+               lambda c: c.upload(_split_tree(leak), fields={"drop_duplicates": "maybe"}),
+               Expect(422, "validation_error"))
 
 
 # ---------------------------------------------------------------- class structure
@@ -731,8 +842,8 @@ def _burst_of_requests(c: Corpus) -> Any:
 
 
 def all_cases() -> list[Case]:
-    cases = [*_archive_cases(), *_image_cases(), *_class_cases(), *_manifest_cases(), *_spec_cases(),
-             *_http_cases()]
+    cases = [*_archive_cases(), *_image_cases(), *_duplicate_cases(), *_class_cases(), *_manifest_cases(),
+             *_spec_cases(), *_http_cases()]
     names = [case.name for case in cases]
     duplicates = {n for n in names if names.count(n) > 1}
     assert not duplicates, f"duplicate case names: {duplicates}"

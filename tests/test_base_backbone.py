@@ -88,7 +88,10 @@ def test_feature_extractor_loads_into_any_number_of_classes_with_fresh_classifie
     torch.manual_seed(1)
     fresh = build_model(backbone, 20, 32, cal=True, num_attention_maps=2, width=16)
     torch.manual_seed(1)
-    loaded = build_model(backbone, 20, 32, cal=True, num_attention_maps=2, width=16, weights_path=path)
+    loaded = build_model(backbone, 20, 32, cal=True, num_attention_maps=2, width=16, weights_path=path,
+                         weights_mode="backbone")
+    with pytest.raises(ValueError, match="feature extractor .*teacher_weights_mode=backbone"):
+        build_model(backbone, 7, 32, cal=False, width=16, weights_path=path)  # full mode needs a classifier
     own = source.backbone.state_dict()
     for key, value in loaded.backbone.state_dict().items():
         if key.split(".")[0] == head:
@@ -103,19 +106,21 @@ def test_feature_extractor_keys_stay_strict(tmp_path):
     path = save_feature_extractor(build_model("convnet", 5, 32, cal=False, width=16), tmp_path / "fe.safetensors",
                                   {"backbone": "convnet", "model_width": 16, "image_size": 32})
     with pytest.raises(ValueError, match=r"feature extractor .*model_width 16.*wrong shape"):
-        build_model("convnet", 5, 32, cal=False, width=32, weights_path=path)
+        build_model("convnet", 5, 32, cal=False, width=32, weights_path=path, weights_mode="backbone")
     with pytest.raises(ValueError, match="missing: features.6"):  # 64 px adds a block
-        build_model("convnet", 5, 64, cal=False, width=16, weights_path=path)
+        build_model("convnet", 5, 64, cal=False, width=16, weights_path=path, weights_mode="backbone")
     state = build_model("convnet", 5, 32, cal=True, width=16).state_dict()
     marked = {"format": FEATURE_EXTRACTOR_FORMAT}
     save_file({k: v.contiguous() for k, v in state.items() if k.startswith("backbone.")},
               str(tmp_path / "with_classifier.safetensors"), metadata=marked)
     with pytest.raises(ValueError, match="not backbone features: backbone.classifier"):
-        build_model("convnet", 5, 32, cal=False, width=16, weights_path=tmp_path / "with_classifier.safetensors")
+        build_model("convnet", 5, 32, cal=False, width=16, weights_path=tmp_path / "with_classifier.safetensors",
+                    weights_mode="backbone")
     save_file({k: v.contiguous() for k, v in state.items() if "classifier" not in k},
               str(tmp_path / "with_cal.safetensors"), metadata=marked)
     with pytest.raises(ValueError, match="not backbone features: cal_head"):
-        build_model("convnet", 5, 32, cal=True, width=16, weights_path=tmp_path / "with_cal.safetensors")
+        build_model("convnet", 5, 32, cal=True, width=16, weights_path=tmp_path / "with_cal.safetensors",
+                    weights_mode="backbone")
 
 
 def test_full_files_without_the_mark_still_need_the_same_classes(tmp_path):
@@ -143,7 +148,8 @@ def test_shipped_base_backbone_is_small_disjoint_and_fits_the_cpu_small_teacher(
         assert all(int(name.split("_")[0]) >= 20 for name in trained)
     spec = resolve_spec({"preset": "cpu-small"})
     assert {k: getattr(spec, k) for k in BASE_BACKBONE_SPEC} == BASE_BACKBONE_SPEC
-    model = build_model("convnet", 20, 32, cal=True, width=spec.model_width, weights_path=path)
+    model = build_model("convnet", 20, 32, cal=True, width=spec.model_width, weights_path=path,
+                        weights_mode="backbone")
     assert model.backbone.classifier.out_features == 20
 
 
@@ -152,7 +158,7 @@ def test_pretrain_stage_starts_from_the_base_backbone(tmp_path, method):
     torch.set_num_threads(1)
     data = load_dataset("fgsynth:classes=3,train=8,test=2,seed=5", 32)
     spec = resolve_spec({"preset": "cpu-small", "device": "cpu", "method": method, "pretrain_epochs": 1,
-                         "val_fraction": 0.25, "num_attention_maps": 2})
+                         "val_fraction": 0.25, "num_attention_maps": 2, "teacher_weights_mode": "backbone"})
     ctx = RunContext(spec=spec, data=data, workdir=tmp_path, device=torch.device("cpu"),
                      tracker=ProgressTracker({}, None, None), teacher_weights=base_backbone_path())
     result = pretrain(ctx)

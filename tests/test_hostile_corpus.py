@@ -121,6 +121,12 @@ def check_contained(case: Case, corpus: Corpus, response: Any, before: dict, aft
         assert tuple(body["classes"]) == case.expect.classes
     for name, count in (case.expect.class_sizes or {}).items():
         assert sum(body["per_class"][name].values()) == count, body["per_class"]
+    for key, value in (case.expect.duplicates or {}).items():
+        assert body["duplicates"][key] == value, body["duplicates"]
+    codes = [w["code"] for w in body["warnings"]]
+    assert set(case.expect.warnings) <= set(codes), body["warnings"]
+    names_codes = [c for c in codes if c.startswith("names_")]
+    assert names_codes == [c for c in case.expect.warnings if c.startswith("names_")], body["warnings"]
     assert after["datasets"] == before["datasets"] + 1 and after["jobs"] == before["jobs"]
     assert set(after["dataset_files"]) - set(before["dataset_files"]) == {body["id"]}
     assert after["incoming"] == [] and after["job_folders"] == before["job_folders"]

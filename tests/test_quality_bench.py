@@ -128,3 +128,17 @@ def test_a_smaller_ipc_is_the_prefix_of_a_larger_one(tmp_path):
             teacher = pretrain(bench.make_ctx(spec, data, tmp_path / "teacher")).model
         sets[ipc] = distill(ctx, teacher)
     assert torch.equal(sets[2][:1], sets[1])
+
+
+def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> None:
+    quality = _bench()
+    key = {"format": "x", "ipcs": [1], "resolved_specs": {"fd2": {"ipc": 1, "teacher_weights_mode": "backbone"}}}
+    predates = {"format": "x", "ipcs": [1], "resolved_specs": {"fd2": {"ipc": 1}}}
+    assert quality.same_config(key, key)
+    assert quality.same_config(predates, key)
+    # A field the stored key predates that is not known to state old behaviour, or any changed value, is new work.
+    assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "new_knob": 2}}})
+    assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 3,
+                                                                                "teacher_weights_mode": "full"}}})
+    assert not quality.same_config({**predates, "ipcs": [1, 3]}, key)
+    assert not quality.same_config(None, key)

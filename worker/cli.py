@@ -4,6 +4,8 @@ Library commands (`distill`, `data`) come from `fd2_core.cli`; the service comma
 `serve` (API + one worker on this machine), `worker` (a worker alone, for distributed mode), `keys`
 (tenant API keys) and `migrate`. Heavy imports (Celery app, torch) happen inside the command that needs
 them, so `fd2 keys create` stays quick and works where torch is not installed (the API image).
+Arguments are checked before the database or the home folder is touched: a refused command (exit 2, one line
+on stderr naming the cause and the fix) writes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from worker.queues import ALL_QUEUES, parse_queue_list
 EXIT_USAGE = 2
 
 
+class Refused(Exception):
+    """Bad arguments or settings, found before anything was written; `main` prints it and exits 2."""
+
+
 def _home_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--home", metavar="DIR", help="service home folder (sets FD2_HOME; default ./.fd2)")
@@ -26,13 +32,27 @@ def _home_option() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    """The settings after applying `--home` (the environment is the one source children inherit too)."""
+    """The settings after applying `--home` (the environment is the one source children inherit too).
+
+    Raises Refused for a home that cannot be a folder or a setting out of range, before anything is created."""
+    from pydantic import ValidationError
+
     from store.settings import get_settings
 
     if getattr(args, "home", None):
-        os.environ["FD2_HOME"] = str(Path(args.home).expanduser().resolve())
+        home = Path(args.home).expanduser().resolve()
+        blocking = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise Refused(f"--home {str(home)!r} cannot be a folder: {str(blocking)!r} is a file; "
+                          "choose another --home")
+        os.environ["FD2_HOME"] = str(home)
     get_settings.cache_clear()
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        first = exc.errors(include_input=False)[0]
+        name = "FD2_" + "_".join(str(p) for p in first.get("loc", ())).upper()
+        raise Refused(f"invalid setting {name}: {first.get('msg')}; fix or unset that environment variable") from None
 
 
 # ---------------------------------------------------------------- serve
@@ -110,6 +130,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from store.db import migrate, session_scope
     from store.keys import create_tenant_key
 
+    if not args.tenant.strip():
+        return _fail("tenant name must not be empty; give a name such as `fd2 keys create acme`")
     settings = _settings(args)
     migrate(settings)
     try:
@@ -123,8 +145,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from store.db import migrate, session_scope
-    from store.keys import revoke_key
+    from store.keys import PREFIX_PATTERN, key_prefix, revoke_key
 
+    text = args.key.strip()
+    if not PREFIX_PATTERN.match(text) and key_prefix(text) is None:
+        return _fail("that is neither a key nor a key prefix; give the whole key or its fd2_xxxxxxxx prefix "
+                     "(`fd2 keys list` shows the prefixes)")
     settings = _settings(args)
     migrate(settings)
     with session_scope(settings) as session:
@@ -166,7 +192,8 @@ def _register_core_commands(subparsers: argparse._SubParsersAction) -> None:
     try:
         from fd2_core.cli import register_commands
     except ImportError as exc:
-        reason = f"the fd2_core command line is not available ({exc})"
+        reason = (f"the fd2_core command line is not available ({exc}); install the project with its torch "
+                  "dependencies (`make serve` creates such a .venv)")
         for name in ("distill", "data"):
             stub = subparsers.add_parser(name, help=f"unavailable: {reason}")
             stub.set_defaults(func=lambda _args, why=reason: _fail(why))
@@ -182,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subparsers.add_parser("serve", parents=[home], help="run the API and one worker on this machine")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     serve.set_defaults(func=cmd_serve)
 
     worker = subparsers.add_parser("worker", parents=[home], help="run a worker alone (distributed mode)")
@@ -213,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, refused (exit 2) before the service starts anything."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give a number from 1 to 65535")
+    return int(text)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"fd2: {message}", file=sys.stderr)
     return code
@@ -221,7 +255,10 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fd2` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Refused as exc:
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The pipeline may report many times a second; the job row needs about one update 
 far fewer. Stage changes and log lines are written at once (they are rare and a client waits for them); plain
 progress is coalesced and the latest value is flushed before the job's final state is written. Events of a
 write that failed (the sink retries first, `worker.outages`) are kept and go out with the next write, so a
-database outage delays the event log but does not cut holes in it.
+database outage delays the event log but does not cut holes in it. A `warning` (something the run accepted
+but a person should know) is stored at once as an event of kind `warning`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ProgressReporter:
         now = self.clock()
         if kind in STAGE_CHANGES:
             self._write(update, [self._record(kind, event, update)], now)
-        elif kind == "log":
+        elif kind in ("log", "warning"):
             self._write(self._take_pending(), [self._record(kind, event, update)], now)
         elif now - self._last_write >= self.min_interval_s:
             events = []

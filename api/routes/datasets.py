@@ -31,9 +31,17 @@ UPLOAD_BODY = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary",
-                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images."},
+                                 "description": "A .zip, .tar or .tar.gz/.tgz archive of images in one folder "
+                                 "per class (<class>/<image>, or train/<class>/<image> with "
+                                 "test/<class>/<image>). The only field that takes a file."},
                         "name": {"type": "string", "maxLength": 200,
                                  "description": "Display name (default: the archive's file name)."},
+                        "drop_duplicates": {
+                            "type": "boolean", "default": False,
+                            "description": "Drop images whose decoded pixels repeat another image of their split "
+                            "(the first by path is kept) and test images whose pixels occur in train; dropped "
+                            "files are listed in `errors`. Counted in `duplicates` either way.",
+                        },
                     },
                 }
             }
@@ -48,8 +56,9 @@ UPLOAD_ERRORS = error_responses(400, 415, 503)
              summary="Upload an image archive as a dataset")
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
                          tenant: TenantDep) -> dict[str, Any]:
-    """Stream the archive to disk (413 past the size limit), extract it safely, check every image, and answer
-    with the ready dataset; on any failure nothing is kept."""
+    """Stream the archive to disk (413 past the size limit), extract it safely, check every image, count
+    duplicates and test images that occur in train (dropped with `drop_duplicates=true`), and answer with the
+    ready dataset; on any failure nothing is kept."""
     dataset = await receive_dataset(request, session, settings, tenant)
     return dataset_resource(dataset)
 
@@ -91,7 +100,8 @@ def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str,
     if dataset is None:
         raise not_found("dataset")
     if dataset_has_active_jobs(session, dataset.id):
-        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset")
+        raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset; cancel the job or wait "
+                       "until it ends, then delete the dataset")
     delete_dataset(session, dataset)
     session.commit()
     remove_dataset_files(settings, dataset_id)

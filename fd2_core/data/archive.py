@@ -5,6 +5,10 @@ The archive type comes from magic bytes, not the file name. Member paths that ar
 and nested archives are skipped and reported. File count, total bytes and the compression ratio are enforced
 on the bytes actually written, so lying headers do not help a bomb. Everything is written to a temporary
 folder beside the destination and renamed into place only on success: a failure leaves nothing behind.
+
+Member names are bytes in whatever encoding the archiver used (a zip's UTF-8 flag is often missing): they are
+decoded together once every member has been read (`fd2_core.data.names`), so members are first written under
+numbered names in a staging folder and moved to their decoded names at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -25,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import IO, Literal
 
-from fd2_core.data.errors import DataError, FileError
+from fd2_core.data.errors import DataError, DataWarning, FileError
 from fd2_core.data.layout import find_data_root, is_ignored_name
 from fd2_core.data.limits import DataLimits
+from fd2_core.data.names import decode_names
 
 ArchiveKind = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
 
@@ -35,6 +41,9 @@ NESTED_ARCHIVE_SUFFIXES: tuple[str, ...] = (
     ".zip", ".tar", ".tgz", ".gz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".7z", ".rar", ".zst",
 )
 _CHUNK = 1024 * 1024
+_STAGING = ".staging"  # inside the partial folder; a dot-name, so no member can be placed there
+_ZIP_UTF8_FLAG = 0x800
+_ZIP_UNICODE_PATH = 0x7075  # Info-ZIP Unicode Path extra field: a UTF-8 name beside a legacy one
 # Exceptions that mean "the archive's bytes are wrong" while reading (writing errors are the server's own).
 _READ_ERRORS = (
     tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError,
@@ -57,6 +66,7 @@ class Extraction:
     files: int = 0
     bytes_written: int = 0
     skipped: list[FileError] = field(default_factory=list)
+    warnings: list[DataWarning] = field(default_factory=list)  # names decoded from a guessed code page, ...
 
 
 def detect_archive(path: str | Path) -> ArchiveKind | None:
@@ -91,53 +101,56 @@ def _is_nested_archive(name: str) -> bool:
     return name.lower().endswith(NESTED_ARCHIVE_SUFFIXES)
 
 
+@dataclass
+class _Member:
+    """A member as read, before its name is decoded: a staged file, a folder, or a skip with its reason."""
+
+    raw: bytes
+    kind: Literal["file", "dir", "skip"]
+    staged: Path | None = None
+    reason: str = ""
+
+
 class _Writer:
-    """Writes members under `base` while counting files and bytes against the limits."""
+    """Stages members under `base/.staging` while counting files and bytes against the limits, then places
+    them under `base` by their names decoded all together (`place`)."""
 
     def __init__(self, base: Path, limits: DataLimits, archive_bytes: int, result: Extraction) -> None:
         self.base = base
+        self.staging = base / _STAGING
+        self.staging.mkdir()
         self.limits = limits
         self.archive_bytes = max(archive_bytes, 1)
         self.result = result
+        self.members: list[_Member] = []
 
-    def skip(self, name: str, reason: str) -> None:
-        self.result.skipped.append(FileError(name, reason))
-
-    def accept(self, raw_name: str) -> tuple[str, ...] | None:
-        """Safe parts of a member name, or None when the member is to be skipped silently."""
-        if "\x00" in raw_name:
+    def accept(self, raw_name: bytes) -> str | None:
+        """A provisional name for messages and for the checks that only look at ASCII (`..`, absolute paths,
+        clutter, nested archives), or None when the member is skipped silently. Raises DataError
+        `path_escape` at once, before anything else is read."""
+        if b"\x00" in raw_name:
             raise DataError("bad_archive", "archive member name contains a NUL byte")
-        parts = member_parts(raw_name)
-        if not parts or any(is_ignored_name(p) for p in parts):
+        text = raw_name.decode("utf-8", "replace")
+        parts = member_parts(text)
+        # Clutter is judged on `/` parts only: in Shift_JIS a backslash byte can be half of a character.
+        if not parts or any(is_ignored_name(p) for p in text.split("/") if p not in ("", ".")):
             return None
-        return parts
+        return "/".join(parts)
 
-    def make_dir(self, parts: tuple[str, ...]) -> None:
-        try:
-            self.base.joinpath(*parts).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self.skip("/".join(parts) + "/", f"cannot create folder: {exc.strerror or exc}")
+    def skip(self, raw_name: bytes, reason: str) -> None:
+        self.members.append(_Member(raw_name, "skip", reason=reason))
 
-    def write_file(self, parts: tuple[str, ...], read: Callable[[int], bytes]) -> None:
-        name = "/".join(parts)
+    def make_dir(self, raw_name: bytes) -> None:
+        self.members.append(_Member(raw_name, "dir"))
+
+    def write_file(self, raw_name: bytes, name: str, read: Callable[[int], bytes]) -> None:
+        """Copy one member's data to the staging folder; `name` (provisional) is only for messages."""
         if self.result.files >= self.limits.max_files:
             raise DataError("too_many_files", f"the archive holds more than {self.limits.max_files} files")
-        target = self.base.joinpath(*parts)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            self.skip(name, "a file of the archive is in the way of this member's folder")
-            return
-        try:
-            out = open(target, "xb")
-        except FileExistsError:
-            self.skip(name, "duplicate archive member; the first one is kept")
-            return
-        except OSError as exc:
-            self.skip(name, f"cannot create file: {exc.strerror or exc}")
-            return
+        staged = self.staging / str(len(self.members))
+        self.members.append(_Member(raw_name, "file", staged=staged))
         self.result.files += 1
-        with out:
+        with open(staged, "xb") as out:
             while True:
                 try:
                     chunk = read(_CHUNK)
@@ -149,6 +162,51 @@ class _Writer:
                 out.write(chunk)
                 self.count(len(chunk))
 
+    def place(self) -> None:
+        """Decode every name together, then create folders, move staged files and record skips in archive
+        order: of two members that end up with one name, the first is kept."""
+        decoding = decode_names(m.raw for m in self.members)
+        self.result.warnings.extend(decoding.warnings)
+        for member in self.members:
+            parts = member_parts(decoding.text(member.raw))
+            if not parts or any(is_ignored_name(p) for p in parts):
+                self._drop(member)
+                continue
+            name = "/".join(parts)
+            if member.kind == "dir":
+                try:
+                    self.base.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    self.result.skipped.append(FileError(name + "/", f"cannot create folder: {exc.strerror or exc}"))
+            elif member.kind == "skip":
+                self.result.skipped.append(FileError(name, member.reason))
+            else:
+                reason = self._move(member, parts)
+                if reason is not None:
+                    self.result.skipped.append(FileError(name, reason))
+                    self._drop(member)
+        shutil.rmtree(self.staging)
+
+    def _move(self, member: _Member, parts: tuple[str, ...]) -> str | None:
+        """Move a staged file to its place; the reason when it cannot go there."""
+        assert member.staged is not None
+        target = self.base.joinpath(*parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return "a file of the archive is in the way of this member's folder"
+        if os.path.lexists(target):
+            return "duplicate archive member; the first one is kept"
+        try:
+            os.rename(member.staged, target)
+        except OSError as exc:
+            return f"cannot create file: {exc.strerror or exc}"
+        return None
+
+    def _drop(self, member: _Member) -> None:
+        if member.kind == "file":
+            self.result.files -= 1
+
     def count(self, n: int) -> None:
         self.result.bytes_written += n
         total = self.result.bytes_written
@@ -159,6 +217,25 @@ class _Writer:
         if total > limits.ratio_grace_bytes and total > limits.max_compression_ratio * self.archive_bytes:
             ratio = limits.max_compression_ratio
             raise DataError("too_large", f"the archive expands more than {ratio:g} times its size (a bomb?)")
+
+
+def zip_member_name(info: zipfile.ZipInfo) -> bytes:
+    """The member's name as stored, in bytes (up to a NUL, as `zipfile` reads it).
+
+    `zipfile` decodes names without the UTF-8 flag as cp437, which gives their bytes back losslessly. An
+    Info-ZIP Unicode Path extra field whose checksum matches those bytes holds the name in UTF-8: it wins.
+    """
+    if info.flag_bits & _ZIP_UTF8_FLAG:
+        return info.filename.encode("utf-8")
+    stored = info.orig_filename.encode("cp437")
+    extra = info.extra
+    while len(extra) >= 4:
+        kind, size = struct.unpack("<HH", extra[:4])
+        body, extra = extra[4:4 + size], extra[4 + size:]
+        if kind == _ZIP_UNICODE_PATH and len(body) >= 5 and body[0] == 1:
+            if struct.unpack("<L", body[1:5])[0] == zlib.crc32(stored):
+                return body[5:].split(b"\x00", 1)[0]
+    return info.filename.encode("cp437")
 
 
 def _zip_members(path: Path, writer: _Writer) -> None:
@@ -175,59 +252,60 @@ def _zip_members(path: Path, writer: _Writer) -> None:
             raise DataError("too_large", f"the archive declares {declared} uncompressed bytes; the limit is"
                                          f" {writer.limits.max_total_uncompressed_bytes}")
         for info in infos:
-            parts = writer.accept(info.filename)
-            if parts is None:
+            raw = zip_member_name(info)
+            name = writer.accept(raw)
+            if name is None:
                 continue
-            name = "/".join(parts)
             mode = info.external_attr >> 16
             if info.is_dir() or stat.S_ISDIR(mode):
-                writer.make_dir(parts)
+                writer.make_dir(raw)
             elif stat.S_ISLNK(mode):
-                writer.skip(name, "symbolic link refused")
+                writer.skip(raw, "symbolic link refused")
             elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-                writer.skip(name, "special file refused")
+                writer.skip(raw, "special file refused")
             elif info.flag_bits & 0x1:
-                writer.skip(name, "encrypted member skipped")
+                writer.skip(raw, "encrypted member skipped")
             elif _is_nested_archive(name):
-                writer.skip(name, "nested archive not extracted")
+                writer.skip(raw, "nested archive not extracted")
             else:
                 try:
                     src = zf.open(info)
                 except NotImplementedError as exc:
-                    writer.skip(name, f"unsupported compression: {exc}")
+                    writer.skip(raw, f"unsupported compression: {exc}")
                     continue
                 except _READ_ERRORS as exc:
                     raise DataError("bad_archive", f"the archive is corrupt at {name}: {exc}") from None
                 with src:
-                    writer.write_file(parts, src.read)
+                    writer.write_file(raw, name, src.read)
 
 
 def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
     with open(path, "rb") as raw:
         stream = _DECOMPRESSORS[kind](raw) if kind in _DECOMPRESSORS else raw
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|")
+            # Undecodable name bytes come back as surrogates, which `encode(..., "surrogateescape")` reverses.
+            tf = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
         except _READ_ERRORS as exc:
             raise DataError("bad_archive", f"not a readable tar archive: {exc}") from None
         with tf:
             for member in _iterate_tar(tf):
-                parts = writer.accept(member.name)
-                if parts is not None and member.isfile() and not _is_nested_archive(parts[-1]):
-                    writer.write_file(parts, _open_tar_member(tf, member).read)
+                raw = member.name.encode("utf-8", "surrogateescape")
+                name = writer.accept(raw)
+                if name is not None and member.isfile() and not _is_nested_archive(name):
+                    writer.write_file(raw, name, _open_tar_member(tf, member, name).read)
                     continue
                 # Skipped data is still decompressed to reach the next header: it counts against the budget.
                 writer.count(max(member.size, 0) if member.isfile() else 0)
-                if parts is None:
+                if name is None:
                     continue
-                name = "/".join(parts)
                 if member.isdir():
-                    writer.make_dir(parts)
+                    writer.make_dir(raw)
                 elif member.issym() or member.islnk():
-                    writer.skip(name, "link refused")
+                    writer.skip(raw, "link refused")
                 elif not member.isfile():
-                    writer.skip(name, "device, fifo or other special file refused")
+                    writer.skip(raw, "device, fifo or other special file refused")
                 else:
-                    writer.skip(name, "nested archive not extracted")
+                    writer.skip(raw, "nested archive not extracted")
         if stream is not raw:
             _drain(stream, writer)
 
@@ -255,13 +333,13 @@ def _iterate_tar(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _open_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+def _open_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> IO[bytes]:
     try:
         src = tf.extractfile(member)
     except _READ_ERRORS as exc:
-        raise DataError("bad_archive", f"the tar archive is corrupt at {member.name}: {exc}") from None
+        raise DataError("bad_archive", f"the tar archive is corrupt at {name}: {exc}") from None
     if src is None:
-        raise DataError("bad_archive", f"the tar archive has no data for {member.name}")
+        raise DataError("bad_archive", f"the tar archive has no data for {name}")
     return src
 
 
@@ -271,7 +349,8 @@ def extract_archive(
     """Unpack a zip/tar/tar.gz into `dest_dir` (which must not exist yet, or be empty) safely.
 
     Raises DataError: `not_found`, `bad_archive` (unknown type, corrupt, truncated), `path_escape`,
-    `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`.
+    `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`; names that were not
+    UTF-8 (decoded from a guessed code page, or kept percent-encoded) in its `warnings`.
     """
     archive_path = Path(archive_path)
     dest = Path(dest_dir)
@@ -291,6 +370,7 @@ def extract_archive(
             _zip_members(archive_path, writer)
         else:
             _tar_members(archive_path, kind, writer)
+        writer.place()
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)

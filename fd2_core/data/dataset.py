@@ -5,6 +5,8 @@ afterwards), a manifest file, an inline manifest `{"root": ..., "items": [...]}`
 `fgsynth[:classes=K,size=S,train=N,test=M,seed=X,variant=birds|cars,first=F]` (`first=F` draws the generator's
 classes F … F+K−1, disjoint from the default 0 … K−1 when F ≥ K; labels still run 0 … K−1). Images are decoded
 in a thread pool (Pillow releases the GIL while decoding); undecodable files are skipped and listed in `errors`.
+The same decode fingerprints each image's pixels, so duplicates and test images that occur in train are counted
+(`ImageDataset.duplicates`, see `fd2_core.data.duplicates`) and, when asked, dropped.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch.nn.functional as F
 
 from fd2_core.data import fgsynth
 from fd2_core.data.archive import detect_archive, extract_archive
-from fd2_core.data.errors import DataError, FileError, ImageDecodeError
-from fd2_core.data.images import decode_image
-from fd2_core.data.layout import DatasetLayout, Item, scan_manifest_items, scan_source
+from fd2_core.data.duplicates import Fingerprint, find_duplicates
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
+from fd2_core.data.images import decode_with_digest, pixel_digest
+from fd2_core.data.layout import DatasetLayout, Item, relative_name, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
 
 FGSYNTH_PREFIX = "fgsynth"
@@ -44,7 +47,9 @@ _FGSYNTH_QUIET_DEFAULTS: dict[str, object] = {"first": 0}
 
 @dataclass
 class ImageDataset:
-    """A decoded dataset: uint8 images `[N, 3, S, S]`, int64 labels, class names and train-split statistics."""
+    """A decoded dataset: uint8 images `[N, 3, S, S]`, int64 labels, class names and train-split statistics;
+    `warnings` say what was used anyway (e.g. file names decoded from a guessed code page); `duplicates` counts
+    equal images per split and test images that occur in train (`DuplicateReport.as_dict`)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -55,6 +60,8 @@ class ImageDataset:
     std: tuple[float, float, float]
     errors: list[FileError] = field(default_factory=list)
     source: str = ""
+    warnings: list[DataWarning] = field(default_factory=list)
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("train_images", "test_images"):
@@ -112,10 +119,12 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _assemble(
     train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-    classes: Sequence[str], errors: list[FileError], source: str,
+    classes: Sequence[str], errors: list[FileError], source: str, duplicates: dict[str, Any],
+    warnings: Sequence[DataWarning] = (),
 ) -> ImageDataset:
     mean, std = channel_stats(train)
-    return ImageDataset(train, train_labels, test, test_labels, list(classes), mean, std, errors, source)
+    return ImageDataset(train, train_labels, test, test_labels, list(classes), mean, std, errors, source,
+                        list(warnings), duplicates)
 
 
 def parse_fgsynth_source(source: str, image_size: int) -> dict[str, Any]:
@@ -129,31 +138,41 @@ def parse_fgsynth_source(source: str, image_size: int) -> dict[str, Any]:
         key = key.strip().lower()
         if not sep or key not in _FGSYNTH_KEYS:
             known = ", ".join(_FGSYNTH_KEYS)
-            raise DataError("bad_source", f"fgsynth option {option!r} is not key=value with a key in: {known}")
+            raise DataError("bad_source", f"fgsynth option {option!r} is not key=value with a key in: {known}",
+                            fix="")
         name, kind = _FGSYNTH_KEYS[key]
         try:
             kwargs[name] = kind(value.strip())
         except ValueError:
-            raise DataError("bad_source", f"fgsynth option {key} needs a {kind.__name__}, got {value!r}") from None
+            raise DataError("bad_source", f"fgsynth option {key} needs a {kind.__name__}, got {value!r}",
+                            fix="") from None
     return kwargs
 
 
-def load_fgsynth(source: str, image_size: int) -> ImageDataset:
+def load_fgsynth(source: str, image_size: int, drop_duplicates: bool = False) -> ImageDataset:
     """Generate the built-in dataset in memory (nothing is read from or written to disk)."""
     kwargs = parse_fgsynth_source(source, image_size)
     try:
         data = fgsynth.generate(**kwargs)
     except ValueError as exc:
-        raise DataError("bad_source", f"fgsynth: {exc}") from None
-    train = _resize(_to_tensor(data.train_images), image_size)
-    test = _resize(_to_tensor(data.test_images), image_size)
+        raise DataError("bad_source", f"fgsynth: {exc}", fix="") from None
+    prints = [Fingerprint(f"{split}/{index}", split, pixel_digest(image))
+              for split, images in (("train", data.train_images), ("test", data.test_images))
+              for index, image in enumerate(images)]
+    found = find_duplicates(prints, drop=drop_duplicates)
+    n_train = len(data.train_images)
+    keep_train = np.array([i for i in range(n_train) if i not in found.dropped], dtype=np.int64)
+    keep_test = np.array([i for i in range(len(data.test_images)) if n_train + i not in found.dropped], dtype=np.int64)
+    train = _resize(_to_tensor(data.train_images[keep_train]), image_size)
+    test = _resize(_to_tensor(data.test_images[keep_test]), image_size)
     described = ",".join(
         f"{key}={data.params[name]}" for key, (name, _) in _FGSYNTH_KEYS.items()
         if key not in _FGSYNTH_QUIET_DEFAULTS or data.params[name] != _FGSYNTH_QUIET_DEFAULTS[key]
     )
     return _assemble(
-        train, torch.from_numpy(data.train_labels.copy()), test, torch.from_numpy(data.test_labels.copy()),
-        data.classes, [], f"{FGSYNTH_PREFIX}:{described}",
+        train, torch.from_numpy(data.train_labels[keep_train]), test, torch.from_numpy(data.test_labels[keep_test]),
+        data.classes, [FileError(prints[i].name, reason) for i, reason in found.dropped.items()],
+        f"{FGSYNTH_PREFIX}:{described}", found.as_dict(),
     )
 
 
@@ -165,17 +184,22 @@ def decode_layout(
     workers: int | None = None,
     source: str = "",
     extra_errors: Sequence[FileError] = (),
+    extra_warnings: Sequence[DataWarning] = (),
     on_progress: Callable[[int, int], None] | None = None,
+    drop_duplicates: bool = False,
 ) -> ImageDataset:
     """Decode every item of a layout in a thread pool; failures move to `errors` (DataError when fewer than
     two classes with training images remain). `on_progress(done, total)` is called from this thread every
-    few hundred images, so a caller can report progress or stop a long decode."""
+    few hundred images, so a caller can report progress or stop a long decode. The same decode fingerprints
+    each image: `duplicates` counts copies in the layout's splits; `drop_duplicates` also removes them (the
+    rule of `fd2_core.data.duplicates`) and lists each in `errors`."""
     buffer = np.empty((len(layout.items), image_size, image_size, 3), dtype=np.uint8)
+    digests: list[str] = [""] * len(layout.items)
 
     def decode_into(index_item: tuple[int, Item]) -> str | None:
         index, item = index_item
         try:
-            buffer[index] = decode_image(item.path, image_size, limits.max_image_pixels)
+            buffer[index], digests[index] = decode_with_digest(item.path, image_size, limits.max_image_pixels)
         except ImageDecodeError as exc:
             return exc.reason
         return None
@@ -191,6 +215,10 @@ def decode_layout(
     row_of = {item.path: index for index, item in enumerate(layout.items)}
     failed = {item.path: r for item, r in zip(layout.items, reasons, strict=True) if r is not None}
     layout.without(failed)
+    prints = [Fingerprint(relative_name(layout.root, item.path), item.split, digests[row_of[item.path]])
+              for item in layout.items]
+    found = find_duplicates(prints, drop=drop_duplicates)
+    layout.without({layout.items[index].path: reason for index, reason in found.dropped.items()})
     errors = [*extra_errors, *layout.errors]
     splits = {}
     for split in ("train", "test"):
@@ -200,7 +228,8 @@ def decode_layout(
                                                                          dtype=torch.uint8)
         labels = torch.tensor([item.label for item in chosen], dtype=torch.int64)
         splits[split] = (images, labels)
-    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source)
+    warnings = [*extra_warnings, *layout.warnings]
+    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, found.as_dict(), warnings)
 
 
 def load_dataset(
@@ -212,11 +241,14 @@ def load_dataset(
     limits: DataLimits = DataLimits(),
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    drop_duplicates: bool = False,
 ) -> ImageDataset:
     """Load a folder, archive, manifest file, inline manifest `{"root", "items"}` or `fgsynth[:...]` source.
 
     `seed` and `test_fraction` only matter when the source has no test split (a seeded per-class share is
-    carved). Raises DataError (`not_found`, `bad_source`, `bad_archive`, `no_images`, `one_class`, ...).
+    carved). `drop_duplicates` removes copies within a split and test images that occur in train (counted in
+    `ImageDataset.duplicates` either way). Raises DataError (`not_found`, `bad_source`, `bad_archive`,
+    `no_images`, `one_class`, ...).
     """
     if image_size < 1:
         raise ValueError("image_size must be positive")
@@ -230,23 +262,29 @@ def load_dataset(
             raise DataError("bad_manifest", 'an inline manifest needs "root" (a folder) and "items" (a list)')
         layout = scan_manifest_items(Path(root), items, test_fraction=test_fraction, seed=seed, limits=limits)
         return decode_layout(layout, image_size, limits=limits, workers=workers, source=f"manifest:{root}",
-                             on_progress=on_progress)
+                             on_progress=on_progress, drop_duplicates=drop_duplicates)
     text = os.fspath(source)
     path = Path(text)
     if text.strip().lower().partition(":")[0] == FGSYNTH_PREFIX and not path.exists():
-        return load_fgsynth(text, image_size)
+        return load_fgsynth(text, image_size, drop_duplicates)
     if not path.exists():
-        raise DataError("not_found", f"dataset source {text!r} not found")
+        raise DataError("not_found", f"dataset source {text!r} not found",
+                        fix="check the path, or give fgsynth[:k=v,...] for the built-in data")
     if path.is_file() and path.suffix.lower() not in (".json", ".csv"):
         if detect_archive(path) is None:
             raise DataError("bad_source", f"{path.name} is neither an archive (.zip, .tar, .tar.gz) nor a manifest")
         with tempfile.TemporaryDirectory(prefix="fd2-data-") as tmp:
             extraction = extract_archive(path, Path(tmp) / "data", limits)
-            layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
-            return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
-                                 extra_errors=extraction.skipped, on_progress=on_progress)
+            try:
+                layout = scan_source(extraction.root, test_fraction=test_fraction, seed=seed, limits=limits)
+                return decode_layout(layout, image_size, limits=limits, workers=workers, source=text,
+                                     extra_errors=extraction.skipped, extra_warnings=extraction.warnings,
+                                     on_progress=on_progress, drop_duplicates=drop_duplicates)
+            except UnusableDataError as exc:  # what extraction left out may be why nothing is usable
+                raise exc.with_skipped(extraction.skipped) from None
     layout = scan_source(path, test_fraction=test_fraction, seed=seed, limits=limits)
-    return decode_layout(layout, image_size, limits=limits, workers=workers, source=text, on_progress=on_progress)
+    return decode_layout(layout, image_size, limits=limits, workers=workers, source=text, on_progress=on_progress,
+                         drop_duplicates=drop_duplicates)
 
 
 __all__ = [

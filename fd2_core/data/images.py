@@ -3,10 +3,14 @@
 Every step that can go wrong on user data is guarded: the pixel count is read from the header before decoding
 (decompression bombs), only the four accepted formats are parsed (Pillow would otherwise try dozens of
 decoders on a renamed file), and any failure becomes an `ImageDecodeError` with a short reason.
+
+The extension only decides which files are worth opening (`IMAGE_EXTENSIONS`); the content decides the
+format, so a `.jfif` is read as the JPEG it is and a `.jpg` holding PNG bytes as a PNG.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -15,7 +19,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fd2_core.data.errors import ImageDecodeError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# Names worth opening, case-insensitive: the usual extensions of the accepted formats and of formats that are
+# refused by content (GIF, TIFF), so such a file is reported as the image it is rather than as a stray file.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".pjpeg", ".pjp", ".png", ".apng", ".webp", ".bmp", ".dib",
+    ".gif", ".tif", ".tiff",
+})
 # What the content may be, whatever the extension says. Multi-picture JPEGs open through the JPEG plugin and
 # then report the format "MPO".
 PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
@@ -23,7 +32,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def is_image_name(name: str | Path) -> bool:
-    """True for the accepted image extensions, case-insensitive."""
+    """True for a name worth opening as an image (`IMAGE_EXTENSIONS`, case-insensitive); the content then
+    decides the format."""
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -88,35 +98,76 @@ def square_resize(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
-def decode_image(path: str | Path, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Decode an image file to a `[size, size, 3]` uint8 array (EXIF-oriented, first frame, RGB).
+def pixel_digest(rgb: np.ndarray) -> str:
+    """Fingerprint of decoded pixels: blake2b-128 (32 hex characters) of the shape and the uint8 bytes.
 
-    Raises ImageDecodeError with a short reason for anything that cannot be decoded.
+    `rgb` is `[H, W, 3]` uint8 at the file's own resolution; files whose bytes differ (metadata, compression,
+    PNG versus lossless WebP) but whose pixels are the same get the same digest.
     """
-    if size <= 0:
+    arr = np.ascontiguousarray(rgb, dtype=np.uint8)
+    digest = hashlib.blake2b(repr(arr.shape).encode(), digest_size=16)
+    digest.update(arr)
+    return digest.hexdigest()
+
+
+def _first_frame_rgb(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """Decode the first frame, EXIF-oriented, as RGB; JPEG at a reduced scale when `draft_size` allows it."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    if draft_size is not None and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK"):
+        # Let libjpeg decode at a reduced scale when the image is much larger than needed.
+        side = min(img.size)
+        img.draft(img.mode, (max(1, img.size[0] * draft_size // side), max(1, img.size[1] * draft_size // side)))
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _decode(path: str | Path, size: int | None, max_pixels: int, digest: bool) -> tuple[np.ndarray | None, str]:
+    if size is not None and size <= 0:
         raise ValueError("size must be positive")
     img = open_checked(path, max_pixels)
     try:
         with img:
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK"):
-                # Let libjpeg decode at a reduced scale when the image is much larger than needed.
-                side = min(img.size)
-                img.draft(img.mode, (max(1, img.size[0] * size // side), max(1, img.size[1] * size // side)))
-            img.load()
-            oriented = ImageOps.exif_transpose(img)
-            out = square_resize(to_rgb(oriented), size)
-            arr = np.asarray(out, dtype=np.uint8)
+            rgb = _first_frame_rgb(img, None if digest else size)
+            fingerprint = pixel_digest(np.asarray(rgb)) if digest else ""
+            arr = None if size is None else np.asarray(square_resize(rgb, size), dtype=np.uint8)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"too many pixels ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
-    if arr.shape != (size, size, 3):
+    if arr is not None and arr.shape != (size, size, 3):
         raise ImageDecodeError(f"decoded to an unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    return (None if arr is None else np.ascontiguousarray(arr)), fingerprint
+
+
+def decode_image(path: str | Path, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decode an image file to a `[size, size, 3]` uint8 array (EXIF-oriented, first frame, RGB).
+
+    A large JPEG is decoded at a reduced scale. Raises ImageDecodeError with a short reason for anything that
+    cannot be decoded.
+    """
+    arr, _ = _decode(path, size, max_pixels, digest=False)
+    assert arr is not None
+    return arr
+
+
+def decode_with_digest(path: str | Path, size: int, max_pixels: int = 40_000_000) -> tuple[np.ndarray, str]:
+    """A `[size, size, 3]` uint8 array like `decode_image`, plus the `pixel_digest` of the same decode at the
+    file's own resolution: one decode serves both.
+
+    The digest needs every pixel, so a large JPEG is decoded at full scale here (never at a reduced one).
+    Raises ImageDecodeError.
+    """
+    arr, fingerprint = _decode(path, size, max_pixels, digest=True)
+    assert arr is not None
+    return arr, fingerprint
+
+
+def image_digest(path: str | Path, max_pixels: int = 40_000_000) -> str:
+    """Check that a file decodes, by decoding it fully, and return its `pixel_digest`; raises ImageDecodeError."""
+    return _decode(path, None, max_pixels, digest=True)[1]
 
 
 def check_image(path: str | Path, max_pixels: int = 40_000_000, full: bool = True) -> None:

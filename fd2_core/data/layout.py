@@ -2,11 +2,14 @@
 
 Accepted layouts, checked in this order (one wrapping top folder is looked through):
 1. `manifest.json` / `manifest.csv` rows `path,label[,split]` relative to the manifest's folder;
-2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no `test/`);
+2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no `test/`; a
+   test folder without class folders of the training classes, such as a flat `val/`, is not a test split);
 3. flat `<class>/...`.
 Without a test split, a seeded per-class share of the images becomes test, so the same data and seed always
 give the same split. Files that cannot be used are recorded in `errors` with a reason, never silently dropped
-(except `__MACOSX/` and dot-files, which are operating-system clutter).
+(except `__MACOSX/` and dot-files, which are operating-system clutter). Names on disk are bytes: class names and
+shown paths are NFC text, decoded for the whole tree at once (`fd2_core.data.names`); folders whose names differ
+only in NFC/NFD spelling are one class.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import random
 import re
 import stat
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
-from fd2_core.data.errors import DataError, FileError, ImageDecodeError
-from fd2_core.data.images import check_image, is_image_name
+from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
+from fd2_core.data.images import check_image, image_digest, is_image_name
 from fd2_core.data.limits import DataLimits
+from fd2_core.data.names import TreeNames, escape_name, utf8_name
 
 Split = Literal["train", "test"]
 LayoutKind = Literal["imagefolder", "flat", "manifest"]
@@ -52,17 +57,45 @@ class Item:
     path: Path
     label: int
     split: Split
+    # True when the source gave no split and the seeded carve chose one (see `carved_test_count`).
+    assigned: bool = False
+
+
+TestSource = Literal["archive", "carved", "none"]
 
 
 @dataclass
 class DatasetLayout:
-    """What a dataset source holds: classes (sorted names), items and per-file problems."""
+    """What a dataset source holds: classes (sorted names), items, per-file problems and warnings."""
 
     root: Path
     classes: list[str]
     items: list[Item]
     errors: list[FileError] = field(default_factory=list)
     kind: LayoutKind = "imagefolder"
+    # The carve share used for images the source gave no split (0 when every split was given).
+    test_fraction: float = 0.0
+    warnings: list[DataWarning] = field(default_factory=list)
+    names: TreeNames | None = field(default=None, repr=False, compare=False)  # how paths are shown
+
+    @property
+    def splits_given(self) -> bool:
+        """Whether the source itself says which images are test (a test/val folder or a split column)."""
+        return not any(item.assigned for item in self.items)
+
+    @property
+    def test_source(self) -> TestSource:
+        """`archive` (the source's own test images), `carved` (a seeded share of train) or `none`."""
+        tests = [item for item in self.items if item.split == "test"]
+        if not tests:
+            return "none"
+        return "carved" if all(item.assigned for item in tests) else "archive"
+
+    @property
+    def test_split(self) -> dict[str, Any]:
+        """Where the test split comes from, in the shape of the dataset resource's `test_split`."""
+        return {"source": self.test_source, "splits_given": self.splits_given,
+                "fraction": None if self.splits_given else self.test_fraction}
 
     @property
     def per_class(self) -> dict[str, dict[str, int]]:
@@ -86,27 +119,36 @@ class DatasetLayout:
             "classes": list(self.classes),
             "splits": self.splits,
             "per_class": self.per_class,
+            "test_split": self.test_split,
             "errors": [e.as_dict() for e in errors],
+            "warnings": [w.as_dict() for w in self.warnings],
         }
 
-    def without(self, failed: Mapping[Path, str]) -> DatasetLayout:
-        """Drop the given files (path -> reason) into `errors`, in place; classes left without training
-        images are dropped too and labels renumbered. Raises DataError when too little remains."""
+    def without(self, failed: Mapping[Path, str], record: bool = True) -> DatasetLayout:
+        """Drop the given files (path -> reason) into `errors` (only when `record`: a caller may hold the reasons
+        already), in place; classes left without training images are dropped too and labels renumbered.
+        Raises DataError when too little remains."""
         if not failed:
             return self
-        self.errors.extend(FileError(relative_name(self.root, p), reason) for p, reason in failed.items())
+        if record:
+            self.errors.extend(FileError(relative_name(self.root, p, self.names), reason)
+                               for p, reason in failed.items())
         kept = [item for item in self.items if item.path not in failed]
-        self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors)
-        check_usable(self.classes, self.items)
+        self.classes, self.items = _drop_untrainable(self.root, self.classes, kept, self.errors, self.names)
+        check_usable(self.classes, self.items, self.errors, self.kind)
         return self
 
 
-def relative_name(root: Path, path: Path) -> str:
-    """A path as shown to users: relative to the dataset root, never the server's absolute path."""
+def relative_name(root: Path, path: Path, names: TreeNames | None = None) -> str:
+    """A path as shown to users: relative to the dataset root, never the server's absolute path, as NFC text
+    (decoded by `names` for its tree; else non-UTF-8 parts in the percent-encoded form of `escape_name`)."""
     try:
-        return Path(path).relative_to(root).as_posix()
+        parts = Path(path).relative_to(root).parts
     except ValueError:
-        return Path(path).name
+        parts = (Path(path).name,)
+    if names is not None:
+        return names.relative(parts)
+    return "/".join(utf8_name(os.fsencode(p)) or escape_name(os.fsencode(p)) for p in parts)
 
 
 def is_ignored_name(name: str) -> bool:
@@ -149,7 +191,9 @@ class _FileBudget:
             raise DataError("too_many_files", f"more than {self.limits.max_files} files in the dataset")
 
 
-def _walk_images(folder: Path, root: Path, errors: list[FileError], budget: _FileBudget) -> Iterator[Path]:
+def _walk_images(
+    folder: Path, root: Path, errors: list[FileError], budget: _FileBudget, names: TreeNames
+) -> Iterator[Path]:
     """Image files under `folder`, depth first in name order; links and special files are reported."""
     stack = [folder]
     while stack:
@@ -158,76 +202,99 @@ def _walk_images(folder: Path, root: Path, errors: list[FileError], budget: _Fil
         for entry in _visible_entries(current):
             path = Path(entry.path)
             if entry.is_symlink():
-                errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+                errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
             elif entry.is_dir(follow_symlinks=False):
                 subdirs.append(path)
             elif not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-                errors.append(FileError(relative_name(root, path), "not a regular file"))
+                errors.append(FileError(relative_name(root, path, names), "not a regular file"))
             elif not is_image_name(entry.name):
                 budget.take()
-                errors.append(FileError(relative_name(root, path), "skipped: not an image file"))
+                errors.append(FileError(relative_name(root, path, names), "skipped: not an image file"))
             else:
                 budget.take()
+                names.text(entry.name)  # so that the tree's warnings cover names that are not shown
                 yield path
         stack.extend(reversed(subdirs))
 
 
 def _class_folders(
-    parent: Path, root: Path, errors: list[FileError], budget: _FileBudget, where: str
+    parent: Path, root: Path, errors: list[FileError], budget: _FileBudget, where: str, names: TreeNames
 ) -> dict[str, list[Path]]:
-    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported."""
+    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported. Folders
+    whose decoded names are equal (`Café` written NFC and NFD) are one class."""
     found: dict[str, list[Path]] = {}
     for entry in _visible_entries(parent):
         path = Path(entry.path)
         if entry.is_symlink():
-            errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+            errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
         elif entry.is_dir(follow_symlinks=False):
-            images = list(_walk_images(path, root, errors, budget))
+            images = list(_walk_images(path, root, errors, budget, names))
             if images:
-                found[entry.name] = images
+                found.setdefault(names.text(entry.name), []).extend(images)
             else:
-                errors.append(FileError(relative_name(root, path) + "/", "class folder has no images; ignored"))
+                errors.append(FileError(relative_name(root, path, names) + "/", "class folder has no images; ignored"))
         else:
             budget.take()
             reason = f"skipped: not inside a class folder of {where}"
-            errors.append(FileError(relative_name(root, path), reason))
+            errors.append(FileError(relative_name(root, path, names), reason))
     return found
 
 
+def carved_test_count(total: int, test_fraction: float) -> int:
+    """How many of a class's `total` images without a given split become test at `test_fraction`.
+
+    The one carving rule, used by the scanner, the upload summary and submit-time checks alike: a rounded
+    share, at least one test image when the class has two or more, and always at least one training image.
+    """
+    if total < 2 or test_fraction <= 0:
+        return 0
+    return min(total - 1, max(1, int(total * test_fraction + 0.5)))
+
+
 def _carve_test(paths: Sequence[Path], class_name: str, test_fraction: float, seed: int) -> set[Path]:
-    """The seeded test share of one class: at least one image when the class has two or more, and always at
-    least one training image. Seeded per class name, so adding a class leaves the other splits alone."""
-    n = len(paths)
-    if n < 2 or test_fraction <= 0:
+    """The seeded test share of one class (`carved_test_count` images). Seeded per class name, so adding a
+    class leaves the other splits alone."""
+    n_test = carved_test_count(len(paths), test_fraction)
+    if n_test == 0:
         return set()
-    n_test = min(n - 1, max(1, int(n * test_fraction + 0.5)))
     ordered = sorted(paths, key=lambda p: p.as_posix())
     rng = random.Random(f"fd2-split/{seed}/{class_name}")
     return set(rng.sample(ordered, n_test))
 
 
 def _drop_untrainable(
-    root: Path, classes: list[str], items: list[Item], errors: list[FileError]
+    root: Path, classes: list[str], items: list[Item], errors: list[FileError], names: TreeNames | None = None
 ) -> tuple[list[str], list[Item]]:
     trainable = {item.label for item in items if item.split == "train"}
     if len(trainable) == len(classes):
         return classes, items
     for label, name in enumerate(classes):
         if label not in trainable:
-            errors.extend(FileError(relative_name(root, i.path), f"class {name!r} has no training images")
+            errors.extend(FileError(relative_name(root, i.path, names), f"class {name!r} has no training images")
                           for i in items if i.label == label)
     kept_names = [name for label, name in enumerate(classes) if label in trainable]
     new_index = {old: new for new, old in enumerate(sorted(trainable))}
-    kept = [Item(i.path, new_index[i.label], i.split) for i in items if i.label in trainable]
+    kept = [Item(i.path, new_index[i.label], i.split, i.assigned) for i in items if i.label in trainable]
     return kept_names, kept
 
 
-def check_usable(classes: Sequence[str], items: Sequence[Item]) -> None:
-    """Raise DataError unless at least two classes have training images."""
+MANIFEST_FIXES: dict[str, str] = {
+    "no_images": "list image files that exist, with paths relative to the manifest's folder and a label each",
+    "one_class": "give the rows at least two different labels",
+}
+
+
+def check_usable(
+    classes: Sequence[str], items: Sequence[Item], errors: Sequence[FileError] = (), kind: LayoutKind = "flat"
+) -> None:
+    """Raise UnusableDataError (a DataError whose message and details summarise `errors`, the skipped files)
+    unless at least two classes have training images."""
+    fixes = MANIFEST_FIXES if kind == "manifest" else {}
     if not items:
-        raise DataError("no_images", "no usable images were found")
+        raise UnusableDataError("no_images", "no usable images were found", errors, fix=fixes.get("no_images"))
     if len(classes) < 2:
-        raise DataError("one_class", f"only one class ({classes[0]!r}) was found; at least two are needed")
+        raise UnusableDataError("one_class", f"only one class ({classes[0]!r}) was found; at least two are needed",
+                                errors, fix=fixes.get("one_class"), details={"classes": list(classes)})
 
 
 def _assemble(
@@ -240,6 +307,7 @@ def _assemble(
     seed: int,
     limits: DataLimits,
     class_order: Sequence[str] | None = None,
+    tree: TreeNames | None = None,
 ) -> DatasetLayout:
     """Labels, carved splits (for images without one) and the final checks, shared by every layout."""
     names = list(class_order) if class_order is not None else sorted(by_class)
@@ -251,10 +319,12 @@ def _assemble(
         unsplit = [p for p, s in entries if s is None]
         test = _carve_test(unsplit, name, test_fraction, seed)
         for path, split in entries:
-            items.append(Item(path, label, split or ("test" if path in test else "train")))
-    classes, items = _drop_untrainable(root, names, items, errors)
-    check_usable(classes, items)
-    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind)
+            items.append(Item(path, label, split or ("test" if path in test else "train"), split is None))
+    classes, items = _drop_untrainable(root, names, items, errors, tree)
+    check_usable(classes, items, errors, kind)
+    warnings = tree.warnings if tree is not None else []
+    return DatasetLayout(root=root, classes=classes, items=items, errors=errors, kind=kind, warnings=warnings,
+                         names=tree, test_fraction=test_fraction)
 
 
 def _scan_split_tree(
@@ -262,48 +332,64 @@ def _scan_split_tree(
 ) -> DatasetLayout:
     errors: list[FileError] = []
     budget = _FileBudget(limits)
+    names = _tree_names(root, limits)
     dirs: dict[str, Path] = {}
     for entry in _visible_entries(root):
         path = Path(entry.path)
         lowered = entry.name.lower()
         if entry.is_symlink():
-            errors.append(FileError(relative_name(root, path), "symbolic link not followed"))
+            errors.append(FileError(relative_name(root, path, names), "symbolic link not followed"))
         elif entry.is_dir(follow_symlinks=False) and lowered in _SPLIT_DIR_NAMES and lowered not in dirs:
             dirs[lowered] = path
         elif entry.is_dir(follow_symlinks=False):
-            errors.append(FileError(relative_name(root, path) + "/", "folder outside train/ and test/"))
+            errors.append(FileError(relative_name(root, path, names) + "/", "folder outside train/ and test/"))
         else:
-            errors.append(FileError(relative_name(root, path), "file outside train/ and test/ ignored"))
-    test_dir = dirs.get("test")
-    val_dirs = [dirs[name] for name in sorted(VAL_DIR_NAMES) if name in dirs]
-    if test_dir is None and val_dirs:
-        test_dir, val_dirs = val_dirs[0], val_dirs[1:]
-    for ignored in val_dirs:
-        errors.append(FileError(relative_name(root, ignored) + "/", "ignored: test/ is the test split"))
-
-    train = _class_folders(dirs["train"], root, errors, budget, "train/")
+            errors.append(FileError(relative_name(root, path, names), "file outside train/ and test/ ignored"))
+    train = _class_folders(dirs["train"], root, errors, budget, "train/", names)
     by_class: dict[str, list[tuple[Path, Split | None]]] = defaultdict(list)
     for name, paths in train.items():
         by_class[name].extend((p, "train") for p in paths)
-    if test_dir is None:
-        by_class = defaultdict(list, {name: [(p, None) for p, _ in v] for name, v in by_class.items()})
-    else:
-        for name, paths in _class_folders(test_dir, root, errors, budget, f"{test_dir.name}/").items():
-            if name not in train:
-                errors.extend(FileError(relative_name(root, p), f"class {name!r} has no training images")
+    test: dict[str, list[Path]] = {}
+    chosen: Path | None = None
+    for candidate in [dirs[name] for name in ("test", *sorted(VAL_DIR_NAMES)) if name in dirs]:
+        shown = relative_name(root, candidate, names) + "/"
+        if chosen is not None:
+            errors.append(FileError(shown, f"ignored: {names.text(chosen.name)}/ is the test split"))
+            continue
+        found = _class_folders(candidate, root, errors, budget, f"{names.text(candidate.name)}/", names)
+        for name, paths in found.items():
+            if name in train:
+                test[name] = paths
+            else:
+                errors.extend(FileError(relative_name(root, p, names), f"class {name!r} has no training images")
                               for p in paths)
-                continue
-            by_class[name].extend((p, "test") for p in paths)
+        if test:
+            chosen = candidate
+        else:
+            # An ImageNet-style flat val/ (images without class folders) carries no labels: it is no test
+            # split, and the scanner, the upload summary and the loader all carve a seeded share instead.
+            errors.append(FileError(shown, "holds no class folders of the training classes, so it is not used "
+                                    "as the test split"))
+    if not test:
+        by_class = defaultdict(list, {name: [(p, None) for p, _ in v] for name, v in by_class.items()})
+    for name, paths in test.items():
+        by_class[name].extend((p, "test") for p in paths)
     return _assemble(
-        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits
+        root, "imagefolder", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits, tree=names
     )
 
 
 def _scan_flat(root: Path, *, test_fraction: float, seed: int, limits: DataLimits) -> DatasetLayout:
     errors: list[FileError] = []
-    found = _class_folders(root, root, errors, _FileBudget(limits), "the dataset root")
+    names = _tree_names(root, limits)
+    found = _class_folders(root, root, errors, _FileBudget(limits), "the dataset root", names)
     by_class = {name: [(p, None) for p in paths] for name, paths in found.items()}
-    return _assemble(root, "flat", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits)
+    return _assemble(root, "flat", by_class, errors, test_fraction=test_fraction, seed=seed, limits=limits,
+                     tree=names)
+
+
+def _tree_names(root: Path, limits: DataLimits) -> TreeNames:
+    return TreeNames(root, max_entries=limits.max_files, ignore=is_ignored_name)
 
 
 def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[str, Any]]:
@@ -322,7 +408,7 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
         if isinstance(data, dict) and isinstance(data.get("items"), list):
             data = data["items"]
         if not isinstance(data, list):
-            raise DataError("bad_manifest", f'{path.name} must be a list of rows or {{"items": [...]}}')
+            raise DataError("bad_manifest", f'{path.name} must be a list of rows or {{"items": [...]}}', fix="")
         rows = data
     elif suffix == ".csv":
         try:
@@ -330,7 +416,8 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
                 reader = csv.DictReader(fh)
                 header = [h.strip().lower() for h in (reader.fieldnames or [])]
                 if "path" not in header or "label" not in header:
-                    raise DataError("bad_manifest", f"{path.name} needs a header row with path,label[,split]")
+                    raise DataError("bad_manifest", f"{path.name} needs a header row with path,label[,split]",
+                                    fix="")
                 reader.fieldnames = header
                 rows = []
                 for row in reader:
@@ -340,7 +427,7 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
         except (UnicodeDecodeError, csv.Error) as exc:
             raise DataError("bad_manifest", f"{path.name} is not a readable CSV file: {exc}") from None
     else:
-        raise DataError("bad_manifest", f"{path.name}: a manifest is a .json or .csv file")
+        raise DataError("bad_manifest", f"{path.name}: a manifest is a .json or .csv file", fix="")
     if len(rows) > limits.max_manifest_rows:
         raise DataError("too_many_files", f"manifest has more than {limits.max_manifest_rows} rows")
     return rows
@@ -352,7 +439,7 @@ def _label_text(value: Any) -> str | None:
     if isinstance(value, int) and abs(value) < 10**MAX_LABEL_CHARS:
         return str(value)
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return unicodedata.normalize("NFC", value.strip())  # one class however the label is spelled
     return None
 
 
@@ -415,7 +502,7 @@ def scan_manifest_items(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError("not_found", "manifest root folder not found")
+        raise DataError("not_found", "manifest root folder not found", fix="check the manifest's root folder")
     if len(rows) > limits.max_manifest_rows:
         raise DataError("too_many_files", f"manifest has more than {limits.max_manifest_rows} rows")
     root_resolved = root.resolve()
@@ -505,7 +592,8 @@ def scan_source(
     if path.is_file():
         if path.suffix.lower() in (".json", ".csv"):
             return scan_manifest(path, test_fraction=test_fraction, seed=seed, limits=limits)
-        raise DataError("bad_source", f"{path.name} is a file: expected a folder or a manifest .json/.csv")
+        raise DataError("bad_source", f"{path.name} is a file: expected a folder or a manifest .json/.csv",
+                        fix="extract an archive first, or give its folder")
     root = find_data_root(path)
     for name in MANIFEST_NAMES:
         if (root / name).is_file():
@@ -520,15 +608,20 @@ def validate_images(
     limits: DataLimits = DataLimits(),
     verify: bool = True,
     workers: int | None = None,
+    digests: dict[Path, str] | None = None,
 ) -> DatasetLayout:
     """Open every image (header only, or fully decoded when `verify`), in a thread pool, and move broken
     ones from `items` to `errors`. Updates `layout` in place and returns it; raises DataError when fewer than
-    two classes with training images remain."""
+    two classes with training images remain. Given `digests`, each image is decoded in full at its own
+    resolution instead and its `pixel_digest` stored there by path (the same decode checks and fingerprints)."""
     workers = workers or min(8, os.cpu_count() or 1)
 
     def problem(item: Item) -> str | None:
         try:
-            check_image(item.path, limits.max_image_pixels, full=verify)
+            if digests is None:
+                check_image(item.path, limits.max_image_pixels, full=verify)
+            else:
+                digests[item.path] = image_digest(item.path, limits.max_image_pixels)
         except ImageDecodeError as exc:
             return exc.reason
         return None

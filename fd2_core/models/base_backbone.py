@@ -4,8 +4,9 @@ evaluated ones, saved without its classifier.
 It plays the role ImageNet weights play for the paper's 224 px teachers: a teacher that starts from it begins
 with features that already find and read a small object part, instead of spending its first epochs (and most of
 its seed-to-seed spread) on finding the part. `bench/base_backbone.py` makes the file; its metadata records the
-classes, recipe, seed and command. Use it as a run's teacher weights, e.g.
-`fd2_core.pipeline.run(spec, "fgsynth", workdir, teacher_weights=base_backbone_path())`.
+classes, recipe, seed and command. Use it as a run's teacher weights in `backbone` mode, e.g.
+`fd2_core.pipeline.run({..., "teacher_weights_mode": "backbone"}, "fgsynth", workdir,
+teacher_weights=base_backbone_path())`.
 """
 
 from __future__ import annotations

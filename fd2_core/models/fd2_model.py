@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,13 +57,16 @@ def build_model(
     weights_path: str | Path | None = None,
     torchvision_weights: bool = False,
     width: int | None = None,
+    weights_mode: str = "full",
+    classes: Sequence[str] | None = None,
 ) -> FD2Model:
     """Build a registered backbone (+ CAL head) and optionally load a local weights file.
 
     `width` is the convnet's channel count (default 128; torchvision backbones ignore it).
 
     `torchvision_weights` fetches torchvision's ImageNet weights (once, into the torch hub cache); a
-    `weights_path` is loaded afterwards and must match the backbone exactly.
+    `weights_path` is loaded afterwards in `weights_mode` (`full` | `backbone`) with the class names
+    `classes` (see `fd2_core.models.weights.load_model_weights` for the checks and errors).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -70,5 +74,5 @@ def build_model(
     head = CALHead(net.feature_channels, num_classes, num_attention_maps) if cal else None
     model = FD2Model(net, num_classes, head)
     if weights_path is not None:
-        load_model_weights(model, weights_path)
+        load_model_weights(model, weights_path, mode=weights_mode, classes=classes)
     return model

@@ -1,18 +1,24 @@
-"""Teacher helpers shared by the stages: the logits a teacher stands for, accuracy, save/load."""
+"""Teacher helpers shared by the stages: the logits a teacher stands for, accuracy, save/load, and the check of
+a teacher weights file before a run starts."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..atomic import load_tensors, save_tensors
+from ..data.errors import DataError
 from ..models import FD2Model, ModelOutput, build_model
+from ..models.weights import ClassListMismatch, WeightsLoad, load_model_weights
 from ..runtime import autocast, frozen, to_device
+from ..spec import JobSpec
 from .context import RunContext
 
 SOFT_LABEL_SOURCES = ("backbone", "cal", "mixed")
@@ -118,8 +124,30 @@ def new_teacher(ctx: RunContext, weights_path: Path | None = None) -> FD2Model:
         width=spec.model_width,
         torchvision_weights=spec.torchvision_weights,
         weights_path=weights_path,
+        weights_mode=spec.teacher_weights_mode,
+        classes=ctx.data.classes,
     )
     return to_device(model, ctx.device, channels_last=ctx.amp)
+
+
+def check_teacher_weights(spec: JobSpec, classes: Sequence[str], path: Path) -> WeightsLoad:
+    """Load `path` into a CPU teacher as `spec` and `classes` describe it, before any stage writes anything.
+
+    Returns what the load did (mode, class matching, warnings). Raises DataError `teacher_classes_mismatch`
+    (the file's teacher knows another set of classes; the message names the difference) or
+    `bad_teacher_weights` (unreadable, or not fitting the spec's backbone, width, image size or mode)."""
+    model = build_model(
+        spec.backbone, len(classes), spec.image_size, cal=spec.uses_cal,
+        num_attention_maps=spec.num_attention_maps, width=spec.model_width,
+    )
+    try:
+        return load_model_weights(model, path, mode=spec.teacher_weights_mode, classes=classes)
+    except ClassListMismatch as err:
+        raise DataError("teacher_classes_mismatch", str(err)) from err
+    except (ValueError, RuntimeError, OSError, SafetensorError, pickle.UnpicklingError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        where = "" if str(path) in detail else f" {path}"
+        raise DataError("bad_teacher_weights", f"teacher weights{where} cannot be used: {detail}") from err
 
 
 def teacher_metadata(ctx: RunContext, extra: dict[str, object] | None = None) -> dict[str, str]:
