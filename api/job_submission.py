@@ -24,7 +24,7 @@ from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
-from fd2_core.data.layout import carved_test_count
+from fd2_core.admission import JobCounts, job_counts
 from fd2_core.spec import JobSpec
 from store.callback_hosts import callback_host_allowed, callback_url_problem
 from store.datasets import get_tenant_dataset
@@ -77,21 +77,17 @@ def check_callback_url(settings: Settings, url: str | None) -> None:
                        {"field": "callback_url", "host": host})
 
 
-def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
-    """Training images per class as the job will see them: a carved test share follows the job's fraction.
-
-    Uses the scanner's own carving rule; a dataset stored before `test_split` existed counts as carved
-    unless it had a test split of its own.
-    """
+def dataset_job_counts(dataset: Dataset, spec: JobSpec) -> JobCounts:
+    """The images the job will see of a stored dataset: a carved test share follows the job's own fraction
+    (`fd2_core.admission.job_counts`); a dataset stored before `test_split` existed counts as carved unless
+    it had a test split of its own."""
     splits_given = bool((dataset.test_split or {}).get("splits_given", dataset.has_test_split))
-    counts: dict[str, int] = {}
-    for name, split in dataset.per_class.items():
-        if splits_given:
-            counts[name] = int(split.get("train", 0))
-        else:
-            total = int(split.get("train", 0)) + int(split.get("test", 0))
-            counts[name] = total - carved_test_count(total, spec.test_fraction)
-    return counts
+    return job_counts(dataset.per_class, splits_given=splits_given, test_fraction=spec.test_fraction)
+
+
+def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
+    """Training images per class as the job will see them."""
+    return dataset_job_counts(dataset, spec).train_per_class
 
 
 def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant, dataset_id: str,
@@ -104,9 +100,7 @@ def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready; use a "
                        "dataset whose status is ready",
                        {"field": "dataset.id", "status": dataset.status})
-    train_counts = dataset_train_counts(dataset, spec)
-    total = sum(int(split.get("train", 0)) + int(split.get("test", 0)) for split in dataset.per_class.values())
-    check_runnable(settings, spec, train_counts, total - sum(train_counts.values()))
+    check_runnable(settings, spec, dataset_job_counts(dataset, spec))
     return dataset
 
 
@@ -157,9 +151,7 @@ def submit_job(
     else:
         assert ref.manifest is not None
         root, rows, layout = scan_manifest(settings, ref.manifest, spec.test_fraction, spec.seed)
-        per_class = layout.per_class
-        check_runnable(settings, spec, {name: c["train"] for name, c in per_class.items()},
-                       sum(c["test"] for c in per_class.values()))
+        check_runnable(settings, spec, JobCounts.of_splits(layout.per_class))
         manifest_path = write_manifest(settings, job_id, root, rows)
 
     queue = queue_for_device(settings, spec.device)

@@ -4,7 +4,8 @@ The API refuses a job whose estimate is above the operator's limit before it rea
 checks again with the files it actually found. The unit is the *32-px image pass*: one image through the
 network once at 32 px; a training step (forward + backward) counts as three passes, and larger images cost
 in proportion to their pixel count. It is a coarse bound meant to stop runaway specs (100 ipc x 100 000
-iterations x thousands of classes), not a price: the stage weights follow the pipeline's own progress weights.
+iterations x thousands of classes), not a price. It is the one cost model: admission (`fd2_core.admission`)
+checks its total against the operator's limit, and the pipeline weights its progress bar by its stages.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from fd2_core.spec import JobSpec
 REFERENCE_SIDE = 32
 TRAIN_STEP_PASSES = 3.0  # forward + backward ≈ three forward passes
 CAL_PASSES = 3.0  # the CAL head adds a counterfactual and an attention-augmented pass per image
+# Packaging a synthetic image: a teacher pass for the preview's attention map, and about as much again to
+# encode it into the archive and the preview.
+PACKAGE_PASSES = 2.0
 RGB_CHANNELS = 3
 
 
@@ -49,11 +53,13 @@ class CostEstimate:
 
 
 def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
-    """Image passes of each stage (the same weighting as the pipeline's progress).
+    """Image passes of each stage, in run order: pretrain, distill, relabel, evaluate, package (the pipeline's
+    progress weights are these numbers).
 
     evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
     relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
     full-data student (fd2_core.stages.full_data): pretrain_epochs·n_train training steps + one test pass.
+    package = PACKAGE_PASSES per synthetic image.
     """
     k, n_train = size.num_classes, size.train_images
     n_syn = spec.ipc * k
@@ -66,7 +72,8 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
         evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + 1) + size.test_images * students
         if spec.eval_hlr:
             evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
-    return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate}
+    package = n_syn * PACKAGE_PASSES
+    return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate, "package": package}
 
 
 def estimate_cost(spec: JobSpec, size: DatasetSize) -> CostEstimate:

@@ -22,8 +22,10 @@ import torch
 import torchvision
 
 from . import __version__
+from .admission import JobCounts, admission_problems
 from .artifacts import MEDIA_TYPES, copy_file, sha256_of, write_distilled_tar, write_preview
 from .atomic import load_tensors, read_json, save_tensors, write_json
+from .cost import DatasetSize, stage_image_passes
 from .data.dataset import ImageDataset, load_dataset
 from .data.errors import DataError
 from .data.limits import DataLimits
@@ -52,22 +54,21 @@ class PipelineResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _job_counts(data: ImageDataset) -> JobCounts:
+    train = torch.bincount(data.train_labels, minlength=len(data.classes)).tolist()
+    return JobCounts(dict(zip(data.classes, train, strict=True)), int(data.test_images.shape[0]))
+
+
 def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
-    """What makes a spec unrunnable on a dataset, caught before any stage starts."""
-    if len(data.classes) < 2:
-        raise DataError("one_class", f"the dataset has {len(data.classes)} class(es); at least two are needed")
-    counts = torch.bincount(data.train_labels, minlength=len(data.classes))
-    smallest = int(counts.min())
-    if spec.ipc > smallest:
-        name = data.classes[int(counts.argmin())]
-        raise DataError(
-            "ipc_too_large", f"ipc={spec.ipc} is larger than the smallest class ({name!r}: {smallest} train images)",
-            {"field": "ipc", "ipc": spec.ipc, "smallest_class": name, "smallest_class_train_images": smallest},
-            fix=f"lower ipc to at most {smallest}, or add training images to {name!r}",
-        )
-    if spec.evaluate and data.test_images.shape[0] == 0:
-        raise DataError("no_test_split", "evaluation needs a test split; set evaluate=false or add test images",
-                        fix="")
+    """What makes a spec unrunnable on a dataset (`fd2_core.admission`), caught before any stage starts.
+
+    Raises DataError with the first problem's code and message; `details.field` names the spec field.
+    """
+    problems = admission_problems(spec, _job_counts(data))
+    if problems:
+        first = problems[0]
+        details = {"field": first.field, **first.details} if first.field else dict(first.details)
+        raise DataError(first.code, first.message, details or None, fix="")
 
 
 def _shown(value: Any) -> str:
@@ -141,29 +142,10 @@ def _teacher_weights_inputs(teacher_weights: str | Path | None) -> dict[str, Any
 
 
 def _stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
-    """Rough cost of each stage in image forward/backward passes, to weight the overall progress.
-
-    evaluate = students on the set (distilled; random subset; hard labels for HLR) + the random subset's relabel
-    + with eval_hlr the full-data student, which trains on every real train image for pretrain_epochs.
-    """
-    k, n_train = len(data.classes), data.train_images.shape[0]
-    n_syn = spec.ipc * k
-    cal = 3.0 if spec.uses_cal else 1.0
-    distill_cost = 0.0 if spec.method == "random" else spec.ipc * spec.distill_iterations * k * 3.0
-    student = spec.relabel_epochs * n_syn * 3.0
-    evaluate = 0.0
-    if spec.evaluate:
-        students = 1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)
-        evaluate = student * students + spec.relabel_epochs * n_syn
-        if spec.eval_hlr:
-            evaluate += spec.pretrain_epochs * n_train * 3.0
-    return {
-        "pretrain": spec.pretrain_epochs * n_train * 3.0 * cal,
-        "distill": distill_cost,
-        "relabel": spec.relabel_epochs * n_syn,
-        "evaluate": float(evaluate),
-        "package": n_syn * 2.0 + 1.0,
-    }
+    """Progress weights: the cost model's image passes per stage (`fd2_core.cost`), so the progress bar and
+    the operator's cost limit count the same work."""
+    size = DatasetSize(len(data.classes), int(data.train_images.shape[0]), int(data.test_images.shape[0]))
+    return stage_image_passes(spec, size)
 
 
 def _quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def test_cost_follows_the_pipeline_stage_weights() -> None:
 
     spec = resolve_spec({"ipc": 3, "method": "fd2"})
     data = SimpleNamespace(classes=[str(i) for i in range(CUB_LIKE.num_classes)],
-                           train_images=SimpleNamespace(shape=(CUB_LIKE.train_images, 3, 32, 32)))
+                           train_images=SimpleNamespace(shape=(CUB_LIKE.train_images, 3, 32, 32)),
+                           test_images=SimpleNamespace(shape=(CUB_LIKE.test_images, 3, 32, 32)))
     weights = _stage_weights(spec, data)
     passes = estimate_cost(spec, CUB_LIKE).stage_passes
     for stage in ("pretrain", "distill", "relabel"):

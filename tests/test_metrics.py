@@ -124,7 +124,8 @@ def test_hlr_is_counted_by_the_cost_model_and_the_progress_weights():
     no_eval = resolve_spec({**raw, "eval_hlr": True, "evaluate": False})
     assert stage_image_passes(no_eval, size)["evaluate"] == 0
 
-    data = SimpleNamespace(classes=list("abcde"), train_images=torch.zeros(1000, 3, 1, 1, dtype=torch.uint8))
+    data = SimpleNamespace(classes=list("abcde"), train_images=torch.zeros(1000, 3, 1, 1, dtype=torch.uint8),
+                           test_images=torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
     weights_before, weights_after = _stage_weights(plain, data), _stage_weights(with_hlr, data)
     assert weights_after["evaluate"] - weights_before["evaluate"] == pytest.approx(10 * n_syn * 3 + 4 * 1000 * 3)
 

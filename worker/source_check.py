@@ -8,7 +8,8 @@ an operator's copy, a bug). So before any stage starts, with the worker's own se
   its root must still be under the worker's `allowed_data_roots`; a row leading out of the root (the API
   refused those at submission, so the file was edited) refuses the job;
 - the layout is scanned again under the operator's limits (files, classes, manifest rows; links not followed);
-- the estimated cost and the decoded size are checked with the counts actually found.
+- the job is admitted again (`fd2_core.admission`: classes, ipc, test split, cost and decoded size) with the
+  counts actually found; a problem fails the job with its code and message.
 The pipeline's loader then skips links again and checks each image's pixel count before decoding it.
 Torch-free, so it can run before the pipeline is imported.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost
+from fd2_core.admission import JobCounts, admission_problems
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
 from fd2_core.spec import JobSpec
@@ -86,17 +87,11 @@ def load_stored_manifest(settings: Settings, job_id: str, recorded: str, limits:
 
 
 def check_size(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None:
-    """Cost and decoded size with the counts found now (the files may have grown since submission)."""
-    splits = layout.splits
-    size = DatasetSize(len(layout.classes), splits["train"], splits["test"])
-    cost = estimate_cost(spec, size).cost
-    if cost > settings.max_job_cost:
-        raise SourceRejected("cost_too_high", f"the job's estimated cost of {cost:.3g} image passes is above the "
-                             f"limit of {settings.max_job_cost:.3g}")
-    memory = decoded_dataset_bytes(spec, size)
-    if memory > settings.max_dataset_memory_bytes:
-        raise SourceRejected("dataset_too_large", f"the dataset decodes to {memory} bytes, above the limit of "
-                             f"{settings.max_dataset_memory_bytes}")
+    """Admission with the counts found now (the files may have changed since submission): the first problem
+    raises SourceRejected with its code and message."""
+    problems = admission_problems(spec, JobCounts.of_splits(layout.per_class), settings)
+    if problems:
+        raise SourceRejected(problems[0].code, problems[0].message)
 
 
 def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec) -> str | dict[str, Any]:
