@@ -26,7 +26,7 @@ from .admission import JobCounts, admission_problems
 from .artifacts import MEDIA_TYPES, copy_file, sha256_of, write_distilled_tar, write_preview
 from .atomic import load_tensors, read_json, save_tensors, write_json
 from .cost import DatasetSize, stage_image_passes
-from .data.dataset import ImageDataset, load_dataset
+from .data.dataset import DataSource, ImageDataset, load_dataset
 from .data.errors import DataError
 from .data.limits import DataLimits
 from .metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, bootstrap_interval, hlr, verdict
@@ -338,7 +338,7 @@ def _loading_reporter(on_event: EventSink | None, should_stop: StopCheck | None)
 
 def run(
     spec: JobSpec | dict[str, Any],
-    dataset: Any,
+    dataset: DataSource,
     workdir: str | Path,
     on_event: EventSink | None = None,
     should_stop: StopCheck | None = None,

@@ -204,7 +204,27 @@ def test_untampered_sources_pass_the_same_limits(settings: Settings) -> None:
     spec = resolve_spec(tiny_spec())
     job_id, folder = queued_upload_job(settings)
     dataset_id = folder.parent.name
-    assert prepare_source(tight, job_id, JobSource("dataset", str(folder), dataset_id), spec) == str(folder)
+    layout = prepare_source(tight, job_id, JobSource("dataset", str(folder), dataset_id), spec)
+    assert layout.root == folder and len(layout.items) == sum(CLASSES.values())
     job_id, manifest = queued_manifest_job(settings)
     stored = prepare_source(tight, job_id, JobSource("manifest", str(manifest)), spec)
-    assert isinstance(stored, dict) and len(stored["items"]) == sum(CLASSES.values())
+    assert stored.kind == "manifest" and len(stored.items) == sum(CLASSES.values())
+
+
+def test_the_worker_scans_once_and_the_pipeline_decodes_that_layout(settings: Settings, monkeypatch) -> None:
+    """The layout `prepare_source` checked is what the loader decodes: no second scan in the same process."""
+    from fd2_core.data import dataset as dataset_module
+    from fd2_core.data.layout import DatasetLayout
+
+    job_id, folder = queued_upload_job(settings)
+    layout = prepare_source(settings, job_id, JobSource("dataset", str(folder), folder.parent.name),
+                            resolve_spec(tiny_spec()))
+    assert isinstance(layout, DatasetLayout)
+
+    def no_second_scan(*args, **kwargs):
+        raise AssertionError("the loader scanned the source again")
+
+    monkeypatch.setattr(dataset_module, "scan_source", no_second_scan)
+    data = dataset_module.load_dataset(layout, 16)
+    assert data.classes == layout.classes
+    assert len(data.train_labels) == layout.splits["train"] and len(data.test_labels) == layout.splits["test"]

@@ -94,8 +94,9 @@ def check_size(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None
         raise SourceRejected(problems[0].code, problems[0].message)
 
 
-def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec) -> str | dict[str, Any]:
-    """What `load_dataset` may read for this job, after every check above.
+def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec) -> DatasetLayout:
+    """The checked layout of what this job may read, after every check above: scanned once here and handed to
+    the pipeline as it is (the loader decodes it without a second scan).
 
     Raises SourceRejected, or DataError when the data as it is now cannot be used (its code is kept).
     """
@@ -105,7 +106,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
         folder = confined_dataset_folder(settings, source.dataset_id, source.path)
         layout = scan_source(folder, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
         check_size(settings, spec, layout)
-        return str(folder)
+        return layout
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
     layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,
                                  seed=spec.seed, limits=limits)
@@ -113,7 +114,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
     if escaping:
         raise SourceRejected("path_escape", f"manifest row {escaping[0]!r} leads outside the manifest root")
     check_size(settings, spec, layout)
-    return manifest
+    return layout
 
 
 __all__ = ["JobSource", "SourceRejected", "confined_dataset_folder", "load_stored_manifest", "prepare_source"]

@@ -232,8 +232,14 @@ def decode_layout(
     return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, found.as_dict(), warnings)
 
 
+# What the loader (and `fd2_core.pipeline.run`) accepts: a path (folder, archive, manifest file), `fgsynth[:...]`,
+# an inline manifest `{"root", "items"}`, a layout already scanned and checked (a service scans once per process
+# and hands the layout on), or a decoded dataset.
+DataSource = str | os.PathLike[str] | Mapping[str, Any] | DatasetLayout | ImageDataset
+
+
 def load_dataset(
-    source: str | os.PathLike[str] | Mapping[str, Any] | ImageDataset,
+    source: DataSource,
     image_size: int,
     *,
     seed: int = 0,
@@ -243,12 +249,13 @@ def load_dataset(
     on_progress: Callable[[int, int], None] | None = None,
     drop_duplicates: bool = False,
 ) -> ImageDataset:
-    """Load a folder, archive, manifest file, inline manifest `{"root", "items"}` or `fgsynth[:...]` source.
+    """Load a folder, archive, manifest file, inline manifest `{"root", "items"}`, `fgsynth[:...]` source, or a
+    `DatasetLayout` a caller has already scanned and checked (decoded as it is: no second scan, its own carve).
 
     `seed` and `test_fraction` only matter when the source has no test split (a seeded per-class share is
-    carved). `drop_duplicates` removes copies within a split and test images that occur in train (counted in
-    `ImageDataset.duplicates` either way). Raises DataError (`not_found`, `bad_source`, `bad_archive`,
-    `no_images`, `one_class`, ...).
+    carved; a layout keeps the carve it was scanned with). `drop_duplicates` removes copies within a split and
+    test images that occur in train (counted in `ImageDataset.duplicates` either way). Raises DataError
+    (`not_found`, `bad_source`, `bad_archive`, `no_images`, `one_class`, ...).
     """
     if image_size < 1:
         raise ValueError("image_size must be positive")
@@ -256,6 +263,10 @@ def load_dataset(
         if source.image_size != image_size:
             raise ValueError(f"dataset has {source.image_size} px images, {image_size} px were asked for")
         return source
+    if isinstance(source, DatasetLayout):
+        shown = f"manifest:{source.root}" if source.kind == "manifest" else str(source.root)
+        return decode_layout(source, image_size, limits=limits, workers=workers, source=shown,
+                             on_progress=on_progress, drop_duplicates=drop_duplicates)
     if isinstance(source, Mapping):
         root, items = source.get("root"), source.get("items")
         if not isinstance(root, (str, os.PathLike)) or not isinstance(items, Sequence):
@@ -288,6 +299,7 @@ def load_dataset(
 
 
 __all__ = [
+    "DataSource",
     "ImageDataset",
     "channel_stats",
     "decode_layout",
