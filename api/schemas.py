@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST contract (docs/API.md), also the OpenAPI schema.
+"""Request and response bodies of the REST contract, also the OpenAPI schema (served at `/docs`).
 
 A job's `spec` is kept as a plain mapping here and typed in OpenAPI as `JobSpec` (fd2_core.spec), the one
 schema with every field's default, range and meaning; `fd2_core.spec.resolve_spec` is what validates it.

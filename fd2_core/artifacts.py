@@ -1,4 +1,5 @@
-"""Writers for the downloadable artifacts (API.md): tar.gz of PNGs, safetensors, JSON and a PNG preview.
+"""Writers for the downloadable artifacts (README.md, "Artifacts of a job"): tar.gz of PNGs, safetensors,
+JSON and a PNG preview.
 
 Everything is written atomically and deterministically (fixed mtimes, sorted members): the same run gives
 the same bytes, so sha256 checksums are stable across a resume.

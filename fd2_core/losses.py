@@ -256,3 +256,61 @@ class BNStatMatcher:
     def reset(self) -> None:
         """Forget the recorded statistics (and the graph they hold)."""
         self._terms.clear()
+
+
+class DistillLossTerms(NamedTuple):
+    """One teacher's distillation loss and its terms; a switched-off term is None."""
+
+    total: Tensor
+    ce: Tensor  # r·CE_cal + (1 − r)·CE_bb, or CE_bb alone without the CAL head
+    bn: Tensor  # the BatchNorm matching loss, before r_bn
+    fc: Tensor | None  # L_FC, before λ_FC
+    sc: Tensor | None  # L_SC, before λ_SC and the τ threshold
+
+    def parts(self) -> dict[str, Tensor]:
+        """The terms by name, detached, for progress events (switched-off terms left out)."""
+        named = zip(self._fields[1:], self[1:], strict=True)
+        return {name: term.detach() for name, term in named if term is not None}
+
+
+def distillation_loss(
+    logits: Tensor,
+    cal: CALOutput | None,
+    labels: Tensor,
+    bn: BNStatMatcher,
+    *,
+    cal_ratio: float,
+    r_bn: float,
+    lambda_fc: float,
+    fc_rho: float,
+    lambda_sc: float,
+    sc_tau: float,
+    prototypes: Tensor | None = None,
+    normalize_prototypes: bool = False,
+    previous_attention: Tensor | None = None,
+) -> DistillLossTerms:
+    """Stage-2 loss per teacher (FD² paper) on an augmented synthetic batch, with r = `cal_ratio`:
+
+    L = r·CE(p, y) + (1−r)·CE(f(x), y) + r_bn·BN + λ_FC·L_FC + λ_SC·L_SC·[L_SC ≥ τ].
+    `logits` [B, K] are the backbone's f(x) and `cal` the CAL head's output (None: L = CE(f(x), y) + r_bn·BN);
+    `bn` holds the statistics of this forward. FC is on when `prototypes` [K, D] are given and SC when
+    `previous_attention` [J, B, M, H, W] is, both only with a CAL output (see `fc_loss`, `sc_loss`). The τ test
+    is a tensor mask, not an `if`, so that the GPU does not wait for a sync every step.
+    """
+    ce_bb = F.cross_entropy(logits.float(), labels)
+    if cal is not None:
+        ce_cal = F.cross_entropy(cal.logits.float(), labels)
+        loss = cal_ratio * ce_cal + (1.0 - cal_ratio) * ce_bb
+    else:
+        loss = ce_bb
+    ce = loss
+    bn_loss = bn.loss()
+    loss = loss + r_bn * bn_loss
+    fc = sc = None
+    if prototypes is not None and cal is not None:
+        fc = fc_loss(cal.embedding.float(), labels, prototypes, fc_rho, normalize_prototypes=normalize_prototypes).total
+        loss = loss + lambda_fc * fc
+    if previous_attention is not None and cal is not None:
+        sc = sc_loss(cal.attention.float(), previous_attention)
+        loss = loss + lambda_sc * sc * (sc.detach() >= sc_tau)
+    return DistillLossTerms(loss, ce, bn_loss, fc, sc)

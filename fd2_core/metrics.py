@@ -40,6 +40,19 @@ CONFIDENCE = 0.95
 VerdictStatus = Literal["beats_random", "not_distinguishable", "loses_to_random"]
 
 
+@dataclass(frozen=True)
+class StudentResult:
+    """Test result of a student: `correct` bool [N_test] in test-split order, `accuracy` its mean."""
+
+    accuracy: float
+    correct: torch.Tensor
+
+    @classmethod
+    def from_correct(cls, correct: torch.Tensor) -> StudentResult:
+        """accuracy = correct.double().mean() (NaN for an empty test split)."""
+        return cls(float(correct.double().mean()), correct)
+
+
 def ior(distilled_accuracy: float, random_accuracy: float) -> float:
     """Improvement over random: `acc(distilled) − acc(random subset of the same size)`, same protocol."""
     return distilled_accuracy - random_accuracy
@@ -164,6 +177,7 @@ def verdict(distilled_accuracy: float, random_accuracy: float, ior_ci95: tuple[f
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
     "CONFIDENCE",
+    "StudentResult",
     "Verdict",
     "VerdictStatus",
     "bootstrap_interval",

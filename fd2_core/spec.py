@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -17,7 +17,7 @@ Method = Literal["fd2", "sre2l++", "random"]
 Backbone = Literal["convnet", "resnet18", "resnet50", "mobilenetv2"]
 PresetName = Literal["cpu-small", "paper-cub", "paper-cars", "paper-aircraft"]
 
-BACKBONES: tuple[str, ...] = ("convnet", "resnet18", "resnet50", "mobilenetv2")
+BACKBONES: tuple[str, ...] = get_args(Backbone)  # the one list of backbone names; the model registry follows it
 METHODS: tuple[str, ...] = ("fd2", "sre2l++", "random")
 
 
@@ -182,7 +182,8 @@ class JobSpec(BaseModel):
                 f"soft_label_source {self.soft_label_source!r} reads the CAL head; it needs method fd2 with cal=true"
             )
         if self.torchvision_weights and self.backbone == "convnet":
-            raise ValueError("torchvision_weights needs a torchvision backbone (resnet18, resnet50, mobilenetv2)")
+            torchvision = ", ".join(name for name in BACKBONES if name != "convnet")
+            raise ValueError(f"torchvision_weights needs a torchvision backbone ({torchvision})")
         return self
 
     @property

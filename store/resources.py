@@ -1,4 +1,4 @@
-"""The public JSON shapes of datasets, jobs and events (docs/API.md), built from rows.
+"""The public JSON shapes of datasets, jobs and events (the API's OpenAPI schema at `/docs`), built from rows.
 
 Shared by the API's responses and the worker's job-end callbacks, so both send the very same job resource.
 Built from already-loaded rows: presenting a job never triggers another query.

@@ -14,6 +14,7 @@ from fd2_core.losses import (
     batch_statistics,
     cal_pretrain_loss,
     center_loss,
+    distillation_loss,
     fc_loss,
     normalized_l2_distance,
     pairwise_normalized_l2_distance,
@@ -227,6 +228,45 @@ def test_each_distill_loss_sends_gradient_to_the_images(distill_setup, loss_name
         losses[loss_name]().backward()
     assert torch.isfinite(images.grad).all()
     assert images.grad.abs().sum().item() > 0
+
+
+DISTILL_WEIGHTS = {"cal_ratio": 0.3, "r_bn": 0.01, "lambda_fc": 2.0, "fc_rho": 0.4, "lambda_sc": 0.5, "sc_tau": 0.0}
+
+
+def test_distillation_loss_is_the_weighted_sum_of_its_terms(distill_setup, gen):
+    model, images, labels = distill_setup
+    prototypes = model.cal_head.prototypes
+    with BNStatMatcher(model.bn_layers()) as bn:
+        out = model(images)
+        previous = torch.rand(2, *out.cal.attention.shape, generator=gen)
+        terms = distillation_loss(out.logits, out.cal, labels, bn, **DISTILL_WEIGHTS, prototypes=prototypes,
+                                  previous_attention=previous)
+        ce = 0.3 * F.cross_entropy(out.cal.logits, labels) + 0.7 * F.cross_entropy(out.logits, labels)
+        fc = fc_loss(out.cal.embedding, labels, prototypes, 0.4).total
+        sc = sc_loss(out.cal.attention, previous)
+        expected = ce + 0.01 * bn.loss() + 2.0 * fc + 0.5 * sc
+    assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (terms.ce.item(), terms.fc.item(), terms.sc.item()) == pytest.approx((ce.item(), fc.item(), sc.item()))
+    parts = terms.parts()
+    assert list(parts) == ["ce", "bn", "fc", "sc"] and not any(p.requires_grad for p in parts.values())
+    terms.total.backward()
+    assert images.grad.abs().sum().item() > 0
+
+
+def test_distillation_loss_leaves_out_switched_off_terms_and_sc_below_tau(distill_setup, gen):
+    model, images, labels = distill_setup
+    with BNStatMatcher(model.bn_layers()) as bn:
+        out = model(images)
+        previous = torch.rand(2, *out.cal.attention.shape, generator=gen)
+        plain = distillation_loss(out.logits, None, labels, bn, **DISTILL_WEIGHTS)
+        above_tau = distillation_loss(out.logits, out.cal, labels, bn, **{**DISTILL_WEIGHTS, "sc_tau": 1.0},
+                                      previous_attention=previous)
+        without_sc = distillation_loss(out.logits, out.cal, labels, bn, **DISTILL_WEIGHTS)
+        backbone_only = F.cross_entropy(out.logits, labels) + 0.01 * bn.loss()
+    assert plain.fc is None and plain.sc is None and list(plain.parts()) == ["ce", "bn"]
+    assert plain.total.item() == pytest.approx(backbone_only.item(), rel=1e-6)
+    assert above_tau.sc is not None and above_tau.sc.item() < 1.0  # L_SC is below τ = 1: measured, not added
+    assert above_tau.total.item() == pytest.approx(without_sc.total.item(), rel=1e-6)
 
 
 def test_cal_pretrain_loss_combines_terms_as_specified(gen):

@@ -163,14 +163,15 @@ def test_cli_summary_ends_with_the_verdict(capsys):
     from pathlib import Path
 
     from fd2_core.cli import _print_summary
-    from fd2_core.pipeline import PipelineResult, _comparison
+    from fd2_core.pipeline import PipelineResult
     from fd2_core.spec import resolve_spec
+    from fd2_core.stages.evaluate import comparison
 
     metrics = {
         "teacher_accuracy": 0.6, "student_accuracy": 0.298, "random_baseline_accuracy": 0.312, "ior": -0.014,
         "ior_ci95": [-0.039, 0.011], "beats_random": False, "verdict": "not_distinguishable",
     }
-    report = {"timings_s": {"total": 3.0}, "device": {"type": "cpu"}, "comparison": _comparison(metrics)}
+    report = {"timings_s": {"total": 3.0}, "device": {"type": "cpu"}, "comparison": comparison(metrics)}
     result = PipelineResult(artifacts={"report.json": Path("out/report.json")}, metrics=metrics, report=report)
     _print_summary(resolve_spec({"preset": "cpu-small"}), result)
     lines = capsys.readouterr().out.strip().splitlines()

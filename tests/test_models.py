@@ -16,6 +16,7 @@ from fd2_core.models import (
     build_model,
     save_model_weights,
 )
+from fd2_core.spec import BACKBONES as SPEC_BACKBONES
 
 EXPECTED_CHANNELS = {"convnet": 128, "resnet18": 512, "resnet50": 2048, "mobilenetv2": 1280}
 
@@ -58,6 +59,11 @@ def test_width_sets_convnet_channels_and_torchvision_backbones_ignore_it():
     assert narrow.feature_channels == 16 and out.feature_map.shape[1] == 16
     assert out.cal.embedding.shape == (2, 2 * 16)
     assert build_model("resnet18", 3, 32, cal=False, width=16).feature_channels == 512
+
+
+def test_the_registry_builds_exactly_the_backbones_the_spec_accepts():
+    """The spec's names are the one list: a backbone added on one side only would be refused or unreachable."""
+    assert sorted(BACKBONES) == sorted(SPEC_BACKBONES)
 
 
 def test_unknown_backbone_lists_valid_names():

@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 from fd2_core.atomic import load_tensors, save_tensors
 from fd2_core.data.dataset import load_dataset
-from fd2_core.pipeline import _clean, run
+from fd2_core.pipeline import run
 from fd2_core.progress import ProgressTracker
 from fd2_core.spec import resolve_spec
 from fd2_core.stages.context import RunContext
@@ -26,6 +26,7 @@ from fd2_core.stages.distill import (
     sample_patch_pool,
     select_patches,
 )
+from fd2_core.stages.package import json_safe
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
@@ -170,7 +171,7 @@ def test_drift_of_a_known_shift_and_of_identical_images(tmp_path, data):
     assert drift["init_mean_abs_change"] == pytest.approx(2 / 255, rel=1e-4)
     assert psnr_db(0.0) == math.inf and psnr_db(0.01) == pytest.approx(20.0)
     _write_index(ctx, 1, init, init)
-    assert _clean(init_drift(ctx))["init_psnr_db"] is None  # JSON has no inf
+    assert json_safe(init_drift(ctx))["init_psnr_db"] is None  # JSON has no inf
 
 
 def test_drift_is_none_without_an_initialisation(tmp_path, data):

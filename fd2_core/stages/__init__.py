@@ -1,1 +1,1 @@
-"""The four stages of decoupled distillation: pretrain → distill → relabel → evaluate."""
+"""The stages of a job, one module each: pretrain → distill → relabel → evaluate → package."""

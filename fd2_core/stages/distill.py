@@ -1,10 +1,10 @@
 """Stage 2 — optimise synthetic images against the frozen teacher, one ipc index at a time.
 
 Loss per teacher (FD² paper): r·CE_cal + (1−r)·CE_bb + r_bn·BN + λ_FC·L_FC + λ_SC·L_SC, where FC and SC
-are switched by the spec. Images start from RDED's patch initialisation (real views ranked by teacher CE,
-stitched factor×factor) or from noise. Every finished ipc index is saved atomically with its initialisation
-and skipped on a re-run, so a killed run resumes at the first missing index. The `random` method selects real
-images instead of optimising.
+are switched by the spec (`fd2_core.losses.distillation_loss`). Images start from RDED's patch initialisation
+(real views ranked by teacher CE, stitched factor×factor) or from noise. Every finished ipc index is saved
+atomically with its initialisation and skipped on a re-run, so a killed run resumes at the first missing index.
+The `random` method selects real images instead of optimising.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 
 from ..atomic import load_tensors, save_tensors
 from ..augment import apply_crop_flip, random_roll, sample_crop_flip
-from ..losses import BNStatMatcher, fc_loss, sc_loss
+from ..losses import BNStatMatcher, distillation_loss
 from ..models import FD2Model
 from ..runtime import autocast, frozen, generator
 from ..spec import JobSpec
@@ -27,6 +27,11 @@ from .context import RunContext
 
 SCORE_BATCH = 256  # views per teacher forward when scoring patch candidates
 PATCH_SCALE = (0.08, 1.0)  # RDED's RandomResizedCrop area range for the candidate views
+# RDED's views stitched per side: 1 up to this image side (CIFAR, Tiny-ImageNet), 2 above it (128/224 px)
+PATCH_FACTOR_SMALL_SIDE = 64
+# Adam on the pixels with the published SRe²L synthesis setting, which SRe²L++ and the FD² paper keep
+ADAM_BETAS = (0.5, 0.9)
+ADAM_EPS = 1e-8
 
 
 class PatchPool(NamedTuple):
@@ -64,8 +69,8 @@ def _class_pools(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def patch_factor(spec: JobSpec) -> int:
-    """Views stitched per side: RDED uses 1 at ≤ 64 px (CIFAR, Tiny-ImageNet) and 2 at 128/224 px."""
-    return spec.patch_factor or (1 if spec.image_size <= 64 else 2)
+    """Views stitched per side: the spec's, else RDED's (1 at ≤ 64 px, 2 above)."""
+    return spec.patch_factor or (1 if spec.image_size <= PATCH_FACTOR_SMALL_SIDE else 2)
 
 
 def sample_patch_pool(ctx: RunContext, classes: torch.Tensor) -> PatchPool:
@@ -224,37 +229,27 @@ def distill_loss(
     prev_maps: torch.Tensor | None,
     bn: BNStatMatcher,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One teacher's total loss on an augmented synthetic batch (hooks already registered in `bn`)."""
+    """One teacher's total loss on an augmented synthetic batch and its detached parts (hooks already registered
+    in `bn`): `distillation_loss` with the spec's weights and switches."""
     spec = ctx.spec
     with autocast(ctx.device, ctx.amp):
         out = teacher(x)
-    ce_bb = F.cross_entropy(out.logits.float(), y)
-    parts: dict[str, torch.Tensor] = {}
-    if out.cal is not None:
-        ce_cal = F.cross_entropy(out.cal.logits.float(), y)
-        loss = spec.cal_ratio * ce_cal + (1.0 - spec.cal_ratio) * ce_bb
-    else:
-        loss = ce_bb
-    parts["ce"] = loss.detach()
-    bn_loss = bn.loss()
-    loss = loss + spec.r_bn * bn_loss
-    parts["bn"] = bn_loss.detach()
-    if spec.uses_fc and out.cal is not None:
-        fc = fc_loss(
-            out.cal.embedding.float(),
-            y,
-            teacher.cal_head.prototypes,
-            spec.fc_rho,
-            normalize_prototypes=spec.fc_prototypes == "normalized",
-        )
-        loss = loss + spec.lambda_fc * fc.total
-        parts["fc"] = fc.total.detach()
-    if spec.uses_sc and out.cal is not None and prev_maps is not None:
-        sc = sc_loss(out.cal.attention.float(), prev_maps)
-        # added only when L_SC ≥ τ; a tensor mask instead of an `if` keeps the GPU free of a sync per step
-        loss = loss + spec.lambda_sc * sc * (sc.detach() >= spec.sc_tau)
-        parts["sc"] = sc.detach()
-    return loss, parts
+    terms = distillation_loss(
+        out.logits,
+        out.cal,
+        y,
+        bn,
+        cal_ratio=spec.cal_ratio,
+        r_bn=spec.r_bn,
+        lambda_fc=spec.lambda_fc,
+        fc_rho=spec.fc_rho,
+        lambda_sc=spec.lambda_sc,
+        sc_tau=spec.sc_tau,
+        prototypes=teacher.cal_head.prototypes if spec.uses_fc and out.cal is not None else None,
+        normalize_prototypes=spec.fc_prototypes == "normalized",
+        previous_attention=prev_maps if spec.uses_sc else None,
+    )
+    return terms.total, terms.parts()
 
 
 def distill_step(
@@ -307,7 +302,7 @@ def optimise_chunk(
     x.requires_grad_(True)
     y = classes.to(ctx.device)
     prev_maps = previous_attention(ctx, teacher, previous, classes, g) if spec.uses_sc else None
-    optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=(0.5, 0.9), eps=1e-8)
+    optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     bounds = ctx.pixel_bounds()
     iters = spec.distill_iterations
     with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:

@@ -1,42 +1,36 @@
-"""Stage 4 — train a student only on a small labelled set and measure it on the real test split.
+"""Stage 4 — train students only on small labelled sets, measure them on the real test split, compare.
 
 The student replays the recorded augmentations and learns from the stored teacher logits with
 KL(softmax(teacher/T) ‖ softmax(student/T)) (or plain CE on hard labels, for the hard-label comparison), as the
 published validation script does: AdamW, the lr set once per epoch (half-cosine by default), each replayed batch
 split into micro-batches whose gradients are accumulated before one optimizer step, the last epoch's model
-reported.
+reported. `evaluate` trains the students the spec asks for and computes DD-Ranking's metrics (fd2_core.metrics);
+`comparison` is the report's block built from them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..atomic import load_tensors, read_json, save_tensors, write_json
 from ..augment import apply_crop_flip, apply_cutmix
-from ..models import build_model
-from ..runtime import autocast, generator, to_device
+from ..metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, StudentResult, bootstrap_interval, hlr, verdict
+from ..models import FD2Model, build_model
+from ..progress import StageReporter
+from ..runtime import autocast, derive_seed, generator, to_device
 from ..softlabels import SoftLabels, forward_parts
 from .context import RunContext
+from .distill import random_real_indices
+from .full_data import full_data_steps, train_full_data_student
+from .relabel import relabel
 from .teacher import correctness
 
 SCHEDULES = ("half-cosine", "cosine")
-
-
-@dataclass(frozen=True)
-class StudentResult:
-    """Test result of a student: `correct` bool [N_test] in test-split order, `accuracy` its mean."""
-
-    accuracy: float
-    correct: torch.Tensor
-
-    @classmethod
-    def from_correct(cls, correct: torch.Tensor) -> StudentResult:
-        """accuracy = correct.double().mean() (NaN for an empty test split)."""
-        return cls(float(correct.double().mean()), correct)
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -154,3 +148,142 @@ def train_student(
         if reporter is not None:
             reporter.step(done_before + step + 1, {"student_loss": loss})
     return StudentResult.from_correct(correctness(student, ctx, ctx.data.test_images, ctx.data.test_labels))
+
+
+def teacher_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """The job's metrics before any student: the pretrain stage's test and validation accuracies."""
+    return {
+        "teacher_accuracy": info.get("test_accuracy"),
+        "teacher_val_accuracy": info.get("val_accuracy"),
+        "teacher_backbone_accuracy": info.get("backbone_test_accuracy"),
+    }
+
+
+def _student(
+    ctx: RunContext,
+    name: str,
+    reporter: StageReporter,
+    done_before: int,
+    units: int,
+    train: Callable[[int], StudentResult],
+) -> StudentResult:
+    """Train one evaluation student (`train(done_before)`), or reuse it: each finished student's per-test-image
+    correctness is kept, so a killed evaluation resumes after its last finished student."""
+    path = ctx.stage_dir / f"evaluate_{name}.safetensors"
+    if path.exists():
+        reporter.log(f"student {name!r} already trained; reusing it", fraction=(done_before + units) / reporter.total)
+        return StudentResult.from_correct(load_tensors(path)["correct"].bool())
+    result = train(done_before)
+    save_tensors(path, {"correct": result.correct.to(torch.uint8)})
+    return result
+
+
+def evaluate(
+    ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor, labels: torch.Tensor, soft: SoftLabels
+) -> dict[str, Any]:
+    """Students trained on the set (uint8 [N,3,S,S], labels [N], its soft labels) and tested on the real test
+    split, and DD-Ranking's metrics (fd2_core.metrics); kept in `evaluate.json`, so a finished evaluation is reused.
+
+    Always the student on the distilled set with its soft labels. With eval_random_baseline, the same protocol on
+    a random real subset of the same size: IOR = distilled − random, its paired-bootstrap 95 % interval and the
+    verdict (beats_random only when the whole interval is above 0). With eval_hlr, the same student with hard
+    labels on the distilled set and the full-data student: HLR = full data − distilled (hard labels).
+    """
+    spec = ctx.spec
+    path = ctx.stage_dir / "evaluate.json"
+    reporter = ctx.tracker.stage("evaluate")
+    if path.exists():
+        reporter.begin(1)
+        reporter.log("evaluation already finished; reusing it")
+        reporter.end()
+        return read_json(path)
+    steps = len(soft)
+    full_steps = full_data_steps(ctx) if spec.eval_hlr else 0
+    reporter.begin(steps * (1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)) + full_steps)
+    result: dict[str, Any] = {}
+    done = 0
+    distilled = _student(
+        ctx, "distilled", reporter, done, steps,
+        lambda before: train_student(
+            ctx, images_u8, labels, soft, stream="student", reporter=reporter, done_before=before
+        ),
+    )
+    done += steps
+    result["student_accuracy"] = distilled.accuracy
+    if spec.eval_random_baseline:
+        idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
+        real_u8 = ctx.data.train_images[idx]
+        real_labels = ctx.data.train_labels[idx]
+
+        def train_random(before: int) -> StudentResult:
+            baseline_soft = relabel(
+                ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
+                stream="baseline-relabel", parent=reporter,
+            )
+            return train_student(
+                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before
+            )
+
+        baseline = _student(ctx, "random", reporter, done, steps, train_random)
+        done += steps
+        interval = bootstrap_interval(
+            distilled.correct, baseline.correct, seed=derive_seed(spec.seed, "bootstrap", "ior")
+        )
+        judged = verdict(distilled.accuracy, baseline.accuracy, interval)
+        result["random_baseline_accuracy"] = baseline.accuracy
+        result["ior"] = judged.ior
+        result["ior_ci95"] = list(interval)
+        result["beats_random"] = judged.beats_random
+        result["verdict"] = judged.status
+        reporter.log(judged.message)
+    if spec.eval_hlr:
+        hard = _student(
+            ctx, "distilled_hard_labels", reporter, done, steps,
+            lambda before: train_student(
+                ctx, images_u8, labels, soft, stream="student", hard_labels=True, reporter=reporter,
+                done_before=before,
+            ),
+        )
+        done += steps
+        full = _student(
+            ctx, "full_data", reporter, done, full_steps,
+            lambda before: train_full_data_student(ctx, reporter=reporter, done_before=before),
+        )
+        result["hard_label_accuracy"] = hard.accuracy
+        result["full_data_accuracy"] = full.accuracy
+        result["hlr"] = hlr(full.accuracy, hard.accuracy)
+        result["hlr_ci95"] = list(
+            bootstrap_interval(full.correct, hard.correct, seed=derive_seed(spec.seed, "bootstrap", "hlr"))
+        )
+    write_json(path, result)
+    reporter.end(f"student accuracy {result['student_accuracy']:.3f}")
+    return result
+
+
+def comparison(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The report's comparison block: the set against a random real subset of the same size (IOR, its interval
+    and the verdict, with both accuracies) and, when measured, hard-label recovery; definitions included."""
+    block: dict[str, Any] = {
+        "student_accuracy": metrics.get("student_accuracy"),
+        "random_baseline_accuracy": metrics.get("random_baseline_accuracy"),
+        "ior": metrics.get("ior"),
+        "ior_ci95": metrics.get("ior_ci95"),
+        "verdict": None,
+        "protocol": "student trained only on the set from its stored soft labels; top-1 on the real "
+        "test split; the random baseline is a random real subset of the same size, relabelled and "
+        "trained identically",
+        "definitions": {
+            "ior": "improvement over random (DD-Ranking) = student_accuracy - random_baseline_accuracy",
+            "ior_ci95": f"{100 * CONFIDENCE:.0f} % paired bootstrap interval of IOR over the test images "
+            f"({BOOTSTRAP_RESAMPLES} resamples)",
+            "hlr": "hard-label recovery (DD-Ranking) = full_data_accuracy - hard_label_accuracy: the student with "
+            "hard labels on every real train image minus the same student with hard labels on the set",
+        },
+    }
+    if metrics.get("ior_ci95") is not None:
+        lo, hi = metrics["ior_ci95"]
+        block["verdict"] = verdict(metrics["student_accuracy"], metrics["random_baseline_accuracy"], (lo, hi)).as_dict()
+    if "hlr" in metrics:
+        for key in ("hard_label_accuracy", "full_data_accuracy", "hlr", "hlr_ci95"):
+            block[key] = metrics.get(key)
+    return block

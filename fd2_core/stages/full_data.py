@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import train_augment
+from ..metrics import StudentResult
 from ..models import build_model
 from ..runtime import autocast, generator, to_device
 from .context import RunContext
-from .evaluate import StudentResult
 from .teacher import correctness
 
 

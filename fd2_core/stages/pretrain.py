@@ -26,6 +26,7 @@ TEACHER_FILE = "teacher.safetensors"
 TEACHER_INFO = "teacher.json"
 CHECKPOINT_FILE = "pretrain_checkpoint.safetensors"
 CHECKPOINT_INFO = "pretrain_checkpoint.json"
+LR_DECAY_EVERY = 2  # epochs per step of the published schedule lr·γ^(epoch/2) (FD² paper presets)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _optimizer(ctx: RunContext, model: FD2Model) -> torch.optim.Optimizer:
 def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> float:
     spec = ctx.spec
     if spec.pretrain_lr_decay > 0:  # the published step schedule: lr·γ^(epoch/2)
-        return spec.pretrain_lr * spec.pretrain_lr_decay ** (epoch // 2)
+        return spec.pretrain_lr * spec.pretrain_lr_decay ** (epoch // LR_DECAY_EVERY)
     total = spec.pretrain_epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step
     return 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * t / max(total, 1)))

@@ -1,0 +1,195 @@
+"""Stage 5 — package: the downloadable artifacts and `report.json` under `workdir/artifacts`.
+
+The set is quantised to uint8 once, right after distillation (`quantize`), so that what a user downloads is
+exactly what was relabelled and evaluated. Packaging runs again on every resume; the artifact writers are
+deterministic (fd2_core.artifacts), so a resumed run packages the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+
+from .. import __version__
+from ..artifacts import copy_file, write_distilled_tar, write_preview
+from ..atomic import write_json
+from ..data.dataset import ImageDataset
+from ..models import FD2Model
+from ..models.weights import WeightsLoad
+from ..runtime import autocast
+from ..timings import Timings
+from .context import RunContext
+from .distill import init_drift
+from .evaluate import comparison
+from .pretrain import TEACHER_FILE, TeacherResult
+from .relabel import SOFT_LABELS_FILE
+
+ATTENTION_BATCH = 256  # images per teacher forward for the preview's attention maps
+
+
+class DistilledSet(NamedTuple):
+    """The set as it is downloaded: image i = (ipc index j, class c) with i = j·K + c."""
+
+    images: torch.Tensor  # uint8 [ipc·K, 3, S, S], on the CPU
+    labels: torch.Tensor  # int64 [ipc·K], the class c of each image
+    ipc_index: torch.Tensor  # int64 [ipc·K], the ipc index j of each image
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How the run started, for the report: its recorded inputs (`inputs.json`), what loading the teacher
+    weights did (None without a weights file) and whether the work folder already held stages."""
+
+    inputs: dict[str, Any]
+    weights_load: WeightsLoad | None
+    resumed: bool
+
+    @property
+    def warnings(self) -> list[dict[str, str]]:
+        """What the run accepted but a person should know (`{code, message}`), said at once and in the report."""
+        return list(self.weights_load.warnings) if self.weights_load else []
+
+
+def quantize(ctx: RunContext, synthetic: torch.Tensor) -> DistilledSet:
+    """Normalised float [ipc,K,3,S,S] → the uint8 set that is relabelled, evaluated and downloaded."""
+    flat = synthetic.reshape(-1, *synthetic.shape[2:])
+    images = (ctx.denormalize(flat) * 255.0).round().to(torch.uint8).cpu()
+    k, ipc = ctx.num_classes, ctx.spec.ipc
+    return DistilledSet(images, torch.arange(k).repeat(ipc), torch.arange(ipc).repeat_interleave(k))
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: unknown numbers become null (recursively through dicts and lists)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "fd2": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _device_info(device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+
+
+def _dataset_summary(data: ImageDataset) -> dict[str, Any]:
+    k = len(data.classes)
+    return {
+        "source": data.source,
+        "num_classes": k,
+        "classes": data.classes,
+        "splits": {"train": int(data.train_images.shape[0]), "test": int(data.test_images.shape[0])},
+        "per_class_train": torch.bincount(data.train_labels, minlength=k).tolist(),
+        "skipped_files": len(data.errors),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+@torch.no_grad()
+def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -> torch.Tensor | None:
+    """The teacher's CAL attention maps of the set, [N, M, H, W] on the CPU, for the preview (None without CAL)."""
+    if teacher.cal_head is None:
+        return None
+    teacher.eval()
+    maps = []
+    with autocast(ctx.device, ctx.amp):
+        for start in range(0, images_u8.shape[0], ATTENTION_BATCH):
+            maps.append(teacher(ctx.normalize(images_u8[start : start + ATTENTION_BATCH])).cal.attention.float().cpu())
+    return torch.cat(maps)
+
+
+def package(
+    ctx: RunContext,
+    teacher: TeacherResult,
+    distilled: DistilledSet,
+    metrics: dict[str, Any],
+    timings: Timings,
+    provenance: Provenance,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write `distilled.tar.gz`, `soft_labels.safetensors`, `teacher.safetensors`, `preview.png` and last
+    `report.json` (with `timings_s`: this stage's seconds and the run's total) under `workdir/artifacts`.
+
+    Returns (artifact name → path, the report as written).
+    """
+    spec, data = ctx.spec, ctx.data
+    resolved = spec.model_dump(mode="json")
+    with timings.measure("package"):
+        reporter = ctx.tracker.stage("package")
+        reporter.begin(1)
+        out = ctx.workdir / "artifacts"
+        out.mkdir(exist_ok=True)
+        versions = _versions()
+        summary = _dataset_summary(data)
+        manifest = {
+            "format": "fd2.distilled.v1",
+            "method": spec.method,
+            "spec": resolved,
+            "dataset": summary,
+            "versions": versions,
+            "seed": spec.seed,
+            "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        }
+        images, labels, ipc_index = distilled
+        artifacts = {
+            "distilled.tar.gz": write_distilled_tar(
+                out / "distilled.tar.gz", images, labels, ipc_index, data.classes, manifest
+            ),
+            "soft_labels.safetensors": copy_file(ctx.stage_dir / SOFT_LABELS_FILE, out / "soft_labels.safetensors"),
+            "teacher.safetensors": copy_file(ctx.stage_dir / TEACHER_FILE, out / "teacher.safetensors"),
+            "preview.png": write_preview(
+                out / "preview.png", images, labels, ipc_index, ctx.num_classes, spec.ipc,
+                attention=_attention_of(ctx, teacher.model, images),
+            ),
+        }
+    timings_s = timings.finish()
+    report = json_safe(
+        {
+            "format": "fd2.report.v1",
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "method": spec.method,
+            "spec": resolved,
+            "metrics": metrics,
+            "comparison": comparison(metrics),
+            "teacher": {
+                **teacher.info,
+                "initial_weights": provenance.inputs["teacher_weights_sha256"],
+                "initial_weights_load": provenance.weights_load.as_dict() if provenance.weights_load else None,
+            },
+            "warnings": provenance.warnings,
+            "distill": init_drift(ctx),
+            "dataset": {**summary, "duplicates": data.duplicates,
+                        "errors": [e.as_dict() for e in data.errors[:100]],
+                        "warnings": [w.as_dict() for w in data.warnings]},
+            "timings_s": timings_s,
+            "resumed": provenance.resumed,
+            "device": _device_info(ctx.device),
+            "versions": versions,
+        }
+    )
+    artifacts["report.json"] = write_json(out / "report.json", report)
+    reporter.end()
+    return artifacts, report
