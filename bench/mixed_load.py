@@ -97,7 +97,7 @@ def start_service(home: Path, port: int, log_path: Path) -> subprocess.Popen:
     """`fd2 serve` in its own process group, output to `log_path`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FD2_")}
     env.update({"FD2_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
-    command = [sys.executable, "-m", "worker.cli", "serve", "--home", str(home), "--port", str(port)]
+    command = [sys.executable, "-m", "fd2_cli", "serve", "--home", str(home), "--port", str(port)]
     with log_path.open("wb") as log:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -24,6 +24,7 @@ COPY fd2_core ./fd2_core
 COPY store ./store
 COPY api ./api
 COPY worker ./worker
+COPY fd2_cli ./fd2_cli
 # --no-deps: the dependencies above are complete for the API; this keeps torch out of the image.
 RUN pip install --no-deps . \
     && useradd --system --uid 10001 --home-dir "$FD2_HOME" fd2 \

@@ -16,6 +16,7 @@ COPY fd2_core ./fd2_core
 COPY store ./store
 COPY api ./api
 COPY worker ./worker
+COPY fd2_cli ./fd2_cli
 # torch and torchvision from the base image already satisfy the project's pins, so pip keeps the CUDA builds.
 RUN pip install . \
     && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \

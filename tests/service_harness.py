@@ -1,6 +1,6 @@
 """Test helpers: isolated settings and seeded rows for worker tests, and real service processes.
 
-`ServiceStack` starts a real `uvicorn api.main:app` and a real Celery worker (`python -m worker.cli worker`,
+`ServiceStack` starts a real `uvicorn api.main:app` and a real Celery worker (`python -m fd2_cli worker`,
 solo pool) as child processes sharing one configuration: **embedded** (SQLite + folder broker under a
 temporary FD2_HOME) or **distributed** (a fresh PostgreSQL database + Redis db 15, flushed first). Every
 child's output goes to a log file; `log_tail()` gives what a failing test needs to show.
@@ -258,7 +258,7 @@ class ServiceStack:
         return self
 
     def start_worker(self) -> ChildProcess:
-        command = [sys.executable, "-m", "worker.cli", "worker", "--queues=fd2.gpu,fd2.cpu"]
+        command = [sys.executable, "-m", "fd2_cli", "worker", "--queues=fd2.gpu,fd2.cpu"]
         worker = start_child("worker", command, self.env, self.log_dir)
         self.workers.append(worker)
         wait_until(
@@ -284,7 +284,7 @@ class ServiceStack:
     def create_key(self, tenant: str) -> str:
         """A tenant key through the real `fd2 keys create` command (stdout is only the key)."""
         result = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "keys", "create", tenant],
+            [sys.executable, "-m", "fd2_cli", "keys", "create", tenant],
             cwd=REPO_ROOT,
             env=self.env,
             capture_output=True,

@@ -243,7 +243,7 @@ def test_fgsynth_refuses_an_out_it_would_overwrite_or_cannot_create(tmp_path, ca
     ],
 )
 def test_service_commands_refuse_bad_arguments_before_creating_the_home(argv, words, tmp_path, capsys, monkeypatch):
-    from worker.cli import main as fd2_main
+    from fd2_cli.main import main as fd2_main
 
     monkeypatch.delenv("FD2_HOME", raising=False)
     home = tmp_path / "home"
@@ -254,8 +254,8 @@ def test_service_commands_refuse_bad_arguments_before_creating_the_home(argv, wo
 
 
 def test_service_commands_refuse_a_home_that_is_a_file_and_a_port_out_of_range(tmp_path, capsys, monkeypatch):
-    from worker.cli import build_parser
-    from worker.cli import main as fd2_main
+    from fd2_cli.main import build_parser
+    from fd2_cli.main import main as fd2_main
 
     monkeypatch.delenv("FD2_HOME", raising=False)
     home = tmp_path / "home"

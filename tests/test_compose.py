@@ -100,3 +100,17 @@ def test_dockerfiles_use_the_intended_bases_and_entry_points():
     assert '"fd2", "worker"' in worker
     for text in (api, worker):
         assert re.search(r"^USER \w+", text, re.M)  # not root
+
+
+@pytest.mark.parametrize("image", ["api", "worker"])
+def test_both_images_hold_every_installed_package(image):
+    """`pip install .` inside an image needs each package pyproject.toml lists copied in and not filtered out
+    (the API image too: `docker compose exec api fd2 keys create` runs the fd2 command)."""
+    include = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    packages = [name.strip().strip('"').rstrip("*") for name in include.split(",")]
+    dockerfile = (ROOT / "docker" / f"{image}.Dockerfile").read_text()
+    ignore = (ROOT / "docker" / f"{image}.Dockerfile.dockerignore").read_text().splitlines()
+    assert "fd2_cli" in packages
+    for name in packages:
+        assert re.search(rf"^COPY {name} \./{name}$", dockerfile, re.M), f"{image}.Dockerfile does not copy {name}"
+        assert f"!{name}/**" in ignore, f"{image}.Dockerfile.dockerignore filters out {name}"

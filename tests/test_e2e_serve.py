@@ -27,7 +27,7 @@ class Serve:
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "serve", "--home", str(home), "--port", str(port)],
+                [sys.executable, "-m", "fd2_cli", "serve", "--home", str(home), "--port", str(port)],
                 cwd=REPO_ROOT,
                 env=service_env({}),
                 stdout=out,

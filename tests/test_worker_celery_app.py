@@ -51,7 +51,7 @@ def test_the_run_job_task_is_registered_under_its_public_name():
 
 def test_importing_the_worker_app_does_not_import_torch_or_the_api(tmp_path):
     """The prefork pool forks after import: the parent must not have initialised torch/CUDA."""
-    code = "import sys, json, worker.tasks, worker.cli; print(json.dumps(sorted(sys.modules)))"
+    code = "import sys, json, worker.tasks, fd2_cli.main; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO_ROOT,

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from service_harness import REPO_ROOT, service_env
 
-from worker import serve
-from worker.cli import build_parser, main
+from fd2_cli import serve
+from fd2_cli.main import build_parser, main
 
 KEY = re.compile(r"^fd2_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}$")
 
 
 def fd2(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args, "--home", str(home)],
+        [sys.executable, "-m", "fd2_cli", *args, "--home", str(home)],
         cwd=REPO_ROOT,
         env=service_env({}),
         capture_output=True,

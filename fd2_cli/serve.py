@@ -28,14 +28,14 @@ class Child:
 
 
 def api_command(host: str, port: int) -> list[str]:
-    """uvicorn serving `api.main:app` (named by string: the worker package never imports the API)."""
+    """uvicorn serving `api.main:app` (named by string: the supervising process never loads the API)."""
     return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)]
 
 
 def worker_command(queues: Sequence[str], concurrency: int = 1) -> list[str]:
     """`fd2 worker` in a child process (same interpreter, so the same virtual environment)."""
     options = ["--queues", ",".join(queues), "--concurrency", str(concurrency)]
-    return [sys.executable, "-m", "worker.cli", "worker", *options]
+    return [sys.executable, "-m", "fd2_cli", "worker", *options]
 
 
 def _die_with_parent() -> None:

@@ -1,4 +1,4 @@
-"""`fd2`: the project's command line.
+"""`fd2`: the project's command line (`python -m fd2_cli` runs the same).
 
 Library commands (`distill`, `data`) come from `fd2_core.cli`; the service commands live here:
 `serve` (API + one worker on this machine), `worker` (a worker alone, for distributed mode), `keys`
@@ -60,8 +60,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, make sure a key exists, then run the API server and one worker until a signal."""
+    from fd2_cli.serve import api_command, child_env, start_child, supervise, worker_command
     from store.db import migrate
-    from worker.serve import api_command, child_env, start_child, supervise, worker_command
 
     settings = _settings(args)
     migrate(settings)
