@@ -142,7 +142,8 @@ def drop_files(layout: DatasetLayout, report: DuplicateReport) -> tuple[dict[Pat
     return dropped, freed
 
 
-def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_duplicates: bool = False) -> IntakeResult:
+def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_duplicates: bool = False,
+                   shown_name: str | None = None) -> IntakeResult:
     """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed).
 
     `drop_duplicates` deletes copies within a split and test images that occur in train before the dataset is
@@ -151,7 +152,7 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_dupl
     folder = dataset_path(settings, dataset_id)
     limits = data_limits(settings)
     try:
-        extraction = extract_archive(archive, folder / "data", limits)
+        extraction = extract_archive(archive, folder / "data", limits, shown_name=shown_name)
         archive.unlink(missing_ok=True)
         digests: dict[Path, str] = {}
         try:
@@ -200,8 +201,9 @@ async def _receive_and_store(request: Request, session: Session, settings: Setti
         drop_duplicates = drop_duplicates_option(upload.fields)
         # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
         # thread that short requests need.
+        shown = Path(clean_name(upload.filename or "")).name or "the uploaded file"
         result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id, drop_duplicates,
-                                                limiter=request.app.state.intake_limiter)
+                                                shown, limiter=request.app.state.intake_limiter)
     except DataError as exc:
         raise ApiError(422, exc.code, exc.message, exc.details) from None
     finally:

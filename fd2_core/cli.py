@@ -154,12 +154,16 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
     lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
     # The dataset's warnings (e.g. file names decoded from a guessed code page), as the service lists them.
-    lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])]
+    lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])
+              if w["code"] not in DUPLICATE_CODES]  # the duplicates line above says those
     lines.append("artifacts:")
     lines += [f"  {path}" for path in result.artifacts.values()]
     if judged:  # last, so that a set which does not beat random cannot scroll by unnoticed
         lines.append(judged["message"])
     print("\n".join(lines))
+
+
+DUPLICATE_CODES = frozenset({"test_in_train", "duplicates"})
 
 
 def duplicate_lines(found: dict[str, Any]) -> list[str]:

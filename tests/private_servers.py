@@ -10,6 +10,7 @@ be started here (the tests skip with that reason).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,3 +193,35 @@ class PrivatePostgres:
             pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
+
+
+@contextlib.contextmanager
+def private_redis(folder: Path) -> Iterator[PrivateRedis]:
+    """A started private Redis in `folder`, killed afterwards; skips the test (with the reason) where it can't run."""
+    import pytest
+
+    unavailable = redis_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    server = PrivateRedis(folder).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def private_postgres(on_exit: Callable[[], None] = lambda: None) -> Iterator[PrivatePostgres]:
+    """A started private PostgreSQL, destroyed afterwards (after `on_exit`, e.g. disposing engines); skips the
+    test (with the reason) where it can't run."""
+    import pytest
+
+    unavailable = postgres_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    server = PrivatePostgres().init().start()
+    try:
+        yield server
+    finally:
+        on_exit()
+        server.destroy()

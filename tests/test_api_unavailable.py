@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from private_servers import PrivatePostgres, postgres_unavailable
+from private_servers import PrivatePostgres, private_postgres
 from sqlalchemy.exc import IntegrityError
 
 from api.errors import UNAVAILABLE_RETRY_AFTER_S
@@ -23,15 +23,8 @@ from store.settings import Settings
 
 @pytest.fixture
 def postgres() -> Iterator[PrivatePostgres]:
-    unavailable = postgres_unavailable()
-    if unavailable:
-        pytest.skip(unavailable)
-    server = PrivatePostgres().init().start()
-    try:
+    with private_postgres(on_exit=dispose_engines) as server:
         yield server
-    finally:
-        dispose_engines()
-        server.destroy()
 
 
 def assert_503(response, code: str) -> None:

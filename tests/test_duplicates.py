@@ -282,9 +282,14 @@ def test_cli_summary_and_job_report_count_duplicates_and_warn_of_leaks(tmp_path:
     assert ("duplicates                train 1 (1 groups), test 0 (0 groups), test images also in train 1"
             in res.stdout.splitlines())
     assert "WARNING: 1 test image(s) also occur in train (e.g. train/ant/3.png = test/bee/leak.png)" in res.stdout
+    assert res.stdout.count("also occur in train") == 1  # said once, not again among the dataset warnings
     report = json.loads((tmp_path / "out" / "artifacts" / "report.json").read_text())
     assert report["dataset"]["duplicates"] == {**LEAKY, "dropped": 0}
     assert report["dataset"]["splits"] == {"train": 33, "test": 9}
+    # The leak travels with the data into every report and is said while the job runs, not only by the CLI.
+    assert [w["code"] for w in report["dataset"]["warnings"]] == ["test_in_train", "duplicates"]
+    assert "inflates every test accuracy" in report["dataset"]["warnings"][0]["message"]
+    assert "fd2: warning: data warning: 1 test image also occurs in train" in res.stderr
 
 
 def test_cli_drop_duplicates_trains_and_tests_without_them(tmp_path: Path) -> None:

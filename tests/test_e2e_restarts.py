@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from pipeline_helpers import tiny_spec
-from private_servers import PrivatePostgres, PrivateRedis, postgres_unavailable, redis_unavailable
+from private_servers import PrivatePostgres, PrivateRedis, private_postgres, private_redis
 from service_harness import TEST_STALE_HEARTBEAT_S, ServiceStack, service_env, wait_until
 
 pytestmark = pytest.mark.service
@@ -32,26 +32,14 @@ SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=40, evalua
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PrivatePostgres]:
-    unavailable = postgres_unavailable()
-    if unavailable:
-        pytest.skip(unavailable)
-    server = PrivatePostgres().init().start()
-    try:
+    with private_postgres() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    unavailable = redis_unavailable()
-    if unavailable:
-        pytest.skip(unavailable)
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
+    with private_redis(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

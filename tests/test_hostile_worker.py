@@ -228,3 +228,22 @@ def test_the_worker_scans_once_and_the_pipeline_decodes_that_layout(settings: Se
     data = dataset_module.load_dataset(layout, 16)
     assert data.classes == layout.classes
     assert len(data.train_labels) == layout.splits["train"] and len(data.test_labels) == layout.splits["test"]
+
+
+def test_names_decoded_at_upload_are_reported_by_the_job(settings: Settings) -> None:
+    """A rescan of an unpacked upload sees decoded names only: the dataset's name warnings travel with the job
+    into the loaded data (and so into report.json and the job's warning events); duplicate warnings do not,
+    since the job's loader finds those itself."""
+    from fd2_core.data.dataset import load_dataset
+
+    job_id, folder = queued_upload_job(settings)
+    names = {"code": "names_code_page", "message": "2 names were decoded as cp1252", "details": {"count": 2}}
+    leak = {"code": "test_in_train", "message": "1 test image also occurs in train", "details": {}}
+    with session_scope(settings) as session:
+        session.get(Dataset, folder.parent.name).warnings = [names, leak]
+    runner = JobRunner(settings, worker_limits(settings), worker_identity())
+    with session_scope(settings) as session:
+        source = runner._source_of(session, get_job(session, job_id))
+    assert source is not None and source.warnings == (names,)
+    layout = prepare_source(settings, job_id, source, resolve_spec(tiny_spec()))
+    assert [w.as_dict() for w in load_dataset(layout, 16).warnings][:1] == [names]

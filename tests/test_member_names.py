@@ -265,7 +265,7 @@ def test_loaded_dataset_and_distilled_tar_carry_nfc_names(tmp_path):
                                        **raw_tree({"Grünfink": 3}, "utf-8", "NFD")}))
     data = load_dataset(archive, 8, test_fraction=0.0)
     assert data.classes == ["Café, crème", "Grünfink", "Mésange bleue"]
-    assert _codes(data.warnings) == ["names_code_page"]
+    assert [c for c in _codes(data.warnings) if c.startswith("names_")] == ["names_code_page"]  # + duplicates
     k = len(data.classes)
     out = write_distilled_tar(tmp_path / "distilled.tar.gz", torch.zeros(k, 3, 4, 4, dtype=torch.uint8),
                               torch.arange(k), torch.zeros(k, dtype=torch.long), data.classes, {})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from private_servers import PrivateRedis, redis_unavailable
+from private_servers import PrivateRedis, private_redis
 from service_harness import embedded_settings, seed_job
 from sqlalchemy import update
 
@@ -30,14 +30,8 @@ STALE_S = 30.0
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    unavailable = redis_unavailable()
-    if unavailable:
-        pytest.skip(unavailable)
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
+    with private_redis(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

@@ -42,6 +42,10 @@ from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
 log = logging.getLogger(__name__)
 
+# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan cannot see them
+# again, so they travel with the job. Duplicate warnings are not carried: the job's loader finds them itself.
+UNPACKING_WARNINGS = ("names_",)
+
 # A job whose runs keep dying (say, the kernel's OOM killer) is failed instead of being retried forever.
 MAX_ATTEMPTS = 5
 MESSAGE_LIMIT = 300
@@ -258,7 +262,9 @@ class JobRunner:
         dataset = get_dataset(session, job.dataset_id)
         if dataset is None:
             return None
-        return JobSource("dataset", dataset.path or str(dataset_path(self.settings, dataset.id)), dataset.id)
+        unpacked = tuple(w for w in dataset.warnings or [] if str(w.get("code", "")).startswith(UNPACKING_WARNINGS))
+        return JobSource("dataset", dataset.path or str(dataset_path(self.settings, dataset.id)), dataset.id,
+                         unpacked)
 
     def _register_artifacts(self, job_id: str, artifacts: dict[str, Any]) -> None:
         with_retries(self.settings, lambda: self._register_artifacts_once(job_id, artifacts),

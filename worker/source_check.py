@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fd2_core.admission import JobCounts, admission_problems
+from fd2_core.data.errors import DataWarning
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
 from fd2_core.spec import JobSpec
@@ -46,6 +47,9 @@ class JobSource:
     kind: Literal["dataset", "manifest"]
     path: str
     dataset_id: str | None = None
+    # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked), carried into
+    # the job's report and events: `{code, message, details}` each.
+    warnings: tuple[dict[str, Any], ...] = ()
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -106,6 +110,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
         folder = confined_dataset_folder(settings, source.dataset_id, source.path)
         layout = scan_source(folder, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
         check_size(settings, spec, layout)
+        layout.warnings[:0] = [DataWarning(w["code"], w["message"], w.get("details") or {}) for w in source.warnings]
         return layout
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
     layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,

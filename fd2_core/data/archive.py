@@ -344,9 +344,12 @@ def _open_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, name: str) ->
 
 
 def extract_archive(
-    archive_path: str | Path, dest_dir: str | Path, limits: DataLimits = DataLimits()
+    archive_path: str | Path, dest_dir: str | Path, limits: DataLimits = DataLimits(), shown_name: str | None = None
 ) -> Extraction:
     """Unpack a zip/tar/tar.gz into `dest_dir` (which must not exist yet, or be empty) safely.
+
+    `shown_name` is the name messages use for the archive (a service keeps uploads under internal names; the
+    user knows the file they sent).
 
     Raises DataError: `not_found`, `bad_archive` (unknown type, corrupt, truncated), `path_escape`,
     `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`; names that were not
@@ -354,11 +357,14 @@ def extract_archive(
     """
     archive_path = Path(archive_path)
     dest = Path(dest_dir)
+    shown = shown_name or archive_path.name
     if not archive_path.is_file():
-        raise DataError("not_found", f"archive {archive_path.name!r} not found")
+        raise DataError("not_found", f"archive {shown!r} not found")
+    if archive_path.stat().st_size == 0:
+        raise DataError("bad_archive", f"{shown} is empty (0 bytes)")
     kind = detect_archive(archive_path)
     if kind is None:
-        raise DataError("bad_archive", f"{archive_path.name} is not a zip or tar(.gz) archive")
+        raise DataError("bad_archive", f"{shown} is not a zip or tar(.gz) archive")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"extraction target {dest} exists and is not an empty folder")
     dest.parent.mkdir(parents=True, exist_ok=True)

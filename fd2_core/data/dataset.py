@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fd2_core.data import fgsynth
 from fd2_core.data.archive import detect_archive, extract_archive
-from fd2_core.data.duplicates import Fingerprint, find_duplicates
+from fd2_core.data.duplicates import DuplicateReport, Fingerprint, duplicate_warnings, find_duplicates
 from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
 from fd2_core.data.images import decode_with_digest, pixel_digest
 from fd2_core.data.layout import DatasetLayout, Item, relative_name, scan_manifest_items, scan_source
@@ -172,8 +172,17 @@ def load_fgsynth(source: str, image_size: int, drop_duplicates: bool = False) ->
     return _assemble(
         train, torch.from_numpy(data.train_labels[keep_train]), test, torch.from_numpy(data.test_labels[keep_test]),
         data.classes, [FileError(prints[i].name, reason) for i, reason in found.dropped.items()],
-        f"{FGSYNTH_PREFIX}:{described}", found.as_dict(),
+        f"{FGSYNTH_PREFIX}:{described}", found.as_dict(), _duplicate_warnings(found),
     )
+
+
+DUPLICATES_FIX = "drop them with drop_duplicates (the CLI's --drop-duplicates, the upload's drop_duplicates=true)"
+
+
+def _duplicate_warnings(found: DuplicateReport) -> list[DataWarning]:
+    """What the data still holds of duplicates and test images leaked from train, as warnings that travel with
+    the dataset into every report (a leaked test image inflates every accuracy reported)."""
+    return [DataWarning(w["code"], w["message"], w["details"]) for w in duplicate_warnings(found, DUPLICATES_FIX)]
 
 
 def decode_layout(
@@ -228,7 +237,7 @@ def decode_layout(
                                                                          dtype=torch.uint8)
         labels = torch.tensor([item.label for item in chosen], dtype=torch.int64)
         splits[split] = (images, labels)
-    warnings = [*extra_warnings, *layout.warnings]
+    warnings = [*extra_warnings, *layout.warnings, *_duplicate_warnings(found)]
     return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, found.as_dict(), warnings)
 
 

@@ -59,7 +59,8 @@ DEFAULT_FIXES: dict[str, str] = {
     "teacher_classes_mismatch": "use weights trained on the same classes, or set teacher_weights_mode=backbone to "
     "take only the feature extractor",
     "ipc_too_large": "lower ipc or add images to the smallest class",
-    "no_test_split": "set evaluate=false or add test images (a test/ folder)",
+    "no_test_split": "set evaluate=false, or add test images (a test/ folder of class folders, or manifest rows "
+    "with split=test; a manifest without a split column has a test share carved)",
     "workdir_conflict": "choose another work folder, or repeat the earlier run's spec to resume it",
     "bad_workdir": "choose a work folder that can be created and written",
 }

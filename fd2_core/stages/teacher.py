@@ -143,7 +143,7 @@ def check_teacher_weights(spec: JobSpec, classes: Sequence[str], path: Path) -> 
     try:
         return load_model_weights(model, path, mode=spec.teacher_weights_mode, classes=classes)
     except ClassListMismatch as err:
-        raise DataError("teacher_classes_mismatch", str(err)) from err
+        raise DataError("teacher_classes_mismatch", str(err), fix="") from err  # the message says the fix
     except (ValueError, RuntimeError, OSError, SafetensorError, pickle.UnpicklingError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
         where = "" if str(path) in detail else f" {path}"
