@@ -23,12 +23,14 @@ from worker.state import WorkerState
 
 
 class WorkerApp(Celery):
-    """The Celery app with the settings it was built from and, once a worker started on it, that worker's state."""
+    """The Celery app with the settings it was built from and, once a worker started on it, that worker's state.
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__("fd2", include=["worker.tasks"])
-        self.fd2_settings = settings
-        self.fd2_state: WorkerState | None = None
+    Celery's own constructor is kept (an app unpickled in a spawned pool process is rebuilt through it); the
+    two attributes are set by `create_app` and `worker.lifecycle`.
+    """
+
+    fd2_settings: Settings | None = None
+    fd2_state: WorkerState | None = None
 
     def worker_state(self) -> WorkerState:
         """The state built at worker start; built here on first use where no `worker_init` ran in this
@@ -42,7 +44,8 @@ def create_app(settings: Settings | None = None) -> WorkerApp:
     """A Celery app for the configured broker with the worker-side rules above."""
     settings = settings or get_settings()
     limits = worker_limits(settings)
-    app = WorkerApp(settings)
+    app = WorkerApp("fd2", include=["worker.tasks"])
+    app.fd2_settings = settings
     app.conf.update(celery_config(settings))
     app.conf.update(
         worker_concurrency=1,
