@@ -1,7 +1,8 @@
 """Sending jobs to the workers: a Celery client that knows tasks only by name.
 
-The API never imports `worker` (which would pull in torch); it publishes `fd2.run_job(job_id)` with the task
-id equal to the job id, so a revoke names the job directly.
+The API never imports `worker` (which would pull in torch); it publishes `fd2.run_job(job_id)` through the one
+send path (`fd2_config.celery_config.send_run_job`), with the task id equal to the job id, so a revoke names the
+job directly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from store.settings import RUN_JOB_TASK, Settings
+from fd2_config.celery_config import celery_config, send_run_job
+from fd2_config.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -31,13 +33,12 @@ class JobBroker:
         from celery import Celery
 
         app = Celery("fd2-api", set_as_current=False)
-        app.conf.update(self.settings.celery_config())
+        app.conf.update(celery_config(self.settings))
         return app
 
     def send_job(self, job_id: str, queue: str) -> None:
         """Enqueue the job (blocking; raises when the broker cannot take it)."""
-        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=job_id, retry=True,
-                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+        send_run_job(self.celery, job_id, queue)
 
     def revoke(self, job_id: str) -> None:
         """Ask workers to drop the job's message; best effort, the database flag is what workers obey."""

@@ -23,6 +23,7 @@ from api.auth import CurrentTenant
 from api.errors import ApiError
 from api.upload_slots import check_free_disk
 from api.uploads import receive_upload
+from fd2_config.settings import Settings
 from fd2_core.data.archive import extract_archive
 from fd2_core.data.duplicates import DuplicateReport, Fingerprint, duplicate_warnings, find_duplicates
 from fd2_core.data.errors import DataError, FileError, UnusableDataError
@@ -30,7 +31,6 @@ from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, vali
 from fd2_core.data.limits import DataLimits
 from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
 from store.models import Dataset, new_id
-from store.settings import Settings
 
 MAX_STORED_ERRORS = 1000
 MAX_ERROR_TEXT_CHARS = 300  # an archive member's name may be 64 KiB long; the resource stays small

@@ -22,9 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import CurrentTenant, TenantCache, hash_key
 from api.broker import JobBroker
 from api.errors import ApiError
+from fd2_config.settings import Settings
 from store.db import get_sessionmaker, is_sqlite, read_session
 from store.keys import authenticate
-from store.settings import Settings
 
 T = TypeVar("T")
 

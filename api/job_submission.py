@@ -24,9 +24,11 @@ from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
+from fd2_config.callback_hosts import callback_host_allowed, callback_url_problem
+from fd2_config.queues import queue_for_device
+from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, job_counts
 from fd2_core.spec import JobSpec
-from store.callback_hosts import callback_host_allowed, callback_url_problem
 from store.datasets import get_tenant_dataset
 from store.jobs import (
     add_event,
@@ -37,7 +39,6 @@ from store.jobs import (
     get_tenant_job,
 )
 from store.models import Dataset, Job, new_id
-from store.settings import Settings, queue_for_device
 
 logger = logging.getLogger("fd2.api")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")

@@ -25,9 +25,9 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.rate_limit import RateLimiter
 from api.routes import artifacts, datasets, health, jobs, metrics
 from api.upload_slots import UploadSlots
+from fd2_config.settings import Settings, get_settings
 from fd2_core.spec import PRESET_DESCRIPTIONS, JobSpec
 from store.db import migrate
-from store.settings import Settings, get_settings
 
 DESCRIPTION = """Fine-grained dataset distillation (FD²) as a service.
 

@@ -14,10 +14,10 @@ from typing import Any
 from api.dataset_intake import data_limits
 from api.errors import ApiError
 from api.schemas import Manifest
+from fd2_config.settings import Settings
 from fd2_core.data.errors import DataError
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items
 from store.jobs import job_workdir
-from store.settings import Settings
 
 MANIFEST_FILE = "manifest.json"
 MAX_REPORTED_ROWS = 100

@@ -17,10 +17,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import count_jobs_by_status
 from store.models import JOB_STATUSES, Job
-from store.settings import Settings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -75,6 +75,8 @@ class JobError(BaseModel):
 
 
 class JobOut(BaseModel):
+    """The job resource as built by `store.resources.job_resource` (its one definition), typed for OpenAPI."""
+
     id: str
     status: JobStatus
     stage: JobStage | None = None

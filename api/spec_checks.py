@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.errors import ApiError, validation_details
+from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, Problem, admission_problems, ipc_problem
 from fd2_core.spec import JobSpec, describe_spec_error, resolve_spec
-from store.settings import Settings
 
 
 def _invalid_spec(exc: ValidationError) -> ApiError:

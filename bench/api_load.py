@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import insert  # noqa: E402
 
+from fd2_config.settings import Settings  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.keys import authenticate, create_tenant_key  # noqa: E402
 from store.models import Artifact, Job, new_id, utcnow  # noqa: E402
-from store.settings import Settings  # noqa: E402
 
 ARTIFACT_NAMES = ("distilled.tar.gz", "soft_labels.safetensors", "teacher.safetensors", "report.json",
                   "preview.png")

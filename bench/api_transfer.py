@@ -41,11 +41,12 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.api_load import free_port, group_cpu_seconds, start_server, stop_server  # noqa: E402
+from fd2_config.queues import GPU_QUEUE  # noqa: E402
+from fd2_config.settings import Settings  # noqa: E402
 from store.artifacts import register_artifact  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.jobs import create_job, finish_job, mark_running  # noqa: E402
 from store.keys import authenticate, create_tenant_key  # noqa: E402
-from store.settings import GPU_QUEUE, Settings  # noqa: E402
 
 MIB = 1024 * 1024
 CHUNK = MIB

@@ -45,9 +45,9 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from bench.api_load import free_port, percentile  # noqa: E402
+from fd2_config.settings import Settings  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.keys import create_tenant_key  # noqa: E402
-from store.settings import Settings  # noqa: E402
 
 # A job that finishes in seconds on a CPU and still produces every artifact.
 TINY_SPEC = {

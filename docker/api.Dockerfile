@@ -20,6 +20,7 @@ print('\n'.join(d for d in deps if not d.replace(' ', '').lower().startswith(('t
     && pip install -r /tmp/api-requirements.txt
 
 COPY README.md ./
+COPY fd2_config ./fd2_config
 COPY fd2_core ./fd2_core
 COPY store ./store
 COPY api ./api

@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 COPY pyproject.toml README.md ./
+COPY fd2_config ./fd2_config
 COPY fd2_core ./fd2_core
 COPY store ./store
 COPY api ./api

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.queues import ALL_QUEUES, parse_queue_list
+from fd2_config.queues import ALL_QUEUES, parse_queue_list
 
 EXIT_USAGE = 2
 
@@ -37,7 +37,7 @@ def _settings(args: argparse.Namespace) -> Any:
     Raises Refused for a home that cannot be a folder or a setting out of range, before anything is created."""
     from pydantic import ValidationError
 
-    from store.settings import get_settings
+    from fd2_config.settings import get_settings
 
     if getattr(args, "home", None):
         home = Path(args.home).expanduser().resolve()

@@ -1,4 +1,5 @@
-"""Persistence shared by the API and the worker: settings, tables, sessions, migrations, repositories.
+"""Persistence shared by the API and the worker: tables, sessions, migrations, repositories, resource shapes.
 
-Torch-free and web-free by design, so both sides (and the CLI) can import it cheaply.
+It owns every change of a job's state (`store.jobs`, `store.job_states`); its configuration comes from
+`fd2_config`. Torch-free and web-free by design, so both sides (and the CLI) can import it cheaply.
 """

@@ -9,10 +9,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fd2_config.settings import Settings
 from store.jobs import SAFE_ID
 from store.models import Dataset, is_public_id
 from store.pagination import Page, newest_first_page
-from store.settings import Settings
 
 
 def dataset_path(settings: Settings, dataset_id: str) -> Path:

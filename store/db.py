@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool
 
-from store.settings import Settings, get_settings
+from fd2_config.settings import Settings, get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Arbitrary constant identifying the migration lock among PostgreSQL advisory locks.

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from fd2_config.settings import Settings
 from store.models import (
     ACTIVE_JOB_STATUSES,
     FINISHED_JOB_STATUSES,
@@ -27,7 +28,6 @@ from store.models import (
     utcnow,
 )
 from store.pagination import Page, newest_first_page
-from store.settings import Settings
 
 SAFE_ID = PUBLIC_ID
 

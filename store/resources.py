@@ -1,7 +1,10 @@
-"""The public JSON shapes of datasets, jobs and events (the API's OpenAPI schema at `/docs`), built from rows.
+"""The public JSON shapes of datasets, jobs and events (docs/INTERFACES.md), built from rows.
 
-Shared by the API's responses and the worker's job-end callbacks, so both send the very same job resource.
-Built from already-loaded rows: presenting a job never triggers another query.
+The one definition of each resource shape, here because the worker's job-end callbacks need the job resource
+and the worker never imports the API: the API's responses and the callbacks send the very same job resource.
+`api.schemas` (`JobOut`, `ArtifactOut`, `DatasetOut`, `EventOut`) only documents these shapes in OpenAPI; a
+test checks that each model has exactly the keys built here. Built from already-loaded rows: presenting a job
+never triggers another query.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
+from fd2_config.settings import Settings
 from store.jobs import JobRecord, read_job_record
 from store.models import Dataset, Job, JobEvent
-from store.settings import Settings
 
 
 def artifact_url(settings: Settings, job_id: str, name: str) -> str:

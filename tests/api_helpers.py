@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from fd2_config.settings import Settings
 from store.db import dispose_engines, session_scope
 from store.keys import authenticate, create_tenant_key
-from store.settings import Settings
 
 POSTGRES_URL = os.environ.get("FD2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]

@@ -26,10 +26,10 @@ from annotated_types import Ge, Gt, Le, Lt
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from fd2_config.settings import Settings
 from fd2_core.spec import JobSpec
 from store.db import session_scope
 from store.keys import create_tenant_key, revoke_key
-from store.settings import Settings
 
 # Limits of the corpus service: small, so each bound is reached with a few kilobytes.
 CORPUS_SETTINGS: dict[str, Any] = {

@@ -37,7 +37,7 @@ WORKER_READY = " ready."  # Celery's "<node name> ready." line, printed once it 
 
 def embedded_settings(home: Path, **overrides: Any) -> Any:
     """Settings for an embedded service under `home`, ignoring any FD2_* variables of the caller."""
-    from store.settings import Settings
+    from fd2_config.settings import Settings
 
     values: dict[str, Any] = {
         "home": home,

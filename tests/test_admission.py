@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from api.errors import ApiError
 from api.spec_checks import check_runnable
+from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, admission_problems, job_counts
 from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost, stage_image_passes
 from fd2_core.data.dataset import ImageDataset, load_dataset
@@ -28,7 +29,6 @@ from fd2_core.pipeline import _stage_weights, check_dataset
 from fd2_core.spec import resolve_spec
 from store.db import session_scope
 from store.models import Dataset
-from store.settings import Settings
 from worker.source_check import JobSource, SourceRejected, prepare_source
 
 ROOT = Path(__file__).resolve().parents[1]

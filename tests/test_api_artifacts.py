@@ -10,10 +10,11 @@ import pytest
 from api_helpers import client, new_tenant, settings, tenant_id  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
 
+from fd2_config.queues import GPU_QUEUE
+from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.db import session_scope
 from store.jobs import create_job, finish_job, mark_running
-from store.settings import GPU_QUEUE, Settings
 
 PAYLOAD = os.urandom(300_000)
 

@@ -21,7 +21,7 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 )
 from fastapi.testclient import TestClient
 
-from store.settings import Settings
+from fd2_config.settings import Settings
 
 
 def test_upload_train_folders_counts_every_class(client: TestClient, settings: Settings) -> None:  # noqa: F811

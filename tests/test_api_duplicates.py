@@ -17,8 +17,8 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from fd2_config.settings import Settings
 from fd2_core.data.dataset import load_dataset
-from store.settings import Settings
 
 
 def image(shade: int, fmt: str = "PNG", **options: Any) -> bytes:

@@ -16,7 +16,7 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 )
 from fastapi.testclient import TestClient
 
-from store.settings import Settings
+from fd2_config.settings import Settings
 
 
 def _nothing_kept(client: TestClient, settings: Settings, headers: dict[str, str], before: list[str]) -> None:  # noqa: F811

@@ -19,12 +19,13 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK
+from fd2_config.settings import Settings
 from fd2_core.spec import resolve_spec
 from store.db import session_scope
 from store.jobs import add_event, create_job, finish_job, mark_running
 from store.models import Dataset
 from store.resources import job_resource_json
-from store.settings import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, Settings
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.db import session_scope
 from store.keys import revoke_key
-from store.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 
 from api.errors import UNAVAILABLE_RETRY_AFTER_S
 from api.main import create_app
+from fd2_config.settings import Settings
 from store.db import database_unavailable, dispose_engines, migrate, session_scope
 from store.keys import create_tenant_key
-from store.settings import Settings
 
 
 @pytest.fixture

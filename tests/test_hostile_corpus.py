@@ -15,11 +15,12 @@ from api_helpers import BACKENDS, database_url, make_settings, new_tenant, runni
 from hostile_corpus import BASE, CASES, CORPUS_SETTINGS, Case, Corpus, image_bytes, tree, zip_of
 from sqlalchemy import func, select
 
+from fd2_config.queues import GPU_QUEUE
+from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.db import session_scope
 from store.jobs import create_job
 from store.models import Dataset, Job
-from store.settings import GPU_QUEUE, Settings
 
 SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "SECURITY.md"
 

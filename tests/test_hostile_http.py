@@ -16,11 +16,11 @@ import store.keys
 from api.errors import ApiError
 from api.rate_limit import RateLimiter
 from api.upload_slots import UploadSlots
+from fd2_config.settings import Settings
 from store.db import session_scope
 from store.keys import authenticate, create_tenant_key, revoke_key
 from store.models import ApiKey, is_public_id, new_id
 from store.pagination import InvalidCursor, decode_cursor, encode_cursor
-from store.settings import Settings
 
 
 @pytest.fixture(scope="module")

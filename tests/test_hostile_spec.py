@@ -10,9 +10,9 @@ from hostile_corpus import _numeric_bounds
 
 from api.errors import ApiError
 from api.spec_checks import resolve_job_spec
+from fd2_config.settings import Settings
 from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost
 from fd2_core.spec import PRESETS, resolve_spec
-from store.settings import Settings
 
 BOUNDS = list(_numeric_bounds())
 CUB_LIKE = DatasetSize(num_classes=200, train_images=5994, test_images=5794)

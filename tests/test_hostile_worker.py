@@ -16,17 +16,17 @@ from hostile_corpus import image_bytes, png_header_only, tree
 from pipeline_helpers import tiny_spec
 from service_harness import embedded_settings
 
+from fd2_config.settings import Settings
 from fd2_core.spec import resolve_spec
 from store.datasets import create_dataset, dataset_path
 from store.db import dispose_engines, migrate, session_scope
+from store.job_states import worker_identity
 from store.jobs import create_job, get_job, job_workdir, list_events
 from store.keys import get_or_create_tenant
 from store.models import Dataset, new_id
-from store.settings import Settings
-from worker.job_claims import worker_identity
 from worker.job_runner import JobRunner
-from worker.limits import worker_limits
 from worker.source_check import JobSource, prepare_source
+from worker.state import WorkerState
 
 CLASSES = {"wren": 6, "finch": 6}
 
@@ -79,7 +79,7 @@ def queued_manifest_job(settings: Settings) -> tuple[str, Path]:
 
 
 def run_job(settings: Settings, job_id: str) -> dict[str, Any]:
-    runner = JobRunner(settings, worker_limits(settings), worker_identity())
+    runner = JobRunner(WorkerState.create(settings), worker_identity())
     assert runner.run(job_id) == "failed"
     with session_scope(settings) as session:
         job = get_job(session, job_id)
@@ -241,7 +241,7 @@ def test_names_decoded_at_upload_are_reported_by_the_job(settings: Settings) -> 
     leak = {"code": "test_in_train", "message": "1 test image also occurs in train", "details": {}}
     with session_scope(settings) as session:
         session.get(Dataset, folder.parent.name).warnings = [names, leak]
-    runner = JobRunner(settings, worker_limits(settings), worker_identity())
+    runner = JobRunner(WorkerState.create(settings), worker_identity())
     with session_scope(settings) as session:
         source = runner._source_of(session, get_job(session, job_id))
     assert source is not None and source.warnings == (names,)

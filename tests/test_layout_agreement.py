@@ -25,11 +25,11 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
 from fastapi.testclient import TestClient
 
 from api.job_submission import dataset_train_counts
+from fd2_config.settings import Settings
 from fd2_core.data.dataset import load_dataset
 from fd2_core.spec import resolve_spec
 from store.db import session_scope
 from store.models import Dataset
-from store.settings import Settings
 
 CLASSES = {"wren": 7, "finch": 5, "tit": 4}
 

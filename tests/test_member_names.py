@@ -26,13 +26,13 @@ from api_helpers import client, new_tenant, settings, upload  # noqa: F401  (cli
 from fastapi.testclient import TestClient
 from hostile_corpus import RawNameInfo, image_bytes, raw_tree, tar_in_encoding, tree, zip_raw_names
 
+from fd2_config.settings import Settings
 from fd2_core.artifacts import write_distilled_tar
 from fd2_core.data.archive import extract_archive
 from fd2_core.data.dataset import load_dataset
 from fd2_core.data.errors import DataError
 from fd2_core.data.layout import scan_source, validate_images
 from fd2_core.data.names import decode_names, escape_name, unescape_name
-from store.settings import Settings
 from tests.pipeline_helpers import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]

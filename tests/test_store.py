@@ -24,6 +24,9 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import inspect, update
 
+from fd2_config.celery_config import celery_config
+from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, queue_for_device
+from fd2_config.settings import Settings, get_settings
 from store.artifacts import register_artifact
 from store.db import _alembic_config, current_revision, get_engine, migrate, session_scope
 from store.jobs import (
@@ -44,7 +47,6 @@ from store.jobs import (
 from store.keys import authenticate, create_tenant_key, get_or_create_tenant, list_keys, revoke_key
 from store.models import Base, Job, utcnow
 from store.pagination import InvalidCursor, decode_cursor, encode_cursor
-from store.settings import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, Settings, get_settings, queue_for_device
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_celery_config_is_json_only_late_ack_and_routes_by_device(tmp_path: Path) -> None:
-    config = Settings(home=tmp_path).celery_config()
+    config = celery_config(Settings(home=tmp_path))
     assert config["accept_content"] == ["json"] and config["task_serializer"] == "json"
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1 and config["result_backend"] is None
@@ -276,7 +278,9 @@ def test_celery_config_is_json_only_late_ack_and_routes_by_device(tmp_path: Path
 
 
 def test_embedded_broker_delivers_each_message_once(tmp_path: Path) -> None:
-    config = Settings(home=tmp_path).celery_config()
+    embedded = Settings(home=tmp_path)
+    embedded.ensure_dirs()  # what the API and the worker do when they start
+    config = celery_config(embedded)
     sender = Celery("sender", set_as_current=False)
     sender.conf.update(config)
     for index in range(5):

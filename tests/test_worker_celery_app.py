@@ -9,6 +9,7 @@ import sys
 from kombu import Queue
 from service_harness import REPO_ROOT, embedded_settings
 
+from fd2_config.celery_config import celery_config
 from worker.celery_app import create_app
 from worker.limits import worker_limits
 
@@ -30,7 +31,7 @@ def test_delivery_rules_for_long_jobs(tmp_path):
 def test_the_worker_shares_the_api_broker_settings(tmp_path):
     settings = embedded_settings(tmp_path / "home", broker_url="redis://127.0.0.1:6379/14")
     conf = create_app(settings).conf
-    shared = settings.celery_config()
+    shared = celery_config(settings)
     for key in ("broker_url", "broker_transport_options", "task_default_queue", "task_routes"):
         assert conf[key] == shared[key]
 

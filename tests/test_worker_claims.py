@@ -16,11 +16,11 @@ from service_harness import embedded_settings, seed_job
 from sqlalchemy import update
 
 from store.db import dispose_engines, migrate, session_scope
+from store.job_states import claim_job, holder_is_dead, release_job, worker_identity
 from store.jobs import finish_job, get_job, list_events, request_cancel
 from store.models import Job, utcnow
 from worker.celery_app import create_app
-from worker.job_claims import claim_job, held_here, holder_is_dead, release_job, worker_identity
-from worker.recovery import find_orphans, recover_once
+from worker.recovery import recover_once, requeue_orphans
 
 SPEC = {"preset": "cpu-small", "device": "cpu"}
 STALE_S = 30.0
@@ -173,11 +173,7 @@ def test_recovery_requeues_dead_and_stale_jobs_and_leaves_live_ones(settings):
     set_running(settings, stale_remote, "remote-host:7", heartbeat_age_s=STALE_S * 2)
     set_running(settings, live_remote, "remote-host:8", heartbeat_age_s=1)
     set_running(settings, running_in_this_process, worker_identity())
-    held_here.add(running_in_this_process)
-    try:
-        found = dict(find_orphans(settings, include_queued=False))
-    finally:
-        held_here.discard(running_in_this_process)
+    found = dict(requeue_orphans(settings, running_here={running_in_this_process}, include_queued=False))
     assert found == {dead_here: "fd2.cpu", stale_remote: "fd2.gpu"}
     assert job_row(settings, dead_here).status == "queued"
     assert job_row(settings, stale_remote).status == "queued"

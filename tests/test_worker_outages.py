@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from store.settings import Settings
+from fd2_config.settings import Settings
 from worker.outages import FIRST_WAIT_S, JITTER_S, MAX_WAIT_S, log_failure, with_retries
 
 

@@ -15,12 +15,12 @@ from service_harness import embedded_settings, seed_job, wait_until, write_fgsyn
 from fd2_core.pipeline import ARTIFACT_NAMES
 from store.artifacts import file_digest, list_artifacts
 from store.db import dispose_engines, migrate, session_scope
+from store.job_states import worker_identity
 from store.jobs import get_job, job_workdir, list_events, request_cancel
 from store.models import Job
-from worker.job_claims import worker_identity
 from worker.job_runner import MAX_ATTEMPTS, JobReleased, JobRunner
 from worker.limits import worker_limits
-from worker.stopping import worker_shutdown
+from worker.state import WorkerState
 
 EXPECTED_ARTIFACTS = set(ARTIFACT_NAMES)
 
@@ -38,8 +38,9 @@ def dataset_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fgsynth_folder(tmp_path_factory.mktemp("data") / "fgsynth", classes=4, train=12, test=4)
 
 
-def runner(settings, **limit_overrides) -> JobRunner:
-    return JobRunner(settings, replace(worker_limits(settings), **limit_overrides), worker_identity())
+def runner(settings, state: WorkerState | None = None, **limit_overrides) -> JobRunner:
+    state = state or WorkerState(settings, replace(worker_limits(settings), **limit_overrides))
+    return JobRunner(state, worker_identity())
 
 
 def job_row(settings, job_id: str) -> Job:
@@ -117,10 +118,11 @@ def test_cancel_mid_stage_is_honoured_quickly(settings, dataset_folder):
 def test_worker_shutdown_requeues_the_job_and_the_next_run_resumes(settings, dataset_folder):
     job_id = seed_job(settings, tiny_spec(ipc=2, distill_iterations=60), dataset_folder=dataset_folder)
     raised: list[BaseException] = []
+    state = WorkerState.create(settings)
 
     def run() -> None:
         try:
-            runner(settings).run(job_id)
+            runner(settings, state).run(job_id)
         except BaseException as exc:  # noqa: BLE001 (collected for the assertion below)
             raised.append(exc)
 
@@ -132,10 +134,10 @@ def test_worker_shutdown_requeues_the_job_and_the_next_run_resumes(settings, dat
             180,
             what="the first ipc index",
         )
-        worker_shutdown.set()
+        state.shutdown.set()
         thread.join(timeout=10)
     finally:
-        worker_shutdown.clear()
+        state.shutdown.clear()
     assert not thread.is_alive()
     assert len(raised) == 1 and isinstance(raised[0], JobReleased)
     job = job_row(settings, job_id)

@@ -5,14 +5,14 @@ promoted before it had the data): every message waiting in a queue is gone while
 `queued`, and Redis does not tell its clients. So the workers keep a marker key in the broker's database. It
 lives as long as Redis keeps its data and vanishes with everything else; a recovery pass that finds it
 missing sends every queued job again and then sets it (`worker.recovery`). Re-sending is safe because a
-duplicate message is skipped by the job claim (`worker.job_claims`).
+duplicate message is skipped by the job claim (`store.job_states`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from store.settings import Settings
+from fd2_config.settings import Settings
 
 if TYPE_CHECKING:
     import redis

@@ -12,10 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import add_event, get_job
 from store.resources import job_resource_json
-from store.settings import Settings
 from worker.callbacks import CallbackFailed, CallbackRejected, backoff_delays, post_job_resource
 
 log = logging.getLogger(__name__)

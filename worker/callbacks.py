@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from store.callback_hosts import callback_host_allowed
+from fd2_config.callback_hosts import callback_host_allowed
 
 
 class CallbackRejected(Exception):

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.datasets import dataset_path, get_dataset
 from store.db import session_scope
+from store.job_states import claim_job, release_job
 from store.jobs import (
     add_event,
     finish_job,
@@ -29,14 +31,12 @@ from store.jobs import (
     update_progress,
 )
 from store.models import Job
-from store.settings import Settings
 from worker.callback_delivery import start_callback
 from worker.heartbeat import Heartbeat
-from worker.job_claims import claim_job, held_here, release_job
-from worker.limits import WorkerLimits
 from worker.outages import with_retries
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
 from worker.source_check import JobSource, SourceRejected, prepare_source
+from worker.state import WorkerState
 from worker.stopping import StopPoller, StopReason
 from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
@@ -100,16 +100,17 @@ class DatabaseProgressSink:
 
 
 class JobRunner:
-    """Runs jobs for one worker process (`me` is its `<host>:<pid>` identity)."""
+    """Runs jobs for one worker process (`me` is its `<host>:<pid>` identity, `state` its `WorkerState`)."""
 
-    def __init__(self, settings: Settings, limits: WorkerLimits, me: str) -> None:
-        self.settings = settings
-        self.limits = limits
+    def __init__(self, state: WorkerState, me: str) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.limits = state.limits
         self.me = me
 
     def run(self, job_id: str) -> str:
         """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
-        held_here.add(job_id)  # before the claim commits, so recovery never sees it unheld here
+        self.state.running_here.add(job_id)  # before the claim commits, so recovery never sees it unheld here
         try:
             claimed = self._claim(job_id)
             if claimed is None:
@@ -117,7 +118,7 @@ class JobRunner:
                 return "skipped"
             return self._run_claimed(claimed)
         finally:
-            held_here.discard(job_id)
+            self.state.running_here.discard(job_id)
 
     def _run_claimed(self, claimed: ClaimedJob) -> str:
         job_id = claimed.id
@@ -128,7 +129,7 @@ class JobRunner:
         workdir = job_workdir(self.settings, job_id)
         self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
         deadline = time.monotonic() + self.limits.soft_time_limit_s
-        poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline)
+        poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline, shutdown=self.state.shutdown)
         reporter = ProgressReporter(DatabaseProgressSink(self.settings, job_id))
         with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):
             return self._run_pipeline(claimed, workdir, reporter, poller)

@@ -1,4 +1,5 @@
-"""Worker process lifecycle: start recovery when the worker is ready, stop the running job on shutdown.
+"""Worker process lifecycle: build the worker's state at start, start recovery when the worker is ready, stop
+the running job on shutdown.
 
 Shutdown (SIGTERM/SIGINT, warm): the running job is asked to stop through `should_stop`, saves what it has
 finished, goes back to `queued` and its message is requeued, so stopping a worker costs seconds of work,
@@ -15,37 +16,42 @@ from typing import Any
 
 from celery import signals
 
-from worker.stopping import worker_shutdown
-
 log = logging.getLogger(__name__)
-_connected = False
-_recovery: list[Any] = []
 
 
 def connect_signals() -> None:
-    """Connect the handlers once per process (the app module may be imported more than once)."""
-    global _connected
-    if _connected:
-        return
-    signals.worker_ready.connect(_on_worker_ready, weak=False)
-    signals.worker_shutting_down.connect(_on_worker_shutting_down, weak=False)
-    _connected = True
+    """Connect the handlers; connecting again (the app module imported twice) changes nothing."""
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fd2.worker_init")
+    signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="fd2.worker_ready")
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """The worker starts: create its folders and its one state object, and hear its shutdown signal."""
+    from worker.celery_app import WorkerApp
+    from worker.state import WorkerState
+
+    app = getattr(sender, "app", None)
+    if not isinstance(app, WorkerApp):
+        return  # a worker of some other Celery app in this process
+    state = app.fd2_state = WorkerState.create(app.fd2_settings)
+    state.settings.ensure_dirs()
+
+    def on_shutting_down(sig: str | None = None, how: str | None = None, **_: Any) -> None:
+        log.info("worker %s shutdown (%s): stopping the running job so it can resume elsewhere", how, sig)
+        state.shutdown.set()
+        if state.recovery is not None:
+            state.recovery.stop()
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    from store.settings import get_settings
-    from worker.limits import worker_limits
+    from worker.celery_app import WorkerApp
     from worker.recovery import RecoveryLoop
 
     app = getattr(sender, "app", None)
-    if app is None:
-        from worker.celery_app import app
-    settings = get_settings()
-    _recovery.append(RecoveryLoop(app, settings, worker_limits(settings).recovery_interval_s).start())
-
-
-def _on_worker_shutting_down(sig: str | None = None, how: str | None = None, **_: Any) -> None:
-    log.info("worker %s shutdown (%s): stopping the running job so it can resume elsewhere", how, sig)
-    worker_shutdown.set()
-    for loop in _recovery:
-        loop.stop()
+    if not isinstance(app, WorkerApp):
+        return
+    state = app.worker_state()
+    interval_s = state.limits.recovery_interval_s
+    state.recovery = RecoveryLoop(app, state.settings, interval_s, running_here=state.running_here).start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from store.settings import Settings
+from fd2_config.settings import Settings
 
 DEFAULT_SOFT_TIME_LIMIT_S = 3 * 24 * 3600.0
 HARD_LIMIT_GRACE_S = 300.0

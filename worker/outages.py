@@ -27,8 +27,8 @@ from tenacity import (
     wait_random,
 )
 
+from fd2_config.settings import Settings
 from store.db import database_unavailable
-from store.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

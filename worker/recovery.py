@@ -8,17 +8,19 @@ ready and then every `recovery_interval_s`:
 
 1. a `running` job whose holder process ran on this host and is gone is requeued at once;
 2. a `running` job whose heartbeat is older than `stale_heartbeat_s` (holder on any host) is requeued
-   (`store.jobs.requeue_stale_jobs`; a stale job with a cancel request is cancelled instead). After a pass
-   that failed (the database or the broker was down) heartbeats are not judged for `stale_heartbeat_s`:
-   no worker could beat during a database outage, and live ones need that long to be fresh again;
+   (a stale job with a cancel request is cancelled instead). After a pass that failed (the database or the
+   broker was down) heartbeats are not judged for `stale_heartbeat_s`: no worker could beat during a
+   database outage, and live ones need that long to be fresh again;
 3. every `queued` job is sent again when its message may be gone: with the embedded broker at start-up
    (a worker may have died after taking the message but before claiming the job); with Redis whenever the
    broker's marker key is missing (`worker.broker_marker`: Redis restarted empty or was flushed, and took
    its queues along); and after a pass that could not send everything it meant to.
 
-Each requeued job is sent as a fresh `fd2.run_job` message to the queue stored on the job. A duplicate
-message (the one Redis redelivers later, or a re-send of a job whose message was still queued) is harmless:
-the task skips a job that is finished, cancelled or held by a live worker.
+The job rows change in `store.job_states.find_orphans`; this module decides when to look, and sends each job
+to be run again as a fresh `fd2.run_job` message to the queue stored on the job (`fd2_config.celery_config.
+send_run_job`, the one send path, also the API's). A duplicate message (the one Redis redelivers later, or a
+re-send of a job whose message was still queued) is harmless: the task skips a job that is finished,
+cancelled or held by a live worker.
 """
 
 from __future__ import annotations
@@ -26,77 +28,64 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 
 from celery import Celery
-from sqlalchemy import select
 
+from fd2_config.celery_config import send_run_job
+from fd2_config.settings import Settings
 from store.db import session_scope
-from store.jobs import finish_job, requeue_stale_jobs
-from store.models import Job
-from store.settings import Settings
+from store.job_states import find_orphans, worker_identity
 from worker.broker_marker import BrokerMarker, marker_for
-from worker.job_claims import held_here, holder_is_dead, release_job, worker_identity
 from worker.outages import log_failure
-from worker.queues import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
 
-def find_orphans(
-    settings: Settings, *, include_queued: bool, judge_heartbeats: bool = True
+def requeue_orphans(
+    settings: Settings, *, running_here: Collection[str] = (), include_queued: bool, judge_heartbeats: bool = True
 ) -> list[tuple[str, str]]:
-    """Requeue the jobs of dead workers (see the module docstring); returns (job id, queue) pairs to send.
-
-    `judge_heartbeats=False` skips step 2 (stale heartbeats) for a pass right after an outage.
-    """
-    to_send: list[tuple[str, str]] = []
+    """Requeue the jobs of dead workers in one transaction (`store.job_states.find_orphans`); returns the
+    (job id, queue) pairs to send once it has committed."""
     with session_scope(settings) as session:
-        running = session.execute(
-            select(Job.id, Job.worker, Job.queue, Job.cancel_requested).where(Job.status == "running")
-        ).all()
-        for job_id, holder, queue, cancel_requested in running:
-            if not holder_is_dead(holder, running_here=job_id in held_here):
-                continue
-            if cancel_requested:
-                finish_job(session, job_id, "cancelled")
-            elif release_job(session, job_id, holder, f"worker {holder} is gone; job requeued"):
-                to_send.append((job_id, queue))
-        stale_ids = requeue_stale_jobs(session, settings.stale_heartbeat_s) if judge_heartbeats else []
-        queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(stale_ids))).all())
-        to_send.extend((job_id, queues[job_id]) for job_id in stale_ids)
-        if include_queued:
-            sent = {job_id for job_id, _ in to_send}
-            queued = session.execute(
-                select(Job.id, Job.queue).where(Job.status == "queued").order_by(Job.created_at)
-            ).all()
-            to_send.extend((job_id, queue) for job_id, queue in queued if job_id not in sent)
-    return to_send
+        return find_orphans(session, settings.stale_heartbeat_s, running_here=running_here,
+                            include_queued=include_queued, judge_heartbeats=judge_heartbeats)
 
 
 def send_jobs(app: Celery, jobs: list[tuple[str, str]]) -> None:
-    """One `fd2.run_job` message per job, to the job's own queue (after the requeue has committed).
-
-    The task id is the job id, as the API sends it, so logs and revokes name the job.
-    """
+    """One `fd2.run_job` message per job, to the job's own queue (after the requeue has committed)."""
     for job_id, queue in jobs:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=job_id)
+        send_run_job(app, job_id, queue)
         log.info("recovery: job %s sent to %s", job_id, queue)
 
 
-def recover_once(app: Celery, settings: Settings, *, at_start: bool) -> list[str]:
+def recover_once(
+    app: Celery, settings: Settings, *, at_start: bool, running_here: Collection[str] = ()
+) -> list[str]:
     """One recovery pass; returns the ids sent."""
-    jobs = find_orphans(settings, include_queued=at_start and settings.uses_embedded_broker)
+    jobs = requeue_orphans(settings, running_here=running_here,
+                           include_queued=at_start and settings.uses_embedded_broker)
     send_jobs(app, jobs)
     return [job_id for job_id, _ in jobs]
 
 
 class RecoveryLoop:
-    """Daemon thread: a recovery pass at start, then one every `interval_s` until `stop()`."""
+    """Daemon thread: a recovery pass at start, then one every `interval_s` until `stop()`.
+
+    `running_here` is the live set of jobs this process runs (`WorkerState.running_here`), read on each pass.
+    """
 
     def __init__(
-        self, app: Celery, settings: Settings, interval_s: float, marker: BrokerMarker | None = None
+        self,
+        app: Celery,
+        settings: Settings,
+        interval_s: float,
+        marker: BrokerMarker | None = None,
+        *,
+        running_here: Collection[str] = (),
     ) -> None:
         self._app, self._settings, self._interval_s = app, settings, interval_s
+        self._running_here = running_here
         self._marker = marker if marker is not None else marker_for(settings)
         self._resend_queued = False  # a pass could not send everything: the next one re-sends every queued job
         self._judge_heartbeats_after = float("-inf")  # monotonic time; pushed back by each failed pass
@@ -118,7 +107,8 @@ class RecoveryLoop:
                         "sending every queued job again")
         resend = messages_lost or self._resend_queued or (at_start and self._settings.uses_embedded_broker)
         judge = time.monotonic() >= self._judge_heartbeats_after
-        jobs = find_orphans(self._settings, include_queued=resend, judge_heartbeats=judge)
+        jobs = requeue_orphans(self._settings, running_here=self._running_here, include_queued=resend,
+                               judge_heartbeats=judge)
         self._resend_queued = True  # until every message is out
         send_jobs(self._app, jobs)
         self._resend_queued = False

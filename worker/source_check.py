@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, admission_problems
 from fd2_core.data.errors import DataWarning
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items, scan_source
@@ -28,7 +29,6 @@ from fd2_core.data.limits import DataLimits
 from fd2_core.spec import JobSpec
 from store.datasets import dataset_path
 from store.jobs import job_workdir
-from store.settings import Settings
 
 
 class SourceRejected(Exception):

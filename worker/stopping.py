@@ -26,18 +26,14 @@ class StopReason(str, Enum):
     TIME_LIMIT = "time_limit"
 
 
-# Set by the worker's shutdown signal handler; the task running in this process reads it.
-worker_shutdown = threading.Event()
-
-
 @dataclass
 class StopPoller:
-    """Callable `should_stop` for the pipeline."""
+    """Callable `should_stop` for the pipeline; `shutdown` is the worker's shutdown flag (`WorkerState`)."""
 
     is_cancel_requested: Callable[[], bool]
     poll_interval_s: float = 1.0
     deadline: float | None = None
-    shutdown: threading.Event = field(default_factory=lambda: worker_shutdown)
+    shutdown: threading.Event = field(default_factory=threading.Event)
     clock: Callable[[], float] = time.monotonic
     reason: StopReason | None = field(default=None, init=False)
     _next_poll: float = field(default=float("-inf"), init=False)

@@ -4,33 +4,32 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task
 from celery.exceptions import Reject
 
-from store.settings import get_settings
+from fd2_config.queues import RUN_JOB_TASK
+from store.job_states import worker_identity
 from worker.celery_app import app
-from worker.job_claims import worker_identity
 from worker.job_runner import JobReleased, JobRunner
-from worker.limits import worker_limits
-from worker.queues import RUN_JOB_TASK
-from worker.stopping import worker_shutdown
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: str) -> str:
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job(self: Task, job_id: str) -> str:
     """Run one job to a final state. Idempotent: a finished, cancelled or live-held job is skipped.
 
-    When the worker is shutting down, the job is put back to `queued` and the message is requeued, so the
-    next worker resumes it from its checkpoints.
+    Delivery rules (late acknowledgement, requeue on a lost worker, no result) come from the shared
+    configuration (`fd2_config.celery_config`). When the worker is shutting down, the job is put back to
+    `queued` and the message is requeued, so the next worker resumes it from its checkpoints.
     """
     if not isinstance(job_id, str):
         log.error("ignoring %s with a non-string job id %r", RUN_JOB_TASK, job_id)
         return "skipped"
-    if worker_shutdown.is_set():
+    state = self.app.worker_state()
+    if state.shutdown.is_set():
         raise Reject(f"worker shutting down before job {job_id} started", requeue=True)
-    settings = get_settings()
-    runner = JobRunner(settings, worker_limits(settings), worker_identity())
+    runner = JobRunner(state, worker_identity())
     try:
         return runner.run(job_id)
     except JobReleased:

@@ -12,12 +12,12 @@ from api.dataset_intake import receive_dataset
 from api.deps import ReaderDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, error_responses, not_found
 from api.schemas import DatasetOut, DatasetPage
+from fd2_config.settings import Settings
 from store.datasets import delete_dataset, get_tenant_dataset, list_datasets, remove_dataset_files
 from store.jobs import dataset_has_active_jobs
 from store.models import Dataset
 from store.pagination import InvalidCursor, Page
 from store.resources import dataset_resource
-from store.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

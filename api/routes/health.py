@@ -11,8 +11,8 @@ from sqlalchemy import text
 from api.broker import JobBroker
 from api.deps import BrokerDep, SettingsDep
 from api.errors import unavailable
+from fd2_config.settings import Settings
 from store.db import session_scope
-from store.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -2,8 +2,7 @@
 
 Everything has an embedded default (a SQLite file, a broker made of folders, data under one home folder), so a
 single machine runs the whole service with no servers; Redis, PostgreSQL and remote workers are a matter of
-setting URLs. The API and the worker build their Celery apps from the same `celery_config()` so that routing,
-serialisation and acknowledgement rules cannot drift apart.
+setting URLs. Reading the settings creates nothing: the API and the worker call `ensure_dirs()` when they start.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-GPU_QUEUE = "fd2.gpu"
-CPU_QUEUE = "fd2.cpu"
-RUN_JOB_TASK = "fd2.run_job"
+from fd2_config.queues import GPU_QUEUE
+
 EMBEDDED_BROKER_URL = "filesystem://localhost/"
-EMBEDDED_BROKER_TRANSPORT = "store.fs_broker:Transport"
 GIB = 1024**3
 
 
@@ -174,56 +171,8 @@ class Settings(BaseSettings):
             for sub in ("queue", "control", "claimed"):
                 (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
 
-    def celery_config(self) -> dict[str, Any]:
-        """Celery settings for both sides of the queue: the API (sends by name) and the worker (runs)."""
-        from kombu import Queue
-
-        config: dict[str, Any] = {
-            "broker_url": self.broker_url,
-            "broker_connection_retry_on_startup": True,
-            "broker_transport_options": self._broker_transport_options(),
-            "task_serializer": "json",
-            "accept_content": ["json"],
-            "result_serializer": "json",
-            "result_backend": None,
-            "task_ignore_result": True,
-            "task_acks_late": True,
-            "task_reject_on_worker_lost": True,
-            "worker_prefetch_multiplier": 1,
-            "task_queues": (Queue(GPU_QUEUE, routing_key=GPU_QUEUE), Queue(CPU_QUEUE, routing_key=CPU_QUEUE)),
-            "task_default_queue": self.default_queue,
-            "task_routes": {RUN_JOB_TASK: {"queue": self.default_queue}},
-            "timezone": "UTC",
-            "enable_utc": True,
-        }
-        if self.uses_embedded_broker:
-            self.ensure_dirs()
-            config["broker_transport"] = EMBEDDED_BROKER_TRANSPORT
-        return config
-
-    def _broker_transport_options(self) -> dict[str, Any]:
-        if self.uses_embedded_broker:
-            return {
-                "data_folder_in": str(self.broker_dir / "queue"),
-                "data_folder_out": str(self.broker_dir / "queue"),
-                "control_folder": str(self.broker_dir / "control"),
-                "processed_folder": str(self.broker_dir / "claimed"),
-            }
-        if self.broker_url.startswith(("redis://", "rediss://")):
-            return {"visibility_timeout": self.broker_visibility_timeout_s, "socket_connect_timeout": 5}
-        return {}
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings; tests change the environment and call `get_settings.cache_clear()`."""
     return Settings()
-
-
-def queue_for_device(settings: Settings, device: str) -> str:
-    """Route a job by its spec's device: explicit cpu/cuda pick their queue, `auto` the configured default."""
-    if device == "cpu":
-        return CPU_QUEUE
-    if device == "cuda":
-        return GPU_QUEUE
-    return settings.default_queue
