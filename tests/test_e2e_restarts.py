@@ -25,8 +25,9 @@ CLASSES = 10
 JOB_TIMEOUT_S = 240
 FINAL = {"succeeded", "failed", "cancelled"}
 CPU_SPEC = tiny_spec(device="cpu")
-# Several seconds per ipc index, so the outage falls inside the distill stage.
-SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=40, evaluate=False,
+# Long enough per ipc index (also on an idle machine) that the outage, the /readyz probe and the refused
+# submission all fall inside the distill stage.
+SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=250, evaluate=False,
                               eval_random_baseline=False)
 
 
