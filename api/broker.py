@@ -1,8 +1,8 @@
 """Sending jobs to the workers: a Celery client that knows tasks only by name.
 
-The API never imports `worker` (which would pull in torch); it publishes `fd2.run_job(job_id)` through the one
-send path (`fd2_config.celery_config.send_run_job`), with the task id equal to the job id, so a revoke names the
-job directly.
+The API never imports `worker` (the import rules of docs/ARCHITECTURE.md); it publishes `fd2.run_job(job_id)`
+through the one send path (`fd2_config.celery_config.send_run_job`), with the task id equal to the job id, so a
+revoke names the job directly.
 """
 
 from __future__ import annotations

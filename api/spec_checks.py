@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from api.errors import ApiError, validation_details
 from fd2_config.settings import Settings
-from fd2_core.admission import JobCounts, Problem, admission_problems, ipc_problem
+from fd2_core.admission import JobCounts, Problem, admission_problems
 from fd2_core.spec import JobSpec, describe_spec_error, resolve_spec
 
 
@@ -56,13 +56,6 @@ def problem_error(problem: Problem) -> ApiError:
     """An admission problem as a 422 whose `details.field` names the field as the request does (`spec.ipc`)."""
     details = {"field": f"spec.{problem.field}", **problem.details} if problem.field else dict(problem.details)
     return ApiError(422, problem.code, problem.message, details or None)
-
-
-def check_ipc(spec: JobSpec, train_counts: dict[str, int]) -> None:
-    """422 `ipc_too_large` when a class has fewer than `ipc` training images."""
-    problem = ipc_problem(spec, train_counts)
-    if problem is not None:
-        raise problem_error(problem)
 
 
 def check_runnable(settings: Settings, spec: JobSpec, counts: JobCounts) -> None:

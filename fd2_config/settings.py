@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     stale_heartbeat_s: float = Field(
         300.0, gt=0.0, description="A running job whose worker was silent this long counts as abandoned."
     )
+    job_soft_time_limit_s: float = Field(
+        3 * 24 * 3600.0, gt=0.0,
+        description="Seconds a job may run before the worker asks it to stop (it saves what is finished).",
+    )
+    job_time_limit_s: float | None = Field(
+        None, gt=0.0, description="Seconds after which the job's process is killed; default: the soft limit + 10 min.",
+    )
     database_retry_s: float = Field(
         300.0, ge=0.0,
         description="Seconds a worker keeps retrying a job's database writes through an outage (restart, failover).",

@@ -287,7 +287,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fd2", description="FD² fine-grained dataset distillation")
+    parser = argparse.ArgumentParser(prog="python -m fd2_core", description="FD² fine-grained dataset distillation")
     register_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 

@@ -1,8 +1,8 @@
 """POST a finished job's resource to the client's `callback_url`.
 
 Only hosts on the operator's allow-list are contacted (the worker sits inside the operator's network, so an
-arbitrary URL would let any tenant probe it). Retries with backoff are the Celery task's job; this module
-does one attempt and says whether it may be worth another.
+arbitrary URL would let any tenant probe it). Retries with backoff are `worker.callback_delivery`'s job (a
+daemon thread); this module does one attempt and says whether it may be worth another.
 """
 
 from __future__ import annotations

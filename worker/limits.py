@@ -31,8 +31,8 @@ class WorkerLimits:
 
 def worker_limits(settings: Settings) -> WorkerLimits:
     """Every timing the worker uses, from the one settings object."""
-    soft = float(getattr(settings, "job_soft_time_limit_s", None) or DEFAULT_SOFT_TIME_LIMIT_S)
-    hard = float(getattr(settings, "job_time_limit_s", None) or soft + HARD_LIMIT_GRACE_S)
+    soft = float(settings.job_soft_time_limit_s or DEFAULT_SOFT_TIME_LIMIT_S)
+    hard = float(settings.job_time_limit_s or soft + HARD_LIMIT_GRACE_S)
     stale = float(settings.stale_heartbeat_s)
     beat = min(MAX_HEARTBEAT_INTERVAL_S, max(MIN_HEARTBEAT_INTERVAL_S, stale / MISSED_BEATS_BEFORE_STALE))
     return WorkerLimits(

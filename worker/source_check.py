@@ -90,7 +90,7 @@ def load_stored_manifest(settings: Settings, job_id: str, recorded: str, limits:
     return {"root": str(resolved), "items": items}
 
 
-def check_size(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None:
+def check_admission(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None:
     """Admission with the counts found now (the files may have changed since submission): the first problem
     raises SourceRejected with its code and message."""
     problems = admission_problems(spec, JobCounts.of_splits(layout.per_class), settings)
@@ -109,7 +109,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
         assert source.dataset_id is not None
         folder = confined_dataset_folder(settings, source.dataset_id, source.path)
         layout = scan_source(folder, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
-        check_size(settings, spec, layout)
+        check_admission(settings, spec, layout)
         layout.warnings[:0] = [DataWarning(w["code"], w["message"], w.get("details") or {}) for w in source.warnings]
         return layout
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
@@ -118,7 +118,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
     escaping = [e.path for e in layout.errors if e.reason in PATH_ESCAPE_REASONS]
     if escaping:
         raise SourceRejected("path_escape", f"manifest row {escaping[0]!r} leads outside the manifest root")
-    check_size(settings, spec, layout)
+    check_admission(settings, spec, layout)
     return layout
 
 
