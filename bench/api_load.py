@@ -157,10 +157,10 @@ async def hammer(port: int, key: str, ids: list[str], concurrency: int, duration
     return latencies, statuses, duration
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) of every process in a process group, from /proc (Linux)."""
+def process_table() -> dict[int, tuple[int, int, float]]:
+    """`{pid: (ppid, process group, CPU seconds user + system)}` of every process, from /proc (Linux)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -168,9 +168,14 @@ def group_cpu_seconds(pgid: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime(11) stime(12)
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        # fields after the command: state ppid pgrp ... utime(11) stime(12)
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), (int(fields[11]) + int(fields[12])) / ticks)
+    return table
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) of every process in a process group."""
+    return sum(cpu for _, group, cpu in process_table().values() if group == pgid)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from bench.api_load import free_port, percentile  # noqa: E402
+from bench.api_load import free_port, percentile, process_table  # noqa: E402
 from fd2_config.settings import Settings  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.keys import create_tenant_key  # noqa: E402
@@ -104,29 +104,18 @@ def start_service(home: Path, port: int, log_path: Path) -> subprocess.Popen:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and all its descendants, from /proc (Linux).
+    """CPU time (user + system) of a process and all its descendants.
 
     `fd2 serve` starts the API and the worker in sessions of their own, so a process group would miss them.
     """
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])  # fields after the command: state ppid ... utime(11) stime(12)
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    table = process_table()
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        children = [child for child, (ppid, _, _) in table.items() if ppid == parent and child not in tree]
         tree.update(children)
         frontier.extend(children)
-    return sum(cpu.get(member, 0.0) for member in tree)
+    return sum(table[member][2] for member in tree if member in table)
 
 
 def stop_service(process: subprocess.Popen | None) -> None:
