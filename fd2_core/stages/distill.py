@@ -366,7 +366,7 @@ def select_random(ctx: RunContext, index: int) -> torch.Tensor:
 
 def select_rded(ctx: RunContext, teacher: FD2Model, index: int, poll: Callable[[], None] | None = None) -> torch.Tensor:
     """The `rded` method: ipc index `index` is its patch initialisation, kept as it is (no optimisation step);
-    [K,3,S,S] in normalised space, the same images the optimising methods start from under the same seed."""
+    [K,3,S,S] in normalised space: with the same seed, the images sre2l++ (the same plain teacher) starts from."""
     with frozen(teacher):
         return torch.cat([patch_init(ctx, teacher, classes, index, poll) for classes in _class_chunks(ctx)])
 
