@@ -557,8 +557,12 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 # Spec fields added after a result file may have been started, with the values that reproduce what runs did
 # before the field existed: then the teacher file's kind implied the mode (a feature extractor loaded as a
-# backbone, a whole teacher loaded whole), which is what `init_fields` now states explicitly.
-IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {"teacher_weights_mode": frozenset({"backbone", "full"})}
+# backbone, a whole teacher loaded whole), which is what `init_fields` now states explicitly. `base`: fd2 ran
+# on sre2l++, the only base before the field existed, and the other methods have none (null).
+IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
+    "teacher_weights_mode": frozenset({"backbone", "full"}),
+    "base": frozenset({"sre2l++", None}),
+}
 
 
 def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:

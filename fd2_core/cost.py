@@ -56,6 +56,9 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     """Image passes of each stage, in run order: pretrain, distill, relabel, evaluate, package (the pipeline's
     progress weights are these numbers).
 
+    distill = ipc·distill_iterations·K training steps for the optimising methods (fd2, sre2l++), plus the
+    teacher's scoring of the patch pool (`patch_scoring_passes`) for rded and the patch initialisation.
+
     evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
     relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
     full-data student (fd2_core.stages.full_data): pretrain_epochs·n_train training steps + one test pass.
@@ -64,7 +67,9 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     k, n_train = size.num_classes, size.train_images
     n_syn = spec.ipc * k
     pretrain = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
-    distill = 0.0 if spec.method == "random" else spec.ipc * spec.distill_iterations * k * TRAIN_STEP_PASSES
+    distill = patch_scoring_passes(spec, size)
+    if spec.optimises_images:
+        distill += spec.ipc * spec.distill_iterations * k * TRAIN_STEP_PASSES
     relabel = float(spec.relabel_epochs * n_syn)
     evaluate = 0.0
     if spec.evaluate:
@@ -74,6 +79,16 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
             evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
     package = n_syn * PACKAGE_PASSES
     return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate, "package": package}
+
+
+def patch_scoring_passes(spec: JobSpec, size: DatasetSize) -> float:
+    """Forward passes that rank the patch pool (fd2_core.stages.distill.rank_patches): `patch_candidates` views
+    of up to `patch_pool` images per class, each padded to the full image side; once per run, whatever the ipc.
+    min(K·patch_pool, train images) bounds the pool Σ_c min(patch_pool, n_c) without the per-class counts."""
+    if not spec.scores_patches:
+        return 0.0
+    pool = min(spec.patch_pool * size.num_classes, size.train_images)
+    return float(pool * spec.patch_candidates)
 
 
 def estimate_cost(spec: JobSpec, size: DatasetSize) -> CostEstimate:
@@ -87,4 +102,11 @@ def decoded_dataset_bytes(spec: JobSpec, size: DatasetSize) -> int:
     return size.total_images * spec.image_size * spec.image_size * RGB_CHANNELS
 
 
-__all__ = ["CostEstimate", "DatasetSize", "decoded_dataset_bytes", "estimate_cost", "stage_image_passes"]
+__all__ = [
+    "CostEstimate",
+    "DatasetSize",
+    "decoded_dataset_bytes",
+    "estimate_cost",
+    "patch_scoring_passes",
+    "stage_image_passes",
+]

@@ -13,12 +13,14 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Method = Literal["fd2", "sre2l++", "random"]
+Method = Literal["fd2", "sre2l++", "rded", "random"]
+Base = Literal["sre2l++"]
 Backbone = Literal["convnet", "resnet18", "resnet50", "mobilenetv2"]
 PresetName = Literal["cpu-small", "paper-cub", "paper-cars", "paper-aircraft"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)  # the one list of backbone names; the model registry follows it
-METHODS: tuple[str, ...] = ("fd2", "sre2l++", "random")
+METHODS: tuple[str, ...] = get_args(Method)
+BASES: tuple[str, ...] = get_args(Base)  # the recipes FD² can run on (`base`)
 
 
 class JobSpec(BaseModel):
@@ -27,7 +29,16 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: PresetName = Field("cpu-small", description="Named base configuration the other fields override.")
-    method: Method = Field("fd2", description="fd2 = SRe²L++ + FD²; sre2l++ = base recipe; random = real subset.")
+    method: Method = Field(
+        "fd2",
+        description="fd2 = FD² on the `base` recipe; sre2l++ = the base recipe alone; rded = RDED, real patches "
+        "selected by the teacher and stitched, no optimisation; random = a random real subset.",
+    )
+    base: Base | None = Field(
+        "sre2l++",
+        description="Recipe FD² runs on, for method fd2 only (only sre2l++ for now); null for the other methods, "
+        "which are recipes of their own.",
+    )
     ipc: int = Field(1, ge=1, le=100, description="Synthetic images per class.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for every random choice of the run.")
 
@@ -172,9 +183,23 @@ class JobSpec(BaseModel):
         if self.method != "fd2":
             enabled = [name for name in ("cal", "fc", "sc") if getattr(self, name)]
             if enabled and self.model_fields_set & set(enabled):
-                raise ValueError(f"method {self.method!r} runs without FD² parts; drop {', '.join(enabled)}")
+                why = " (it ranks real patches with a plain teacher, as published, and optimises nothing)"
+                why = why if self.method == "rded" else ""
+                raise ValueError(f"method {self.method!r} runs without FD² parts{why}; drop {', '.join(enabled)}")
+            if self.base is not None and "base" in self.model_fields_set:
+                raise ValueError(
+                    f"base names the recipe FD² runs on (method fd2); method {self.method!r} is a recipe of its own: "
+                    "drop base, or use method fd2"
+                )
+        elif self.base is None:
+            raise ValueError(f"method fd2 needs a base recipe; set base to {' or '.join(map(repr, BASES))}")
         elif (self.fc or self.sc) and not self.cal:
             raise ValueError("fc and sc need the CAL head (cal=true); disable them or enable cal")
+        if self.method == "rded" and self.init != "patches":
+            raise ValueError(
+                "method 'rded' is the patch initialisation itself, so init must be 'patches'; drop init, or use "
+                "method sre2l++ or fd2 to start from gaussian noise"
+            )
         if self.eval_random_baseline and not self.evaluate and "eval_random_baseline" in self.model_fields_set:
             raise ValueError("eval_random_baseline needs evaluate=true")
         if self.soft_label_source != "backbone" and not self.uses_cal:
@@ -189,6 +214,16 @@ class JobSpec(BaseModel):
     @property
     def uses_cal(self) -> bool:
         return self.method == "fd2" and self.cal
+
+    @property
+    def optimises_images(self) -> bool:
+        """Whether distillation runs optimisation steps: rded selects real patches, random real images."""
+        return self.method in ("fd2", "sre2l++")
+
+    @property
+    def scores_patches(self) -> bool:
+        """Whether distillation ranks real patches with the teacher (rded, and the patch initialisation)."""
+        return self.method != "random" and self.init == "patches"
 
     @property
     def uses_fc(self) -> bool:
@@ -293,9 +328,9 @@ def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
     """Merge a user's partial spec over its preset and validate it.
 
     Under a paper preset, M (`num_attention_maps`) and r (`cal_ratio`) follow the published table for the
-    resolved backbone, each one unless the user set it. The base recipe and the random baseline switch the FD²
-    parts off unless the user named them (then the validator rejects the contradiction with a message naming
-    the fields).
+    resolved backbone, each one unless the user set it. Every method but fd2 (sre2l++, rded, random) switches
+    the FD² parts off and has no `base` unless the user named them (then the validator rejects the
+    contradiction with a message naming the fields).
     Raises pydantic.ValidationError with the offending field in `loc`.
     """
     raw = dict(raw or {})
@@ -317,6 +352,8 @@ def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
         for part in _FD2_PARTS:
             if part not in user_set:
                 merged[part] = False
+        if "base" not in raw:
+            merged["base"] = None  # only FD² runs on a base; the other methods are recipes of their own
     if merged.get("evaluate") is False and "eval_random_baseline" not in raw:
         merged["eval_random_baseline"] = False
     return JobSpec.model_validate(merged)
@@ -339,6 +376,7 @@ def spec_json_schema() -> dict[str, Any]:
 
 __all__ = [
     "BACKBONES",
+    "BASES",
     "METHODS",
     "PAPER_CAL_SETTINGS",
     "PRESETS",

@@ -59,7 +59,7 @@ def _check_artifacts(result, spec_raw, num_classes):
     Image.open(paths["preview.png"]).verify()
 
 
-@pytest.mark.parametrize("method", ["fd2", "sre2l++", "random"])
+@pytest.mark.parametrize("method", ["fd2", "sre2l++", "rded", "random"])
 def test_every_method_runs_end_to_end(tmp_path, tiny_data, method):
     raw = tiny_spec(method=method)
     events = []

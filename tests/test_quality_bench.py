@@ -138,6 +138,10 @@ def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> No
     assert quality.same_config(predates, key)
     # A field the stored key predates that is not known to state old behaviour, or any changed value, is new work.
     assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "new_knob": 2}}})
+    # `base`: fd2 ran on sre2l++ before it could be named, the other methods have none
+    for base in ("sre2l++", None):
+        assert quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "base": base}}})
+    assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "base": "fadrm+"}}})
     assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 3,
                                                                                 "teacher_weights_mode": "full"}}})
     assert not quality.same_config({**predates, "ipcs": [1, 3]}, key)

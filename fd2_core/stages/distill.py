@@ -4,13 +4,15 @@ Loss per teacher (FD² paper): r·CE_cal + (1−r)·CE_bb + r_bn·BN + λ_FC·L_
 are switched by the spec (`fd2_core.losses.distillation_loss`). Images start from RDED's patch initialisation
 (real views ranked by teacher CE, stitched factor×factor) or from noise. Every finished ipc index is saved
 atomically with its initialisation and skipped on a re-run, so a killed run resumes at the first missing index.
-The `random` method selects real images instead of optimising.
+Two methods select instead of optimising: `rded` keeps the patch initialisation as it is (RDED: no teacher
+gradient step on the images), `random` takes random real images.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -107,15 +109,25 @@ def pad_centre(views: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _view_scores(
-    ctx: RunContext, teacher: FD2Model, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+    ctx: RunContext,
+    teacher: FD2Model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    poll: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """CE [n, V] of every view ([n] train indices, [n] labels, [n,V,4] boxes), padded to S, backbone logits."""
+    """CE [n, V] of every view ([n] train indices, [n] labels, [n,V,4] boxes), padded to S, backbone logits.
+
+    `poll` is called between chunks: scoring a large pool takes minutes, and a stop must not wait for it.
+    """
     size = ctx.spec.image_size
     side = size // patch_factor(ctx.spec)
     views = boxes.shape[1]
     per = max(1, SCORE_BATCH // views)
     scores = []
     for start in range(0, images.shape[0], per):  # fixed-size chunks bound the memory
+        if poll is not None:
+            poll()
         x = ctx.normalize(ctx.data.train_images[images[start : start + per]])
         padded = pad_centre(crop_views(x, boxes[start : start + per], side), size)
         y = labels[start : start + per].to(ctx.device).repeat_interleave(views)
@@ -126,13 +138,21 @@ def _view_scores(
 
 
 @torch.no_grad()
-def rank_patches(ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, pool: PatchPool) -> PatchRanking:
+def rank_patches(
+    ctx: RunContext,
+    teacher: FD2Model,
+    classes: torch.Tensor,
+    pool: PatchPool,
+    poll: Callable[[], None] | None = None,
+) -> PatchRanking:
     """Each image keeps its lowest-CE view; a class's images are ranked by that CE, ascending (RDED)."""
     k, p, views = pool.boxes.shape[:3]
     flat = pool.valid.reshape(-1).nonzero().squeeze(1)
     labels = classes.repeat_interleave(p)[flat]
     with frozen(teacher):  # eval mode: BatchNorm uses running statistics
-        ce = _view_scores(ctx, teacher, pool.images.reshape(-1)[flat], labels, pool.boxes.reshape(-1, views, 4)[flat])
+        ce = _view_scores(
+            ctx, teacher, pool.images.reshape(-1)[flat], labels, pool.boxes.reshape(-1, views, 4)[flat], poll
+        )
     best_ce, best_view = ce.min(dim=1)
     score = torch.full((k * p,), math.inf).index_put_((flat,), best_ce).view(k, p)
     view = torch.zeros(k * p, dtype=torch.long).index_put_((flat,), best_view).view(k, p)
@@ -165,25 +185,33 @@ def stitch_patches(ctx: RunContext, images: torch.Tensor, boxes: torch.Tensor, f
     return stitched.contiguous()
 
 
-def _patch_ranking(ctx: RunContext, teacher: FD2Model, classes: torch.Tensor) -> PatchRanking:
+def _patch_ranking(
+    ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, poll: Callable[[], None] | None = None
+) -> PatchRanking:
     """Ranking per (teacher, class chunk), computed once per run: the teacher is frozen for the whole stage."""
     cache = ctx.notes.setdefault("patch_ranking", weakref.WeakKeyDictionary())
     per_teacher = cache.setdefault(teacher, {})
     key = tuple(classes.tolist())
     if key not in per_teacher:
-        per_teacher[key] = rank_patches(ctx, teacher, classes, sample_patch_pool(ctx, classes))
+        per_teacher[key] = rank_patches(ctx, teacher, classes, sample_patch_pool(ctx, classes), poll)
     return per_teacher[key]
 
 
 @torch.no_grad()
-def patch_init(ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, index: int) -> torch.Tensor:
+def patch_init(
+    ctx: RunContext,
+    teacher: FD2Model,
+    classes: torch.Tensor,
+    index: int,
+    poll: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """RDED patch initialisation of ipc index `index` for `classes`: [k,3,S,S] in normalised space.
 
     The pool is ranked once; index j stitches the j-th group of factor² best views, so no image repeats across
-    indices and the IPC-1 and IPC-3 sets are prefixes of the IPC-5 set.
+    indices and the IPC-1 and IPC-3 sets are prefixes of the IPC-5 set. `poll` is called while ranking.
     """
     factor = patch_factor(ctx.spec)
-    images, boxes = select_patches(_patch_ranking(ctx, teacher, classes), index, factor)
+    images, boxes = select_patches(_patch_ranking(ctx, teacher, classes, poll), index, factor)
     return stitch_patches(ctx, images, boxes, factor)
 
 
@@ -274,11 +302,16 @@ def distill_step(
 
 
 def initial_images(
-    ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, index: int, g: torch.Generator
+    ctx: RunContext,
+    teacher: FD2Model,
+    classes: torch.Tensor,
+    index: int,
+    g: torch.Generator,
+    poll: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """[k,3,S,S] starting images in normalised space: RDED patches or N(0, 1) noise."""
     if ctx.spec.init == "patches":
-        return patch_init(ctx, teacher, classes, index)
+        return patch_init(ctx, teacher, classes, index, poll)
     size = ctx.spec.image_size
     return torch.randn(len(classes), 3, size, size, generator=g).to(ctx.device)
 
@@ -295,7 +328,7 @@ def optimise_chunk(
     """Distil one class chunk of one ipc index; returns (images, their initialisation), both [k,3,S,S]."""
     spec = ctx.spec
     g = generator(spec.seed, "distill", index, int(classes[0]))
-    init = initial_images(ctx, teacher, classes, index, g).float()
+    init = initial_images(ctx, teacher, classes, index, g, reporter.poll).float()
     x = init.clone()
     if ctx.amp:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -331,6 +364,13 @@ def select_random(ctx: RunContext, index: int) -> torch.Tensor:
     return ctx.normalize(ctx.data.train_images[pick]).float()
 
 
+def select_rded(ctx: RunContext, teacher: FD2Model, index: int, poll: Callable[[], None] | None = None) -> torch.Tensor:
+    """The `rded` method: ipc index `index` is its patch initialisation, kept as it is (no optimisation step);
+    [K,3,S,S] in normalised space: with the same seed, the images sre2l++ (the same plain teacher) starts from."""
+    with frozen(teacher):
+        return torch.cat([patch_init(ctx, teacher, classes, index, poll) for classes in _class_chunks(ctx)])
+
+
 def _distill_index(
     ctx: RunContext, teacher: FD2Model, index: int, done: list[torch.Tensor], reporter, per_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,9 +390,9 @@ def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
     spec = ctx.spec
     reporter = ctx.tracker.stage("distill")
     chunks = _class_chunks(ctx)
-    per_index = spec.distill_iterations * len(chunks) if spec.method != "random" else 1
+    per_index = spec.distill_iterations * len(chunks) if spec.optimises_images else 1
     reporter.begin(spec.ipc * per_index)
-    note = patch_wrap_note(ctx) if spec.method != "random" and spec.init == "patches" else None
+    note = patch_wrap_note(ctx) if spec.scores_patches else None
     if note:
         reporter.log(note)
     done: list[torch.Tensor] = []
@@ -365,6 +405,9 @@ def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
         tensors = {"labels": torch.arange(ctx.num_classes)}
         if spec.method == "random":
             tensors["images"] = select_random(ctx, j)
+        elif spec.method == "rded":  # its own initialisation: no `init` copy, its drift is zero by definition
+            assert teacher is not None
+            tensors["images"] = select_rded(ctx, teacher, j, reporter.poll)
         else:
             assert teacher is not None
             tensors["images"], tensors["init"] = _distill_index(ctx, teacher, j, done, reporter, per_index)
@@ -392,10 +435,15 @@ def init_drift(ctx: RunContext) -> dict[str, object] | None:
     exports (so an image that did not move by half a level reads inf): per ipc index, and over the whole set
     from the pooled MSE; plus the mean absolute pixel change.
     None for the `random` method or when an index has no saved initialisation. With `init = gaussian` the
-    reference is the clipped noise, so the numbers measure distance from noise, not from real patches.
+    reference is the clipped noise, so the numbers measure distance from noise, not from real patches. `rded`
+    keeps its initialisation: zero change and an infinite PSNR (null in report.json) for every index.
     """
     if ctx.spec.method == "random":
         return None
+    if ctx.spec.method == "rded":
+        ipc = ctx.spec.ipc
+        return {"init": ctx.spec.init, "init_psnr_db": math.inf, "init_psnr_db_per_index": [math.inf] * ipc,
+                "init_mean_abs_change": 0.0, "init_mean_abs_change_per_index": [0.0] * ipc}
     mse, mae = [], []
     for j in range(ctx.spec.ipc):
         path = ipc_path(ctx, j)
