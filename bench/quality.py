@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
 from fd2_core.artifacts import sha256_of  # noqa: E402
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
-from fd2_core.spec import JobSpec, resolve_spec  # noqa: E402
+from fd2_core.spec import JobSpec, resolve_spec, spec_changes  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
@@ -555,19 +555,9 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-# Spec fields added after a result file may have been started, with the values that reproduce what runs did
-# before the field existed: then the teacher file's kind implied the mode (a feature extractor loaded as a
-# backbone, a whole teacher loaded whole), which is what `init_fields` now states explicitly. `base`: fd2 ran
-# on sre2l++, the only base before the field existed, and the other methods have none (null).
-IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
-    "teacher_weights_mode": frozenset({"backbone", "full"}),
-    "base": frozenset({"sre2l++", None}),
-}
-
-
 def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     """Whether stored results may be extended under `key`: equal, except for spec fields the stored key
-    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`)."""
+    predates whose new value only states what was implied before (`fd2_core.spec.IMPLIED_BEFORE_ADDED`)."""
     if stored is None:
         return False
     if stored == key:
@@ -576,14 +566,7 @@ def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     if {k: v for k, v in stored.items() if k != "resolved_specs"} != {
             k: v for k, v in key.items() if k != "resolved_specs"} or old_specs.keys() != new_specs.keys():
         return False
-    for name, new in new_specs.items():
-        old = old_specs[name]
-        added = {f: v for f, v in new.items() if f not in old}
-        if any(f not in IMPLIED_BEFORE_ADDED or v not in IMPLIED_BEFORE_ADDED[f] for f, v in added.items()):
-            return False
-        if {f: v for f, v in new.items() if f in old} != old:
-            return False
-    return True
+    return all(not spec_changes(old_specs[name], new) for name, new in new_specs.items())
 
 
 def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .data.limits import DataLimits
 from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import pick_device
-from .spec import JobSpec, resolve_spec
+from .spec import JobSpec, resolve_spec, spec_changes
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
@@ -73,7 +73,7 @@ def _shown(value: Any) -> str:
 def _spec_changes(earlier: Any, resolved: dict[str, Any]) -> list[str]:
     if not isinstance(earlier, dict):
         return ["spec"]
-    return sorted(k for k in set(earlier) | set(resolved) if earlier.get(k) != resolved.get(k))
+    return spec_changes(earlier, resolved)
 
 
 def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any]) -> None:

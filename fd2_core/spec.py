@@ -324,6 +324,28 @@ def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
     return column.get(_CAL_COLUMN.get(backbone, backbone))
 
 
+# Spec fields added after specs were first stored, with the values that state what a spec without the field
+# meant: a stored spec (a resumed job's spec.json, a benchmark's result key) that predates such a field still
+# matches when the new value is one of these. Before `teacher_weights_mode`, the weights file's kind implied the
+# mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base.
+IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
+    "teacher_weights_mode": frozenset({"backbone", "full"}),
+    "base": frozenset({"sre2l++", None}),
+}
+
+
+def spec_changes(earlier: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """Fields in which `resolved` differs from an `earlier` stored spec, ignoring fields the earlier spec
+    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`)."""
+    changed = []
+    for key in sorted(set(earlier) | set(resolved)):
+        if key not in earlier and key in IMPLIED_BEFORE_ADDED and resolved.get(key) in IMPLIED_BEFORE_ADDED[key]:
+            continue
+        if earlier.get(key) != resolved.get(key):
+            changed.append(key)
+    return changed
+
+
 def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
     """Merge a user's partial spec over its preset and validate it.
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
+
+import pytest
 
 from fd2_core import pipeline
 
@@ -27,3 +30,19 @@ def test_every_stage_is_a_stage_module_that_run_calls_in_order():
 def test_run_stays_a_short_recipe():
     lines, _ = inspect.getsourcelines(pipeline.run)
     assert len(lines) < MAX_RUN_LINES, f"run() has {len(lines)} lines; move work into fd2_core/stages/"
+
+
+def test_a_work_folder_from_before_a_spec_field_existed_still_resumes(tmp_path) -> None:
+    """A stored spec.json without `base` / `teacher_weights_mode` matches a spec that states what was implied;
+    any other difference is still a conflict, named by field."""
+    from fd2_core.data.errors import DataError
+    from fd2_core.pipeline import check_workdir
+    from fd2_core.spec import resolve_spec
+
+    resolved = resolve_spec({"preset": "cpu-small", "method": "fd2"}).model_dump(mode="json")
+    older = {k: v for k, v in resolved.items() if k not in ("base", "teacher_weights_mode")}
+    (tmp_path / "spec.json").write_text(json.dumps(older))
+    check_workdir(tmp_path, resolved, {"teacher_weights_sha256": None})
+    with pytest.raises(DataError) as info:
+        check_workdir(tmp_path, {**resolved, "ipc": resolved["ipc"] + 1}, {"teacher_weights_sha256": None})
+    assert info.value.code == "workdir_conflict" and info.value.details["changed_fields"] == ["ipc"]
