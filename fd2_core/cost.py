@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fd2_core.fadrm import input_side, phase_schedule
 from fd2_core.spec import JobSpec
 
 REFERENCE_SIDE = 32
@@ -56,8 +57,9 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     """Image passes of each stage, in run order: pretrain, distill, relabel, evaluate, package (the pipeline's
     progress weights are these numbers).
 
-    distill = ipc·distill_iterations·K training steps for the optimising methods (fd2, sre2l++), plus the
-    teacher's scoring of the patch pool (`patch_scoring_passes`) for rded and the patch initialisation.
+    distill = ipc·distill_iterations·K training steps for the optimising methods on sre2l++, ipc·K·Σ_p
+    steps_p·(size_p/S)² for those on fadrm+ (`fadrm_steps_at_full_size`), plus the teacher's scoring of the patch
+    pool (`patch_scoring_passes`) for rded and the patch initialisation.
 
     evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
     relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
@@ -69,7 +71,8 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     pretrain = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
     distill = patch_scoring_passes(spec, size)
     if spec.optimises_images:
-        distill += spec.ipc * spec.distill_iterations * k * TRAIN_STEP_PASSES
+        steps = fadrm_steps_at_full_size(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
+        distill += spec.ipc * steps * k * TRAIN_STEP_PASSES
     relabel = float(spec.relabel_epochs * n_syn)
     evaluate = 0.0
     if spec.evaluate:
@@ -79,6 +82,13 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
             evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
     package = n_syn * PACKAGE_PASSES
     return {"pretrain": pretrain, "distill": distill, "relabel": relabel, "evaluate": evaluate, "package": package}
+
+
+def fadrm_steps_at_full_size(spec: JobSpec) -> float:
+    """FADRM+ steps of one image in steps at the spec's side S: Σ_p steps_p·(side_p/S)², side_p the crop side
+    the teacher sees in phase p (the phase's side; S for a backbone fixed to it, `fd2_core.fadrm.input_side`)."""
+    side = spec.image_size
+    return sum(p.steps * (input_side(spec.backbone, side, p.size) / side) ** 2 for p in phase_schedule(spec))
 
 
 def patch_scoring_passes(spec: JobSpec, size: DatasetSize) -> float:
@@ -107,6 +117,7 @@ __all__ = [
     "DatasetSize",
     "decoded_dataset_bytes",
     "estimate_cost",
+    "fadrm_steps_at_full_size",
     "patch_scoring_passes",
     "stage_image_passes",
 ]

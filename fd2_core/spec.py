@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Method = Literal["fd2", "sre2l++", "rded", "random"]
-Base = Literal["sre2l++"]
+Method = Literal["fd2", "sre2l++", "fadrm+", "rded", "random"]
+Base = Literal["sre2l++", "fadrm+"]
 Backbone = Literal["convnet", "resnet18", "resnet50", "mobilenetv2"]
 PresetName = Literal["cpu-small", "paper-cub", "paper-cars", "paper-aircraft"]
 
@@ -31,12 +31,13 @@ class JobSpec(BaseModel):
     preset: PresetName = Field("cpu-small", description="Named base configuration the other fields override.")
     method: Method = Field(
         "fd2",
-        description="fd2 = FD² on the `base` recipe; sre2l++ = the base recipe alone; rded = RDED, real patches "
+        description="fd2 = FD² on the `base` recipe; sre2l++ = SRe²L++ alone; fadrm+ = FADRM+ alone (phases of "
+        "their own size with a data residual to the patches, see fadrm_phase_steps); rded = RDED, real patches "
         "selected by the teacher and stitched, no optimisation; random = a random real subset.",
     )
     base: Base | None = Field(
         "sre2l++",
-        description="Recipe FD² runs on, for method fd2 only (only sre2l++ for now); null for the other methods, "
+        description="Recipe FD² runs on, for method fd2 only (sre2l++ or fadrm+); null for the other methods, "
         "which are recipes of their own.",
     )
     ipc: int = Field(1, ge=1, le=100, description="Synthetic images per class.")
@@ -113,6 +114,26 @@ class JobSpec(BaseModel):
         le=10.0,
         description="Adam lr for the synthetic images (cosine); published 1e-3 with patch initialisation, which "
         "refines the real patches instead of rewriting them.",
+    )
+    fadrm_phase_steps: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        [60, 60, 60, 80],
+        min_length=1,
+        max_length=16,
+        description="FADRM+ only (instead of distill_iterations): optimisation steps of each phase, one cosine lr "
+        "schedule over their sum (published 1500/1500/1500/2000; cpu-small 60/60/60/80, the same 3:3:3:4).",
+    )
+    fadrm_phase_sizes: list[Annotated[int, Field(ge=16, le=512)]] | None = Field(
+        None,
+        max_length=16,
+        description="FADRM+ only: image side of each phase in pixels, the last one image_size; null = "
+        "round(image_size·200/224) and image_size alternating, ending at image_size (the published "
+        "200/224/200/224 at 224 px, 29/32/29/32 at 32 px).",
+    )
+    fadrm_alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="FADRM+ data residual α: at each phase boundary x ← α·x + (1−α)·patch (published 0.5).",
     )
     distill_batch_classes: int = Field(
         0, ge=0, le=10_000, description="Classes optimised together per step; 0 = all (batch by memory)."
@@ -195,6 +216,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"method fd2 needs a base recipe; set base to {' or '.join(map(repr, BASES))}")
         elif (self.fc or self.sc) and not self.cal:
             raise ValueError("fc and sc need the CAL head (cal=true); disable them or enable cal")
+        if self.recipe == "fadrm+":
+            self._check_fadrm_phases()
         if self.method == "rded" and self.init != "patches":
             raise ValueError(
                 "method 'rded' is the patch initialisation itself, so init must be 'patches'; drop init, or use "
@@ -211,6 +234,28 @@ class JobSpec(BaseModel):
             raise ValueError(f"torchvision_weights needs a torchvision backbone ({torchvision})")
         return self
 
+    def _check_fadrm_phases(self) -> None:
+        steps, sizes = self.fadrm_phase_steps, self.fadrm_phase_sizes
+        if sizes is None:
+            return
+        if len(sizes) != len(steps):
+            raise ValueError(
+                f"fadrm_phase_sizes has {len(sizes)} phases but fadrm_phase_steps has {len(steps)}; give one size "
+                "per phase, or null for the default schedule"
+            )
+        if max(sizes) > self.image_size or sizes[-1] != self.image_size:
+            raise ValueError(
+                f"fadrm_phase_sizes must each be at most image_size ({self.image_size}) and end at it "
+                "(the distilled images are stored at it); fix the sizes, or null for the default schedule"
+            )
+
+    @property
+    def recipe(self) -> str | None:
+        """The optimising recipe the run uses (sre2l++ or fadrm+, FD² or not); None for rded and random."""
+        if self.method == "fd2":
+            return self.base
+        return self.method if self.method in ("sre2l++", "fadrm+") else None
+
     @property
     def uses_cal(self) -> bool:
         return self.method == "fd2" and self.cal
@@ -218,7 +263,7 @@ class JobSpec(BaseModel):
     @property
     def optimises_images(self) -> bool:
         """Whether distillation runs optimisation steps: rded selects real patches, random real images."""
-        return self.method in ("fd2", "sre2l++")
+        return self.recipe is not None
 
     @property
     def scores_patches(self) -> bool:
@@ -270,6 +315,7 @@ _PAPER_COMMON: dict[str, Any] = {
     "r_bn": 1e-3,
     "relabel_epochs": 400,
     "relabel_batch_size": 20,
+    "fadrm_phase_steps": [1500, 1500, 1500, 2000],  # FADRM+ only; the sizes default to the published 200/224/200/224
 }
 
 
@@ -327,10 +373,14 @@ def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
 # Spec fields added after specs were first stored, with the values that state what a spec without the field
 # meant: a stored spec (a resumed job's spec.json, a benchmark's result key) that predates such a field still
 # matches when the new value is one of these. Before `teacher_weights_mode`, the weights file's kind implied the
-# mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base.
+# mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base. The FADRM+ fields change
+# nothing for the other recipes, so a spec before them meant any preset's values (lists are compared as tuples).
 IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "teacher_weights_mode": frozenset({"backbone", "full"}),
     "base": frozenset({"sre2l++", None}),
+    "fadrm_phase_steps": frozenset({(60, 60, 60, 80), (1500, 1500, 1500, 2000)}),
+    "fadrm_phase_sizes": frozenset({None}),
+    "fadrm_alpha": frozenset({0.5}),
 }
 
 
@@ -339,7 +389,9 @@ def spec_changes(earlier: dict[str, Any], resolved: dict[str, Any]) -> list[str]
     predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`)."""
     changed = []
     for key in sorted(set(earlier) | set(resolved)):
-        if key not in earlier and key in IMPLIED_BEFORE_ADDED and resolved.get(key) in IMPLIED_BEFORE_ADDED[key]:
+        value = resolved.get(key)
+        value = tuple(value) if isinstance(value, list) else value
+        if key not in earlier and key in IMPLIED_BEFORE_ADDED and value in IMPLIED_BEFORE_ADDED[key]:
             continue
         if earlier.get(key) != resolved.get(key):
             changed.append(key)

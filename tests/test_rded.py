@@ -42,7 +42,7 @@ def _refusal(raw: dict) -> str:
 
 
 def test_fd2_keeps_meaning_fd2_on_sre2l_and_the_other_methods_have_no_base() -> None:
-    assert "rded" in METHODS and BASES == ("sre2l++",)
+    assert "rded" in METHODS and BASES == ("sre2l++", "fadrm+")
     assert resolve_spec({}).base == "sre2l++" and JobSpec().base == "sre2l++"
     assert resolve_spec({"method": "fd2", "base": "sre2l++"}) == resolve_spec({})
     for method in ("sre2l++", "rded", "random"):
@@ -60,7 +60,7 @@ def test_fd2_keeps_meaning_fd2_on_sre2l_and_the_other_methods_have_no_base() -> 
     ({"method": "rded", "base": "sre2l++"}, ["method 'rded' is a recipe of its own", "drop base"]),
     ({"method": "random", "base": "sre2l++"}, ["method 'random'", "drop base"]),
     ({"base": None}, ["method fd2 needs a base", "'sre2l++'"]),
-    ({"base": "fadrm+"}, ["'sre2l++'"]),
+    ({"base": "dm"}, ["'sre2l++'", "'fadrm+'"]),
 ])
 def test_contradictions_are_refused_with_cause_and_fix(raw: dict, words: list[str]) -> None:
     message = _refusal(raw)
@@ -168,7 +168,7 @@ def test_cli_runs_rded_end_to_end(tmp_path) -> None:
 @pytest.mark.parametrize(("extra", "words"), [
     (["--set", "method=rded", "--set", "fc=true"], ["method 'rded' runs without FD² parts", "drop fc"]),
     (["--method", "rded", "--set", "base=sre2l++"], ["drop base"]),
-    (["--set", "base=fadrm+"], ["invalid spec field 'base'", "'sre2l++'", "--set base=VALUE"]),
+    (["--set", "base=dm"], ["invalid spec field 'base'", "'sre2l++'", "--set base=VALUE"]),
 ])
 def test_cli_refuses_contradictions_with_exit_2_before_writing(tmp_path, capsys, extra, words) -> None:
     out = tmp_path / "runs" / "x"
@@ -206,7 +206,7 @@ def test_api_accepts_rded_and_documents_method_and_base(client: TestClient, tena
     fields = client.get("/openapi.json").json()["components"]["schemas"]["JobSpec"]["properties"]
     assert "rded" in fields["method"]["enum"]
     options = fields["base"]["anyOf"]  # a one-value literal is a `const`, a longer one an `enum`
-    assert [v for o in options for v in o.get("enum", [o.get("const")]) if v is not None] == ["sre2l++"]
+    assert [v for o in options for v in o.get("enum", [o.get("const")]) if v is not None] == ["sre2l++", "fadrm+"]
     assert {"type": "null"} in options
     assert fields["base"]["default"] == "sre2l++" and "fd2 only" in fields["base"]["description"]
 
@@ -214,7 +214,7 @@ def test_api_accepts_rded_and_documents_method_and_base(client: TestClient, tena
 @pytest.mark.parametrize(("spec", "field", "words"), [
     ({"method": "rded", "cal": True}, "spec", ["plain teacher", "drop cal"]),
     ({"method": "rded", "init": "gaussian"}, "spec", ["init must be 'patches'"]),
-    ({"base": "fadrm+"}, "spec.base", ["'sre2l++'"]),
+    ({"base": "dm"}, "spec.base", ["'sre2l++'", "'fadrm+'"]),
 ])
 def test_api_refuses_contradictions_with_422(client: TestClient, tenant, dataset, spec, field,  # noqa: F811
                                              words) -> None:

@@ -5,7 +5,10 @@ are switched by the spec (`fd2_core.losses.distillation_loss`). Images start fro
 (real views ranked by teacher CE, stitched factor×factor) or from noise. Every finished ipc index is saved
 atomically with its initialisation and skipped on a re-run, so a killed run resumes at the first missing index.
 Two methods select instead of optimising: `rded` keeps the patch initialisation as it is (RDED: no teacher
-gradient step on the images), `random` takes random real images.
+gradient step on the images), `random` takes random real images. The `fadrm+` recipe (alone or under FD²)
+optimises in phases of their own image side (`fd2_core.fadrm`), with a data residual to the patch
+initialisation and a fresh Adam at each phase start; each finished phase is saved too, so a killed run resumes
+at the first unfinished phase.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torchvision.ops import roi_align
 
 from ..atomic import load_tensors, save_tensors
 from ..augment import apply_crop_flip, random_roll, sample_crop_flip
+from ..fadrm import Phase, cosine_lr, input_side, phase_schedule, total_steps
 from ..losses import BNStatMatcher, distillation_loss
 from ..models import FD2Model
 from ..runtime import autocast, frozen, generator
@@ -229,22 +233,29 @@ def patch_wrap_note(ctx: RunContext) -> str | None:
     )
 
 
-def _augment(ctx: RunContext, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _augment(ctx: RunContext, x: torch.Tensor, g: torch.Generator, side: int | None = None) -> torch.Tensor:
+    """RandomResizedCrop + flip to `side` (default: x's own), then the random roll."""
     params = sample_crop_flip(x.shape[0], x.shape[-1], g, scale=(ctx.spec.min_crop_scale, 1.0))
-    return random_roll(apply_crop_flip(x, params), ctx.spec.jitter, g)
+    return random_roll(apply_crop_flip(x, params, side), ctx.spec.jitter, g)
 
 
 @torch.no_grad()
 def previous_attention(
-    ctx: RunContext, teacher: FD2Model, previous: list[torch.Tensor], classes: torch.Tensor, g: torch.Generator
+    ctx: RunContext,
+    teacher: FD2Model,
+    previous: list[torch.Tensor],
+    classes: torch.Tensor,
+    g: torch.Generator,
+    side: int | None = None,
 ) -> torch.Tensor | None:
-    """Attention maps [J, B, M, H, W] of the already distilled images 0…j−1, once per index j."""
+    """Attention maps [J, B, M, H, W] of the already distilled images 0…j−1, once per index j (FADRM+: once per
+    phase, the images at the phase's side and the crop at the teacher's `side`)."""
     if not previous:
         return None
     maps = []
     with autocast(ctx.device, ctx.amp):
         for images in previous:
-            out = teacher(_augment(ctx, images[classes].to(ctx.device), g))
+            out = teacher(_augment(ctx, images[classes].to(ctx.device), g, side))
             maps.append(out.cal.attention.float())
     return torch.stack(maps)
 
@@ -290,9 +301,11 @@ def distill_step(
     optimizer: torch.optim.Optimizer,
     g: torch.Generator,
     bounds: tuple[torch.Tensor, torch.Tensor],
+    side: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One full iteration: augment, all losses, backward to the images, Adam step, clamp to valid pixels."""
-    loss, parts = distill_loss(ctx, teacher, _augment(ctx, x, g), y, prev_maps, bn)
+    """One full iteration: augment (crop to `side`, default x's), all losses, backward to the images, Adam step,
+    clamp to valid pixels."""
+    loss, parts = distill_loss(ctx, teacher, _augment(ctx, x, g, side), y, prev_maps, bn)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -346,6 +359,128 @@ def optimise_chunk(
     return x.detach().float().contiguous(), init.contiguous()
 
 
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[n,3,s,s] → [n,3,size,size], bilinear (align_corners=False): FADRM+'s resize between phases."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def residual_blend(x: torch.Tensor, patch: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FADRM's data residual at a phase start: α·x + (1−α)·resize(patch), both [n,3,s,s] at x's side s.
+
+    `patch` is the images' initialisation at any side; pulling back towards the real patches keeps the
+    optimised images from drifting away from natural image statistics over the phases.
+    """
+    return alpha * x + (1.0 - alpha) * resize_images(patch, x.shape[-1])
+
+
+class StepModel(NamedTuple):
+    """The model one FADRM+ step uses, with what belongs to it in the phase: its BN-matching hooks, the attention
+    maps of the earlier ipc indices ([J,B,M,h,w] or None) and the crop side it sees. A committee is a list."""
+
+    teacher: FD2Model
+    bn: BNStatMatcher
+    previous_attention: torch.Tensor | None
+    input_side: int
+
+
+def step_model(models: list[StepModel], step: int) -> StepModel:
+    """The model of global step `step`: round robin over `models` (a single teacher is a list of one)."""
+    return models[step % len(models)]
+
+
+def fadrm_step(
+    ctx: RunContext,
+    model: StepModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One FADRM+ step with the step's model: the same augmentation, losses (CE, BN, FC, SC) and clamp as
+    `distill_step`, at the phase's image side."""
+    return distill_step(
+        ctx, model.teacher, x, y, model.previous_attention, model.bn, optimizer, g, bounds, model.input_side
+    )
+
+
+def phase_path(ctx: RunContext, index: int, classes: torch.Tensor):
+    """Checkpoint of the last finished FADRM+ phase of one (ipc index, class chunk)."""
+    return ctx.stage_dir / "distill" / f"ipc_{index:03d}_c{int(classes[0]):05d}_phase.safetensors"
+
+
+def _run_phase(
+    ctx: RunContext,
+    models: list[StepModel],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phase: Phase,
+    g: torch.Generator,
+    total: int,
+    on_step: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], None],
+) -> torch.Tensor:
+    """One phase from its (already resized and blended) start images: a fresh Adam, the steps of the phase
+    under the run's one cosine schedule; returns the images [k,3,s,s]."""
+    spec = ctx.spec
+    x = x.detach().clone()
+    if ctx.amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    bounds = ctx.pixel_bounds()
+    for i in range(phase.steps):
+        step = phase.first_step + i
+        optimizer.param_groups[0]["lr"] = cosine_lr(spec.distill_lr, step, total)
+        loss, parts = fadrm_step(ctx, step_model(models, step), x, y, optimizer, g, bounds)
+        on_step(step, loss, parts)
+    return x.detach().float()
+
+
+def optimise_chunk_fadrm(
+    ctx: RunContext,
+    teacher: FD2Model,
+    classes: torch.Tensor,
+    index: int,
+    previous: list[torch.Tensor],
+    reporter,
+    done_before: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FADRM+ for one class chunk of one ipc index; returns (images, their initialisation), both [k,3,S,S].
+
+    Phase p starts from residual_blend(resize(x, s_p), init, α) (phase 0: the initialisation at s_0) and is
+    saved when finished; a re-run starts after the last saved phase with the same images and random draws.
+    """
+    spec = ctx.spec
+    init = initial_images(ctx, teacher, classes, index, generator(spec.seed, "distill", index, int(classes[0])),
+                          reporter.poll).float()
+    phases, total = phase_schedule(spec), total_steps(spec)
+    path, start, x = phase_path(ctx, index, classes), 0, init
+    if path.exists():
+        saved = load_tensors(path)
+        start, x = int(saved["phase"]) + 1, saved["images"].to(ctx.device)
+        reporter.log(f"ipc index {index}, classes from {int(classes[0])}: phases 1-{start} already done; resuming")
+    y = classes.to(ctx.device)
+
+    def on_step(step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        reporter.step(done_before + step + 1, {"loss": loss, **parts})
+
+    with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
+        for p in range(start, len(phases)):
+            phase = phases[p]
+            g = generator(spec.seed, "fadrm", index, int(classes[0]), p)
+            x = residual_blend(resize_images(x, phase.size), init, spec.fadrm_alpha)
+            side = input_side(spec.backbone, spec.image_size, phase.size)
+            resized = [resize_images(images, phase.size) for images in previous] if spec.uses_sc else []
+            prev_maps = previous_attention(ctx, teacher, resized, classes, g, side) if spec.uses_sc else None
+            models = [StepModel(teacher, bn, prev_maps, side)]
+            x = _run_phase(ctx, models, x, y, phase, g, total, on_step)
+            if p < len(phases) - 1:
+                save_tensors(path, {"images": x, "phase": torch.tensor(p)})
+    return x.contiguous(), init.contiguous()
+
+
 def random_real_indices(ctx: RunContext, ipc: int, stream: str) -> torch.Tensor:
     """[ipc, K] train indices: distinct random real images of every class (a class's pool wraps if short)."""
     g = generator(ctx.spec.seed, stream)
@@ -376,13 +511,20 @@ def _distill_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All class chunks of one ipc index: (images, init), each [K,3,S,S] in normalised space."""
     images, inits = [], []
+    fadrm = ctx.spec.recipe == "fadrm+"
     with frozen(teacher):
         for c, classes in enumerate(_class_chunks(ctx)):
-            before = index * per_index + c * ctx.spec.distill_iterations
-            x, init = optimise_chunk(ctx, teacher, classes, index, done, reporter, before)
+            before = index * per_index + c * chunk_steps(ctx.spec)
+            optimise = optimise_chunk_fadrm if fadrm else optimise_chunk
+            x, init = optimise(ctx, teacher, classes, index, done, reporter, before)
             images.append(x)
             inits.append(init)
     return torch.cat(images), torch.cat(inits)
+
+
+def chunk_steps(spec: JobSpec) -> int:
+    """Optimisation steps of one class chunk of one ipc index: all FADRM+ phases, else distill_iterations."""
+    return total_steps(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
 
 
 def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
@@ -390,7 +532,7 @@ def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
     spec = ctx.spec
     reporter = ctx.tracker.stage("distill")
     chunks = _class_chunks(ctx)
-    per_index = spec.distill_iterations * len(chunks) if spec.optimises_images else 1
+    per_index = chunk_steps(spec) * len(chunks) if spec.optimises_images else 1
     reporter.begin(spec.ipc * per_index)
     note = patch_wrap_note(ctx) if spec.scores_patches else None
     if note:
@@ -412,6 +554,8 @@ def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
             assert teacher is not None
             tensors["images"], tensors["init"] = _distill_index(ctx, teacher, j, done, reporter, per_index)
         save_tensors(path, tensors, {"ipc_index": str(j)})
+        for phase_file in path.parent.glob(f"ipc_{j:03d}_c*_phase.safetensors"):  # superseded by the index file
+            phase_file.unlink(missing_ok=True)
         done.append(tensors["images"])
         reporter.log(f"ipc index {j + 1}/{spec.ipc} distilled", fraction=(j + 1) / spec.ipc)
     reporter.end()
