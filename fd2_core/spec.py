@@ -107,7 +107,9 @@ class JobSpec(BaseModel):
     )
 
     # stage 2 — distill
-    distill_iterations: int = Field(300, ge=1, le=100_000, description="Optimisation steps per ipc index.")
+    distill_iterations: int = Field(
+        300, ge=1, le=100_000, description="Optimisation steps per ipc index (sre2l++; fadrm+ has fadrm_phase_steps)."
+    )
     distill_lr: float = Field(
         1e-3,
         gt=0.0,
