@@ -101,6 +101,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return _fail(format_validation_error(err))
     except ValueError as err:
         return _fail(str(err))
+    if getattr(args, "teacher_weights_mode", None) and not args.teacher_weights:
+        return _fail(f"--teacher-weights-mode {args.teacher_weights_mode} says how to use a weights file, but none "
+                     "was given; add --teacher-weights FILE, or leave the mode out to train the teacher from scratch")
 
     from .data.errors import DataError
     from .pipeline import StopRequested, run

@@ -89,6 +89,9 @@ REFUSALS: dict[str, tuple[list[str], list[str], list[str]]] = {
                                 ["leave the teacher weights out"]),
     "teacher_weights_not_weights": (["--data", "{tree}", "--teacher-weights", "{not_weights}"],
                                     ["neither a safetensors file nor a torch state dict"], ["teacher.safetensors"]),
+    "weights_mode_without_weights": (["--data", "{tree}", "--teacher-weights-mode", "backbone"],
+                                     ["--teacher-weights-mode backbone", "none was given"],
+                                     ["add --teacher-weights FILE"]),
     "teacher_weights_of_another_backbone": (["--data", "{tree}", "--teacher-weights", "{other_backbone}"],
                                             ["do not fit the backbone"], ["made for the same backbone"]),
 }

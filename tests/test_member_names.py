@@ -241,6 +241,7 @@ def test_invalid_utf8_folders_on_disk_are_decoded_for_the_whole_tree(tmp_path):
     assert _codes(layout.warnings) == ["names_code_page"]
     assert layout.warnings[0].details["encoding"] == "cp1252"
     assert "file and folder names" in layout.warnings[0].message
+    assert "rename the files and folders" in layout.warnings[0].message  # a folder is no archive to re-create
     summary = validate_images(layout).summary()
     assert json.dumps(summary, ensure_ascii=False).encode("utf-8")  # no surrogate escapes anywhere
 

@@ -133,8 +133,10 @@ class NameDecoding:
         return utf8_name(raw) or escape_name(raw)
 
 
-def decode_names(raws: Iterable[bytes], what: str = "archive member names") -> NameDecoding:
-    """Decode a whole set of names at once (see the module text); `what` names them in warning messages."""
+def decode_names(raws: Iterable[bytes], what: str = "archive member names",
+                 remedy: str = "re-create the archive with UTF-8 names") -> NameDecoding:
+    """Decode a whole set of names at once (see the module text); `what` names them in warning messages and
+    `remedy` says how to get UTF-8 names where they come from (an archive, a folder on disk)."""
     decoding = NameDecoding()
     legacy: list[bytes] = []
     for raw in dict.fromkeys(raws):
@@ -162,7 +164,7 @@ def decode_names(raws: Iterable[bytes], what: str = "archive member names") -> N
         decoding.warnings.append(DataWarning(
             "names_code_page",
             f"{len(decoded)} {what} are not UTF-8; they were decoded as {encoding}, a code page guessed from the "
-            "names themselves: check the class names, or re-create the archive with UTF-8 names",
+            f"names themselves: check the class names, or {remedy}",
             {"encoding": encoding, "count": len(decoded), "examples": examples},
         ))
     if escaped:
@@ -210,7 +212,8 @@ class TreeNames:
 
     def _tree_decoding(self) -> NameDecoding:
         if self._decoding is None:
-            self._decoding = decode_names(self._legacy_names(), "file and folder names")
+            self._decoding = decode_names(self._legacy_names(), "file and folder names",
+                                          "rename the files and folders to UTF-8 names")
         return self._decoding
 
     def _legacy_names(self) -> list[bytes]:
