@@ -27,11 +27,11 @@ from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import pick_device
 from .spec import JobSpec, resolve_spec, spec_changes
+from .stages.committee import pretrain_committee
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
 from .stages.package import Provenance, json_safe, package, quantize
-from .stages.pretrain import pretrain
 from .stages.relabel import SOFT_LABELS_FILE, relabel
 from .stages.teacher import check_teacher_weights
 from .timings import Timings
@@ -216,6 +216,10 @@ def run(
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir, resolved = Path(workdir), spec.model_dump(mode="json")
     # Every check comes before the first write, so that a refused run leaves the work folder as it was.
+    if teacher_weights and spec.committee is not None:
+        raise DataError("bad_teacher_weights", "a teacher weights file starts one teacher, and this spec names a "
+                        f"committee of {len(spec.committee)}",
+                        fix="drop the committee to start that teacher from the file, or drop the weights file")
     inputs = _teacher_weights_inputs(teacher_weights)
     if drop_duplicates:  # only when set, so that earlier work folders still resume
         inputs["drop_duplicates"] = True
@@ -235,15 +239,15 @@ def run(
     torch.manual_seed(spec.seed)
 
     with timings.measure("pretrain"):
-        teacher = pretrain(ctx)
+        teacher = pretrain_committee(ctx)
     with timings.measure("distill"):
-        synthetic = distill(ctx, teacher.model)
+        synthetic = distill(ctx, teacher)
     distilled = quantize(ctx, synthetic)
     with timings.measure("relabel"):
-        soft = relabel(ctx, teacher.model, distilled.images, distilled.labels, ctx.stage_dir / SOFT_LABELS_FILE)
+        soft = relabel(ctx, teacher, distilled.images, distilled.labels, ctx.stage_dir / SOFT_LABELS_FILE)
     metrics = teacher_metrics(teacher.info)
     if spec.evaluate:
         with timings.measure("evaluate"):
-            metrics.update(evaluate(ctx, teacher.model, distilled.images, distilled.labels, soft))
+            metrics.update(evaluate(ctx, teacher, distilled.images, distilled.labels, soft))
     artifacts, report = package(ctx, teacher, distilled, metrics, timings, provenance)
     return PipelineResult(artifacts=artifacts, metrics=json_safe(metrics), report=report)

@@ -27,6 +27,7 @@ from ..models import FD2Model
 from ..models.weights import WeightsLoad
 from ..runtime import autocast
 from ..timings import Timings
+from .committee import Committee
 from .context import RunContext
 from .distill import init_drift
 from .evaluate import comparison
@@ -124,7 +125,7 @@ def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -
 
 def package(
     ctx: RunContext,
-    teacher: TeacherResult,
+    teacher: TeacherResult | Committee,
     distilled: DistilledSet,
     metrics: dict[str, Any],
     timings: Timings,
