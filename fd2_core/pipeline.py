@@ -27,11 +27,11 @@ from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import pick_device
 from .spec import JobSpec, resolve_spec, spec_changes
-from .stages.committee import pretrain_committee
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
 from .stages.package import Provenance, json_safe, package, quantize
+from .stages.pretrain import pretrain
 from .stages.relabel import SOFT_LABELS_FILE, relabel
 from .stages.teacher import check_teacher_weights
 from .timings import Timings
@@ -114,11 +114,16 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
                             fix="resume it with the same --drop-duplicates choice, or choose another work folder")
 
 
-def _teacher_weights_inputs(teacher_weights: str | Path | None) -> dict[str, Any]:
+def _teacher_weights_inputs(teacher_weights: str | Path | None, spec: JobSpec) -> dict[str, Any]:
     """The run's recorded inputs; the weights file must exist and hold tensors (read here, before the data
-    is loaded; whether they fit the backbone is checked once the number of classes is known)."""
+    is loaded; whether they fit the backbone is checked once the number of classes is known). A weights file
+    starts one teacher, so a committee refuses it."""
     if not teacher_weights:
         return {"teacher_weights_sha256": None}
+    if spec.committee is not None:
+        raise DataError("bad_teacher_weights", "a teacher weights file starts one teacher, and this spec names a "
+                        f"committee of {len(spec.committee)}",
+                        fix="drop the committee to start that teacher from the file, or drop the weights file")
     path = Path(teacher_weights)
     if not path.is_file():
         raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found",
@@ -216,11 +221,7 @@ def run(
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir, resolved = Path(workdir), spec.model_dump(mode="json")
     # Every check comes before the first write, so that a refused run leaves the work folder as it was.
-    if teacher_weights and spec.committee is not None:
-        raise DataError("bad_teacher_weights", "a teacher weights file starts one teacher, and this spec names a "
-                        f"committee of {len(spec.committee)}",
-                        fix="drop the committee to start that teacher from the file, or drop the weights file")
-    inputs = _teacher_weights_inputs(teacher_weights)
+    inputs = _teacher_weights_inputs(teacher_weights, spec)
     if drop_duplicates:  # only when set, so that earlier work folders still resume
         inputs["drop_duplicates"] = True
     check_workdir(workdir, resolved, inputs)
@@ -239,7 +240,7 @@ def run(
     torch.manual_seed(spec.seed)
 
     with timings.measure("pretrain"):
-        teacher = pretrain_committee(ctx)
+        teacher = pretrain(ctx)
     with timings.measure("distill"):
         synthetic = distill(ctx, teacher)
     distilled = quantize(ctx, synthetic)

@@ -24,8 +24,9 @@ from fd2_core.data.errors import DataError
 from fd2_core.pipeline import run
 from fd2_core.progress import ProgressTracker
 from fd2_core.spec import PAPER_COMMITTEE, PRESETS, ValidationError, resolve_spec
-from fd2_core.stages.committee import Committee, TeacherMember, member_context, pretrain_committee
+from fd2_core.stages.committee import Committee, TeacherMember, member_context
 from fd2_core.stages.context import RunContext
+from fd2_core.stages.pretrain import pretrain
 from fd2_core.stages.relabel import relabel
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
@@ -233,9 +234,9 @@ def test_committee_soft_labels_are_the_weighted_sum_of_its_members_logits(tmp_pa
 def test_each_member_pretrains_and_resumes_on_its_own(tmp_path, tiny_data, monkeypatch) -> None:
     ctx = _ctx(tmp_path, tiny_data, method="fd2", committee=TWO_CONVNETS)
     calls: list[str] = []
-    import fd2_core.stages.committee as committee_stage
+    import fd2_core.stages.pretrain as pretrain_stage
 
-    original = committee_stage.pretrain
+    original = pretrain_stage.pretrain_teacher
 
     def killed_at_second(member_ctx):
         calls.append(member_ctx.workdir.name)
@@ -243,14 +244,14 @@ def test_each_member_pretrains_and_resumes_on_its_own(tmp_path, tiny_data, monke
             raise KeyboardInterrupt("killed")
         return original(member_ctx)
 
-    monkeypatch.setattr(committee_stage, "pretrain", killed_at_second)
+    monkeypatch.setattr(pretrain_stage, "pretrain_teacher", killed_at_second)
     with pytest.raises(KeyboardInterrupt):
-        pretrain_committee(ctx)
+        pretrain(ctx)
     assert (tmp_path / "teachers" / "0-convnet" / "stages" / "teacher.safetensors").exists()
-    monkeypatch.setattr(committee_stage, "pretrain", original)
+    monkeypatch.setattr(pretrain_stage, "pretrain_teacher", original)
     events = []
     ctx.tracker = ProgressTracker({"pretrain": 1.0}, events.append, None)
-    committee = pretrain_committee(ctx)
+    committee = pretrain(ctx)
     logs = [e.message for e in events]
     assert any("teacher 1/2 (0-convnet): pretrain already finished" in m for m in logs), logs
     assert not any("teacher 2/2 (1-convnet): pretrain already finished" in m for m in logs), logs

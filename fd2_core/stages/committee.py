@@ -24,7 +24,6 @@ from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import autocast, frozen
 from .context import RunContext
-from .pretrain import TEACHER_FILE, pretrain
 from .teacher import relabel_mode, source_logits, teacher_metadata
 
 COMMITTEE_FORMAT = "fd2.teacher.committee.v1"
@@ -115,27 +114,10 @@ def member_context(ctx: RunContext, index: int) -> RunContext:
     )
 
 
-def _weights(ctx: RunContext) -> list[float]:
+def member_weights(ctx: RunContext) -> list[float]:
+    """The members' weights normalised to sum 1."""
     raw = [m.weight for m in ctx.spec.members]
     return [w / sum(raw) for w in raw]
-
-
-def pretrain_committee(ctx: RunContext) -> Committee:
-    """Stage 1 for every member in order (each resumable on its own); a committee of several also writes the
-    combined `teacher.safetensors` (every member, keys prefixed) in the run's stage folder."""
-    names, weights = member_names(ctx), _weights(ctx)
-    members = []
-    for i, (name, weight) in enumerate(zip(names, weights, strict=True)):
-        member_ctx = member_context(ctx, i)
-        result = pretrain(member_ctx)
-        members.append(TeacherMember(name, member_ctx, result.model, result.info, weight))
-    committee = Committee(members)
-    if len(members) == 1 and ctx.spec.committee is None:
-        committee.info = members[0].info
-        return committee
-    committee.info = committee_info(ctx, members)
-    save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)
-    return committee
 
 
 def as_committee(ctx: RunContext, teacher: FD2Model | Committee) -> Committee:
@@ -261,7 +243,8 @@ __all__ = [
     "frozen_members",
     "member_context",
     "member_prefix",
-    "pretrain_committee",
+    "member_names",
+    "member_weights",
     "relabel_members",
     "save_committee",
 ]
