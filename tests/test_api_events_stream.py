@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import anyio
+import httpx
 import pytest
 from api_helpers import new_tenant, running_client, settings, tenant_id  # noqa: F401  (settings is a fixture)
 from fastapi.testclient import TestClient
+from service_harness import embedded_settings, free_port, service_env, start_child, wait_until
 
+from api.event_stream import JobEventStream
 from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
 from store.db import session_scope
-from store.jobs import add_event, create_job, finish_job, mark_running
+from store.jobs import add_event, create_job, delete_finished_job, finish_job, mark_running
 
 SSE = {"Accept": "text/event-stream"}
 pytestmark = pytest.mark.timeout(120)  # a stream that never ends fails the test instead of hanging the run
@@ -184,3 +189,57 @@ def test_a_malformed_last_event_id_answers_422(client, stream_settings, tenant, 
     job_id = new_job(stream_settings, tenant, events=0, status="succeeded")
     response = client.get(f"/v1/jobs/{job_id}/events", headers={**tenant, **SSE, "Last-Event-ID": value})
     assert response.status_code == 422 and response.json()["error"]["code"] == "validation_error"
+
+
+def test_a_stream_whose_job_is_deleted_meanwhile_ends_with_status_deleted(stream_settings, tenant) -> None:
+    job_id = new_job(stream_settings, tenant, events=1, status="succeeded")
+    with session_scope(stream_settings) as session:
+        delete_finished_job(session, tenant_id(stream_settings, tenant), job_id)
+
+    async def collect() -> list[dict]:
+        stream = JobEventStream(stream_settings, tenant_id(stream_settings, tenant), job_id, None)
+        return [item async for item in stream.events()]
+
+    [end] = anyio.run(collect)
+    assert end["event"] == "end" and json.loads(end["data"]) == {"job_id": job_id, "status": "deleted"}
+
+
+@pytest.mark.service
+def test_the_stream_over_real_http_from_uvicorn(tmp_path) -> None:
+    """The same stream from a real `uvicorn api.main:app` process over a socket: chunks arrive as written,
+    heartbeats flow while the job is idle, and a reconnect with Last-Event-ID resumes."""
+    port = free_port()
+    env = service_env({"FD2_HOME": str(tmp_path), "FD2_EVENT_STREAM_POLL_S": "0.05",
+                       "FD2_EVENT_STREAM_PING_S": "0.1"})
+    api = start_child("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+                              f"--port={port}"], env, tmp_path / "logs")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(base), 60, what="/readyz")
+        local = embedded_settings(tmp_path)
+        headers = new_tenant(local)
+        job_id = new_job(local, headers, events=1, status="running")
+        seen: list[Message] = []
+        with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers={**headers, **SSE}, timeout=30) as response:
+            assert response.status_code == 200
+            for message in messages(response.iter_lines()):
+                if message.comment is not None:
+                    if len(seen) == 1:  # idle and still open: the job ends now
+                        with session_scope(local) as session:
+                            finish_job(session, job_id, "failed", error={"code": "x", "message": "boom"})
+                            add_event(session, job_id, "failed", "job failed: boom")
+                    continue
+                seen.append(message)
+        assert [m.event for m in seen] == ["progress", "failed", "end"]
+        resumed = httpx.get(f"{base}/v1/jobs/{job_id}/events", timeout=30,
+                            headers={**headers, **SSE, "Last-Event-ID": seen[0].id or ""})
+        assert [m.event for m in messages(iter(resumed.text.splitlines())) if m.comment is None] == ["failed", "end"]
+    finally:
+        api.stop()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
