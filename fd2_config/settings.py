@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     def _parse_list(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("artifact_retention_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`FD2_ARTIFACT_RETENTION_DAYS=` (empty, as environment files write "off") keeps artifacts forever."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         # Absolute paths, so a worker started from another directory still finds the same files.

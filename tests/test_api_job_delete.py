@@ -19,14 +19,15 @@ from api_helpers import (  # noqa: F401  (client and settings are fixtures)
     zip_bytes,
 )
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.datasets import tenant_storage_usage
 from store.db import session_scope
-from store.jobs import create_job, delete_finished_job, finish_job, job_workdir, mark_running
-from store.models import utcnow
+from store.jobs import add_event, create_job, delete_finished_job, finish_job, job_workdir, mark_running
+from store.models import Artifact, JobEvent, utcnow
 from worker.storage_sweep import LEFTOVER_GRACE, remove_leftover_folders
 
 
@@ -50,6 +51,8 @@ def job_with_artifacts(settings: Settings, headers: dict[str, str], *, status: s
 def test_delete_removes_the_job_its_events_artifacts_and_folder(client: TestClient, settings: Settings) -> None:  # noqa: F811
     headers = new_tenant(settings)
     job_id = job_with_artifacts(settings, headers)
+    with session_scope(settings) as session:
+        add_event(session, job_id, "succeeded", "job succeeded")
     workdir = job_workdir(settings, job_id)
     assert client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=headers).status_code == 200
 
@@ -60,6 +63,9 @@ def test_delete_removes_the_job_its_events_artifacts_and_folder(client: TestClie
         answer = client.get(path, headers=headers)
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", path
     assert job_id not in [job["id"] for job in client.get("/v1/jobs", headers=headers).json()["items"]]
+    with session_scope(settings) as session:
+        for table in (JobEvent, Artifact):
+            assert session.scalar(select(func.count()).select_from(table).where(table.job_id == job_id)) == 0
     again = client.delete(f"/v1/jobs/{job_id}", headers=headers)
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
 

@@ -110,3 +110,9 @@ def test_artifact_files_outside_the_service_folders_are_never_removed(kept_setti
     outside.write_text("{}")
     remove_job_files(kept_settings, "job_outside", [str(outside)])
     assert outside.is_file()
+
+
+@pytest.mark.parametrize(("text", "days"), [("", None), ("30", 30.0), ("0.5", 0.5)])
+def test_the_retention_period_comes_from_the_environment(monkeypatch, tmp_path, text: str, days) -> None:
+    monkeypatch.setenv("FD2_ARTIFACT_RETENTION_DAYS", text)
+    assert Settings(home=tmp_path).artifact_retention_days == days
