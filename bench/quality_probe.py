@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import log, make_ctx, quantize  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
-from fd2_core.runtime import autocast, frozen, generator  # noqa: E402
+from fd2_core.runtime import frozen, generator  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
@@ -66,7 +66,7 @@ def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
     images = ctx.normalize(images_u8).float()
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
-        with autocast(ctx.device, ctx.amp):
+        with ctx.autocast():
             return source_logits(teacher(x), source, spec.cal_ratio)
 
     with relabel_mode(teacher, spec.relabel_bn_mode):

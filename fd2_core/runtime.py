@@ -18,11 +18,27 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA only: CPU autocast is slower than fp32 on small convnets."""
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` (bfloat16 | float16) on CUDA only: CPU autocast is slower than fp32 on small convnets."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=AMP_DTYPES[dtype])
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> torch.amp.GradScaler:
+    """A gradient scaler that is active only for float16 autocast on CUDA (bfloat16 has fp32's exponent range
+    and needs none); inactive, `scale` returns the loss as it is and `step` is the optimizer's own step."""
+    return torch.amp.GradScaler("cuda", enabled=enabled and device.type == "cuda" and dtype == "float16")
+
+
+def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """backward + optimizer step through `scaler` (fp16: skipped when the scaled gradients overflow)."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def to_device(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:

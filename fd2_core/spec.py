@@ -112,7 +112,14 @@ class JobSpec(BaseModel):
         0.1, ge=0.0, le=0.5, description="Share of train held out to select the teacher checkpoint (never test)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to compute; auto = cuda if present.")
-    amp: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU).")
+    amp: bool = Field(
+        True, description="Mixed precision (amp_dtype autocast) and channels_last on CUDA (ignored on CPU)."
+    )
+    amp_dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16",
+        description="Autocast type with amp on CUDA: bfloat16 (no gradient scaler needed) or float16 with a "
+        "gradient scaler on every optimisation (the published FADRM+ runs).",
+    )
 
     # FD² switches (ablations)
     cal: bool = Field(True, description="Counterfactual attention learning + prototypes at pretraining (FD²).")
@@ -504,6 +511,7 @@ IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "fadrm_alpha": frozenset({0.5}),
     "committee": frozenset({None}),
     "committee_mode": frozenset({"auto"}),
+    "amp_dtype": frozenset({"bfloat16"}),
 }
 
 

@@ -22,7 +22,7 @@ import torch
 from ..atomic import save_tensors
 from ..models import FD2Model
 from ..progress import StageReporter
-from ..runtime import autocast, frozen
+from ..runtime import frozen
 from .context import RunContext
 from .teacher import relabel_mode, source_logits, teacher_metadata
 
@@ -165,7 +165,7 @@ def _ensemble_accuracy(ctx: RunContext, committee: Committee, images_u8: torch.T
     if images_u8.shape[0] == 0:
         return None
     hits = 0
-    with frozen_members(committee), autocast(ctx.device, ctx.amp):
+    with frozen_members(committee), ctx.autocast():
         for x, y in ctx.iterate(images_u8, labels, 256):
             total = sum(m.weight * source_logits(m.model(x), source_of(m), m.ctx.spec.cal_ratio)
                         for m in committee.members)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..progress import ProgressTracker
+from ..runtime import autocast, grad_scaler
 from ..spec import JobSpec
 
 
@@ -40,6 +42,14 @@ class RunContext:
     @property
     def amp(self) -> bool:
         return self.spec.amp and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision: `amp_dtype` autocast on CUDA when amp is on; nothing on the CPU."""
+        return autocast(self.device, self.amp, self.spec.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler for one optimisation loop, active only for float16 on CUDA (`runtime.grad_scaler`)."""
+        return grad_scaler(self.device, self.amp, self.spec.amp_dtype)
 
     def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,S,S] on any device → normalised float on the run's device."""

@@ -28,7 +28,7 @@ from ..augment import apply_crop_flip, random_roll, sample_crop_flip
 from ..fadrm import Phase, cosine_lr, input_side, phase_schedule, total_steps
 from ..losses import BNStatMatcher, distillation_loss
 from ..models import FD2Model
-from ..runtime import autocast, frozen, generator
+from ..runtime import frozen, generator, scaled_step
 from ..spec import JobSpec
 from .committee import Committee, as_committee, frozen_members
 from .context import RunContext
@@ -137,7 +137,7 @@ def _view_scores(
         x = ctx.normalize(ctx.data.train_images[images[start : start + per]])
         padded = pad_centre(crop_views(x, boxes[start : start + per], side), size)
         y = labels[start : start + per].to(ctx.device).repeat_interleave(views)
-        with autocast(ctx.device, ctx.amp):
+        with ctx.autocast():
             logits = teacher(padded).logits.float()
         scores.append(F.cross_entropy(logits, y, reduction="none").view(-1, views).cpu())
     return torch.cat(scores) if scores else torch.zeros(0, views)
@@ -255,7 +255,7 @@ def previous_attention(
     if not previous:
         return None
     maps = []
-    with autocast(ctx.device, ctx.amp):
+    with ctx.autocast():
         for images in previous:
             out = teacher(_augment(ctx, images[classes].to(ctx.device), g, side))
             maps.append(out.cal.attention.float())
@@ -273,7 +273,7 @@ def distill_loss(
     """One teacher's total loss on an augmented synthetic batch and its detached parts (hooks already registered
     in `bn`): `distillation_loss` with the spec's weights and switches."""
     spec = ctx.spec
-    with autocast(ctx.device, ctx.amp):
+    with ctx.autocast():
         out = teacher(x)
     terms = distillation_loss(
         out.logits,
@@ -301,12 +301,14 @@ def committee_step(
     optimizer: torch.optim.Optimizer,
     g: torch.Generator,
     bounds: tuple[torch.Tensor, torch.Tensor],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One iteration with the step's models: Σ_m w_m · loss_m (one model of weight 1 for a single teacher or a
     round-robin step), each member's loss with its own spec (r, prototypes, BN hooks, earlier attention maps).
 
     The batch is augmented once per input side, so members that see the same side see the same crops; then
-    backward to the images, an Adam step, and the clamp to valid pixels.
+    backward to the images, an Adam step (through `scaler` when given: float16 autocast), and the clamp to valid
+    pixels.
     """
     crops: dict[int | None, torch.Tensor] = {}
     total: torch.Tensor | None = None
@@ -323,8 +325,11 @@ def committee_step(
         parts = own if not parts else {k: parts[k] + v if k in parts else v for k, v in own.items()}
     assert total is not None
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    if scaler is None:
+        total.backward()
+        optimizer.step()
+    else:
+        scaled_step(total, optimizer, scaler)
     with torch.no_grad():
         x.data = torch.max(torch.min(x.data, bounds[1]), bounds[0])
     return total.detach(), parts
@@ -402,14 +407,15 @@ def optimise_chunk(
     optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     bounds = ctx.pixel_bounds()
     iters = spec.distill_iterations
-    round_robin = spec.round_robin
+    round_robin, scaler = spec.round_robin, ctx.grad_scaler()
     with contextlib.ExitStack() as stack:
         bns = _bn_matchers(stack, committee, spec.first_bn_multiplier)
         models = [StepModel(m.model, bn, maps, None, m.ctx, 1.0 if round_robin else m.weight)
                   for m, bn, maps in zip(committee.members, bns, prev_maps, strict=True)]
         for it in range(iters):
             optimizer.param_groups[0]["lr"] = 0.5 * spec.distill_lr * (1.0 + math.cos(math.pi * it / iters))
-            loss, parts = committee_step(ctx, step_models(models, it, round_robin), x, y, optimizer, g, bounds)
+            loss, parts = committee_step(ctx, step_models(models, it, round_robin), x, y, optimizer, g, bounds,
+                                         scaler)
             reporter.step(done_before + it + 1, {"loss": loss, **parts})
     return x.detach().float().contiguous(), init.contiguous()
 
@@ -471,11 +477,13 @@ def _run_phase(
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    bounds = ctx.pixel_bounds()
+    bounds, scaler = ctx.pixel_bounds(), ctx.grad_scaler()  # a fresh scaler with the phase's fresh Adam
     for i in range(phase.steps):
         step = phase.first_step + i
         optimizer.param_groups[0]["lr"] = cosine_lr(spec.distill_lr, step, total)
-        loss, parts = committee_step(ctx, step_models(models, step, spec.round_robin), x, y, optimizer, g, bounds)
+        loss, parts = committee_step(
+            ctx, step_models(models, step, spec.round_robin), x, y, optimizer, g, bounds, scaler
+        )
         on_step(step, loss, parts)
     return x.detach().float()
 

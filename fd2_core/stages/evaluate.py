@@ -22,7 +22,7 @@ from ..augment import apply_crop_flip, apply_cutmix
 from ..metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, StudentResult, bootstrap_interval, hlr, verdict
 from ..models import FD2Model, build_model
 from ..progress import StageReporter
-from ..runtime import autocast, derive_seed, generator, to_device
+from ..runtime import derive_seed, generator, to_device
 from ..softlabels import SoftLabels, forward_parts
 from .committee import Committee
 from .context import RunContext
@@ -70,8 +70,11 @@ def micro_batches(soft: SoftLabels) -> int:
     return soft.forward_splits
 
 
-def accumulate(loss_of: Callable[[slice], torch.Tensor], parts: list[slice]) -> torch.Tensor:
-    """Backward loss_of(part) / len(parts) for each micro-batch slice; returns their sum, detached.
+def accumulate(
+    loss_of: Callable[[slice], torch.Tensor], parts: list[slice], scaler: torch.amp.GradScaler | None = None
+) -> torch.Tensor:
+    """Backward loss_of(part) / len(parts) for each micro-batch slice (through `scaler` when given); returns their
+    sum, detached.
 
     Published validation script: the batch of 20 as 2 micro-batches of 10, one optimizer step afterwards; for
     equal parts the accumulated gradient is that of the full batch's mean loss.
@@ -79,7 +82,7 @@ def accumulate(loss_of: Callable[[slice], torch.Tensor], parts: list[slice]) -> 
     total = torch.zeros(())
     for part in parts:
         loss = loss_of(part) / len(parts)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() + total.to(loss.device)  # stays on the device: no sync per micro-batch
     return total
 
@@ -109,7 +112,7 @@ def _batch_loss(
     lam = 1.0 if cutmix is None else cutmix.lam
 
     def loss_of(part: slice) -> torch.Tensor:
-        with autocast(ctx.device, ctx.amp):
+        with ctx.autocast():
             logits = student(x[part]).logits.float()
         if hard_labels:
             return hard_label_loss(logits, y[part], None if partner is None else partner[part], lam)
@@ -139,13 +142,15 @@ def train_student(
     images = ctx.normalize(images_u8).float()
     labels = labels.to(ctx.device)
     splits = micro_batches(soft)
+    scaler = ctx.grad_scaler()
     for step in range(len(soft)):
         epoch = step // soft.batches_per_epoch
         optimizer.param_groups[0]["lr"] = student_lr(spec.eval_lr, epoch, soft.epochs, spec.eval_schedule)
         loss_of, size = _batch_loss(ctx, student, images, labels, soft, step, hard_labels)
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(loss_of, forward_parts(size, splits))
-        optimizer.step()
+        loss = accumulate(loss_of, forward_parts(size, splits), scaler)
+        scaler.step(optimizer)
+        scaler.update()
         if reporter is not None:
             reporter.step(done_before + step + 1, {"student_loss": loss})
     return StudentResult.from_correct(correctness(student, ctx, ctx.data.test_images, ctx.data.test_labels))

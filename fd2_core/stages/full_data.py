@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..augment import train_augment
 from ..metrics import StudentResult
 from ..models import build_model
-from ..runtime import autocast, generator, to_device
+from ..runtime import generator, scaled_step, to_device
 from .context import RunContext
 from .teacher import correctness
 
@@ -50,7 +50,7 @@ def train_full_data_student(ctx: RunContext, *, reporter=None, done_before: int 
     student = build_model(spec.student, ctx.num_classes, spec.image_size, cal=False, width=spec.model_width)
     student = to_device(student, ctx.device, channels_last=ctx.amp)
     student.train()
-    optimizer = _optimizer(ctx, student.parameters())
+    optimizer, scaler = _optimizer(ctx, student.parameters()), ctx.grad_scaler()
     total = full_data_steps(ctx)
     step = 0
     for epoch in range(spec.pretrain_epochs):
@@ -59,12 +59,11 @@ def train_full_data_student(ctx: RunContext, *, reporter=None, done_before: int 
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
             x = train_augment(x, g, spec.pretrain_augment, mean=ctx.mean, std=ctx.std)
-            with autocast(ctx.device, ctx.amp):
+            with ctx.autocast():
                 logits = student(x).logits.float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaled_step(loss, optimizer, scaler)
             step += 1
             if reporter is not None:
                 reporter.step(done_before + step, {"full_data_loss": loss.detach()})

@@ -25,7 +25,6 @@ from ..atomic import write_json
 from ..data.dataset import ImageDataset
 from ..models import FD2Model
 from ..models.weights import WeightsLoad
-from ..runtime import autocast
 from ..timings import Timings
 from .committee import Committee
 from .context import RunContext
@@ -117,7 +116,7 @@ def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -
         return None
     teacher.eval()
     maps = []
-    with autocast(ctx.device, ctx.amp):
+    with ctx.autocast():
         for start in range(0, images_u8.shape[0], ATTENTION_BATCH):
             maps.append(teacher(ctx.normalize(images_u8[start : start + ATTENTION_BATCH])).cal.attention.float().cpu())
     return torch.cat(maps)

@@ -19,7 +19,7 @@ from ..attention_aug import attention_crop_drop
 from ..augment import train_augment
 from ..losses import center_loss
 from ..models import FD2Model
-from ..runtime import autocast, generator
+from ..runtime import generator, scaled_step
 from .committee import (
     Committee,
     TeacherMember,
@@ -172,6 +172,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
         reporter.log(f"resumed pretraining at epoch {start_epoch}")
 
     ratio = spec.cal_ratio
+    scaler = ctx.grad_scaler()
     for epoch in range(start_epoch, spec.pretrain_epochs):
         g = generator(spec.seed, "pretrain", epoch)
         model.train()
@@ -180,15 +181,14 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(ctx, epoch, step, steps_per_epoch)
             x = train_augment(x, g, spec.pretrain_augment, mean=ctx.mean, std=ctx.std)
-            with autocast(ctx.device, ctx.amp):
+            with ctx.autocast():
                 if spec.uses_cal:
                     loss, embedding, parts = cal_loss(model, x, y, ratio, g)
                 else:
                     loss = F.cross_entropy(model(x).logits, y)
                     embedding, parts = None, {"ce": loss.detach()}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaled_step(loss, optimizer, scaler)
             if embedding is not None:
                 model.cal_head.update_prototypes(embedding, y, spec.prototype_momentum)
             running = 0.9 * running + 0.1 * loss.detach() if step else loss.detach()

@@ -13,7 +13,7 @@ import torch
 
 from ..models import FD2Model
 from ..progress import StageReporter
-from ..runtime import autocast, generator
+from ..runtime import generator
 from ..softlabels import SoftLabels, record_soft_labels, save_soft_labels
 from ..spec import JobSpec
 from .committee import Committee, as_committee, ensemble_logits, member_fields, relabel_members
@@ -86,7 +86,7 @@ def relabel(
             parent.poll()
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
-        with autocast(ctx.device, ctx.amp):
+        with ctx.autocast():
             return ensemble_logits(committee, x, spec.soft_label_source)
 
     with relabel_members(committee, spec.relabel_bn_mode):

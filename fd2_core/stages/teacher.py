@@ -17,7 +17,7 @@ from ..atomic import load_tensors, save_tensors
 from ..data.errors import DataError
 from ..models import FD2Model, ModelOutput, build_model
 from ..models.weights import ClassListMismatch, WeightsLoad, load_model_weights
-from ..runtime import autocast, frozen, to_device
+from ..runtime import frozen, to_device
 from ..spec import JobSpec
 from .context import RunContext
 
@@ -88,7 +88,7 @@ def correctness(
     was_training = model.training
     model.eval()
     hits = []
-    with autocast(ctx.device, ctx.amp):
+    with ctx.autocast():
         for x, y in ctx.iterate(images_u8, labels, batch_size):
             if cal_ratio is None:
                 logits = model(x).logits
