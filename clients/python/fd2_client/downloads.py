@@ -21,7 +21,6 @@ from fd2_client.errors import ChecksumMismatch, RangeNotSatisfiable
 from fd2_client.retries import call_with_retries
 from fd2_client.transport import Transport
 
-CHUNK_BYTES = 1024 * 1024
 HASH_READ_BYTES = 4 * 1024 * 1024
 PART_SUFFIX = ".part"
 
@@ -108,7 +107,7 @@ class _PartFetch:
             handle.truncate(offset)
             done = offset
             self._report(done)
-            for chunk in response.iter_bytes(CHUNK_BYTES):
+            for chunk in response.iter_bytes():  # as it arrives: a cut keeps every byte received
                 handle.write(chunk)
                 self.hasher.update(chunk)
                 done += len(chunk)

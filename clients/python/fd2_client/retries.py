@@ -7,7 +7,7 @@ A request is retried only when repeating it cannot do something twice:
   that broke once the request was sent, and after 502/503/504.
 An upload is not idempotent (the service keeps no key for it), so a broken upload is reported, not repeated.
 The wait is the service's `Retry-After` when it sent one (capped at `max_wait_s`), else an exponential
-backoff with jitter.
+backoff with full jitter (a random wait up to `initial_wait_s` doubled per retry).
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def is_retryable(exc: BaseException, idempotent: bool) -> bool:
 
 
 class _RetryAfterOrBackoff(tenacity.wait.wait_base):
-    """The service's `Retry-After` when the last error carries one, else exponential backoff with jitter."""
+    """The service's `Retry-After` when the last error carries one, else exponential backoff with full jitter."""
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.backoff = tenacity.wait_exponential_jitter(initial=policy.initial_wait_s, max=policy.max_wait_s)
+        self.backoff = tenacity.wait_random_exponential(multiplier=policy.initial_wait_s, max=policy.max_wait_s)
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
