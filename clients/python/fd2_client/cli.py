@@ -56,9 +56,10 @@ class UsageError(Exception):
 class Output:
     """Where a command's result goes: stdout (text or one JSON document) and stderr (messages)."""
 
-    def __init__(self, as_json: bool, quiet: bool) -> None:
+    def __init__(self, as_json: bool, quiet: bool, progress: bool) -> None:
         self.as_json = as_json
         self.quiet = quiet
+        self.bars: bool | None = False if quiet else (True if progress else None)  # None: on a terminal only
 
     def result(self, text: str, document: Any) -> None:
         print(json.dumps(document, indent=2) if self.as_json else text, flush=True)
@@ -75,7 +76,7 @@ class Output:
 
 
 def cmd_upload(client: Client, args: argparse.Namespace, out: Output) -> int:
-    with ByteBar(f"upload {Path(args.path).name}", quiet=out.quiet) as bar:
+    with ByteBar(f"upload {Path(args.path).name}", show=out.bars) as bar:
         dataset = client.upload_dataset(args.path, args.name, on_progress=bar, drop_duplicates=args.drop_duplicates)
     splits = dataset.get("splits") or {}
     out.note(f"dataset {dataset['id']} {dataset.get('status')}: {dataset.get('num_classes')} classes, "
@@ -102,7 +103,7 @@ def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def _wait_and_report(client: Client, job: str | Job, args: argparse.Namespace, out: Output) -> int:
     try:
-        with StageBars(quiet=out.quiet) as bars:
+        with StageBars(show=out.bars) as bars:
             final = client.wait(job, on_progress=bars, timeout=args.timeout)
     except JobError as exc:
         out.error(f"job {exc.job['id']} {exc.job['status']}: {exc.code or ''} {exc.message}".replace("  ", " "))
@@ -130,7 +131,7 @@ def cmd_download(client: Client, args: argparse.Namespace, out: Output) -> int:
     files = []
     by_name = {a["name"]: a for a in job.get("artifacts") or []}
     for name in names:
-        with ByteBar(name, quiet=out.quiet) as bar:
+        with ByteBar(name, show=out.bars) as bar:
             path = client.download(job, name, folder, on_progress=bar)
         artifact = by_name.get(name, {})
         files.append({"name": name, "path": str(path), "size": path.stat().st_size,
@@ -226,6 +227,8 @@ def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
                         help="print the result as one JSON document on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", default=default(False),
                         help="no progress bars or messages on stderr (errors still)")
+    parser.add_argument("--progress", action="store_true", default=default(False),
+                        help="draw progress bars also when stderr is not a terminal (default: only on one)")
     parser.add_argument("--retries", type=int, default=default(5), metavar="N",
                         help="retries of a failed request before giving up (default: 5)")
     return parser
@@ -294,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; answers the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Output(args.json, args.quiet)
+    out = Output(args.json, args.quiet, args.progress)
     url = args.url or os.environ.get(URL_VARIABLE, "")
     key = args.key or os.environ.get(KEY_VARIABLE, "")
     if not url or not key:

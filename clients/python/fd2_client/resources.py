@@ -99,6 +99,8 @@ class Progress:
         stage_progress = data.get("stage_progress", self.stage_progress if stage == self.stage else 0.0)
         if kind == "stage_start":
             stage_progress = 0.0
+        elif kind in ("stage_end", "succeeded") and "stage_progress" not in data:
+            stage_progress = 1.0
         status = kind if kind in FINAL_STATUSES else ("running" if kind in RUNNING_KINDS else self.status)
         progress = event.get("progress")
         return Progress(self.job_id, status, stage, self.progress if progress is None else float(progress),
