@@ -176,7 +176,7 @@ def cmd_ls(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _first(items: Any, limit: int | None) -> list[Any]:
-    found = []
+    found: list[Any] = []
     for item in items:
         if limit is not None and len(found) >= limit:
             break

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import IO, Any
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # (types-tqdm has the stubs)
 
 from fd2_client.resources import Progress
 
@@ -38,7 +38,7 @@ class ByteBar:
         self.bar.close()
 
 
-class _StageBar(tqdm):
+class _StageBar(tqdm):  # type: ignore[misc]
     """A stage's bar with a `{job}` field: the whole job's percent and ETA after the stage's own percent."""
 
     job_text = ""

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from fd2_client.downloads import ByteProgress, download_verified
@@ -69,11 +69,11 @@ class Client:
             reader = CountingReader(handle, archive.stat().st_size, on_progress)
             files = {"file": (filename, reader, media_type(archive))}
             response = self.transport.request("POST", "/v1/datasets", idempotent=False, files=files, data=fields)
-        return response.json()
+        return cast(Dataset, response.json())
 
     def get_dataset(self, dataset: str | Mapping[str, Any]) -> Dataset:
         """The dataset resource; `NotFound` for an unknown id."""
-        return self.transport.request("GET", f"/v1/datasets/{_segment(id_of(dataset))}").json()
+        return cast(Dataset, self.transport.request("GET", f"/v1/datasets/{_segment(id_of(dataset))}").json())
 
     def iter_datasets(self, page_size: int | None = None) -> Iterator[Dataset]:
         """Every dataset of the tenant, newest first, page after page (`page_size` items per request)."""
@@ -98,11 +98,12 @@ class Client:
         if callback_url is not None:
             body["callback_url"] = callback_url
         headers = {IDEMPOTENCY_HEADER: idempotency_key or str(uuid.uuid4())}
-        return self.transport.request("POST", "/v1/jobs", idempotent=True, json=body, headers=headers).json()
+        response = self.transport.request("POST", "/v1/jobs", idempotent=True, json=body, headers=headers)
+        return cast(Job, response.json())
 
     def get_job(self, job: str | Mapping[str, Any]) -> Job:
         """The job resource (status, stage, progress, ETA, metrics, artifacts); `NotFound` for an unknown id."""
-        return self.transport.request("GET", _job_path(job)).json()
+        return cast(Job, self.transport.request("GET", _job_path(job)).json())
 
     def iter_jobs(self, status: str | None = None, page_size: int | None = None) -> Iterator[Job]:
         """Every job of the tenant (only those in `status` when given), newest first, page after page."""
@@ -110,7 +111,7 @@ class Client:
 
     def cancel(self, job: str | Mapping[str, Any]) -> Job:
         """Ask a queued or running job to stop (it is `cancelled` within seconds); `Conflict` once finished."""
-        return self.transport.request("POST", f"{_job_path(job)}/cancel", idempotent=True).json()
+        return cast(Job, self.transport.request("POST", f"{_job_path(job)}/cancel", idempotent=True).json())
 
     def delete(self, job: str | Mapping[str, Any]) -> None:
         """Delete a finished job with its artifacts and work folder; `Conflict` while it is queued or running."""

@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import httpx
 
@@ -43,7 +43,8 @@ def download_verified(transport: Transport, path: str, dest: Path, *, sha256: st
     if size is not None and part.exists() and part.stat().st_size > size:
         part.unlink()  # longer than the artifact: not a prefix of it
     fetch = _PartFetch(transport, path, part, sha256, size, on_progress)
-    call_with_retries(transport.retry, True, fetch.run, transport.sleep)
+    # opening the request is retried by the transport; this goes on after a connection broken mid-file
+    call_with_retries(transport.retry, True, fetch.run, transport.sleep, only=(httpx.TransportError,))
     expected = (sha256 or fetch.header_sha256 or "").lower()
     actual = fetch.hasher.hexdigest()
     if not expected or actual != expected:
@@ -142,6 +143,6 @@ def _etag_sha256(response: httpx.Response) -> str | None:
     return etag if len(etag) == 64 and all(c in "0123456789abcdefABCDEF" for c in etag) else None
 
 
-def _flush(handle: BinaryIO) -> None:
+def _flush(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())

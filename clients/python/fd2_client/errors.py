@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -98,18 +99,18 @@ class ChecksumMismatch(Fd2Error):
 class WaitTimeout(Fd2Error, TimeoutError):
     """`wait` gave up after its timeout while the job was still queued or running; `job` is its last state."""
 
-    def __init__(self, job: dict[str, Any], timeout: float) -> None:
+    def __init__(self, job: Mapping[str, Any], timeout: float) -> None:
         super().__init__(f"job {job.get('id')} is still {job.get('status')} after {timeout:g} s")
-        self.job = job
+        self.job = dict(job)
         self.timeout = timeout
 
 
 class JobError(Fd2Error):
     """A job ended without success; `job` is the final job resource, `code`/`message` its `error`."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: Mapping[str, Any]) -> None:
         error = job.get("error") or {}
-        self.job = job
+        self.job = dict(job)
         self.code: str | None = error.get("code")
         self.message: str = error.get("message") or f"job {job.get('status')}"
         super().__init__(f"job {job.get('id')} {job.get('status')}: {self.message}")

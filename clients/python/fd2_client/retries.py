@@ -12,6 +12,7 @@ backoff with full jitter (a random wait up to `initial_wait_s` doubled per retry
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -69,13 +70,15 @@ class _RetryAfterOrBackoff(tenacity.wait.wait_base):
 
 
 def call_with_retries(policy: RetryPolicy, idempotent: bool, call: Callable[[], T],
-                      sleep: Callable[[float], None] | None = None) -> T:
-    """`call()`, tried again under `policy` while it raises a retryable error; the last error is raised."""
+                      sleep: Callable[[float], None] | None = None,
+                      only: tuple[type[BaseException], ...] = (BaseException,)) -> T:
+    """`call()`, tried again under `policy` while it raises a retryable error (of the `only` kinds); the last
+    error is raised."""
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(lambda exc: is_retryable(exc, idempotent)),
+        retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, only) and is_retryable(exc, idempotent)),
         wait=_RetryAfterOrBackoff(policy),
         stop=tenacity.stop_after_attempt(policy.attempts),
         reraise=True,
-        **({"sleep": sleep} if sleep is not None else {}),
+        sleep=sleep or time.sleep,
     )
     return retrying(call)
