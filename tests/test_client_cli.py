@@ -35,6 +35,7 @@ def fd2_client(*args: str, url: str | None = None, key: str | None = None,
     """Run the command with FD2_URL / FD2_API_KEY set (when given) and nothing else of the caller's FD2_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FD2_")}
     env.update({k: v for k, v in (("FD2_URL", url), ("FD2_API_KEY", key)) if v is not None})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT_ROOT), env.get("PYTHONPATH")]))  # this checkout's
     return subprocess.run([sys.executable, "-m", "fd2_client", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)
 
