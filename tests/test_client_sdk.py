@@ -37,6 +37,7 @@ from fd2_client import (
     ServiceUnavailable,
     Unauthorized,
     ValidationFailed,
+    WaitTimeout,
 )
 
 FAST_RETRIES = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=2.0)
@@ -442,3 +443,24 @@ def test_the_sdk_and_its_command_import_without_torch_or_the_service():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok []"
+
+
+def test_wait_gives_up_at_its_timeout_also_on_a_lively_stream():
+    def serve(seen: Seen) -> Reply:
+        if "/events" in seen.path:
+            ticks = (f"id: {i}\ndata: {json.dumps(_event(i, 'progress', 'distill', 0.5))}\n\n".encode()
+                     for i in range(1, 10_000))
+            return Reply(200, {"Content-Type": "text/event-stream"}, (_slowly(tick) for tick in ticks))
+        return json_reply(200, _job("running"))
+
+    with StubServer(serve) as stub, Client(stub.url, "k") as sdk:
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout) as raised:
+            sdk.wait("job_x", timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 10
+    assert raised.value.job["status"] == "running" and isinstance(raised.value, TimeoutError)
+
+
+def _slowly(chunk: bytes) -> bytes:
+    time.sleep(0.05)
+    return chunk

@@ -96,6 +96,7 @@ class JobWatcher:
                 yield from self._take(event)
                 if self.progress.finished:
                     return
+                self._check_deadline()  # a lively stream would otherwise outlast the deadline
             self._ended = True  # `event: end`: the job has finished
         except (StreamUnavailable, ConnectionFailed):
             self.streaming = False  # polling goes on (and raises ConnectionFailed itself if the service is gone)
