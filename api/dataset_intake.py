@@ -1,10 +1,10 @@
 """Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
 
-Steps: the tenant's storage quota is checked; the body is streamed to a temporary file; then, off the event
-loop, safe extraction into the dataset's own folder, layout scan and a decode check of every image, which also
-fingerprints its pixels to count duplicates and test images that occur in train (dropped on request, see
-`fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the quota is checked again with
-the extracted size. Any failure removes the folder and no row is written.
+Steps: the tenant's storage quota (datasets and job artifacts) is checked; the body is streamed to a temporary
+file; then, off the event loop, safe extraction into the dataset's own folder, layout scan and a decode check of
+every image, which also fingerprints its pixels to count duplicates and test images that occur in train
+(dropped on request, see `fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the
+quota is checked again with the extracted size. Any failure removes the folder and no row is written.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fd2_core.data.duplicates import DuplicateReport, Fingerprint, duplicate_war
 from fd2_core.data.errors import DataError, FileError, UnusableDataError
 from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
-from store.datasets import create_dataset, dataset_path, remove_tree, tenant_storage_bytes
+from store.datasets import StorageUsage, create_dataset, dataset_path, remove_tree, tenant_storage_usage
 from store.models import Dataset, new_id
 
 MAX_STORED_ERRORS = 1000
@@ -66,22 +66,25 @@ def default_dataset_name(filename: str) -> str:
     return stem[:MAX_NAME_CHARS] or "dataset"
 
 
-def quota_exceeded(quota: int, used: int, adding: int | None = None) -> ApiError:
-    message = f"the tenant's datasets would exceed the storage quota of {quota} bytes"
-    details = {"max_tenant_storage_bytes": quota, "used_bytes": used}
+def quota_exceeded(quota: int, usage: StorageUsage, adding: int | None = None) -> ApiError:
+    message = f"the tenant's datasets and job artifacts would exceed the storage quota of {quota} bytes"
+    details = {"max_tenant_storage_bytes": quota, "used_bytes": usage.total,
+               "used_by_datasets_bytes": usage.dataset_bytes, "used_by_artifacts_bytes": usage.artifact_bytes}
     if adding is not None:
         details["dataset_bytes"] = adding
-    return ApiError(413, "storage_quota_exceeded", message + "; delete datasets to make room", details)
+    return ApiError(413, "storage_quota_exceeded",
+                    message + "; delete datasets or finished jobs (DELETE /v1/jobs/{id}) to make room", details)
 
 
 def check_storage_quota(session: Session, settings: Settings, tenant: CurrentTenant, adding: int) -> None:
-    """413 when the tenant's kept datasets plus `adding` bytes would pass `max_tenant_storage_bytes`."""
+    """413 when the tenant's kept datasets and job artifacts plus `adding` bytes would pass
+    `max_tenant_storage_bytes`."""
     quota = settings.max_tenant_storage_bytes
     if not quota:
         return
-    used = tenant_storage_bytes(session, tenant.id)
-    if used + adding > quota or used >= quota:
-        raise quota_exceeded(quota, used, adding or None)
+    usage = tenant_storage_usage(session, tenant.id)
+    if usage.total + adding > quota or usage.total >= quota:
+        raise quota_exceeded(quota, usage, adding or None)
 
 
 def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:

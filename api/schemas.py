@@ -90,8 +90,17 @@ class JobOut(BaseModel):
     finished_at: datetime | None = None
     error: JobError | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
-    artifacts: list[ArtifactOut] = Field(default_factory=list)
+    artifacts: list[ArtifactOut] = Field(
+        default_factory=list,
+        description="Files the job produced; after `artifacts_expired` they stay listed as a record, and their "
+        "downloads answer 410.",
+    )
     cancel_requested: bool = False
+    artifacts_expired: bool = Field(
+        False,
+        description="True once the operator's retention period (FD2_ARTIFACT_RETENTION_DAYS) removed the "
+        "artifact files of this finished job; its downloads answer 410 `artifacts_expired`.",
+    )
 
 
 class DatasetOut(BaseModel):

@@ -73,7 +73,18 @@ class Settings(BaseSettings):
         1 * GIB, ge=0, description="Uploads are refused (503) while the datasets folder has less free space."
     )
     max_tenant_storage_bytes: int = Field(
-        100 * GIB, ge=0, description="Extracted dataset bytes a tenant may keep (0 = unlimited); 413 past it."
+        100 * GIB, ge=0,
+        description="Bytes a tenant may keep: extracted datasets plus the artifacts of its jobs that are neither "
+        "deleted nor expired (0 = unlimited); an upload past it answers 413.",
+    )
+    artifact_retention_days: float | None = Field(
+        None, gt=0.0,
+        description="Days after a job finished when the workers' storage sweep removes its artifact files and work "
+        "folder (the job stays, with `artifacts_expired: true`; downloads answer 410); unset = kept until deleted.",
+    )
+    storage_sweep_interval_s: float = Field(
+        3600.0, gt=0.0,
+        description="Seconds between a worker's storage sweeps (artifact retention, leftover job folders).",
     )
     max_job_cost: float = Field(
         1e12, gt=0.0, description="Largest estimated job cost in 32-px image passes (fd2_core.cost); 422 past it."
@@ -112,6 +123,12 @@ class Settings(BaseSettings):
         3.0, ge=0.0, description="Seconds an authenticated key is trusted without a database look-up."
     )
     readiness_timeout_s: float = Field(2.0, gt=0.0, description="Budget of each /readyz dependency check.")
+    event_stream_poll_s: float = Field(
+        1.0, gt=0.0, description="Seconds between database reads of an open job event stream (text/event-stream)."
+    )
+    event_stream_ping_s: float = Field(
+        15.0, gt=0.0, description="Seconds between heartbeat comments on an idle event stream (keeps proxies open)."
+    )
     stale_heartbeat_s: float = Field(
         300.0, gt=0.0, description="A running job whose worker was silent this long counts as abandoned."
     )
@@ -131,6 +148,12 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("artifact_retention_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`FD2_ARTIFACT_RETENTION_DAYS=` (empty, as environment files write "off") keeps artifacts forever."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

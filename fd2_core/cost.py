@@ -59,7 +59,9 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
 
     distill = ipc·distill_iterations·K training steps for the optimising methods on sre2l++, ipc·K·Σ_p
     steps_p·(size_p/S)² for those on fadrm+ (`fadrm_steps_at_full_size`), plus the teacher's scoring of the patch
-    pool (`patch_scoring_passes`) for rded and the patch initialisation.
+    pool (`patch_scoring_passes`) for rded and the patch initialisation. A committee of T teachers pretrains T
+    times, relabels through T models, and distils through T models per step unless it takes one per step
+    (round robin).
 
     evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
     relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
@@ -68,16 +70,17 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     """
     k, n_train = size.num_classes, size.train_images
     n_syn = spec.ipc * k
-    pretrain = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
+    teachers = len(spec.members)
+    pretrain = teachers * spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
     distill = patch_scoring_passes(spec, size)
     if spec.optimises_images:
         steps = fadrm_steps_at_full_size(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
-        distill += spec.ipc * steps * k * TRAIN_STEP_PASSES
-    relabel = float(spec.relabel_epochs * n_syn)
+        distill += spec.ipc * steps * k * TRAIN_STEP_PASSES * (1 if spec.round_robin else teachers)
+    relabel = float(spec.relabel_epochs * n_syn * teachers)
     evaluate = 0.0
     if spec.evaluate:
         students = 1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)
-        evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + 1) + size.test_images * students
+        evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + teachers) + size.test_images * students
         if spec.eval_hlr:
             evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
     package = n_syn * PACKAGE_PASSES
@@ -87,8 +90,8 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
 def fadrm_steps_at_full_size(spec: JobSpec) -> float:
     """FADRM+ steps of one image in steps at the spec's side S: Σ_p steps_p·(side_p/S)², side_p the crop side
     the teacher sees in phase p (the phase's side; S for a backbone fixed to it, `fd2_core.fadrm.input_side`)."""
-    side = spec.image_size
-    return sum(p.steps * (input_side(spec.backbone, side, p.size) / side) ** 2 for p in phase_schedule(spec))
+    side, backbone = spec.image_size, spec.members[0].backbone
+    return sum(p.steps * (input_side(backbone, side, p.size) / side) ** 2 for p in phase_schedule(spec))
 
 
 def patch_scoring_passes(spec: JobSpec, size: DatasetSize) -> float:

@@ -114,11 +114,16 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
                             fix="resume it with the same --drop-duplicates choice, or choose another work folder")
 
 
-def _teacher_weights_inputs(teacher_weights: str | Path | None) -> dict[str, Any]:
+def _teacher_weights_inputs(teacher_weights: str | Path | None, spec: JobSpec) -> dict[str, Any]:
     """The run's recorded inputs; the weights file must exist and hold tensors (read here, before the data
-    is loaded; whether they fit the backbone is checked once the number of classes is known)."""
+    is loaded; whether they fit the backbone is checked once the number of classes is known). A weights file
+    starts one teacher, so a committee refuses it."""
     if not teacher_weights:
         return {"teacher_weights_sha256": None}
+    if spec.committee is not None:
+        raise DataError("bad_teacher_weights", "a teacher weights file starts one teacher, and this spec names a "
+                        f"committee of {len(spec.committee)}",
+                        fix="drop the committee to start that teacher from the file, or drop the weights file")
     path = Path(teacher_weights)
     if not path.is_file():
         raise DataError("not_found", f"teacher weights file {str(teacher_weights)!r} not found",
@@ -216,7 +221,7 @@ def run(
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir, resolved = Path(workdir), spec.model_dump(mode="json")
     # Every check comes before the first write, so that a refused run leaves the work folder as it was.
-    inputs = _teacher_weights_inputs(teacher_weights)
+    inputs = _teacher_weights_inputs(teacher_weights, spec)
     if drop_duplicates:  # only when set, so that earlier work folders still resume
         inputs["drop_duplicates"] = True
     check_workdir(workdir, resolved, inputs)
@@ -237,13 +242,13 @@ def run(
     with timings.measure("pretrain"):
         teacher = pretrain(ctx)
     with timings.measure("distill"):
-        synthetic = distill(ctx, teacher.model)
+        synthetic = distill(ctx, teacher)
     distilled = quantize(ctx, synthetic)
     with timings.measure("relabel"):
-        soft = relabel(ctx, teacher.model, distilled.images, distilled.labels, ctx.stage_dir / SOFT_LABELS_FILE)
+        soft = relabel(ctx, teacher, distilled.images, distilled.labels, ctx.stage_dir / SOFT_LABELS_FILE)
     metrics = teacher_metrics(teacher.info)
     if spec.evaluate:
         with timings.measure("evaluate"):
-            metrics.update(evaluate(ctx, teacher.model, distilled.images, distilled.labels, soft))
+            metrics.update(evaluate(ctx, teacher, distilled.images, distilled.labels, soft))
     artifacts, report = package(ctx, teacher, distilled, metrics, timings, provenance)
     return PipelineResult(artifacts=artifacts, metrics=json_safe(metrics), report=report)

@@ -11,16 +11,45 @@ import difflib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["fd2", "sre2l++", "fadrm+", "rded", "random"]
 Base = Literal["sre2l++", "fadrm+"]
-Backbone = Literal["convnet", "resnet18", "resnet50", "mobilenetv2"]
-PresetName = Literal["cpu-small", "paper-cub", "paper-cars", "paper-aircraft"]
+Backbone = Literal["convnet", "resnet18", "resnet50", "mobilenetv2", "densenet121"]
+PresetName = Literal[
+    "cpu-small", "paper-cub", "paper-cars", "paper-aircraft",
+    "cpu-small-fadrm", "paper-cub-fadrm", "paper-cars-fadrm", "paper-aircraft-fadrm",
+]
+CommitteeMode = Literal["auto", "round-robin", "weighted-sum"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)  # the one list of backbone names; the model registry follows it
 METHODS: tuple[str, ...] = get_args(Method)
 BASES: tuple[str, ...] = get_args(Base)  # the recipes FD² can run on (`base`)
+COMMITTEE_MODES: tuple[str, ...] = get_args(CommitteeMode)
+MAX_COMMITTEE = 8
+
+
+class CommitteeMember(BaseModel):
+    """One teacher of a committee. Fields left null are filled by `resolve_spec` (M and r from the published
+    table under a paper preset, else the spec's own values; width from the spec), so a resolved spec states
+    every member completely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: Backbone = Field(description="The member's architecture.")
+    model_width: int | None = Field(
+        None, ge=8, le=1024, description="Channels of a convnet member; null = the spec's model_width."
+    )
+    num_attention_maps: int | None = Field(
+        None, ge=1, le=64, description="M of the member's CAL head; null = published for its backbone, else the spec's."
+    )
+    cal_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="r of the member; null = published for its backbone, else the spec's."
+    )
+    weight: float = Field(
+        1.0, gt=0.0, le=1000.0,
+        description="Share of the member in a weighted-sum step and in the relabel ensemble (normalised to sum 1).",
+    )
 
 
 class JobSpec(BaseModel):
@@ -50,6 +79,22 @@ class JobSpec(BaseModel):
         128, ge=8, le=1024, description="Channels of the convnet backbone (torchvision backbones ignore it)."
     )
     student_backbone: Backbone | None = Field(None, description="Student for evaluation; null = same as teacher.")
+    committee: list[CommitteeMember] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_COMMITTEE,
+        description="Several teachers instead of one: each item a backbone name or {backbone, model_width, "
+        "num_attention_maps, cal_ratio, weight}. Each member is pretrained on its own (CAL + prototypes with its "
+        "own M and r when FD² is on), distillation uses them as committee_mode says, and the relabel stores the "
+        "weighted mean of their logits. The patch initialisation and rded rank with the first member; backbone "
+        "then names only the default student. null = one teacher, the backbone.",
+    )
+    committee_mode: CommitteeMode = Field(
+        "auto",
+        description="How a committee distils: round-robin = one member per step in turn (published FADRM+), "
+        "weighted-sum = every member every step, losses weighted (published SRe²L++ committee); auto = "
+        "round-robin on fadrm+, weighted-sum on sre2l++. Needs a committee.",
+    )
     torchvision_weights: bool = Field(
         False, description="Start the teacher from torchvision's ImageNet weights (downloads them once)."
     )
@@ -201,8 +246,18 @@ class JobSpec(BaseModel):
         "recovery (HLR) metric; costs about one teacher training more.",
     )
 
+    @field_validator("committee", mode="before")
+    @classmethod
+    def _member_shorthand(cls, value: Any) -> Any:
+        """A bare backbone name stands for a member with every other field left to the defaults."""
+        if isinstance(value, list):
+            return [{"backbone": item} if isinstance(item, str) else item for item in value]
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> JobSpec:
+        if self.committee is None and "committee_mode" in self.model_fields_set and self.committee_mode != "auto":
+            raise ValueError("committee_mode needs a committee; add committee, or drop committee_mode")
         if self.method != "fd2":
             enabled = [name for name in ("cal", "fc", "sc") if getattr(self, name)]
             if enabled and self.model_fields_set & set(enabled):
@@ -231,7 +286,7 @@ class JobSpec(BaseModel):
             raise ValueError(
                 f"soft_label_source {self.soft_label_source!r} reads the CAL head; it needs method fd2 with cal=true"
             )
-        if self.torchvision_weights and self.backbone == "convnet":
+        if self.torchvision_weights and self.backbone == "convnet" and self.committee is None:
             torchvision = ", ".join(name for name in BACKBONES if name != "convnet")
             raise ValueError(f"torchvision_weights needs a torchvision backbone ({torchvision})")
         return self
@@ -284,15 +339,49 @@ class JobSpec(BaseModel):
     def student(self) -> str:
         return self.student_backbone or self.backbone
 
+    @property
+    def members(self) -> list[CommitteeMember]:
+        """The teachers, each stated completely: the committee, or the one teacher the spec describes."""
+        if self.committee is None:
+            return [CommitteeMember(backbone=self.backbone, model_width=self.model_width,
+                                    num_attention_maps=self.num_attention_maps, cal_ratio=self.cal_ratio)]
+        return [
+            m.model_copy(update={
+                "model_width": m.model_width or self.model_width,
+                "num_attention_maps": m.num_attention_maps or self.num_attention_maps,
+                "cal_ratio": self.cal_ratio if m.cal_ratio is None else m.cal_ratio,
+            })
+            for m in self.committee
+        ]
+
+    @property
+    def round_robin(self) -> bool:
+        """Whether distillation uses one committee member per step (else every member, losses weighted)."""
+        if self.committee_mode == "auto":
+            return self.recipe == "fadrm+"
+        return self.committee_mode == "round-robin"
+
+    def member_spec(self, index: int) -> JobSpec:
+        """The spec as member `index` sees it: its backbone, width, M and r, and no committee (its pretraining,
+        losses and relabel logits read these fields)."""
+        member = self.members[index]
+        return self.model_copy(update={
+            "backbone": member.backbone, "model_width": member.model_width,
+            "num_attention_maps": member.num_attention_maps, "cal_ratio": member.cal_ratio,
+            "committee": None, "committee_mode": "auto",
+            "torchvision_weights": self.torchvision_weights and member.backbone != "convnet",
+        })
+
 
 # Published CAL settings (M = num_attention_maps, r = cal_ratio), one row per dataset (named by its paper preset),
-# one column per backbone: the FD² paper's CAL settings table. The paper's DenseNet-121
-# column is left out (not a backbone here). The paper has no ConvNet column: a convnet teacher under a paper
-# preset takes the ResNet-18 column, the presets' own backbone (see _CAL_COLUMN).
+# one column per backbone: the FD² paper's CAL settings table. The paper has no ConvNet column: a convnet
+# teacher under a paper preset takes the ResNet-18 column, the presets' own backbone (see _CAL_COLUMN).
 PAPER_CAL_SETTINGS: dict[str, dict[str, tuple[int, float]]] = {
-    "paper-cub": {"resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3)},
-    "paper-aircraft": {"resnet18": (32, 0.3), "mobilenetv2": (16, 0.2), "resnet50": (32, 0.4)},
-    "paper-cars": {"resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4)},
+    "paper-cub": {"resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3), "densenet121": (16, 0.4)},
+    "paper-aircraft": {
+        "resnet18": (32, 0.3), "mobilenetv2": (16, 0.2), "resnet50": (32, 0.4), "densenet121": (16, 0.4),
+    },
+    "paper-cars": {"resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4), "densenet121": (32, 0.4)},
 }
 _CAL_COLUMN: dict[str, str] = {"convnet": "resnet18"}
 _CAL_FIELDS = ("num_attention_maps", "cal_ratio")
@@ -345,6 +434,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-aircraft": _paper_preset("paper-aircraft", distill_iterations=4_000, test_fraction=0.33),
     "paper-cars": _paper_preset("paper-cars", distill_iterations=4_000, relabel_batch_size=14, test_fraction=0.5),
 }
+# The published FADRM+ + FD² runs: the same pretraining, relabel and data settings per dataset, a committee of
+# four 224 px backbones (each with its own (M, r), filled in by resolve_spec), one member per step, distillation
+# lr 0.1 and student lr 1e-2. A user's `method: fadrm+` under these presets is the FADRM+ row alone.
+PAPER_COMMITTEE = ("resnet18", "mobilenetv2", "resnet50", "densenet121")
+_FADRM_OVERRIDES: dict[str, Any] = {
+    "method": "fd2", "base": "fadrm+", "committee": list(PAPER_COMMITTEE), "distill_lr": 0.1, "eval_lr": 1e-2,
+}
+for _dataset in ("paper-cub", "paper-aircraft", "paper-cars"):
+    PRESETS[f"{_dataset}-fadrm"] = {**PRESETS[_dataset], **_FADRM_OVERRIDES}
+# The CPU-sized FADRM+ + FD² committee: three ConvNet-BN teachers of different widths (the 32 px nets the
+# built-in data is sized for; a low-resolution ResNet-18 costs about 100 times a width-32 ConvNet per image on
+# the CPU) over cpu-small's validated student and distillation settings, so the committee and the recipe are
+# the only change against cpu-small.
+PRESETS["cpu-small-fadrm"] = {
+    **PRESETS["cpu-small"], "method": "fd2", "base": "fadrm+",
+    "committee": [{"backbone": "convnet", "model_width": w} for w in (32, 48, 64)],
+}
+# A paper preset's dataset (its row of PAPER_CAL_SETTINGS).
+_PRESET_DATASET: dict[str, str] = {name: name.removesuffix("-fadrm") for name in PRESETS}
 
 _BACKBONE_NOTE = "another backbone takes its own published (M, r) unless set"
 PRESET_DESCRIPTIONS: dict[str, str] = {
@@ -355,7 +463,17 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     f"relabel batch 14, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
     "paper-aircraft": "224 px ResNet-18, published FGVC-Aircraft settings (M = 32, r = 0.3, 4 000 distill "
     f"iterations, relabel batch 20, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
+    "cpu-small-fadrm": "cpu-small with FADRM+ + FD²: a committee of three ConvNet-BN teachers (widths 32, 48, "
+    "64), one per step, phases 60/60/60/80.",
 }
+_FADRM_NOTE = (
+    "FADRM+ + FD² as published: committee ResNet-18, MobileNetV2, ResNet-50, DenseNet-121 (each its own M, r), "
+    "one per step, phases 1500/1500/1500/2000 at 200/224/200/224 px, distill lr 0.1, student lr 1e-2"
+)
+for _dataset in ("paper-cub", "paper-aircraft", "paper-cars"):
+    PRESET_DESCRIPTIONS[f"{_dataset}-fadrm"] = (
+        PRESET_DESCRIPTIONS[_dataset].split(" settings (")[0] + f" settings; {_FADRM_NOTE}."
+    )
 
 _FD2_PARTS = ("cal", "fc", "sc")
 
@@ -366,7 +484,7 @@ def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
     A convnet takes the ResNet-18 column (the paper has none for it); an unknown backbone gives None and is
     left for the schema to reject.
     """
-    column = PAPER_CAL_SETTINGS.get(preset)
+    column = PAPER_CAL_SETTINGS.get(_PRESET_DATASET.get(preset, preset))
     if column is None:
         return None
     return column.get(_CAL_COLUMN.get(backbone, backbone))
@@ -376,13 +494,16 @@ def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
 # meant: a stored spec (a resumed job's spec.json, a benchmark's result key) that predates such a field still
 # matches when the new value is one of these. Before `teacher_weights_mode`, the weights file's kind implied the
 # mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base. The FADRM+ fields change
-# nothing for the other recipes, so a spec before them meant any preset's values (lists are compared as tuples).
+# nothing for the other recipes, so a spec before them meant any preset's values (lists are compared as tuples);
+# before committees, a spec meant one teacher.
 IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "teacher_weights_mode": frozenset({"backbone", "full"}),
     "base": frozenset({"sre2l++", None}),
     "fadrm_phase_steps": frozenset({(60, 60, 60, 80), (1500, 1500, 1500, 2000)}),
     "fadrm_phase_sizes": frozenset({None}),
     "fadrm_alpha": frozenset({0.5}),
+    "committee": frozenset({None}),
+    "committee_mode": frozenset({"auto"}),
 }
 
 
@@ -398,6 +519,24 @@ def spec_changes(earlier: dict[str, Any], resolved: dict[str, Any]) -> list[str]
         if earlier.get(key) != resolved.get(key):
             changed.append(key)
     return changed
+
+
+def _resolved_committee(preset: str, committee: Any) -> Any:
+    """Members with the published (M, r) of their backbone filled in under a paper preset, each value a member
+    sets kept; anything that is not a list of members is left for the schema to reject."""
+    if not isinstance(committee, list):
+        return committee
+    members = []
+    for item in committee:
+        member = {"backbone": item} if isinstance(item, str) else item
+        if isinstance(member, dict) and isinstance(member.get("backbone"), str):
+            published = paper_cal_settings(preset, member["backbone"])
+            member = dict(member)
+            for name, value in zip(_CAL_FIELDS, published or (), strict=False):
+                if member.get(name) is None:
+                    member[name] = value
+        members.append(member)
+    return members
 
 
 def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
@@ -421,6 +560,7 @@ def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
         for name, value in zip(_CAL_FIELDS, published, strict=True):
             if name not in raw:
                 merged[name] = value
+    merged["committee"] = _resolved_committee(preset, merged.get("committee"))
     if merged.get("backbone") == "convnet" and "torchvision_weights" not in raw:
         merged["torchvision_weights"] = False  # a paper preset's ImageNet start has no convnet counterpart
     if merged.get("method", "fd2") != "fd2":
@@ -453,10 +593,13 @@ def spec_json_schema() -> dict[str, Any]:
 __all__ = [
     "BACKBONES",
     "BASES",
+    "COMMITTEE_MODES",
     "METHODS",
+    "PAPER_COMMITTEE",
     "PAPER_CAL_SETTINGS",
     "PRESETS",
     "PRESET_DESCRIPTIONS",
+    "CommitteeMember",
     "JobSpec",
     "ValidationError",
     "describe_spec_error",

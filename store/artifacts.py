@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from store.models import Artifact, Job, is_public_id
 
@@ -75,11 +75,13 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
 
 
 def get_tenant_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Artifact | None:
-    """The artifact only if its job belongs to the tenant (else None, like an unknown name)."""
+    """The artifact only if its job belongs to the tenant (else None, like an unknown name), with its job loaded
+    (`artifact.job.artifacts_expired_at` says whether the file was removed for age)."""
     if not is_public_id(job_id) or not NAME_PATTERN.fullmatch(name):
         return None
     return session.scalar(
         select(Artifact)
         .join(Job, Job.id == Artifact.job_id)
+        .options(contains_eager(Artifact.job))
         .where(Artifact.job_id == job_id, Artifact.name == name, Job.tenant_id == tenant_id)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from fd2_config.settings import Settings
 from store.jobs import SAFE_ID
-from store.models import Dataset, is_public_id
+from store.models import Artifact, Dataset, Job, is_public_id
 from store.pagination import Page, newest_first_page
 
 
@@ -69,10 +70,29 @@ def get_tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dat
     return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
 
 
-def tenant_storage_bytes(session: Session, tenant_id: str) -> int:
-    """Extracted bytes of every dataset the tenant keeps (what the storage quota counts)."""
-    total = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
-    return int(total or 0)
+@dataclass(frozen=True)
+class StorageUsage:
+    """What the tenant storage quota counts: extracted datasets and the artifacts of kept, unexpired jobs."""
+
+    dataset_bytes: int
+    artifact_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.dataset_bytes + self.artifact_bytes
+
+
+def tenant_storage_usage(session: Session, tenant_id: str) -> StorageUsage:
+    """Bytes the tenant keeps on the service's disks; deleting a dataset or a job (or artifact expiry) frees them."""
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
+    )
+    artifacts = session.scalar(
+        select(func.coalesce(func.sum(Artifact.size), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant_id == tenant_id, Job.artifacts_expired_at.is_(None))
+    )
+    return StorageUsage(int(datasets or 0), int(artifacts or 0))
 
 
 def list_datasets(session: Session, tenant_id: str, *, limit: int = 50, cursor: str | None = None) -> Page[Dataset]:

@@ -93,6 +93,36 @@ def delete_job(session: Session, job_id: str) -> None:
     session.execute(delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
 
 
+class JobStillActive(Exception):
+    """The job is queued or running: it cannot be deleted until it ends (cancel it first)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"job is {status}")
+        self.status = status
+
+
+def delete_finished_job(session: Session, tenant_id: str, job_id: str) -> list[str] | None:
+    """Delete a finished job of the tenant with its events and artifact rows; returns the registered artifact
+    paths, whose files the caller removes after committing (`store.job_files.remove_job_files`).
+
+    None when the job is unknown or another tenant's; raises `JobStillActive` while it is queued or running.
+    Rows go first, in one transaction, so a crash before the files are gone leaves only unreferenced files
+    (which the storage sweep removes), never a job whose downloads point at nothing.
+    """
+    job = get_tenant_job(session, tenant_id, job_id)
+    if job is None:
+        return None
+    if not job.is_finished:
+        raise JobStillActive(job.status)
+    paths = [artifact.path for artifact in job.artifacts]
+    result = session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(FINISHED_JOB_STATUSES))
+        .execution_options(synchronize_session=False)
+    )
+    return paths if result.rowcount == 1 else None  # 0: a concurrent delete won (a finished job stays finished)
+
+
 def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
@@ -136,6 +166,7 @@ class JobRecord:
     error: dict[str, Any] | None
     metrics: dict[str, Any]
     cancel_requested: bool
+    artifacts_expired_at: datetime | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 

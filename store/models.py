@@ -172,6 +172,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by the storage sweep once the artifact files of a finished job are removed for age; the artifact rows
+    # stay as a record (name, size, sha256) and downloads answer 410.
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True,

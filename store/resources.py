@@ -51,6 +51,7 @@ def job_resource(job: Job | JobRecord, settings: Settings) -> dict[str, Any]:
             for a in job.artifacts
         ],
         "cancel_requested": job.cancel_requested,
+        "artifacts_expired": job.artifacts_expired_at is not None,
     }
 
 

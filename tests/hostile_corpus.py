@@ -718,12 +718,16 @@ def _http_cases() -> Iterator[Case]:
         ("other_tenant_job_read", "GET", "/v1/jobs/{job}"),
         ("other_tenant_job_cancel", "POST", "/v1/jobs/{job}/cancel"),
         ("other_tenant_job_events", "GET", "/v1/jobs/{job}/events"),
+        ("other_tenant_job_delete", "DELETE", "/v1/jobs/{job}"),
         ("other_tenant_artifact", "GET", "/v1/jobs/{job}/artifacts/report.json"),
     ):
         yield Case(case_name, "http",
                    lambda c, m=method, p=path: c.client.request(
                        m, p.format(ds=c.victim_dataset, job=c.victim_job), headers=c.caller),
                    Expect(404, "not_found"), after=_victim_untouched)
+    yield Case("other_tenant_job_event_stream", "http",
+               lambda c: c.get(f"/v1/jobs/{c.victim_job}/events", {**c.caller, "Accept": "text/event-stream"}),
+               Expect(404, "not_found"), after=_victim_untouched)
     yield Case("other_tenant_dataset_in_job", "http", lambda c: c.submit(dataset={"id": c.victim_dataset}),
                Expect(422, "unknown_dataset"), after=_victim_untouched)
     for case_name, path in (
@@ -736,6 +740,11 @@ def _http_cases() -> Iterator[Case]:
                Expect(422, "invalid_cursor"))
     yield Case("events_after_beyond_64_bits", "http",
                lambda c: c.get(f"/v1/jobs/{c.job_id}/events", params={"after": 2**64}), Expect(422, "validation_error"))
+    for case_name, value in (("last_event_id_beyond_64_bits", str(2**64)), ("last_event_id_not_a_number", "1; --")):
+        yield Case(case_name, "http",
+                   lambda c, v=value: c.get(f"/v1/jobs/{c.job_id}/events",
+                                            {**c.caller, "Accept": "text/event-stream", "Last-Event-ID": v}),
+                   Expect(422, "validation_error"))
     for case_name, name in (
         ("artifact_name_traversal", "..%2F..%2F..%2Fetc%2Fpasswd"),
         ("artifact_name_dot_segments", "%2e%2e%2freport.json"),

@@ -230,6 +230,7 @@ def test_tenants_cannot_see_each_other(service: ServiceStack, dataset_zip: Path)
             ("GET", "/v1/jobs/{job}"),
             ("GET", "/v1/jobs/{job}/events"),
             ("POST", "/v1/jobs/{job}/cancel"),
+            ("DELETE", "/v1/jobs/{job}"),
             ("GET", "/v1/jobs/{job}/artifacts/" + artifact),
         ]
         for method, template in probes:
@@ -247,6 +248,43 @@ def test_tenants_cannot_see_each_other(service: ServiceStack, dataset_zip: Path)
         assert dataset["id"] not in {d["id"] for d in other.get("/v1/datasets").json()["items"]}
         assert job["id"] not in {j["id"] for j in other.get("/v1/jobs").json()["items"]}
         assert owner.get(f"/v1/datasets/{dataset['id']}").status_code == 200  # the probes changed nothing
+        assert owner.get(f"/v1/jobs/{job['id']}/artifacts/{artifact}").status_code == 200
+
+
+def test_follow_a_job_live_over_server_sent_events_then_delete_it(service: ServiceStack, dataset_zip: Path):
+    """What a console does: watch the stream until `end`, then remove the job and everything it kept."""
+    with new_tenant(service, "delta") as client:
+        dataset = upload_dataset(client, dataset_zip)
+        job = submit_job(client, dataset["id"], tiny_spec(device="cpu", evaluate=False, eval_random_baseline=False))
+        streamed: list[tuple[str, str, str]] = []  # (id, event, data) per SSE block
+        block: dict[str, str] = {}
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"},
+                           timeout=JOB_TIMEOUT_S) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line:
+                    name, _, value = line.partition(":")
+                    block[name] = value.removeprefix(" ")
+                    continue
+                if "event" in block:
+                    streamed.append((block.get("id", ""), block["event"], block.get("data", "")))
+                block = {}
+        *events, end = streamed
+        assert end[1] == "end" and json.loads(end[2]) == {"job_id": job["id"], "status": "succeeded"}
+        listed = all_events(client, job["id"])
+        assert [json.loads(data) for _, _, data in events] == listed[:len(events)]
+        assert [event for _, event, _ in events][-1] == "succeeded"
+        assert ("stage_start", "pretrain") in [(e["kind"], e["stage"]) for e in listed]
+
+        workdir = service_home(service) / "jobs" / job["id"]
+        assert workdir.is_dir()
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert not workdir.exists()
+
+
+def service_home(service: ServiceStack) -> Path:
+    return Path(service.env["FD2_HOME"])
 
 
 # ---------------------------------------------------------------- checks

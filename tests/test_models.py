@@ -18,7 +18,7 @@ from fd2_core.models import (
 )
 from fd2_core.spec import BACKBONES as SPEC_BACKBONES
 
-EXPECTED_CHANNELS = {"convnet": 128, "resnet18": 512, "resnet50": 2048, "mobilenetv2": 1280}
+EXPECTED_CHANNELS = {"convnet": 128, "resnet18": 512, "resnet50": 2048, "mobilenetv2": 1280, "densenet121": 1024}
 
 
 @pytest.mark.parametrize("image_size", [32, 64])

@@ -10,13 +10,26 @@ from fd2_core.spec import BACKBONES, PRESET_DESCRIPTIONS, PRESETS, JobSpec, Vali
 # The published (M, r) table written out; the convnet (no column in the paper) takes the ResNet-18 column
 # under a paper preset; cpu-small keeps the field defaults for every backbone.
 EXPECTED_M_R: dict[str, dict[str, tuple[int, float]]] = {
-    "cpu-small": {"convnet": (8, 0.5), "resnet18": (8, 0.5), "mobilenetv2": (8, 0.5), "resnet50": (8, 0.5)},
-    "paper-cub": {"convnet": (8, 0.5), "resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3)},
+    "cpu-small": {
+        "convnet": (8, 0.5), "resnet18": (8, 0.5), "mobilenetv2": (8, 0.5), "resnet50": (8, 0.5),
+        "densenet121": (8, 0.5),
+    },
+    "paper-cub": {
+        "convnet": (8, 0.5), "resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3),
+        "densenet121": (16, 0.4),
+    },
     "paper-aircraft": {
         "convnet": (32, 0.3), "resnet18": (32, 0.3), "mobilenetv2": (16, 0.2), "resnet50": (32, 0.4),
+        "densenet121": (16, 0.4),
     },
-    "paper-cars": {"convnet": (8, 0.3), "resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4)},
+    "paper-cars": {
+        "convnet": (8, 0.3), "resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4),
+        "densenet121": (32, 0.4),
+    },
 }
+# The FADRM+ presets read the same table as their dataset's preset; the CPU one keeps the field defaults.
+EXPECTED_M_R.update({f"{name}-fadrm": EXPECTED_M_R[name] for name in ("cpu-small", "paper-cub", "paper-aircraft",
+                                                                      "paper-cars")})
 EXPECTED_SCHEDULE = {  # (distill_iterations, relabel_batch_size)
     "cpu-small": (300, 20),
     "paper-cub": (10_000, 20),
@@ -24,7 +37,7 @@ EXPECTED_SCHEDULE = {  # (distill_iterations, relabel_batch_size)
     "paper-cars": (4_000, 14),
 }
 PAPER_PRESETS = ("paper-cub", "paper-aircraft", "paper-cars")
-OUR_BACKBONES = ("convnet", "resnet18", "resnet50", "mobilenetv2")
+OUR_BACKBONES = ("convnet", "resnet18", "resnet50", "mobilenetv2", "densenet121")
 CASES = [(preset, backbone) for preset in EXPECTED_M_R for backbone in OUR_BACKBONES]
 
 

@@ -38,6 +38,15 @@ def test_the_job_resource_and_its_model_have_the_same_fields(tmp_path):
     assert_same_keys(resource, JobOut)
     [artifact] = resource["artifacts"]
     assert_same_keys(artifact, ArtifactOut)
+    assert resource["artifacts_expired"] is False
+
+
+def test_a_job_whose_artifacts_expired_says_so_and_keeps_their_record(tmp_path):
+    record = job_record()
+    record.artifacts_expired_at = NOW
+    resource = job_resource(record, Settings(home=tmp_path))
+    assert_same_keys(resource, JobOut)
+    assert resource["artifacts_expired"] is True and [a["name"] for a in resource["artifacts"]] == ["report.json"]
 
 
 def test_dataset_and_event_resources_and_their_models_have_the_same_fields():

@@ -1,5 +1,5 @@
-"""Worker process lifecycle: build the worker's state at start, start recovery when the worker is ready, stop
-the running job on shutdown.
+"""Worker process lifecycle: build the worker's state at start, start recovery and the storage sweep when the
+worker is ready, stop the running job on shutdown.
 
 Shutdown (SIGTERM/SIGINT, warm): the running job is asked to stop through `should_stop`, saves what it has
 finished, goes back to `queued` and its message is requeued, so stopping a worker costs seconds of work,
@@ -41,6 +41,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         state.shutdown.set()
         if state.recovery is not None:
             state.recovery.stop()
+        if state.storage_sweep is not None:
+            state.storage_sweep.stop()
 
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
 
@@ -48,6 +50,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     from worker.celery_app import WorkerApp
     from worker.recovery import RecoveryLoop
+    from worker.storage_sweep import StorageSweepLoop
 
     app = getattr(sender, "app", None)
     if not isinstance(app, WorkerApp):
@@ -55,3 +58,4 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     state = app.worker_state()
     interval_s = state.limits.recovery_interval_s
     state.recovery = RecoveryLoop(app, state.settings, interval_s, running_here=state.running_here).start()
+    state.storage_sweep = StorageSweepLoop(state.settings, state.settings.storage_sweep_interval_s).start()

@@ -16,11 +16,12 @@ from worker.limits import WorkerLimits, worker_limits
 
 if TYPE_CHECKING:
     from worker.recovery import RecoveryLoop
+    from worker.storage_sweep import StorageSweepLoop
 
 
 @dataclass
 class WorkerState:
-    """Settings and timings of this worker, the jobs it runs now, its shutdown flag and its recovery loop."""
+    """Settings and timings of this worker, the jobs it runs now, its shutdown flag and its periodic loops."""
 
     settings: Settings
     limits: WorkerLimits
@@ -29,6 +30,7 @@ class WorkerState:
     # Set by the worker's shutdown signal; the running job stops at its next `should_stop` poll.
     shutdown: threading.Event = field(default_factory=threading.Event)
     recovery: RecoveryLoop | None = None
+    storage_sweep: StorageSweepLoop | None = None
 
     @classmethod
     def create(cls, settings: Settings | None = None) -> WorkerState:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from api.artifact_download import artifact_response
 from api.deps import ReaderDep, TenantDep
-from api.errors import error_responses, not_found
+from api.errors import ApiError, error_responses, not_found
 from store.artifacts import get_tenant_artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
@@ -19,11 +19,18 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
     summary="Download an artifact (Range, ETag = sha256, Digest)",
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content."},
                304: {"description": "Not modified (If-None-Match)."},
-               **error_responses(404, 416)},
+               **error_responses(404, 410, 416)},
 )
 async def download_artifact(job_id: str, name: str, request: Request, reader: ReaderDep,
                             tenant: TenantDep) -> Response:
+    """410 `artifacts_expired` once the operator's retention period removed the job's files (the job resource
+    then says `artifacts_expired: true`)."""
     artifact = await reader.run(get_tenant_artifact, tenant.id, job_id, name)
     if artifact is None:
         raise not_found("artifact")
+    expired_at = artifact.job.artifacts_expired_at
+    if expired_at is not None:
+        raise ApiError(410, "artifacts_expired", f"the artifacts of job {job_id} were removed after the operator's "
+                       "retention period; submit the job again to produce them",
+                       {"expired_at": expired_at})
     return artifact_response(request, artifact)

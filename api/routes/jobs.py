@@ -1,4 +1,4 @@
-"""Job submission, reading, listing, cancellation and events.
+"""Job submission, reading, listing, cancellation, deletion and events (a JSON page or a live SSE stream).
 
 Routes are `async def`: reads go through the reader (see api.deps), writes hand their store work to the
 thread pool in one call, and responses are validated on the event loop (a plain `def` route would pay two
@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep, require_json_body
 from api.errors import ApiError, error_responses, not_found
+from api.event_stream import EVENT_STREAM, JobEventStream, wants_event_stream
 from api.job_submission import submit_job
 from api.schemas import EventPage, JobCreate, JobOut, JobPage, JobStatus
+from fd2_config.settings import Settings
+from store.job_files import remove_job_files
 from store.jobs import (
+    JobStillActive,
     add_event,
+    delete_finished_job,
     get_tenant_job,
     list_events,
     list_jobs,
@@ -77,6 +82,28 @@ async def read_job(job_id: str, reader: ReaderDep, settings: SettingsDep, tenant
     return job_resource(job, settings)
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS,
+               summary="Delete a finished job with its artifacts, events and work folder (409 while active)")
+async def remove_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """The job is removed whole: its row, events and artifact rows at once (a later GET answers 404 and lists no
+    longer show it), then its artifact files and work folder; the bytes leave the tenant's storage quota. A
+    queued or running job answers 409 `job_active`: cancel it first and delete it once it is `cancelled`."""
+    await run_in_threadpool(_delete_finished, session, settings, tenant.id, job_id)
+    return Response(status_code=204)
+
+
+def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_id: str) -> None:
+    try:
+        artifact_paths = delete_finished_job(session, tenant_id, job_id)
+    except JobStillActive as exc:
+        raise ApiError(409, "job_active", f"job is {exc.status}; cancel it (POST /v1/jobs/{{id}}/cancel) and "
+                       "delete it once it has ended", {"status": exc.status}) from None
+    if artifact_paths is None:
+        raise not_found("job")
+    session.commit()
+    remove_job_files(settings, job_id, artifact_paths)
+
+
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS,
              summary="Cancel a job (409 when it already finished)")
 async def cancel(job_id: str, session: SessionDep, settings: SettingsDep, broker: BrokerDep,
@@ -101,20 +128,52 @@ def _cancel_in_store(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}/events", response_model=EventPage, responses=ERRORS,
-            summary="Progress and log events, oldest first")
+EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The events as a JSON page, or with `Accept: text/event-stream` as a live stream.",
+        "content": {EVENT_STREAM: {
+            "schema": {"type": "string"},
+            "description": "Server-sent events: per stored event `id:` (its id), `event:` (its kind) and `data:` "
+            "(the event as JSON, an item of the JSON list); `: ping` comments while idle; once the job is "
+            "finished and its events are sent, `event: end` with `data: {\"job_id\", \"status\"}` and the "
+            "stream closes.",
+        }},
+    },
+    **ERRORS,
+}
+
+
+@router.get("/{job_id}/events", response_model=EventPage, responses=EVENTS_RESPONSES,
+            summary="Progress and log events, oldest first (JSON page or live server-sent events)")
 async def read_events(
     job_id: str,
+    request: Request,
     reader: ReaderDep,
     settings: SettingsDep,
     tenant: TenantDep,
     after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="Return events with a larger id.")] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
-) -> dict[str, Any]:
+    limit: Annotated[int | None, Query(ge=1, description="Most events in a JSON page (not used by a stream).")] = None,
+    last_event_id: Annotated[int | None, Header(
+        alias="Last-Event-ID", ge=0, le=2**63 - 1,
+        description="Resume after this event id (what an EventSource sends when it reconnects); takes the place "
+        "of `after`, since a reconnecting client repeats the original URL.")] = None,
+) -> Any:
+    """With `Accept: text/event-stream` the same events as a live server-sent-events stream that ends with
+    `event: end` once the job is finished; otherwise one JSON page (`next_cursor` is the `after` of the next)."""
+    if last_event_id is not None:
+        after = last_event_id
+    if wants_event_stream(request.headers.get("accept")):
+        await reader.run(_require_tenant_job, tenant.id, job_id)  # 404 as JSON, before the stream starts
+        return JobEventStream(settings, tenant.id, job_id, after).response()
     limit = min(limit or settings.page_size_max, settings.page_size_max)
     events = await reader.run(_events_of_tenant_job, tenant.id, job_id, after, limit)
     next_cursor = str(events[-1].id) if len(events) == limit else None
     return {"items": [event_resource(e) for e in events], "next_cursor": next_cursor}
+
+
+def _require_tenant_job(session: Session, tenant_id: str, job_id: str) -> None:
+    if read_job_record(session, tenant_id, job_id) is None:
+        raise not_found("job")
 
 
 def _events_of_tenant_job(session: Session, tenant_id: str, job_id: str, after: int | None,

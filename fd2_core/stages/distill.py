@@ -13,9 +13,10 @@ at the first unfinished phase.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ from ..losses import BNStatMatcher, distillation_loss
 from ..models import FD2Model
 from ..runtime import autocast, frozen, generator
 from ..spec import JobSpec
+from .committee import Committee, as_committee, frozen_members
 from .context import RunContext
 
 SCORE_BATCH = 256  # views per teacher forward when scoring patch candidates
@@ -291,6 +293,43 @@ def distill_loss(
     return terms.total, terms.parts()
 
 
+def committee_step(
+    ctx: RunContext,
+    models: Sequence[StepModel],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One iteration with the step's models: Σ_m w_m · loss_m (one model of weight 1 for a single teacher or a
+    round-robin step), each member's loss with its own spec (r, prototypes, BN hooks, earlier attention maps).
+
+    The batch is augmented once per input side, so members that see the same side see the same crops; then
+    backward to the images, an Adam step, and the clamp to valid pixels.
+    """
+    crops: dict[int | None, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = {}
+    for model in models:
+        if model.input_side not in crops:
+            crops[model.input_side] = _augment(ctx, x, g, model.input_side)
+        loss, own = distill_loss(
+            model.ctx or ctx, model.teacher, crops[model.input_side], y, model.previous_attention, model.bn
+        )
+        if model.weight != 1.0:
+            loss, own = model.weight * loss, {k: model.weight * v for k, v in own.items()}
+        total = loss if total is None else total + loss
+        parts = own if not parts else {k: parts[k] + v if k in parts else v for k, v in own.items()}
+    assert total is not None
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    with torch.no_grad():
+        x.data = torch.max(torch.min(x.data, bounds[1]), bounds[0])
+    return total.detach(), parts
+
+
 def distill_step(
     ctx: RunContext,
     teacher: FD2Model,
@@ -329,32 +368,48 @@ def initial_images(
     return torch.randn(len(classes), 3, size, size, generator=g).to(ctx.device)
 
 
+def step_models(models: list[StepModel], step: int, round_robin: bool) -> list[StepModel]:
+    """The models of global step `step`: one in turn (round robin) or all of them (weighted sum)."""
+    return [step_model(models, step)] if round_robin else models
+
+
+def _bn_matchers(stack: contextlib.ExitStack, committee: Committee, multiplier: float) -> list[BNStatMatcher]:
+    """A BN-matching hook set per member, all removed when `stack` closes."""
+    return [stack.enter_context(BNStatMatcher(m.model.bn_layers(), multiplier)) for m in committee.members]
+
+
 def optimise_chunk(
     ctx: RunContext,
-    teacher: FD2Model,
+    committee: Committee,
     classes: torch.Tensor,
     index: int,
     previous: list[torch.Tensor],
     reporter,
     done_before: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distil one class chunk of one ipc index; returns (images, their initialisation), both [k,3,S,S]."""
+    """Distil one class chunk of one ipc index with the sre2l++ recipe; returns (images, their initialisation),
+    both [k,3,S,S]. A committee's members take part per `JobSpec.round_robin`."""
     spec = ctx.spec
     g = generator(spec.seed, "distill", index, int(classes[0]))
-    init = initial_images(ctx, teacher, classes, index, g, reporter.poll).float()
+    init = initial_images(ctx, committee.model, classes, index, g, reporter.poll).float()
     x = init.clone()
     if ctx.amp:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = classes.to(ctx.device)
-    prev_maps = previous_attention(ctx, teacher, previous, classes, g) if spec.uses_sc else None
+    prev_maps = [previous_attention(ctx, m.model, previous, classes, g) if spec.uses_sc else None
+                 for m in committee.members]
     optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     bounds = ctx.pixel_bounds()
     iters = spec.distill_iterations
-    with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
+    round_robin = spec.round_robin
+    with contextlib.ExitStack() as stack:
+        bns = _bn_matchers(stack, committee, spec.first_bn_multiplier)
+        models = [StepModel(m.model, bn, maps, None, m.ctx, 1.0 if round_robin else m.weight)
+                  for m, bn, maps in zip(committee.members, bns, prev_maps, strict=True)]
         for it in range(iters):
             optimizer.param_groups[0]["lr"] = 0.5 * spec.distill_lr * (1.0 + math.cos(math.pi * it / iters))
-            loss, parts = distill_step(ctx, teacher, x, y, prev_maps, bn, optimizer, g, bounds)
+            loss, parts = committee_step(ctx, step_models(models, it, round_robin), x, y, optimizer, g, bounds)
             reporter.step(done_before + it + 1, {"loss": loss, **parts})
     return x.detach().float().contiguous(), init.contiguous()
 
@@ -376,34 +431,21 @@ def residual_blend(x: torch.Tensor, patch: torch.Tensor, alpha: float) -> torch.
 
 
 class StepModel(NamedTuple):
-    """The model one FADRM+ step uses, with what belongs to it in the phase: its BN-matching hooks, the attention
-    maps of the earlier ipc indices ([J,B,M,h,w] or None) and the crop side it sees. A committee is a list."""
+    """A model a distillation step uses, with what belongs to it in the phase: its BN-matching hooks, the
+    attention maps of the earlier ipc indices ([J,B,M,h,w] or None), the crop side it sees (None: the images'
+    own), its member context (None: the run's) and its weight in a weighted-sum step. A committee is a list."""
 
     teacher: FD2Model
     bn: BNStatMatcher
     previous_attention: torch.Tensor | None
-    input_side: int
+    input_side: int | None
+    ctx: RunContext | None = None
+    weight: float = 1.0
 
 
 def step_model(models: list[StepModel], step: int) -> StepModel:
     """The model of global step `step`: round robin over `models` (a single teacher is a list of one)."""
     return models[step % len(models)]
-
-
-def fadrm_step(
-    ctx: RunContext,
-    model: StepModel,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    g: torch.Generator,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One FADRM+ step with the step's model: the same augmentation, losses (CE, BN, FC, SC) and clamp as
-    `distill_step`, at the phase's image side."""
-    return distill_step(
-        ctx, model.teacher, x, y, model.previous_attention, model.bn, optimizer, g, bounds, model.input_side
-    )
 
 
 def phase_path(ctx: RunContext, index: int, classes: torch.Tensor):
@@ -433,14 +475,14 @@ def _run_phase(
     for i in range(phase.steps):
         step = phase.first_step + i
         optimizer.param_groups[0]["lr"] = cosine_lr(spec.distill_lr, step, total)
-        loss, parts = fadrm_step(ctx, step_model(models, step), x, y, optimizer, g, bounds)
+        loss, parts = committee_step(ctx, step_models(models, step, spec.round_robin), x, y, optimizer, g, bounds)
         on_step(step, loss, parts)
     return x.detach().float()
 
 
 def optimise_chunk_fadrm(
     ctx: RunContext,
-    teacher: FD2Model,
+    committee: Committee,
     classes: torch.Tensor,
     index: int,
     previous: list[torch.Tensor],
@@ -451,10 +493,12 @@ def optimise_chunk_fadrm(
 
     Phase p starts from residual_blend(resize(x, s_p), init, α) (phase 0: the initialisation at s_0) and is
     saved when finished; a re-run starts after the last saved phase with the same images and random draws.
+    A committee's members take part per `JobSpec.round_robin` (published: one per step), each at its own crop
+    side with its own earlier attention maps at the phase's resolution.
     """
     spec = ctx.spec
-    init = initial_images(ctx, teacher, classes, index, generator(spec.seed, "distill", index, int(classes[0])),
-                          reporter.poll).float()
+    init = initial_images(ctx, committee.model, classes, index,
+                          generator(spec.seed, "distill", index, int(classes[0])), reporter.poll).float()
     phases, total = phase_schedule(spec), total_steps(spec)
     path, start, x = phase_path(ctx, index, classes), 0, init
     if path.exists():
@@ -466,15 +510,20 @@ def optimise_chunk_fadrm(
     def on_step(step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         reporter.step(done_before + step + 1, {"loss": loss, **parts})
 
-    with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
+    round_robin = spec.round_robin
+    with contextlib.ExitStack() as stack:
+        bns = _bn_matchers(stack, committee, spec.first_bn_multiplier)
         for p in range(start, len(phases)):
             phase = phases[p]
             g = generator(spec.seed, "fadrm", index, int(classes[0]), p)
             x = residual_blend(resize_images(x, phase.size), init, spec.fadrm_alpha)
-            side = input_side(spec.backbone, spec.image_size, phase.size)
             resized = [resize_images(images, phase.size) for images in previous] if spec.uses_sc else []
-            prev_maps = previous_attention(ctx, teacher, resized, classes, g, side) if spec.uses_sc else None
-            models = [StepModel(teacher, bn, prev_maps, side)]
+            models = []
+            for member, bn in zip(committee.members, bns, strict=True):
+                side = input_side(member.ctx.spec.backbone, spec.image_size, phase.size)
+                maps = previous_attention(ctx, member.model, resized, classes, g, side) if spec.uses_sc else None
+                weight = 1.0 if round_robin else member.weight
+                models.append(StepModel(member.model, bn, maps, side, member.ctx, weight))
             x = _run_phase(ctx, models, x, y, phase, g, total, on_step)
             if p < len(phases) - 1:
                 save_tensors(path, {"images": x, "phase": torch.tensor(p)})
@@ -507,16 +556,16 @@ def select_rded(ctx: RunContext, teacher: FD2Model, index: int, poll: Callable[[
 
 
 def _distill_index(
-    ctx: RunContext, teacher: FD2Model, index: int, done: list[torch.Tensor], reporter, per_index: int
+    ctx: RunContext, committee: Committee, index: int, done: list[torch.Tensor], reporter, per_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All class chunks of one ipc index: (images, init), each [K,3,S,S] in normalised space."""
     images, inits = [], []
     fadrm = ctx.spec.recipe == "fadrm+"
-    with frozen(teacher):
+    with frozen_members(committee):
         for c, classes in enumerate(_class_chunks(ctx)):
             before = index * per_index + c * chunk_steps(ctx.spec)
             optimise = optimise_chunk_fadrm if fadrm else optimise_chunk
-            x, init = optimise(ctx, teacher, classes, index, done, reporter, before)
+            x, init = optimise(ctx, committee, classes, index, done, reporter, before)
             images.append(x)
             inits.append(init)
     return torch.cat(images), torch.cat(inits)
@@ -527,9 +576,12 @@ def chunk_steps(spec: JobSpec) -> int:
     return total_steps(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
 
 
-def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
-    """Returns synthetic images [ipc, K, 3, S, S] in normalised space (also saved per ipc index, with `init`)."""
+def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tensor:
+    """Returns synthetic images [ipc, K, 3, S, S] in normalised space (also saved per ipc index, with `init`).
+
+    `teacher` is one model or a committee (`fd2_core.stages.committee`); None only for `random`."""
     spec = ctx.spec
+    committee = as_committee(ctx, teacher) if teacher is not None else None
     reporter = ctx.tracker.stage("distill")
     chunks = _class_chunks(ctx)
     per_index = chunk_steps(spec) * len(chunks) if spec.optimises_images else 1
@@ -548,11 +600,11 @@ def distill(ctx: RunContext, teacher: FD2Model | None) -> torch.Tensor:
         if spec.method == "random":
             tensors["images"] = select_random(ctx, j)
         elif spec.method == "rded":  # its own initialisation: no `init` copy, its drift is zero by definition
-            assert teacher is not None
-            tensors["images"] = select_rded(ctx, teacher, j, reporter.poll)
+            assert committee is not None
+            tensors["images"] = select_rded(ctx, committee.model, j, reporter.poll)
         else:
-            assert teacher is not None
-            tensors["images"], tensors["init"] = _distill_index(ctx, teacher, j, done, reporter, per_index)
+            assert committee is not None
+            tensors["images"], tensors["init"] = _distill_index(ctx, committee, j, done, reporter, per_index)
         save_tensors(path, tensors, {"ipc_index": str(j)})
         for phase_file in path.parent.glob(f"ipc_{j:03d}_c*_phase.safetensors"):  # superseded by the index file
             phase_file.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from ..models import FD2Model, build_model
 from ..progress import StageReporter
 from ..runtime import autocast, derive_seed, generator, to_device
 from ..softlabels import SoftLabels, forward_parts
+from .committee import Committee
 from .context import RunContext
 from .distill import random_real_indices
 from .full_data import full_data_steps, train_full_data_student
@@ -179,7 +180,7 @@ def _student(
 
 
 def evaluate(
-    ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor, labels: torch.Tensor, soft: SoftLabels
+    ctx: RunContext, teacher: FD2Model | Committee, images_u8: torch.Tensor, labels: torch.Tensor, soft: SoftLabels
 ) -> dict[str, Any]:
     """Students trained on the set (uint8 [N,3,S,S], labels [N], its soft labels) and tested on the real test
     split, and DD-Ranking's metrics (fd2_core.metrics); kept in `evaluate.json`, so a finished evaluation is reused.

@@ -27,10 +27,11 @@ from ..models import FD2Model
 from ..models.weights import WeightsLoad
 from ..runtime import autocast
 from ..timings import Timings
+from .committee import Committee
 from .context import RunContext
 from .distill import init_drift
 from .evaluate import comparison
-from .pretrain import TEACHER_FILE, TeacherResult
+from .pretrain import TEACHER_FILE
 from .relabel import SOFT_LABELS_FILE
 
 ATTENTION_BATCH = 256  # images per teacher forward for the preview's attention maps
@@ -124,7 +125,7 @@ def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -
 
 def package(
     ctx: RunContext,
-    teacher: TeacherResult,
+    teacher: Committee,
     distilled: DistilledSet,
     metrics: dict[str, Any],
     timings: Timings,

@@ -1,4 +1,5 @@
-"""Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop (FD²).
+"""Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop (FD²); with a
+committee, every member in turn (`fd2_core.stages.committee`).
 
 The checkpoint is selected on a validation split carved from train (never on test), by the accuracy of the
 logits that become the soft labels. Each epoch is checkpointed, so a killed run resumes from the last finished
@@ -19,6 +20,15 @@ from ..augment import train_augment
 from ..losses import center_loss
 from ..models import FD2Model
 from ..runtime import autocast, generator
+from .committee import (
+    Committee,
+    TeacherMember,
+    committee_info,
+    member_context,
+    member_names,
+    member_weights,
+    save_committee,
+)
 from .context import RunContext
 from .teacher import accuracy, load_teacher, new_teacher, save_teacher
 
@@ -131,7 +141,8 @@ def _load_checkpoint(ctx, model, optimizer) -> tuple[dict, dict] | None:
     return info, best
 
 
-def pretrain(ctx: RunContext) -> TeacherResult:
+def pretrain_teacher(ctx: RunContext) -> TeacherResult:
+    """Train (or reuse, or resume) the one teacher `ctx.spec` describes, in `ctx`'s stage folder."""
     spec, data = ctx.spec, ctx.data
     out_path, info_path = ctx.stage_dir / TEACHER_FILE, ctx.stage_dir / TEACHER_INFO
     reporter = ctx.tracker.stage("pretrain")
@@ -217,3 +228,19 @@ def pretrain(ctx: RunContext) -> TeacherResult:
         (ctx.stage_dir / name).unlink(missing_ok=True)
     reporter.end(f"teacher test accuracy {info['test_accuracy']:.3f}")
     return TeacherResult(model, info)
+
+
+def pretrain(ctx: RunContext) -> Committee:
+    """Stage 1: every teacher of the run in order, each resumable on its own (a single teacher is a committee of
+    one, trained in the run's own stage folder). A committee of several also writes the combined
+    `teacher.safetensors` (every member, keys prefixed) and reports the ensemble's accuracy."""
+    members = []
+    for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
+        member_ctx = member_context(ctx, i)
+        result = pretrain_teacher(member_ctx)
+        members.append(TeacherMember(name, member_ctx, result.model, result.info, weight))
+    if ctx.spec.committee is None:
+        return Committee(members, members[0].info)
+    committee = Committee(members, committee_info(ctx, members))
+    save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)
+    return committee

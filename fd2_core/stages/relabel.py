@@ -2,6 +2,7 @@
 
 Published relabel: the teacher's logits of the chosen source (default the backbone's own classifier), BatchNorm
 in train mode on each forwarded part of a batch (default two halves), the stored running statistics untouched.
+A committee's soft labels are the weighted mean of its members' logits (`committee.ensemble_logits`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from ..progress import StageReporter
 from ..runtime import autocast, generator
 from ..softlabels import SoftLabels, record_soft_labels, save_soft_labels
 from ..spec import JobSpec
+from .committee import Committee, as_committee, ensemble_logits, member_fields, relabel_members
 from .context import RunContext
-from .teacher import relabel_mode, source_logits
 
 SOFT_LABELS_FILE = "soft_labels.safetensors"
 
@@ -47,7 +48,7 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
 
 def relabel(
     ctx: RunContext,
-    teacher: FD2Model,
+    teacher: FD2Model | Committee,
     images_u8: torch.Tensor,
     labels: torch.Tensor,
     path: Path,
@@ -72,7 +73,8 @@ def relabel(
             return existing
         if parent is None:
             reporter.log(f"{path.name} was recorded with another relabel protocol; recording it again")
-    if spec.soft_label_source != "backbone" and getattr(teacher, "cal_head", None) is None:
+    committee = as_committee(ctx, teacher)
+    if spec.soft_label_source != "backbone" and any(m.model.cal_head is None for m in committee.members):
         raise ValueError(f"soft_label_source {spec.soft_label_source!r} needs the CAL head (method fd2, cal on)")
     images = ctx.normalize(images_u8).float()
 
@@ -85,9 +87,9 @@ def relabel(
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         with autocast(ctx.device, ctx.amp):
-            return source_logits(teacher(x), spec.soft_label_source, spec.cal_ratio)
+            return ensemble_logits(committee, x, spec.soft_label_source)
 
-    with relabel_mode(teacher, spec.relabel_bn_mode):
+    with relabel_members(committee, spec.relabel_bn_mode):
         tensors = record_soft_labels(
             logits_of,
             images,
@@ -100,14 +102,19 @@ def relabel(
             forward_splits=spec.relabel_forward_splits,
             on_batch=on_batch,
         )
-    save_soft_labels(path, tensors, _metadata(ctx, images.shape[0], labels))
+    save_soft_labels(path, tensors, _metadata(ctx, images.shape[0], labels, committee))
     if parent is None:
         reporter.end()
     return SoftLabels.load(path)
 
 
-def _metadata(ctx: RunContext, num_images: int, labels: torch.Tensor) -> dict[str, object]:
+def _metadata(ctx: RunContext, num_images: int, labels: torch.Tensor, committee: Committee) -> dict[str, object]:
     spec = ctx.spec
+    logits = describe_logits(spec.soft_label_source, spec.relabel_bn_mode, spec.relabel_forward_splits)
+    extra: dict[str, object] = {}
+    if len(committee) > 1:
+        logits = f"weighted mean over a committee of {len(committee)} teachers of each one's {logits}"
+        extra["committee"] = [{"name": m.name, **member_fields(m)} for m in committee.members]
     return {
         "batch_size": spec.relabel_batch_size,
         "epochs": spec.relabel_epochs,
@@ -121,7 +128,8 @@ def _metadata(ctx: RunContext, num_images: int, labels: torch.Tensor) -> dict[st
         "soft_label_source": spec.soft_label_source,
         "relabel_bn_mode": spec.relabel_bn_mode,
         "forward_splits": spec.relabel_forward_splits,
-        "teacher_logits": describe_logits(spec.soft_label_source, spec.relabel_bn_mode, spec.relabel_forward_splits),
+        "teacher_logits": logits,
+        **extra,
         "cal_ratio": spec.cal_ratio,
         "labels": labels.tolist(),
         "classes": ctx.data.classes,
