@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from client_service import FAST_SPEC, JOB_TIMEOUT_S, SLOW_SPEC, dataset_folder, service  # noqa: F401 (fixtures)
 from http_stub import CUT, Reply, Seen, StubServer, error_reply, forward_to, json_reply
@@ -479,3 +480,18 @@ def test_wait_gives_up_at_its_timeout_also_on_a_lively_stream():
 def _slowly(chunk: bytes) -> bytes:
     time.sleep(0.05)
     return chunk
+
+
+def test_every_error_status_has_its_type_and_a_bare_answer_still_gives_one():
+    from fd2_client import Gone, ServerError
+    from fd2_client.errors import error_from_response
+
+    def answer(status: int, body: bytes, content_type: str = "application/json") -> Any:
+        return error_from_response(httpx.Response(status, content=body, headers={"Content-Type": content_type}))
+
+    body = {"error": {"code": "artifacts_expired", "message": "gone", "details": {}}}
+    expired = answer(410, json.dumps(body).encode())
+    assert isinstance(expired, Gone)
+    assert (expired.code, expired.message, expired.status, expired.details) == ("artifacts_expired", "gone", 410, {})
+    bare = answer(502, b"<html>bad gateway</html>", "text/html")
+    assert type(bare) is ServerError and (bare.code, bare.status) == ("bad_gateway", 502)

@@ -19,6 +19,7 @@ from fd2_client.errors import (
     ConnectionFailed,
     Fd2Error,
     Forbidden,
+    Gone,
     JobCancelled,
     JobError,
     JobFailed,
@@ -38,7 +39,7 @@ from fd2_client.version import __version__
 
 __all__ = [
     "ApiError", "Artifact", "BadRequest", "ChecksumMismatch", "Client", "Conflict", "ConnectionFailed", "Dataset",
-    "Event", "Fd2Error", "Forbidden", "Job", "JobCancelled", "JobError", "JobFailed", "NotFound",
+    "Event", "Fd2Error", "Forbidden", "Gone", "Job", "JobCancelled", "JobError", "JobFailed", "NotFound",
     "PayloadTooLarge", "Progress", "RangeNotSatisfiable", "RateLimited", "RetryPolicy", "ServerError",
     "ServiceUnavailable", "Unauthorized", "ValidationFailed", "WaitTimeout", "__version__",
 ]

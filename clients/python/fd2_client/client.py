@@ -159,7 +159,8 @@ class Client:
 
         Resumes a `dest.part` left by an interrupted download (`Range`), verifies the SHA-256 against the job
         resource's and renames the file into place atomically. `on_progress(bytes, bytes in all)`. Raises
-        `ChecksumMismatch` (no file left), `NotFound` for an unknown job or artifact.
+        `ChecksumMismatch` (no file left), `NotFound` for an unknown job or artifact, `Gone` for artifacts
+        removed after the operator's retention period.
         """
         resource = job if isinstance(job, Mapping) and "artifacts" in job else self.get_job(job)
         target = Path(dest)

@@ -57,6 +57,10 @@ class Conflict(ApiError):
     reused with another body)."""
 
 
+class Gone(ApiError):
+    """410: the resource existed but is no more (a job's artifacts removed after the operator's retention)."""
+
+
 class PayloadTooLarge(ApiError):
     """413: the upload is larger than the service accepts."""
 
@@ -130,6 +134,7 @@ ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    410: Gone,
     413: PayloadTooLarge,
     416: RangeNotSatisfiable,
     422: ValidationFailed,

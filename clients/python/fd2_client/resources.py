@@ -42,6 +42,7 @@ class Job(TypedDict, total=False):
     error: JobErrorBody | None
     metrics: dict[str, Any]
     artifacts: list[Artifact]
+    artifacts_expired: bool  # the operator's retention removed the artifacts (downloads answer 410)
 
 
 class Dataset(TypedDict, total=False):
