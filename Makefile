@@ -1,5 +1,6 @@
 # Two entry points: `make serve` runs the service, `make test` runs the tests.
-# Both create or refresh the virtualenv first (re-installed when pyproject.toml changes).
+# Both create or refresh the virtualenv first (re-installed when a pyproject.toml changes): the service with its
+# dev tools, and the client SDK (clients/python, its own distribution) that the client tests use.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -9,10 +10,10 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./clients/python
 	touch $@
 
 serve: venv

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# The client SDK is a distribution of its own (clients/python); the tests use this checkout's copy of it, also
+# where the environment has one installed from elsewhere.
+CLIENT_SOURCE = Path(__file__).resolve().parents[1] / "clients" / "python"
+sys.path.insert(0, str(CLIENT_SOURCE))
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """The import rules of docs/ARCHITECTURE.md, read from the page itself and checked on every module.
 
 The page's "Import rules" table says which project packages each package may import, and its "torch-free
-facade" list says which `fd2_core` modules the API may import. Every `import` statement counts, also those
-inside functions (a lazy import is still an arrow), so an arrow that runs back up fails here with the module
-and line that draws it.
+facade" list says which `fd2_core` modules the API may import. Packages sit at the repository's root, except
+the client SDK, which has a distribution of its own under `clients/` (`clients/python/fd2_client`). Every
+`import` statement counts, also those inside functions (a lazy import is still an arrow), so an arrow that runs
+back up fails here with the module and line that draws it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "ARCHITECTURE.md"
 TORCH = ("torch", "torchvision")
+PACKAGE_HOMES = ("*/__init__.py", "clients/*/*/__init__.py")  # a package's __init__, relative to ROOT
+NOT_PACKAGES = {"tests", "bench"}
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,15 @@ def facade() -> frozenset[str]:
     return frozenset(re.findall(r"`(fd2_core(?:\.[a-z0-9_]+)*)`", section))
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+@lru_cache(maxsize=1)
+def package_dirs() -> dict[str, Path]:
+    """{package: its folder} for every project package, wherever its distribution keeps it."""
+    found = [init.parent for pattern in PACKAGE_HOMES for init in sorted(ROOT.glob(pattern))]
+    return {folder.name: folder for folder in found if folder.name not in NOT_PACKAGES}
+
+
+def _module_name(path: Path, package_dir: Path) -> str:
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -72,9 +82,10 @@ def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
 @lru_cache(maxsize=1)
 def arrows() -> tuple[Arrow, ...]:
     found = []
+    dirs = package_dirs()
     for package in allowed_imports():
-        for path in sorted((ROOT / package).rglob("*.py")):
-            module = _module_name(path)
+        for path in sorted(dirs.get(package, ROOT / package).rglob("*.py")):
+            module = _module_name(path, dirs.get(package, ROOT / package))
             rel = path.relative_to(ROOT).as_posix()
             for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
                 if isinstance(node, ast.Import):
@@ -84,9 +95,18 @@ def arrows() -> tuple[Arrow, ...]:
                     found.append(Arrow(module, target, f"{rel}:{node.lineno}"))
                     # `from package import module` names a module too
                     found += [Arrow(module, f"{target}.{alias.name}", f"{rel}:{node.lineno}")
-                              for alias in node.names if (ROOT / Path(*target.split("."), alias.name)).exists()
-                              or (ROOT / Path(*target.split("."), f"{alias.name}.py")).exists()]
+                              for alias in node.names if _is_module(f"{target}.{alias.name}")]
     return tuple(found)
+
+
+def _is_module(name: str) -> bool:
+    """True when `name` is a project module or subpackage (a file or folder under its package)."""
+    top, *rest = name.split(".")
+    folder = package_dirs().get(top)
+    if folder is None or not rest:
+        return False
+    path = folder.joinpath(*rest)
+    return path.exists() or path.with_name(path.name + ".py").exists()
 
 
 def _top(name: str) -> str:
@@ -94,8 +114,8 @@ def _top(name: str) -> str:
 
 
 def test_the_page_states_a_rule_for_every_package() -> None:
-    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
-    assert packages == set(allowed_imports()), "every package needs a row in docs/ARCHITECTURE.md"
+    assert set(package_dirs()) == set(allowed_imports()), "every package needs a row in docs/ARCHITECTURE.md"
+    assert "fd2_client" in package_dirs(), "the client SDK under clients/python is a package of its own"
     assert facade(), "docs/ARCHITECTURE.md lists no torch-free facade"
 
 
@@ -139,8 +159,15 @@ def _with_parents(module: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def test_the_client_imports_no_torch_and_nothing_of_the_service() -> None:
+    """The SDK is installed alone (`pip install ./clients/python`): no torch, and no project package."""
+    bad = [f"{a.where}: {a.target}" for a in arrows() if _top(a.source) == "fd2_client"
+           and (_top(a.target) in TORCH or (_top(a.target) in allowed_imports() and _top(a.target) != "fd2_client"))]
+    assert not bad, f"the client SDK must stand alone: {bad}"
+
+
 def test_the_checks_see_real_arrows() -> None:
     """Guards the guard: the scan finds the arrows every layer is known to draw."""
     drawn = {(_top(a.source), _top(a.target)) for a in arrows()}
-    assert {("api", "store"), ("worker", "fd2_core"), ("fd2_cli", "worker")} <= drawn
+    assert {("api", "store"), ("worker", "fd2_core"), ("fd2_cli", "worker"), ("fd2_client", "httpx")} <= drawn
     assert any(_top(a.source) == "fd2_core" and _top(a.target) == "torch" for a in arrows())
