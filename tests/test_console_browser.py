@@ -33,8 +33,9 @@ FINAL = {"succeeded", "failed", "cancelled"}
 # A committee of two teachers, so the report has members to show.
 COMMITTEE_SPEC = tiny_spec(device="cpu", committee=[{"backbone": "convnet", "model_width": 16},
                                                     {"backbone": "convnet", "model_width": 12}])
-# Long enough per ipc index that progress can be watched and the job cancelled mid-run.
-SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=40, evaluate=False,
+# Long enough (about a minute on two cores) that progress can be watched on two pages and the job cancelled
+# mid-run; it is cancelled long before it would end.
+SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=200, evaluate=False,
                               eval_random_baseline=False)
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 KEY_ITEM = "fd2.apiKey"
@@ -203,6 +204,20 @@ def find(driver: Any, css: str, timeout_s: float = PAGE_TIMEOUT_S) -> Any:
                       what=f"the page to show {css!r}")[0]
 
 
+def click(driver: Any, css: str) -> None:
+    """Click the element, looked up again if a re-render replaced it between the look-up and the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def clicked() -> bool:
+        try:
+            find(driver, css).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_until(clicked, PAGE_TIMEOUT_S, interval_s=0.1, what=f"a click on {css!r}")
+
+
 def find_all(driver: Any, css: str) -> list[Any]:
     from selenium.webdriver.common.by import By
 
@@ -211,6 +226,11 @@ def find_all(driver: Any, css: str) -> list[Any]:
 
 def read(driver: Any, script: str, *args: Any) -> Any:
     return driver.execute_script(script, *args)
+
+
+def text_of(driver: Any, css: str) -> str:
+    """The element's text read in one script call (no stale handle while the page re-renders it)."""
+    return read(driver, "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
 
 
 def progress_of(driver: Any, css: str) -> float | None:
@@ -268,7 +288,7 @@ def test_the_key_prompt_keeps_the_key_in_the_session_and_forgets_it(page: Any, s
     page.refresh()
     find(page, "#api-key").send_keys("fd2_00000000_not-a-real-key")
     find(page, "#key-form button[type=submit]").click()
-    wait_until(lambda: "not accepted" in find(page, "#key-form").text, PAGE_TIMEOUT_S, what="the refusal")
+    wait_until(lambda: "not accepted" in text_of(page, "#key-form"), PAGE_TIMEOUT_S, what="the refusal")
     assert read(page, "return sessionStorage.getItem(arguments[0]);", KEY_ITEM) is None
 
     find(page, "#api-key").send_keys(tenant.key)
@@ -340,19 +360,19 @@ def test_running_job_progress_moves_then_cancel_and_delete_from_the_page(
     find(page, row)
     listed = watch_progress(page, f"{row} progress", running, JOB_TIMEOUT_S / 2)
     assert len(listed) >= 3 and listed[-1] > listed[-2], f"progress on the list did not move: {listed}"
-    assert find(page, f'tr[data-job-id="{finished_job["id"]}"] .status').text == "succeeded"
+    assert text_of(page, f'tr[data-job-id="{finished_job["id"]}"] .status') == "succeeded"
     screenshot(page, tmp_path / "job-list.png")
 
-    find(page, f'{row} a[href="#/jobs/{job["id"]}"]').click()
+    click(page, f'{row} a[href="#/jobs/{job["id"]}"]')
     find(page, "#cancel-job")
     seen = watch_progress(page, "#job-progress progress", running, JOB_TIMEOUT_S / 2)
     assert len(seen) >= 3 and seen[-1] > seen[-2], f"progress on the job page did not move: {seen}"
     assert get_job(tenant.client, job["id"])["status"] == "running", "the job ended before it could be cancelled"
 
-    find(page, "#cancel-job").click()
+    click(page, "#cancel-job")
     cancelled = wait_for_status(tenant.client, job["id"], FINAL, timeout_s=30)
     assert cancelled["status"] == "cancelled"
-    wait_until(lambda: find(page, "#job-summary .status").text == "cancelled", PAGE_TIMEOUT_S,
+    wait_until(lambda: text_of(page, "#job-summary .status") == "cancelled", PAGE_TIMEOUT_S,
                what="the page to show cancelled")
 
     find(page, "#delete-job").click()
@@ -370,7 +390,7 @@ def test_another_tenant_s_job_and_dataset_are_not_found(page: Any, stack: Servic
     assert not find_all(page, "#report-table") and not find_all(page, "#job-artifacts")
 
     page.get(f"{stack.base_url}/console/#/datasets/{dataset['id']}")
-    wait_until(lambda: find(page, ".not-found h1").text == "Dataset not found", PAGE_TIMEOUT_S,
+    wait_until(lambda: text_of(page, ".not-found h1") == "Dataset not found", PAGE_TIMEOUT_S,
                what="dataset not found")
     page.get(f"{stack.base_url}/console/#/jobs")
     find(page, "#jobs-table .empty, #jobs-table table")
@@ -399,6 +419,32 @@ def test_dataset_page_shows_counts_and_hostile_names_as_text(page: Any, stack: S
     for hostile in ('img[src="x"]', "svg[onload]", "img[onerror]"):
         assert not find_all(page, hostile), hostile
     assert no_alert(page)
+
+
+# Last: it marks the shared finished job's artifacts as expired, as the retention sweep would.
+def test_expired_artifacts_are_shown_as_expired(page: Any, stack: ServiceStack, tenant: Tenant,
+                                                finished_job: dict[str, Any]):
+    from datetime import datetime, timezone
+
+    from service_harness import embedded_settings
+
+    from store.db import session_scope
+    from store.retention import mark_artifacts_expired
+
+    with session_scope(embedded_settings(Path(stack.env["FD2_HOME"]))) as session:
+        assert mark_artifacts_expired(session, [finished_job["id"]], datetime.now(timezone.utc)) == 1
+    job = get_job(tenant.client, finished_job["id"])
+    assert job["artifacts_expired"]
+
+    open_console(page, stack, tenant.key, f"/jobs/{job['id']}")
+    assert find(page, "#artifacts-expired").text.startswith("Artifacts expired")
+    assert find(page, "#job-summary .expired").text == "artifacts expired"
+    rows = find_all(page, "#job-artifacts tr[data-artifact]")
+    assert len(rows) == len(job["artifacts"])  # still listed, with sizes and checksums, as a record
+    assert all(not button.is_enabled() for button in find_all(page, "#job-artifacts button.download"))
+    assert not find_all(page, "img.artifact-image")
+    assert float(find(page, '#report-table td[data-metric="student_accuracy"]').get_attribute("data-value")) == \
+        job["metrics"]["student_accuracy"]
 
 
 def get_dataset(client: httpx.Client, dataset_id: str) -> dict[str, Any]:
