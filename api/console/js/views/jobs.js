@@ -19,7 +19,7 @@ function jobRow(job, names) {
     h("td", { class: "stage" }, job.stage || "–"),
     h("td", {}, progressBar(job.progress, `progress of job ${job.id}`)),
     h("td", { class: "eta" }, ACTIVE.has(job.status) ? duration(job.eta_seconds) : "–"),
-    h("td", {}, `${spec.method ?? "–"} · ipc ${spec.ipc ?? "–"}`),
+    h("td", { class: "method" }, `${spec.method ?? "–"} · ipc ${spec.ipc ?? "–"}`),
     h("td", {}, job.dataset_id ? datasetLink(job.dataset_id, names.get(job.dataset_id)) : "manifest"),
     h("td", {}, when(job.created_at)));
 }
