@@ -25,6 +25,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.rate_limit import RateLimiter
 from api.routes import artifacts, datasets, health, jobs, metrics
 from api.upload_slots import UploadSlots
+from api.web_console import install_console
 from fd2_config.settings import Settings, get_settings
 from fd2_core.spec import PRESET_DESCRIPTIONS, JobSpec
 from store.db import migrate
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     # Job polling is the hot path: its router is matched first.
     for module in (jobs, artifacts, datasets, health, metrics):
         app.include_router(module.router)
+    install_console(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi_with_job_spec(app)  # type: ignore[method-assign]

@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         start_child("worker", worker_command(ALL_QUEUES, 1), env),
     ]
     print(f"FD² service on http://{args.host}:{args.port} (home {settings.home})", flush=True)
+    print(f"Web console: http://{args.host}:{args.port}/console/", flush=True)
     if first_key:
         print(f"API key for tenant 'default' (shown once, store it now): {first_key}", flush=True)
     else:
