@@ -22,6 +22,7 @@ Design (docs/BENCHMARKS.md, "Quality"):
 
     .venv/bin/python bench/quality.py                       # full grid: 5 seeds x 2 settings (hours on 2 cores)
     .venv/bin/python bench/quality.py --quick               # smoke run, under 10 minutes
+    .venv/bin/python bench/quality.py --table               # rded, fadrm+, fd2 on fadrm+ beside sre2l++ and random
     .venv/bin/python bench/quality.py --render bench/results/quality_v2_full.json   # table + plot only
 """
 
@@ -66,6 +67,7 @@ class Variant:
     name: str
     overrides: dict[str, Any]
     teacher: str  # "cal" or "ce": whose teacher distils and (end to end) relabels
+    shares: str | None = None  # another variant whose images and soft labels this one reuses (student-only change)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -76,6 +78,19 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fd2 − SC", {"method": "fd2", "sc": False}, "cal"),
     Variant("CAL only", {"method": "fd2", "fc": False, "sc": False}, "cal"),
 )
+# The paper's other rows (`--table`): RDED, FADRM+ and FD² on FADRM+ with the same teachers and students as the
+# grid above, and the FADRM+ rows again with the published student lr 1e-2, labelled apart so that the method's
+# effect is not mixed with the student's learning rate.
+TABLE_VARIANTS: tuple[Variant, ...] = (
+    VARIANTS[0],
+    VARIANTS[1],
+    Variant("rded", {"method": "rded"}, "ce"),
+    Variant("fadrm+", {"method": "fadrm+"}, "ce"),
+    Variant("fd2 (fadrm+)", {"method": "fd2", "base": "fadrm+"}, "cal"),
+    Variant("fadrm+ · student lr 1e-2", {"method": "fadrm+", "eval_lr": 1e-2}, "ce", shares="fadrm+"),
+    Variant("fd2 (fadrm+) · student lr 1e-2", {"method": "fd2", "base": "fadrm+", "eval_lr": 1e-2}, "cal",
+            shares="fd2 (fadrm+)"),
+)
 PROTOCOLS: tuple[str, ...] = ("end-to-end", "images-only")
 COMMON_TEACHER = "ce"  # images only: every set relabelled by the plain-CE teacher
 # name → (minuend, subtrahend): the paired differences the table reports
@@ -85,6 +100,15 @@ COMPARISONS: dict[str, tuple[str, str]] = {
     "CAL (CAL only − sre2l++)": ("CAL only", "sre2l++"),
     "FC (fd2 − [fd2 − FC])": ("fd2", "fd2 − FC"),
     "SC (fd2 − [fd2 − SC])": ("fd2", "fd2 − SC"),
+}
+
+TABLE_COMPARISONS: dict[str, tuple[str, str]] = {
+    "fd2 (fadrm+) − fadrm+": ("fd2 (fadrm+)", "fadrm+"),
+    "fadrm+ − sre2l++": ("fadrm+", "sre2l++"),
+    "rded − sre2l++": ("rded", "sre2l++"),
+    "fd2 (fadrm+) − sre2l++": ("fd2 (fadrm+)", "sre2l++"),
+    "student lr 1e-2 on fadrm+": ("fadrm+ · student lr 1e-2", "fadrm+"),
+    "student lr 1e-2 on fd2 (fadrm+)": ("fd2 (fadrm+) · student lr 1e-2", "fd2 (fadrm+)"),
 }
 
 # name → (dataset source, short description)
@@ -103,6 +127,18 @@ FULL: dict[str, Any] = {
     "classes": None,
     "hard_label_methods": ("random", "sre2l++", "fd2"),
     "teacher_init": "base",
+}
+# The paper's other rows on the full grid's seeds, settings, teachers and students (their work folders are
+# shared, so the teachers are trained once); random and sre2l++ are taken from the full grid's result file when
+# it holds them for the same seed and the same resolved spec (the runs are deterministic).
+TABLE: dict[str, Any] = {
+    **FULL,
+    "variants": TABLE_VARIANTS,
+    "comparisons": TABLE_COMPARISONS,
+    "hard_label_methods": (),
+    "upper_bound": False,
+    "reuse_from": "quality_v2_full.json",
+    "work_mode": "full",
 }
 QUICK: dict[str, Any] = {
     "spec": {"distill_iterations": 60, "relabel_epochs": 100},
@@ -156,6 +192,10 @@ def init_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"teacher_weights_mode": "backbone"} if teacher_weights_path(cfg) is not None else {}
 
 
+def variants_of(cfg: dict[str, Any]) -> tuple[Variant, ...]:
+    return cfg.get("variants", VARIANTS)
+
+
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
@@ -167,9 +207,11 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     resolved = {
         v.name: {k: val for k, val in resolve_spec({**base, **v.overrides}).model_dump(mode="json").items()
                  if k != "seed"}
-        for v in VARIANTS
+        for v in variants_of(cfg)
     }
+    extra = {"comparisons": {k: list(v) for k, v in cfg["comparisons"].items()}} if "comparisons" in cfg else {}
     return {
+        **extra,
         "format": FORMAT,
         "resolved_specs": resolved,
         "teacher_weights_sha256": sha256_of(weights) if weights is not None else None,
@@ -178,7 +220,7 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
         "classes": cfg["classes"],
         "hard_label_methods": list(cfg["hard_label_methods"]),
         "teacher_init": cfg["teacher_init"],
-        "methods": [v.name for v in VARIANTS],
+        "methods": [v.name for v in variants_of(cfg)],
         "protocols": list(PROTOCOLS),
     }
 
@@ -243,7 +285,7 @@ class PairRunner:
         spec = self.spec(variant)
         own = self.teacher(variant.teacher)
         common = self.teacher(COMMON_TEACHER)
-        wd = self.root / slug(variant.name)
+        wd = self.root / slug(variant.shares or variant.name)
         ctx = make_ctx(spec, self.data, wd)
         t = time.monotonic()
         synthetic = distill(ctx, None if spec.method == "random" else own)
@@ -282,19 +324,46 @@ class PairRunner:
         secs = round(time.monotonic() - t, 1)
         return {"accuracy": accuracy_of(result), "epochs": spec.pretrain_epochs, "time_s": secs}
 
+    def reuse(self) -> None:
+        """Copy methods (and their teachers' figures) from the `reuse_from` result file when it holds them for
+        this (setting, seed) under the same resolved spec: the runs are deterministic, so they are the same runs."""
+        name = self.cfg.get("reuse_from")
+        path = ROOT / "bench" / "results" / name if name else None
+        if path is None or not path.exists():
+            return
+        other = json.loads(path.read_text())
+        run = other.get("runs", {}).get(f"{self.setting}/{self.seed}", {})
+        ours, theirs = config_key(self.cfg)["resolved_specs"], other.get("config", {}).get("resolved_specs", {})
+        for variant in variants_of(self.cfg):
+            done = run.get("methods", {}).get(variant.name)
+            if variant.name in self.record["methods"] or done is None or variant.name not in theirs:
+                continue
+            if spec_changes(theirs[variant.name], ours[variant.name]):
+                continue
+            self.record["methods"][variant.name] = {**done, "reused_from": name}
+            teacher = run.get("teachers", {}).get(variant.teacher)
+            if teacher is not None:
+                self.record["teachers"].setdefault(variant.teacher, teacher)
+            log(f"{self.setting} seed {self.seed}: {variant.name} taken from {name}")
+        self.save()
+
     def run(self) -> dict[str, Any]:
-        if "upper_bound" in self.record and all(v.name in self.record["methods"] for v in VARIANTS):
+        variants = variants_of(self.cfg)
+        wants_bound = self.cfg.get("upper_bound", True)
+        self.reuse()
+        if ("upper_bound" in self.record or not wants_bound) and all(
+                v.name in self.record["methods"] for v in variants):
             log(f"{self.setting} seed {self.seed}: complete in the result file")
             return self.record
         for kind in ("ce", "cal"):
             self.teacher(kind)
-        for variant in VARIANTS:
+        for variant in variants:
             if variant.name in self.record["methods"]:
                 log(f"{self.setting} seed {self.seed}: {variant.name} already in the result file")
                 continue
             self.record["methods"][variant.name] = self.method(variant)
             self.save()
-        if "upper_bound" not in self.record:
+        if wants_bound and "upper_bound" not in self.record:
             self.record["upper_bound"] = self.upper_bound()
             log(f"{self.setting} seed {self.seed}: full real train set {self.record['upper_bound']['accuracy']:.3f}")
             self.save()
@@ -372,7 +441,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 block["accuracy"][name] = {
                     f"ipc{i}": mean_std([r["methods"][name][protocol][f"ipc{i}"]["soft"] for r in runs]) for i in ipcs
                 }
-            for label, (a, b) in COMPARISONS.items():
+            for label, (a, b) in results["config"].get("comparisons", COMPARISONS).items():
                 block["comparisons"][label] = {f"ipc{i}": paired_interval(
                     [r["methods"][a][protocol][f"ipc{i}"]["soft"] for r in runs],
                     [r["methods"][b][protocol][f"ipc{i}"]["soft"] for r in runs],
@@ -654,6 +723,8 @@ def write_outputs(results: dict[str, Any], json_path: Path, plot_path: Path, doc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 10 classes, short schedules")
+    parser.add_argument("--table", action="store_true",
+                        help="the paper's other rows (rded, fadrm+, fd2 on fadrm+) on the full grid's seeds")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds of the mode")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="override the settings of the mode")
     parser.add_argument("--teacher-init", choices=("base", "scratch"), help="override where teachers start")
@@ -675,8 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results, None))
         return 0
 
-    mode = "quick" if args.quick else "full"
-    cfg = dict(QUICK if args.quick else FULL)
+    mode = "quick" if args.quick else "table" if args.table else "full"
+    cfg = dict({"quick": QUICK, "table": TABLE, "full": FULL}[mode])
     if args.seeds:
         cfg["seeds"] = tuple(args.seeds)
     if args.settings:
@@ -696,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(json_path, doc)
         committer(message, force=message.endswith("done"))
 
-    results = run_grid(cfg, args.work / mode, results, save)
+    results = run_grid(cfg, args.work / cfg.get("work_mode", mode), results, save)
     write_outputs(results, json_path, plot_path, None if args.no_docs else args.docs)
     committer("Quality grid: results", force=True)
     print(markdown(results, None))

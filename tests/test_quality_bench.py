@@ -146,3 +146,41 @@ def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> No
                                                                                 "teacher_weights_mode": "full"}}})
     assert not quality.same_config({**predates, "ipcs": [1, 3]}, key)
     assert not quality.same_config(None, key)
+
+
+def test_table_mode_reuses_the_full_grid_and_shares_images_across_student_rows(tmp_path, monkeypatch):
+    """`--table`: random and sre2l++ are copied from the full grid's result file (same seed, same resolved spec);
+    the student-lr rows reuse their method's images and soft labels and only train another student."""
+    bench = _bench()
+    full_cfg = TINY_CFG | {"seeds": (0,), "hard_label_methods": ()}
+    calls: list[str] = []
+    original = bench.PairRunner.method
+    monkeypatch.setattr(bench.PairRunner, "method",
+                        lambda self, variant: calls.append(variant.name) or original(self, variant))
+    # random and sre2l++ alone stand for the full grid
+    only_refs = full_cfg | {"variants": bench.VARIANTS[:2], "comparisons": {}}
+    full = bench.run_grid(only_refs, tmp_path / "work", bench.load_results(tmp_path / "f.json", only_refs,
+                                                                            "full", "full"), None)
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    bench._write_json(results_dir / "full.json", full)
+    monkeypatch.setattr(bench, "ROOT", tmp_path / "root")
+    (tmp_path / "root" / "bench").mkdir(parents=True)
+    (tmp_path / "root" / "bench" / "results").symlink_to(results_dir)
+    table_cfg = full_cfg | {"variants": bench.TABLE_VARIANTS, "comparisons": bench.TABLE_COMPARISONS,
+                            "upper_bound": False, "reuse_from": "full.json"}
+    calls.clear()
+    table = bench.run_grid(table_cfg, tmp_path / "work", bench.load_results(tmp_path / "t.json", table_cfg,
+                                                                             "table", "table"), None)
+    run = table["runs"]["tiny/0"]
+    assert calls == [v.name for v in bench.TABLE_VARIANTS[2:]]  # random and sre2l++ were not run again
+    for name in ("random", "sre2l++"):
+        assert run["methods"][name]["reused_from"] == "full.json"
+        assert run["methods"][name]["end-to-end"] == full["runs"]["tiny/0"]["methods"][name]["end-to-end"]
+    assert "upper_bound" not in run
+    shared = tmp_path / "work" / "tiny" / "seed0" / bench.slug("fadrm+")
+    assert not (tmp_path / "work" / "tiny" / "seed0" / bench.slug("fadrm+ · student lr 1e-2")).exists()
+    assert (shared / "stages" / "distill" / "ipc_000.safetensors").exists()
+    summary = table["summary"]["tiny"]["protocols"]["end-to-end"]
+    assert set(summary["comparisons"]) == set(bench.TABLE_COMPARISONS)
+    assert set(summary["ior"]) == {v.name for v in bench.TABLE_VARIANTS} - {"random"}
