@@ -33,9 +33,9 @@ FINAL = {"succeeded", "failed", "cancelled"}
 # A committee of two teachers, so the report has members to show.
 COMMITTEE_SPEC = tiny_spec(device="cpu", committee=[{"backbone": "convnet", "model_width": 16},
                                                     {"backbone": "convnet", "model_width": 12}])
-# Long enough (about a minute on two cores) that progress can be watched on two pages and the job cancelled
-# mid-run; it is cancelled long before it would end.
-SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=200, evaluate=False,
+# Long enough (minutes on two cores, even on an idle machine) that progress can be watched on two pages and the
+# job cancelled mid-run; it is cancelled long before it would end.
+SLOW_DISTILL_SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=3000, evaluate=False,
                               eval_random_baseline=False)
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 KEY_ITEM = "fd2.apiKey"

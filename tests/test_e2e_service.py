@@ -251,6 +251,37 @@ def test_tenants_cannot_see_each_other(service: ServiceStack, dataset_zip: Path)
         assert owner.get(f"/v1/jobs/{job['id']}/artifacts/{artifact}").status_code == 200
 
 
+# The paper's other rows, each run by a real worker: RDED, FADRM+ alone, and FD² on FADRM+ with a committee of two.
+PAPER_ROWS = {
+    "rded": {"method": "rded"},
+    "fadrm+": {"method": "fadrm+", "fadrm_phase_steps": [2, 2, 3]},
+    "fd2 on fadrm+, committee": {
+        "method": "fd2", "base": "fadrm+", "fadrm_phase_steps": [2, 2, 3],
+        "committee": [{"backbone": "convnet", "model_width": 8}, {"backbone": "convnet", "model_width": 12}],
+    },
+}
+
+
+@pytest.mark.parametrize("row", sorted(PAPER_ROWS))
+def test_each_paper_method_runs_through_the_service(service: ServiceStack, dataset_zip: Path, row: str):
+    spec = tiny_spec(device="cpu", eval_random_baseline=False, **PAPER_ROWS[row])
+    with new_tenant(service, "rows") as client:
+        dataset = upload_dataset(client, dataset_zip)
+        job = wait_for_status(client, submit_job(client, dataset["id"], spec)["id"])
+        assert job["status"] == "succeeded", job["error"]
+        bodies = download_all(client, job)
+    report = json.loads(bodies["report.json"])
+    assert report["method"] == spec["method"] and report["spec"]["base"] == spec.get("base")
+    check_distilled_tar(bodies["distilled.tar.gz"], dataset["classes"], spec["ipc"])
+    assert 0.0 <= job["metrics"]["student_accuracy"] <= 1.0
+    if "committee" in spec:
+        assert [m["model_width"] for m in report["teacher"]["members"]] == [8, 12]
+        teacher_meta = json.loads(bodies["teacher.safetensors"][8:8 + int.from_bytes(
+            bodies["teacher.safetensors"][:8], "little")])["__metadata__"]
+        assert teacher_meta["format"] == "fd2.teacher.committee.v1"
+        assert [m["prefix"] for m in json.loads(teacher_meta["members"])] == ["members.0.", "members.1."]
+
+
 def test_follow_a_job_live_over_server_sent_events_then_delete_it(service: ServiceStack, dataset_zip: Path):
     """What a console does: watch the stream until `end`, then remove the job and everything it kept."""
     with new_tenant(service, "delta") as client:
