@@ -195,7 +195,9 @@ def test_cancel_queued_running_and_finished(client: TestClient, settings: Settin
     response = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant)
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
-    assert client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant).status_code == 409
+    again = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant)
+    assert again.status_code == 409
+    assert again.json()["error"]["message"].startswith("job has already cancelled;")
 
     running = submit(client, tenant, dataset["id"]).json()
     with session_scope(settings) as session:
@@ -210,6 +212,7 @@ def test_cancel_queued_running_and_finished(client: TestClient, settings: Settin
         finish_job(session, done["id"], "succeeded", metrics={"student_accuracy": 0.4})
     response = client.post(f"/v1/jobs/{done['id']}/cancel", headers=tenant)
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"
+    assert response.json()["error"]["message"].startswith("job has already succeeded;")
     served = client.get(f"/v1/jobs/{done['id']}", headers=tenant).json()
     assert served["metrics"] == {"student_accuracy": 0.4}
     with session_scope(settings) as session:  # what a worker sends to the callback URL

@@ -119,7 +119,7 @@ def _cancel_in_store(session: Session, tenant_id: str, job_id: str) -> Job:
     if job is None:
         raise not_found("job")
     if job.is_finished or not request_cancel(session, job_id):
-        raise ApiError(409, "job_finished", f"job is already {job.status}; only a queued or running job can be "
+        raise ApiError(409, "job_finished", f"job has already {job.status}; only a queued or running job can be "
                        "cancelled", {"status": job.status})
     add_event(session, job_id, "cancel_requested", "cancellation requested")
     session.commit()
