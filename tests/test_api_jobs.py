@@ -142,7 +142,10 @@ def test_manifest_jobs_need_an_allowed_root(settings: Settings, tmp_path) -> Non
         accepted = api.post("/v1/jobs", headers=headers, json=body)
         assert accepted.status_code == 202, accepted.text
         job = accepted.json()
-        assert job["dataset_id"] is None
+        assert job["dataset_id"] is None and job["dataset_source"] == "manifest"
+        assert api.get(f"/v1/jobs/{job['id']}", headers=headers).json()["dataset_source"] == "manifest"
+        listed = api.get("/v1/jobs", headers=headers).json()["items"]
+        assert [j["dataset_source"] for j in listed if j["id"] == job["id"]] == ["manifest"]
         manifest = json.loads((allowing.jobs_dir / job["id"] / "manifest.json").read_text())
         assert manifest["root"] == str(root.resolve()) and len(manifest["items"]) == 8
         outside = {**body, "dataset": {"manifest": {"root": str(tmp_path), "items": items}}}
