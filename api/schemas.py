@@ -84,7 +84,11 @@ class JobOut(BaseModel):
     stage_progress: float = Field(..., description="Progress of the current stage 0-1.")
     eta_seconds: float | None = None
     spec: SpecMapping = Field(..., description="The full resolved spec.")
-    dataset_id: str | None = None
+    dataset_id: str | None = Field(None, description="The uploaded dataset; null for a manifest job and once "
+                                   "the dataset was deleted.")
+    dataset_source: Literal["upload", "manifest"] = Field(
+        "upload", description="Where the data came from: an uploaded dataset or a manifest of files on the "
+        "workers' storage (so a null `dataset_id` of an `upload` job means its dataset was deleted).")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

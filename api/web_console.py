@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 CONSOLE_PATH = "/console"
+FAVICON = CONSOLE_DIR / "favicon.svg"
+FAVICON_PATH = "/favicon.ico"  # what browsers ask for on pages that name no icon (/docs, a JSON answer)
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
     "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -58,7 +60,7 @@ class ConsoleFiles(StaticFiles):
 
 
 def is_console_path(path: str) -> bool:
-    return path in ("/", CONSOLE_PATH) or path.startswith(CONSOLE_PATH + "/")
+    return path in ("/", CONSOLE_PATH, FAVICON_PATH) or path.startswith(CONSOLE_PATH + "/")
 
 
 class ConsoleHeadersMiddleware:
@@ -83,11 +85,15 @@ class ConsoleHeadersMiddleware:
 
 
 def install_console(app: FastAPI) -> None:
-    """Serve the console at /console/ and send / there."""
+    """Serve the console at /console/ and send / there; answer /favicon.ico with the console's icon."""
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse(CONSOLE_PATH + "/")
+
+    @app.get(FAVICON_PATH, include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type=MEDIA_TYPES[".svg"])
 
     app.mount(CONSOLE_PATH, ConsoleFiles(directory=CONSOLE_DIR, html=True), name="console")
     app.add_middleware(ConsoleHeadersMiddleware)

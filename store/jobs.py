@@ -167,6 +167,7 @@ class JobRecord:
     metrics: dict[str, Any]
     cancel_requested: bool
     artifacts_expired_at: datetime | None = None
+    manifest_path: str | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 

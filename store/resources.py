@@ -35,6 +35,8 @@ def job_resource(job: Job | JobRecord, settings: Settings) -> dict[str, Any]:
         "eta_seconds": job.eta_seconds,
         "spec": job.spec,
         "dataset_id": job.dataset_id,
+        # Tells a deleted dataset (dataset_id null, source "upload") from data given as a manifest.
+        "dataset_source": "manifest" if job.manifest_path else "upload",
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,

@@ -131,4 +131,5 @@ def test_delete_waits_for_jobs_then_removes_files(client: TestClient, settings: 
     assert client.delete(f"/v1/datasets/{dataset['id']}", headers=headers).status_code == 204
     assert client.get(f"/v1/datasets/{dataset['id']}", headers=headers).status_code == 404
     assert dataset["id"] not in dataset_dirs(settings)
-    assert client.get(f"/v1/jobs/{job['id']}", headers=headers).json()["dataset_id"] is None
+    orphan = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
+    assert orphan["dataset_id"] is None and orphan["dataset_source"] == "upload"  # its dataset was deleted

@@ -142,7 +142,10 @@ def test_manifest_jobs_need_an_allowed_root(settings: Settings, tmp_path) -> Non
         accepted = api.post("/v1/jobs", headers=headers, json=body)
         assert accepted.status_code == 202, accepted.text
         job = accepted.json()
-        assert job["dataset_id"] is None
+        assert job["dataset_id"] is None and job["dataset_source"] == "manifest"
+        assert api.get(f"/v1/jobs/{job['id']}", headers=headers).json()["dataset_source"] == "manifest"
+        listed = api.get("/v1/jobs", headers=headers).json()["items"]
+        assert [j["dataset_source"] for j in listed if j["id"] == job["id"]] == ["manifest"]
         manifest = json.loads((allowing.jobs_dir / job["id"] / "manifest.json").read_text())
         assert manifest["root"] == str(root.resolve()) and len(manifest["items"]) == 8
         outside = {**body, "dataset": {"manifest": {"root": str(tmp_path), "items": items}}}
@@ -195,7 +198,9 @@ def test_cancel_queued_running_and_finished(client: TestClient, settings: Settin
     response = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant)
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
-    assert client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant).status_code == 409
+    again = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=tenant)
+    assert again.status_code == 409
+    assert again.json()["error"]["message"].startswith("job has already cancelled;")
 
     running = submit(client, tenant, dataset["id"]).json()
     with session_scope(settings) as session:
@@ -210,6 +215,7 @@ def test_cancel_queued_running_and_finished(client: TestClient, settings: Settin
         finish_job(session, done["id"], "succeeded", metrics={"student_accuracy": 0.4})
     response = client.post(f"/v1/jobs/{done['id']}/cancel", headers=tenant)
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"
+    assert response.json()["error"]["message"].startswith("job has already succeeded;")
     served = client.get(f"/v1/jobs/{done['id']}", headers=tenant).json()
     assert served["metrics"] == {"student_accuracy": 0.4}
     with session_scope(settings) as session:  # what a worker sends to the callback URL

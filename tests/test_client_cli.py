@@ -9,12 +9,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from typing import Any
 
 import pytest
 from client_service import FAST_SPEC, JOB_TIMEOUT_S, SLOW_SPEC, dataset_folder, service  # noqa: F401 (fixtures)
+from http_stub import Reply, Seen, StubServer, error_reply, json_reply
 from service_harness import REPO_ROOT, free_port, wait_until
 
 from fd2_client import Client
@@ -70,12 +73,23 @@ def test_upload_prints_the_dataset_and_a_plain_run_prints_only_its_id(cli, finis
 @pytest.mark.service
 def test_submit_wait_draws_a_bar_per_stage_and_prints_the_succeeded_job(finished):
     job, stderr = finished["job"], finished["submit"].stderr
-    open("/tmp/sdk14_bars.txt", "w").write(stderr)
     assert job["status"] == "succeeded" and job["artifacts"]
     for stage in ("pretrain", "distill", "relabel", "package"):
         assert stage in stderr
     assert "%|" in stderr and "eta" in stderr
     assert f"job {job['id']} succeeded" in stderr
+    assert "no verdict against random" in stderr  # FAST_SPEC evaluates no student
+
+
+@pytest.mark.service
+def test_plain_submit_prints_only_the_job_id_also_with_wait(cli, finished):
+    waited = cli("submit", finished["dataset"]["id"], "--spec", json.dumps(FAST_SPEC), "--wait")
+    assert waited.returncode == EXIT_OK, waited.stderr
+    job_id = waited.stdout.strip()
+    assert waited.stdout == job_id + "\n" and job_id.startswith("job_")
+    assert f"job {job_id} succeeded" in waited.stderr
+    again = cli("wait", job_id)
+    assert again.returncode == EXIT_OK and again.stdout == "succeeded\n", again.stderr
 
 
 @pytest.mark.service
@@ -112,6 +126,11 @@ def test_refusals_exit_2_with_the_error_code_and_json_error_document(cli, finish
 
     finished_already = cli("cancel", finished["job"]["id"])
     assert finished_already.returncode == EXIT_REFUSED and "job_finished" in finished_already.stderr
+    assert "job has already succeeded" in finished_already.stderr
+
+    unknown = cli("cancel", "job_" + "0" * 32)
+    assert unknown.returncode == EXIT_REFUSED
+    assert "list your jobs with `fd2-client ls jobs`" in unknown.stderr and "/v1/" not in unknown.stderr
 
     unrunnable = cli("submit", finished["dataset"]["id"], "--spec", json.dumps(FAST_SPEC), "--ipc", "1000")
     assert unrunnable.returncode == EXIT_REFUSED and "ipc" in unrunnable.stderr
@@ -142,6 +161,7 @@ def test_wait_exits_4_on_timeout_and_1_once_the_job_was_cancelled(cli, service, 
 
     cancelled = cli("cancel", job_id, "--json")
     assert cancelled.returncode == EXIT_OK, cancelled.stderr
+    assert json.loads(cancelled.stdout)["id"] == job_id  # --json keeps the job resource
     waited = cli("wait", job_id, "--json")
     assert waited.returncode == EXIT_JOB_UNSUCCESSFUL, waited.stderr
     assert json.loads(waited.stdout)["status"] == "cancelled" and "cancelled" in waited.stderr
@@ -181,6 +201,141 @@ def test_usage_errors_exit_2_and_an_unreachable_service_exits_3(tmp_path):
     unreachable = fd2_client("ls", "jobs", "--retries", "1", "--json", url=nobody, key="k", timeout=120)
     assert unreachable.returncode == EXIT_UNAVAILABLE, unreachable.stderr
     assert json.loads(unreachable.stdout)["error"]["code"] == "connection_failed"
+    assert "is the service running? check --url / $FD2_URL" in unreachable.stderr
+    assert "retrying" not in unreachable.stderr  # never with --json
+
+
+def test_retries_are_announced_with_progress_and_never_with_quiet():
+    nobody = f"http://127.0.0.1:{free_port()}"
+    shown = fd2_client("ls", "jobs", "--retries", "2", "--progress", url=nobody, key="k", timeout=120)
+    assert shown.returncode == EXIT_UNAVAILABLE
+    retries = [line for line in shown.stderr.splitlines() if "retrying in" in line]
+    assert len(retries) == 2 and "cannot connect" in retries[0] and "(try 2 of 3)" in retries[0], shown.stderr
+    assert shown.stderr.rstrip().endswith(f"is the service running? check --url / $FD2_URL (now {nobody})")
+    quiet = fd2_client("ls", "jobs", "--retries", "1", "--progress", "--quiet", url=nobody, key="k", timeout=120)
+    assert quiet.returncode == EXIT_UNAVAILABLE and "retrying" not in quiet.stderr
+    captured = fd2_client("ls", "jobs", "--retries", "1", url=nobody, key="k", timeout=120)  # stderr is a pipe
+    assert captured.returncode == EXIT_UNAVAILABLE and "retrying" not in captured.stderr
+
+
+@pytest.mark.parametrize("url, says", [
+    ("127.0.0.1:8765", "did you mean http://127.0.0.1:8765?"),
+    ("localhost:8000", "did you mean http://localhost:8000?"),
+    ("ftp://127.0.0.1:8000", "must start with http:// or https://"),
+    ("http://:8000", "names no host"),
+])
+def test_a_url_that_cannot_be_the_service_is_a_usage_error(url, says):
+    result = fd2_client("ls", "jobs", "--retries", "0", url=url, key="k")
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert says in result.stderr and "--url/$FD2_URL" in result.stderr
+    assert "connection_failed" not in result.stderr
+
+
+def _stub_job(status: str = "succeeded", **fields: Any) -> dict[str, Any]:
+    return {"id": "job_x", "status": status, "stage": None, "progress": 1.0, "stage_progress": 1.0,
+            "eta_seconds": None, "error": None, "metrics": {}, "artifacts": [], "cancel_requested": False,
+            **fields}
+
+
+def test_a_url_ending_in_v1_is_taken_as_the_service_root():
+    with StubServer(lambda seen: json_reply(200, {"items": [], "next_cursor": None})) as stub:
+        result = fd2_client("ls", "jobs", url=stub.url + "/v1/", key="k")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert stub.paths("GET") == ["/v1/jobs"]
+
+
+def test_ls_names_its_argument_and_a_missing_spec_file_is_named():
+    wrong = fd2_client("ls", "job", url="http://127.0.0.1:1", key="k")
+    assert wrong.returncode == EXIT_REFUSED
+    assert "argument {jobs,datasets}: invalid choice: 'job'" in wrong.stderr and "argument what" not in wrong.stderr
+    missing = fd2_client("submit", "ds_x", "--spec", "nofile.json", url="http://127.0.0.1:1", key="k")
+    assert missing.returncode == EXIT_REFUSED
+    assert "--spec is neither JSON text nor an existing file: nofile.json" in missing.stderr
+    assert "Errno" not in missing.stderr
+
+
+def test_submit_and_wait_print_the_id_and_the_status_and_the_verdict_goes_to_stderr():
+    metrics = {"teacher_accuracy": 0.52, "student_accuracy": 0.16, "random_baseline_accuracy": 0.2, "ior": -0.04,
+               "ior_ci95": [-0.09, 0.01], "beats_random": False, "verdict": "not_distinguishable"}
+
+    def serve(seen: Seen) -> Reply:
+        if seen.method == "POST":
+            return json_reply(202, _stub_job("queued", progress=0.0))
+        return json_reply(200, _stub_job(metrics=metrics))
+
+    with StubServer(serve) as stub:
+        submitted = fd2_client("submit", "ds_x", "--wait", url=stub.url, key="k")
+        waited = fd2_client("wait", "job_x", "--quiet", url=stub.url, key="k")
+    assert submitted.returncode == EXIT_OK and submitted.stdout == "job_x\n", submitted.stderr
+    assert "job job_x succeeded: teacher 52.0 %, student 16.0 %, random real subset 20.0 %" in submitted.stderr
+    verdict = ("WARNING: verdict not_distinguishable: this set 16.0 % vs random real subset 20.0 % "
+               "(IOR -4.0 points, 95 % CI [-9.0, +1.0])")
+    assert verdict in submitted.stderr.splitlines()
+    assert waited.returncode == EXIT_OK and waited.stdout == "succeeded\n"
+    assert waited.stderr.splitlines() == [verdict], "a set that does not beat random is shown even with --quiet"
+
+
+def test_the_verdict_line_says_when_the_set_beats_random_or_was_not_compared():
+    from fd2_client.cli import verdict_line
+
+    beats = {"student_accuracy": 0.4, "random_baseline_accuracy": 0.2, "ior": 0.2, "ior_ci95": [0.1, 0.3],
+             "verdict": "beats_random"}
+    assert verdict_line(beats) == ("verdict beats_random: this set 40.0 % vs random real subset 20.0 % "
+                                   "(IOR +20.0 points, 95 % CI [+10.0, +30.0])", True)
+    line, compared = verdict_line({"student_accuracy": 0.4})
+    assert compared is None and "random baseline was not measured" in line
+    line, compared = verdict_line({})
+    assert compared is None and "did not evaluate a student" in line
+
+
+def test_cancel_says_what_happened_and_json_keeps_the_job():
+    answers = {"job_q": _stub_job("cancelled", id="job_q"),
+               "job_r": _stub_job("running", id="job_r", cancel_requested=True)}
+    with StubServer(lambda seen: json_reply(202, answers[seen.path.split("/")[3]])) as stub:
+        queued = fd2_client("cancel", "job_q", url=stub.url, key="k")
+        running = fd2_client("cancel", "job_r", url=stub.url, key="k")
+        as_json = fd2_client("cancel", "job_r", "--json", url=stub.url, key="k")
+    assert queued.stdout == "cancelled (job was queued)\n", queued.stderr
+    assert running.stdout == "cancel requested (job was running); it stops within seconds\n", running.stderr
+    assert json.loads(as_json.stdout) == answers["job_r"]
+
+
+def test_service_messages_name_commands_instead_of_rest_calls():
+    from api.errors import not_found
+    from api.routes.jobs import job_active
+    from fd2_client.cli import build_parser, cli_message
+
+    delete = build_parser().parse_args(["delete", "job_abc"])
+    assert cli_message(not_found("job").message, delete) == \
+        "job not found; check the id; list your jobs with `fd2-client ls jobs`"
+    assert cli_message(not_found("dataset").message, delete) == \
+        "dataset not found; check the id; list your datasets with `fd2-client ls datasets`"
+    assert "`fd2-client download job_abc`" in cli_message(not_found("artifact").message, delete)
+    assert cli_message(job_active("running").message, delete) == \
+        "job is running; cancel it first: `fd2-client cancel job_abc`, then delete it once it has ended"
+    unknown = "dataset 'ds_x' not found; upload one with POST /v1/datasets or use an id from GET /v1/datasets"
+    assert "/v1/" not in cli_message(unknown)
+
+
+def test_delete_of_a_dataset_id_without_dataset_asks_for_it_before_sending_anything():
+    with StubServer(lambda seen: Reply(204)) as stub:
+        result = fd2_client("delete", "ds_abc", url=stub.url, key="k")
+    assert result.returncode == EXIT_REFUSED
+    assert "ds_abc is a dataset id: add --dataset" in result.stderr and stub.requests == []
+
+
+def test_download_of_an_unknown_artifact_lists_the_job_s_artifacts(tmp_path):
+    artifacts = [{"name": n, "size": 1, "sha256": "0" * 64, "media_type": "application/json"}
+                 for n in ("report.json", "preview.png")]
+    with StubServer(lambda seen: json_reply(200, _stub_job(artifacts=artifacts))) as stub:
+        result = fd2_client("download", "job_x", "report.jsn", "--out", str(tmp_path), url=stub.url, key="k")
+    assert result.returncode == EXIT_REFUSED
+    assert "job job_x has no artifact named 'report.jsn'; its artifacts: report.json, preview.png" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    not_found = error_reply(404, "not_found", "job not found; check the id (GET /v1/jobs lists your jobs)")
+    with StubServer(lambda seen: not_found) as stub:
+        missing = fd2_client("download", "job_y", url=stub.url, key="k")
+    assert missing.returncode == EXIT_REFUSED and "`fd2-client ls jobs`" in missing.stderr
 
 
 def test_the_client_distribution_stands_alone():
@@ -194,6 +349,27 @@ def test_the_client_distribution_stands_alone():
     from fd2_client.version import __version__
 
     assert project["version"] == __version__
+
+
+def test_installing_the_client_writes_nothing_into_its_source_folder(tmp_path):
+    """The build backend builds out of tree, so `pip install ./clients/python` leaves the checkout as it was."""
+    tomllib = pytest.importorskip("tomllib")
+    build = tomllib.loads((CLIENT_ROOT / "pyproject.toml").read_text())["build-system"]
+    assert build["build-backend"] == "hatchling.build"
+    source = tmp_path / "python"
+    shutil.copytree(CLIENT_ROOT, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    before = sorted(str(p.relative_to(source)) for p in source.rglob("*"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                             str(source)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "No matching distribution found for hatchling" in result.stderr:
+        pytest.skip("hatchling, the client's build backend, cannot be fetched here")
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(p.relative_to(source)) for p in source.rglob("*")) == before
+    wheel = next((tmp_path / "dist").glob("fd2_client-*.whl"))
+    with zipfile.ZipFile(wheel) as built:
+        names = set(built.namelist())
+    assert {"fd2_client/cli.py", "fd2_client/py.typed"} <= names
+    assert any(name.endswith("entry_points.txt") for name in names)
 
 
 def test_help_names_every_command_and_the_exit_codes():

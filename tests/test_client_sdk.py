@@ -495,3 +495,25 @@ def test_every_error_status_has_its_type_and_a_bare_answer_still_gives_one():
     assert (expired.code, expired.message, expired.status, expired.details) == ("artifacts_expired", "gone", 410, {})
     bare = answer(502, b"<html>bad gateway</html>", "text/html")
     assert type(bare) is ServerError and (bare.code, bare.status) == ("bad_gateway", 502)
+
+
+def test_the_url_is_checked_at_once_and_a_trailing_v1_is_dropped():
+    for wrong in ("127.0.0.1:8765", "localhost:8000", "ftp://host", "http://:8000", ""):
+        with pytest.raises(ValueError):
+            Client(wrong, "k")
+    for given in ("http://host:8000/v1", "http://host:8000/v1/", "http://host:8000/"):
+        with Client(given, "k") as sdk:
+            assert sdk.transport.url == "http://host:8000"
+    with Client("https://host/fd2/v1", "k") as sdk:
+        assert sdk.transport.url == "https://host/fd2"
+
+
+def test_on_retry_hears_of_each_retry_before_its_wait():
+    answers = iter([error_reply(429, "rate_limited", "slow down", {"Retry-After": "0"}),
+                    error_reply(503, "broker_unavailable", "down", {"Retry-After": "0"})])
+    heard: list[tuple[str, float, int]] = []
+    with StubServer(lambda seen: next(answers, json_reply(200, _job()))) as stub, \
+            Client(stub.url, "k", retry=FAST_RETRIES,
+                   on_retry=lambda exc, wait_s, attempt: heard.append((exc.code, wait_s, attempt))) as sdk:
+        assert sdk.get_job("job_x")["id"] == "job_x"
+    assert heard == [("rate_limited", 0.0, 1), ("broker_unavailable", 0.0, 2)]

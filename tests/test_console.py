@@ -23,6 +23,7 @@ CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
 }
 # Sinks that parse a string as HTML or code: data must never reach them.
 UNSAFE_SINKS = re.compile(r"\.innerHTML|\.outerHTML|insertAdjacentHTML|document\.write|\beval\s*\(|new Function\b"
@@ -74,6 +75,24 @@ def test_root_and_console_redirect_to_the_page_with_the_headers(client: TestClie
     assert page.status_code == 200 and page.headers["content-type"] == CONTENT_TYPES[".html"]
     assert page.content == (CONSOLE_DIR / "index.html").read_bytes()
     assert_security_headers(page)
+
+
+def test_the_icon_is_named_by_the_page_and_answers_favicon_ico(client: TestClient) -> None:
+    parser = _Tags()
+    parser.feed((CONSOLE_DIR / "index.html").read_text())
+    icons = [attrs for tag, attrs in parser.tags if tag == "link" and attrs.get("rel") == "icon"]
+    assert icons == [{"rel": "icon", "href": "favicon.svg", "type": "image/svg+xml"}]
+    icon = client.get("/console/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    legacy = client.get("/favicon.ico")
+    assert legacy.status_code == 200 and legacy.content == icon.content == (CONSOLE_DIR / "favicon.svg").read_bytes()
+    assert legacy.headers["content-type"] == "image/svg+xml"
+    assert_security_headers(legacy)  # an SVG can hold script: the policy applies to it too
+
+
+def test_hidden_wins_over_the_stylesheet_s_display_rules() -> None:
+    css = (CONSOLE_DIR / "console.css").read_text()
+    assert re.search(r"^\[hidden\]\s*\{\s*display:\s*none\s*!important;\s*\}", css, re.MULTILINE)
 
 
 def test_revalidation_and_missing_files_carry_the_headers_too(client: TestClient) -> None:

@@ -57,8 +57,8 @@ def browser_unavailable() -> str | None:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def chromium_driver() -> Any:
+    """Headless Chromium under chromedriver, keeping the page's console log; skips the test when unavailable."""
     reason = browser_unavailable()
     if reason:
         print(f"browser tests skipped: {reason}")
@@ -74,6 +74,12 @@ def browser() -> Iterator[Any]:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    driver = chromium_driver()
     try:
         yield driver
     finally:

@@ -307,3 +307,24 @@ def test_hard_label_student_accumulates_over_cutmix_parts(tmp_path, data):
         ctx, ctx.data.train_images[:N_IMAGES], ctx.data.train_labels[:N_IMAGES], soft, stream="s", hard_labels=True
     )
     assert isinstance(result, StudentResult) and 0.0 <= result.accuracy <= 1.0
+
+
+def test_evaluate_reports_each_student_s_loss_under_its_own_term(tmp_path, data, monkeypatch):
+    """The students run one after another in one stage; their own loss terms keep the console's curves apart."""
+    from fd2_core import progress
+
+    monkeypatch.setattr(progress, "EVENT_INTERVAL_S", 0.0)  # an event per step
+    seen: list = []
+    ctx = _ctx(tmp_path, data, eval_random_baseline=True, eval_hlr=False)
+    ctx = RunContext(ctx.spec, ctx.data, tmp_path, ctx.device, ProgressTracker({"evaluate": 1.0}, seen.append, None))
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    teacher = _teacher(ctx)
+    soft = _relabel(ctx, teacher, tmp_path)
+    evaluate.evaluate(ctx, teacher, ctx.data.train_images[:N_IMAGES], ctx.data.train_labels[:N_IMAGES], soft)
+    progress_events = [e for e in seen if e.stage == "evaluate" and e.kind == "progress"]
+    terms = [next(iter(e.losses)) for e in progress_events if e.losses]
+    first = terms.count("student_loss")
+    assert first == len(soft) and terms[:first] == ["student_loss"] * first
+    assert terms[first:] and set(terms[first:]) == {"random_baseline_loss"}
+    fractions = [e.stage_progress for e in progress_events]
+    assert fractions == sorted(fractions)  # one rising x: the term, not the x, tells the students apart

@@ -80,3 +80,13 @@ def test_an_unreadable_flag_is_not_a_cancel():
         assert poller() is False
         clock.now += 1.0
     assert flag.reads == 5
+
+
+def test_the_shutdown_line_speaks_of_a_running_job_only_when_there_is_one():
+    from worker.lifecycle import shutdown_message
+
+    idle = shutdown_message("Warm", "SIGTERM", set())
+    assert idle == "worker Warm shutdown (SIGTERM): no job running in this process"
+    assert "resume" not in idle
+    busy = shutdown_message("Warm", "SIGTERM", {"job_abc"})
+    assert busy == "worker Warm shutdown (SIGTERM): stopping job job_abc so it can resume elsewhere"

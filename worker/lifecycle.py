@@ -12,6 +12,7 @@ the next claim takes over because the holder process is gone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from celery import signals
@@ -23,6 +24,18 @@ def connect_signals() -> None:
     """Connect the handlers; connecting again (the app module imported twice) changes nothing."""
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fd2.worker_init")
     signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="fd2.worker_ready")
+
+
+def shutdown_message(how: str | None, sig: str | None, running_here: Collection[str]) -> str:
+    """The shutdown log line; it speaks of stopping a job only when this process runs one, so an idle
+    worker's log does not suggest that work was interrupted."""
+    start = f"worker {how or 'warm'} shutdown ({sig or 'no signal'})"
+    jobs = sorted(running_here)
+    if not jobs:
+        return f"{start}: no job running in this process"
+    if len(jobs) == 1:
+        return f"{start}: stopping job {jobs[0]} so it can resume elsewhere"
+    return f"{start}: stopping jobs {', '.join(jobs)} so they can resume elsewhere"
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -37,7 +50,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     state.settings.ensure_dirs()
 
     def on_shutting_down(sig: str | None = None, how: str | None = None, **_: Any) -> None:
-        log.info("worker %s shutdown (%s): stopping the running job so it can resume elsewhere", how, sig)
+        log.info("%s", shutdown_message(how, sig, state.running_here))
         state.shutdown.set()
         if state.recovery is not None:
             state.recovery.stop()

@@ -92,12 +92,17 @@ async def remove_job(job_id: str, session: SessionDep, settings: SettingsDep, te
     return Response(status_code=204)
 
 
+def job_active(status: str) -> ApiError:
+    """409 for deleting a queued or running job (its wording is turned into commands by `fd2-client`)."""
+    return ApiError(409, "job_active", f"job is {status}; cancel it (POST /v1/jobs/{{id}}/cancel) and delete it "
+                    "once it has ended", {"status": status})
+
+
 def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_id: str) -> None:
     try:
         artifact_paths = delete_finished_job(session, tenant_id, job_id)
     except JobStillActive as exc:
-        raise ApiError(409, "job_active", f"job is {exc.status}; cancel it (POST /v1/jobs/{{id}}/cancel) and "
-                       "delete it once it has ended", {"status": exc.status}) from None
+        raise job_active(exc.status) from None
     if artifact_paths is None:
         raise not_found("job")
     session.commit()
@@ -119,7 +124,7 @@ def _cancel_in_store(session: Session, tenant_id: str, job_id: str) -> Job:
     if job is None:
         raise not_found("job")
     if job.is_finished or not request_cancel(session, job_id):
-        raise ApiError(409, "job_finished", f"job is already {job.status}; only a queued or running job can be "
+        raise ApiError(409, "job_finished", f"job has already {job.status}; only a queued or running job can be "
                        "cancelled", {"status": job.status})
     add_event(session, job_id, "cancel_requested", "cancellation requested")
     session.commit()

@@ -131,10 +131,13 @@ def train_student(
     hard_labels: bool = False,
     reporter=None,
     done_before: int = 0,
+    loss_name: str = "student_loss",
 ) -> StudentResult:
     """Train a fresh student on the replayed batches (one optimizer step each); test its last epoch's model.
 
-    images_u8 uint8 [N,3,S,S] in the soft labels' order, labels [N]. Returns per-test-image correctness.
+    images_u8 uint8 [N,3,S,S] in the soft labels' order, labels [N]. Returns per-test-image correctness. Its
+    loss is reported as `loss_name`: evaluate's students run one after another, and a term of their own keeps
+    their curves apart (one line each, not one saw-tooth).
     """
     spec = ctx.spec
     student = _new_student(ctx, stream)
@@ -152,7 +155,7 @@ def train_student(
         scaler.step(optimizer)
         scaler.update()
         if reporter is not None:
-            reporter.step(done_before + step + 1, {"student_loss": loss})
+            reporter.step(done_before + step + 1, {loss_name: loss})
     return StudentResult.from_correct(correctness(student, ctx, ctx.data.test_images, ctx.data.test_labels))
 
 
@@ -227,7 +230,8 @@ def evaluate(
                 stream="baseline-relabel", parent=reporter,
             )
             return train_student(
-                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before
+                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before,
+                loss_name="random_baseline_loss",
             )
 
         baseline = _student(ctx, "random", reporter, done, steps, train_random)
@@ -247,7 +251,7 @@ def evaluate(
             ctx, "distilled_hard_labels", reporter, done, steps,
             lambda before: train_student(
                 ctx, images_u8, labels, soft, stream="student", hard_labels=True, reporter=reporter,
-                done_before=before,
+                done_before=before, loss_name="hard_label_loss",
             ),
         )
         done += steps

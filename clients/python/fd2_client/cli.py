@@ -1,12 +1,13 @@
 """`fd2-client`: the service from a shell, on top of the SDK.
 
     fd2-client upload data/birds --name birds            # prints the dataset id
-    fd2-client submit DATASET_ID --preset cpu-small --ipc 1 --wait
+    fd2-client submit DATASET_ID --preset cpu-small --ipc 1 --wait   # prints the job id; the outcome on stderr
     fd2-client download JOB_ID --out out/                 # every artifact, checksums verified
     fd2-client ls jobs --status running --json
 
-URL and key come from `--url`/`--key` or `FD2_URL`/`FD2_API_KEY`. Results go to stdout (an id or a short
-line, or one JSON document with `--json`); messages and progress bars go to stderr. Exit codes (`EXIT_*`):
+URL and key come from `--url`/`--key` or `FD2_URL`/`FD2_API_KEY`; the URL is the service's root
+(http://host:port), checked before anything is sent. Results go to stdout (an id or a short line, or one JSON
+document with `--json`); messages and progress bars go to stderr. Exit codes (`EXIT_*`):
 0 done; 1 the job failed or was cancelled; 2 a usage error or a request the service refused (4xx but 429);
 3 the service stayed unreachable or unavailable after the retries (connection errors, 5xx, 429);
 4 `--timeout` passed while the job was still active; 5 a download did not match its checksum (nothing kept).
@@ -18,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from fd2_client.errors import (
 )
 from fd2_client.resources import Job
 from fd2_client.retries import RetryPolicy
+from fd2_client.transport import service_root
 
 EXIT_OK = 0
 EXIT_JOB_UNSUCCESSFUL = 1
@@ -47,6 +49,9 @@ EXIT_INTERRUPTED = 130
 URL_VARIABLE = "FD2_URL"
 KEY_VARIABLE = "FD2_API_KEY"
 PROG = "fd2-client"
+UNREACHABLE_HINT = f"is the service running? check --url / ${URL_VARIABLE}"
+JOB_PREFIX = "job_"
+DATASET_PREFIX = "ds_"
 
 
 class UsageError(Exception):
@@ -56,10 +61,13 @@ class UsageError(Exception):
 class Output:
     """Where a command's result goes: stdout (text or one JSON document) and stderr (messages)."""
 
-    def __init__(self, as_json: bool, quiet: bool, progress: bool) -> None:
+    def __init__(self, as_json: bool, quiet: bool, progress: bool, terminal: bool | None = None) -> None:
         self.as_json = as_json
         self.quiet = quiet
         self.bars: bool | None = False if quiet else (True if progress else None)  # None: on a terminal only
+        on_terminal = sys.stderr.isatty() if terminal is None else terminal
+        # Status lines while waiting (retries): for a person watching, never in a script's JSON or quiet run.
+        self.chatty = not quiet and not as_json and (progress or on_terminal)
 
     def result(self, text: str, document: Any) -> None:
         print(json.dumps(document, indent=2) if self.as_json else text, flush=True)
@@ -68,8 +76,28 @@ class Output:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
+    def warning(self, text: str) -> None:
+        """Shown even with --quiet: what the user must not miss (a set that does not beat random)."""
+        print(f"WARNING: {text}", file=sys.stderr, flush=True)
+
     def error(self, text: str) -> None:
         print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
+
+    def retrying(self, exc: BaseException, wait_s: float, attempt: int, attempts: int) -> None:
+        """A line per retry, so a command that waits on a dead service does not look hung."""
+        if self.chatty:
+            print(f"{PROG}: {_failure_of(exc)}; retrying in {wait_s:.1f} s… (try {attempt + 1} of {attempts})",
+                  file=sys.stderr, flush=True)
+
+
+def _failure_of(exc: BaseException) -> str:
+    """A retried failure in a few words."""
+    if isinstance(exc, ApiError):
+        return f"{exc.status} {exc.code}"
+    words = {"ConnectError": "cannot connect", "ConnectTimeout": "connect timed out", "ReadTimeout": "no answer",
+             "RemoteProtocolError": "connection broken", "ReadError": "connection broken",
+             "WriteError": "connection broken", "PoolTimeout": "no free connection"}
+    return words.get(type(exc).__name__, type(exc).__name__)
 
 
 # ---------------------------------------------------------------- commands
@@ -88,48 +116,92 @@ def cmd_upload(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Prints exactly the job id (also with --wait, so `JOB=$(fd2-client submit …)` works either way)."""
     job = client.submit(args.dataset, spec_of(args), idempotency_key=args.idempotency_key,
                         callback_url=args.callback_url)
     out.note(f"job {job['id']} {job['status']}")
     if not args.wait:
         out.result(job["id"], job)
         return EXIT_OK
-    return _wait_and_report(client, job, args, out)
+    return _wait_and_report(client, job, args, out, lambda final: str(final["id"]))
 
 
 def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
-    return _wait_and_report(client, args.job, args, out)
+    """Prints the job's final status (or its status at --timeout); the outcome goes to stderr."""
+    return _wait_and_report(client, args.job, args, out, lambda final: str(final["status"]))
 
 
-def _wait_and_report(client: Client, job: str | Job, args: argparse.Namespace, out: Output) -> int:
+def _wait_and_report(client: Client, job: str | Job, args: argparse.Namespace, out: Output,
+                     printed: Callable[[Mapping[str, Any]], str]) -> int:
     try:
         with StageBars(show=out.bars) as bars:
             final = client.wait(job, on_progress=bars, timeout=args.timeout)
     except JobError as exc:
         out.error(f"job {exc.job['id']} {exc.job['status']}: {exc.code or ''} {exc.message}".replace("  ", " "))
-        out.result(f"{exc.job['id']} {exc.job['status']}", exc.job)
+        out.result(printed(exc.job), exc.job)
         return EXIT_JOB_UNSUCCESSFUL
     except WaitTimeout as exc:
         out.error(str(exc))
-        out.result(f"{exc.job['id']} {exc.job['status']}", exc.job)
+        out.result(printed(exc.job), exc.job)
         return EXIT_TIMEOUT
-    metrics = final.get("metrics") or {}
-    shown = [f", {k} {metrics[k]:.3f}" for k in ("teacher_accuracy", "student_accuracy", "random_baseline_accuracy")
-             if isinstance(metrics.get(k), (int, float))]
-    out.note(f"job {final['id']} succeeded" + "".join(shown))
-    out.result(f"{final['id']} {final['status']}", final)
+    out.note(outcome_line(final))
+    verdict, beats = verdict_line(final.get("metrics") or {})
+    if beats is False:
+        out.warning(verdict)
+    else:
+        out.note(verdict)
+    out.result(printed(final), final)
     return EXIT_OK
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else "–"
+
+
+def _points(value: Any) -> str:
+    return f"{100 * value:+.1f}" if isinstance(value, (int, float)) else "?"
+
+
+def outcome_line(job: Mapping[str, Any]) -> str:
+    """`job … succeeded: teacher …, student …, random real subset …` (the accuracies the job measured)."""
+    metrics = job.get("metrics") or {}
+    named = (("teacher", "teacher_accuracy"), ("student", "student_accuracy"),
+             ("random real subset", "random_baseline_accuracy"))
+    shown = [f"{label} {_pct(metrics[key])}" for label, key in named if isinstance(metrics.get(key), (int, float))]
+    return f"job {job.get('id')} {job.get('status')}" + (": " + ", ".join(shown) if shown else "")
+
+
+def verdict_line(metrics: dict[str, Any]) -> tuple[str, bool | None]:
+    """The set against a random real subset of the same size, and whether it beats it (None: not measured).
+
+    Printed after every successful wait, so a set that does not beat random is never handed over silently."""
+    status = metrics.get("verdict")
+    if isinstance(status, str) and "random_baseline_accuracy" in metrics:
+        interval = metrics.get("ior_ci95")
+        ci = (f", 95 % CI [{_points(interval[0])}, {_points(interval[1])}]"
+              if isinstance(interval, list) and len(interval) == 2 else "")
+        line = (f"verdict {status}: this set {_pct(metrics.get('student_accuracy'))} vs random real subset "
+                f"{_pct(metrics.get('random_baseline_accuracy'))} (IOR {_points(metrics.get('ior'))} points{ci})")
+        return line, status == "beats_random"
+    if "student_accuracy" in metrics:
+        return ("no verdict against random: the random baseline was not measured (spec eval_random_baseline "
+                "is off)"), None
+    return "no verdict against random: the job did not evaluate a student (spec evaluate is off)", None
 
 
 def cmd_download(client: Client, args: argparse.Namespace, out: Output) -> int:
     job = client.get_job(args.job)
-    names = args.names or [a["name"] for a in job.get("artifacts") or []]
-    if not names:
+    by_name = {a["name"]: a for a in job.get("artifacts") or []}
+    names = args.names or list(by_name)
+    if not by_name:
         raise UsageError(f"job {job['id']} ({job['status']}) has no artifacts yet; wait until it succeeded")
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise UsageError(f"job {job['id']} has no artifact named {', '.join(map(repr, unknown))}; its artifacts: "
+                         f"{', '.join(by_name)}")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    by_name = {a["name"]: a for a in job.get("artifacts") or []}
     for name in names:
         with ByteBar(name, show=out.bars) as bar:
             path = client.download(job, name, folder, on_progress=bar)
@@ -141,13 +213,22 @@ def cmd_download(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Says what happened: a queued job is cancelled at once, a running one is asked to stop (seconds)."""
     job = client.cancel(args.job)
-    out.note(f"job {job['id']} {job['status']}" + (" (cancellation requested)" if job["status"] == "running" else ""))
-    out.result(job["status"], job)
+    if job["status"] == "cancelled":
+        text = "cancelled (job was queued)"
+    else:
+        text = f"cancel requested (job was {job['status']}); it stops within seconds"
+    out.result(text, job)
     return EXIT_OK
 
 
 def cmd_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.id.startswith(DATASET_PREFIX) and not args.dataset:
+        raise UsageError(f"{args.id} is a dataset id: add --dataset to delete a dataset "
+                         f"(`{PROG} delete --dataset {args.id}`)")
+    if args.id.startswith(JOB_PREFIX) and args.dataset:
+        raise UsageError(f"{args.id} is a job id: drop --dataset to delete a job")
     if args.dataset:
         client.delete_dataset(args.id)
         kind = "dataset"
@@ -192,11 +273,7 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
     `--set key=value` (value read as JSON when it parses, else as text)."""
     spec: dict[str, Any] = {}
     if args.spec:
-        text = Path(args.spec).read_text() if args.spec.endswith(".json") else args.spec
-        try:
-            loaded = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"--spec is not JSON: {exc}") from None
+        loaded = _spec_document(args.spec)
         if not isinstance(loaded, dict):
             raise UsageError("--spec must be a JSON object")
         spec.update(loaded)
@@ -214,6 +291,55 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def _spec_document(value: str) -> Any:
+    """`--spec` as a file when one exists at that path, else as JSON text; each failure says which it tried."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # JSON text longer than a file name may be
+        is_file = False
+    if is_file:
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise UsageError(f"--spec file {value} is not JSON: {exc}") from None
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        if value.lstrip().startswith(("{", "[")):
+            raise UsageError(f"--spec is not valid JSON: {exc}") from None
+        raise UsageError(f"--spec is neither JSON text nor an existing file: {value}") from None
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _rest_hints(job: str) -> list[tuple[str, str]]:
+    """The service's messages name REST calls; on the command line the command that does the same reads better."""
+    return [
+        ("check the id (GET /v1/jobs lists your jobs)", f"check the id; list your jobs with `{PROG} ls jobs`"),
+        ("check the id (GET /v1/datasets lists your datasets)",
+         f"check the id; list your datasets with `{PROG} ls datasets`"),
+        ("check the id (GET /v1/jobs/{id} lists a finished job's artifacts)",
+         f"check the name; `{PROG} download {job}` without names fetches every artifact of the job"),
+        ("cancel it (POST /v1/jobs/{id}/cancel) and delete it once it has ended",
+         f"cancel it first: `{PROG} cancel {job}`, then delete it once it has ended"),
+        ("upload one with POST /v1/datasets or use an id from GET /v1/datasets",
+         f"upload one with `{PROG} upload` or use an id from `{PROG} ls datasets`"),
+        ("(DELETE /v1/jobs/{id})", f"(`{PROG} delete <job id>`)"),
+        ("(POST /v1/datasets)", f"(`{PROG} upload`)"),
+    ]
+
+
+def cli_message(message: str, args: argparse.Namespace | None = None) -> str:
+    """A service error message with its REST hints turned into `fd2-client` commands."""
+    job = next((value for value in (getattr(args, "job", None), getattr(args, "id", None))
+                if isinstance(value, str) and value.startswith(JOB_PREFIX)), "<job id>")
+    for rest, command in _rest_hints(job):
+        message = message.replace(rest, command)
+    return message
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -226,9 +352,11 @@ def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print the result as one JSON document on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", default=default(False),
-                        help="no progress bars or messages on stderr (errors still)")
+                        help="no progress bars or messages on stderr (errors, and a set that does not beat "
+                        "random, still)")
     parser.add_argument("--progress", action="store_true", default=default(False),
-                        help="draw progress bars also when stderr is not a terminal (default: only on one)")
+                        help="draw progress bars and retry notes also when stderr is not a terminal (default: "
+                        "only on one)")
     parser.add_argument("--retries", type=int, default=default(5), metavar="N",
                         help="retries of a failed request before giving up (default: 5)")
     return parser
@@ -254,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--drop-duplicates", action="store_true", help="drop repeated images and test images "
                         "that occur in train")
 
-    submit = command("submit", cmd_submit, "submit a distillation job; prints its id")
+    submit = command("submit", cmd_submit, "submit a distillation job; prints its id (also with --wait)")
     submit.add_argument("dataset", help="dataset id")
     submit.add_argument("--preset", help="e.g. cpu-small, paper-cub")
     submit.add_argument("--method", help="fd2, sre2l++, random, …")
@@ -267,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="then wait for the job (as `wait` does)")
     submit.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds (exit 4)")
 
-    wait = command("wait", cmd_wait, "follow a job with a bar per stage until it ends")
+    wait = command("wait", cmd_wait, "follow a job with a bar per stage until it ends; prints its final status")
     wait.add_argument("job", help="job id")
     wait.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 4)")
 
@@ -284,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--dataset", action="store_true", help="the id is a dataset's")
 
     ls = command("ls", cmd_ls, "list jobs or datasets, newest first")
-    ls.add_argument("what", choices=["jobs", "datasets"])
+    ls.add_argument("what", choices=["jobs", "datasets"], metavar="{jobs,datasets}", help="what to list")
     ls.add_argument("--status", help="jobs in this status only")
     ls.add_argument("--limit", type=int, metavar="N", help="at most N items (default: all)")
     return parser
@@ -304,19 +432,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         named = ((f"--url/${URL_VARIABLE}", url), (f"--key/${KEY_VARIABLE}", key))
         missing = " and ".join(name for name, value in named if not value)
         parser.error(f"{missing} not given")
+    try:
+        url = service_root(url)
+    except ValueError as exc:
+        parser.error(f"--url/${URL_VARIABLE}: {exc}")
     if args.retries < 0:
         parser.error("--retries must be 0 or more")
+    attempts = args.retries + 1
+
+    def on_retry(exc: BaseException, wait_s: float, attempt: int) -> None:
+        out.retrying(exc, wait_s, attempt, attempts)
+
     try:
-        with Client(url, key, retry=RetryPolicy(attempts=args.retries + 1)) as client:
+        with Client(url, key, retry=RetryPolicy(attempts=attempts), on_retry=on_retry) as client:
             return int(args.handler(client, args, out))
     except ChecksumMismatch as exc:
         return _failed(out, EXIT_CHECKSUM, "checksum_mismatch", str(exc))
     except (RateLimited, ServerError) as exc:
-        return _failed(out, EXIT_UNAVAILABLE, exc.code, exc.message, exc.details, exc.status)
+        return _failed(out, EXIT_UNAVAILABLE, exc.code, cli_message(exc.message, args), exc.details, exc.status)
     except ApiError as exc:
-        return _failed(out, EXIT_REFUSED, exc.code, exc.message, exc.details, exc.status)
+        return _failed(out, EXIT_REFUSED, exc.code, cli_message(exc.message, args), exc.details, exc.status)
     except ConnectionFailed as exc:
-        return _failed(out, EXIT_UNAVAILABLE, "connection_failed", str(exc))
+        return _failed(out, EXIT_UNAVAILABLE, "connection_failed", f"{exc}; {UNREACHABLE_HINT} (now {url})")
     except json.JSONDecodeError as exc:
         return _failed(out, EXIT_UNAVAILABLE, "bad_answer", f"the service's answer is not JSON: {exc}")
     except (UsageError, OSError, ValueError) as exc:

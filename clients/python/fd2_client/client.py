@@ -18,7 +18,7 @@ from fd2_client.downloads import ByteProgress, download_verified
 from fd2_client.errors import JobCancelled, JobFailed, WaitTimeout
 from fd2_client.events import JobWatcher, poll_events
 from fd2_client.resources import FINAL_STATUSES, Dataset, Event, Job, Progress, id_of
-from fd2_client.retries import RetryPolicy
+from fd2_client.retries import OnRetry, RetryPolicy
 from fd2_client.transport import DEFAULT_TIMEOUT_S, Transport
 from fd2_client.uploads import CountingReader, media_type, upload_file
 
@@ -28,14 +28,16 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 class Client:
     """A connection to the service at `url` (e.g. `http://127.0.0.1:8000`) with the API key `key`.
 
+    `url` is the service's root (a trailing `/v1` is dropped; no scheme or no host is a ValueError at once).
     `timeout` (seconds) bounds each connect/read/write; `retry` says how often and how long to retry (see
-    `fd2_client.retries`); `poll_interval` (seconds) paces `wait` where the service offers no event stream
-    (`use_event_stream=False` always polls). Use it as a context manager, or call `close()`.
+    `fd2_client.retries`), and `on_retry(error, wait_s, attempt)` hears of each retry before its wait;
+    `poll_interval` (seconds) paces `wait` where the service offers no event stream (`use_event_stream=False`
+    always polls). Use it as a context manager, or call `close()`.
     """
 
     def __init__(self, url: str, key: str, *, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
-                 poll_interval: float = 1.0, use_event_stream: bool = True) -> None:
-        self.transport = Transport(url, key, timeout=timeout, retry=retry)
+                 poll_interval: float = 1.0, use_event_stream: bool = True, on_retry: OnRetry | None = None) -> None:
+        self.transport = Transport(url, key, timeout=timeout, retry=retry, on_retry=on_retry)
         self.poll_interval = poll_interval
         self.use_event_stream = use_event_stream
 

@@ -44,7 +44,8 @@ def download_verified(transport: Transport, path: str, dest: Path, *, sha256: st
         part.unlink()  # longer than the artifact: not a prefix of it
     fetch = _PartFetch(transport, path, part, sha256, size, on_progress)
     # opening the request is retried by the transport; this goes on after a connection broken mid-file
-    call_with_retries(transport.retry, True, fetch.run, transport.sleep, only=(httpx.TransportError,))
+    call_with_retries(transport.retry, True, fetch.run, transport.sleep, only=(httpx.TransportError,),
+                      on_retry=transport.on_retry)
     expected = (sha256 or fetch.header_sha256 or "").lower()
     actual = fetch.hasher.hexdigest()
     if not expected or actual != expected:

@@ -35,7 +35,8 @@ class Job(TypedDict, total=False):
     stage_progress: float  # the current stage, 0..1
     eta_seconds: float | None
     spec: dict[str, Any]
-    dataset_id: str | None
+    dataset_id: str | None  # null for a manifest job, and once the uploaded dataset was deleted
+    dataset_source: str  # upload | manifest
     created_at: str
     started_at: str | None
     finished_at: str | None

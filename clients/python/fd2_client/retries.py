@@ -69,16 +69,29 @@ class _RetryAfterOrBackoff(tenacity.wait.wait_base):
         return float(self.backoff(retry_state))
 
 
+# Told before each wait: the error that failed the try, the seconds about to be waited, the try that failed (1…).
+OnRetry = Callable[[BaseException, float, int], None]
+
+
 def call_with_retries(policy: RetryPolicy, idempotent: bool, call: Callable[[], T],
                       sleep: Callable[[float], None] | None = None,
-                      only: tuple[type[BaseException], ...] = (BaseException,)) -> T:
+                      only: tuple[type[BaseException], ...] = (BaseException,), on_retry: OnRetry | None = None) -> T:
     """`call()`, tried again under `policy` while it raises a retryable error (of the `only` kinds); the last
-    error is raised."""
+    error is raised. `on_retry` hears of each wait, so a command can say why it seems to hang."""
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry is None or state.outcome is None or state.next_action is None:
+            return
+        exc = state.outcome.exception()
+        if exc is not None:
+            on_retry(exc, float(state.next_action.sleep), state.attempt_number)
+
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, only) and is_retryable(exc, idempotent)),
         wait=_RetryAfterOrBackoff(policy),
         stop=tenacity.stop_after_attempt(policy.attempts),
         reraise=True,
         sleep=sleep or time.sleep,
+        before_sleep=before_sleep,
     )
     return retrying(call)

@@ -10,29 +10,59 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from fd2_client.errors import ConnectionFailed, error_from_response
-from fd2_client.retries import RetryPolicy, call_with_retries
+from fd2_client.retries import OnRetry, RetryPolicy, call_with_retries
 from fd2_client.version import __version__
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 DEFAULT_TIMEOUT_S = 60.0
+URL_EXAMPLE = "http://127.0.0.1:8000"
+API_PREFIX = "/v1"
+
+
+def service_root(url: str) -> str:
+    """`url` as the service's root (no trailing `/` or `/v1`); ValueError, naming the problem, for a URL that
+    could never connect (no http/https scheme, no host), so a typo is not reported as an unreachable service."""
+    text = url.strip()
+    if not text:
+        raise ValueError(f"the service URL is empty (e.g. {URL_EXAMPLE})")
+    parts = urlsplit(text)
+    if "://" not in text:
+        raise ValueError(f"the service URL {url!r} has no scheme: did you mean http://{text}?")
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"the service URL {url!r} must start with http:// or https:// (e.g. {URL_EXAMPLE})")
+    try:
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"the service URL {url!r} has a bad port ({exc})") from None
+    if not host:
+        raise ValueError(f"the service URL {url!r} names no host (e.g. {URL_EXAMPLE})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"the service URL {url!r} is the service's root, without ?query or #fragment "
+                         f"(e.g. {URL_EXAMPLE})")
+    path = parts.path.rstrip("/")
+    if path.endswith(API_PREFIX):
+        path = path[: -len(API_PREFIX)].rstrip("/")  # the API's prefix is added to every request
+    return f"{parts.scheme.lower()}://{parts.netloc}{path}"
 
 
 class Transport:
-    """HTTP to `url` with API key `key`; `timeout` in seconds per read/write/connect."""
+    """HTTP to `url` with API key `key`; `timeout` in seconds per read/write/connect; `on_retry` hears of each
+    retry's wait (see `fd2_client.retries.call_with_retries`)."""
 
     def __init__(self, url: str, key: str, *, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
-                 http_client: httpx.Client | None = None, sleep: Callable[[float], None] | None = None) -> None:
-        if not url:
-            raise ValueError("the service URL is empty (e.g. http://127.0.0.1:8000)")
+                 http_client: httpx.Client | None = None, sleep: Callable[[float], None] | None = None,
+                 on_retry: OnRetry | None = None) -> None:
+        self.url = service_root(url)
         if not key:
             raise ValueError("the API key is empty (the operator makes one with `fd2 keys create <tenant>`)")
-        self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
+        self.on_retry = on_retry
         self.http = http_client or httpx.Client(timeout=timeout)
         self.headers = {"Authorization": f"Bearer {key}", "User-Agent": f"fd2-client/{__version__}"}
 
@@ -81,7 +111,7 @@ class Transport:
         if idempotent is None:
             idempotent = method.upper() in IDEMPOTENT_METHODS
         try:
-            return call_with_retries(self.retry, idempotent, call, self.sleep)
+            return call_with_retries(self.retry, idempotent, call, self.sleep, on_retry=self.on_retry)
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"{method} {self.url}: {type(exc).__name__}: {exc or 'connection failed'}") from exc
 

@@ -6,6 +6,7 @@ import { percent } from "../format.js";
 const KNOWN_STATUSES = new Set(["queued", "running", "succeeded", "failed", "cancelled", "validating", "ready",
   "invalid"]);
 export const ACTIVE = new Set(["queued", "running"]);
+export const DELETED_DATASET = "(deleted dataset)";
 
 export function statusBadge(status) {
   const known = KNOWN_STATUSES.has(status) ? status : "other";
@@ -56,4 +57,22 @@ export function jobLink(id) {
 
 export function datasetLink(id, label) {
   return h("a", { href: `#/datasets/${encodeURIComponent(id)}` }, label || id);
+}
+
+/**
+ * Where a job's data came from: a link to its dataset, "manifest", or "(deleted dataset)" as plain text when
+ * the dataset is gone (`dataset_id` null on an upload job, or `gone` when the dataset answered 404).
+ */
+export function jobDataset(job, label, gone = false) {
+  if (job.dataset_source === "manifest") return h("span", { class: "dataset-source" }, "manifest");
+  if (!job.dataset_id || gone) return h("span", { class: "deleted-dataset" }, DELETED_DATASET);
+  return datasetLink(job.dataset_id, label);
+}
+
+/** The stage column: the running stage, "done" once a job succeeded, where it stopped once it failed or was
+ * cancelled (a finished job's `stage` is the last one it was in, which alone reads as if it were still there). */
+export function stageText(job) {
+  if (ACTIVE.has(job.status)) return job.stage || "–";
+  if (job.status === "succeeded") return "done";
+  return job.stage ? `stopped in ${job.stage}` : "–";
 }

@@ -7,7 +7,7 @@ import { lossChart, lossSeries } from "../chart.js";
 import { h, replace, table } from "../dom.js";
 import { duration, when } from "../format.js";
 import { followJobEvents } from "../sse.js";
-import { ACTIVE, datasetLink, errorNote, notFound, pollTimer, progressBar, statusBadge } from "./common.js";
+import { ACTIVE, errorNote, jobDataset, notFound, pollTimer, progressBar, stageText, statusBadge } from "./common.js";
 import { artifactsSection, imagesSection, loadReport, reportSection } from "./job_results.js";
 
 const POLL_MS = 1000;
@@ -27,13 +27,22 @@ function specLine(spec) {
   return parts.filter(([, value]) => value !== undefined && value !== null).map(([k, v]) => `${k} ${v}`).join(" · ");
 }
 
+/** {dataset, gone}: the job's dataset, or gone (404: deleted meanwhile; the job still shows). */
 async function readDataset(id, signal) {
-  if (!id) return null;
+  if (!id) return { dataset: null, gone: false };
   try {
-    return await getJSON(`/v1/datasets/${seg(id)}`, { signal });
-  } catch {
-    return null; // deleted meanwhile: the job still shows
+    return { dataset: await getJSON(`/v1/datasets/${seg(id)}`, { signal }), gone: false };
+  } catch (error) {
+    return { dataset: null, gone: Boolean(error.notFound) };
   }
+}
+
+/** The preview's row labels: the class names the job ran with (report.json's dataset.classes), so they stay
+ * right after the dataset was deleted; the dataset's own list where there is no report. */
+function previewClasses(report, dataset) {
+  const classes = report && report.dataset && report.dataset.classes;
+  if (Array.isArray(classes) && classes.length) return classes.map(String);
+  return dataset && Array.isArray(dataset.classes) ? dataset.classes : null;
 }
 
 export async function jobView(root, jobId, signal) {
@@ -66,14 +75,20 @@ export async function jobView(root, jobId, signal) {
     h("h1", {}, "Job ", h("code", { id: "job-id" }, job.id)),
     summary, message, results, losses,
     h("section", { id: "job-log" }, h("h2", {}, "Events"), log));
-  const dataset = await readDataset(job.dataset_id, signal);
+  const { dataset, gone } = await readDataset(job.dataset_id, signal);
   const showError = (error) => replace(message, errorNote(error));
+  let cancelNote = null; // "Cancellation requested…", shown until the job has ended
 
   async function cancel(button) {
     button.disabled = true;
     try {
-      await apiFetch(`/v1/jobs/${seg(job.id)}/cancel`, { method: "POST", signal });
-      replace(message, h("p", { class: "info" }, "Cancellation requested; the job stops within seconds."));
+      const answer = await (await apiFetch(`/v1/jobs/${seg(job.id)}/cancel`, { method: "POST", signal })).json();
+      if (ACTIVE.has(answer.status)) { // a queued job is cancelled at once: nothing to wait for
+        cancelNote = h("p", { class: "info", id: "cancel-note" },
+          "Cancellation requested; the job stops within seconds.");
+        replace(message, cancelNote);
+        if (!ACTIVE.has(job.status)) renderSummary(); // the poll saw the end first: no note to keep
+      }
     } catch (error) {
       showError(error);
     }
@@ -116,13 +131,17 @@ export async function jobView(root, jobId, signal) {
 
   function renderSummary() {
     const active = ACTIVE.has(job.status);
+    if (!active && cancelNote) {
+      cancelNote.remove(); // the status says how it ended
+      cancelNote = null;
+    }
     replace(fields,
       field("Status", statusBadge(job.status), job.cancel_requested && active ? " (cancel requested)" : null),
-      field("Stage", h("span", { id: "job-stage" }, job.stage || "–")),
+      field("Stage", h("span", { id: "job-stage" }, stageText(job))),
       field("Progress", progressBar(job.progress, "overall progress", "job-progress")),
       field("Stage progress", progressBar(job.stage_progress, "stage progress", "job-stage-progress")),
       field("ETA", h("span", { id: "job-eta" }, active ? duration(job.eta_seconds) : "–")),
-      field("Dataset", job.dataset_id ? datasetLink(job.dataset_id, dataset ? dataset.name : null) : "manifest"),
+      field("Dataset", h("span", { id: "job-dataset" }, jobDataset(job, dataset ? dataset.name : null, gone))),
       field("Spec", specLine(job.spec || {})),
       field("Created", when(job.created_at)),
       field("Started", when(job.started_at)),
@@ -135,7 +154,7 @@ export async function jobView(root, jobId, signal) {
 
   async function renderResults() {
     const report = await loadReport(job, signal);
-    const images = await imagesSection(job, dataset ? dataset.classes : null, signal, keepURL);
+    const images = await imagesSection(job, previewClasses(report, dataset), signal, keepURL);
     if (signal.aborted) return;
     replace(results, reportSection(job, report), images, artifactsSection(job, showError));
   }

@@ -4,7 +4,7 @@
 import { getJSON } from "../api.js";
 import { h, replace, table } from "../dom.js";
 import { duration, when } from "../format.js";
-import { ACTIVE, datasetLink, errorNote, jobLink, pollTimer, progressBar, statusBadge } from "./common.js";
+import { ACTIVE, errorNote, jobDataset, jobLink, pollTimer, progressBar, stageText, statusBadge } from "./common.js";
 
 const ACTIVE_POLL_MS = 1000;
 const IDLE_POLL_MS = 5000;
@@ -16,11 +16,11 @@ function jobRow(job, names) {
   return h("tr", { "data-job-id": job.id },
     h("td", {}, jobLink(job.id)),
     h("td", {}, statusBadge(job.status)),
-    h("td", { class: "stage" }, job.stage || "–"),
+    h("td", { class: "stage" }, stageText(job)),
     h("td", {}, progressBar(job.progress, `progress of job ${job.id}`)),
     h("td", { class: "eta" }, ACTIVE.has(job.status) ? duration(job.eta_seconds) : "–"),
     h("td", { class: "method" }, `${spec.method ?? "–"} · ipc ${spec.ipc ?? "–"}`),
-    h("td", {}, job.dataset_id ? datasetLink(job.dataset_id, names.get(job.dataset_id)) : "manifest"),
+    h("td", { class: "dataset" }, jobDataset(job, names.get(job.dataset_id))),
     h("td", {}, when(job.created_at)));
 }
 
