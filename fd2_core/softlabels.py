@@ -268,6 +268,14 @@ class SoftLabelPart:
         first, stop = json.loads(metadata.pop("part_epochs"))
         return cls(tensors, metadata, range(first, stop))
 
+    def epochs_of(self, epochs: range) -> SoftLabelPart:
+        """The part cut to `epochs`, which must lie inside its own."""
+        if not (self.epochs.start <= epochs.start and epochs.stop <= self.epochs.stop):
+            raise ValueError(f"epochs {epochs.start}-{epochs.stop} are not inside the part's "
+                             f"{self.epochs.start}-{self.epochs.stop}")
+        cut = slice(epochs.start - self.epochs.start, epochs.stop - self.epochs.start)
+        return SoftLabelPart({k: v[cut] for k, v in self.tensors.items()}, self.metadata, epochs)
+
 
 def save_soft_label_part(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], epochs: range

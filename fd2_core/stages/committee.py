@@ -23,6 +23,7 @@ from ..atomic import save_tensors
 from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import frozen
+from ..spec import JobSpec
 from .context import RunContext
 from .teacher import relabel_mode, source_logits, teacher_metadata
 
@@ -99,6 +100,13 @@ def member_names(ctx: RunContext) -> list[str]:
     return [f"{i}-{m.backbone}" for i, m in enumerate(ctx.spec.members)]
 
 
+def member_workdir(workdir: Path, spec: JobSpec, index: int) -> Path:
+    """Member `index`'s work folder: the run's own for a single teacher, else `teachers/<i>-<backbone>/`."""
+    if spec.committee is None:
+        return workdir
+    return workdir / MEMBERS_FOLDER / f"{index}-{spec.members[index].backbone}"
+
+
 def member_context(ctx: RunContext, index: int) -> RunContext:
     """Member `index`'s context: the run's own for a single teacher; else the member's spec and folder."""
     if ctx.spec.committee is None:
@@ -107,7 +115,7 @@ def member_context(ctx: RunContext, index: int) -> RunContext:
     return RunContext(
         spec=ctx.spec.member_spec(index),
         data=ctx.data,
-        workdir=ctx.workdir / MEMBERS_FOLDER / names[index],
+        workdir=member_workdir(ctx.workdir, ctx.spec, index),
         device=ctx.device,
         tracker=_MemberTracker(ctx, index, len(names), names[index]),  # type: ignore[arg-type]
         notes=ctx.notes,
@@ -242,6 +250,7 @@ __all__ = [
     "ensemble_logits",
     "frozen_members",
     "member_context",
+    "member_workdir",
     "member_prefix",
     "member_names",
     "member_weights",

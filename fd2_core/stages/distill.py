@@ -64,14 +64,23 @@ class PatchRanking(NamedTuple):
     counts: torch.Tensor  # [k] int64 real images in each class's pool
 
 
-def ipc_path(ctx: RunContext, index: int) -> Path:
+def ipc_file(stage_dir: Path, index: int) -> Path:
     """Ipc index `index` of every class: `images` [K,3,S,S], `labels` [K], `init` for the optimising methods."""
-    return ctx.stage_dir / "distill" / f"ipc_{index:03d}.safetensors"
+    return stage_dir / "distill" / f"ipc_{index:03d}.safetensors"
+
+
+def block_file(stage_dir: Path, index: int, first_class: int) -> Path:
+    """Ipc index `index` of the class block from `first_class` as a block shard saves it: `images` (and `init`)
+    [k,3,S,S]."""
+    return stage_dir / "distill" / f"ipc_{index:03d}_c{first_class:05d}.safetensors"
+
+
+def ipc_path(ctx: RunContext, index: int) -> Path:
+    return ipc_file(ctx.stage_dir, index)
 
 
 def block_path(ctx: RunContext, index: int, classes: torch.Tensor) -> Path:
-    """Ipc index `index` of one class block as a block shard saves it: `images` (and `init`) [k,3,S,S]."""
-    return ctx.stage_dir / "distill" / f"ipc_{index:03d}_c{int(classes[0]):05d}.safetensors"
+    return block_file(ctx.stage_dir, index, int(classes[0]))
 
 
 def block_starts(num_classes: int, batch_classes: int) -> list[int]:
@@ -695,9 +704,9 @@ def _saved_block(ctx: RunContext, index: int, classes: torch.Tensor) -> dict[str
     return load_tensors(own) if own.exists() else None
 
 
-def block_done(ctx: RunContext, classes: torch.Tensor) -> bool:
-    """Whether every ipc index of the block is saved (in its block file or already merged)."""
-    return all(ipc_path(ctx, j).exists() or block_path(ctx, j, classes).exists() for j in range(ctx.spec.ipc))
+def block_done(stage_dir: Path, ipc: int, first_class: int) -> bool:
+    """Whether every ipc index of the block from `first_class` is saved (in its block file or already merged)."""
+    return all(ipc_file(stage_dir, j).exists() or block_file(stage_dir, j, first_class).exists() for j in range(ipc))
 
 
 def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes: torch.Tensor) -> list[Path]:

@@ -10,15 +10,18 @@ file `relabel` writes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import generator
 from ..softlabels import (
+    READABLE_FORMATS,
     EpochGenerator,
     SoftLabelPart,
     SoftLabels,
@@ -62,6 +65,16 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
 def epoch_streams(spec: JobSpec, stream: str) -> EpochGenerator:
     """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone (soft-label format v3)."""
     return lambda epoch: generator(spec.seed, stream, epoch)
+
+
+def recorded(path: Path, spec: JobSpec) -> bool:
+    """Whether `path` holds soft labels recorded with the spec's protocol, in any readable format; reads only the
+    file's metadata (a full file can hold gigabytes of logits)."""
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    return metadata.get("format") in READABLE_FORMATS and protocol_matches(SoftLabels({}, metadata), spec)
 
 
 def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
@@ -150,9 +163,13 @@ def relabel(
     return SoftLabels.load(path)
 
 
-def part_path(ctx: RunContext, epochs: range) -> Path:
+def part_file(stage_dir: Path, epochs: range) -> Path:
     """Where a relabel shard saves epochs [start, stop): `stages/relabel/epochs_SSSS_EEEE.safetensors`."""
-    return ctx.stage_dir / PARTS_FOLDER / f"epochs_{epochs.start:04d}_{epochs.stop:04d}.safetensors"
+    return stage_dir / PARTS_FOLDER / f"epochs_{epochs.start:04d}_{epochs.stop:04d}.safetensors"
+
+
+def part_path(ctx: RunContext, epochs: range) -> Path:
+    return part_file(ctx.stage_dir, epochs)
 
 
 def relabel_epochs(
@@ -183,48 +200,59 @@ def relabel_epochs(
     return path
 
 
-def _covering_parts(paths: list[Path], epochs: int) -> list[Path]:
-    """Part files that join into range(epochs): from epoch 0, each next part the longest one starting where the
-    last ended (parts of two plans may both be there; any such chain is the same walk). Raises ValueError
-    naming the first epoch no part starts at."""
-    by_start: dict[int, tuple[int, Path]] = {}
-    for path in paths:
+def _saved_parts(stage_dir: Path) -> list[tuple[range, Path]]:
+    """Every saved part file with its epochs, in file-name order."""
+    parts = []
+    for path in sorted((stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors")):
         first, stop = (int(v) for v in path.stem.removeprefix("epochs_").split("_"))
-        if stop > by_start.get(first, (-1, path))[0]:
-            by_start[first] = (stop, path)
-    chain, reached = [], 0
+        parts.append((range(first, stop), path))
+    return parts
+
+
+def _joining_parts(parts: list[tuple[range, Path]], epochs: int) -> tuple[list[tuple[Path, range]], list[range]]:
+    """(the parts to join with the epochs taken from each, the epochs no part holds): from epoch 0 on, the part
+    that holds the next epoch and reaches furthest. Parts of two plans (another `max_workers`) may overlap; every
+    part is a slice of the same walk, so any of them serves."""
+    chain: list[tuple[Path, range]] = []
+    gaps: list[range] = []
+    reached = 0
     while reached < epochs:
-        if reached not in by_start:
-            raise ValueError(f"no recorded soft-label part starts at epoch {reached}; its relabel shard has not "
-                             "finished")
-        reached, path = by_start[reached]
-        chain.append(path)
-    return chain
+        holding = [(r, path) for r, path in parts if r.start <= reached < r.stop]
+        if holding:
+            r, path = max(holding, key=lambda item: item[0].stop)
+            chain.append((path, range(reached, r.stop)))
+            reached = r.stop
+        else:
+            after = min((r.start for r, _ in parts if r.start > reached), default=epochs)
+            gaps.append(range(reached, after))
+            reached = after
+    return chain, gaps
 
 
-def parts_cover(ctx: RunContext) -> bool:
-    """Whether the saved part files join into every epoch of the walk."""
-    try:
-        _covering_parts(sorted((ctx.stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors")), ctx.spec.relabel_epochs)
-    except ValueError:
-        return False
-    return True
+def missing_epochs(stage_dir: Path, epochs: int) -> list[range]:
+    """The ranges of relabel epochs no saved part file holds (empty: `merge_relabel_parts` can join them)."""
+    return _joining_parts(_saved_parts(stage_dir), epochs)[1]
 
 
 def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
     """Join the saved epoch ranges in epoch order into `path`, the file `relabel` writes when it records every
     epoch at once (same tensors, same metadata), then remove the part files; a file at `path` with this
-    protocol is kept as it is. Raises ValueError when the parts do not cover every epoch."""
+    protocol is kept as it is. Raises ValueError naming the first epochs no part holds."""
     existing = reusable(path, ctx.spec)
-    folder = ctx.stage_dir / PARTS_FOLDER
-    paths = sorted(folder.glob("epochs_*.safetensors"))
+    parts = _saved_parts(ctx.stage_dir)
     if existing is None:
-        chain = _covering_parts(paths, ctx.spec.relabel_epochs)
-        tensors, metadata = join_soft_label_parts([SoftLabelPart.load(p) for p in chain], ctx.spec.relabel_epochs)
+        chain, gaps = _joining_parts(parts, ctx.spec.relabel_epochs)
+        if gaps:
+            raise ValueError(f"relabel epochs {gaps[0].start}-{gaps[0].stop} are not recorded yet: their relabel "
+                             "shard has not finished")
+        pieces = [SoftLabelPart.load(part).epochs_of(taken) for part, taken in chain]
+        tensors, metadata = join_soft_label_parts(pieces, ctx.spec.relabel_epochs)
         save_soft_labels(path, tensors, dict(metadata))
         existing = SoftLabels.load(path)
-    for part in paths:
+    for _, part in parts:
         part.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a folder that still holds something stays
+        (ctx.stage_dir / PARTS_FOLDER).rmdir()
     return existing
 
 
