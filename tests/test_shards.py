@@ -265,6 +265,20 @@ def test_a_redelivered_finished_shard_does_nothing_and_says_so(tmp_path, tiny_da
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
 
 
+def test_a_shard_reports_its_own_progress_from_start_to_end(tmp_path, tiny_data) -> None:
+    raw = tiny_spec(committee=TWO_CONVNETS, distill_batch_classes=2, distill_iterations=2)
+    for shard, stage, words in (("pretrain:m1", "pretrain", "teacher 2/2 (1-convnet)"),
+                                ("pretrain:m0", "pretrain", "teacher 1/2 (0-convnet)"),
+                                ("distill:c00002", "distill", "ipc index 1/1 of classes 2-3 distilled")):
+        events = []
+        run_shard(raw, tiny_data, tmp_path, shard, on_event=events.append)
+        assert {e.stage for e in events} == {stage}, shard
+        assert events[0].kind == "stage_start" and events[-1].kind == "stage_end", shard
+        progress = [e.progress for e in events]
+        assert progress == sorted(progress) and progress[0] == 0.0 and progress[-1] == 1.0, shard
+        assert any(words in e.message for e in events), shard
+
+
 def test_a_shard_before_its_dependencies_is_refused(tmp_path, tiny_data) -> None:
     raw = CONFIGS["fd2-sre2l"]
     with pytest.raises(ShardNotReady) as err:

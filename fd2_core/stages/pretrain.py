@@ -236,7 +236,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
 def pretrain_member(ctx: RunContext, index: int) -> TeacherResult:
     """Train (or reuse, or resume) member `index` of the run's teachers alone, in its own folder (the one
     teacher of a single-teacher run): one shard of `fd2_core.shards`."""
-    return pretrain_teacher(member_context(ctx, index))
+    return pretrain_teacher(member_context(ctx, index, alone=True))
 
 
 def member_saved(workdir: Path, spec: JobSpec, index: int) -> bool:
