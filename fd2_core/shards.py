@@ -143,8 +143,8 @@ def plan_shards(
     shards += [*blocks, Shard("distill:merge", "distill", {}, tuple(b.id for b in blocks))]
     ranges = [_relabel_range(spec, r) for r in epoch_ranges(spec.relabel_epochs, workers, min_relabel_epochs)]
     shards += [*ranges, Shard("relabel:merge", "relabel", {}, tuple(r.id for r in ranges))]
-    needs = {"distilled": ("distill:merge", "relabel:merge"), "distilled_hard_labels": ("distill:merge",
-             "relabel:merge"), "random": teachers, "full_data": ()}
+    merged = ("distill:merge", "relabel:merge")
+    needs = {"distilled": merged, "distilled_hard_labels": merged, "random": teachers, "full_data": ()}
     students = [Shard(f"evaluate:{name}", "evaluate", {"student": name}, needs[name]) for name in student_names(spec)]
     shards += students
     shards.append(Shard("package", "package", {}, (*teachers, "distill:merge", "relabel:merge",
