@@ -34,12 +34,13 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import log, make_ctx, quantize  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
-from fd2_core.runtime import frozen, generator  # noqa: E402
+from fd2_core.runtime import frozen  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
+from fd2_core.stages.relabel import epoch_streams  # noqa: E402
 from fd2_core.stages.teacher import relabel_mode, source_logits  # noqa: E402
 
 LABEL_SOURCES: dict[str, tuple[str, str]] = {
@@ -75,7 +76,7 @@ def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
             images,
             epochs=spec.relabel_epochs,
             batch_size=spec.relabel_batch_size,
-            generator=generator(spec.seed, "relabel"),
+            generator=epoch_streams(spec, "relabel"),
             cutmix_alpha=spec.cutmix_alpha,
             min_crop_scale=spec.min_crop_scale,
             topk=spec.topk,

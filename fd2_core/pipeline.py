@@ -36,7 +36,10 @@ from .stages.relabel import SOFT_LABELS_FILE, relabel
 from .stages.teacher import check_teacher_weights
 from .timings import Timings
 
-__all__ = ["PipelineEvent", "PipelineResult", "StopRequested", "run", "check_dataset", "check_workdir"]
+__all__ = [
+    "OpenedRun", "PipelineEvent", "PipelineResult", "StopRequested", "check_dataset", "check_workdir",
+    "checked_inputs", "open_run", "run",
+]
 
 ARTIFACT_NAMES = tuple(MEDIA_TYPES)
 
@@ -196,6 +199,62 @@ def _announce(tracker: ProgressTracker, provenance: Provenance, data: ImageDatas
         tracker.stage("pretrain").warn(f"data warning: {data_warning.message}")
 
 
+def checked_inputs(
+    spec: JobSpec, workdir: Path, teacher_weights: str | Path | None, drop_duplicates: bool
+) -> dict[str, Any]:
+    """The run's recorded inputs (`inputs.json`) after the checks that need no data: the teacher weights file and
+    the work folder (`check_workdir`). Writes nothing."""
+    inputs = _teacher_weights_inputs(teacher_weights, spec)
+    if drop_duplicates:  # only when set, so that earlier work folders still resume
+        inputs["drop_duplicates"] = True
+    check_workdir(workdir, spec.model_dump(mode="json"), inputs)
+    return inputs
+
+
+@dataclass
+class OpenedRun:
+    """A run whose inputs are checked, data loaded and work folder opened: what every stage (or shard) starts from."""
+
+    spec: JobSpec
+    workdir: Path
+    data: ImageDataset
+    device: torch.device
+    provenance: Provenance
+    timings: Timings
+    teacher_weights: Path | None
+
+    def context(self, tracker: ProgressTracker) -> RunContext:
+        return RunContext(spec=self.spec, data=self.data, workdir=self.workdir, device=self.device, tracker=tracker,
+                          teacher_weights=self.teacher_weights)
+
+
+def open_run(
+    spec: JobSpec | dict[str, Any],
+    dataset: DataSource,
+    workdir: str | Path,
+    on_event: EventSink | None = None,
+    should_stop: StopCheck | None = None,
+    limits: DataLimits | None = None,
+    teacher_weights: str | Path | None = None,
+    drop_duplicates: bool = False,
+) -> OpenedRun:
+    """Check a run's inputs, load its data and open its work folder (`spec.json`, `inputs.json`); the arguments
+    and errors are `run`'s. Every check comes before the first write, so a refused run leaves `workdir` as it
+    was."""
+    spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
+    workdir, resolved = Path(workdir), spec.model_dump(mode="json")
+    inputs = checked_inputs(spec, workdir, teacher_weights, drop_duplicates)
+    device = pick_device(spec.device)
+    timings = Timings()
+    with timings.measure("load"):
+        data = _load(dataset, spec, limits, _loading_reporter(on_event, should_stop), drop_duplicates)
+    check_dataset(spec, data)
+    weights_load = check_teacher_weights(spec, data.classes, Path(teacher_weights)) if teacher_weights else None
+    provenance = Provenance(inputs, weights_load, resumed=_open_workdir(workdir, resolved, inputs))
+    return OpenedRun(spec, workdir, data, device, provenance, timings,
+                     Path(teacher_weights) if teacher_weights else None)
+
+
 def run(
     spec: JobSpec | dict[str, Any],
     dataset: DataSource,
@@ -216,27 +275,14 @@ def run(
     (DataError `teacher_classes_mismatch`, `bad_teacher_weights`; a file without class names runs with a
     `warning` event). `drop_duplicates` makes the loader drop copies within a split and test images that
     occur in train (`report.json` → `dataset.duplicates` counts them either way). A resumed run must name the
-    same weights file and make the same `drop_duplicates` choice.
+    same weights file and make the same `drop_duplicates` choice. After every shard of the job ran
+    (`fd2_core.shards`), `run` trains nothing: each stage reuses what the shards saved.
     """
-    spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
-    workdir, resolved = Path(workdir), spec.model_dump(mode="json")
-    # Every check comes before the first write, so that a refused run leaves the work folder as it was.
-    inputs = _teacher_weights_inputs(teacher_weights, spec)
-    if drop_duplicates:  # only when set, so that earlier work folders still resume
-        inputs["drop_duplicates"] = True
-    check_workdir(workdir, resolved, inputs)
-    device = pick_device(spec.device)
-    timings = Timings()
-    with timings.measure("load"):
-        data = _load(dataset, spec, limits, _loading_reporter(on_event, should_stop), drop_duplicates)
-    check_dataset(spec, data)
-    weights_load = check_teacher_weights(spec, data.classes, Path(teacher_weights)) if teacher_weights else None
-
-    provenance = Provenance(inputs, weights_load, resumed=_open_workdir(workdir, resolved, inputs))
+    opened = open_run(spec, dataset, workdir, on_event, should_stop, limits, teacher_weights, drop_duplicates)
+    spec, data, timings, provenance = opened.spec, opened.data, opened.timings, opened.provenance
     tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
     _announce(tracker, provenance, data)
-    ctx = RunContext(spec=spec, data=data, workdir=workdir, device=device, tracker=tracker,
-                     teacher_weights=Path(teacher_weights) if teacher_weights else None)
+    ctx = opened.context(tracker)
     torch.manual_seed(spec.seed)
 
     with timings.measure("pretrain"):

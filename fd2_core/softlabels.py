@@ -13,7 +13,12 @@ Layout of `soft_labels.safetensors` (also written into the file's own metadata, 
 Images are in normalised space (`mean`/`std` in the metadata); crops are applied with
 torchvision.ops.roi_align(aligned=True, sampling_ratio=2) and resized to `image_size`.
 
-How the logits were computed (metadata, format v2):
+How the random choices were drawn (format v3): each epoch e from its own generator, seeded by (run seed, stream,
+e), so a range of epochs can be recorded alone and the ranges joined in epoch order (`join_soft_label_parts`)
+give the same file as one recording of every epoch. Format v2 files drew the whole walk from one stream; their
+layout and metadata are the same, and they replay the same way.
+
+How the logits were computed (metadata, formats v2 and v3):
 - `soft_label_source`  backbone | cal | mixed — the backbone's own classifier, the CAL head, or
                        (1 − r)·backbone + r·CAL head with r = `cal_ratio`;
 - `relabel_bn_mode`    train = BatchNorm normalised with the statistics of each forwarded part (the teacher's
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +44,12 @@ from safetensors import safe_open
 from .atomic import save_tensors
 from .augment import CropFlip, CutMix, apply_crop_flip, apply_cutmix, sample_crop_flip, sample_cutmix
 
-FORMAT = "fd2.soft_labels.v2"
+FORMAT = "fd2.soft_labels.v3"
+FORMAT_V2 = "fd2.soft_labels.v2"
 FORMAT_V1 = "fd2.soft_labels.v1"
-READABLE_FORMATS = (FORMAT, FORMAT_V1)
+READABLE_FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
+FORMAT_VERSIONS = {FORMAT: 3, FORMAT_V2: 2, FORMAT_V1: 1}
+PART_FORMAT = "fd2.soft_labels.v3.part"  # a range of epochs of a v3 recording; not a file a student replays
 PROTOCOL_KEYS = ("soft_label_source", "relabel_bn_mode", "forward_splits")
 MISSING_LOGIT = -1.0e4  # logits dropped by top-k: softmax gives them ~0 probability
 V1_MIXED = "(1-r)*backbone + r*cal_head"  # the v1 `teacher_logits` value of a CAL teacher
@@ -92,7 +100,8 @@ class SoftLabels:
 
     @property
     def format_version(self) -> int:
-        return 1 if self.metadata.get("format") == FORMAT_V1 else 2
+        """3 (one random stream per epoch), 2 (one stream for the whole walk) or 1 (no protocol metadata)."""
+        return FORMAT_VERSIONS[self.metadata["format"]]
 
     @property
     def soft_label_source(self) -> str:
@@ -152,42 +161,50 @@ class SoftLabels:
         return cls(tensors, metadata)
 
 
+EpochGenerator = Callable[[int], torch.Generator]  # epoch e → the generator all of epoch e's choices come from
+
+
 def record_soft_labels(
     teacher: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     *,
-    epochs: int,
+    epochs: int | range,
     batch_size: int,
-    generator: torch.Generator,
+    generator: EpochGenerator,
     cutmix_alpha: float,
     min_crop_scale: float,
     topk: int = 0,
     forward_splits: int = 1,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Walk the set for `epochs`, augment + CutMix each batch, store teacher logits (fp16) and the choices.
+    """Walk the set for `epochs` (a count E = range(E), or a range of epochs), augment + CutMix each batch,
+    store teacher logits (fp16) and the choices; tensors [len(epochs), …] in the layout above.
 
-    `teacher` is called once per part of `forward_parts(batch, forward_splits)` (published relabel: a batch of 20
-    as two halves), so a train-mode BatchNorm sees each part's statistics; the random choices do not depend on
-    the split.
+    Epoch e draws only from `generator(e)` (format v3), so recording range(a, b) and range(b, c) and joining
+    them equals recording range(a, c). `teacher` is called once per part of `forward_parts(batch,
+    forward_splits)` (published relabel: a batch of 20 as two halves), so a train-mode BatchNorm sees each part's
+    statistics; the random choices do not depend on the split. `on_batch(done, total)` counts this call's batches.
     """
+    walk = range(epochs) if isinstance(epochs, int) else epochs
+    count = len(walk)
     n, _, _, size = images.shape
     nb = math.ceil(n / batch_size)
-    order = torch.empty(epochs, n, dtype=torch.int32)
-    boxes = torch.empty(epochs, n, 4)
-    flips = torch.empty(epochs, n, dtype=torch.uint8)
-    perm = torch.zeros(epochs, n, dtype=torch.int32)
-    cm_box = torch.zeros(epochs, nb, 4, dtype=torch.int32)
-    cm_lam = torch.ones(epochs, nb)
+    order = torch.empty(count, n, dtype=torch.int32)
+    boxes = torch.empty(count, n, 4)
+    flips = torch.empty(count, n, dtype=torch.uint8)
+    perm = torch.zeros(count, n, dtype=torch.int32)
+    cm_box = torch.zeros(count, nb, 4, dtype=torch.int32)
+    cm_lam = torch.ones(count, nb)
     logits_all: list[torch.Tensor] = []
-    total = epochs * nb
-    for e in range(epochs):
-        order[e] = torch.randperm(n, generator=generator).int()
+    total = count * nb
+    for e, epoch in enumerate(walk):
+        g = generator(epoch)
+        order[e] = torch.randperm(n, generator=g).int()
         for b in range(nb):
             sl = slice(b * batch_size, min((b + 1) * batch_size, n))
             idx = order[e, sl].long()
-            crop = sample_crop_flip(idx.numel(), size, generator, scale=(min_crop_scale, 1.0))
-            cutmix = sample_cutmix(idx.numel(), size, cutmix_alpha, generator)
+            crop = sample_crop_flip(idx.numel(), size, g, scale=(min_crop_scale, 1.0))
+            cutmix = sample_cutmix(idx.numel(), size, cutmix_alpha, g)
             boxes[e, sl], flips[e, sl] = crop.boxes, crop.flips.to(torch.uint8)
             if cutmix is not None:
                 perm[e, sl] = cutmix.permutation.int()
@@ -199,7 +216,7 @@ def record_soft_labels(
                     logits_all.append(teacher(x[part]).float().cpu())
             if on_batch is not None:
                 on_batch(e * nb + b + 1, total)
-    logits = torch.cat(logits_all).view(epochs, n, -1)
+    logits = torch.cat(logits_all).view(count, n, -1)
     out = {
         "order": order,
         "boxes": boxes,
@@ -216,15 +233,82 @@ def record_soft_labels(
     return out
 
 
-def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
-    """Write a v2 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
+def _encoded(metadata: dict[str, object]) -> dict[str, str]:
     missing = [key for key in PROTOCOL_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"soft-label metadata lacks {', '.join(missing)}")
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
+    """Write a v3 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
+    meta = _encoded(metadata)
     meta["format"] = FORMAT
     meta["layout"] = __doc__ or ""
     return save_tensors(path, tensors, meta)
+
+
+@dataclass
+class SoftLabelPart:
+    """Epochs [first, stop) of a v3 recording, with the metadata the whole file will have."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    epochs: range
+
+    @classmethod
+    def load(cls, path: str | Path) -> SoftLabelPart:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+        if metadata.pop("format", None) != PART_FORMAT:
+            raise ValueError(f"{path}: not a {PART_FORMAT} file")
+        first, stop = json.loads(metadata.pop("part_epochs"))
+        return cls(tensors, metadata, range(first, stop))
+
+    def epochs_of(self, epochs: range) -> SoftLabelPart:
+        """The part cut to `epochs`, which must lie inside its own."""
+        if not (self.epochs.start <= epochs.start and epochs.stop <= self.epochs.stop):
+            raise ValueError(f"epochs {epochs.start}-{epochs.stop} are not inside the part's "
+                             f"{self.epochs.start}-{self.epochs.stop}")
+        cut = slice(epochs.start - self.epochs.start, epochs.stop - self.epochs.start)
+        return SoftLabelPart({k: v[cut] for k, v in self.tensors.items()}, self.metadata, epochs)
+
+
+def save_soft_label_part(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], epochs: range
+) -> Path:
+    """Write epochs `epochs` of a recording (tensors [len(epochs), …]) with the whole file's `metadata`."""
+    if int(tensors["order"].shape[0]) != len(epochs):
+        raise ValueError(f"a part of epochs {epochs.start}-{epochs.stop} holds {tensors['order'].shape[0]} epochs")
+    meta = _encoded(metadata)
+    meta.update(format=PART_FORMAT, part_epochs=json.dumps([epochs.start, epochs.stop]))
+    return save_tensors(path, tensors, meta)
+
+
+def join_soft_label_parts(
+    parts: Sequence[SoftLabelPart], epochs: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the whole recording from parts that cover range(epochs) one after another.
+
+    Raises ValueError when the parts leave a gap, overlap, or were recorded with different metadata.
+    """
+    ordered = sorted(parts, key=lambda part: part.epochs.start)
+    reached = 0
+    for part in ordered:
+        if part.epochs.start != reached:
+            raise ValueError(f"soft-label parts do not join: epoch {reached} is followed by a part from "
+                             f"epoch {part.epochs.start}")
+        if part.metadata != ordered[0].metadata:
+            raise ValueError(f"soft-label part of epochs {part.epochs.start}-{part.epochs.stop} was recorded with "
+                             "other metadata")
+        reached = part.epochs.stop
+    if reached != epochs:
+        raise ValueError(f"soft-label parts cover epochs 0-{reached}, not 0-{epochs}")
+    keys = ordered[0].tensors.keys()
+    return {k: torch.cat([part.tensors[k] for part in ordered]) for k in keys}, dict(ordered[0].metadata)
 
 
 def replay(

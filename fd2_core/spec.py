@@ -27,6 +27,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 BASES: tuple[str, ...] = get_args(Base)  # the recipes FD² can run on (`base`)
 COMMITTEE_MODES: tuple[str, ...] = get_args(CommitteeMode)
 MAX_COMMITTEE = 8
+MAX_WORKERS = 64
 
 
 class CommitteeMember(BaseModel):
@@ -119,6 +120,13 @@ class JobSpec(BaseModel):
         "bfloat16",
         description="Autocast type with amp on CUDA: bfloat16 (no gradient scaler needed) or float16 with a "
         "gradient scaler on every optimisation (the published FADRM+ runs).",
+    )
+    max_workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Workers one job may occupy at once: its committee members, class blocks, relabel epoch ranges "
+        "and evaluation students run as separate units (fd2_core.shards). Never changes the results.",
     )
 
     # FD² switches (ablations)
@@ -502,7 +510,7 @@ def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
 # matches when the new value is one of these. Before `teacher_weights_mode`, the weights file's kind implied the
 # mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base. The FADRM+ fields change
 # nothing for the other recipes, so a spec before them meant any preset's values (lists are compared as tuples);
-# before committees, a spec meant one teacher.
+# before committees, a spec meant one teacher; before `max_workers`, one worker ran a job.
 IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "teacher_weights_mode": frozenset({"backbone", "full"}),
     "base": frozenset({"sre2l++", None}),
@@ -512,14 +520,20 @@ IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "committee": frozenset({None}),
     "committee_mode": frozenset({"auto"}),
     "amp_dtype": frozenset({"bfloat16"}),
+    "max_workers": frozenset({1}),
 }
+
+# Fields that never change what a run computes (how many workers share a job): a work folder, a stored result
+# or a benchmark written under another value still matches.
+RESULT_NEUTRAL_FIELDS: frozenset[str] = frozenset({"max_workers"})
 
 
 def spec_changes(earlier: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """Fields in which `resolved` differs from an `earlier` stored spec, ignoring fields the earlier spec
-    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`)."""
+    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`) and the fields that
+    never change results (`RESULT_NEUTRAL_FIELDS`)."""
     changed = []
-    for key in sorted(set(earlier) | set(resolved)):
+    for key in sorted((set(earlier) | set(resolved)) - RESULT_NEUTRAL_FIELDS):
         value = resolved.get(key)
         value = tuple(value) if isinstance(value, list) else value
         if key not in earlier and key in IMPLIED_BEFORE_ADDED and value in IMPLIED_BEFORE_ADDED[key]:
@@ -607,6 +621,7 @@ __all__ = [
     "PAPER_CAL_SETTINGS",
     "PRESETS",
     "PRESET_DESCRIPTIONS",
+    "RESULT_NEUTRAL_FIELDS",
     "CommitteeMember",
     "JobSpec",
     "ValidationError",

@@ -163,11 +163,11 @@ def test_metadata_records_the_protocol_and_replay_reads_it(tmp_path, data):
     images, labels = _positional(data)
     soft = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "soft.safetensors")
     meta = soft.metadata
-    assert meta["format"] == FORMAT == "fd2.soft_labels.v2"
+    assert meta["format"] == FORMAT == "fd2.soft_labels.v3"
     recorded = (meta["soft_label_source"], meta["relabel_bn_mode"], json.loads(meta["forward_splits"]))
     assert recorded == ("cal", "train", 3)
     assert "r*cal_head" not in meta["teacher_logits"] and "CAL head" in meta["teacher_logits"]
-    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (2, "cal", "train", 3)
+    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (3, "cal", "train", 3)
 
     replay = _replay(data, images, labels, soft)
     assert (replay.soft_label_source, replay.bn_mode, replay.forward_splits) == ("cal", "train", 3)
@@ -191,8 +191,8 @@ def _write_v1(path, soft: SoftLabels, teacher_logits: str | None) -> None:
 def test_v1_files_load_with_their_old_meaning(tmp_path, data, recorded, source):
     ctx = _ctx(tmp_path, data)
     images, labels = _positional(data)
-    v2 = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "v2.safetensors")
-    _write_v1(tmp_path / "v1.safetensors", v2, recorded)
+    v3 = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "v3.safetensors")
+    _write_v1(tmp_path / "v1.safetensors", v3, recorded)
     v1 = SoftLabels.load(tmp_path / "v1.safetensors")
     assert (v1.format_version, v1.soft_label_source, v1.bn_mode, v1.forward_splits) == (1, source, "eval", 1)
     assert [len(range(4)[p]) for p in v1.parts(0)] == [4]
@@ -206,7 +206,7 @@ def test_relabel_records_again_over_a_file_of_another_protocol(tmp_path, data):
     first = _relabel(ctx, teacher, tmp_path)
     _write_v1(tmp_path / "soft.safetensors", first, "(1-r)*backbone + r*cal_head")
     again = _relabel(ctx, teacher, tmp_path)
-    assert again.format_version == 2 and torch.equal(again.tensors["logits"], first.tensors["logits"])
+    assert again.format_version == 3 and torch.equal(again.tensors["logits"], first.tensors["logits"])
     written = (tmp_path / "soft.safetensors").stat().st_mtime_ns
     _relabel(ctx, teacher, tmp_path)  # same protocol: reused, not written again
     assert (tmp_path / "soft.safetensors").stat().st_mtime_ns == written

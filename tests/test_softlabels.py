@@ -26,9 +26,9 @@ def _teacher():
 def test_replay_reproduces_recorded_logits(tmp_path, topk):
     teacher = _teacher()
     images = torch.randn(7, 3, 16, 16)
-    g = torch.Generator().manual_seed(3)
     tensors = record_soft_labels(
-        teacher, images, epochs=3, batch_size=3, generator=g, cutmix_alpha=1.0, min_crop_scale=0.08, topk=topk
+        teacher, images, epochs=3, batch_size=3, generator=lambda e: torch.Generator().manual_seed(3 + e),
+        cutmix_alpha=1.0, min_crop_scale=0.08, topk=topk,
     )
     protocol = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1}
     path = save_soft_labels(tmp_path / "s.safetensors", tensors, {"batch_size": 3, "num_classes": 4, **protocol})

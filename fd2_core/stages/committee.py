@@ -23,6 +23,7 @@ from ..atomic import save_tensors
 from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import frozen
+from ..spec import JobSpec
 from .context import RunContext
 from .teacher import relabel_mode, source_logits, teacher_metadata
 
@@ -60,22 +61,22 @@ class Committee:
 
 class _MemberReporter(StageReporter):
     """The pretrain stage's reporter for member i of n: its share of the stage's progress, messages prefixed
-    with the member's name, and only the first member starts the stage and only the last one ends it."""
+    with the member's name, and only the first member starts the stage and only the last one ends it. A member
+    pretrained `alone` (one shard) spans the whole stage, which it starts and ends."""
 
-    def __init__(self, parent: StageReporter, index: int, count: int, name: str) -> None:
-        share = parent.span / count
-        super().__init__(parent.tracker, parent.name, parent.start + index * share, share)
+    def __init__(self, parent: StageReporter, index: int, count: int, name: str, alone: bool = False) -> None:
+        share = parent.span if alone else parent.span / count
+        super().__init__(parent.tracker, parent.name, parent.start + (0 if alone else index * share), share)
         self.index, self.count, self.prefix = index, count, f"teacher {index + 1}/{count} ({name})"
+        self.first, self.last = alone or index == 0, alone or index == count - 1
 
     def begin(self, total_units: int, message: str = "") -> None:
         self.total = max(1, int(total_units))
         self.tracker.check_stop()
-        kind = "stage_start" if self.index == 0 else "log"
-        self._emit(kind, 0.0, message or "pretraining started")
+        self._emit("stage_start" if self.first else "log", 0.0, message or "pretraining started")
 
     def end(self, message: str = "") -> None:
-        kind = "stage_end" if self.index == self.count - 1 else "log"
-        self._emit(kind, 1.0, message or "pretraining finished")
+        self._emit("stage_end" if self.last else "log", 1.0, message or "pretraining finished")
 
     def _emit(self, kind: str, fraction: float, message: str, losses: dict[str, Any] | None = None) -> None:
         super()._emit(kind, fraction, f"{self.prefix}: {message}" if message else message, losses)
@@ -84,12 +85,14 @@ class _MemberReporter(StageReporter):
 class _MemberTracker:
     """The run's progress tracker as one member's pretraining sees it (every other stage is the run's own)."""
 
-    def __init__(self, ctx: RunContext, index: int, count: int, name: str) -> None:
-        self._tracker, self._index, self._count, self._name = ctx.tracker, index, count, name
+    def __init__(self, ctx: RunContext, index: int, count: int, name: str, alone: bool) -> None:
+        self._tracker, self._index, self._count, self._name, self._alone = ctx.tracker, index, count, name, alone
 
     def stage(self, name: str) -> StageReporter:
         reporter = self._tracker.stage(name)
-        return _MemberReporter(reporter, self._index, self._count, self._name) if name == "pretrain" else reporter
+        if name != "pretrain":
+            return reporter
+        return _MemberReporter(reporter, self._index, self._count, self._name, self._alone)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tracker, name)
@@ -99,17 +102,25 @@ def member_names(ctx: RunContext) -> list[str]:
     return [f"{i}-{m.backbone}" for i, m in enumerate(ctx.spec.members)]
 
 
-def member_context(ctx: RunContext, index: int) -> RunContext:
-    """Member `index`'s context: the run's own for a single teacher; else the member's spec and folder."""
+def member_workdir(workdir: Path, spec: JobSpec, index: int) -> Path:
+    """Member `index`'s work folder: the run's own for a single teacher, else `teachers/<i>-<backbone>/`."""
+    if spec.committee is None:
+        return workdir
+    return workdir / MEMBERS_FOLDER / f"{index}-{spec.members[index].backbone}"
+
+
+def member_context(ctx: RunContext, index: int, alone: bool = False) -> RunContext:
+    """Member `index`'s context: the run's own for a single teacher; else the member's spec and folder, its
+    pretraining reported as its share of the stage (`alone`: as the whole stage, for a shard)."""
     if ctx.spec.committee is None:
         return ctx
     names = member_names(ctx)
     return RunContext(
         spec=ctx.spec.member_spec(index),
         data=ctx.data,
-        workdir=ctx.workdir / MEMBERS_FOLDER / names[index],
+        workdir=member_workdir(ctx.workdir, ctx.spec, index),
         device=ctx.device,
-        tracker=_MemberTracker(ctx, index, len(names), names[index]),  # type: ignore[arg-type]
+        tracker=_MemberTracker(ctx, index, len(names), names[index], alone),  # type: ignore[arg-type]
         notes=ctx.notes,
     )
 
@@ -242,6 +253,7 @@ __all__ = [
     "ensemble_logits",
     "frozen_members",
     "member_context",
+    "member_workdir",
     "member_prefix",
     "member_names",
     "member_weights",

@@ -14,6 +14,13 @@ from ..progress import ProgressTracker
 from ..runtime import autocast, grad_scaler
 from ..spec import JobSpec
 
+STAGES_FOLDER = "stages"
+
+
+def stage_folder(workdir: Path) -> Path:
+    """Where a run in `workdir` keeps its stages' files (created by `RunContext.stage_dir` on first use)."""
+    return workdir / STAGES_FOLDER
+
 
 @dataclass
 class RunContext:
@@ -35,7 +42,7 @@ class RunContext:
 
     @property
     def stage_dir(self) -> Path:
-        path = self.workdir / "stages"
+        path = stage_folder(self.workdir)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

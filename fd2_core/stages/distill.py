@@ -9,6 +9,11 @@ gradient step on the images), `random` takes random real images. The `fadrm+` re
 optimises in phases of their own image side (`fd2_core.fadrm`), with a data residual to the patch
 initialisation and a fresh Adam at each phase start; each finished phase is saved too, so a killed run resumes
 at the first unfinished phase.
+
+Classes are optimised in blocks of `distill_batch_classes` (`class_blocks`), and one block's work (every ipc index
+in order, its patch ranking, its random streams, the earlier indices SC reads) never reads another block's. So
+a block can also run alone (`distill_block`, one shard of `fd2_core.shards`), saving each index of it as
+`ipc_JJJ_cKKKKK.safetensors`; `merge_blocks` then writes every `ipc_JJJ.safetensors` exactly as `distill` does.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -58,14 +64,36 @@ class PatchRanking(NamedTuple):
     counts: torch.Tensor  # [k] int64 real images in each class's pool
 
 
-def ipc_path(ctx: RunContext, index: int):
-    return ctx.stage_dir / "distill" / f"ipc_{index:03d}.safetensors"
+def ipc_file(stage_dir: Path, index: int) -> Path:
+    """Ipc index `index` of every class: `images` [K,3,S,S], `labels` [K], `init` for the optimising methods."""
+    return stage_dir / "distill" / f"ipc_{index:03d}.safetensors"
 
 
-def _class_chunks(ctx: RunContext) -> list[torch.Tensor]:
+def block_file(stage_dir: Path, index: int, first_class: int) -> Path:
+    """Ipc index `index` of the class block from `first_class` as a block shard saves it: `images` (and `init`)
+    [k,3,S,S]."""
+    return stage_dir / "distill" / f"ipc_{index:03d}_c{first_class:05d}.safetensors"
+
+
+def ipc_path(ctx: RunContext, index: int) -> Path:
+    return ipc_file(ctx.stage_dir, index)
+
+
+def block_path(ctx: RunContext, index: int, classes: torch.Tensor) -> Path:
+    return block_file(ctx.stage_dir, index, int(classes[0]))
+
+
+def block_starts(num_classes: int, batch_classes: int) -> list[int]:
+    """First class of every block of `batch_classes` classes (0 = all classes, one block)."""
+    return list(range(0, num_classes, batch_classes or num_classes))
+
+
+def class_blocks(ctx: RunContext) -> list[torch.Tensor]:
+    """The class blocks optimised together, [k] class indices each, in order: `distill_batch_classes` classes
+    per block, the last one shorter."""
     k = ctx.num_classes
     size = ctx.spec.distill_batch_classes or k
-    return [torch.arange(s, min(s + size, k)) for s in range(0, k, size)]
+    return [torch.arange(s, min(s + size, k)) for s in block_starts(k, size)]
 
 
 def _class_pools(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,18 +274,17 @@ def previous_attention(
     ctx: RunContext,
     teacher: FD2Model,
     previous: list[torch.Tensor],
-    classes: torch.Tensor,
     g: torch.Generator,
     side: int | None = None,
 ) -> torch.Tensor | None:
-    """Attention maps [J, B, M, H, W] of the already distilled images 0…j−1, once per index j (FADRM+: once per
-    phase, the images at the phase's side and the crop at the teacher's `side`)."""
+    """Attention maps [J, B, M, H, W] of the block's already distilled images 0…j−1 (each [B,3,s,s]), once per
+    index j (FADRM+: once per phase, the images at the phase's side and the crop at the teacher's `side`)."""
     if not previous:
         return None
     maps = []
     with ctx.autocast():
         for images in previous:
-            out = teacher(_augment(ctx, images[classes].to(ctx.device), g, side))
+            out = teacher(_augment(ctx, images.to(ctx.device), g, side))
             maps.append(out.cal.attention.float())
     return torch.stack(maps)
 
@@ -393,7 +420,8 @@ def optimise_chunk(
     done_before: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distil one class chunk of one ipc index with the sre2l++ recipe; returns (images, their initialisation),
-    both [k,3,S,S]. A committee's members take part per `JobSpec.round_robin`."""
+    both [k,3,S,S]. `previous` holds the chunk's images of the earlier indices ([k,3,S,S] each, for SC). A
+    committee's members take part per `JobSpec.round_robin`."""
     spec = ctx.spec
     g = generator(spec.seed, "distill", index, int(classes[0]))
     init = initial_images(ctx, committee.model, classes, index, g, reporter.poll).float()
@@ -402,7 +430,7 @@ def optimise_chunk(
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = classes.to(ctx.device)
-    prev_maps = [previous_attention(ctx, m.model, previous, classes, g) if spec.uses_sc else None
+    prev_maps = [previous_attention(ctx, m.model, previous, g) if spec.uses_sc else None
                  for m in committee.members]
     optimizer = torch.optim.Adam([x], lr=spec.distill_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     bounds = ctx.pixel_bounds()
@@ -497,7 +525,8 @@ def optimise_chunk_fadrm(
     reporter,
     done_before: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FADRM+ for one class chunk of one ipc index; returns (images, their initialisation), both [k,3,S,S].
+    """FADRM+ for one class chunk of one ipc index; returns (images, their initialisation), both [k,3,S,S];
+    `previous` holds the chunk's images of the earlier indices ([k,3,S,S] each, for SC).
 
     Phase p starts from residual_blend(resize(x, s_p), init, α) (phase 0: the initialisation at s_0) and is
     saved when finished; a re-run starts after the last saved phase with the same images and random draws.
@@ -529,7 +558,7 @@ def optimise_chunk_fadrm(
             models = []
             for member, bn in zip(committee.members, bns, strict=True):
                 side = input_side(member.ctx.spec.backbone, spec.image_size, phase.size)
-                maps = previous_attention(ctx, member.model, resized, classes, g, side) if spec.uses_sc else None
+                maps = previous_attention(ctx, member.model, resized, g, side) if spec.uses_sc else None
                 weight = 1.0 if round_robin else member.weight
                 models.append(StepModel(member.model, bn, maps, side, member.ctx, weight))
             x = _run_phase(ctx, models, x, y, phase, g, total, on_step)
@@ -550,33 +579,51 @@ def random_real_indices(ctx: RunContext, ipc: int, stream: str) -> torch.Tensor:
     return perm[starts[None, :] + torch.remainder(j, counts[None, :])]
 
 
-def select_random(ctx: RunContext, index: int) -> torch.Tensor:
-    """The `random` method: real train images instead of optimised ones, same count per class."""
+def select_random(ctx: RunContext, index: int, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """The `random` method: real train images instead of optimised ones, same count per class; [k,3,S,S] for
+    `classes` (default all)."""
     pick = random_real_indices(ctx, ctx.spec.ipc, "random-subset")[index]
-    return ctx.normalize(ctx.data.train_images[pick]).float()
+    return ctx.normalize(ctx.data.train_images[pick if classes is None else pick[classes]]).float()
 
 
-def select_rded(ctx: RunContext, teacher: FD2Model, index: int, poll: Callable[[], None] | None = None) -> torch.Tensor:
+def select_rded(
+    ctx: RunContext,
+    teacher: FD2Model,
+    index: int,
+    poll: Callable[[], None] | None = None,
+    classes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The `rded` method: ipc index `index` is its patch initialisation, kept as it is (no optimisation step);
-    [K,3,S,S] in normalised space: with the same seed, the images sre2l++ (the same plain teacher) starts from."""
+    [k,3,S,S] in normalised space for `classes` (a class block; default every block): with the same seed, the
+    images sre2l++ (the same plain teacher) starts from."""
+    blocks = class_blocks(ctx) if classes is None else [classes]
     with frozen(teacher):
-        return torch.cat([patch_init(ctx, teacher, classes, index, poll) for classes in _class_chunks(ctx)])
+        return torch.cat([patch_init(ctx, teacher, block, index, poll) for block in blocks])
 
 
-def _distill_index(
-    ctx: RunContext, committee: Committee, index: int, done: list[torch.Tensor], reporter, per_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All class chunks of one ipc index: (images, init), each [K,3,S,S] in normalised space."""
-    images, inits = [], []
-    fadrm = ctx.spec.recipe == "fadrm+"
+def distill_block_index(
+    ctx: RunContext,
+    committee: Committee | None,
+    classes: torch.Tensor,
+    index: int,
+    previous: list[torch.Tensor],
+    reporter,
+    done_before: int,
+) -> dict[str, torch.Tensor]:
+    """Ipc index `index` of one class block, the one unit both `distill` and `distill_block` run: `images`
+    [k,3,S,S] in normalised space, and `init` for the optimising methods (`rded` is its own initialisation,
+    `random` has none). `previous` holds the block's images of the earlier indices; `committee` is None only
+    for `random`."""
+    spec = ctx.spec
+    if spec.method == "random":
+        return {"images": select_random(ctx, index, classes)}
+    assert committee is not None
+    if spec.method == "rded":
+        return {"images": select_rded(ctx, committee.model, index, reporter.poll, classes)}
+    optimise = optimise_chunk_fadrm if spec.recipe == "fadrm+" else optimise_chunk
     with frozen_members(committee):
-        for c, classes in enumerate(_class_chunks(ctx)):
-            before = index * per_index + c * chunk_steps(ctx.spec)
-            optimise = optimise_chunk_fadrm if fadrm else optimise_chunk
-            x, init = optimise(ctx, committee, classes, index, done, reporter, before)
-            images.append(x)
-            inits.append(init)
-    return torch.cat(images), torch.cat(inits)
+        images, init = optimise(ctx, committee, classes, index, previous, reporter, done_before)
+    return {"images": images, "init": init}
 
 
 def chunk_steps(spec: JobSpec) -> int:
@@ -584,19 +631,46 @@ def chunk_steps(spec: JobSpec) -> int:
     return total_steps(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
 
 
+def _index_tensors(ctx: RunContext, blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One ipc index of every class from its blocks, in class order: `labels`, `images`, `init` when every
+    block has one."""
+    tensors = {"labels": torch.arange(ctx.num_classes), "images": torch.cat([b["images"] for b in blocks])}
+    if all("init" in b for b in blocks):
+        tensors["init"] = torch.cat([b["init"] for b in blocks])
+    return tensors
+
+
+def _save_index(ctx: RunContext, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Save ipc index `index` and drop what it supersedes: its block files and FADRM+ phase checkpoints."""
+    path = save_tensors(ipc_path(ctx, index), tensors, {"ipc_index": str(index)})
+    for superseded in path.parent.glob(f"ipc_{index:03d}_c*.safetensors"):
+        superseded.unlink(missing_ok=True)
+    return path
+
+
+def _log_wrap_note(ctx: RunContext, reporter) -> None:
+    note = patch_wrap_note(ctx) if ctx.spec.scores_patches else None
+    if note:
+        reporter.log(note)
+
+
+def _loaded(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in load_tensors(path).items()}
+
+
 def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tensor:
     """Returns synthetic images [ipc, K, 3, S, S] in normalised space (also saved per ipc index, with `init`).
 
-    `teacher` is one model or a committee (`fd2_core.stages.committee`); None only for `random`."""
+    `teacher` is one model or a committee (`fd2_core.stages.committee`); None only for `random`. Ipc index j runs
+    its class blocks in order (`distill_block_index`); a block a block shard already saved is reused.
+    """
     spec = ctx.spec
     committee = as_committee(ctx, teacher) if teacher is not None else None
     reporter = ctx.tracker.stage("distill")
-    chunks = _class_chunks(ctx)
-    per_index = chunk_steps(spec) * len(chunks) if spec.optimises_images else 1
-    reporter.begin(spec.ipc * per_index)
-    note = patch_wrap_note(ctx) if spec.scores_patches else None
-    if note:
-        reporter.log(note)
+    blocks = class_blocks(ctx)
+    per_block = chunk_steps(spec) if spec.optimises_images else 0
+    reporter.begin(spec.ipc * per_block * len(blocks) if spec.optimises_images else spec.ipc)
+    _log_wrap_note(ctx, reporter)
     done: list[torch.Tensor] = []
     for j in range(spec.ipc):
         path = ipc_path(ctx, j)
@@ -604,22 +678,86 @@ def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tens
             done.append(load_tensors(path)["images"].to(ctx.device))
             reporter.log(f"ipc index {j} already distilled; reusing it", fraction=(j + 1) / spec.ipc)
             continue
-        tensors = {"labels": torch.arange(ctx.num_classes)}
-        if spec.method == "random":
-            tensors["images"] = select_random(ctx, j)
-        elif spec.method == "rded":  # its own initialisation: no `init` copy, its drift is zero by definition
-            assert committee is not None
-            tensors["images"] = select_rded(ctx, committee.model, j, reporter.poll)
-        else:
-            assert committee is not None
-            tensors["images"], tensors["init"] = _distill_index(ctx, committee, j, done, reporter, per_index)
-        save_tensors(path, tensors, {"ipc_index": str(j)})
-        for phase_file in path.parent.glob(f"ipc_{j:03d}_c*_phase.safetensors"):  # superseded by the index file
-            phase_file.unlink(missing_ok=True)
+        parts = []
+        for c, classes in enumerate(blocks):
+            saved = block_path(ctx, j, classes)
+            if saved.exists():
+                parts.append(_loaded(saved, ctx.device))
+                continue
+            before = (j * len(blocks) + c) * per_block
+            previous = [images[classes] for images in done]
+            parts.append(distill_block_index(ctx, committee, classes, j, previous, reporter, before))
+        tensors = _index_tensors(ctx, parts)
+        _save_index(ctx, j, tensors)
         done.append(tensors["images"])
         reporter.log(f"ipc index {j + 1}/{spec.ipc} distilled", fraction=(j + 1) / spec.ipc)
     reporter.end()
     return torch.stack(done)
+
+
+def _saved_block(ctx: RunContext, index: int, classes: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Ipc index `index` of a block if it is saved: sliced from the merged ipc file, else its block file."""
+    merged = ipc_path(ctx, index)
+    if merged.exists():
+        return {k: v[classes] for k, v in load_tensors(merged).items() if k != "labels"}
+    own = block_path(ctx, index, classes)
+    return load_tensors(own) if own.exists() else None
+
+
+def block_done(stage_dir: Path, ipc: int, first_class: int) -> bool:
+    """Whether every ipc index of the block from `first_class` is saved (in its block file or already merged)."""
+    return all(ipc_file(stage_dir, j).exists() or block_file(stage_dir, j, first_class).exists() for j in range(ipc))
+
+
+def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes: torch.Tensor) -> list[Path]:
+    """Stage 2 for one class block alone: every ipc index in order, each saved atomically as its block file
+    (`block_path`; a saved or merged index is reused, an FADRM+ phase checkpoint resumed). Returns the block
+    files. The images equal the block's rows of what `distill` writes: both run `distill_block_index` with the
+    same streams and the block's own earlier images."""
+    spec = ctx.spec
+    committee = as_committee(ctx, teacher) if teacher is not None else None
+    reporter = ctx.tracker.stage("distill")
+    per_block = chunk_steps(spec) if spec.optimises_images else 0
+    reporter.begin(spec.ipc * per_block if spec.optimises_images else spec.ipc)
+    _log_wrap_note(ctx, reporter)
+    first, last = int(classes[0]), int(classes[-1])
+    previous: list[torch.Tensor] = []
+    for j in range(spec.ipc):
+        saved = _saved_block(ctx, j, classes)
+        if saved is None:
+            saved = distill_block_index(ctx, committee, classes, j, previous, reporter, j * per_block)
+            save_tensors(block_path(ctx, j, classes), saved, {"ipc_index": str(j), "first_class": str(first),
+                                                              "num_classes": str(len(classes))})
+            phase_path(ctx, j, classes).unlink(missing_ok=True)
+            reporter.log(f"ipc index {j + 1}/{spec.ipc} of classes {first}-{last} distilled",
+                         fraction=(j + 1) / spec.ipc)
+        else:
+            reporter.log(f"ipc index {j} of classes {first}-{last} already distilled; reusing it",
+                         fraction=(j + 1) / spec.ipc)
+        previous.append(saved["images"].to(ctx.device))
+    reporter.end()
+    return [block_path(ctx, j, classes) for j in range(spec.ipc)]
+
+
+def merge_blocks(ctx: RunContext) -> list[Path]:
+    """Once every block of every ipc index is saved, write each `ipc_JJJ.safetensors` exactly as `distill` writes
+    it (same tensors, same metadata) and remove the block files; a merged index is kept as it is. Raises
+    FileNotFoundError naming the first missing block file (its block shard has not finished)."""
+    blocks = class_blocks(ctx)
+    for j in range(ctx.spec.ipc):
+        if ipc_path(ctx, j).exists():
+            continue
+        paths = [block_path(ctx, j, classes) for classes in blocks]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is not saved yet: its class block has not finished")
+        _save_index(ctx, j, _index_tensors(ctx, [load_tensors(p) for p in paths]))
+    return [ipc_path(ctx, j) for j in range(ctx.spec.ipc)]
+
+
+def load_distilled(ctx: RunContext) -> torch.Tensor:
+    """The saved synthetic images [ipc, K, 3, S, S] on the run's device, as `distill` returns them."""
+    return torch.stack([load_tensors(ipc_path(ctx, j))["images"].to(ctx.device) for j in range(ctx.spec.ipc)])
 
 
 def psnr_db(mse: float) -> float:

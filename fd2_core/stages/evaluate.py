@@ -5,13 +5,16 @@ KL(softmax(teacher/T) ‖ softmax(student/T)) (or plain CE on hard labels, for t
 published validation script does: AdamW, the lr set once per epoch (half-cosine by default), each replayed batch
 split into micro-batches whose gradients are accumulated before one optimizer step, the last epoch's model
 reported. `evaluate` trains the students the spec asks for and computes DD-Ranking's metrics (fd2_core.metrics);
-`comparison` is the report's block built from them.
+`comparison` is the report's block built from them. Each student (`student_names`) is also a unit of its own
+(`evaluation_student`, one shard of `fd2_core.shards`): its per-test-image correctness is saved, and `evaluate`
+reuses every saved student.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from ..models import FD2Model, build_model
 from ..progress import StageReporter
 from ..runtime import derive_seed, generator, to_device
 from ..softlabels import SoftLabels, forward_parts
+from ..spec import JobSpec
 from .committee import Committee
 from .context import RunContext
 from .distill import random_real_indices
@@ -32,6 +36,9 @@ from .relabel import relabel
 from .teacher import correctness
 
 SCHEDULES = ("half-cosine", "cosine")
+# The students `evaluate` can train, in its order: on the set with its soft labels, on a random real subset of
+# the same size (eval_random_baseline), on the set with hard labels and on the full real train set (eval_hlr).
+STUDENTS = ("distilled", "random", "distilled_hard_labels", "full_data")
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -168,6 +175,32 @@ def teacher_metrics(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def student_names(spec: JobSpec) -> list[str]:
+    """The students the spec asks for, in the order `evaluate` trains them (empty when evaluate is off)."""
+    if not spec.evaluate:
+        return []
+    asked = {"distilled": True, "random": spec.eval_random_baseline, "distilled_hard_labels": spec.eval_hlr,
+             "full_data": spec.eval_hlr}
+    return [name for name in STUDENTS if asked[name]]
+
+
+def student_file(stage_dir: Path, name: str) -> Path:
+    """A trained student's per-test-image correctness: `correct` uint8 [N_test]."""
+    return stage_dir / f"evaluate_{name}.safetensors"
+
+
+def student_path(ctx: RunContext, name: str) -> Path:
+    return student_file(ctx.stage_dir, name)
+
+
+def student_steps(ctx: RunContext, name: str) -> int:
+    """Optimizer steps of a student: one per replayed batch of the ipc·K-image set, or the full-data student's."""
+    if name == "full_data":
+        return full_data_steps(ctx)
+    spec = ctx.spec
+    return spec.relabel_epochs * math.ceil(spec.ipc * ctx.num_classes / spec.relabel_batch_size)
+
+
 def _student(
     ctx: RunContext,
     name: str,
@@ -178,13 +211,58 @@ def _student(
 ) -> StudentResult:
     """Train one evaluation student (`train(done_before)`), or reuse it: each finished student's per-test-image
     correctness is kept, so a killed evaluation resumes after its last finished student."""
-    path = ctx.stage_dir / f"evaluate_{name}.safetensors"
+    path = student_path(ctx, name)
     if path.exists():
         reporter.log(f"student {name!r} already trained; reusing it", fraction=(done_before + units) / reporter.total)
         return StudentResult.from_correct(load_tensors(path)["correct"].bool())
     result = train(done_before)
     save_tensors(path, {"correct": result.correct.to(torch.uint8)})
     return result
+
+
+def evaluation_student(
+    ctx: RunContext,
+    name: str,
+    teacher: FD2Model | Committee | None,
+    images_u8: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    soft: SoftLabels | None,
+    reporter: StageReporter,
+    done_before: int = 0,
+) -> StudentResult:
+    """Train (or reuse) student `name` of `STUDENTS`, saved at `student_path`. What each one reads: `distilled`
+    and `distilled_hard_labels` the set (uint8 [N,3,S,S], labels [N]) and its soft labels; `random` the teacher,
+    which relabels the random subset; `full_data` only the data. Progress counts from `done_before`."""
+    spec = ctx.spec
+    units = student_steps(ctx, name)
+    if name in ("distilled", "distilled_hard_labels"):
+        assert images_u8 is not None and labels is not None and soft is not None
+        hard = name == "distilled_hard_labels"
+
+        def train(before: int) -> StudentResult:
+            return train_student(ctx, images_u8, labels, soft, stream="student", hard_labels=hard, reporter=reporter,
+                                 done_before=before, loss_name="hard_label_loss" if hard else "student_loss")
+    elif name == "random":
+        assert teacher is not None
+        idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
+        real_u8, real_labels = ctx.data.train_images[idx], ctx.data.train_labels[idx]
+
+        def train(before: int) -> StudentResult:
+            baseline_soft = relabel(
+                ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
+                stream="baseline-relabel", parent=reporter,
+            )
+            return train_student(
+                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before,
+                loss_name="random_baseline_loss",
+            )
+    elif name == "full_data":
+
+        def train(before: int) -> StudentResult:
+            return train_full_data_student(ctx, reporter=reporter, done_before=before)
+    else:
+        raise ValueError(f"unknown student {name!r}; expected one of {STUDENTS}")
+    return _student(ctx, name, reporter, done_before, units, train)
 
 
 def evaluate(
@@ -206,36 +284,21 @@ def evaluate(
         reporter.log("evaluation already finished; reusing it")
         reporter.end()
         return read_json(path)
-    steps = len(soft)
-    full_steps = full_data_steps(ctx) if spec.eval_hlr else 0
-    reporter.begin(steps * (1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)) + full_steps)
-    result: dict[str, Any] = {}
+    names = student_names(spec)
+    reporter.begin(sum(student_steps(ctx, name) for name in names))
     done = 0
-    distilled = _student(
-        ctx, "distilled", reporter, done, steps,
-        lambda before: train_student(
-            ctx, images_u8, labels, soft, stream="student", reporter=reporter, done_before=before
-        ),
-    )
-    done += steps
+
+    def student(name: str) -> StudentResult:
+        nonlocal done
+        trained = evaluation_student(ctx, name, teacher, images_u8, labels, soft, reporter, done)
+        done += student_steps(ctx, name)
+        return trained
+
+    result: dict[str, Any] = {}
+    distilled = student("distilled")
     result["student_accuracy"] = distilled.accuracy
     if spec.eval_random_baseline:
-        idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
-        real_u8 = ctx.data.train_images[idx]
-        real_labels = ctx.data.train_labels[idx]
-
-        def train_random(before: int) -> StudentResult:
-            baseline_soft = relabel(
-                ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
-                stream="baseline-relabel", parent=reporter,
-            )
-            return train_student(
-                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before,
-                loss_name="random_baseline_loss",
-            )
-
-        baseline = _student(ctx, "random", reporter, done, steps, train_random)
-        done += steps
+        baseline = student("random")
         interval = bootstrap_interval(
             distilled.correct, baseline.correct, seed=derive_seed(spec.seed, "bootstrap", "ior")
         )
@@ -247,18 +310,8 @@ def evaluate(
         result["verdict"] = judged.status
         reporter.log(judged.message)
     if spec.eval_hlr:
-        hard = _student(
-            ctx, "distilled_hard_labels", reporter, done, steps,
-            lambda before: train_student(
-                ctx, images_u8, labels, soft, stream="student", hard_labels=True, reporter=reporter,
-                done_before=before, loss_name="hard_label_loss",
-            ),
-        )
-        done += steps
-        full = _student(
-            ctx, "full_data", reporter, done, full_steps,
-            lambda before: train_full_data_student(ctx, reporter=reporter, done_before=before),
-        )
+        hard = student("distilled_hard_labels")
+        full = student("full_data")
         result["hard_label_accuracy"] = hard.accuracy
         result["full_data_accuracy"] = full.accuracy
         result["hlr"] = hlr(full.accuracy, hard.accuracy)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from ..augment import train_augment
 from ..losses import center_loss
 from ..models import FD2Model
 from ..runtime import generator, scaled_step
+from ..spec import JobSpec
 from .committee import (
     Committee,
     TeacherMember,
@@ -27,9 +29,10 @@ from .committee import (
     member_context,
     member_names,
     member_weights,
+    member_workdir,
     save_committee,
 )
-from .context import RunContext
+from .context import RunContext, stage_folder
 from .teacher import accuracy, load_teacher, new_teacher, save_teacher
 
 TEACHER_FILE = "teacher.safetensors"
@@ -228,6 +231,32 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
         (ctx.stage_dir / name).unlink(missing_ok=True)
     reporter.end(f"teacher test accuracy {info['test_accuracy']:.3f}")
     return TeacherResult(model, info)
+
+
+def pretrain_member(ctx: RunContext, index: int) -> TeacherResult:
+    """Train (or reuse, or resume) member `index` of the run's teachers alone, in its own folder (the one
+    teacher of a single-teacher run): one shard of `fd2_core.shards`."""
+    return pretrain_teacher(member_context(ctx, index, alone=True))
+
+
+def member_saved(workdir: Path, spec: JobSpec, index: int) -> bool:
+    """Whether member `index`'s pretraining in `workdir` is finished (its teacher file and its info are saved)."""
+    folder = stage_folder(member_workdir(workdir, spec, index))
+    return (folder / TEACHER_FILE).exists() and (folder / TEACHER_INFO).exists()
+
+
+def load_committee(ctx: RunContext) -> Committee:
+    """The run's teachers from their saved files, without training and without progress events, as `pretrain`
+    returns them except for a committee's report entry (`info` is empty; `pretrain` measures the ensemble).
+    Raises FileNotFoundError naming the first member whose pretraining has not finished."""
+    members = []
+    for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
+        member_ctx = member_context(ctx, i)
+        path, info_path = member_ctx.stage_dir / TEACHER_FILE, member_ctx.stage_dir / TEACHER_INFO
+        if not (path.exists() and info_path.exists()):
+            raise FileNotFoundError(f"teacher {name} is not pretrained yet: {path} is missing")
+        members.append(TeacherMember(name, member_ctx, load_teacher(path, member_ctx), read_json(info_path), weight))
+    return Committee(members, members[0].info if ctx.spec.committee is None else {})
 
 
 def pretrain(ctx: RunContext) -> Committee:

@@ -3,23 +3,39 @@
 Published relabel: the teacher's logits of the chosen source (default the backbone's own classifier), BatchNorm
 in train mode on each forwarded part of a batch (default two halves), the stored running statistics untouched.
 A committee's soft labels are the weighted mean of its members' logits (`committee.ensemble_logits`).
+Every epoch draws from its own stream (soft-label format v3), so a range of epochs can also be recorded alone
+(`relabel_epochs`, one shard of `fd2_core.shards`) and the ranges joined (`merge_relabel_parts`) into the very
+file `relabel` writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import generator
-from ..softlabels import SoftLabels, record_soft_labels, save_soft_labels
+from ..softlabels import (
+    READABLE_FORMATS,
+    EpochGenerator,
+    SoftLabelPart,
+    SoftLabels,
+    join_soft_label_parts,
+    record_soft_labels,
+    save_soft_label_part,
+    save_soft_labels,
+)
 from ..spec import JobSpec
 from .committee import Committee, as_committee, ensemble_logits, member_fields, relabel_members
 from .context import RunContext
 
 SOFT_LABELS_FILE = "soft_labels.safetensors"
+PARTS_FOLDER = "relabel"  # under the stage folder: the epoch ranges of relabel shards before they are joined
 
 _SOURCE_TEXT = {
     "backbone": "backbone classifier logits",
@@ -46,44 +62,44 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
     )
 
 
-def relabel(
+def epoch_streams(spec: JobSpec, stream: str) -> EpochGenerator:
+    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone (soft-label format v3)."""
+    return lambda epoch: generator(spec.seed, stream, epoch)
+
+
+def recorded(path: Path, spec: JobSpec) -> bool:
+    """Whether `path` holds soft labels recorded with the spec's protocol, in any readable format; reads only the
+    file's metadata (a full file can hold gigabytes of logits)."""
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    return metadata.get("format") in READABLE_FORMATS and protocol_matches(SoftLabels({}, metadata), spec)
+
+
+def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
+    """The soft labels at `path` when they exist and were recorded with the spec's protocol (any format)."""
+    if not path.exists():
+        return None
+    existing = SoftLabels.load(path)
+    return existing if protocol_matches(existing, spec) else None
+
+
+def _record(
     ctx: RunContext,
     teacher: FD2Model | Committee,
     images_u8: torch.Tensor,
     labels: torch.Tensor,
-    path: Path,
-    stream: str = "relabel",
-    parent: StageReporter | None = None,
-) -> SoftLabels:
-    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists with this protocol.
-
-    Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
-    keeps polling the stop flag through the parent and emits no stage events of its own.
-    """
+    epochs: range,
+    stream: str,
+    on_batch: Callable[[int, int], None],
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """(tensors of `epochs`, the whole file's metadata): the one recording both `relabel` and `relabel_epochs` run."""
     spec = ctx.spec
-    reporter = parent or ctx.tracker.stage("relabel")
-    if parent is None:
-        reporter.begin(1)
-    if path.exists():
-        existing = SoftLabels.load(path)
-        if protocol_matches(existing, spec):
-            if parent is None:
-                reporter.log(f"{path.name} already recorded; reusing it")
-                reporter.end()
-            return existing
-        if parent is None:
-            reporter.log(f"{path.name} was recorded with another relabel protocol; recording it again")
     committee = as_committee(ctx, teacher)
     if spec.soft_label_source != "backbone" and any(m.model.cal_head is None for m in committee.members):
         raise ValueError(f"soft_label_source {spec.soft_label_source!r} needs the CAL head (method fd2, cal on)")
     images = ctx.normalize(images_u8).float()
-
-    def on_batch(done: int, total: int) -> None:
-        if parent is None:
-            reporter.total = total
-            reporter.step(done)
-        else:
-            parent.poll()
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
@@ -93,19 +109,151 @@ def relabel(
         tensors = record_soft_labels(
             logits_of,
             images,
-            epochs=spec.relabel_epochs,
+            epochs=epochs,
             batch_size=spec.relabel_batch_size,
-            generator=generator(spec.seed, stream),
+            generator=epoch_streams(spec, stream),
             cutmix_alpha=spec.cutmix_alpha,
             min_crop_scale=spec.min_crop_scale,
             topk=spec.topk,
             forward_splits=spec.relabel_forward_splits,
             on_batch=on_batch,
         )
-    save_soft_labels(path, tensors, _metadata(ctx, images.shape[0], labels, committee))
+    return tensors, _metadata(ctx, images.shape[0], labels, committee)
+
+
+def relabel(
+    ctx: RunContext,
+    teacher: FD2Model | Committee,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    path: Path,
+    stream: str = "relabel",
+    parent: StageReporter | None = None,
+) -> SoftLabels:
+    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists with this protocol
+    (in any readable format: a v2 file of an earlier run is kept), else records every epoch (format v3).
+
+    Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
+    keeps polling the stop flag through the parent and emits no stage events of its own.
+    """
+    spec = ctx.spec
+    reporter = parent or ctx.tracker.stage("relabel")
+    if parent is None:
+        reporter.begin(1)
+    existing = reusable(path, spec)
+    if existing is not None:
+        if parent is None:
+            reporter.log(f"{path.name} already recorded; reusing it")
+            reporter.end()
+        return existing
+    if path.exists() and parent is None:
+        reporter.log(f"{path.name} was recorded with another relabel protocol; recording it again")
+
+    def on_batch(done: int, total: int) -> None:
+        if parent is None:
+            reporter.total = total
+            reporter.step(done)
+        else:
+            parent.poll()
+
+    tensors, metadata = _record(ctx, teacher, images_u8, labels, range(spec.relabel_epochs), stream, on_batch)
+    save_soft_labels(path, tensors, metadata)
     if parent is None:
         reporter.end()
     return SoftLabels.load(path)
+
+
+def part_file(stage_dir: Path, epochs: range) -> Path:
+    """Where a relabel shard saves epochs [start, stop): `stages/relabel/epochs_SSSS_EEEE.safetensors`."""
+    return stage_dir / PARTS_FOLDER / f"epochs_{epochs.start:04d}_{epochs.stop:04d}.safetensors"
+
+
+def part_path(ctx: RunContext, epochs: range) -> Path:
+    return part_file(ctx.stage_dir, epochs)
+
+
+def relabel_epochs(
+    ctx: RunContext,
+    teacher: FD2Model | Committee,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: range,
+    stream: str = "relabel",
+) -> Path:
+    """Record only `epochs` of the relabel walk of `images_u8` into their part file (`part_path`, atomic;
+    skipped when it exists). The part holds exactly those epochs of what `relabel` records."""
+    path = part_path(ctx, epochs)
+    reporter = ctx.tracker.stage("relabel")
+    reporter.begin(1)
+    if path.exists():
+        reporter.log(f"epochs {epochs.start}-{epochs.stop} already recorded; reusing them")
+        reporter.end()
+        return path
+
+    def on_batch(done: int, total: int) -> None:
+        reporter.total = total
+        reporter.step(done)
+
+    tensors, metadata = _record(ctx, teacher, images_u8, labels, epochs, stream, on_batch)
+    save_soft_label_part(path, tensors, metadata, epochs)
+    reporter.end(f"relabel epochs {epochs.start}-{epochs.stop} recorded")
+    return path
+
+
+def _saved_parts(stage_dir: Path) -> list[tuple[range, Path]]:
+    """Every saved part file with its epochs, in file-name order."""
+    parts = []
+    for path in sorted((stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors")):
+        first, stop = (int(v) for v in path.stem.removeprefix("epochs_").split("_"))
+        parts.append((range(first, stop), path))
+    return parts
+
+
+def _joining_parts(parts: list[tuple[range, Path]], epochs: int) -> tuple[list[tuple[Path, range]], list[range]]:
+    """(the parts to join with the epochs taken from each, the epochs no part holds): from epoch 0 on, the part
+    that holds the next epoch and reaches furthest. Parts of two plans (another `max_workers`) may overlap; every
+    part is a slice of the same walk, so any of them serves."""
+    chain: list[tuple[Path, range]] = []
+    gaps: list[range] = []
+    reached = 0
+    while reached < epochs:
+        holding = [(r, path) for r, path in parts if r.start <= reached < r.stop]
+        if holding:
+            r, path = max(holding, key=lambda item: item[0].stop)
+            chain.append((path, range(reached, r.stop)))
+            reached = r.stop
+        else:
+            after = min((r.start for r, _ in parts if r.start > reached), default=epochs)
+            gaps.append(range(reached, after))
+            reached = after
+    return chain, gaps
+
+
+def missing_epochs(stage_dir: Path, epochs: int) -> list[range]:
+    """The ranges of relabel epochs no saved part file holds (empty: `merge_relabel_parts` can join them)."""
+    return _joining_parts(_saved_parts(stage_dir), epochs)[1]
+
+
+def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
+    """Join the saved epoch ranges in epoch order into `path`, the file `relabel` writes when it records every
+    epoch at once (same tensors, same metadata), then remove the part files; a file at `path` with this
+    protocol is kept as it is. Raises ValueError naming the first epochs no part holds."""
+    existing = reusable(path, ctx.spec)
+    parts = _saved_parts(ctx.stage_dir)
+    if existing is None:
+        chain, gaps = _joining_parts(parts, ctx.spec.relabel_epochs)
+        if gaps:
+            raise ValueError(f"relabel epochs {gaps[0].start}-{gaps[0].stop} are not recorded yet: their relabel "
+                             "shard has not finished")
+        pieces = [SoftLabelPart.load(part).epochs_of(taken) for part, taken in chain]
+        tensors, metadata = join_soft_label_parts(pieces, ctx.spec.relabel_epochs)
+        save_soft_labels(path, tensors, dict(metadata))
+        existing = SoftLabels.load(path)
+    for _, part in parts:
+        part.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a folder that still holds something stays
+        (ctx.stage_dir / PARTS_FOLDER).rmdir()
+    return existing
 
 
 def _metadata(ctx: RunContext, num_images: int, labels: torch.Tensor, committee: Committee) -> dict[str, object]:
