@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:
 from fd2_core.artifacts import sha256_of  # noqa: E402
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
+from fd2_core.softlabels import FORMAT as SOFT_LABEL_FORMAT  # noqa: E402
+from fd2_core.softlabels import FORMAT_V2 as SOFT_LABEL_FORMAT_V2  # noqa: E402
 from fd2_core.spec import JobSpec, resolve_spec, spec_changes  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
@@ -221,6 +223,8 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
         "hard_label_methods": list(cfg["hard_label_methods"]),
         "teacher_init": cfg["teacher_init"],
         "methods": [v.name for v in variants_of(cfg)],
+        # the relabel walk (and so the evaluation stream) is part of the result: v3 draws one stream per epoch
+        "soft_label_format": SOFT_LABEL_FORMAT,
         "protocols": list(PROTOCOLS),
     }
 
@@ -334,6 +338,9 @@ class PairRunner:
         other = json.loads(path.read_text())
         run = other.get("runs", {}).get(f"{self.setting}/{self.seed}", {})
         ours, theirs = config_key(self.cfg)["resolved_specs"], other.get("config", {}).get("resolved_specs", {})
+        if other.get("config", {}).get("soft_label_format", SOFT_LABEL_FORMAT_V2) != SOFT_LABEL_FORMAT:
+            log(f"{name} was evaluated with another relabel stream; nothing is taken from it")
+            return
         for variant in variants_of(self.cfg):
             done = run.get("methods", {}).get(variant.name)
             if variant.name in self.record["methods"] or done is None or variant.name not in theirs:
@@ -632,6 +639,9 @@ def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     predates whose new value only states what was implied before (`fd2_core.spec.IMPLIED_BEFORE_ADDED`)."""
     if stored is None:
         return False
+    # keys from before the soft-label format was recorded meant v2 streams
+    stored = {"soft_label_format": SOFT_LABEL_FORMAT_V2, **stored}
+    key = {"soft_label_format": SOFT_LABEL_FORMAT_V2, **key}
     if stored == key:
         return True
     old_specs, new_specs = stored.get("resolved_specs", {}), key.get("resolved_specs", {})

@@ -138,6 +138,10 @@ def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> No
     assert quality.same_config(predates, key)
     # A field the stored key predates that is not known to state old behaviour, or any changed value, is new work.
     assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "new_knob": 2}}})
+    # the relabel stream is part of the result: a v2 file (no format recorded) never extends under v3
+    v3 = {**key, "soft_label_format": "fd2.soft_labels.v3"}
+    assert quality.same_config(key, {**key, "soft_label_format": "fd2.soft_labels.v2"})
+    assert not quality.same_config(key, v3) and quality.same_config(v3, v3)
     # `base`: fd2 ran on sre2l++ before it could be named, the other methods have none
     for base in ("sre2l++", None):
         assert quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "base": base}}})
