@@ -15,7 +15,8 @@ from service_harness import REPO_ROOT, free_port, service_env, wait_until
 
 pytestmark = pytest.mark.service
 
-SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=40, evaluate=False, eval_random_baseline=False)
+# Slow enough per ipc index (seconds even on an idle machine) that SIGTERM lands while the job runs.
+SPEC = tiny_spec(device="cpu", ipc=3, distill_iterations=400, evaluate=False, eval_random_baseline=False)
 FINAL = ("succeeded", "failed", "cancelled")
 KEY_LINE = re.compile(r"API key for tenant 'default'.*: (fd2_\S+)")
 
