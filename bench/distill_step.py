@@ -12,6 +12,7 @@ against the bare pass of the same member, at the phase side the row names (AMP o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -50,6 +51,18 @@ def fake_data(num_classes: int, size: int) -> ImageDataset:
     )
 
 
+def timed(fn, device: torch.device, iters: int) -> float:
+    """Seconds per call of `fn` over `iters` calls, synchronised on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
 def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: int) -> dict[str, float]:
     spec = resolve_spec({"backbone": backbone, "image_size": 32, "model_width": 128, "device": device})
     ctx = RunContext(spec, fake_data(num_classes, 32), Path("."), torch.device(device), ProgressTracker({}, None, None))
@@ -75,25 +88,15 @@ def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: in
     def full(bn: BNStatMatcher) -> None:
         distill_step(ctx, teacher, x, y, prev, bn, optimizer, g, bounds)
 
-    def timed(fn) -> float:
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / iters
-
     bare_times, full_times = [], []
     with frozen(teacher):
         bare(), bare()
         with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
             full(bn), full(bn)
         for _ in range(rounds):
-            bare_times.append(timed(bare))
+            bare_times.append(timed(bare, ctx.device, iters))
             with BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
-                full_times.append(timed(lambda: full(bn)))
+                full_times.append(timed(lambda: full(bn), ctx.device, iters))
     b, f = statistics.median(bare_times), statistics.median(full_times)
     return {"bare_ms": 1000 * b, "full_ms": 1000 * f, "ratio": f / b}
 
@@ -126,25 +129,13 @@ def measure_fadrm(device: str, size: int, num_classes: int, rounds: int, iters: 
         x.grad = None
         F.cross_entropy(logits.float(), y).backward()
 
-    def timed(fn) -> float:
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / iters
-
     bare_times, full_times = [], []
     for t in teachers:
         t.eval().requires_grad_(False)
     with torch.no_grad():
         prev = [t(x).cal.attention.float()[None] for t in teachers]
-    matchers = [BNStatMatcher(t.bn_layers(), spec.first_bn_multiplier) for t in teachers]
-    for m in matchers:
-        m.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        matchers = [stack.enter_context(BNStatMatcher(t.bn_layers(), spec.first_bn_multiplier)) for t in teachers]
         models = [StepModel(t, bn, p, size, c) for t, bn, p, c in zip(teachers, matchers, prev, members, strict=True)]
 
         def full() -> None:
@@ -154,11 +145,8 @@ def measure_fadrm(device: str, size: int, num_classes: int, rounds: int, iters: 
         for _ in range(len(teachers)):
             bare(), full()
         for _ in range(rounds):
-            bare_times.append(timed(bare))
-            full_times.append(timed(full))
-    finally:
-        for m in matchers:
-            m.__exit__(None, None, None)
+            bare_times.append(timed(bare, ctx.device, iters))
+            full_times.append(timed(full, ctx.device, iters))
     b, f = statistics.median(bare_times), statistics.median(full_times)
     return {"bare_ms": 1000 * b, "full_ms": 1000 * f, "ratio": f / b}
 

@@ -1,6 +1,6 @@
-"""A committee of teachers (FD2_SPEC.md, "Second base: FADRM+ (+ FD²)"): several backbones, each pretrained on
-its own with its own M and r, used together by distillation (one per step or a weighted sum) and by the relabel
-(the weighted mean of their logits).
+"""A committee of teachers (README, "Teacher committees"; docs/INTERFACES.md for the artifact): several
+backbones, each pretrained on its own with its own M and r, used together by distillation (one per step or a
+weighted sum) and by the relabel (the weighted mean of their logits).
 
 One teacher is a committee of one: it keeps the run's own context and work folder, so single-teacher runs and
 their work folders are exactly what they were before committees. A member of a larger committee has its own

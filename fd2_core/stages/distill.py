@@ -374,15 +374,9 @@ def distill_step(
     bounds: tuple[torch.Tensor, torch.Tensor],
     side: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One full iteration: augment (crop to `side`, default x's), all losses, backward to the images, Adam step,
-    clamp to valid pixels."""
-    loss, parts = distill_loss(ctx, teacher, _augment(ctx, x, g, side), y, prev_maps, bn)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        x.data = torch.max(torch.min(x.data, bounds[1]), bounds[0])
-    return loss.detach(), parts
+    """One full iteration of one teacher: augment (crop to `side`, default x's), all losses, backward to the
+    images, Adam step, clamp to valid pixels (`committee_step` with that teacher alone)."""
+    return committee_step(ctx, [StepModel(teacher, bn, prev_maps, side)], x, y, optimizer, g, bounds)
 
 
 def initial_images(
