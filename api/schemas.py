@@ -74,6 +74,29 @@ class JobError(BaseModel):
     message: str
 
 
+class ShardOut(BaseModel):
+    id: str = Field(..., description="Stable shard id, e.g. `pretrain:m0`, `distill:c00100`, `relabel:e0000-0200`.")
+    stage: JobStage
+    status: Literal["queued", "dispatched", "running", "done", "failed", "cancelled"] = Field(
+        ..., description="`dispatched`: waiting in the broker for a free worker.")
+    worker: str | None = Field(None, description="The worker (`host:pid`) running it or that ran it last.")
+    attempts: int
+    progress: float = Field(..., description="Progress of this shard 0-1.")
+
+
+class JobShards(BaseModel):
+    """Counts by status and one item per shard, in run order."""
+
+    total: int
+    queued: int
+    dispatched: int
+    running: int
+    done: int
+    failed: int
+    cancelled: int
+    items: list[ShardOut]
+
+
 class JobOut(BaseModel):
     """The job resource as built by `store.resources.job_resource` (its one definition), typed for OpenAPI."""
 
@@ -104,6 +127,11 @@ class JobOut(BaseModel):
         False,
         description="True once the operator's retention period (FD2_ARTIFACT_RETENTION_DAYS) removed the "
         "artifact files of this finished job; its downloads answer 410 `artifacts_expired`.",
+    )
+    shards: JobShards | None = Field(
+        None,
+        description="The shards of a job spread over several workers (spec `max_workers` > 1), once it was "
+        "split; null for a job one worker runs.",
     )
 
 

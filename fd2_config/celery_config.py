@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK
+from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, RUN_SHARD_TASK
 from fd2_config.settings import Settings
 
 if TYPE_CHECKING:
@@ -79,4 +79,11 @@ def send_run_job(app: Celery, job_id: str, queue: str) -> None:
     error when the message could not be published within `SEND_RETRY_POLICY`.
     """
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=job_id, retry=True,
+                  retry_policy=SEND_RETRY_POLICY)
+
+
+def send_run_shard(app: Celery, job_id: str, shard_id: str, queue: str) -> None:
+    """Publish `fd2.run_shard(job_id, shard_id)` to the job's `queue` (docs/ARCHITECTURE.md, "One job on many
+    workers"); blocking, raising like `send_run_job`. A duplicate is harmless: the claim skips it."""
+    app.send_task(RUN_SHARD_TASK, args=[job_id, shard_id], queue=queue, retry=True,
                   retry_policy=SEND_RETRY_POLICY)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 GPU_QUEUE = "fd2.gpu"
 CPU_QUEUE = "fd2.cpu"
 RUN_JOB_TASK = "fd2.run_job"
+# One shard of a job spread over several workers (spec `max_workers` > 1), sent to the job's queue.
+RUN_SHARD_TASK = "fd2.run_shard"
 ALL_QUEUES: tuple[str, ...] = (GPU_QUEUE, CPU_QUEUE)
 
 

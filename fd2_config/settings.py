@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(
         1000, ge=0, description="Queued + running jobs a tenant may have at once (0 = unlimited); 429 past it."
     )
+    max_shards_per_tenant: int = Field(
+        0, ge=0, description="Shards of sharded jobs (spec max_workers > 1) one tenant may have running or waiting "
+        "in the broker at once, across its jobs (0 = no cap); the rest wait for a free slot.",
+    )
     rate_limit_per_minute: float = Field(
         1200.0, ge=0.0, description="Requests per minute one API key may make, per API process (0 = off); 429."
     )

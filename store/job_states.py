@@ -65,8 +65,8 @@ def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> J
     The calling process is about to run the job, so it is not running it already.
     """
     job = get_job(session, job_id)
-    if job is None or job.is_finished:
-        return None
+    if job is None or job.is_finished or (job.sharded and job.status == "running"):
+        return None  # a running sharded job is its shards' to run (`store.shards`)
     if job.cancel_requested:
         if job.status == "running" and holder_is_dead(job.worker, running_here=False):
             finish_job(session, job_id, "cancelled")  # cancelled while its worker was down

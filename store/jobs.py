@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy import bindparam, case, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from fd2_config.settings import Settings
@@ -24,6 +24,7 @@ from store.models import (
     Artifact,
     Job,
     JobEvent,
+    JobShard,
     is_public_id,
     utcnow,
 )
@@ -168,6 +169,7 @@ class JobRecord:
     cancel_requested: bool
     artifacts_expired_at: datetime | None = None
     manifest_path: str | None = None
+    shards: dict[str, Any] | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 
@@ -249,15 +251,21 @@ def request_cancel(session: Session, job_id: str) -> bool:
     """Flag a queued or running job for cancellation; a queued one is cancelled at once.
 
     False when the job is already finished (or unknown), which the API answers with 409.
+    A sharded job none of whose shards is running (they wait in the broker) is cancelled at once as well; a
+    running shard stops at its next poll and the job ends `cancelled` then.
     """
     now = utcnow()
+    idle_sharded = (Job.status == "running") & Job.sharded.is_(True) & ~exists().where(
+        JobShard.job_id == Job.id, JobShard.status == "running")
+    stops_now = (Job.status == "queued") | idle_sharded
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
         .values(
             cancel_requested=True,
-            status=case((Job.status == "queued", "cancelled"), else_=Job.status),
-            finished_at=case((Job.status == "queued", now), else_=Job.finished_at),
+            status=case((stops_now, "cancelled"), else_=Job.status),
+            finished_at=case((stops_now, now), else_=Job.finished_at),
+            eta_seconds=case((stops_now, None), else_=Job.eta_seconds),
         )
         .execution_options(synchronize_session=False)
     )
@@ -400,7 +408,9 @@ def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
     whose cancellation was requested is finished as `cancelled` instead.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    stale = or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & (Job.started_at < cutoff))
+    # A sharded job has no single holder: its shards are judged one by one (`store.shards`).
+    stale = Job.sharded.is_(False) & or_(Job.heartbeat_at < cutoff,
+                                         Job.heartbeat_at.is_(None) & (Job.started_at < cutoff))
     now = utcnow()
     session.execute(
         update(Job)

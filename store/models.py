@@ -34,6 +34,10 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running")
 FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 JOB_STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
+# A shard of a job spread over several workers (spec `max_workers` > 1): `dispatched` means its
+# `fd2.run_shard` message is in the broker; docs/ARCHITECTURE.md "One job on many workers".
+SHARD_STATUSES = ("queued", "dispatched", "running", "done", "failed", "cancelled")
+ACTIVE_SHARD_STATUSES = ("dispatched", "running")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -175,6 +179,10 @@ class Job(Base):
     # Set by the storage sweep once the artifact files of a finished job are removed for age; the artifact rows
     # stay as a record (name, size, sha256) and downloads answer 410.
     artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    # True once the job was split into shards (`job_shards`); `shards` is their summary as the job resource
+    # shows it, rewritten with every change of a shard so that polling a job stays one query.
+    sharded: Mapped[bool] = mapped_column(Boolean, default=False)
+    shards: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True,
@@ -183,6 +191,33 @@ class Job(Base):
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_JOB_STATUSES
+
+
+class JobShard(Base):
+    """One unit of a sharded job (`fd2_core.shards.plan_shards`), claimed by the worker that runs it.
+
+    `weight` is its share of the job's progress (the shares of a job add up to 1); `depends_on` the shard ids
+    that must be `done` before it may be dispatched.
+    """
+
+    __tablename__ = "job_shards"
+    __table_args__ = (Index("ix_job_shards_status", "status"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    shard_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16))
+    depends_on: Mapped[list[Any]] = mapped_column(default=list)
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):

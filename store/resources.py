@@ -54,6 +54,8 @@ def job_resource(job: Job | JobRecord, settings: Settings) -> dict[str, Any]:
         ],
         "cancel_requested": job.cancel_requested,
         "artifacts_expired": job.artifacts_expired_at is not None,
+        # The shards of a job spread over several workers (spec max_workers > 1); null for a one-worker job.
+        "shards": job.shards,
     }
 
 

@@ -64,6 +64,7 @@ class ClaimedJob:
     source: JobSource | None
     attempts: int
     callback_url: str | None
+    tenant_id: str = ""
 
 
 @dataclass
@@ -102,11 +103,12 @@ class DatabaseProgressSink:
 class JobRunner:
     """Runs jobs for one worker process (`me` is its `<host>:<pid>` identity, `state` its `WorkerState`)."""
 
-    def __init__(self, state: WorkerState, me: str) -> None:
+    def __init__(self, state: WorkerState, me: str, app: Any = None) -> None:
         self.state = state
         self.settings = state.settings
         self.limits = state.limits
         self.me = me
+        self.app = app  # the Celery app that publishes shard messages (default: the worker's own)
 
     def run(self, job_id: str) -> str:
         """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
@@ -128,6 +130,10 @@ class JobRunner:
             return self._fail(job_id, "not_found", "the job's dataset no longer exists")
         workdir = job_workdir(self.settings, job_id)
         self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
+        if _max_workers(claimed.spec) > 1:  # spread over several workers: docs/ARCHITECTURE.md
+            from worker.shard_runner import ShardRunner
+
+            return ShardRunner(self.state, self.me, self.app).plan(claimed, claimed.tenant_id)
         deadline = time.monotonic() + self.limits.soft_time_limit_s
         poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline, shutdown=self.state.shutdown)
         reporter = ProgressReporter(DatabaseProgressSink(self.settings, job_id))
@@ -247,7 +253,7 @@ class JobRunner:
             if job is None:
                 return None
             source = self._source_of(session, job)
-            return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url)
+            return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url, job.tenant_id)
 
     def _source_of(self, session: Any, job: Job) -> JobSource | None:
         """Where the job's data is recorded to be: an operator-side manifest, or the uploaded dataset's folder.
@@ -296,6 +302,12 @@ class JobRunner:
         resuming = (workdir / "stages").exists()
         verb = "resuming from the checkpoints of an earlier run" if resuming else "starting"
         return f"attempt {job.attempts} on {self.me}: {verb}"
+
+
+def _max_workers(spec: dict[str, Any]) -> int:
+    """The stored spec's `max_workers` (1 where it is missing or not a number: the spec check reports that)."""
+    value = spec.get("max_workers", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
 def _error(code: str, message: str) -> dict[str, str]:

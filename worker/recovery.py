@@ -16,6 +16,11 @@ ready and then every `recovery_interval_s`:
    broker's marker key is missing (`worker.broker_marker`: Redis restarted empty or was flushed, and took
    its queues along); and after a pass that could not send everything it meant to.
 
+The shards of jobs spread over several workers are judged the same way, one by one (`store.shards.
+requeue_orphan_shards`: a dead or silent holder's shard goes back to `queued`); each pass then dispatches the
+shards that may run (`worker.shard_dispatch`), and re-sends the messages of dispatched shards when it re-sends
+queued jobs (the broker may have lost both).
+
 The job rows change in `store.job_states.find_orphans`; this module decides when to look, and sends each job
 to be run again as a fresh `fd2.run_job` message to the queue stored on the job (`fd2_config.celery_config.
 send_run_job`, the one send path, also the API's). A duplicate message (the one Redis redelivers later, or a
@@ -36,8 +41,10 @@ from fd2_config.celery_config import send_run_job
 from fd2_config.settings import Settings
 from store.db import session_scope
 from store.job_states import find_orphans, worker_identity
+from store.shards import requeue_orphan_shards
 from worker.broker_marker import BrokerMarker, marker_for
 from worker.outages import log_failure
+from worker.shard_dispatch import dispatch_all, resend_dispatched
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ def requeue_orphans(
     """Requeue the jobs of dead workers in one transaction (`store.job_states.find_orphans`); returns the
     (job id, queue) pairs to send once it has committed."""
     with session_scope(settings) as session:
+        requeue_orphan_shards(session, settings.stale_heartbeat_s, running_here=running_here,
+                              judge_heartbeats=judge_heartbeats)
         return find_orphans(session, settings.stale_heartbeat_s, running_here=running_here,
                             include_queued=include_queued, judge_heartbeats=judge_heartbeats)
 
@@ -63,9 +72,12 @@ def recover_once(
     app: Celery, settings: Settings, *, at_start: bool, running_here: Collection[str] = ()
 ) -> list[str]:
     """One recovery pass; returns the ids sent."""
-    jobs = requeue_orphans(settings, running_here=running_here,
-                           include_queued=at_start and settings.uses_embedded_broker)
+    resend = at_start and settings.uses_embedded_broker
+    jobs = requeue_orphans(settings, running_here=running_here, include_queued=resend)
     send_jobs(app, jobs)
+    if resend:
+        resend_dispatched(app, settings)
+    dispatch_all(app, settings)
     return [job_id for job_id, _ in jobs]
 
 
@@ -111,6 +123,9 @@ class RecoveryLoop:
                                judge_heartbeats=judge)
         self._resend_queued = True  # until every message is out
         send_jobs(self._app, jobs)
+        if resend:
+            resend_dispatched(self._app, self._settings)
+        dispatch_all(self._app, self._settings)
         self._resend_queued = False
         if messages_lost:
             # Set only after the re-send, and only when it was missing: setting it on every pass could

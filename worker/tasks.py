@@ -1,4 +1,5 @@
-"""Celery tasks of the service. `fd2.run_job(job_id)` is the only one the API sends (by name)."""
+"""Celery tasks of the service. `fd2.run_job(job_id)` is the only one the API sends (by name); workers send
+`fd2.run_shard(job_id, shard_id)` for the shards of a job spread over several workers (`worker.shard_runner`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import logging
 from celery import Task
 from celery.exceptions import Reject
 
-from fd2_config.queues import RUN_JOB_TASK
+from fd2_config.queues import RUN_JOB_TASK, RUN_SHARD_TASK
 from store.job_states import worker_identity
 from worker.celery_app import app
 from worker.job_runner import JobReleased, JobRunner
+from worker.shard_runner import ShardReleased, ShardRunner
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,26 @@ def run_job(self: Task, job_id: str) -> str:
     state = self.app.worker_state()
     if state.shutdown.is_set():
         raise Reject(f"worker shutting down before job {job_id} started", requeue=True)
-    runner = JobRunner(state, worker_identity())
+    runner = JobRunner(state, worker_identity(), self.app)
     try:
         return runner.run(job_id)
     except JobReleased:
         raise Reject(f"job {job_id} interrupted by worker shutdown", requeue=True) from None
+
+
+@app.task(name=RUN_SHARD_TASK, bind=True)
+def run_shard(self: Task, job_id: str, shard_id: str) -> str:
+    """Run one shard of a sharded job. Idempotent like `run_job`: a finished shard, one held by a live worker
+    or one of a job that stopped is skipped. On worker shutdown the shard goes back to `dispatched` and its
+    message is requeued."""
+    if not isinstance(job_id, str) or not isinstance(shard_id, str):
+        log.error("ignoring %s with non-string ids %r, %r", RUN_SHARD_TASK, job_id, shard_id)
+        return "skipped"
+    state = self.app.worker_state()
+    if state.shutdown.is_set():
+        raise Reject(f"worker shutting down before shard {shard_id} of job {job_id} started", requeue=True)
+    runner = ShardRunner(state, worker_identity(), self.app)
+    try:
+        return runner.run_shard(job_id, shard_id)
+    except ShardReleased:
+        raise Reject(f"shard {shard_id} of job {job_id} interrupted by worker shutdown", requeue=True) from None

@@ -1,0 +1,74 @@
+"""Publish the shards that may run now: one `fd2.run_shard` message per shard `store.shards.select_dispatch` picked.
+
+Called when a job was split into shards, after every shard ends, and by each recovery pass (which also catches
+a tenant whose cap freed up when another of its jobs ended). The rows are committed before anything is sent, and
+a shard whose message could not be published goes back to `queued`, so a broker outage delays shards but never
+loses one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from fd2_config.celery_config import send_run_shard
+from fd2_config.settings import Settings
+from store.db import session_scope
+from store.shards import dispatched_shards, select_dispatch, tenants_with_sharded_jobs, undo_dispatch
+from worker.outages import log_failure, with_retries
+
+log = logging.getLogger(__name__)
+
+
+def dispatch_tenant(app: Celery, settings: Settings, tenant_id: str) -> list[tuple[str, str]]:
+    """Dispatch the tenant's ready shards; returns the (job id, shard id) pairs published."""
+
+    def pick() -> list[tuple[str, str, str]]:
+        with session_scope(settings) as session:
+            return select_dispatch(session, tenant_id, settings.max_shards_per_tenant)
+
+    picked = with_retries(settings, pick, f"tenant {tenant_id}: shard dispatch")
+    return _send(app, settings, picked)
+
+
+def dispatch_all(app: Celery, settings: Settings) -> list[tuple[str, str]]:
+    """Dispatch for every tenant with a running sharded job (a recovery pass)."""
+    with session_scope(settings) as session:
+        tenants = tenants_with_sharded_jobs(session)
+    sent: list[tuple[str, str]] = []
+    for tenant_id in tenants:
+        sent.extend(dispatch_tenant(app, settings, tenant_id))
+    return sent
+
+
+def resend_dispatched(app: Celery, settings: Settings) -> int:
+    """Publish every dispatched shard's message again (the broker may have lost them); returns how many."""
+    with session_scope(settings) as session:
+        shards = dispatched_shards(session)
+    for job_id, shard_id, queue in shards:
+        send_run_shard(app, job_id, shard_id, queue)
+    return len(shards)
+
+
+def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    sent: list[tuple[str, str]] = []
+    for job_id, shard_id, queue in picked:
+        try:
+            send_run_shard(app, job_id, shard_id, queue)
+        except Exception as exc:  # the broker is away: the shard waits for the next dispatch
+            log_failure(log, f"job {job_id}: shard {shard_id} could not be published; back to queued", exc)
+            try:
+                with session_scope(settings) as session:
+                    undo_dispatch(session, job_id, shard_id)
+            except Exception as undo_exc:  # a recovery pass re-sends dispatched shards after a failed pass
+                log_failure(log, f"job {job_id}: shard {shard_id} stays dispatched until the next recovery pass",
+                            undo_exc)
+                raise exc from undo_exc
+            continue
+        log.info("job %s: shard %s sent to %s", job_id, shard_id, queue)
+        sent.append((job_id, shard_id))
+    return sent
+
+
+__all__ = ["dispatch_all", "dispatch_tenant", "resend_dispatched"]
