@@ -158,6 +158,7 @@ def claim_shard(
     row = session.get(JobShard, (job_id, shard_id), populate_existing=True)
     if job is None or row is None or job.status != "running" or job.cancel_requested or not job.sharded:
         return None
+    previous_status, previous_worker, attempts = row.status, row.worker, row.attempts  # before any reload
     if row.status in FINAL_SHARD_STATUSES:
         return None
     if row.status == "running":
@@ -167,26 +168,26 @@ def claim_shard(
     done = set(session.scalars(select(JobShard.shard_id).where(
         JobShard.job_id == job_id, JobShard.shard_id.in_(list(row.depends_on or [])), JobShard.status == "done")))
     if set(row.depends_on or []) - done:
-        _set_status(session, row, "queued", only_from=(row.status,))
+        _set_status(session, row, "queued", only_from=(previous_status,))
         refresh_summary(session, job_id)
         return None
     now = utcnow()
     claimed = session.execute(
         update(JobShard)
-        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == row.status,
-               or_(JobShard.worker.is_(None), JobShard.worker == row.worker))
+        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == previous_status,
+               or_(JobShard.worker.is_(None), JobShard.worker == previous_worker))
         .values(status="running", worker=me, attempts=JobShard.attempts + 1, heartbeat_at=now, started_at=now,
                 finished_at=None, progress=0.0, error=None)
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:
         return None
-    if row.status == "running" and row.worker:
-        add_event(session, job_id, "shard_takeover", f"shard {shard_id}: worker {row.worker} is gone; taken over "
-                  f"by {me}", stage=row.stage, data={"shard": shard_id, "worker": me, "previous": row.worker})
+    if previous_status == "running" and previous_worker:
+        add_event(session, job_id, "shard_takeover", f"shard {shard_id}: worker {previous_worker} is gone; taken "
+                  f"over by {me}", stage=row.stage, data={"shard": shard_id, "worker": me,
+                                                          "previous": previous_worker})
     refresh_summary(session, job_id)
-    return ShardClaim(job_id, shard_id, row.stage, row.attempts + 1, job.tenant_id, dict(job.spec),
-                      job.started_at)
+    return ShardClaim(job_id, shard_id, row.stage, attempts + 1, job.tenant_id, dict(job.spec), job.started_at)
 
 
 def _set_status(session: Session, row: JobShard, status: str, *, only_from: Collection[str]) -> bool:
