@@ -86,16 +86,24 @@ def client(stack: ServiceStack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def dataset_id(client: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fd2_core.data import fgsynth
 
     data = fgsynth.generate(num_classes=CLASSES, image_size=32, train_per_class=10, test_per_class=4, seed=5)
-    archive = fgsynth.write_zip(data, tmp_path_factory.mktemp("upload") / "fgsynth.zip")
+    return fgsynth.write_zip(data, tmp_path_factory.mktemp("upload") / "fgsynth.zip")
+
+
+def upload(client: httpx.Client, archive: Path) -> str:
     with archive.open("rb") as handle:
         response = client.post("/v1/datasets", files={"file": (archive.name, handle, "application/zip")},
                                data={"name": "birds"})
     assert response.status_code == 201, response.text
     return response.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def dataset_id(client: httpx.Client, archive: Path) -> str:
+    return upload(client, archive)
 
 
 def submit(client: httpx.Client, dataset_id: str, spec: dict[str, Any]) -> str:
@@ -232,3 +240,20 @@ def test_a_failing_shard_fails_the_job_naming_it(service: ServiceStack, client: 
     assert job["error"]["message"].startswith(f"shard {failed[0]['id']} failed")
     # A shard still running when another failed the job stops at its next poll.
     wait_until(lambda: get_job(client, job_id)["shards"]["running"] == 0, 10, what="the other shards to stop")
+
+
+def test_another_tenants_job_runs_beside_a_wide_job(service: ServiceStack, client: httpx.Client,
+                                                    dataset_id: str, archive: Path) -> None:
+    """Fair share on real workers: while a wide job holds both workers, another tenant's job is queued behind
+    at most its two shards and finishes long before it (docs/ARCHITECTURE.md "One job on many workers")."""
+    wide = submit(client, dataset_id, SLOW_SPEC)
+    wait_until(lambda: (get_job(client, wide)["shards"] or {}).get("running", 0) == 2, 120,
+               what="the wide job on both workers")
+    with service.client(service.create_key(f"other-{service.mode}-{time.monotonic_ns()}")) as other:
+        small_job = submit(other, upload(other, archive), tiny_spec(device="cpu", evaluate=False))
+        small = wait_final(other, small_job)
+    assert small["status"] == "succeeded", small["error"]
+    job = get_job(client, wide)
+    assert job["status"] == "running"  # the small job did not wait for the wide one
+    assert client.post(f"/v1/jobs/{wide}/cancel").status_code == 202
+    assert wait_final(client, wide, 30)["status"] == "cancelled"

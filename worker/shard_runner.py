@@ -23,7 +23,7 @@ from celery import Celery
 
 from fd2_config.settings import Settings
 from store.db import session_scope
-from store.jobs import add_event, job_workdir
+from store.jobs import add_event, get_job, job_workdir
 from store.models import utcnow
 from store.shards import (
     PlannedShard,
@@ -57,7 +57,8 @@ class ShardReleased(Exception):
 
 class ShardProgressSink:
     """Writes a shard's throttled progress (the job's progress follows from all its shards) and its events,
-    each event naming the shard in its message and `data.shard`."""
+    each event naming the shard in its message and `data.shard`. An event carries the job's progress and ETA,
+    not the shard's (that is `data.shard_progress`), so a client following the events sees the job move."""
 
     def __init__(self, settings: Settings, job_id: str, shard_id: str, me: str) -> None:
         self.settings, self.job_id, self.shard_id, self.me = settings, job_id, shard_id, me
@@ -70,10 +71,20 @@ class ShardProgressSink:
         with session_scope(self.settings) as session:
             if update is not None:
                 record_shard_progress(session, self.job_id, self.shard_id, self.me, update.stage_progress)
+            if not events:
+                return
+            job = get_job(session, self.job_id)
             for record in events:
-                data = {**(record.data or {}), "shard": self.shard_id}
+                data = dict(record.data or {})
+                data["shard"], data["shard_progress"] = self.shard_id, data.get("stage_progress")
+                if job is not None:
+                    data["eta_seconds"] = job.eta_seconds
+                    if job.stage != record.stage:
+                        data.pop("stage_progress", None)
+                    else:
+                        data["stage_progress"] = job.stage_progress
                 add_event(session, self.job_id, record.kind, f"[{self.shard_id}] {record.message}",
-                          stage=record.stage, data=data)
+                          stage=record.stage, progress=job.progress if job is not None else None, data=data)
 
 
 class ShardRunner(JobRunner):
@@ -293,8 +304,6 @@ class ShardRunner(JobRunner):
         """Remove a failed or cancelled job's folder once none of its shards runs any more."""
         try:
             with session_scope(self.settings) as session:
-                from store.jobs import get_job
-
                 job = get_job(session, job_id)
                 last = job is not None and job.status in ("failed", "cancelled") and not running_shards(
                     session, job_id)
@@ -308,8 +317,6 @@ class ShardRunner(JobRunner):
 
     def _job_source(self, job_id: str) -> Any:
         with session_scope(self.settings) as session:
-            from store.jobs import get_job
-
             job = get_job(session, job_id)
             return None if job is None else self._source_of(session, job)
 

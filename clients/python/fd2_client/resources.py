@@ -44,6 +44,9 @@ class Job(TypedDict, total=False):
     metrics: dict[str, Any]
     artifacts: list[Artifact]
     artifacts_expired: bool  # the operator's retention removed the artifacts (downloads answer 410)
+    # A job spread over several workers (spec max_workers > 1): counts by status and one item per shard
+    # ({id, stage, status, worker, attempts, progress}); null for a job one worker runs.
+    shards: dict[str, Any] | None
 
 
 class Dataset(TypedDict, total=False):
