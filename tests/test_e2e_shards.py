@@ -205,6 +205,20 @@ def test_a_killed_worker_costs_the_job_nothing(service: ServiceStack, client: ht
     assert any(e["kind"] == "shard_requeued" and e["data"]["shard"] == shard["id"] for e in events(client, job_id))
 
 
+def test_a_worker_shutting_down_hands_its_shard_on(service: ServiceStack, client: httpx.Client,
+                                                   dataset_id: str) -> None:
+    job_id = submit(client, dataset_id, SLOW_SPEC)
+    shard = wait_until(lambda: running_shard(client, job_id, "distill"), 120, what="a distill shard to run")
+    leaving = next(w for w in service.workers if w.alive and str(w.process.pid) == shard["worker"].rsplit(":")[-1])
+    assert leaving.stop() == 0  # SIGTERM: a warm shutdown
+    job = wait_final(client, job_id)
+    assert job["status"] == "succeeded", (job["error"], service.log_tail())
+    item = next(s for s in job["shards"]["items"] if s["id"] == shard["id"])
+    assert item["worker"] != shard["worker"]
+    requeued = [e for e in events(client, job_id) if e["kind"] == "shard_requeued"]
+    assert [e["data"]["shard"] for e in requeued] == [shard["id"]] and "shutting down" in requeued[0]["message"]
+
+
 def test_cancel_stops_every_shard_within_ten_seconds(service: ServiceStack, client: httpx.Client,
                                                      dataset_id: str) -> None:
     job_id = submit(client, dataset_id, SLOW_SPEC)

@@ -153,6 +153,7 @@ class ShardRunner(JobRunner):
             if claim is None:
                 log.info("job %s: shard %s: nothing to do (finished, not ready, held or job stopped)", job_id,
                          shard_id)
+                self._cleanup_if_last(job_id)  # a job cancelled while its shards waited leaves its folder
                 return "skipped"
             try:
                 return self._run_claimed_shard(claim)
