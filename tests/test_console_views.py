@@ -222,6 +222,37 @@ def test_a_job_without_dataset_id_shows_deleted_dataset_not_manifest(page: Any):
     assert text_of(page, "#job-dataset") == "(deleted dataset)"
 
 
+def test_a_job_on_several_workers_lists_its_shards_and_their_workers(page: Any):
+    items = [{"id": "pretrain:m0", "stage": "pretrain", "status": "done", "worker": "gpu-a:11", "attempts": 1,
+              "progress": 1.0},
+             {"id": "distill:c00000", "stage": "distill", "status": "running", "worker": "gpu-a:11", "attempts": 2,
+              "progress": 0.25},
+             {"id": "distill:c00100", "stage": "distill", "status": "dispatched", "worker": None, "attempts": 0,
+              "progress": 0.0}]
+    shards = {"total": 3, "queued": 0, "dispatched": 1, "running": 1, "done": 1, "failed": 0, "cancelled": 0,
+              "items": items}
+    routes(page, {"GET /v1/jobs/job_wide": {"body": job("job_wide", "running", shards=shards)},
+                  "GET /v1/jobs/job_wide/events": {"sse": sse()},
+                  "GET /v1/datasets/ds_birds": {"body": {"id": "ds_birds", "name": "birds", "classes": []}}})
+    run_view(page, "views/job.js", "jobView", "job_wide")
+    shows(page, "#job-shards table.shards tbody tr")
+    assert text_of(page, "#job-shards > span") == "3 shards: 1 done · 1 running · 1 dispatched"
+    rows = read(page, "return [...document.querySelectorAll('#job-shards tbody tr')].map((tr) => "
+                      "[...tr.children].map((td) => td.textContent));")
+    assert rows == [["pretrain:m0", "done", "gpu-a:11", "1", "100 %"],
+                    ["distill:c00000", "running", "gpu-a:11", "2", "25 %"],
+                    ["distill:c00100", "dispatched", "–", "0", "0 %"]]
+    read(page, "if (window.fdController) window.fdController.abort();")
+
+
+def test_a_job_on_one_worker_shows_no_shards(page: Any):
+    routes(page, {"GET /v1/jobs/job_one": {"body": job("job_one", shards=None)},
+                  "GET /v1/jobs/job_one/events": {"sse": sse(end="succeeded")}})
+    run_view(page, "views/job.js", "jobView", "job_one")
+    shows(page, "#job-stage")
+    assert read(page, "return document.querySelector('#job-shards');") is None
+
+
 def test_the_cancellation_note_goes_once_the_job_has_ended(page: Any):
     running = job("job_live", "running")
     routes(page, {"GET /v1/jobs/job_live": {"body": running},

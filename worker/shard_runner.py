@@ -123,10 +123,13 @@ class ShardRunner(JobRunner):
             return self._fail(job.id, exc.code, str(exc))
         except ValidationError as exc:
             return self._fail(job.id, "invalid_spec", _validation_message(exc))
-        splits = [item.split for item in layout.items]
-        size = DatasetSize(len(layout.classes), splits.count("train") or len(splits), splits.count("test"))
-        shards = plan_shards(spec, len(layout.classes))
-        planned = _with_weights(shards, stage_image_passes(spec, size))
+        try:
+            splits = [item.split for item in layout.items]
+            size = DatasetSize(len(layout.classes), splits.count("train") or len(splits), splits.count("test"))
+            planned = _with_weights(plan_shards(spec, len(layout.classes)), stage_image_passes(spec, size))
+        except Exception as exc:  # the traceback stays in the worker log
+            log.exception("job %s: planning its shards failed", job.id)
+            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
 
         def record() -> int:
             with session_scope(self.settings) as session:

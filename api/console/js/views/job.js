@@ -27,6 +27,16 @@ function specLine(spec) {
   return parts.filter(([, value]) => value !== undefined && value !== null).map(([k, v]) => `${k} ${v}`).join(" · ");
 }
 
+/** A job spread over several workers: the counts by status and one row per shard with its worker. */
+function shardsView(shards) {
+  const counts = ["done", "running", "dispatched", "queued", "failed", "cancelled"]
+    .filter((status) => shards[status]).map((status) => `${shards[status]} ${status}`).join(" · ");
+  return h("div", { id: "job-shards" }, h("span", {}, `${shards.total} shards: ${counts}`),
+    table(["Shard", "Status", "Worker", "Attempts", "Progress"], shards.items.map((item) =>
+      [item.id, item.status, item.worker || "–", String(item.attempts), `${Math.round(item.progress * 100)} %`]),
+    { class: "shards" }));
+}
+
 /** {dataset, gone}: the job's dataset, or gone (404: deleted meanwhile; the job still shows). */
 async function readDataset(id, signal) {
   if (!id) return { dataset: null, gone: false };
@@ -141,6 +151,7 @@ export async function jobView(root, jobId, signal) {
       field("Progress", progressBar(job.progress, "overall progress", "job-progress")),
       field("Stage progress", progressBar(job.stage_progress, "stage progress", "job-stage-progress")),
       field("ETA", h("span", { id: "job-eta" }, active ? duration(job.eta_seconds) : "–")),
+      job.shards ? field("Shards", shardsView(job.shards)) : null,
       field("Dataset", h("span", { id: "job-dataset" }, jobDataset(job, dataset ? dataset.name : null, gone))),
       field("Spec", specLine(job.spec || {})),
       field("Created", when(job.created_at)),
