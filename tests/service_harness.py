@@ -2,8 +2,10 @@
 
 `ServiceStack` starts a real `uvicorn api.main:app` and a real Celery worker (`python -m fd2_cli worker`,
 solo pool) as child processes sharing one configuration: **embedded** (SQLite + folder broker under a
-temporary FD2_HOME) or **distributed** (a fresh PostgreSQL database + Redis db 15, flushed first). Every
-child's output goes to a log file; `log_tail()` gives what a failing test needs to show.
+temporary FD2_HOME) or **distributed** (a fresh PostgreSQL database + Redis db 15, flushed first); `mode_stack`
+starts one for a mode. Every child's output goes to a log file; `log_tail()` gives what a failing test needs to
+show. The client helpers at the end (`upload`, `submit`, `get_job`, `wait_final`) are what the end-to-end tests
+say through the REST API.
 """
 
 from __future__ import annotations
@@ -314,3 +316,62 @@ class ServiceStack:
             worker.stop()
         if self.api is not None:
             self.api.stop()
+
+
+def mode_stack(mode: str, root: Path, resources: contextlib.ExitStack, env: dict[str, str] | None = None,
+               workers: int = 1) -> ServiceStack:
+    """A started API + `workers` workers for `mode` (`embedded` or `distributed`) under `root`, stopped when
+    `resources` closes; skips the test when the distributed mode's servers are not reachable."""
+    import pytest
+
+    values = {"FD2_HOME": str(root / "home"), "FD2_STALE_HEARTBEAT_S": str(TEST_STALE_HEARTBEAT_S), **(env or {})}
+    if mode == "distributed":
+        unavailable = postgres_available()
+        if unavailable:
+            pytest.skip(unavailable)
+        flush_redis(REDIS_TEST_URL)
+        values["FD2_DATABASE_URL"] = resources.enter_context(fresh_postgres_database())
+        values["FD2_BROKER_URL"] = REDIS_TEST_URL
+    service = ServiceStack(mode, service_env(values), root / "logs")
+    resources.callback(service.stop)
+    try:
+        service.start()
+        for _ in range(workers - 1):
+            service.start_worker()
+    except BaseException:
+        print(service.log_tail())
+        raise
+    return service
+
+
+# ---------------------------------------------------------------- the REST API as a client speaks it
+
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def upload(client: httpx.Client, archive: Path, name: str = "birds") -> str:
+    """Upload a dataset archive; its id."""
+    with archive.open("rb") as handle:
+        response = client.post("/v1/datasets", files={"file": (archive.name, handle, "application/zip")},
+                               data={"name": name})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def submit(client: httpx.Client, dataset_id: str, spec: dict[str, Any]) -> str:
+    """Submit a job; its id."""
+    response = client.post("/v1/jobs", json={"dataset": {"id": dataset_id}, "spec": spec})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout_s: float = 240.0) -> dict[str, Any]:
+    """The job resource once the job has ended."""
+    return wait_until(lambda: (job := get_job(client, job_id))["status"] in FINAL_STATUSES and job, timeout_s,
+                      interval_s=0.5, what=f"job {job_id} to end")

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from pipeline_helpers import tiny_spec
 from private_servers import PrivatePostgres, PrivateRedis, private_postgres, private_redis
-from service_harness import TEST_STALE_HEARTBEAT_S, ServiceStack, service_env, wait_until
+from service_harness import TEST_STALE_HEARTBEAT_S, ServiceStack, get_job, service_env, submit, upload, wait_until
+from service_harness import wait_final as wait_job
 
 pytestmark = pytest.mark.service
 
@@ -78,28 +79,8 @@ def client_for(service: ServiceStack) -> httpx.Client:
     return service.client(service.create_key(f"restart-{time.monotonic_ns()}"))
 
 
-def upload(client: httpx.Client, archive: Path) -> str:
-    with archive.open("rb") as handle:
-        response = client.post("/v1/datasets", files={"file": (archive.name, handle, "application/zip")})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def submit(client: httpx.Client, dataset_id: str, spec: dict[str, Any]) -> str:
-    response = client.post("/v1/jobs", json={"dataset": {"id": dataset_id}, "spec": spec})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    response = client.get(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def wait_final(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    return wait_until(lambda: (job := get_job(client, job_id))["status"] in FINAL and job, JOB_TIMEOUT_S,
-                      interval_s=0.5, what=f"job {job_id} to finish")
+    return wait_job(client, job_id, JOB_TIMEOUT_S)
 
 
 def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:

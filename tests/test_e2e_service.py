@@ -20,16 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from pipeline_helpers import tiny_spec
-from service_harness import (
-    REDIS_TEST_URL,
-    TEST_STALE_HEARTBEAT_S,
-    ServiceStack,
-    flush_redis,
-    fresh_postgres_database,
-    postgres_available,
-    service_env,
-    wait_until,
-)
+from service_harness import ServiceStack, mode_stack, wait_until
 
 from fd2_core.pipeline import ARTIFACT_NAMES
 
@@ -49,25 +40,8 @@ SLOW_DISTILL_SPEC = tiny_spec(
 @pytest.fixture(scope="module", params=["embedded", "distributed"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
     """A running API + worker for one mode, shared by the scenarios of this module."""
-    mode = request.param
-    root = tmp_path_factory.mktemp(f"e2e-{mode}")
     with ExitStack() as resources:
-        env = {"FD2_HOME": str(root / "home"), "FD2_STALE_HEARTBEAT_S": str(TEST_STALE_HEARTBEAT_S)}
-        if mode == "distributed":
-            unavailable = postgres_available()
-            if unavailable:
-                pytest.skip(unavailable)
-            flush_redis(REDIS_TEST_URL)
-            env["FD2_DATABASE_URL"] = resources.enter_context(fresh_postgres_database())
-            env["FD2_BROKER_URL"] = REDIS_TEST_URL
-        service = ServiceStack(mode, service_env(env), root / "logs")
-        resources.callback(service.stop)
-        try:
-            service.start()
-        except BaseException:
-            print(service.log_tail())
-            raise
-        yield service
+        yield mode_stack(request.param, tmp_path_factory.mktemp(f"e2e-{request.param}"), resources)
 
 
 @pytest.fixture

@@ -22,22 +22,13 @@ import pytest
 import torch
 from pipeline_helpers import tiny_spec
 from safetensors.torch import load
-from service_harness import (
-    REDIS_TEST_URL,
-    TEST_STALE_HEARTBEAT_S,
-    ServiceStack,
-    flush_redis,
-    fresh_postgres_database,
-    postgres_available,
-    service_env,
-    wait_until,
-)
+from service_harness import ServiceStack, get_job, mode_stack, submit, upload, wait_until
+from service_harness import wait_final as wait_job
 
 pytestmark = pytest.mark.service
 
 CLASSES = 6
 JOB_TIMEOUT_S = 300
-FINAL = {"succeeded", "failed", "cancelled"}
 # Two class blocks, two relabel ranges (25 epochs each at least) and two evaluation students: every stage but
 # pretrain has two shards that can run at once.
 WIDE_SPEC = tiny_spec(device="cpu", ipc=2, distill_batch_classes=3, relabel_epochs=50, max_workers=2)
@@ -47,27 +38,9 @@ SLOW_SPEC = {**WIDE_SPEC, "distill_iterations": 400}
 
 @pytest.fixture(scope="module", params=["embedded", "distributed"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
-    mode = request.param
-    root = tmp_path_factory.mktemp(f"shards-{mode}")
     with ExitStack() as resources:
-        env = {"FD2_HOME": str(root / "home"), "FD2_STALE_HEARTBEAT_S": str(TEST_STALE_HEARTBEAT_S),
-               "OMP_NUM_THREADS": "1"}
-        if mode == "distributed":
-            unavailable = postgres_available()
-            if unavailable:
-                pytest.skip(unavailable)
-            flush_redis(REDIS_TEST_URL)
-            env["FD2_DATABASE_URL"] = resources.enter_context(fresh_postgres_database())
-            env["FD2_BROKER_URL"] = REDIS_TEST_URL
-        service = ServiceStack(mode, service_env(env), root / "logs")
-        resources.callback(service.stop)
-        try:
-            service.start()
-            service.start_worker()
-        except BaseException:
-            print(service.log_tail())
-            raise
-        yield service
+        yield mode_stack(request.param, tmp_path_factory.mktemp(f"shards-{request.param}"), resources,
+                         {"OMP_NUM_THREADS": "1"}, workers=2)
 
 
 @pytest.fixture
@@ -93,34 +66,13 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fgsynth.write_zip(data, tmp_path_factory.mktemp("upload") / "fgsynth.zip")
 
 
-def upload(client: httpx.Client, archive: Path) -> str:
-    with archive.open("rb") as handle:
-        response = client.post("/v1/datasets", files={"file": (archive.name, handle, "application/zip")},
-                               data={"name": "birds"})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 @pytest.fixture(scope="module")
 def dataset_id(client: httpx.Client, archive: Path) -> str:
     return upload(client, archive)
 
 
-def submit(client: httpx.Client, dataset_id: str, spec: dict[str, Any]) -> str:
-    response = client.post("/v1/jobs", json={"dataset": {"id": dataset_id}, "spec": spec})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    response = client.get(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def wait_final(client: httpx.Client, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
-    return wait_until(lambda: (job := get_job(client, job_id))["status"] in FINAL and job, timeout_s,
-                      interval_s=0.5, what=f"job {job_id} to end")
+    return wait_job(client, job_id, timeout_s)
 
 
 def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
