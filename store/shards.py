@@ -153,14 +153,15 @@ def claim_shard(
     session: Session, job_id: str, shard_id: str, me: str, stale_after_s: float
 ) -> ShardClaim | None:
     """Mark the shard running for `me`; None means skip it: the job is not running or asked to stop, the shard
-    is finished, held by a live worker, or not ready (then it goes back to `queued` for a later dispatch)."""
+    is finished, `queued` (not dispatched: the message is an old one), held by a live worker, or not ready (then
+    it goes back to `queued` for a later dispatch)."""
     job = get_job(session, job_id)
     row = session.get(JobShard, (job_id, shard_id), populate_existing=True)
     if job is None or row is None or job.status != "running" or job.cancel_requested or not job.sharded:
         return None
     previous_status, previous_worker, attempts = row.status, row.worker, row.attempts  # before any reload
-    if row.status in FINAL_SHARD_STATUSES:
-        return None
+    if row.status not in ("dispatched", "running"):
+        return None  # finished, or `queued`: an old message must not bypass max_workers and the tenant cap
     if row.status == "running":
         stale = row.heartbeat_at is None or row.heartbeat_at < utcnow() - timedelta(seconds=stale_after_s)
         if not (stale or holder_is_dead(row.worker, running_here=False)):
@@ -260,6 +261,13 @@ def record_shard_progress(session: Session, job_id: str, shard_id: str, me: str,
     refresh_summary(session, job_id)
 
 
+def shard_held(session: Session, job_id: str, shard_id: str, me: str) -> bool:
+    """Whether `me` still holds the shard (recovery may have given it to another worker after `me` went silent)."""
+    query = select(JobShard.shard_id).where(JobShard.job_id == job_id, JobShard.shard_id == shard_id,
+                                            JobShard.status == "running", JobShard.worker == me)
+    return session.scalar(query) is not None
+
+
 def job_stop_requested(session: Session, job_id: str) -> bool:
     """True when the shard's job was cancelled, has ended (another shard failed it) or no longer exists."""
     row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
@@ -322,7 +330,7 @@ def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> li
                 picked.append((job.id, row.shard_id, job.queue))
                 free -= 1
                 tenant_active += 1
-    for job_id in {job_id for job_id, _, _ in picked}:
+    for job_id in sorted({job_id for job_id, _, _ in picked}):  # one lock order for job rows everywhere
         refresh_summary(session, job_id)
     return picked
 
@@ -356,6 +364,99 @@ def dispatched_shards(session: Session) -> list[tuple[str, str, str]]:
     return [(job_id, shard_id, queue) for job_id, shard_id, queue in session.execute(query)]
 
 
+def stale_dispatched(session: Session, older_than_s: float) -> list[tuple[str, str, str]]:
+    """Dispatched shards of running jobs whose message went out more than `older_than_s` ago and was not taken:
+    the message may never have reached the broker (a worker killed between the commit and the publish). Their
+    `dispatched_at` is reset, so each is re-sent at most once per `older_than_s`; a duplicate is skipped by the
+    claim. Returns (job id, shard id, queue) to publish after committing."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    query = (
+        select(JobShard.job_id, JobShard.shard_id, Job.queue)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(JobShard.status == "dispatched", Job.status == "running",
+               or_(JobShard.dispatched_at.is_(None), JobShard.dispatched_at < cutoff))
+        .order_by(JobShard.job_id, JobShard.shard_id)
+    )
+    shards = [(job_id, shard_id, queue) for job_id, shard_id, queue in session.execute(query)]
+    for job_id, shard_id, _ in shards:
+        session.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.shard_id == shard_id,
+                                               JobShard.status == "dispatched")
+                        .values(dispatched_at=utcnow()).execution_options(synchronize_session=False))
+    return shards
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What `reconcile_sharded_jobs` did to one job: `failed` or `cancelled` (the job ended now: its folder and
+    callback are the caller's), `package_again` (the package shard is queued again) or `closed` (the open
+    shards of an ended job were cancelled; its folder is the caller's to remove)."""
+
+    job_id: str
+    action: str
+    status: str
+    callback_url: str | None
+
+
+def reconcile_sharded_jobs(session: Session, grace_s: float) -> list[Reconciled]:
+    """Bring each sharded job in line with its shards where a worker stopped between two writes:
+
+    - a running job with a failed shard and no shard running ends `failed` with that shard's error;
+    - a running job asked to cancel with no shard running ends `cancelled`;
+    - a running job whose shards are all done, the package shard for over `grace_s` (it ended but the job was
+      not recorded), gets its package shard queued again: run again, it finds the artifacts and records the job;
+    - an ended job's shards that never ran are `cancelled`.
+    """
+    open_shards = select(JobShard.job_id).where(JobShard.job_id == Job.id,
+                                                JobShard.status.in_(("queued", "dispatched"))).exists()
+    candidates = session.scalars(
+        select(Job.id).where(Job.sharded.is_(True), or_(Job.status == "running", open_shards)).order_by(Job.id)
+    ).all()
+    done: list[Reconciled] = []
+    for job_id in candidates:
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        job = get_job(session, job_id)
+        rows = job_shards(session, job_id)
+        if job is None or any(row.status == "running" for row in rows):
+            continue
+        action = _reconcile_one(session, job, rows, utcnow() - timedelta(seconds=grace_s))
+        if action:
+            refresh_summary(session, job_id)
+            current = get_job(session, job_id)
+            done.append(Reconciled(job_id, action, current.status if current else "gone", job.callback_url))
+    return done
+
+
+def _reconcile_one(session: Session, job: Job, rows: list[JobShard], cutoff: Any) -> str | None:
+    failed = next((row for row in rows if row.status == "failed"), None)
+    action = None
+    if job.status == "running" and failed is not None:
+        error = failed.error or {"code": "shard_failed", "message": f"shard {failed.shard_id} failed"}
+        if finish_job(session, job.id, "failed", error=error) is not None:
+            add_event(session, job.id, "failed", f"job failed: {error.get('message', '')}", data={"error": error})
+            action = "failed"
+    elif job.status == "running" and job.cancel_requested:
+        if finish_job(session, job.id, "cancelled") is not None:
+            add_event(session, job.id, "cancelled", "job cancelled")
+            action = "cancelled"
+    elif job.status == "running" and rows and all(row.status == "done" for row in rows):
+        package = rows[-1]
+        if package.finished_at is not None and package.finished_at >= cutoff:
+            return None  # its worker is recording the job right now
+        session.execute(update(JobShard).where(JobShard.job_id == job.id, JobShard.shard_id == package.shard_id)
+                        .values(status="queued").execution_options(synchronize_session=False))
+        add_event(session, job.id, "shard_requeued", f"shard {package.shard_id} ended but the job was not "
+                  "recorded; it runs again to record it", stage=package.stage, data={"shard": package.shard_id})
+        return "package_again"
+    if job.status != "running" or action:
+        result = session.execute(
+            update(JobShard).where(JobShard.job_id == job.id, JobShard.status.in_(("queued", "dispatched")))
+            .values(status="cancelled", finished_at=utcnow()).execution_options(synchronize_session=False)
+        )
+        if result.rowcount and not action:
+            action = "closed"
+    return action
+
+
 def requeue_orphan_shards(
     session: Session, stale_after_s: float, *, running_here: Collection[str] = (), judge_heartbeats: bool = True
 ) -> list[tuple[str, str]]:
@@ -368,6 +469,7 @@ def requeue_orphan_shards(
                Job.status, Job.cancel_requested)
         .join(Job, Job.id == JobShard.job_id)
         .where(JobShard.status == "running")
+        .order_by(JobShard.job_id, JobShard.shard_id)
     ).all()
     requeued: list[tuple[str, str]] = []
     for row in rows:
@@ -399,6 +501,7 @@ def requeue_orphan_shards(
 
 __all__ = [
     "PlannedShard",
+    "Reconciled",
     "ShardClaim",
     "beat_shard",
     "claim_shard",
@@ -407,13 +510,16 @@ __all__ = [
     "job_shards",
     "job_stop_requested",
     "record_plan",
+    "reconcile_sharded_jobs",
     "record_shard_progress",
     "refresh_summary",
     "release_shard",
     "requeue_orphan_shards",
     "running_shards",
     "select_dispatch",
+    "shard_held",
     "shard_key",
+    "stale_dispatched",
     "shard_summary",
     "tenants_with_sharded_jobs",
     "undo_dispatch",

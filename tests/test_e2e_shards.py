@@ -201,9 +201,10 @@ def test_a_failing_shard_fails_the_job_naming_it(service: ServiceStack, client: 
     finally:
         moved.rename(folder)
     assert job["status"] == "failed"
-    failed = [s for s in job["shards"]["items"] if s["status"] == "failed"]
-    assert len(failed) == 1 and failed[0]["id"] in job["error"]["message"], job["error"]
-    assert job["error"]["message"].startswith(f"shard {failed[0]['id']} failed")
+    # The first shard to start without data fails the job (a shard starting at the same moment may fail too).
+    failed = [s["id"] for s in job["shards"]["items"] if s["status"] == "failed"]
+    assert failed and any(job["error"]["message"].startswith(f"shard {shard} failed: ") for shard in failed), (
+        job["error"], failed)
     # A shard still running when another failed the job stops at its next poll.
     wait_until(lambda: get_job(client, job_id)["shards"]["running"] == 0, 10, what="the other shards to stop")
 
@@ -212,7 +213,7 @@ def test_another_tenants_job_runs_beside_a_wide_job(service: ServiceStack, clien
                                                     dataset_id: str, archive: Path) -> None:
     """Fair share on real workers: while a wide job holds both workers, another tenant's job is queued behind
     at most its two shards and finishes long before it (docs/ARCHITECTURE.md "One job on many workers")."""
-    wide = submit(client, dataset_id, SLOW_SPEC)
+    wide = submit(client, dataset_id, {**SLOW_SPEC, "distill_iterations": 3000})  # minutes of distillation
     wait_until(lambda: (get_job(client, wide)["shards"] or {}).get("running", 0) == 2, 120,
                what="the wide job on both workers")
     with service.client(service.create_key(f"other-{service.mode}-{time.monotonic_ns()}")) as other:

@@ -28,11 +28,14 @@ from store.shards import (
     finish_shard,
     job_shards,
     job_stop_requested,
+    reconcile_sharded_jobs,
     record_plan,
     record_shard_progress,
     requeue_orphan_shards,
     select_dispatch,
+    shard_held,
     shard_key,
+    stale_dispatched,
     undo_dispatch,
 )
 
@@ -151,7 +154,7 @@ def test_a_shard_runs_once_whatever_the_messages(db: Settings) -> None:
     assert claim(db, job_id, "pretrain:m0") is None  # held by a live worker
     assert finish(db, job_id, "pretrain:m0", me=other)
     assert claim(db, job_id, "pretrain:m0") is None  # a redelivered message of a finished shard
-    assert claim(db, job_id, "distill:merge") is None  # not ready: its blocks did not run
+    assert claim(db, job_id, "distill:merge") is None  # queued, not dispatched: an old message
     assert claim(db, job_id, "no-such-shard") is None
     assert statuses(db, job_id)["distill:merge"] == "queued"
 
@@ -306,3 +309,83 @@ def test_fair_share_between_two_tenants(db: Settings, wide_workers: int, cap: in
         assert last_small < 7  # the small job is done long before the wide one
     else:
         assert first_small == 8  # without a cap, max_workers 8 queues the whole wide job first
+
+
+# ---------------------------------------------------------------- a worker that stopped between two writes
+
+
+def reconcile(db: Settings, job_id: str, grace_s: float = 0.0) -> list[str]:
+    with session_scope(db) as session:
+        return [item.action for item in reconcile_sharded_jobs(session, grace_s) if item.job_id == job_id]
+
+
+def run_all(db: Settings, job_id: str, tenant_id: str, until: str | None = None) -> None:
+    """Dispatch, claim and finish shards in order until `until` (exclusive) or the end."""
+    while picked := dispatch(db, tenant_id):
+        for shard in picked:
+            if shard == until:
+                return
+            assert claim(db, job_id, shard) is not None
+            assert finish(db, job_id, shard)
+
+
+def test_a_failed_shard_whose_job_was_not_recorded_fails_the_job(db: Settings) -> None:
+    job_id, tenant_id = started_job(db, unique("failed"))
+    dispatch(db, tenant_id)
+    claim(db, job_id, "pretrain:m0")
+    with session_scope(db) as session:  # the worker died after this write, before the job's
+        finish_shard(session, job_id, "pretrain:m0", ME, "failed",
+                     error={"code": "bad_data", "message": "shard pretrain:m0 failed: no images"})
+    assert reconcile(db, job_id) == ["failed"]
+    with session_scope(db) as session:
+        job = get_job(session, job_id)
+        assert job.status == "failed" and job.error["message"] == "shard pretrain:m0 failed: no images"
+    assert set(statuses(db, job_id).values()) == {"failed", "cancelled"}  # nothing left waiting
+    assert reconcile(db, job_id) == []
+
+
+def test_a_job_whose_package_shard_ended_unrecorded_packages_again(db: Settings) -> None:
+    job_id, tenant_id = started_job(db, unique("package"))
+    run_all(db, job_id, tenant_id)
+    assert set(statuses(db, job_id).values()) == {"done"}
+    assert reconcile(db, job_id, grace_s=3600) == []  # its worker may be recording the job right now
+    assert reconcile(db, job_id) == ["package_again"]
+    assert dispatch(db, tenant_id) == ["package"]
+
+
+def test_a_cancel_with_no_shard_running_ends_the_job_and_closes_its_shards(db: Settings) -> None:
+    job_id, tenant_id = started_job(db, unique("closed"))
+    dispatch(db, tenant_id)
+    with session_scope(db) as session:
+        assert request_cancel(session, job_id)  # nothing runs: cancelled at once
+    assert statuses(db, job_id)["pretrain:m0"] == "dispatched"
+    assert reconcile(db, job_id) == ["closed"]
+    assert set(statuses(db, job_id).values()) == {"cancelled"}
+    assert summary(db, job_id)["cancelled"] == len(PLAN)
+
+
+def test_a_shard_given_to_another_worker_is_no_longer_held(db: Settings) -> None:
+    job_id, tenant_id = started_job(db, unique("held"))
+    dispatch(db, tenant_id)
+    claim(db, job_id, "pretrain:m0", me="elsewhere:1")
+    with session_scope(db) as session:
+        assert shard_held(session, job_id, "pretrain:m0", "elsewhere:1")
+        session.execute(update(JobShard).where(JobShard.job_id == job_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=2 * STALE_S)))
+    assert claim(db, job_id, "pretrain:m0", me="elsewhere:2") is not None  # a stale holder is taken over
+    with session_scope(db) as session:
+        assert not shard_held(session, job_id, "pretrain:m0", "elsewhere:1")
+    assert not finish(db, job_id, "pretrain:m0", me="elsewhere:1")  # the old run's end is not recorded
+
+
+def test_a_dispatched_message_not_taken_is_sent_again_once_per_period(db: Settings) -> None:
+    job_id, tenant_id = started_job(db, unique("stale"))
+    dispatch(db, tenant_id)
+    with session_scope(db) as session:
+        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == []
+        session.execute(update(JobShard).where(JobShard.job_id == job_id)
+                        .values(dispatched_at=utcnow() - timedelta(seconds=2 * STALE_S)))
+    with session_scope(db) as session:
+        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == ["pretrain:m0"]
+    with session_scope(db) as session:
+        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == []

@@ -133,7 +133,8 @@ class JobRunner:
         if _max_workers(claimed.spec) > 1:  # spread over several workers: docs/ARCHITECTURE.md
             from worker.shard_runner import ShardRunner
 
-            return ShardRunner(self.state, self.me, self.app).plan(claimed, claimed.tenant_id)
+            with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):  # a long data scan
+                return ShardRunner(self.state, self.me, self.app).plan(claimed, claimed.tenant_id)
         deadline = time.monotonic() + self.limits.soft_time_limit_s
         poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline, shutdown=self.state.shutdown)
         reporter = ProgressReporter(DatabaseProgressSink(self.settings, job_id))

@@ -18,8 +18,9 @@ ready and then every `recovery_interval_s`:
 
 The shards of jobs spread over several workers are judged the same way, one by one (`store.shards.
 requeue_orphan_shards`: a dead or silent holder's shard goes back to `queued`); each pass then dispatches the
-shards that may run (`worker.shard_dispatch`), and re-sends the messages of dispatched shards when it re-sends
-queued jobs (the broker may have lost both).
+shards that may run and settles jobs whose worker stopped between two writes (`worker.shard_dispatch.
+settle_sharded_jobs`), and re-sends the messages of dispatched shards when it re-sends queued jobs (the broker may
+have lost both) or when one was not taken for `stale_heartbeat_s`.
 
 The job rows change in `store.job_states.find_orphans`; this module decides when to look, and sends each job
 to be run again as a fresh `fd2.run_job` message to the queue stored on the job (`fd2_config.celery_config.
@@ -44,7 +45,7 @@ from store.job_states import find_orphans, worker_identity
 from store.shards import requeue_orphan_shards
 from worker.broker_marker import BrokerMarker, marker_for
 from worker.outages import log_failure
-from worker.shard_dispatch import dispatch_all, resend_dispatched
+from worker.shard_dispatch import resend_dispatched, settle_sharded_jobs
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def recover_once(
     send_jobs(app, jobs)
     if resend:
         resend_dispatched(app, settings)
-    dispatch_all(app, settings)
+    settle_sharded_jobs(app, settings)
     return [job_id for job_id, _ in jobs]
 
 
@@ -125,7 +126,7 @@ class RecoveryLoop:
         send_jobs(self._app, jobs)
         if resend:
             resend_dispatched(self._app, self._settings)
-        dispatch_all(self._app, self._settings)
+        settle_sharded_jobs(self._app, self._settings)
         self._resend_queued = False
         if messages_lost:
             # Set only after the re-send, and only when it was missing: setting it on every pass could

@@ -1,9 +1,10 @@
 """Publish the shards that may run now: one `fd2.run_shard` message per shard `store.shards.select_dispatch` picked.
 
-Called when a job was split into shards, after every shard ends, and by each recovery pass (which also catches
-a tenant whose cap freed up when another of its jobs ended). The rows are committed before anything is sent, and
-a shard whose message could not be published goes back to `queued`, so a broker outage delays shards but never
-loses one.
+Called when a job was split into shards, after every shard ends, and by each recovery pass (`settle_sharded_jobs`,
+which also catches a tenant whose cap freed up when another of its jobs ended, re-sends messages that may never
+have reached the broker, and settles jobs whose worker stopped between writing a shard's end and the job's).
+The rows are committed before anything is sent, and a shard whose message could not be published goes back to
+`queued`, so a broker outage delays shards but never loses one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from celery import Celery
 from fd2_config.celery_config import send_run_shard
 from fd2_config.settings import Settings
 from store.db import session_scope
-from store.shards import dispatched_shards, select_dispatch, tenants_with_sharded_jobs, undo_dispatch
+from store.jobs import job_workdir
+from store.shards import (
+    dispatched_shards,
+    reconcile_sharded_jobs,
+    select_dispatch,
+    stale_dispatched,
+    tenants_with_sharded_jobs,
+    undo_dispatch,
+)
 from worker.outages import log_failure, with_retries
+from worker.workdir_cleanup import discard_workdir
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,28 @@ def resend_dispatched(app: Celery, settings: Settings) -> int:
     return len(shards)
 
 
+def settle_sharded_jobs(app: Celery, settings: Settings) -> None:
+    """One recovery pass over sharded jobs: settle those whose shards say more than the job row
+    (`store.shards.reconcile_sharded_jobs`; an ended job's folder is freed and its callback started, as a
+    worker ending it would), re-send dispatched shards not taken for `FD2_STALE_HEARTBEAT_S`, then dispatch."""
+    with session_scope(settings) as session:
+        settled = reconcile_sharded_jobs(session, settings.stale_heartbeat_s)
+        stale = stale_dispatched(session, settings.stale_heartbeat_s)
+    for item in settled:
+        log.info("recovery: job %s: %s", item.job_id, item.action.replace("_", " "))
+        if item.status in ("failed", "cancelled"):
+            discard_workdir(job_workdir(settings, item.job_id))
+        if item.action in ("failed", "cancelled") and item.callback_url:
+            from worker.callback_delivery import start_callback
+
+            start_callback(item.job_id, settings)
+    for job_id, shard_id, queue in stale:
+        send_run_shard(app, job_id, shard_id, queue)
+        log.info("recovery: job %s: shard %s sent again (not taken for %.0f s)", job_id, shard_id,
+                 settings.stale_heartbeat_s)
+    dispatch_all(app, settings)
+
+
 def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     sent: list[tuple[str, str]] = []
     for job_id, shard_id, queue in picked:
@@ -71,4 +103,4 @@ def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -
     return sent
 
 
-__all__ = ["dispatch_all", "dispatch_tenant", "resend_dispatched"]
+__all__ = ["dispatch_all", "dispatch_tenant", "resend_dispatched", "settle_sharded_jobs"]

@@ -36,6 +36,7 @@ from store.shards import (
     record_shard_progress,
     release_shard,
     running_shards,
+    shard_held,
     shard_key,
 )
 from worker.heartbeat import Heartbeat
@@ -56,12 +57,17 @@ class ShardReleased(Exception):
 
 
 class ShardProgressSink:
-    """Writes a shard's throttled progress (the job's progress follows from all its shards) and its events,
-    each event naming the shard in its message and `data.shard`. An event carries the job's progress and ETA,
-    not the shard's (that is `data.shard_progress`), so a client following the events sees the job move."""
+    """Writes a shard's throttled progress (the job's progress follows from all its shards) and its events.
 
-    def __init__(self, settings: Settings, job_id: str, shard_id: str, me: str) -> None:
-        self.settings, self.job_id, self.shard_id, self.me = settings, job_id, shard_id, me
+    Each event names the shard in its message and `data.shard` and is filed under the shard's own stage (the
+    package shard walks every stage to reuse what the others saved). It carries the job's progress and ETA, not
+    the shard's (that is `data.shard_progress`), so a client following the events sees the job move; a shard's
+    own stage start and end are `log` events, since the job's stage does not start again with each shard.
+    Only progress reported in the shard's own stage counts as the shard's progress.
+    """
+
+    def __init__(self, settings: Settings, job_id: str, shard_id: str, me: str, stage: str) -> None:
+        self.settings, self.job_id, self.shard_id, self.me, self.stage = settings, job_id, shard_id, me, stage
 
     def write(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
         with_retries(self.settings, lambda: self._write_once(update, events),
@@ -69,22 +75,22 @@ class ShardProgressSink:
 
     def _write_once(self, update: ProgressUpdate | None, events: list[EventRecord]) -> None:
         with session_scope(self.settings) as session:
-            if update is not None:
+            if update is not None and update.stage == self.stage:
                 record_shard_progress(session, self.job_id, self.shard_id, self.me, update.stage_progress)
             if not events:
                 return
             job = get_job(session, self.job_id)
             for record in events:
                 data = dict(record.data or {})
-                data["shard"], data["shard_progress"] = self.shard_id, data.get("stage_progress")
+                own = record.stage == self.stage
+                data["shard"], data["shard_progress"] = self.shard_id, data.pop("stage_progress", None) if own else None
                 if job is not None:
                     data["eta_seconds"] = job.eta_seconds
-                    if job.stage != record.stage:
-                        data.pop("stage_progress", None)
-                    else:
+                    if job.stage == self.stage:
                         data["stage_progress"] = job.stage_progress
-                add_event(session, self.job_id, record.kind, f"[{self.shard_id}] {record.message}",
-                          stage=record.stage, progress=job.progress if job is not None else None, data=data)
+                kind = "log" if record.kind in ("stage_start", "stage_end") else record.kind
+                add_event(session, self.job_id, kind, f"[{self.shard_id}] {record.message}", stage=self.stage,
+                          progress=job.progress if job is not None else None, data=data)
 
 
 class ShardRunner(JobRunner):
@@ -177,13 +183,12 @@ class ShardRunner(JobRunner):
     def _run_claimed_shard(self, claim: ShardClaim) -> str:
         job_id, shard_id = claim.job_id, claim.shard_id
         if claim.attempts > MAX_ATTEMPTS:
-            self._end_shard(claim, "failed")
-            return self._fail(job_id, "too_many_attempts",
-                              f"shard {shard_id} was interrupted {MAX_ATTEMPTS} times")
+            return self._shard_failed(claim, "too_many_attempts", f"it was interrupted {MAX_ATTEMPTS} times")
         elapsed = (utcnow() - claim.job_started_at).total_seconds() if claim.job_started_at else 0.0
         deadline = time.monotonic() + self.limits.soft_time_limit_s - max(elapsed, 0.0)
-        poller = StopPoller(lambda: self._job_stopped(job_id), deadline=deadline, shutdown=self.state.shutdown)
-        reporter = ProgressReporter(ShardProgressSink(self.settings, job_id, shard_id, self.me))
+        poller = StopPoller(lambda: self._should_stop(job_id, shard_id), deadline=deadline,
+                            shutdown=self.state.shutdown)
+        reporter = ProgressReporter(ShardProgressSink(self.settings, job_id, shard_id, self.me, claim.stage))
         with Heartbeat(lambda: self._beat_shard(job_id, shard_id), self.limits.heartbeat_interval_s):
             return self._run_shard_pipeline(claim, reporter, poller)
 
@@ -232,7 +237,8 @@ class ShardRunner(JobRunner):
             error = _unexpected_error(exc, self.settings)
             return self._shard_failed(claim, error["code"], error["message"])
         reporter.flush()
-        self._end_shard(claim, "done", message=result.message)
+        if not self._end_shard(claim, "done", message=result.message):
+            return self._lost(claim)
         if result.pipeline_result is None:
             return "done"
         try:
@@ -248,31 +254,42 @@ class ShardRunner(JobRunner):
         if reason is StopReason.SHUTDOWN:
             with_retries(self.settings, lambda: self._release_shard(claim), f"job {claim.job_id}: shard release")
             raise ShardReleased(shard_key(claim.job_id, claim.shard_id))
+        if not self._end_shard(claim, "cancelled"):
+            return self._lost(claim)  # the poller stopped it because another worker holds the shard now
         if reason is StopReason.TIME_LIMIT:
-            self._end_shard(claim, "cancelled")
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
             return self._fail(claim.job_id, "time_limit", f"the job ran past its {limit} limit")
-        self._end_shard(claim, "cancelled")
         self._finish(claim.job_id, "cancelled")  # a no-op when another shard failed the job
         return "cancelled"
 
     def _shard_failed(self, claim: ShardClaim, code: str, message: str) -> str:
         error = _error(code, f"shard {claim.shard_id} failed: {message}")
-        self._end_shard(claim, "failed", error=error)
+        if not self._end_shard(claim, "failed", error=error):
+            return self._lost(claim)
         self._finish(claim.job_id, "failed", error=error)
         return "failed"
 
-    def _end_shard(self, claim: ShardClaim, status: str, *, error: dict[str, str] | None = None,
-                   message: str | None = None) -> None:
-        def write() -> None:
-            with session_scope(self.settings) as session:
-                if finish_shard(session, claim.job_id, claim.shard_id, self.me, status, error=error):
-                    text = message or (error["message"] if error else status)
-                    add_event(session, claim.job_id, f"shard_{'finished' if status == 'done' else status}",
-                              f"shard {claim.shard_id}: {text}", stage=claim.stage,
-                              data={"shard": claim.shard_id, "worker": self.me, "status": status})
+    def _lost(self, claim: ShardClaim) -> str:
+        """The shard was given to another worker while this one ran it (its heartbeat went stale, e.g. through a
+        database outage): this run's outcome is dropped, the job is the new holder's."""
+        log.warning("job %s: shard %s is held by another worker now; this run's outcome is dropped",
+                    claim.job_id, claim.shard_id)
+        return "lost"
 
-        with_retries(self.settings, write, f"job {claim.job_id}: end of shard {claim.shard_id}")
+    def _end_shard(self, claim: ShardClaim, status: str, *, error: dict[str, str] | None = None,
+                   message: str | None = None) -> bool:
+        """Record the shard's end; False when this worker no longer holds it."""
+        def write() -> bool:
+            with session_scope(self.settings) as session:
+                if not finish_shard(session, claim.job_id, claim.shard_id, self.me, status, error=error):
+                    return False
+                text = message or (error["message"] if error else status)
+                add_event(session, claim.job_id, f"shard_{'finished' if status == 'done' else status}",
+                          f"shard {claim.shard_id}: {text}", stage=claim.stage,
+                          data={"shard": claim.shard_id, "worker": self.me, "status": status})
+                return True
+
+        return with_retries(self.settings, write, f"job {claim.job_id}: end of shard {claim.shard_id}")
 
     def _finish(self, job_id: str, status: str, *, metrics: dict[str, Any] | None = None,
                 error: dict[str, str] | None = None) -> str:
@@ -331,9 +348,10 @@ class ShardRunner(JobRunner):
                           f"shard {claim.shard_id}: worker shutting down; shard requeued", stage=claim.stage,
                           data={"shard": claim.shard_id, "worker": self.me})
 
-    def _job_stopped(self, job_id: str) -> bool:
+    def _should_stop(self, job_id: str, shard_id: str) -> bool:
+        """The job stopped (cancelled, or ended by another shard), or the shard is another worker's now."""
         with session_scope(self.settings) as session:
-            return job_stop_requested(session, job_id)
+            return job_stop_requested(session, job_id) or not shard_held(session, job_id, shard_id, self.me)
 
     def _beat_shard(self, job_id: str, shard_id: str) -> None:
         with session_scope(self.settings) as session:
