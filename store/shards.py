@@ -352,30 +352,18 @@ def tenants_with_sharded_jobs(session: Session) -> list[str]:
     return sorted(session.scalars(query))
 
 
-def dispatched_shards(session: Session) -> list[tuple[str, str, str]]:
-    """(job id, shard id, queue) of every dispatched shard of a running job: re-sent when the broker may have
-    lost their messages (a duplicate is skipped by the claim)."""
-    query = (
-        select(JobShard.job_id, JobShard.shard_id, Job.queue)
-        .join(Job, Job.id == JobShard.job_id)
-        .where(JobShard.status == "dispatched", Job.status == "running")
-        .order_by(Job.started_at, JobShard.position)
-    )
-    return [(job_id, shard_id, queue) for job_id, shard_id, queue in session.execute(query)]
-
-
-def stale_dispatched(session: Session, older_than_s: float) -> list[tuple[str, str, str]]:
-    """Dispatched shards of running jobs whose message went out more than `older_than_s` ago and was not taken:
-    the message may never have reached the broker (a worker killed between the commit and the publish). Their
-    `dispatched_at` is reset, so each is re-sent at most once per `older_than_s`; a duplicate is skipped by the
-    claim. Returns (job id, shard id, queue) to publish after committing."""
+def dispatched_shards(session: Session, older_than_s: float = 0.0) -> list[tuple[str, str, str]]:
+    """(job id, shard id, queue) of the dispatched shards of running jobs whose message went out at least
+    `older_than_s` ago (0: all of them), oldest job first: re-sent when the broker may have lost their messages
+    (restarted empty, or a worker killed between the commit and the publish). Their `dispatched_at` is reset,
+    so a shard is re-sent at most once per `older_than_s`; a duplicate is skipped by the claim."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     query = (
         select(JobShard.job_id, JobShard.shard_id, Job.queue)
         .join(Job, Job.id == JobShard.job_id)
         .where(JobShard.status == "dispatched", Job.status == "running",
-               or_(JobShard.dispatched_at.is_(None), JobShard.dispatched_at < cutoff))
-        .order_by(JobShard.job_id, JobShard.shard_id)
+               or_(JobShard.dispatched_at.is_(None), JobShard.dispatched_at <= cutoff))
+        .order_by(Job.started_at, JobShard.position)
     )
     shards = [(job_id, shard_id, queue) for job_id, shard_id, queue in session.execute(query)]
     for job_id, shard_id, _ in shards:
@@ -519,7 +507,6 @@ __all__ = [
     "select_dispatch",
     "shard_held",
     "shard_key",
-    "stale_dispatched",
     "shard_summary",
     "tenants_with_sharded_jobs",
     "undo_dispatch",

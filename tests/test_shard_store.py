@@ -35,7 +35,6 @@ from store.shards import (
     select_dispatch,
     shard_held,
     shard_key,
-    stale_dispatched,
     undo_dispatch,
 )
 
@@ -382,10 +381,10 @@ def test_a_dispatched_message_not_taken_is_sent_again_once_per_period(db: Settin
     job_id, tenant_id = started_job(db, unique("stale"))
     dispatch(db, tenant_id)
     with session_scope(db) as session:
-        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == []
+        assert [s for j, s, _ in dispatched_shards(session, STALE_S) if j == job_id] == []
         session.execute(update(JobShard).where(JobShard.job_id == job_id)
                         .values(dispatched_at=utcnow() - timedelta(seconds=2 * STALE_S)))
     with session_scope(db) as session:
-        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == ["pretrain:m0"]
+        assert [s for j, s, _ in dispatched_shards(session, STALE_S) if j == job_id] == ["pretrain:m0"]
     with session_scope(db) as session:
-        assert [s for j, s, _ in stale_dispatched(session, STALE_S) if j == job_id] == []
+        assert [s for j, s, _ in dispatched_shards(session, STALE_S) if j == job_id] == []

@@ -217,14 +217,18 @@ class JobRunner:
             log.info("job %s was already %s", job_id, current or "gone")
             return current or status
         log.info("job %s: %s", job_id, status)
+        self._free_disk(job_id, status)
+        if callback_url:
+            start_callback(job_id, self.settings)
+        return status
+
+    def _free_disk(self, job_id: str, status: str) -> None:
+        """A succeeded job keeps its artifacts only; a failed or cancelled one leaves nothing (`workdir_cleanup`)."""
         workdir = job_workdir(self.settings, job_id)
         if status == "succeeded":
             prune_checkpoints(workdir)
         else:
             discard_workdir(workdir)
-        if callback_url:
-            start_callback(job_id, self.settings)
-        return status
 
     # ---------------------------------------------------------------- short transactions
 

@@ -45,7 +45,7 @@ from store.job_states import find_orphans, worker_identity
 from store.shards import requeue_orphan_shards
 from worker.broker_marker import BrokerMarker, marker_for
 from worker.outages import log_failure
-from worker.shard_dispatch import resend_dispatched, settle_sharded_jobs
+from worker.shard_dispatch import settle_sharded_jobs
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ def recover_once(
     resend = at_start and settings.uses_embedded_broker
     jobs = requeue_orphans(settings, running_here=running_here, include_queued=resend)
     send_jobs(app, jobs)
-    if resend:
-        resend_dispatched(app, settings)
-    settle_sharded_jobs(app, settings)
+    settle_sharded_jobs(app, settings, resend_all=resend)
     return [job_id for job_id, _ in jobs]
 
 
@@ -124,9 +122,7 @@ class RecoveryLoop:
                                judge_heartbeats=judge)
         self._resend_queued = True  # until every message is out
         send_jobs(self._app, jobs)
-        if resend:
-            resend_dispatched(self._app, self._settings)
-        settle_sharded_jobs(self._app, self._settings)
+        settle_sharded_jobs(self._app, self._settings, resend_all=resend)
         self._resend_queued = False
         if messages_lost:
             # Set only after the re-send, and only when it was missing: setting it on every pass could

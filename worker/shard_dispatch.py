@@ -21,7 +21,6 @@ from store.shards import (
     dispatched_shards,
     reconcile_sharded_jobs,
     select_dispatch,
-    stale_dispatched,
     tenants_with_sharded_jobs,
     undo_dispatch,
 )
@@ -52,22 +51,14 @@ def dispatch_all(app: Celery, settings: Settings) -> list[tuple[str, str]]:
     return sent
 
 
-def resend_dispatched(app: Celery, settings: Settings) -> int:
-    """Publish every dispatched shard's message again (the broker may have lost them); returns how many."""
-    with session_scope(settings) as session:
-        shards = dispatched_shards(session)
-    for job_id, shard_id, queue in shards:
-        send_run_shard(app, job_id, shard_id, queue)
-    return len(shards)
-
-
-def settle_sharded_jobs(app: Celery, settings: Settings) -> None:
+def settle_sharded_jobs(app: Celery, settings: Settings, *, resend_all: bool = False) -> None:
     """One recovery pass over sharded jobs: settle those whose shards say more than the job row
     (`store.shards.reconcile_sharded_jobs`; an ended job's folder is freed and its callback started, as a
-    worker ending it would), re-send dispatched shards not taken for `FD2_STALE_HEARTBEAT_S`, then dispatch."""
+    worker ending it would), re-send the messages of dispatched shards not taken for `FD2_STALE_HEARTBEAT_S`
+    (every dispatched shard's with `resend_all`: the broker may have lost them), then dispatch."""
     with session_scope(settings) as session:
         settled = reconcile_sharded_jobs(session, settings.stale_heartbeat_s)
-        stale = stale_dispatched(session, settings.stale_heartbeat_s)
+        resend = dispatched_shards(session, 0.0 if resend_all else settings.stale_heartbeat_s)
     for item in settled:
         log.info("recovery: job %s: %s", item.job_id, item.action.replace("_", " "))
         if item.status in ("failed", "cancelled"):
@@ -76,10 +67,9 @@ def settle_sharded_jobs(app: Celery, settings: Settings) -> None:
             from worker.callback_delivery import start_callback
 
             start_callback(item.job_id, settings)
-    for job_id, shard_id, queue in stale:
+    for job_id, shard_id, queue in resend:
         send_run_shard(app, job_id, shard_id, queue)
-        log.info("recovery: job %s: shard %s sent again (not taken for %.0f s)", job_id, shard_id,
-                 settings.stale_heartbeat_s)
+        log.info("recovery: job %s: shard %s sent again", job_id, shard_id)
     dispatch_all(app, settings)
 
 
@@ -103,4 +93,4 @@ def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -
     return sent
 
 
-__all__ = ["dispatch_all", "dispatch_tenant", "resend_dispatched", "settle_sharded_jobs"]
+__all__ = ["dispatch_all", "dispatch_tenant", "settle_sharded_jobs"]

@@ -45,9 +45,8 @@ from worker.outages import log_failure, with_retries
 from worker.progress import EventRecord, ProgressReporter, ProgressUpdate
 from worker.shard_dispatch import dispatch_tenant
 from worker.source_check import SourceRejected, prepare_source
-from worker.state import WorkerState
 from worker.stopping import StopPoller, StopReason
-from worker.workdir_cleanup import discard_workdir
+from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +94,6 @@ class ShardProgressSink:
 
 class ShardRunner(JobRunner):
     """Plans sharded jobs and runs their shards for one worker process; `app` publishes the shard messages."""
-
-    def __init__(self, state: WorkerState, me: str, app: Celery | None = None) -> None:
-        super().__init__(state, me)
-        self.app = app
 
     def _app(self) -> Celery:
         if self.app is None:
@@ -291,24 +286,11 @@ class ShardRunner(JobRunner):
 
         return with_retries(self.settings, write, f"job {claim.job_id}: end of shard {claim.shard_id}")
 
-    def _finish(self, job_id: str, status: str, *, metrics: dict[str, Any] | None = None,
-                error: dict[str, str] | None = None) -> str:
-        """The job's final state; a failed or cancelled job's folder is removed by the last shard to stop."""
-        written, current, callback_url = with_retries(
-            self.settings, lambda: self._write_final(job_id, status, metrics, error), f"job {job_id}: final state"
-        )
-        if not written:
-            return current or status
-        log.info("job %s: %s", job_id, status)
+    def _free_disk(self, job_id: str, status: str) -> None:
+        """A succeeded job keeps its artifacts only; a failed or cancelled job's folder is removed by the last of
+        its shards to stop (`_cleanup_if_last`), since others may still be writing there."""
         if status == "succeeded":
-            from worker.workdir_cleanup import prune_checkpoints
-
             prune_checkpoints(job_workdir(self.settings, job_id))
-        if callback_url:
-            from worker.callback_delivery import start_callback
-
-            start_callback(job_id, self.settings)
-        return status
 
     def _after_shard(self, claim: ShardClaim) -> None:
         """Free a stopped job's folder, then dispatch what may run now (not while shutting down: the recovery
