@@ -26,7 +26,7 @@ from .data.limits import DataLimits
 from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import pick_device
-from .spec import JobSpec, resolve_spec, spec_changes
+from .spec import JobSpec, data_path_changed, resolve_spec, spec_changes
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
@@ -93,6 +93,11 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
             earlier = read_json(spec_path)
         except (OSError, ValueError):
             earlier = None
+        if isinstance(earlier, dict) and data_path_changed(earlier):
+            raise DataError("workdir_conflict", f"{workdir} holds a run started on the earlier crop and resampling "
+                            "rules, which this version no longer runs, so it cannot be resumed",
+                            {"changed_fields": ["data_path"]},
+                            fix="choose another work folder (the earlier run's finished artifacts stay valid)")
         changed = _spec_changes(earlier, resolved)
         if changed:
             shown = ", ".join(

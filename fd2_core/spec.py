@@ -159,6 +159,17 @@ class JobSpec(BaseModel):
     pretrain_lr_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="Step decay lr·γ^(epoch/2) when > 0 (published: 0.9); else cosine."
     )
+    pretrain_lr_decay_mode: Literal["continuous", "stepped"] = Field(
+        "continuous",
+        description="How pretrain_lr_decay γ applies: continuous = lr·γ^(epoch/2) with a real exponent (the published "
+        "FD² script); stepped = lr·γ^⌊epoch/2⌋ (the CAL code's StepLR every 2 epochs).",
+    )
+    cal_crop_drop: Literal["published", "cal-code"] = Field(
+        "published",
+        description="CAL attention crop/drop at pretraining: published = the FD² code's (maps upsampled with "
+        "align_corners=False, crop box int(min − 0.1·S) to int(max + 0.1·S), the crop and drop maps drawn with "
+        "replacement ∝ sqrt(map sum)); cal-code = the same with the CAL code's align_corners=True upsampling.",
+    )
     pretrain_augment: Literal["auto", "published", "shift-flip", "resized-crop"] = Field(
         "auto",
         description="Teacher training augmentation: published = flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + "
@@ -202,7 +213,33 @@ class JobSpec(BaseModel):
     )
     r_bn: float = Field(0.01, ge=0.0, le=100.0, description="Weight of BatchNorm statistics matching.")
     first_bn_multiplier: float = Field(10.0, ge=0.0, le=1000.0, description="α of the first BatchNorm layer.")
-    jitter: int = Field(4, ge=0, le=64, description="Max random roll in pixels (32 at 224 px, 4 at ≤ 64 px).")
+    jitter: int = Field(
+        4, ge=0, le=64,
+        description="J of the random roll after the crop: randint(0, J) pixels per axis, J included, one roll per "
+        "step (published: 32 at 224 px; 4 at ≤ 64 px).",
+    )
+    distill_crop: Literal["batch", "image"] = Field(
+        "image",
+        description="Distill step's RandomResizedCrop + flip: batch = one box and one flip for all images of a step "
+        "(published: one torchvision transform on the 4-D batch, so BN matching sees the batch at one scale and "
+        "position); image = a box and a flip per image. SC's earlier-index maps always crop per image, no roll.",
+    )
+    patch_rule: Literal["published", "ranked"] = Field(
+        "ranked",
+        description="Patch initialisation: published = FD²'s script: per class the first min(smallest class, "
+        "patch_pool) train images in the loader's order, 5 patch files each from fresh views (each image's "
+        "lowest-CE view, the factor² best stitched), each ipc index starting from one file drawn at random (indices "
+        "may share a start), scored by a plain cross-entropy teacher (under FD² one more pretraining); ranked = "
+        "RDED's rule: up to patch_pool shuffled images ranked once by the run's own teacher (under FD² the CAL "
+        "teacher's backbone, unlike the published scorer), index j taking the j-th group.",
+    )
+    synthetic_format: Literal["png", "jpeg"] = Field(
+        "png",
+        description="How each distilled ipc index is stored before later stages read it: jpeg = truncated to "
+        "uint8, then JPEG quality 75 (Pillow), and SC's references, relabel and the students read the decoded "
+        "JPEG pixels (published); png = rounded to uint8, lossless. The artifact's PNGs hold exactly the pixels "
+        "the service's own student saw either way.",
+    )
     patch_candidates: int = Field(
         5, ge=1, le=64, description="Square RandomResizedCrop views scored per real image for patch initialisation."
     )
@@ -422,6 +459,12 @@ _PAPER_COMMON: dict[str, Any] = {
     "relabel_epochs": 400,
     "relabel_batch_size": 20,
     "fadrm_phase_steps": [1500, 1500, 1500, 2000],  # FADRM+ only; the sizes default to the published 200/224/200/224
+    # The published data path (docs/FD2_SPEC.md): one crop per distill step, FD²'s patch script with its plain-CE
+    # scorer, images stored as JPEG 75 and read back, fp32 throughout (the FADRM+ presets: fp16 + scaler).
+    "distill_crop": "batch",
+    "patch_rule": "published",
+    "synthetic_format": "jpeg",
+    "amp": False,
 }
 
 
@@ -455,6 +498,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PAPER_COMMITTEE = ("resnet18", "mobilenetv2", "resnet50", "densenet121")
 _FADRM_OVERRIDES: dict[str, Any] = {
     "method": "fd2", "base": "fadrm+", "committee": list(PAPER_COMMITTEE), "distill_lr": 0.1, "eval_lr": 1e-2,
+    "amp": True, "amp_dtype": "float16",
 }
 for _dataset in ("paper-cub", "paper-aircraft", "paper-cars"):
     PRESETS[f"{_dataset}-fadrm"] = {**PRESETS[_dataset], **_FADRM_OVERRIDES}
@@ -521,7 +565,23 @@ IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "committee_mode": frozenset({"auto"}),
     "amp_dtype": frozenset({"bfloat16"}),
     "max_workers": frozenset({1}),
+    # added with the published data path; a spec before them meant these (what else changed with them, the crop
+    # sampler and resampling, refuses a work folder of an earlier run: see DATA_PATH_MARKER)
+    "distill_crop": frozenset({"image"}),
+    "patch_rule": frozenset({"ranked"}),
+    "synthetic_format": frozenset({"png"}),
+    "pretrain_lr_decay_mode": frozenset({"stepped"}),
 }
+
+# The field that came with the published data path (torchvision's crop boxes and antialiased resampling in every
+# stage, CAL's published crop/drop): a stored spec without it was run on the earlier data path, which no spec can
+# reproduce, so a work folder holding such a run cannot be resumed (`data_path_changed`).
+DATA_PATH_MARKER = "distill_crop"
+
+
+def data_path_changed(earlier: Mapping[str, Any]) -> bool:
+    """Whether a stored spec predates the published data path (its run saw other crops in every stage)."""
+    return DATA_PATH_MARKER not in earlier
 
 # Fields that never change what a run computes (how many workers share a job): a work folder, a stored result
 # or a benchmark written under another value still matches.

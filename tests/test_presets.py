@@ -148,3 +148,30 @@ def test_teacher_checkpoint_is_selected_on_the_soft_label_logits() -> None:
     assert _selection_ratio(resolve_spec({"method": "sre2l++"})) is None
     mixed = resolve_spec({"method": "fd2", "soft_label_source": "mixed", "cal_ratio": 0.3})
     assert _selection_ratio(mixed) == 0.3
+
+
+# The published data path (docs/FD2_SPEC.md, "The published data path"), written out per preset: distill_crop,
+# patch_rule, synthetic_format, amp, amp_dtype. cpu-small keeps its earlier values until they are chosen on
+# validation data.
+EXPECTED_DATA_PATH = {
+    "cpu-small": ("image", "ranked", "png", True, "bfloat16"),
+    "cpu-small-fadrm": ("image", "ranked", "png", True, "bfloat16"),
+    **{name: ("batch", "published", "jpeg", False, "bfloat16") for name in PAPER_PRESETS},
+    **{f"{name}-fadrm": ("batch", "published", "jpeg", True, "float16") for name in PAPER_PRESETS},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_DATA_PATH))
+def test_paper_presets_run_the_published_data_path(preset: str) -> None:
+    assert set(EXPECTED_DATA_PATH) == set(PRESETS)
+    spec = resolve_spec({"preset": preset})
+    got = (spec.distill_crop, spec.patch_rule, spec.synthetic_format, spec.amp, spec.amp_dtype)
+    assert got == EXPECTED_DATA_PATH[preset]
+    assert (spec.cal_crop_drop, spec.pretrain_lr_decay_mode) == ("published", "continuous")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_a_user_value_wins_over_the_data_path_of_a_preset(preset: str) -> None:
+    user = {"distill_crop": "image", "patch_rule": "ranked", "synthetic_format": "png", "amp": True}
+    spec = resolve_spec({"preset": preset, **user})
+    assert {k: getattr(spec, k) for k in user} == user

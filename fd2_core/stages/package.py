@@ -67,6 +67,16 @@ def quantize(ctx: RunContext, synthetic: torch.Tensor) -> DistilledSet:
     return DistilledSet(images, torch.arange(k).repeat(ipc), torch.arange(ipc).repeat_interleave(k))
 
 
+def image_storage(synthetic_format: str, method: str) -> dict[str, str]:
+    """How the set's images were stored before relabel and evaluation read them (manifest and report): the
+    PNGs of the artifact hold exactly those pixels, losslessly."""
+    if synthetic_format == "jpeg" and method != "random":
+        how = "truncated to uint8, then JPEG quality 75; later stages and these PNGs hold the decoded JPEG pixels"
+    else:
+        how = "rounded to uint8, lossless" if method != "random" else "the real images as read, lossless"
+    return {"format": synthetic_format, "stored_as": how}
+
+
 def json_safe(value: Any) -> Any:
     """JSON has no NaN or infinity: unknown numbers become null (recursively through dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -152,6 +162,7 @@ def package(
             "versions": versions,
             "seed": spec.seed,
             "normalization": {"mean": list(data.mean), "std": list(data.std)},
+            "synthetic_format": image_storage(spec.synthetic_format, spec.method),
         }
         images, labels, ipc_index = distilled
         artifacts = {
@@ -181,6 +192,7 @@ def package(
             },
             "warnings": provenance.warnings,
             "distill": init_drift(ctx),
+            "synthetic_format": image_storage(spec.synthetic_format, spec.method),
             "dataset": {**summary, "duplicates": data.duplicates,
                         "errors": [e.as_dict() for e in data.errors[:100]],
                         "warnings": [w.as_dict() for w in data.warnings]},
