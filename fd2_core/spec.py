@@ -28,6 +28,7 @@ BASES: tuple[str, ...] = get_args(Base)  # the recipes FD² can run on (`base`)
 COMMITTEE_MODES: tuple[str, ...] = get_args(CommitteeMode)
 MAX_COMMITTEE = 8
 MAX_WORKERS = 64
+PUBLISHED_PATCH_FILES = 5  # patch files per class of the published patch rule (`patch_rule`)
 
 
 class CommitteeMember(BaseModel):
@@ -157,7 +158,9 @@ class JobSpec(BaseModel):
     pretrain_weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Teacher weight decay.")
     pretrain_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
     pretrain_lr_decay: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Step decay lr·γ^(epoch/2) when > 0 (published: 0.9); else cosine."
+        0.0, ge=0.0, lt=1.0,
+        description="Decay γ of the teacher's lr every 2 epochs when > 0 (published: 0.9), set once per epoch as "
+        "pretrain_lr_decay_mode says; 0 = cosine over all steps.",
     )
     pretrain_lr_decay_mode: Literal["continuous", "stepped"] = Field(
         "continuous",
@@ -167,8 +170,9 @@ class JobSpec(BaseModel):
     cal_crop_drop: Literal["published", "cal-code"] = Field(
         "published",
         description="CAL attention crop/drop at pretraining: published = the FD² code's (maps upsampled with "
-        "align_corners=False, crop box int(min − 0.1·S) to int(max + 0.1·S), the crop and drop maps drawn with "
-        "replacement ∝ sqrt(map sum)); cal-code = the same with the CAL code's align_corners=True upsampling.",
+        "align_corners=False; crop box int(min − 0.1·S) to int(max + 0.1·S), end exclusive; the crop and drop maps "
+        "drawn with replacement ∝ sqrt(map sum); the crop resized back with aligned corners); cal-code = the same "
+        "with the CAL code's align_corners=True upsampling of the maps.",
     )
     pretrain_augment: Literal["auto", "published", "shift-flip", "resized-crop"] = Field(
         "auto",
@@ -380,6 +384,13 @@ class JobSpec(BaseModel):
         return self.method != "random" and self.init == "patches"
 
     @property
+    def trains_scorer(self) -> bool:
+        """Whether pretraining trains one more teacher, with plain cross-entropy, to score the patch views: the
+        published patch rule scores with a plain teacher, and under FD² the run's own teachers carry the CAL
+        head (elsewhere the first teacher is plain and scores)."""
+        return self.scores_patches and self.patch_rule == "published" and self.uses_cal
+
+    @property
     def uses_fc(self) -> bool:
         return self.uses_cal and self.fc
 
@@ -459,7 +470,7 @@ _PAPER_COMMON: dict[str, Any] = {
     "relabel_epochs": 400,
     "relabel_batch_size": 20,
     "fadrm_phase_steps": [1500, 1500, 1500, 2000],  # FADRM+ only; the sizes default to the published 200/224/200/224
-    # The published data path (docs/FD2_SPEC.md): one crop per distill step, FD²'s patch script with its plain-CE
+    # The published data path (docs/DATA_PATH.md): one crop per distill step, FD²'s patch script with its plain-CE
     # scorer, images stored as JPEG 75 and read back, fp32 throughout (the FADRM+ presets: fp16 + scaler).
     "distill_crop": "batch",
     "patch_rule": "published",
