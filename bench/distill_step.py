@@ -7,6 +7,9 @@ The FADRM+ rows time the committee step: one member per step in turn (round robi
 against the bare pass of the same member, at the phase side the row names (AMP on CUDA when the spec has it).
 
     python bench/distill_step.py [--rounds 7] [--iters 5] [--threads N] [--device cpu|cuda] [--fadrm-size S]
+                                 [--distill-crop batch|image]
+
+`--distill-crop` times the FD² rows with one crop box for the batch or one per image (default: the spec's).
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ def timed(fn, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def measure(backbone: str, num_classes: int, device: str, rounds: int, iters: int) -> dict[str, float]:
-    spec = resolve_spec({"backbone": backbone, "image_size": 32, "model_width": 128, "device": device})
+def measure(
+    backbone: str, num_classes: int, device: str, rounds: int, iters: int, distill_crop: str | None = None
+) -> dict[str, float]:
+    crop = {"distill_crop": distill_crop} if distill_crop else {}
+    spec = resolve_spec({"backbone": backbone, "image_size": 32, "model_width": 128, "device": device, **crop})
     ctx = RunContext(spec, fake_data(num_classes, 32), Path("."), torch.device(device), ProgressTracker({}, None, None))
     torch.manual_seed(0)
     teacher = new_teacher(ctx)
@@ -159,13 +165,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fadrm-size", type=int, default=0, help="FADRM+ row side; 0 = 32 on cpu, 224 on cuda")
     parser.add_argument("--fadrm-classes", type=int, default=0, help="FADRM+ batch classes; 0 = 20 cpu, 100 cuda")
+    parser.add_argument("--distill-crop", choices=("batch", "image"), default=None,
+                        help="one crop box per batch or per image in the FD² rows; default: the spec's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'setting':<22} {'bare fwd+bwd':>13} {'FD² iteration':>14} {'ratio':>7}")
     for backbone, k in SETTINGS:
-        r = measure(backbone, k, args.device, args.rounds, args.iters)
+        r = measure(backbone, k, args.device, args.rounds, args.iters, args.distill_crop)
         print(f"{backbone + ' / ' + str(k) + ' classes':<22} {r['bare_ms']:>10.1f} ms {r['full_ms']:>11.1f} ms "
               f"{r['ratio']:>6.2f}x")
     size = args.fadrm_size or (224 if args.device == "cuda" else 32)

@@ -32,7 +32,8 @@ from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.losses import BNStatMatcher, fc_loss, pairwise_normalized_l2_distance, sc_loss  # noqa: E402
 from fd2_core.runtime import frozen, generator  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
-from fd2_core.stages.distill import _augment, patch_init  # noqa: E402
+from fd2_core.stages.distill import _augment  # noqa: E402
+from fd2_core.stages.patches import patch_init  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 
 

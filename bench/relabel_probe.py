@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:
 from bench.quality import log, make_ctx, teacher_weights_path  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.spec import resolve_spec  # noqa: E402
-from fd2_core.stages.distill import random_real_indices  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
+from fd2_core.stages.patches import random_real_indices  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 from fd2_core.stages.relabel import relabel  # noqa: E402
 

@@ -15,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from .crops import resized_crop, sample_resized_crop_boxes
+
+Resampling = Literal["resized_crop", "roi_align"]
+RESIZED_CROP: Resampling = "resized_crop"  # torchvision's resized_crop, antialiased bilinear (`crops.resized_crop`)
+ROI_ALIGN: Resampling = "roi_align"  # roi_align(sampling_ratio=2, aligned=True): soft-label formats v1–v3 only
+
 
 class CropFlip(NamedTuple):
     boxes: torch.Tensor  # [B, 4] float32 (x1, y1, x2, y2) in pixels of the source image
     flips: torch.Tensor  # [B] bool
+    resampling: Resampling = RESIZED_CROP  # how `apply_crop_flip` resamples the boxes (replay of older files)
 
 
 class CutMix(NamedTuple):
@@ -33,23 +40,38 @@ def sample_crop_flip(
     generator: torch.Generator,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    per_image: bool = True,
 ) -> CropFlip:
-    """RandomResizedCrop boxes (torchvision's distribution, clipped instead of retried) plus flips."""
-    area = size * size
-    target = area * torch.empty(batch).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(target * aspect).clamp(1.0, size)
-    h = torch.sqrt(target / aspect).clamp(1.0, size)
-    x1 = torch.rand(batch, generator=generator) * (size - w)
-    y1 = torch.rand(batch, generator=generator) * (size - h)
-    boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
-    flips = torch.rand(batch, generator=generator) < 0.5
-    return CropFlip(boxes.float(), flips)
+    """RandomResizedCrop boxes of a `size`² image (torchvision's rule, `sample_resized_crop_boxes`) + flips p = ½.
+
+    per_image=False draws ONE box and ONE flip for the whole batch, repeated to [B, 4] / [B]: the published
+    distill step applies one torchvision transform to the whole 4-D batch.
+    """
+    draws = batch if per_image else 1
+    boxes = sample_resized_crop_boxes(draws, size, size, generator, scale, ratio)
+    flips = torch.rand(draws, generator=generator) < 0.5
+    if not per_image:
+        boxes, flips = boxes.expand(batch, 4).clone(), flips.expand(batch).clone()
+    return CropFlip(boxes, flips)
 
 
 def apply_crop_flip(images: torch.Tensor, params: CropFlip, out_size: int | None = None) -> torch.Tensor:
-    """Crop every image to its box and resize, in one differentiable roi_align call; then flip."""
+    """[B,C,H,W] → [B,C,out,out] (default out = H): each image cropped to its box, resized, then flipped.
+
+    Resampled by the rule `params.resampling` names: torchvision's resized_crop (`crops.resized_crop`, the flip
+    folded into its column weights; one matrix product for the whole batch when all boxes and flips agree), or
+    for soft labels recorded before format v4 the roi_align of `apply_crop_flip_roi_align`. Differentiable
+    w.r.t. `images`.
+    """
+    if params.resampling == ROI_ALIGN:
+        return apply_crop_flip_roi_align(images, params, out_size)
+    return resized_crop(images, params.boxes, out_size or images.shape[2], flips=params.flips)
+
+
+def apply_crop_flip_roi_align(images: torch.Tensor, params: CropFlip, out_size: int | None = None) -> torch.Tensor:
+    """The resampling of soft-label formats v1–v3, kept so their files replay exactly as recorded: every box
+    by one roi_align(sampling_ratio=2, aligned=True) call, then the flip."""
     b, _, h, _ = images.shape
     out = out_size or h
     boxes = params.boxes.to(device=images.device, dtype=images.dtype)
@@ -60,10 +82,11 @@ def apply_crop_flip(images: torch.Tensor, params: CropFlip, out_size: int | None
 
 
 def random_roll(images: torch.Tensor, jitter: int, generator: torch.Generator) -> torch.Tensor:
-    """One random shift for the whole batch (as the published recover step does)."""
+    """One random roll for the whole batch, as the published distill step does: randint(0, J) pixels per axis
+    (J included, Python's random.randint), drawn from `generator`."""
     if jitter <= 0:
         return images
-    dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+    dx, dy = torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
     return torch.roll(images, shifts=(dx, dy), dims=(2, 3))
 
 
@@ -94,11 +117,16 @@ def apply_cutmix(images: torch.Tensor, params: CutMix | None) -> torch.Tensor:
 
 
 def sample_shift_flip(batch: int, size: int, generator: torch.Generator, max_shift: float) -> CropFlip:
-    """Full-size boxes shifted by up to `max_shift` pixels (zero padding outside) plus flips."""
-    offsets = (torch.rand(batch, 2, generator=generator) * 2 - 1) * max_shift
+    """Whole-image boxes shifted by an integer offset in [−⌊max_shift⌋, ⌊max_shift⌋] per axis, plus flips.
+
+    At scale 1 `resized_crop` copies pixels exactly: the image moves by whole pixels with zero padding
+    outside, no resampling and no blur.
+    """
+    reach = int(max_shift)
+    offsets = torch.randint(-reach, reach + 1, (batch, 2), generator=generator).float()
     boxes = torch.cat([offsets, offsets + size], dim=1)
     flips = torch.rand(batch, generator=generator) < 0.5
-    return CropFlip(boxes.float(), flips)
+    return CropFlip(boxes, flips)
 
 
 PretrainAugment = Literal["auto", "published", "shift-flip", "resized-crop"]
@@ -288,9 +316,9 @@ def train_augment(
 ) -> torch.Tensor:
     """Teacher training augmentation of normalised [B,3,S,S] images, batched, per-sample random.
 
-    - shift-flip: a shift of up to 1/16 of the side + flip. A random resized crop at 32 px rescales or cuts
-      away the few pixels that tell fine-grained classes apart.
-    - resized-crop: the usual RandomResizedCrop(0.35–1) + flip.
+    - shift-flip: an integer shift of up to 1/16 of the side (zero padding, no resampling) + flip. A random
+      resized crop at 32 px rescales or cuts away the few pixels that tell fine-grained classes apart.
+    - resized-crop: torchvision's RandomResizedCrop(0.35–1) + flip (`crops`).
     - auto: shift-flip at ≤ 64 px, resized-crop above.
     - published: the published pretraining script's flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + rotation ±15°
       (no crop); needs the normalisation `mean` and `std` (per channel) to work in pixel space.

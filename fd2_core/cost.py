@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fd2_core.fadrm import input_side, phase_schedule
-from fd2_core.spec import JobSpec
+from fd2_core.spec import PUBLISHED_PATCH_FILES, JobSpec
 
 REFERENCE_SIDE = 32
 TRAIN_STEP_PASSES = 3.0  # forward + backward ≈ three forward passes
@@ -61,7 +61,8 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     steps_p·(size_p/S)² for those on fadrm+ (`fadrm_steps_at_full_size`), plus the teacher's scoring of the patch
     pool (`patch_scoring_passes`) for rded and the patch initialisation. A committee of T teachers pretrains T
     times, relabels through T models, and distils through T models per step unless it takes one per step
-    (round robin).
+    (round robin). A spec that trains a patch scorer (`JobSpec.trains_scorer`: the published patch rule under
+    FD²) pretrains once more, a plain teacher: pretrain_epochs·n_train training steps without the CAL passes.
 
     evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
     relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
@@ -71,7 +72,8 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     k, n_train = size.num_classes, size.train_images
     n_syn = spec.ipc * k
     teachers = len(spec.members)
-    pretrain = teachers * spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES * (CAL_PASSES if spec.uses_cal else 1.0)
+    per_teacher = spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES
+    pretrain = per_teacher * (teachers * (CAL_PASSES if spec.uses_cal else 1.0) + int(spec.trains_scorer))
     distill = patch_scoring_passes(spec, size)
     if spec.optimises_images:
         steps = fadrm_steps_at_full_size(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
@@ -95,11 +97,17 @@ def fadrm_steps_at_full_size(spec: JobSpec) -> float:
 
 
 def patch_scoring_passes(spec: JobSpec, size: DatasetSize) -> float:
-    """Forward passes that rank the patch pool (fd2_core.stages.distill.rank_patches): `patch_candidates` views
-    of up to `patch_pool` images per class, each padded to the full image side; once per run, whatever the ipc.
-    min(K·patch_pool, train images) bounds the pool Σ_c min(patch_pool, n_c) without the per-class counts."""
+    """Forward passes that score the patch views (fd2_core.stages.patches), each view padded to the full image
+    side; once per run. `ranked`: `patch_candidates` views of up to `patch_pool` images per class, whatever the
+    ipc; min(K·patch_pool, train images) bounds the pool Σ_c min(patch_pool, n_c) without the per-class counts.
+    `published`: per class at most min(ipc, PUBLISHED_PATCH_FILES) patch files (those some index picks), each
+    `patch_candidates` views of the first n = min(smallest class, patch_pool) images; the smallest class holds at
+    most the mean, train images // K."""
     if not spec.scores_patches:
         return 0.0
+    if spec.patch_rule == "published":
+        pool = min(spec.patch_pool, size.train_images // max(size.num_classes, 1))
+        return float(size.num_classes * min(spec.ipc, PUBLISHED_PATCH_FILES) * pool * spec.patch_candidates)
     pool = min(spec.patch_pool * size.num_classes, size.train_images)
     return float(pool * spec.patch_candidates)
 

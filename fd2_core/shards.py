@@ -4,6 +4,8 @@ files an unsharded `pipeline.run` writes.
 The units (`plan_shards`), each writing its outputs atomically under the job's work folder:
 - `pretrain:m<i>`: member i of the teachers alone (the one teacher of a single-teacher run is `pretrain:m0`), in
   its own folder (`stages.committee.member_workdir`);
+- `pretrain:scorer`: the plain cross-entropy teacher that scores the patch views, for a spec that trains one
+  (`JobSpec.trains_scorer`: the published patch rule under FD²), in `teachers/scorer-<backbone>/`;
 - `distill:c<KKKKK>`: every ipc index of the class block that starts at class KKKKK (`distill_batch_classes`
   classes; one block when it is 0), each index saved as `stages/distill/ipc_JJJ_cKKKKK.safetensors`;
 - `distill:merge`: the blocks of each index joined into `stages/distill/ipc_JJJ.safetensors`;
@@ -39,12 +41,13 @@ from .stages.context import RunContext, stage_folder
 from .stages.distill import block_done, block_starts, distill_block, ipc_file, load_distilled, merge_blocks
 from .stages.evaluate import evaluation_student, student_file, student_names, student_steps
 from .stages.package import quantize
-from .stages.pretrain import load_committee, member_saved, pretrain_member
+from .stages.pretrain import load_committee, member_saved, pretrain_member, pretrain_scorer, scorer_saved
 from .stages.relabel import (
     SOFT_LABELS_FILE,
     merge_relabel_parts,
     missing_epochs,
     part_file,
+    part_recorded,
     recorded,
     relabel_epochs,
 )
@@ -53,6 +56,7 @@ from .stages.relabel import (
 # keep that a small share of its work (the paper presets' 400 epochs split into at most 16 ranges).
 MIN_RELABEL_EPOCHS = 25
 STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
+SCORER_ID = "pretrain:scorer"
 _MEMBER = re.compile(r"pretrain:m(\d+)")
 _BLOCK = re.compile(r"distill:c(\d{5})")
 _EPOCHS = re.compile(r"relabel:e(\d{4})-(\d{4})")
@@ -61,8 +65,9 @@ _STUDENT = re.compile(r"evaluate:(\w+)")
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of a job: its stable `id`, its `stage`, what it runs on (`params`: `member`, `first_class` and
-    `num_classes`, `epochs` as [start, stop], or `student`) and the ids of the shards that must finish first."""
+    """One unit of a job: its stable `id`, its `stage`, what it runs on (`params`: `member`, `scorer`,
+    `first_class` and `num_classes`, `epochs` as [start, stop], or `student`) and the ids of the shards that must
+    finish first."""
 
     id: str
     stage: str
@@ -126,7 +131,8 @@ def plan_shards(
 ) -> list[Shard]:
     """Every shard of a job on `num_classes` classes, in an order that respects the dependencies.
 
-    pretrain members → distill blocks (`random` needs no teacher) → distill merge → relabel ranges (at most
+    pretrain members and the patch scorer (when the spec trains one) → distill blocks (`random` needs no
+    teacher; the blocks also need the scorer) → distill merge → relabel ranges (at most
     `max_workers`, default the spec's, each at least `min_relabel_epochs` epochs; `epoch_ranges`) → relabel merge
     → evaluation students (`random` and `full_data` need neither the set nor its soft labels) → package. The ids
     depend only on the spec and the classes, and on `max_workers` for the relabel ranges alone.
@@ -134,10 +140,12 @@ def plan_shards(
     workers = spec.max_workers if max_workers is None else max_workers
     teachers = tuple(member_id(i) for i in range(len(spec.members)))
     shards = [Shard(member_id(i), "pretrain", {"member": i}) for i in range(len(spec.members))]
+    scorer = (SCORER_ID,) if spec.trains_scorer else ()
+    shards += [Shard(SCORER_ID, "pretrain", {"scorer": True})] if scorer else []
     size = spec.distill_batch_classes or num_classes
     blocks = [
         Shard(block_id(s), "distill", {"first_class": s, "num_classes": min(size, num_classes - s)},
-              () if spec.method == "random" else teachers)
+              () if spec.method == "random" else (*teachers, *scorer))
         for s in block_starts(num_classes, spec.distill_batch_classes)
     ]
     shards += [*blocks, Shard("distill:merge", "distill", {}, tuple(b.id for b in blocks))]
@@ -147,7 +155,7 @@ def plan_shards(
     needs = {"distilled": merged, "distilled_hard_labels": merged, "random": teachers, "full_data": ()}
     students = [Shard(f"evaluate:{name}", "evaluate", {"student": name}, needs[name]) for name in student_names(spec)]
     shards += students
-    shards.append(Shard("package", "package", {}, (*teachers, "distill:merge", "relabel:merge",
+    shards.append(Shard("package", "package", {}, (*teachers, *scorer, "distill:merge", "relabel:merge",
                                                    *(s.id for s in students))))
     return shards
 
@@ -156,6 +164,8 @@ def _identify(spec: JobSpec, shard_id: str) -> tuple[str, dict[str, Any]]:
     """(stage, params) of a shard id, checked against the spec (not yet against the number of classes)."""
     if shard_id in ("distill:merge", "relabel:merge", "package"):
         return shard_id.split(":")[0], {}
+    if shard_id == SCORER_ID and spec.trains_scorer:
+        return "pretrain", {"scorer": True}
     if match := _MEMBER.fullmatch(shard_id):
         if int(match[1]) < len(spec.members):
             return "pretrain", {"member": int(match[1])}
@@ -191,6 +201,8 @@ def shard_done(spec: JobSpec | dict[str, Any], workdir: str | Path, shard_id: st
     workdir = Path(workdir)
     stages = stage_folder(workdir)
     stage, params = _identify(spec, shard_id)
+    if stage == "pretrain" and "scorer" in params:
+        return scorer_saved(workdir, spec)
     if stage == "pretrain":
         return member_saved(workdir, spec, params["member"])
     if stage == "distill" and params:
@@ -199,7 +211,7 @@ def shard_done(spec: JobSpec | dict[str, Any], workdir: str | Path, shard_id: st
         return all(ipc_file(stages, j).exists() for j in range(spec.ipc))
     if stage == "relabel":
         merged = recorded(stages / SOFT_LABELS_FILE, spec)
-        return merged or bool(params) and part_file(stages, range(*params["epochs"])).exists()
+        return merged or bool(params) and part_recorded(part_file(stages, range(*params["epochs"])))
     if stage == "evaluate":
         return student_file(stages, params["student"]).exists() or (stages / "evaluate.json").exists()
     return (workdir / "artifacts" / "report.json").exists()
@@ -232,10 +244,12 @@ def _run_student(ctx: RunContext, name: str) -> None:
 def _run_unit(ctx: RunContext, shard: Shard) -> None:
     """Run one shard's work in an opened run (its inputs are saved: the dependencies are done)."""
     params = shard.params
-    if shard.stage == "pretrain":
+    if shard.stage == "pretrain" and "scorer" in params:
+        pretrain_scorer(ctx, alone=True)
+    elif shard.stage == "pretrain":
         pretrain_member(ctx, params["member"])
     elif shard.stage == "distill" and params:
-        teacher = None if ctx.spec.method == "random" else load_committee(ctx)
+        teacher = None if ctx.spec.method == "random" else load_committee(ctx, scorer=True)
         first = params["first_class"]
         distill_block(ctx, teacher, torch.arange(first, first + params["num_classes"]))
     elif shard.stage == "distill":

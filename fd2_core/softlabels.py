@@ -4,21 +4,25 @@ Layout of `soft_labels.safetensors` (also written into the file's own metadata, 
 - `order`        int32   [E, N]     sample visited at each position of epoch e; batches are consecutive
                                     chunks of `batch_size` positions
 - `boxes`        float32 [E, N, 4]  RandomResizedCrop box (x1, y1, x2, y2) in source pixels, per position
+                                    (format v4: integer-valued, end exclusive, torchvision's get_params rule)
 - `flips`        uint8   [E, N]     horizontal flip after the crop
 - `cutmix_perm`  int32   [E, N]     partner position inside the same batch (batch-local index)
 - `cutmix_box`   int32   [E, B, 4]  pasted box (x1, y1, x2, y2) per batch; all zeros = no CutMix
 - `cutmix_lam`   float32 [E, B]     share of the original image kept
 - `logits`       float16 [E, N, K]  teacher logits of the augmented, mixed image at each position
   or, with top-k, `topk_values` float16 [E, N, k] and `topk_indices` int32 [E, N, k].
-Images are in normalised space (`mean`/`std` in the metadata); crops are applied with
-torchvision.ops.roi_align(aligned=True, sampling_ratio=2) and resized to `image_size`.
+Images are in normalised space (`mean`/`std` in the metadata); each box is cropped and resized to `image_size`
+by the rule `SoftLabels.resampling` names: format v4 with torchvision's resized_crop (antialiased bilinear,
+`fd2_core.crops.resized_crop`), formats v1–v3 with torchvision.ops.roi_align(aligned=True, sampling_ratio=2).
 
-How the random choices were drawn (format v3): each epoch e from its own generator, seeded by (run seed, stream,
-e), so a range of epochs can be recorded alone and the ranges joined in epoch order (`join_soft_label_parts`)
-give the same file as one recording of every epoch. Format v2 files drew the whole walk from one stream; their
-layout and metadata are the same, and they replay the same way.
+How the random choices were drawn (formats v3 and v4): each epoch e from its own generator, seeded by (run seed,
+stream, e), so a range of epochs can be recorded alone and the ranges joined in epoch order
+(`join_soft_label_parts`) give the same file as one recording of every epoch. Format v2 files drew the whole
+walk from one stream; their layout and metadata are the same, and they replay the same way. Formats v1–v3 drew
+boxes clamped into the image instead of torchvision's redraws, so an older file is another augmentation stream:
+it replays as recorded but is never reused for a new recording.
 
-How the logits were computed (metadata, formats v2 and v3):
+How the logits were computed (metadata, formats v2–v4):
 - `soft_label_source`  backbone | cal | mixed — the backbone's own classifier, the CAL head, or
                        (1 − r)·backbone + r·CAL head with r = `cal_ratio`;
 - `relabel_bn_mode`    train = BatchNorm normalised with the statistics of each forwarded part (the teacher's
@@ -42,14 +46,26 @@ import torch
 from safetensors import safe_open
 
 from .atomic import save_tensors
-from .augment import CropFlip, CutMix, apply_crop_flip, apply_cutmix, sample_crop_flip, sample_cutmix
+from .augment import (
+    RESIZED_CROP,
+    ROI_ALIGN,
+    CropFlip,
+    CutMix,
+    Resampling,
+    apply_crop_flip,
+    apply_cutmix,
+    sample_crop_flip,
+    sample_cutmix,
+)
 
-FORMAT = "fd2.soft_labels.v3"
+FORMAT = "fd2.soft_labels.v4"
+FORMAT_V3 = "fd2.soft_labels.v3"
 FORMAT_V2 = "fd2.soft_labels.v2"
 FORMAT_V1 = "fd2.soft_labels.v1"
-READABLE_FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
-FORMAT_VERSIONS = {FORMAT: 3, FORMAT_V2: 2, FORMAT_V1: 1}
-PART_FORMAT = "fd2.soft_labels.v3.part"  # a range of epochs of a v3 recording; not a file a student replays
+READABLE_FORMATS = (FORMAT, FORMAT_V3, FORMAT_V2, FORMAT_V1)
+FORMAT_VERSIONS = {FORMAT: 4, FORMAT_V3: 3, FORMAT_V2: 2, FORMAT_V1: 1}
+PART_FORMAT = "fd2.soft_labels.v4.part"  # a range of epochs of a v4 recording; not a file a student replays
+PART_FORMAT_V3 = "fd2.soft_labels.v3.part"  # never joined into a v4 file: another augmentation stream
 PROTOCOL_KEYS = ("soft_label_source", "relabel_bn_mode", "forward_splits")
 MISSING_LOGIT = -1.0e4  # logits dropped by top-k: softmax gives them ~0 probability
 V1_MIXED = "(1-r)*backbone + r*cal_head"  # the v1 `teacher_logits` value of a CAL teacher
@@ -100,8 +116,15 @@ class SoftLabels:
 
     @property
     def format_version(self) -> int:
-        """3 (one random stream per epoch), 2 (one stream for the whole walk) or 1 (no protocol metadata)."""
+        """4 (torchvision's crops, one stream per epoch), 3 (clamped crops, one stream per epoch), 2 (one stream
+        for the whole walk) or 1 (no protocol metadata)."""
         return FORMAT_VERSIONS[self.metadata["format"]]
+
+    @property
+    def resampling(self) -> Resampling:
+        """How the recorded boxes are resampled on replay: resized_crop (v4) or roi_align (v1–v3); `batch`
+        hands it on in its CropFlip, so `apply_crop_flip` replays any file as it was recorded."""
+        return RESIZED_CROP if self.format_version >= 4 else ROI_ALIGN
 
     @property
     def soft_label_source(self) -> str:
@@ -136,7 +159,7 @@ class SoftLabels:
         sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
         t = self.tensors
         idx = t["order"][e, sl].long()
-        crop = CropFlip(t["boxes"][e, sl].float(), t["flips"][e, sl].bool())
+        crop = CropFlip(t["boxes"][e, sl].float(), t["flips"][e, sl].bool(), self.resampling)
         box = tuple(int(v) for v in t["cutmix_box"][e, b])
         cutmix = None
         if any(box):
@@ -180,7 +203,7 @@ def record_soft_labels(
     """Walk the set for `epochs` (a count E = range(E), or a range of epochs), augment + CutMix each batch,
     store teacher logits (fp16) and the choices; tensors [len(epochs), …] in the layout above.
 
-    Epoch e draws only from `generator(e)` (format v3), so recording range(a, b) and range(b, c) and joining
+    Epoch e draws only from `generator(e)` (formats v3 and v4), so recording range(a, b) and range(b, c) and joining
     them equals recording range(a, c). `teacher` is called once per part of `forward_parts(batch,
     forward_splits)` (published relabel: a batch of 20 as two halves), so a train-mode BatchNorm sees each part's
     statistics; the random choices do not depend on the split. `on_batch(done, total)` counts this call's batches.
@@ -241,7 +264,7 @@ def _encoded(metadata: dict[str, object]) -> dict[str, str]:
 
 
 def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
-    """Write a v3 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
+    """Write a v4 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
     meta = _encoded(metadata)
     meta["format"] = FORMAT
     meta["layout"] = __doc__ or ""
@@ -250,11 +273,13 @@ def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 @dataclass
 class SoftLabelPart:
-    """Epochs [first, stop) of a v3 recording, with the metadata the whole file will have."""
+    """Epochs [first, stop) of a recording, with the metadata the whole file will have; `format` is the part
+    file's format (`PART_FORMAT`, or `PART_FORMAT_V3` for a part of an older recording, which never joins)."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     epochs: range
+    format: str = PART_FORMAT
 
     @classmethod
     def load(cls, path: str | Path) -> SoftLabelPart:
@@ -263,10 +288,11 @@ class SoftLabelPart:
             metadata = dict(fh.metadata() or {})
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
-        if metadata.pop("format", None) != PART_FORMAT:
+        found = metadata.pop("format", None)
+        if found not in (PART_FORMAT, PART_FORMAT_V3):
             raise ValueError(f"{path}: not a {PART_FORMAT} file")
         first, stop = json.loads(metadata.pop("part_epochs"))
-        return cls(tensors, metadata, range(first, stop))
+        return cls(tensors, metadata, range(first, stop), found)
 
     def epochs_of(self, epochs: range) -> SoftLabelPart:
         """The part cut to `epochs`, which must lie inside its own."""
@@ -274,7 +300,7 @@ class SoftLabelPart:
             raise ValueError(f"epochs {epochs.start}-{epochs.stop} are not inside the part's "
                              f"{self.epochs.start}-{self.epochs.stop}")
         cut = slice(epochs.start - self.epochs.start, epochs.stop - self.epochs.start)
-        return SoftLabelPart({k: v[cut] for k, v in self.tensors.items()}, self.metadata, epochs)
+        return SoftLabelPart({k: v[cut] for k, v in self.tensors.items()}, self.metadata, epochs, self.format)
 
 
 def save_soft_label_part(
@@ -293,11 +319,15 @@ def join_soft_label_parts(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the whole recording from parts that cover range(epochs) one after another.
 
-    Raises ValueError when the parts leave a gap, overlap, or were recorded with different metadata.
+    Raises ValueError when the parts leave a gap, overlap, were recorded with different metadata, or any part
+    is not of the current `PART_FORMAT` (a v3 part is another augmentation stream: it must be recorded again).
     """
     ordered = sorted(parts, key=lambda part: part.epochs.start)
     reached = 0
     for part in ordered:
+        if part.format != PART_FORMAT:
+            raise ValueError(f"soft-label part of epochs {part.epochs.start}-{part.epochs.stop} is a {part.format} "
+                             f"file, another augmentation stream: it does not join a {FORMAT} recording")
         if part.epochs.start != reached:
             raise ValueError(f"soft-label parts do not join: epoch {reached} is followed by a part from "
                              f"epoch {part.epochs.start}")

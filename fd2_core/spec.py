@@ -88,7 +88,8 @@ class JobSpec(BaseModel):
         description="Several teachers instead of one: each item a backbone name or {backbone, model_width, "
         "num_attention_maps, cal_ratio, weight}. Each member is pretrained on its own (CAL + prototypes with its "
         "own M and r when FD² is on), distillation uses them as committee_mode says, and the relabel stores the "
-        "weighted mean of their logits. The patch initialisation and rded rank with the first member; backbone "
+        "weighted mean of their logits. The patch initialisation and rded rank with the first member (or, under "
+        "patch_rule published with FD², a plain cross-entropy teacher of its backbone); backbone "
         "then names only the default student. null = one teacher, the backbone.",
     )
     committee_mode: CommitteeMode = Field(
@@ -230,12 +231,15 @@ class JobSpec(BaseModel):
     )
     patch_rule: Literal["published", "ranked"] = Field(
         "ranked",
-        description="Patch initialisation: published = FD²'s script: per class the first min(smallest class, "
-        "patch_pool) train images in the loader's order, 5 patch files each from fresh views (each image's "
-        "lowest-CE view, the factor² best stitched), each ipc index starting from one file drawn at random (indices "
-        "may share a start), scored by a plain cross-entropy teacher (under FD² one more pretraining); ranked = "
-        "RDED's rule: up to patch_pool shuffled images ranked once by the run's own teacher (under FD² the CAL "
-        "teacher's backbone, unlike the published scorer), index j taking the j-th group.",
+        description="Patch initialisation (init patches, and rded): published = FD²'s patch script: per class the "
+        "first n = min(smallest class's train count, patch_pool) train images in the loader's order (file-name "
+        "order for folders and archives, row order for manifests); 5 patch files per class, each from "
+        "patch_candidates fresh square views per image (each image's lowest-CE view kept, the factor² best "
+        "stitched); each ipc index starts from one of its class's files drawn uniformly with repetition, so two "
+        "indices may share a start; scored by a plain cross-entropy teacher (under FD² one more pretraining with CAL "
+        "off, shard pretrain:scorer; otherwise the run's own teacher). ranked = RDED's rule: up to patch_pool "
+        "shuffled images ranked once by their best view, index j stitching the j-th group; scored by the run's "
+        "first teacher, under FD² the CAL teacher's backbone (a deviation from the published plain scorer).",
     )
     synthetic_format: Literal["png", "jpeg"] = Field(
         "png",

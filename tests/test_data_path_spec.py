@@ -1,5 +1,5 @@
 """The published data path as spec fields: what a stored spec without them meant, and why a work folder of the
-earlier data path is refused instead of resumed (docs/FD2_SPEC.md, "The published data path")."""
+earlier data path is refused instead of resumed (docs/DATA_PATH.md)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from fd2_core.losses import BNStatMatcher
 from fd2_core.progress import ProgressTracker
 from fd2_core.spec import resolve_spec
 from fd2_core.stages.context import RunContext
-from fd2_core.stages.distill import distill, distill_loss, patch_init
+from fd2_core.stages.distill import distill, distill_loss
+from fd2_core.stages.patches import patch_init
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+from torchvision.transforms.functional import resized_crop as tv_resized_crop
 
 from fd2_core.atomic import load_tensors, save_tensors
 from fd2_core.data.dataset import load_dataset
@@ -15,18 +15,9 @@ from fd2_core.pipeline import run
 from fd2_core.progress import ProgressTracker
 from fd2_core.spec import resolve_spec
 from fd2_core.stages.context import RunContext
-from fd2_core.stages.distill import (
-    _patch_ranking,
-    distill,
-    init_drift,
-    ipc_path,
-    patch_factor,
-    patch_init,
-    psnr_db,
-    sample_patch_pool,
-    select_patches,
-)
+from fd2_core.stages.distill import distill, init_drift, ipc_path, psnr_db
 from fd2_core.stages.package import json_safe
+from fd2_core.stages.patches import _patch_ranking, patch_factor, patch_init, sample_patch_pool, select_patches
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
@@ -62,8 +53,8 @@ def _reference_init(ctx, teacher, classes, index, pool) -> torch.Tensor:
             image = ctx.normalize(ctx.data.train_images[pool.images[ci, p]][None])
             best = None
             for v in range(pool.boxes.shape[2]):
-                roi = torch.cat([torch.zeros(1), pool.boxes[ci, p, v]])[None]
-                view = roi_align(image, roi, (side, side), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+                x1, y1, x2, y2 = (int(c) for c in pool.boxes[ci, p, v])  # torchvision: the reference crop
+                view = tv_resized_crop(image, y1, x1, y2 - y1, x2 - x1, [side, side], antialias=True)
                 canvas = torch.zeros(1, 3, size, size)
                 canvas[:, :, lo : lo + side, lo : lo + side] = view
                 with torch.no_grad():

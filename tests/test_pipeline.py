@@ -41,7 +41,7 @@ def _check_artifacts(result, spec_raw, num_classes):
         assert first.size == (32, 32) and first.mode == "RGB"
     with safe_open(str(paths["soft_labels.safetensors"]), "pt") as fh:
         meta = fh.metadata()
-        assert meta["format"] == "fd2.soft_labels.v3"
+        assert meta["format"] == "fd2.soft_labels.v4"
         protocol = (meta["soft_label_source"], meta["relabel_bn_mode"], meta["forward_splits"])
         assert protocol == ("backbone", "train", "2")
         logits = fh.get_tensor("logits")

@@ -150,7 +150,7 @@ def test_teacher_checkpoint_is_selected_on_the_soft_label_logits() -> None:
     assert _selection_ratio(mixed) == 0.3
 
 
-# The published data path (docs/FD2_SPEC.md, "The published data path"), written out per preset: distill_crop,
+# The published data path (docs/DATA_PATH.md), written out per preset: distill_crop,
 # patch_rule, synthetic_format, amp, amp_dtype. cpu-small keeps its earlier values until they are chosen on
 # validation data.
 EXPECTED_DATA_PATH = {

@@ -151,6 +151,20 @@ def test_auto_reproduces_the_previous_augmentation(size: int) -> None:
     assert torch.equal(train_augment(x, torch.Generator().manual_seed(11), named), expected)
 
 
+def test_shift_flip_moves_whole_pixels_with_zero_padding() -> None:
+    """shift-flip: an integer offset in [−S/16, S/16] per axis, zero outside, then the flip; no resampling."""
+    size = 32
+    x = normalised(pixels(batch=64, size=size))
+    out = train_augment(x, torch.Generator().manual_seed(4), "shift-flip")
+    params = sample_shift_flip(64, size, torch.Generator().manual_seed(4), max_shift=size / 16)
+    offsets = params.boxes[:, :2].long()
+    assert set(offsets.flatten().tolist()) == {-2, -1, 0, 1, 2}
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i, (dx, dy) in enumerate(offsets.tolist()):
+        expected = padded[i, :, 2 + dy : 2 + dy + size, 2 + dx : 2 + dx + size]
+        assert torch.equal(out[i], expected.flip(-1) if bool(params.flips[i]) else expected)
+
+
 @pytest.mark.parametrize("choice", ["auto", "shift-flip", "resized-crop", "published"])
 def test_every_choice_is_determined_by_the_generator(choice: str) -> None:
     x = normalised(pixels(batch=6, size=48))

@@ -163,11 +163,11 @@ def test_metadata_records_the_protocol_and_replay_reads_it(tmp_path, data):
     images, labels = _positional(data)
     soft = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "soft.safetensors")
     meta = soft.metadata
-    assert meta["format"] == FORMAT == "fd2.soft_labels.v3"
+    assert meta["format"] == FORMAT == "fd2.soft_labels.v4"
     recorded = (meta["soft_label_source"], meta["relabel_bn_mode"], json.loads(meta["forward_splits"]))
     assert recorded == ("cal", "train", 3)
     assert "r*cal_head" not in meta["teacher_logits"] and "CAL head" in meta["teacher_logits"]
-    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (3, "cal", "train", 3)
+    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (4, "cal", "train", 3)
 
     replay = _replay(data, images, labels, soft)
     assert (replay.soft_label_source, replay.bn_mode, replay.forward_splits) == ("cal", "train", 3)
@@ -206,10 +206,22 @@ def test_relabel_records_again_over_a_file_of_another_protocol(tmp_path, data):
     first = _relabel(ctx, teacher, tmp_path)
     _write_v1(tmp_path / "soft.safetensors", first, "(1-r)*backbone + r*cal_head")
     again = _relabel(ctx, teacher, tmp_path)
-    assert again.format_version == 3 and torch.equal(again.tensors["logits"], first.tensors["logits"])
+    assert again.format_version == 4 and torch.equal(again.tensors["logits"], first.tensors["logits"])
     written = (tmp_path / "soft.safetensors").stat().st_mtime_ns
     _relabel(ctx, teacher, tmp_path)  # same protocol: reused, not written again
     assert (tmp_path / "soft.safetensors").stat().st_mtime_ns == written
+
+
+def test_relabel_records_again_over_a_file_of_an_older_format(tmp_path, data):
+    """A v3 file is another augmentation stream (clamped boxes, roi_align): never reused for a new recording."""
+    ctx = _ctx(tmp_path, data)
+    teacher = _teacher(ctx)
+    first = _relabel(ctx, teacher, tmp_path)
+    save_file(first.tensors, str(tmp_path / "soft.safetensors"), metadata={**first.metadata,
+                                                                          "format": "fd2.soft_labels.v3"})
+    assert SoftLabels.load(tmp_path / "soft.safetensors").format_version == 3
+    again = _relabel(ctx, teacher, tmp_path)
+    assert again.format_version == 4 and torch.equal(again.tensors["logits"], first.tensors["logits"])
 
 
 def test_forward_parts_are_consecutive_and_balanced():

@@ -45,6 +45,9 @@ CONFIGS = {  # ipc 2 with SC on, two class blocks or more, relabel in two epoch 
     "fd2-fadrm": tiny_spec(ipc=2, base="fadrm+", fadrm_phase_steps=[2, 2, 3], distill_batch_classes=2,
                            relabel_epochs=3, max_workers=2),
     "committee": tiny_spec(ipc=2, committee=TWO_CONVNETS, distill_batch_classes=2, relabel_epochs=3, max_workers=3),
+    # the published patch rule under FD²: one more shard pretrains the plain scorer the blocks select with
+    "fd2-published": tiny_spec(ipc=2, patch_rule="published", distill_batch_classes=2, relabel_epochs=2,
+                               max_workers=2),
 }
 
 
@@ -100,6 +103,8 @@ def _assert_same_job(plain: Path, sharded: Path, ipc: int) -> None:
         _assert_same_file(plain / "stages" / "distill" / f"ipc_{j:03d}.safetensors",
                           sharded / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
     _assert_same_file(plain / "stages" / "soft_labels.safetensors", sharded / "stages" / "soft_labels.safetensors")
+    for teacher in (plain / "teachers").glob("*/stages/teacher.safetensors"):  # committee members, the scorer
+        _assert_same_file(teacher, sharded / teacher.relative_to(plain))
     for name in ("soft_labels.safetensors", "teacher.safetensors"):
         _assert_same_file(plain / "artifacts" / name, sharded / "artifacts" / name)
     tar = "artifacts/distilled.tar.gz"  # labels.csv, the images and the manifest, byte for byte
@@ -117,7 +122,8 @@ def _forbid_training(monkeypatch) -> None:
 
     monkeypatch.setattr("fd2_core.stages.pretrain._optimizer", trained)
     monkeypatch.setattr("fd2_core.stages.distill.committee_step", trained)
-    monkeypatch.setattr("fd2_core.stages.distill.rank_patches", trained)
+    monkeypatch.setattr("fd2_core.stages.patches.rank_patches", trained)
+    monkeypatch.setattr("fd2_core.stages.patches.build_patch_files", trained)
     monkeypatch.setattr("fd2_core.stages.relabel.record_soft_labels", trained)
     monkeypatch.setattr("fd2_core.stages.evaluate.train_student", trained)
     monkeypatch.setattr("fd2_core.stages.evaluate.train_full_data_student", trained)
@@ -379,7 +385,9 @@ def _as_v2(path: Path) -> None:
     save_file(tensors, str(path), metadata={**meta, "format": FORMAT_V2})
 
 
-def test_an_old_format_soft_label_file_is_kept_and_replays(tmp_path, tiny_data, finished, monkeypatch) -> None:
+def test_an_old_format_soft_label_file_replays_but_is_recorded_again(tmp_path, tiny_data, finished) -> None:
+    """An older file was recorded with other crops (roi_align of clamped boxes): it still replays exactly as
+    recorded, but a run never joins or reuses it; its relabel shards run again and write the current format."""
     raw = CONFIGS["fd2-sre2l"]
     workdir = tmp_path / "old"
     shutil.copytree(finished, workdir)
@@ -387,17 +395,16 @@ def test_an_old_format_soft_label_file_is_kept_and_replays(tmp_path, tiny_data, 
     (workdir / "stages" / "evaluate.json").unlink()
     soft_path = workdir / "stages" / "soft_labels.safetensors"
     _as_v2(soft_path)
-    assert SoftLabels.load(soft_path).format_version == 2
-    for shard in ("relabel:e0000-0002", "relabel:merge"):
-        assert shard_done(raw, workdir, shard) and not run_shard(raw, tiny_data, workdir, shard).ran
-    monkeypatch.setattr("fd2_core.stages.relabel.record_soft_labels", lambda *a, **k: pytest.fail("recorded again"))
-    result = run(raw, tiny_data, workdir)
-    downloaded = SoftLabels.load(result.artifacts["soft_labels.safetensors"])
-    assert downloaded.format_version == 2 and downloaded.metadata["format"] == "fd2.soft_labels.v2"
-    replay = SoftLabelReplay(result.artifacts["distilled.tar.gz"], downloaded)
-    assert len(replay) == downloaded.epochs * downloaded.batches_per_epoch
+    old = SoftLabels.load(soft_path)
+    assert old.format_version == 2 and old.resampling == "roi_align"
+    replay = SoftLabelReplay(finished / "artifacts" / "distilled.tar.gz", old)
     x, logits = replay[0]
     assert x.shape == (4, 3, 32, 32) and logits.shape == (4, 4)
+    assert not shard_done(raw, workdir, "relabel:merge") and not shard_done(raw, workdir, "relabel:e0000-0002")
+    assert run_shard(raw, tiny_data, workdir, "relabel:e0000-0002").ran
+    result = run(raw, tiny_data, workdir)
+    downloaded = SoftLabels.load(result.artifacts["soft_labels.safetensors"])
+    assert downloaded.metadata["format"] == "fd2.soft_labels.v4" and downloaded.resampling == "resized_crop"
 
 
 def test_max_workers_is_result_neutral(tmp_path, tiny_data, monkeypatch) -> None:

@@ -1,5 +1,5 @@
 """`synthetic_format`: the published storage of distilled images (uint8 truncation, then JPEG 75) is what every
-later stage reads and what the artifact's lossless PNGs hold (docs/FD2_SPEC.md, "The published data path")."""
+later stage reads and what the artifact's lossless PNGs hold (docs/DATA_PATH.md)."""
 
 from __future__ import annotations
 

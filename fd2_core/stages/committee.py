@@ -6,11 +6,17 @@ One teacher is a committee of one: it keeps the run's own context and work folde
 their work folders are exactly what they were before committees. A member of a larger committee has its own
 context (the spec as the member sees it, `JobSpec.member_spec`) and its own folder `teachers/<i>-<backbone>/`,
 so each member's pretraining is checkpointed and resumed on its own.
+
+The published patch rule scores patch views with a plain cross-entropy teacher. Under FD² the members carry
+the CAL head, so pretraining trains one more teacher, the scorer (`JobSpec.trains_scorer`): the first member's
+backbone and pretraining settings with CAL off, in its own folder `teachers/scorer-<backbone>/`, checkpointed
+and resumed like a member, and reported as the stage's last share.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ from .teacher import relabel_mode, source_logits, teacher_metadata
 
 COMMITTEE_FORMAT = "fd2.teacher.committee.v1"
 MEMBERS_FOLDER = "teachers"
+SCORER_NAME = "scorer"
 
 
 @dataclass
@@ -45,15 +52,22 @@ class TeacherMember:
 
 @dataclass
 class Committee:
-    """The run's teachers. `model` is the first member's: it ranks the patch pool (patch initialisation, rded)
-    and draws the preview's attention maps. `info` is what the report says about the teachers."""
+    """The run's teachers. `model` is the first member's: it draws the preview's attention maps. `info` is what
+    the report says about the teachers. `scorer_model` is the separately trained plain teacher that scores the
+    patch views when the spec trains one (`JobSpec.trains_scorer`); None: the first member scores."""
 
     members: list[TeacherMember]
     info: dict[str, Any] = field(default_factory=dict)
+    scorer_model: FD2Model | None = None
 
     @property
     def model(self) -> FD2Model:
         return self.members[0].model
+
+    @property
+    def scorer(self) -> FD2Model:
+        """The model whose cross-entropy scores the patch views (patch initialisation, rded)."""
+        return self.model if self.scorer_model is None else self.scorer_model
 
     def __len__(self) -> int:
         return len(self.members)
@@ -109,18 +123,52 @@ def member_workdir(workdir: Path, spec: JobSpec, index: int) -> Path:
     return workdir / MEMBERS_FOLDER / f"{index}-{spec.members[index].backbone}"
 
 
+def pretrainings(spec: JobSpec) -> int:
+    """Teachers the pretrain stage trains, each an equal share of its progress: the members, and the scorer."""
+    return len(spec.members) + int(spec.trains_scorer)
+
+
 def member_context(ctx: RunContext, index: int, alone: bool = False) -> RunContext:
-    """Member `index`'s context: the run's own for a single teacher; else the member's spec and folder, its
-    pretraining reported as its share of the stage (`alone`: as the whole stage, for a shard)."""
+    """Member `index`'s context: the run's own for a single teacher (with a scorer beside it, its pretraining
+    reported as the first share of the stage); else the member's spec and folder, its pretraining reported as
+    its share of the stage (`alone`: as the whole stage, for a shard)."""
+    names, count = member_names(ctx), pretrainings(ctx.spec)
+    tracker = _MemberTracker(ctx, index, count, names[index], alone)
     if ctx.spec.committee is None:
-        return ctx
-    names = member_names(ctx)
+        return ctx if count == 1 else dataclasses.replace(ctx, tracker=tracker)  # type: ignore[arg-type]
     return RunContext(
         spec=ctx.spec.member_spec(index),
         data=ctx.data,
         workdir=member_workdir(ctx.workdir, ctx.spec, index),
         device=ctx.device,
-        tracker=_MemberTracker(ctx, index, len(names), names[index], alone),  # type: ignore[arg-type]
+        tracker=tracker,  # type: ignore[arg-type]
+        notes=ctx.notes,
+    )
+
+
+def scorer_workdir(workdir: Path, spec: JobSpec) -> Path:
+    """The scorer's work folder: `teachers/scorer-<backbone>/` (the first member's backbone)."""
+    return workdir / MEMBERS_FOLDER / f"{SCORER_NAME}-{spec.members[0].backbone}"
+
+
+def scorer_spec(spec: JobSpec) -> JobSpec:
+    """The spec the scorer is pretrained with: the first member's (backbone, width, pretraining settings, seed)
+    with CAL, FC and SC off, so it trains with plain cross-entropy as an SRe²L++ teacher does."""
+    return spec.member_spec(0).model_copy(update={"cal": False, "fc": False, "sc": False})
+
+
+def scorer_context(ctx: RunContext, alone: bool = False) -> RunContext:
+    """The scorer's context: its spec and folder, the run's teacher weights file (loaded as the teachers load
+    it; a CAL head in it is left out), its pretraining reported as the stage's last share (`alone`: as the
+    whole stage, for a shard)."""
+    count = pretrainings(ctx.spec)
+    return RunContext(
+        spec=scorer_spec(ctx.spec),
+        data=ctx.data,
+        workdir=scorer_workdir(ctx.workdir, ctx.spec),
+        device=ctx.device,
+        tracker=_MemberTracker(ctx, count - 1, count, SCORER_NAME, alone),  # type: ignore[arg-type]
+        teacher_weights=ctx.teacher_weights,
         notes=ctx.notes,
     )
 
@@ -257,6 +305,10 @@ __all__ = [
     "member_prefix",
     "member_names",
     "member_weights",
+    "pretrainings",
     "relabel_members",
     "save_committee",
+    "scorer_context",
+    "scorer_spec",
+    "scorer_workdir",
 ]

@@ -1,9 +1,10 @@
 """Stage 2 — optimise synthetic images against the frozen teacher, one ipc index at a time.
 
 Loss per teacher (FD² paper): r·CE_cal + (1−r)·CE_bb + r_bn·BN + λ_FC·L_FC + λ_SC·L_SC, where FC and SC
-are switched by the spec (`fd2_core.losses.distillation_loss`). Images start from RDED's patch initialisation
-(real views ranked by teacher CE, stitched factor×factor) or from noise. Every finished ipc index is saved
-atomically with its initialisation and skipped on a re-run, so a killed run resumes at the first missing index.
+are switched by the spec (`fd2_core.losses.distillation_loss`). Images start from the patch initialisation
+(`fd2_core.stages.patches`: real views scored by the scorer's CE, stitched factor×factor) or from noise. Every
+finished ipc index is saved atomically with its initialisation and skipped on a re-run, so a killed run resumes
+at the first missing index.
 Two methods select instead of optimising: `rded` keeps the patch initialisation as it is (RDED: no teacher
 gradient step on the images), `random` takes random real images. The `fadrm+` recipe (alone or under FD²)
 optimises in phases of their own image side (`fd2_core.fadrm`), with a data residual to the patch
@@ -11,7 +12,7 @@ initialisation and a fresh Adam at each phase start; each finished phase is save
 at the first unfinished phase.
 
 Classes are optimised in blocks of `distill_batch_classes` (`class_blocks`), and one block's work (every ipc index
-in order, its patch ranking, its random streams, the earlier indices SC reads) never reads another block's. So
+in order, its patch selection, its random streams, the earlier indices SC reads) never reads another block's. So
 a block can also run alone (`distill_block`, one shard of `fd2_core.shards`), saving each index of it as
 `ipc_JJJ_cKKKKK.safetensors`; `merge_blocks` then writes every `ipc_JJJ.safetensors` exactly as `distill` does.
 """
@@ -20,14 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from ..atomic import load_tensors, save_tensors
 from ..augment import apply_crop_flip, random_roll, sample_crop_flip
@@ -36,32 +35,14 @@ from ..losses import BNStatMatcher, distillation_loss
 from ..models import FD2Model
 from ..runtime import frozen, generator, scaled_step
 from ..spec import JobSpec
+from ..stored_images import stored_pixels
 from .committee import Committee, as_committee, frozen_members
 from .context import RunContext
+from .patches import patch_init, patch_wrap_note, random_real_indices
 
-SCORE_BATCH = 256  # views per teacher forward when scoring patch candidates
-PATCH_SCALE = (0.08, 1.0)  # RDED's RandomResizedCrop area range for the candidate views
-# RDED's views stitched per side: 1 up to this image side (CIFAR, Tiny-ImageNet), 2 above it (128/224 px)
-PATCH_FACTOR_SMALL_SIDE = 64
 # Adam on the pixels with the published SRe²L synthesis setting, which SRe²L++ and the FD² paper keep
 ADAM_BETAS = (0.5, 0.9)
 ADAM_EPS = 1e-8
-
-
-class PatchPool(NamedTuple):
-    """The random draws of the patch initialisation for some classes (RDED), made before any scoring."""
-
-    images: torch.Tensor  # [k, P] int64 train indices, each class's pool shuffled
-    valid: torch.Tensor  # [k, P] bool, False past the end of a class with fewer than P images
-    boxes: torch.Tensor  # [k, P, V, 4] float32 square views (x1, y1, x2, y2) in source pixels
-
-
-class PatchRanking(NamedTuple):
-    """A class pool ranked by its images' best view, lowest teacher CE first (RDED's selector)."""
-
-    images: torch.Tensor  # [k, P] int64 train indices, ranked; padding (invalid) entries last
-    boxes: torch.Tensor  # [k, P, 4] the lowest-CE view of each ranked image
-    counts: torch.Tensor  # [k] int64 real images in each class's pool
 
 
 def ipc_file(stage_dir: Path, index: int) -> Path:
@@ -96,177 +77,20 @@ def class_blocks(ctx: RunContext) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, k)) for s in block_starts(k, size)]
 
 
-def _class_pools(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train indices sorted by class plus per-class offsets, to sample a class's images without a loop."""
-    labels = ctx.data.train_labels
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=ctx.num_classes)
-    return order, counts
-
-
-def patch_factor(spec: JobSpec) -> int:
-    """Views stitched per side: the spec's, else RDED's (1 at ≤ 64 px, 2 above)."""
-    return spec.patch_factor or (1 if spec.image_size <= PATCH_FACTOR_SMALL_SIDE else 2)
-
-
-def sample_patch_pool(ctx: RunContext, classes: torch.Tensor) -> PatchPool:
-    """RDED's pool: up to `patch_pool` shuffled images per class, `patch_candidates` square views each.
-
-    Drawn for all classes at once from streams seeded by the run seed only, then sliced, so a class's pool
-    depends neither on the ipc index nor on how classes are chunked.
-    """
-    spec = ctx.spec
-    counts = torch.bincount(ctx.data.train_labels, minlength=ctx.num_classes)
-    size = min(spec.patch_pool, int(counts.max()))
-    images = random_real_indices(ctx, size, "patch-pool").T[classes]  # [k, P]; wraps where a class is short
-    valid = torch.arange(size)[None, :] < counts[classes, None]
-    views = spec.patch_candidates
-    g = generator(spec.seed, "patch-views")
-    square = sample_crop_flip(ctx.num_classes * size * views, spec.image_size, g, scale=PATCH_SCALE, ratio=(1.0, 1.0))
-    boxes = square.boxes.view(ctx.num_classes, size, views, 4)[classes]
-    return PatchPool(images, valid, boxes)
-
-
-def crop_views(images: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tensor:
-    """[n,3,S,S] images and [n,V,4] boxes → [n·V,3,side,side] crops, resized by roi_align as augment.py does."""
-    n, v = boxes.shape[:2]
-    owner = torch.arange(n, device=images.device, dtype=images.dtype).repeat_interleave(v)
-    rois = torch.cat([owner[:, None], boxes.reshape(-1, 4).to(images)], dim=1)
-    return roi_align(images, rois, output_size=(side, side), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-
-
-def pad_centre(views: torch.Tensor, size: int) -> torch.Tensor:
-    """[n,3,s,s] → [n,3,size,size] with zeros (the mean colour in normalised space) around a centred view."""
-    lo = (size - views.shape[-1]) // 2
-    hi = size - views.shape[-1] - lo
-    return F.pad(views, (lo, hi, lo, hi))
-
-
-def _view_scores(
-    ctx: RunContext,
-    teacher: FD2Model,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    boxes: torch.Tensor,
-    poll: Callable[[], None] | None = None,
+def _crop(
+    ctx: RunContext, x: torch.Tensor, g: torch.Generator, side: int | None, per_image: bool
 ) -> torch.Tensor:
-    """CE [n, V] of every view ([n] train indices, [n] labels, [n,V,4] boxes), padded to S, backbone logits.
-
-    `poll` is called between chunks: scoring a large pool takes minutes, and a stop must not wait for it.
-    """
-    size = ctx.spec.image_size
-    side = size // patch_factor(ctx.spec)
-    views = boxes.shape[1]
-    per = max(1, SCORE_BATCH // views)
-    scores = []
-    for start in range(0, images.shape[0], per):  # fixed-size chunks bound the memory
-        if poll is not None:
-            poll()
-        x = ctx.normalize(ctx.data.train_images[images[start : start + per]])
-        padded = pad_centre(crop_views(x, boxes[start : start + per], side), size)
-        y = labels[start : start + per].to(ctx.device).repeat_interleave(views)
-        with ctx.autocast():
-            logits = teacher(padded).logits.float()
-        scores.append(F.cross_entropy(logits, y, reduction="none").view(-1, views).cpu())
-    return torch.cat(scores) if scores else torch.zeros(0, views)
-
-
-@torch.no_grad()
-def rank_patches(
-    ctx: RunContext,
-    teacher: FD2Model,
-    classes: torch.Tensor,
-    pool: PatchPool,
-    poll: Callable[[], None] | None = None,
-) -> PatchRanking:
-    """Each image keeps its lowest-CE view; a class's images are ranked by that CE, ascending (RDED)."""
-    k, p, views = pool.boxes.shape[:3]
-    flat = pool.valid.reshape(-1).nonzero().squeeze(1)
-    labels = classes.repeat_interleave(p)[flat]
-    with frozen(teacher):  # eval mode: BatchNorm uses running statistics
-        ce = _view_scores(
-            ctx, teacher, pool.images.reshape(-1)[flat], labels, pool.boxes.reshape(-1, views, 4)[flat], poll
-        )
-    best_ce, best_view = ce.min(dim=1)
-    score = torch.full((k * p,), math.inf).index_put_((flat,), best_ce).view(k, p)
-    view = torch.zeros(k * p, dtype=torch.long).index_put_((flat,), best_view).view(k, p)
-    order = torch.argsort(score, dim=1, stable=True)  # padding (inf) last
-    boxes = pool.boxes.gather(2, view[:, :, None, None].expand(-1, -1, 1, 4)).squeeze(2)  # [k, P, 4]
-    return PatchRanking(
-        pool.images.gather(1, order), boxes.gather(1, order[:, :, None].expand(-1, -1, 4)), pool.valid.sum(1)
-    )
-
-
-def select_patches(ranking: PatchRanking, index: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ipc index j takes ranks j·f² … (j+1)·f²−1, wrapping round a short pool: ([k, f²] indices, [k, f², 4])."""
-    cells = factor * factor
-    ranks = index * cells + torch.arange(cells)
-    pos = torch.remainder(ranks[None, :], ranking.counts[:, None])  # [k, f²]
-    return ranking.images.gather(1, pos), ranking.boxes.gather(1, pos[:, :, None].expand(-1, -1, 4))
-
-
-def stitch_patches(ctx: RunContext, images: torch.Tensor, boxes: torch.Tensor, factor: int) -> torch.Tensor:
-    """[k, f²] train indices + [k, f², 4] views → [k,3,S,S]: views row-major in a factor×factor grid."""
-    k = images.shape[0]
-    size = ctx.spec.image_size
-    side = size // factor
-    x = ctx.normalize(ctx.data.train_images[images.reshape(-1)])
-    cells = crop_views(x, boxes.reshape(-1, 1, 4), side).float()  # [k·f², 3, side, side]
-    grid = cells.reshape(k, factor, factor, 3, side, side).permute(0, 3, 1, 4, 2, 5)
-    stitched = grid.reshape(k, 3, factor * side, factor * side)
-    if factor * side != size:  # S not divisible by the factor
-        stitched = F.interpolate(stitched, size=(size, size), mode="bilinear", align_corners=False)
-    return stitched.contiguous()
-
-
-def _patch_ranking(
-    ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, poll: Callable[[], None] | None = None
-) -> PatchRanking:
-    """Ranking per (teacher, class chunk), computed once per run: the teacher is frozen for the whole stage."""
-    cache = ctx.notes.setdefault("patch_ranking", weakref.WeakKeyDictionary())
-    per_teacher = cache.setdefault(teacher, {})
-    key = tuple(classes.tolist())
-    if key not in per_teacher:
-        per_teacher[key] = rank_patches(ctx, teacher, classes, sample_patch_pool(ctx, classes), poll)
-    return per_teacher[key]
-
-
-@torch.no_grad()
-def patch_init(
-    ctx: RunContext,
-    teacher: FD2Model,
-    classes: torch.Tensor,
-    index: int,
-    poll: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """RDED patch initialisation of ipc index `index` for `classes`: [k,3,S,S] in normalised space.
-
-    The pool is ranked once; index j stitches the j-th group of factor² best views, so no image repeats across
-    indices and the IPC-1 and IPC-3 sets are prefixes of the IPC-5 set. `poll` is called while ranking.
-    """
-    factor = patch_factor(ctx.spec)
-    images, boxes = select_patches(_patch_ranking(ctx, teacher, classes, poll), index, factor)
-    return stitch_patches(ctx, images, boxes, factor)
-
-
-def patch_wrap_note(ctx: RunContext) -> str | None:
-    """A log line when some class pool holds fewer than ipc·factor² images, so its ranked views are reused."""
-    spec = ctx.spec
-    need = spec.ipc * patch_factor(spec) ** 2
-    pools = torch.bincount(ctx.data.train_labels, minlength=ctx.num_classes).clamp_max(spec.patch_pool)
-    short = int((pools < need).sum())
-    if short == 0:
-        return None
-    return (
-        f"patch init: {short} of {ctx.num_classes} classes have fewer than ipc·factor² = {need} pool images "
-        f"(smallest {int(pools.min())}); their views are reused in ranked order"
-    )
+    """RandomResizedCrop (scale min_crop_scale–1) + flip of [n,3,s,s] images to `side` (default: s)."""
+    params = sample_crop_flip(x.shape[0], x.shape[-1], g, scale=(ctx.spec.min_crop_scale, 1.0), per_image=per_image)
+    return apply_crop_flip(x, params, side)
 
 
 def _augment(ctx: RunContext, x: torch.Tensor, g: torch.Generator, side: int | None = None) -> torch.Tensor:
-    """RandomResizedCrop + flip to `side` (default: x's own), then the random roll."""
-    params = sample_crop_flip(x.shape[0], x.shape[-1], g, scale=(ctx.spec.min_crop_scale, 1.0))
-    return random_roll(apply_crop_flip(x, params, side), ctx.spec.jitter, g)
+    """The distill step's augmentation: crop + flip to `side` (default: x's own) — one box and one flip for the
+    whole batch under `distill_crop: batch` (published: one torchvision transform on the 4-D batch), one per image
+    under `image` — then one roll of randint(0, J) pixels per axis for the batch."""
+    x = _crop(ctx, x, g, side, per_image=ctx.spec.distill_crop == "image")
+    return random_roll(x, ctx.spec.jitter, g)
 
 
 @torch.no_grad()
@@ -278,13 +102,16 @@ def previous_attention(
     side: int | None = None,
 ) -> torch.Tensor | None:
     """Attention maps [J, B, M, H, W] of the block's already distilled images 0…j−1 (each [B,3,s,s]), once per
-    index j (FADRM+: once per phase, the images at the phase's side and the crop at the teacher's `side`)."""
+    index j (FADRM+: once per phase, the images at the phase's side and the crop at the teacher's `side`).
+
+    As published, each reference image gets its own crop and flip and no roll, whatever `distill_crop` says.
+    """
     if not previous:
         return None
     maps = []
     with ctx.autocast():
         for images in previous:
-            out = teacher(_augment(ctx, images.to(ctx.device), g, side))
+            out = teacher(_crop(ctx, images.to(ctx.device), g, side, per_image=True))
             maps.append(out.cal.attention.float())
     return torch.stack(maps)
 
@@ -387,7 +214,8 @@ def initial_images(
     g: torch.Generator,
     poll: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """[k,3,S,S] starting images in normalised space: RDED patches or N(0, 1) noise."""
+    """[k,3,S,S] starting images in normalised space: real patches scored by `teacher`, the patch scorer
+    (`Committee.scorer`, `fd2_core.stages.patches`), or N(0, 1) noise."""
     if ctx.spec.init == "patches":
         return patch_init(ctx, teacher, classes, index, poll)
     size = ctx.spec.image_size
@@ -418,7 +246,7 @@ def optimise_chunk(
     committee's members take part per `JobSpec.round_robin`."""
     spec = ctx.spec
     g = generator(spec.seed, "distill", index, int(classes[0]))
-    init = initial_images(ctx, committee.model, classes, index, g, reporter.poll).float()
+    init = initial_images(ctx, committee.scorer, classes, index, g, reporter.poll).float()
     x = init.clone()
     if ctx.amp:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -528,7 +356,7 @@ def optimise_chunk_fadrm(
     side with its own earlier attention maps at the phase's resolution.
     """
     spec = ctx.spec
-    init = initial_images(ctx, committee.model, classes, index,
+    init = initial_images(ctx, committee.scorer, classes, index,
                           generator(spec.seed, "distill", index, int(classes[0])), reporter.poll).float()
     phases, total = phase_schedule(spec), total_steps(spec)
     path, start, x = phase_path(ctx, index, classes), 0, init
@@ -559,18 +387,6 @@ def optimise_chunk_fadrm(
             if p < len(phases) - 1:
                 save_tensors(path, {"images": x, "phase": torch.tensor(p)})
     return x.contiguous(), init.contiguous()
-
-
-def random_real_indices(ctx: RunContext, ipc: int, stream: str) -> torch.Tensor:
-    """[ipc, K] train indices: distinct random real images of every class (a class's pool wraps if short)."""
-    g = generator(ctx.spec.seed, stream)
-    order, counts = _class_pools(ctx)
-    starts = torch.cumsum(counts, 0) - counts
-    # a random permutation inside every class: sort by (class, random key)
-    keys = torch.rand(order.numel(), generator=g) + ctx.data.train_labels[order].float()
-    perm = order[torch.argsort(keys)]
-    j = torch.arange(ipc)[:, None]
-    return perm[starts[None, :] + torch.remainder(j, counts[None, :])]
 
 
 def select_random(ctx: RunContext, index: int, classes: torch.Tensor | None = None) -> torch.Tensor:
@@ -613,11 +429,23 @@ def distill_block_index(
         return {"images": select_random(ctx, index, classes)}
     assert committee is not None
     if spec.method == "rded":
-        return {"images": select_rded(ctx, committee.model, index, reporter.poll, classes)}
+        return store_index(ctx, {"images": select_rded(ctx, committee.scorer, index, reporter.poll, classes)})
     optimise = optimise_chunk_fadrm if spec.recipe == "fadrm+" else optimise_chunk
     with frozen_members(committee):
         images, init = optimise(ctx, committee, classes, index, previous, reporter, done_before)
-    return {"images": images, "init": init}
+    return store_index(ctx, {"images": images, "init": init})
+
+
+def store_index(ctx: RunContext, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A finished index as stored (`synthetic_format`): under `jpeg` its `images` [k,3,S,S] become the decoded
+    JPEG 75 pixels of their uint8 truncation (published: SC's references, relabel and the students read the
+    JPEGs), and the optimised floats stay as `raw` for the drift metrics; under `png` nothing changes here (the
+    floats are rounded once, at export). Real images (`random`) are never re-encoded."""
+    if ctx.spec.synthetic_format != "jpeg":
+        return tensors
+    raw = tensors["images"]
+    stored = stored_pixels(ctx.denormalize(raw.float()), "jpeg")
+    return {**tensors, "images": ctx.normalize(stored.to(raw.device)).float(), "raw": raw}
 
 
 def chunk_steps(spec: JobSpec) -> int:
@@ -626,11 +454,12 @@ def chunk_steps(spec: JobSpec) -> int:
 
 
 def _index_tensors(ctx: RunContext, blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One ipc index of every class from its blocks, in class order: `labels`, `images`, `init` when every
-    block has one."""
+    """One ipc index of every class from its blocks, in class order: `labels`, `images`, and `init` / `raw`
+    when every block has one."""
     tensors = {"labels": torch.arange(ctx.num_classes), "images": torch.cat([b["images"] for b in blocks])}
-    if all("init" in b for b in blocks):
-        tensors["init"] = torch.cat([b["init"] for b in blocks])
+    for key in ("init", "raw"):
+        if all(key in b for b in blocks):
+            tensors[key] = torch.cat([b[key] for b in blocks])
     return tensors
 
 
@@ -767,7 +596,8 @@ def _quantised_pixels(ctx: RunContext, images: torch.Tensor) -> torch.Tensor:
 def init_drift(ctx: RunContext) -> dict[str, object] | None:
     """How far the distilled images moved from their initialisation, from the saved ipc files.
 
-    PSNR (dB) between the final images and their initialisation, both in [0, 1] on the 8-bit grid the pipeline
+    PSNR (dB) between the final images (under `synthetic_format: jpeg` as optimised, before the JPEG storage, so
+    the storage loss does not count as movement) and their initialisation, both in [0, 1] on the 8-bit grid the pipeline
     exports (so an image that did not move by half a level reads inf): per ipc index, and over the whole set
     from the pooled MSE; plus the mean absolute pixel change.
     None for the `random` method or when an index has no saved initialisation. With `init = gaussian` the
@@ -786,7 +616,8 @@ def init_drift(ctx: RunContext) -> dict[str, object] | None:
         tensors = load_tensors(path) if path.exists() else {}
         if "init" not in tensors:
             return None
-        diff = _quantised_pixels(ctx, tensors["images"]) - _quantised_pixels(ctx, tensors["init"])
+        moved = tensors.get("raw", tensors["images"])  # under jpeg: before storage, so JPEG's loss is not drift
+        diff = _quantised_pixels(ctx, moved) - _quantised_pixels(ctx, tensors["init"])
         mse.append(diff.square().mean().item())
         mae.append(diff.abs().mean().item())
     return {

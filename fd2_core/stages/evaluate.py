@@ -2,12 +2,12 @@
 
 The student replays the recorded augmentations and learns from the stored teacher logits with
 KL(softmax(teacher/T) ‖ softmax(student/T)) (or plain CE on hard labels, for the hard-label comparison), as the
-published validation script does: AdamW, the lr set once per epoch (half-cosine by default), each replayed batch
-split into micro-batches whose gradients are accumulated before one optimizer step, the last epoch's model
-reported. `evaluate` trains the students the spec asks for and computes DD-Ranking's metrics (fd2_core.metrics);
-`comparison` is the report's block built from them. Each student (`student_names`) is also a unit of its own
-(`evaluation_student`, one shard of `fd2_core.shards`): its per-test-image correctness is saved, and `evaluate`
-reuses every saved student.
+published validation script does: AdamW (weight decay on conv/linear weights only), the lr set once per epoch
+(half-cosine by default), each replayed batch split into micro-batches whose gradients are accumulated before one
+optimizer step, the last epoch's model reported. `evaluate` trains the students the spec asks for and computes
+DD-Ranking's metrics (fd2_core.metrics); `comparison` is the report's block built from them. Each student
+(`student_names`) is also a unit of its own (`evaluation_student`, one shard of `fd2_core.shards`): its
+per-test-image correctness is saved, and `evaluate` reuses every saved student.
 """
 
 from __future__ import annotations
@@ -94,6 +94,29 @@ def accumulate(
     return total
 
 
+_DECAYED_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups [decayed, not decayed] of `model`'s trainable parameters, each exactly once.
+
+    Only the weights of convolution and linear layers get `weight_decay`; biases and the parameters of
+    normalisation (BatchNorm, LayerNorm, …) and every other layer get 0, as the published student's optimiser
+    groups its parameters (SRe²L's `get_parameters`: multi-dimensional weights decayed, the rest not)."""
+    decayed: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, _DECAYED_LAYERS) and module.weight is not None and module.weight.requires_grad:
+            decayed[id(module.weight)] = module.weight
+    rest: dict[int, torch.nn.Parameter] = {}
+    for param in model.parameters():
+        if param.requires_grad and id(param) not in decayed:
+            rest[id(param)] = param
+    return [
+        {"params": list(decayed.values()), "weight_decay": weight_decay},
+        {"params": list(rest.values()), "weight_decay": 0.0},
+    ]
+
+
 def _new_student(ctx: RunContext, stream: str) -> torch.nn.Module:
     spec = ctx.spec
     torch.manual_seed(int(generator(spec.seed, "student-init", stream).initial_seed() & 0x7FFFFFFF))
@@ -148,14 +171,15 @@ def train_student(
     """
     spec = ctx.spec
     student = _new_student(ctx, stream)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.eval_lr, weight_decay=spec.eval_weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(student, spec.eval_weight_decay), lr=spec.eval_lr)
     images = ctx.normalize(images_u8).float()
     labels = labels.to(ctx.device)
     splits = micro_batches(soft)
     scaler = ctx.grad_scaler()
     for step in range(len(soft)):
         epoch = step // soft.batches_per_epoch
-        optimizer.param_groups[0]["lr"] = student_lr(spec.eval_lr, epoch, soft.epochs, spec.eval_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = student_lr(spec.eval_lr, epoch, soft.epochs, spec.eval_schedule)
         loss_of, size = _batch_loss(ctx, student, images, labels, soft, step, hard_labels)
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate(loss_of, forward_parts(size, splits), scaler)

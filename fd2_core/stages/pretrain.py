@@ -31,6 +31,8 @@ from .committee import (
     member_weights,
     member_workdir,
     save_committee,
+    scorer_context,
+    scorer_workdir,
 )
 from .context import RunContext, stage_folder
 from .teacher import accuracy, load_teacher, new_teacher, save_teacher
@@ -39,7 +41,7 @@ TEACHER_FILE = "teacher.safetensors"
 TEACHER_INFO = "teacher.json"
 CHECKPOINT_FILE = "pretrain_checkpoint.safetensors"
 CHECKPOINT_INFO = "pretrain_checkpoint.json"
-LR_DECAY_EVERY = 2  # epochs per step of the published schedule lr·γ^(epoch/2) (FD² paper presets)
+LR_DECAY_EVERY = 2  # epochs per factor γ of the published schedule lr·γ^(epoch/2) (FD² paper presets)
 
 
 @dataclass
@@ -78,10 +80,26 @@ def _optimizer(ctx: RunContext, model: FD2Model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay)
 
 
+def decayed_lr(lr: float, gamma: float, epoch: int, mode: str = "continuous") -> float:
+    """lr of `epoch` (0-based) under decay γ every LR_DECAY_EVERY epochs.
+
+    continuous: lr·γ^(epoch/2) with a real exponent, as the published FD² pretraining script sets it each
+    epoch; stepped: lr·γ^(epoch//2), the CAL code's StepLR(step_size=2, gamma=γ). Raises ValueError for another
+    mode."""
+    if mode == "continuous":
+        return lr * gamma ** (epoch / LR_DECAY_EVERY)
+    if mode == "stepped":
+        return lr * gamma ** (epoch // LR_DECAY_EVERY)
+    raise ValueError(f"unknown pretrain_lr_decay_mode {mode!r}")
+
+
 def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The teacher's lr at (epoch, step): `decayed_lr` with spec.pretrain_lr_decay γ > 0 (constant within an
+    epoch; published: γ = 0.9, continuous), else cosine lr·0.5·(1 + cos(π·t/T)) over all T steps."""
     spec = ctx.spec
-    if spec.pretrain_lr_decay > 0:  # the published step schedule: lr·γ^(epoch/2)
-        return spec.pretrain_lr * spec.pretrain_lr_decay ** (epoch // LR_DECAY_EVERY)
+    if spec.pretrain_lr_decay > 0:
+        mode = spec.pretrain_lr_decay_mode
+        return decayed_lr(spec.pretrain_lr, spec.pretrain_lr_decay, epoch, mode)
     total = spec.pretrain_epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step
     return 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * t / max(total, 1)))
@@ -93,14 +111,24 @@ def _selection_ratio(spec) -> float | None:
     return spec.cal_ratio if spec.uses_cal and spec.soft_label_source != "backbone" else None
 
 
-def cal_loss(model: FD2Model, x: torch.Tensor, y: torch.Tensor, ratio: float, g: torch.Generator) -> tuple:
+def cal_loss(
+    model: FD2Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ratio: float,
+    g: torch.Generator,
+    crop_drop: str = "published",
+) -> tuple:
     """L = (1−r)·CE(f(x),y) + r·[CE(p,y)/3 + CE(p_eff over x+crop+drop) + (2/3)·CE(p over crop+drop) + center].
 
+    `crop_drop` is spec.cal_crop_drop: "published" upsamples the attention maps for the crop/drop as the FD²
+    code does (align_corners=False), "cal-code" as the CAL code does (align_corners=True).
     Returns (loss, embedding of the original batch for the prototype update, loss parts for progress).
     """
     out = model(x, counterfactual=True)
     assert out.cal is not None and model.cal_head is not None
-    crops, drops = attention_crop_drop(x, out.cal.attention.detach().float(), generator=g)
+    attention = out.cal.attention.detach().float()
+    crops, drops = attention_crop_drop(x, attention, generator=g, align_corners=crop_drop == "cal-code")
     aug = model(torch.cat([crops, drops]), counterfactual=True)
     assert aug.cal is not None
     y2, y3 = torch.cat([y, y]), torch.cat([y, y, y])
@@ -186,7 +214,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
             x = train_augment(x, g, spec.pretrain_augment, mean=ctx.mean, std=ctx.std)
             with ctx.autocast():
                 if spec.uses_cal:
-                    loss, embedding, parts = cal_loss(model, x, y, ratio, g)
+                    loss, embedding, parts = cal_loss(model, x, y, ratio, g, spec.cal_crop_drop)
                 else:
                     loss = F.cross_entropy(model(x).logits, y)
                     embedding, parts = None, {"ce": loss.detach()}
@@ -245,10 +273,39 @@ def member_saved(workdir: Path, spec: JobSpec, index: int) -> bool:
     return (folder / TEACHER_FILE).exists() and (folder / TEACHER_INFO).exists()
 
 
-def load_committee(ctx: RunContext) -> Committee:
+def pretrain_scorer(ctx: RunContext, alone: bool = False) -> TeacherResult:
+    """Train (or reuse, or resume) the plain cross-entropy teacher that scores the patch views, in its own
+    folder (`committee.scorer_context`); `alone`: as one shard of `fd2_core.shards`. Only for a spec that
+    trains one (`JobSpec.trains_scorer`)."""
+    return pretrain_teacher(scorer_context(ctx, alone))
+
+
+def scorer_saved(workdir: Path, spec: JobSpec) -> bool:
+    """Whether the scorer's pretraining in `workdir` is finished (its teacher file and its info are saved)."""
+    folder = stage_folder(scorer_workdir(workdir, spec))
+    return (folder / TEACHER_FILE).exists() and (folder / TEACHER_INFO).exists()
+
+
+def load_scorer(ctx: RunContext) -> FD2Model:
+    """The saved scorer (`pretrain_scorer`), without training; FileNotFoundError while it is not pretrained."""
+    scorer_ctx = scorer_context(ctx)
+    path = scorer_ctx.stage_dir / TEACHER_FILE
+    if not scorer_saved(ctx.workdir, ctx.spec):
+        raise FileNotFoundError(f"the patch scorer is not pretrained yet: {path} is missing")
+    return load_teacher(path, scorer_ctx)
+
+
+def scorer_report(info: dict) -> dict:
+    """The patch scorer's entry of the report's `teacher` block: its accuracies, without the epoch history."""
+    return {"kind": "plain cross-entropy teacher (patch_rule published)",
+            **{k: info.get(k) for k in ("test_accuracy", "val_accuracy", "train_images")}}
+
+
+def load_committee(ctx: RunContext, scorer: bool = False) -> Committee:
     """The run's teachers from their saved files, without training and without progress events, as `pretrain`
     returns them except for a committee's report entry (`info` is empty; `pretrain` measures the ensemble).
-    Raises FileNotFoundError naming the first member whose pretraining has not finished."""
+    `scorer`: also the patch scorer when the spec trains one (distillation needs it; relabel and the students
+    do not). Raises FileNotFoundError naming the first teacher whose pretraining has not finished."""
     members = []
     for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
         member_ctx = member_context(ctx, i)
@@ -256,20 +313,27 @@ def load_committee(ctx: RunContext) -> Committee:
         if not (path.exists() and info_path.exists()):
             raise FileNotFoundError(f"teacher {name} is not pretrained yet: {path} is missing")
         members.append(TeacherMember(name, member_ctx, load_teacher(path, member_ctx), read_json(info_path), weight))
-    return Committee(members, members[0].info if ctx.spec.committee is None else {})
+    scorer_model = load_scorer(ctx) if scorer and ctx.spec.trains_scorer else None
+    return Committee(members, members[0].info if ctx.spec.committee is None else {}, scorer_model)
 
 
 def pretrain(ctx: RunContext) -> Committee:
     """Stage 1: every teacher of the run in order, each resumable on its own (a single teacher is a committee of
-    one, trained in the run's own stage folder). A committee of several also writes the combined
-    `teacher.safetensors` (every member, keys prefixed) and reports the ensemble's accuracy."""
+    one, trained in the run's own stage folder), then the patch scorer when the spec trains one. A committee of
+    several also writes the combined `teacher.safetensors` (every member, keys prefixed) and reports the
+    ensemble's accuracy."""
     members = []
     for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
         member_ctx = member_context(ctx, i)
         result = pretrain_teacher(member_ctx)
         members.append(TeacherMember(name, member_ctx, result.model, result.info, weight))
+    scorer = pretrain_scorer(ctx) if ctx.spec.trains_scorer else None
+    scorer_model = scorer.model if scorer is not None else None
+    info = members[0].info if ctx.spec.committee is None else committee_info(ctx, members)
+    if scorer is not None:  # the report says which plain teacher chose the patches, and how good it is
+        info = {**info, "patch_scorer": scorer_report(scorer.info)}
     if ctx.spec.committee is None:
-        return Committee(members, members[0].info)
-    committee = Committee(members, committee_info(ctx, members))
+        return Committee(members, info, scorer_model)
+    committee = Committee(members, info, scorer_model)
     save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)
     return committee

@@ -3,9 +3,11 @@
 Published relabel: the teacher's logits of the chosen source (default the backbone's own classifier), BatchNorm
 in train mode on each forwarded part of a batch (default two halves), the stored running statistics untouched.
 A committee's soft labels are the weighted mean of its members' logits (`committee.ensemble_logits`).
-Every epoch draws from its own stream (soft-label format v3), so a range of epochs can also be recorded alone
-(`relabel_epochs`, one shard of `fd2_core.shards`) and the ranges joined (`merge_relabel_parts`) into the very
-file `relabel` writes.
+Crops are torchvision's RandomResizedCrop, drawn and resampled as torchvision does (soft-label format v4).
+Every epoch draws from its own stream, so a range of epochs can also be recorded alone (`relabel_epochs`, one
+shard of `fd2_core.shards`) and the ranges joined (`merge_relabel_parts`) into the very file `relabel` writes.
+Files and parts of older formats are another augmentation stream: they are recorded again, never reused or
+joined (students still replay older files as they were recorded).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..models import FD2Model
 from ..progress import StageReporter
 from ..runtime import generator
 from ..softlabels import (
-    READABLE_FORMATS,
+    FORMAT,
+    PART_FORMAT,
     EpochGenerator,
     SoftLabelPart,
     SoftLabels,
@@ -63,26 +66,29 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
 
 
 def epoch_streams(spec: JobSpec, stream: str) -> EpochGenerator:
-    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone (soft-label format v3)."""
+    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone (soft-label formats v3, v4)."""
     return lambda epoch: generator(spec.seed, stream, epoch)
 
 
+def _metadata_of(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata alone (a full soft-label file can hold gigabytes of logits)."""
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 def recorded(path: Path, spec: JobSpec) -> bool:
-    """Whether `path` holds soft labels recorded with the spec's protocol, in any readable format; reads only the
-    file's metadata (a full file can hold gigabytes of logits)."""
+    """Whether `path` holds soft labels of the current format recorded with the spec's protocol; reads only the
+    file's metadata. An older format is another augmentation stream, so it does not count."""
     if not path.exists():
         return False
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
-    return metadata.get("format") in READABLE_FORMATS and protocol_matches(SoftLabels({}, metadata), spec)
+    metadata = _metadata_of(path)
+    return metadata.get("format") == FORMAT and protocol_matches(SoftLabels({}, metadata), spec)
 
 
 def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
-    """The soft labels at `path` when they exist and were recorded with the spec's protocol (any format)."""
-    if not path.exists():
-        return None
-    existing = SoftLabels.load(path)
-    return existing if protocol_matches(existing, spec) else None
+    """The soft labels at `path` when they exist in the current format and were recorded with the spec's
+    protocol; None otherwise (an older file is recorded again, as a new run would record it)."""
+    return SoftLabels.load(path) if recorded(path, spec) else None
 
 
 def _record(
@@ -130,8 +136,8 @@ def relabel(
     stream: str = "relabel",
     parent: StageReporter | None = None,
 ) -> SoftLabels:
-    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists with this protocol
-    (in any readable format: a v2 file of an earlier run is kept), else records every epoch (format v3).
+    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists in the current
+    format with this protocol, else records every epoch (format v4).
 
     Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
     keeps polling the stop flag through the parent and emits no stage events of its own.
@@ -185,7 +191,7 @@ def relabel_epochs(
     path = part_path(ctx, epochs)
     reporter = ctx.tracker.stage("relabel")
     reporter.begin(1)
-    if path.exists():
+    if part_recorded(path):
         reporter.log(f"epochs {epochs.start}-{epochs.stop} already recorded; reusing them")
         reporter.end()
         return path
@@ -200,12 +206,19 @@ def relabel_epochs(
     return path
 
 
+def part_recorded(path: Path) -> bool:
+    """Whether `path` is a part file of the current format, read from its metadata alone; an older part is
+    another augmentation stream, recorded again and never joined."""
+    return path.exists() and _metadata_of(path).get("format") == PART_FORMAT
+
+
 def _saved_parts(stage_dir: Path) -> list[tuple[range, Path]]:
-    """Every saved part file with its epochs, in file-name order."""
+    """Every saved part file of the current format with its epochs, in file-name order."""
     parts = []
     for path in sorted((stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors")):
         first, stop = (int(v) for v in path.stem.removeprefix("epochs_").split("_"))
-        parts.append((range(first, stop), path))
+        if part_recorded(path):
+            parts.append((range(first, stop), path))
     return parts
 
 
@@ -249,7 +262,7 @@ def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
         tensors, metadata = join_soft_label_parts(pieces, ctx.spec.relabel_epochs)
         save_soft_labels(path, tensors, dict(metadata))
         existing = SoftLabels.load(path)
-    for _, part in parts:
+    for part in (ctx.stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors"):  # older-format parts too
         part.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # a folder that still holds something stays
         (ctx.stage_dir / PARTS_FOLDER).rmdir()
