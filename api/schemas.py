@@ -75,7 +75,10 @@ class JobError(BaseModel):
 
 
 class ShardOut(BaseModel):
-    id: str = Field(..., description="Stable shard id, e.g. `pretrain:m0`, `distill:c00100`, `relabel:e0000-0200`.")
+    id: str = Field(
+        ...,
+        description="Stable shard id, e.g. `pretrain:m0`, `pretrain:scorer`, `distill:c00100`, `relabel:e0000-0200`.",
+    )
     stage: JobStage
     status: Literal["queued", "dispatched", "running", "done", "failed", "cancelled"] = Field(
         ..., description="`dispatched`: waiting in the broker for a free worker.")

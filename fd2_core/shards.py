@@ -17,7 +17,7 @@ The units (`plan_shards`), each writing its outputs atomically under the job's w
 
 The merged files are the unsharded run's because a unit never reads another unit's random draws: a class
 block's work (its patch ranking, its random streams per ipc index, the earlier indices SC reads) is the block's
-own, the relabel walk draws each epoch from its own stream (soft-label format v3), and every student seeds its
+own, the relabel walk draws each epoch from its own stream (soft-label formats v3 and v4), and every student seeds its
 own initialisation. Bit for bit on the same kind of device with the same thread count and library versions.
 """
 

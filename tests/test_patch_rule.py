@@ -303,3 +303,21 @@ def test_published_scoring_counts_the_picked_files_of_the_first_n_images():
     assert patch_scoring_passes(spec, CUB_LIKE) == 200 * 3 * (5994 // 200) * 5  # at most 3 files per class
     many = spec.model_copy(update={"ipc": 10})
     assert patch_scoring_passes(many, CUB_LIKE) == 200 * 5 * 29 * 5  # never more than the five files
+
+
+def test_a_bare_cal_teacher_still_selects_patches_with_the_scorer(tmp_path, data):
+    """A caller that hands `distill` the CAL teacher alone (a library user, a benchmark) gets the scorer's patches,
+    or a clear error while the scorer is not pretrained: never the CAL teacher's ranking in silence."""
+    ctx = _ctx(tmp_path / "fresh", data, method="fd2", ipc=1)
+    assert ctx.spec.trains_scorer
+    torch.manual_seed(0)
+    cal_teacher = new_teacher(ctx)
+    with pytest.raises(FileNotFoundError, match="scorer is not pretrained"):
+        distill(ctx, cal_teacher)
+    run(tiny_spec(ipc=1, patch_rule="published", evaluate=False), data, tmp_path / "done")
+    done = _ctx(tmp_path / "done", data, method="fd2", ipc=1)
+    ipc_path(done, 0).unlink()
+    images = distill(done, cal_teacher)
+    scorer = load_scorer(done)
+    assert torch.equal(load_tensors(ipc_path(done, 0))["init"], patch_init(done, scorer, torch.arange(4), 0))
+    assert images.shape == (1, 4, 3, 32, 32)

@@ -46,8 +46,9 @@ CONFIGS = {  # ipc 2 with SC on, two class blocks or more, relabel in two epoch 
                            relabel_epochs=3, max_workers=2),
     "committee": tiny_spec(ipc=2, committee=TWO_CONVNETS, distill_batch_classes=2, relabel_epochs=3, max_workers=3),
     # the published patch rule under FD²: one more shard pretrains the plain scorer the blocks select with
-    "fd2-published": tiny_spec(ipc=2, patch_rule="published", distill_batch_classes=2, relabel_epochs=2,
-                               max_workers=2),
+    # (with the rest of the published data path: one crop per step, JPEG storage of every finished index)
+    "fd2-published": tiny_spec(ipc=2, patch_rule="published", distill_crop="batch", synthetic_format="jpeg",
+                               distill_batch_classes=2, relabel_epochs=2, max_workers=2),
 }
 
 

@@ -20,6 +20,7 @@ a block can also run alone (`distill_block`, one shard of `fd2_core.shards`), sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..stored_images import stored_pixels
 from .committee import Committee, as_committee, frozen_members
 from .context import RunContext
 from .patches import patch_init, patch_wrap_note, random_real_indices
+from .pretrain import load_scorer
 
 # Adam on the pixels with the published SRe²L synthesis setting, which SRe²L++ and the FD² paper keep
 ADAM_BETAS = (0.5, 0.9)
@@ -444,8 +446,8 @@ def store_index(ctx: RunContext, tensors: dict[str, torch.Tensor]) -> dict[str, 
     if ctx.spec.synthetic_format != "jpeg":
         return tensors
     raw = tensors["images"]
-    stored = stored_pixels(ctx.denormalize(raw.float()), "jpeg")
-    return {**tensors, "images": ctx.normalize(stored.to(raw.device)).float(), "raw": raw}
+    stored = {**tensors, "images": ctx.normalize(stored_pixels(ctx.denormalize(raw.float()), "jpeg")).float()}
+    return {**stored, "raw": raw} if "init" in tensors else stored  # rded: its images are its start, no drift
 
 
 def chunk_steps(spec: JobSpec) -> int:
@@ -481,6 +483,15 @@ def _loaded(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in load_tensors(path).items()}
 
 
+def _with_scorer(ctx: RunContext, committee: Committee) -> Committee:
+    """The committee with the plain patch scorer the spec trains (`JobSpec.trains_scorer`): a caller that passes
+    a bare teacher, or teachers loaded without the scorer, still selects patches with the scorer, never silently
+    with the CAL teacher. Raises FileNotFoundError while the scorer is not pretrained."""
+    if not ctx.spec.trains_scorer or committee.scorer_model is not None:
+        return committee
+    return dataclasses.replace(committee, scorer_model=load_scorer(ctx))
+
+
 def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tensor:
     """Returns synthetic images [ipc, K, 3, S, S] in normalised space (also saved per ipc index, with `init`).
 
@@ -488,7 +499,7 @@ def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tens
     its class blocks in order (`distill_block_index`); a block a block shard already saved is reused.
     """
     spec = ctx.spec
-    committee = as_committee(ctx, teacher) if teacher is not None else None
+    committee = _with_scorer(ctx, as_committee(ctx, teacher)) if teacher is not None else None
     reporter = ctx.tracker.stage("distill")
     blocks = class_blocks(ctx)
     per_block = chunk_steps(spec) if spec.optimises_images else 0
@@ -538,7 +549,7 @@ def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes
     files. The images equal the block's rows of what `distill` writes: both run `distill_block_index` with the
     same streams and the block's own earlier images."""
     spec = ctx.spec
-    committee = as_committee(ctx, teacher) if teacher is not None else None
+    committee = _with_scorer(ctx, as_committee(ctx, teacher)) if teacher is not None else None
     reporter = ctx.tracker.stage("distill")
     per_block = chunk_steps(spec) if spec.optimises_images else 0
     reporter.begin(spec.ipc * per_block if spec.optimises_images else spec.ipc)

@@ -70,11 +70,12 @@ def quantize(ctx: RunContext, synthetic: torch.Tensor) -> DistilledSet:
 def image_storage(synthetic_format: str, method: str) -> dict[str, str]:
     """How the set's images were stored before relabel and evaluation read them (manifest and report): the
     PNGs of the artifact hold exactly those pixels, losslessly."""
-    if synthetic_format == "jpeg" and method != "random":
-        how = "truncated to uint8, then JPEG quality 75; later stages and these PNGs hold the decoded JPEG pixels"
-    else:
-        how = "rounded to uint8, lossless" if method != "random" else "the real images as read, lossless"
-    return {"format": synthetic_format, "stored_as": how}
+    if method == "random":  # real images are never re-encoded, whatever the spec's format
+        return {"format": "png", "stored_as": "the real images as read, lossless"}
+    if synthetic_format == "jpeg":
+        return {"format": "jpeg", "stored_as": "truncated to uint8, then JPEG quality 75; later stages and these "
+                "PNGs hold the decoded JPEG pixels"}
+    return {"format": synthetic_format, "stored_as": "rounded to uint8, lossless"}
 
 
 def json_safe(value: Any) -> Any:
