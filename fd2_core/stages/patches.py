@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ from ..models import FD2Model
 from ..runtime import frozen, generator
 from ..spec import PUBLISHED_PATCH_FILES, JobSpec
 from .context import RunContext
+
+T = TypeVar("T")
 
 SCORE_BATCH = 256  # views per teacher forward when scoring patch candidates
 PATCH_SCALE = (0.08, 1.0)  # RDED's RandomResizedCrop area range for the candidate views
@@ -207,11 +209,18 @@ def _patch_ranking(
     ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, poll: Callable[[], None] | None = None
 ) -> PatchRanking:
     """Ranking per (teacher, class chunk), computed once per run: the teacher is frozen for the whole stage."""
-    cache = ctx.notes.setdefault("patch_ranking", weakref.WeakKeyDictionary())
+    return _once_per_run(ctx, "patch_ranking", teacher, classes,
+                         lambda: rank_patches(ctx, teacher, classes, sample_patch_pool(ctx, classes), poll))
+
+
+def _once_per_run(ctx: RunContext, name: str, teacher: FD2Model, classes: torch.Tensor, build: Callable[[], T]) -> T:
+    """`build()` once per (teacher, class chunk) in the run's notes: scoring a pool takes minutes, and every ipc
+    index of the chunk reads the same result (the teacher is frozen for the whole stage)."""
+    cache = ctx.notes.setdefault(name, weakref.WeakKeyDictionary())
     per_teacher = cache.setdefault(teacher, {})
     key = tuple(classes.tolist())
     if key not in per_teacher:
-        per_teacher[key] = rank_patches(ctx, teacher, classes, sample_patch_pool(ctx, classes), poll)
+        per_teacher[key] = build()
     return per_teacher[key]
 
 
@@ -300,12 +309,8 @@ def _published_files(
     ctx: RunContext, teacher: FD2Model, classes: torch.Tensor, poll: Callable[[], None] | None = None
 ) -> PatchFiles:
     """Published selection per (scorer, class chunk), built once per run: the scorer is frozen for the stage."""
-    cache = ctx.notes.setdefault("patch_files", weakref.WeakKeyDictionary())
-    per_teacher = cache.setdefault(teacher, {})
-    key = tuple(classes.tolist())
-    if key not in per_teacher:
-        per_teacher[key] = published_patch_files(ctx, teacher, classes, poll)
-    return per_teacher[key]
+    return _once_per_run(ctx, "patch_files", teacher, classes,
+                         lambda: published_patch_files(ctx, teacher, classes, poll))
 
 
 @torch.no_grad()
