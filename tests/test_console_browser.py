@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,10 @@ def screenshot(driver: Any, path: Path) -> Path:
 
 
 def percent(value: float) -> str:
-    return f"{100 * value:.1f} %"
+    """What the console's `(100 * value).toFixed(1)` shows: the exact binary value rounded half away from zero
+    (Python's own format rounds an exact tie such as 31.25 to even, 31.2; JavaScript shows 31.3)."""
+    shown = Decimal(100 * value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+    return f"{shown} %"
 
 
 def no_alert(driver: Any) -> bool:
