@@ -29,6 +29,7 @@ Design (docs/BENCHMARKS.md, "Quality"):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.softlabels import FORMAT as SOFT_LABEL_FORMAT  # noqa: E402
 from fd2_core.softlabels import FORMAT_V2 as SOFT_LABEL_FORMAT_V2  # noqa: E402
 from fd2_core.spec import JobSpec, resolve_spec, spec_changes  # noqa: E402
+from fd2_core.stages.committee import Committee, as_committee  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
@@ -285,6 +287,17 @@ class PairRunner:
         result = train_student(ctx, images, labels, soft, stream="student", hard_labels=hard)
         return accuracy_of(result), round(time.monotonic() - t, 1)
 
+    def distilling_teachers(self, ctx: RunContext, spec: JobSpec, own) -> Committee | None:
+        """What `distill` gets: nothing for random, else the variant's teacher; under `patch_rule: published` with
+        FD² the grid's plain-CE teacher scores the patches, the scorer the pipeline would train (same backbone,
+        data and start), so the pair trains no third teacher."""
+        if spec.method == "random":
+            return None
+        committee = as_committee(ctx, own)
+        if spec.trains_scorer:
+            committee = dataclasses.replace(committee, scorer_model=self.teacher("ce"))
+        return committee
+
     def method(self, variant: Variant) -> dict[str, Any]:
         spec = self.spec(variant)
         own = self.teacher(variant.teacher)
@@ -292,7 +305,7 @@ class PairRunner:
         wd = self.root / slug(variant.shares or variant.name)
         ctx = make_ctx(spec, self.data, wd)
         t = time.monotonic()
-        synthetic = distill(ctx, None if spec.method == "random" else own)
+        synthetic = distill(ctx, self.distilling_teachers(ctx, spec, own))
         out: dict[str, Any] = {"teacher": variant.teacher, "distill_s": round(time.monotonic() - t, 1)}
         images = quantize(ctx, synthetic)
         out["init_psnr_db"] = _init_psnr(ctx, images) if spec.method != "random" else None

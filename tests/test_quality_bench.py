@@ -188,3 +188,22 @@ def test_table_mode_reuses_the_full_grid_and_shares_images_across_student_rows(t
     summary = table["summary"]["tiny"]["protocols"]["end-to-end"]
     assert set(summary["comparisons"]) == set(bench.TABLE_COMPARISONS)
     assert set(summary["ior"]) == {v.name for v in bench.TABLE_VARIANTS} - {"random"}
+
+
+def test_the_published_patch_rule_is_scored_by_the_grids_plain_teacher(tmp_path):
+    """Under `patch_rule: published` FD² selects its patches with a plain cross-entropy teacher: the bench hands
+    `distill` its own CE teacher as that scorer, so no third teacher is trained and fd2 starts from the patches
+    sre2l++ starts from."""
+    bench = _bench()
+    cfg = TINY_CFG | {"spec": TINY_CFG["spec"] | {"patch_rule": "published"}, "seeds": (0,), "ipcs": (1,)}
+    runner = bench.PairRunner("tiny", TINY_DATA, 0, cfg, tmp_path / "work", {}, lambda: None)
+    fd2_variant = next(v for v in bench.VARIANTS if v.name == "fd2")
+    spec = runner.spec(fd2_variant)
+    ctx = bench.make_ctx(spec, runner.data, tmp_path / "fd2")
+    committee = runner.distilling_teachers(ctx, spec, runner.teacher("cal"))
+    assert spec.trains_scorer and committee.scorer is runner.teacher("ce") and committee.model is runner.teacher("cal")
+    assert committee.scorer.cal_head is None
+    assert not (tmp_path / "fd2" / "teachers").exists()  # no scorer of its own trained
+    plain = runner.spec(next(v for v in bench.VARIANTS if v.name == "sre2l++"))
+    assert runner.distilling_teachers(ctx, plain, runner.teacher("ce")).scorer is runner.teacher("ce")
+    assert runner.distilling_teachers(ctx, runner.spec(bench.VARIANTS[0]), None) is None  # random
