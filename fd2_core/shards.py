@@ -249,7 +249,7 @@ def _run_unit(ctx: RunContext, shard: Shard) -> None:
     elif shard.stage == "pretrain":
         pretrain_member(ctx, params["member"])
     elif shard.stage == "distill" and params:
-        teacher = None if ctx.spec.method == "random" else load_committee(ctx, scorer=True)
+        teacher = None if ctx.spec.method == "random" else load_committee(ctx)  # distill_block adds the patch scorer
         first = params["first_class"]
         distill_block(ctx, teacher, torch.arange(first, first + params["num_classes"]))
     elif shard.stage == "distill":

@@ -267,10 +267,14 @@ def pretrain_member(ctx: RunContext, index: int) -> TeacherResult:
     return pretrain_teacher(member_context(ctx, index, alone=True))
 
 
+def _teacher_saved(stage_dir: Path) -> bool:
+    """Whether the pretraining whose stage folder is `stage_dir` is finished: its teacher file and info saved."""
+    return (stage_dir / TEACHER_FILE).exists() and (stage_dir / TEACHER_INFO).exists()
+
+
 def member_saved(workdir: Path, spec: JobSpec, index: int) -> bool:
     """Whether member `index`'s pretraining in `workdir` is finished (its teacher file and its info are saved)."""
-    folder = stage_folder(member_workdir(workdir, spec, index))
-    return (folder / TEACHER_FILE).exists() and (folder / TEACHER_INFO).exists()
+    return _teacher_saved(stage_folder(member_workdir(workdir, spec, index)))
 
 
 def pretrain_scorer(ctx: RunContext, alone: bool = False) -> TeacherResult:
@@ -282,15 +286,14 @@ def pretrain_scorer(ctx: RunContext, alone: bool = False) -> TeacherResult:
 
 def scorer_saved(workdir: Path, spec: JobSpec) -> bool:
     """Whether the scorer's pretraining in `workdir` is finished (its teacher file and its info are saved)."""
-    folder = stage_folder(scorer_workdir(workdir, spec))
-    return (folder / TEACHER_FILE).exists() and (folder / TEACHER_INFO).exists()
+    return _teacher_saved(stage_folder(scorer_workdir(workdir, spec)))
 
 
 def load_scorer(ctx: RunContext) -> FD2Model:
     """The saved scorer (`pretrain_scorer`), without training; FileNotFoundError while it is not pretrained."""
     scorer_ctx = scorer_context(ctx)
     path = scorer_ctx.stage_dir / TEACHER_FILE
-    if not scorer_saved(ctx.workdir, ctx.spec):
+    if not _teacher_saved(scorer_ctx.stage_dir):
         raise FileNotFoundError(f"the patch scorer is not pretrained yet: {path} is missing")
     return load_teacher(path, scorer_ctx)
 
@@ -301,20 +304,19 @@ def scorer_report(info: dict) -> dict:
             **{k: info.get(k) for k in ("test_accuracy", "val_accuracy", "train_images")}}
 
 
-def load_committee(ctx: RunContext, scorer: bool = False) -> Committee:
+def load_committee(ctx: RunContext) -> Committee:
     """The run's teachers from their saved files, without training and without progress events, as `pretrain`
-    returns them except for a committee's report entry (`info` is empty; `pretrain` measures the ensemble).
-    `scorer`: also the patch scorer when the spec trains one (distillation needs it; relabel and the students
-    do not). Raises FileNotFoundError naming the first teacher whose pretraining has not finished."""
+    returns them except for a committee's report entry (`info` is empty; `pretrain` measures the ensemble) and
+    the patch scorer (distillation loads it itself; relabel and the students do not need it). Raises
+    FileNotFoundError naming the first member whose pretraining has not finished."""
     members = []
     for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
         member_ctx = member_context(ctx, i)
         path, info_path = member_ctx.stage_dir / TEACHER_FILE, member_ctx.stage_dir / TEACHER_INFO
-        if not (path.exists() and info_path.exists()):
+        if not _teacher_saved(member_ctx.stage_dir):
             raise FileNotFoundError(f"teacher {name} is not pretrained yet: {path} is missing")
         members.append(TeacherMember(name, member_ctx, load_teacher(path, member_ctx), read_json(info_path), weight))
-    scorer_model = load_scorer(ctx) if scorer and ctx.spec.trains_scorer else None
-    return Committee(members, members[0].info if ctx.spec.committee is None else {}, scorer_model)
+    return Committee(members, members[0].info if ctx.spec.committee is None else {})
 
 
 def pretrain(ctx: RunContext) -> Committee:
@@ -332,8 +334,6 @@ def pretrain(ctx: RunContext) -> Committee:
     info = members[0].info if ctx.spec.committee is None else committee_info(ctx, members)
     if scorer is not None:  # the report says which plain teacher chose the patches, and how good it is
         info = {**info, "patch_scorer": scorer_report(scorer.info)}
-    if ctx.spec.committee is None:
-        return Committee(members, info, scorer_model)
-    committee = Committee(members, info, scorer_model)
-    save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)
-    return committee
+    if ctx.spec.committee is not None:
+        save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)
+    return Committee(members, info, scorer_model)
