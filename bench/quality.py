@@ -23,7 +23,9 @@ Design (docs/BENCHMARKS.md, "Quality"):
     .venv/bin/python bench/quality.py                       # full grid: 5 seeds x 2 settings (hours on 2 cores)
     .venv/bin/python bench/quality.py --quick               # smoke run, under 10 minutes
     .venv/bin/python bench/quality.py --table               # rded, fadrm+, fd2 on fadrm+ beside sre2l++ and random
-    .venv/bin/python bench/quality.py --render bench/results/quality_v2_full.json   # table + plot only
+    .venv/bin/python bench/quality.py --validate            # cpu-small's data-path choices on validation data
+    .venv/bin/python bench/quality.py --long                # 4 000 distill iterations at IPC 3: fd2, sre2l++, CAL only
+    .venv/bin/python bench/quality.py --render bench/results/quality_v3_full.json   # table + plot only
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ from fd2_core.stages.committee import Committee, as_committee  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
-from fd2_core.stages.pretrain import pretrain  # noqa: E402
+from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
 from fd2_core.stages.relabel import relabel  # noqa: E402
 
-FORMAT = "fd2.quality.v2"
+FORMAT = "fd2.quality.v3"
+# v3: the published data path (docs/DATA_PATH.md); result files, work folders, plots and the benchmarks page's
+# blocks carry this tag, so v2 teachers and results (the earlier data path) are kept beside and never reused.
+TAG = "v3"
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,60 @@ TABLE: dict[str, Any] = {
     "comparisons": TABLE_COMPARISONS,
     "hard_label_methods": (),
     "upper_bound": False,
-    "reuse_from": "quality_v2_full.json",
+    "reuse_from": f"quality_{TAG}_full.json",
     "work_mode": "full",
+}
+# Validation data for choices (never the reported test sets): FGSynth drawn with seed 7, whose test split plays
+# validation, as in bench/quality_probe.py and bench/teacher_stability.py.
+VALIDATION_SETTINGS: dict[str, tuple[str, str]] = {
+    "birds-val": ("fgsynth:seed=7", "FGSynth birds drawn with seed 7 (validation data), 20 classes, 32 px"),
+    "cars-val": ("fgsynth:seed=7,variant=cars", "FGSynth cars drawn with seed 7 (validation data), 20 classes, 32 px"),
+}
+# The data-path fields cpu-small chooses on validation data (docs/DATA_PATH.md): (published value, alternative).
+DATA_PATH_CHOICES: dict[str, tuple[str, str]] = {
+    "distill_crop": ("batch", "image"),
+    "patch_rule": ("published", "ranked"),
+    "synthetic_format": ("jpeg", "png"),
+}
+REFERENCE_ARM = "published"
+
+
+def choice_arms(choices: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """One arm with every field at its published value, then one arm per field with that field alone switched."""
+    published = {field: values[0] for field, values in choices.items()}
+    arms = {REFERENCE_ARM: published}
+    for field, (_, alternative) in choices.items():
+        arms[f"{field}={alternative}"] = {**published, field: alternative}
+    return arms
+
+
+# `--validate`: each arm of the grid's schedule on the validation data, random/sre2l++/fd2 only. `random` reads
+# real images and never meets these fields (no distill step, no patches, real images are never re-encoded), so
+# it runs once per pair, in the reference arm.
+VALIDATE: dict[str, Any] = {
+    **FULL,
+    "seeds": (0, 1, 2),
+    "settings": tuple(VALIDATION_SETTINGS),
+    "variants": VARIANTS[:3],
+    "comparisons": {"fd2 − sre2l++": ("fd2", "sre2l++"), "fd2 − random": ("fd2", "random")},
+    "hard_label_methods": (),
+    "upper_bound": False,
+    "arms": choice_arms(DATA_PATH_CHOICES),
+    "arm_free": ("random",),
+}
+# `--long`: the published 4 000 distill iterations (FD²'s CUB-200 runs use 4 000–10 000) at IPC 3 on birds-32, so
+# the images may leave their patch initialisation and FC and SC have room to act; teachers are the full grid's.
+LONG: dict[str, Any] = {
+    **FULL,
+    "spec": {**FULL["spec"], "distill_iterations": 4000},
+    "ipcs": (3,),
+    "settings": ("birds-32",),
+    "variants": (VARIANTS[1], VARIANTS[2], VARIANTS[5]),
+    "comparisons": {"fd2 − sre2l++": ("fd2", "sre2l++"), "CAL (CAL only − sre2l++)": ("CAL only", "sre2l++"),
+                    "FC + SC (fd2 − CAL only)": ("fd2", "CAL only")},
+    "hard_label_methods": (),
+    "upper_bound": False,
+    "teacher_mode": "full",
 }
 QUICK: dict[str, Any] = {
     "spec": {"distill_iterations": 60, "relabel_epochs": 100},
@@ -200,6 +257,16 @@ def variants_of(cfg: dict[str, Any]) -> tuple[Variant, ...]:
     return cfg.get("variants", VARIANTS)
 
 
+def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The spec overrides each arm adds (`--validate`); one unnamed arm without overrides elsewhere."""
+    return cfg.get("arms", {"": {}})
+
+
+def tag_of(results: dict[str, Any]) -> str:
+    """The version tag of a result file ("v2", "v3"): its blocks and plots are named after it."""
+    return str(results.get("format", FORMAT)).rsplit(".", 1)[-1]
+
+
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
@@ -209,11 +276,15 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     weights = teacher_weights_path(cfg)
     base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **init_fields(cfg), **cfg["spec"]}
     resolved = {
-        v.name: {k: val for k, val in resolve_spec({**base, **v.overrides}).model_dump(mode="json").items()
-                 if k != "seed"}
+        f"{arm} / {v.name}" if arm else v.name: {
+            k: val for k, val in resolve_spec({**base, **overrides, **v.overrides}).model_dump(mode="json").items()
+            if k != "seed"}
+        for arm, overrides in arms_of(cfg).items()
         for v in variants_of(cfg)
     }
     extra = {"comparisons": {k: list(v) for k, v in cfg["comparisons"].items()}} if "comparisons" in cfg else {}
+    if "arms" in cfg:
+        extra["arms"] = {arm: dict(overrides) for arm, overrides in cfg["arms"].items()}
     return {
         **extra,
         "format": FORMAT,
@@ -237,7 +308,8 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
 class PairRunner:
     """Runs every method of one (setting, seed) pair, storing each finished method in `record` via `save`."""
 
-    def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save):
+    def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save,
+                 teacher_work: Path | None = None):
         self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
         self.ipcs = tuple(sorted(cfg["ipcs"]))
         self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **init_fields(cfg),
@@ -247,6 +319,8 @@ class PairRunner:
         probe = resolve_spec(self.base)
         self.data = load_dataset(source, probe.image_size, seed=0, test_fraction=probe.test_fraction)
         self.root = work / setting / f"seed{seed}"
+        # teachers depend on neither the distillation fields nor the student: runs that vary only those share them
+        self.teacher_root = (teacher_work or work) / setting / f"seed{seed}"
         self.weights = teacher_weights_path(cfg)
         record.setdefault("setting", setting)
         record.setdefault("seed", seed)
@@ -264,7 +338,9 @@ class PairRunner:
         if kind not in self.teachers:
             spec = resolve_spec({**self.base, "method": "fd2" if kind == "cal" else "sre2l++"})
             t = time.monotonic()
-            result = pretrain(make_ctx(spec, self.data, self.root / f"teacher-{kind}", self.weights))
+            # the teacher alone: under `patch_rule: published` `pretrain` would also train FD²'s plain scorer, which
+            # the grid takes from its own plain-CE teacher instead (`distilling_teachers`)
+            result = pretrain_teacher(make_ctx(spec, self.data, self.teacher_root / f"teacher-{kind}", self.weights))
             self.teachers[kind] = result.model
             if kind not in self.record["teachers"]:
                 self.record["teachers"][kind] = {
@@ -467,7 +543,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                     [r["methods"][b][protocol][f"ipc{i}"]["soft"] for r in runs],
                 ) for i in ipcs}
             for name in names:
-                if name == "random":
+                if name == "random" or "random" not in names:
                     continue
                 block["ior"][name] = {f"ipc{i}": paired_interval(
                     [r["methods"][name][protocol][f"ipc{i}"]["soft"] for r in runs],
@@ -501,6 +577,58 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         }
         summary[setting] = entry
     return summary
+
+
+def _pair_mean(record: dict[str, Any], names: list[str], ipcs: list[int], protocols: list[str]) -> float:
+    """Mean student top-1 (0–1) of one arm of one (setting, seed) over `names` × `ipcs` × `protocols`."""
+    return statistics.fmean(record["methods"][n][p][f"ipc{i}"]["soft"] for n in names for i in ipcs for p in protocols)
+
+
+def summarise_choices(results: dict[str, Any]) -> dict[str, Any]:
+    """`--validate`: per field, the paired difference (alternative arm − published arm, points) of the mean accuracy
+    over random, sre2l++ and fd2 at every IPC, per protocol and over both, with a 95 % t-interval over the
+    (setting, seed) pairs where both arms finished; and the choice by the rule of docs/BENCHMARKS.md: the
+    alternative only where the interval over both protocols lies above 0, else the published value."""
+    cfg = results["config"]
+    ipcs, protocols = cfg["ipcs"], cfg["protocols"]
+    names = [n for n in cfg["methods"]]
+    arms = cfg.get("arms", {})
+    done: dict[str, dict[str, dict]] = {}  # arm → "setting/seed" → record
+    for record in results["runs"].values():
+        if _complete(record, names):
+            done.setdefault(record["arm"], {})[f"{record['setting']}/{record['seed']}"] = record
+    reference = done.get(REFERENCE_ARM, {})
+    summary: dict[str, Any] = {"arms": {}, "choices": {}}
+    for arm in arms:
+        runs = done.get(arm, {})
+        summary["arms"][arm] = {
+            "pairs": sorted(runs),
+            "accuracy": {p: {n: {f"ipc{i}": mean_std([r["methods"][n][p][f"ipc{i}"]["soft"] for r in runs.values()])
+                                 for i in ipcs} for n in names} for p in protocols},
+            "psnr_db": {n: _mean_or_none([r["methods"][n].get("init_psnr_db") for r in runs.values()])
+                        for n in names},
+        }
+    for arm, overrides in arms.items():
+        if arm == REFERENCE_ARM:
+            continue
+        field = arm.split("=", 1)[0]
+        pairs = sorted(set(done.get(arm, {})) & set(reference))
+        entry: dict[str, Any] = {"arm": arm, "published": arms[REFERENCE_ARM].get(field),
+                                 "alternative": overrides[field], "pairs": pairs}
+        for label, prots in {**{p: [p] for p in protocols}, "both": list(protocols)}.items():
+            entry[label] = paired_interval([_pair_mean(done[arm][k], names, ipcs, prots) for k in pairs],
+                                           [_pair_mean(reference[k], names, ipcs, prots) for k in pairs])
+            entry[f"{label}_by_method"] = {n: paired_interval(
+                [_pair_mean(done[arm][k], [n], ipcs, prots) for k in pairs],
+                [_pair_mean(reference[k], [n], ipcs, prots) for k in pairs]) for n in names}
+        both = entry["both"]
+        entry["choice"] = overrides[field] if both["lo"] is not None and both["lo"] > 0 else entry["published"]
+        summary["choices"][field] = entry
+    return summary
+
+
+def summarise_any(results: dict[str, Any]) -> dict[str, Any]:
+    return summarise_choices(results) if results.get("mode") == "validate" else summarise(results)
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -580,6 +708,50 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
                   f"Images vs their initialisation (PSNR): {psnr or 'not reported'}.", ""]
     if plot_rel:
         lines += [f"![paired differences]({plot_rel})", ""]
+    return "\n".join(lines)
+
+
+def validation_markdown(results: dict[str, Any]) -> str:
+    """`--validate`: the choice table (one row per field) and each arm's accuracies."""
+    cfg, summary, env = results["config"], results["summary"], results["environment"]
+    protocols = cfg["protocols"]
+    lines = [
+        f"Command ({results['date']}, {env['cpu']}, {env['threads']} torch threads, torch {env['torch']}; "
+        f"{results['total_s'] / 60:.1f} min of compute in this result file):",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        "Data: " + "; ".join(results["setting_descriptions"][s] for s in results["settings"]) + ". Spec: `cpu-small` "
+        "with " + ", ".join(f"{k}={v}" for k, v in cfg["spec"].items()) + ". Each row switches one field from its "
+        "published value, the others staying published. Difference: alternative − published, in points, of the "
+        "mean student top-1 over " + ", ".join(cfg["methods"]) + " at IPC " + "/".join(map(str, cfg["ipcs"]))
+        + ", paired over (setting, seed) with its 95 % t-interval; the alternative is chosen only where the "
+        "interval over both protocols lies above 0.",
+        "",
+        "| field: published → alternative | pairs | " + " | ".join(protocols) + " | both protocols | choice |",
+        "|---|---|" + "---|" * len(protocols) + "---|---|",
+    ]
+    for field, entry in summary["choices"].items():
+        cells = " | ".join(fmt_diff(entry[p]) for p in (*protocols, "both"))
+        lines.append(f"| {field}: {entry['published']} → {entry['alternative']} | {len(entry['pairs'])} | {cells} | "
+                     f"**{entry['choice']}** |")
+    lines += ["", "By method (both protocols, same difference):", "",
+              "| field | " + " | ".join(cfg["methods"]) + " |", "|---|" + "---|" * len(cfg["methods"])]
+    for field, entry in summary["choices"].items():
+        lines.append(f"| {field} | " + " | ".join(fmt_diff(entry["both_by_method"][n]) for n in cfg["methods"]) + " |")
+    ipcs = cfg["ipcs"]
+    lines += ["", "Accuracy per arm (mean ± std over pairs, %; " + " / ".join(protocols) + "):", "",
+              "| arm | method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | PSNR vs init |",
+              "|---|---|" + "---|" * len(ipcs) + "---|"]
+    for arm, entry in summary["arms"].items():
+        for name in cfg["methods"]:
+            cells = " | ".join(" / ".join(fmt_acc(entry["accuracy"][p][name][f"ipc{i}"]) for p in protocols)
+                               for i in ipcs)
+            psnr = entry["psnr_db"].get(name)
+            lines.append(f"| {arm} | {name} | {cells} | {'' if psnr is None else f'{psnr:.1f} dB'} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -696,19 +868,67 @@ class GitCommitter:
         self.last = time.monotonic()
 
 
-def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
-    """Every (setting, seed) of `cfg`, skipping what `results` already holds; `save(results)` after each step."""
-    sources = {**{name: src for name, (src, _) in SETTINGS.items()}, **cfg.get("sources", {})}
+def _sources(cfg: dict[str, Any]) -> dict[str, str]:
+    known = {**SETTINGS, **VALIDATION_SETTINGS}
+    return {**{name: src for name, (src, _) in known.items()}, **cfg.get("sources", {})}
+
+
+def _describe(results: dict[str, Any], cfg: dict[str, Any]) -> None:
     results["settings"] = list(dict.fromkeys([*results.get("settings", []), *cfg["settings"]]))
     results["seeds"] = sorted({*results.get("seeds", []), *cfg["seeds"]})
     descriptions = results.setdefault("setting_descriptions", {})
+    known = {**SETTINGS, **VALIDATION_SETTINGS}
     for s in cfg["settings"]:
-        text = SETTINGS[s][1] if s in SETTINGS else sources[s]
+        text = known[s][1] if s in known else _sources(cfg)[s]
         if cfg["classes"]:
             text = text.replace("20 classes", f"{cfg['classes']} classes").replace(" (the default set)", "")
         descriptions[s] = text
     results["environment"] = _environment()
     results["date"] = time.strftime("%Y-%m-%d")
+
+
+def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
+    """`--validate`: every arm of `cfg["arms"]` on every (seed, setting), seeds outermost so that a stopped run
+    leaves whole seeds; all arms of a pair share its teachers (`work/teachers`), each arm has its own distillation
+    folder (`distill` reuses saved indices). Methods in `arm_free` run in the reference arm only and are copied
+    into the others. Records are `runs["<setting>/<seed>/<arm>"]`; `save(results, message)` after each step."""
+    sources = _sources(cfg)
+    _describe(results, cfg)
+    clock = [time.monotonic()]
+
+    def checkpoint(message: str) -> None:
+        now = time.monotonic()
+        results["total_s"] = round(results.get("total_s", 0.0) + now - clock[0], 1)
+        clock[0] = now
+        results["summary"] = summarise_choices(results)
+        if save is not None:
+            save(results, message)
+
+    for seed in cfg["seeds"]:
+        for setting in cfg["settings"]:
+            for arm, overrides in arms_of(cfg).items():
+                key = f"{setting}/{seed}/{arm}"
+                record = results["runs"].setdefault(key, {})
+                record["arm"] = arm
+                reference = results["runs"].get(f"{setting}/{seed}/{REFERENCE_ARM}", {}).get("methods", {})
+                methods = record.setdefault("methods", {})
+                for name in cfg.get("arm_free", ()):
+                    if arm != REFERENCE_ARM and name in reference and name not in methods:
+                        methods[name] = {**reference[name], "same_as": REFERENCE_ARM}
+                runner = PairRunner(
+                    setting, sources[setting], seed, {**cfg, "spec": {**cfg["spec"], **overrides}}, work / slug(arm),
+                    record, lambda k=key: checkpoint(f"Quality validation: {k} progress"), work / "teachers",
+                )
+                runner.run()
+                checkpoint(f"Quality validation: {key} done")
+    results["summary"] = summarise_choices(results)
+    return results
+
+
+def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
+    """Every (setting, seed) of `cfg`, skipping what `results` already holds; `save(results)` after each step."""
+    sources = _sources(cfg)
+    _describe(results, cfg)
     clock = [time.monotonic()]
 
     def checkpoint(message: str) -> None:
@@ -723,9 +943,10 @@ def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None
         for seed in cfg["seeds"]:
             key = f"{setting}/{seed}"
             record = results["runs"].setdefault(key, {})
+            teacher_work = work.parent / cfg["teacher_mode"] if "teacher_mode" in cfg else None
             runner = PairRunner(
                 setting, sources[setting], seed, cfg, work, record,
-                lambda k=key: checkpoint(f"Quality grid: {k} progress"),
+                lambda k=key: checkpoint(f"Quality grid: {k} progress"), teacher_work,
             )
             runner.run()
             checkpoint(f"Quality grid: {key} done")
@@ -735,11 +956,15 @@ def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None
 
 def write_outputs(results: dict[str, Any], json_path: Path, plot_path: Path, docs: Path | None) -> None:
     _write_json(json_path, results)
-    plot(results, plot_path)
-    log(f"wrote {json_path} and {plot_path}")
+    if results["mode"] == "validate":  # a table of choices, no accuracy-vs-IPC plot
+        log(f"wrote {json_path}")
+    else:
+        plot(results, plot_path)
+        log(f"wrote {json_path} and {plot_path}")
     if docs is not None:
         rel = os.path.relpath(plot_path, docs.parent)
-        update_docs(docs, f"v2-{results['mode']}", markdown(results, rel))
+        body = validation_markdown(results) if results["mode"] == "validate" else markdown(results, rel)
+        update_docs(docs, f"{tag_of(results)}-{results['mode']}", body)
         log(f"updated {docs}")
 
 
@@ -752,9 +977,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="override the settings of the mode")
     parser.add_argument("--teacher-init", choices=("base", "scratch"), help="override where teachers start")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--work", type=Path, default=ROOT / ".fd2" / "quality_v2", help="stage outputs (resumable)")
-    parser.add_argument("--json", type=Path, help="result file (default bench/results/quality_v2_<mode>.json)")
-    parser.add_argument("--plot", type=Path, help="plot file (default docs/quality_v2_<mode>.png)")
+    parser.add_argument("--validate", action="store_true",
+                        help="choose cpu-small's data-path fields on the validation data (random, sre2l++, fd2)")
+    parser.add_argument("--long", action="store_true",
+                        help="the published 4 000 distill iterations at IPC 3 on birds-32: fd2, sre2l++, CAL only")
+    parser.add_argument("--work", type=Path, default=ROOT / ".fd2" / f"quality_{TAG}",
+                        help="stage outputs (resumable)")
+    parser.add_argument("--json", type=Path, help=f"result file (default bench/results/quality_{TAG}_<mode>.json)")
+    parser.add_argument("--plot", type=Path, help=f"plot file (default docs/quality_{TAG}_<mode>.png)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="page to update")
     parser.add_argument("--no-docs", action="store_true", help="do not touch the benchmarks page")
     parser.add_argument("--fresh", action="store_true", help="start a new result file instead of extending it")
@@ -763,14 +993,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        results["summary"] = summarise(results)
-        plot_path = args.plot or ROOT / "docs" / f"quality_v2_{results['mode']}.png"
+        results["summary"] = summarise_any(results)
+        plot_path = args.plot or ROOT / "docs" / f"quality_{tag_of(results)}_{results['mode']}.png"
         write_outputs(results, args.render, plot_path, None if args.no_docs else args.docs)
-        print(markdown(results, None))
+        print(validation_markdown(results) if results["mode"] == "validate" else markdown(results, None))
         return 0
 
-    mode = "quick" if args.quick else "table" if args.table else "full"
-    cfg = dict({"quick": QUICK, "table": TABLE, "full": FULL}[mode])
+    modes = {"quick": args.quick, "table": args.table, "validate": args.validate, "long": args.long}
+    if sum(modes.values()) > 1:
+        parser.error("--quick, --table, --validate and --long are separate modes; pass one")
+    mode = next((name for name, on in modes.items() if on), "full")
+    cfg = dict({"quick": QUICK, "table": TABLE, "full": FULL, "validate": VALIDATE, "long": LONG}[mode])
     if args.seeds:
         cfg["seeds"] = tuple(args.seeds)
     if args.settings:
@@ -778,8 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_init:
         cfg["teacher_init"] = args.teacher_init
     torch.set_num_threads(args.threads)
-    json_path = args.json or ROOT / "bench" / "results" / f"quality_v2_{mode}.json"
-    plot_path = args.plot or ROOT / "docs" / f"quality_v2_{mode}.png"
+    json_path = args.json or ROOT / "bench" / "results" / f"quality_{TAG}_{mode}.json"
+    plot_path = args.plot or ROOT / "docs" / f"quality_{TAG}_{mode}.png"
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/quality.py", *(argv or sys.argv[1:])])
     if args.fresh and json_path.exists():
         json_path.unlink()
@@ -790,10 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(json_path, doc)
         committer(message, force=message.endswith("done"))
 
-    results = run_grid(cfg, args.work / cfg.get("work_mode", mode), results, save)
+    grid = run_validation if mode == "validate" else run_grid
+    results = grid(cfg, args.work / cfg.get("work_mode", mode), results, save)
     write_outputs(results, json_path, plot_path, None if args.no_docs else args.docs)
     committer("Quality grid: results", force=True)
-    print(markdown(results, None))
+    print(validation_markdown(results) if mode == "validate" else markdown(results, None))
     return 0
 
 

@@ -91,7 +91,7 @@ def test_grid_runs_every_method_in_both_protocols_and_resumes(tmp_path):
     bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)
     bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)  # replaces, never duplicates
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nearlier text") and text.count("<!-- quality:v2-quick:begin -->") == 1
+    assert text.startswith("# Benchmarks\n\nearlier text") and text.count("<!-- quality:v3-quick:begin -->") == 1
     assert "| fd2 − sre2l++ |" in text and "IOR fd2" in text and "bench/quality.py --tiny" in text
     assert (tmp_path / "q.png").stat().st_size > 0
     saved = json.loads((tmp_path / "q.json").read_text())
@@ -207,3 +207,52 @@ def test_the_published_patch_rule_is_scored_by_the_grids_plain_teacher(tmp_path)
     plain = runner.spec(next(v for v in bench.VARIANTS if v.name == "sre2l++"))
     assert runner.distilling_teachers(ctx, plain, runner.teacher("ce")).scorer is runner.teacher("ce")
     assert runner.distilling_teachers(ctx, runner.spec(bench.VARIANTS[0]), None) is None  # random
+
+
+def test_validation_runs_each_arm_once_shares_teachers_and_runs_random_once(tmp_path, monkeypatch):
+    """`--validate`: every arm runs sre2l++ and fd2 in its own distillation folder on the pair's one pair of
+    teachers; random, which no data-path field touches, runs in the reference arm only and is copied."""
+    bench = _bench()
+    calls: list[tuple[str, str]] = []
+    original = bench.PairRunner.method
+    monkeypatch.setattr(bench.PairRunner, "method", lambda self, variant: calls.append(
+        (self.root.parents[1].name, variant.name)) or original(self, variant))
+    arms = bench.choice_arms({"synthetic_format": ("jpeg", "png")})
+    cfg = TINY_CFG | {"seeds": (0,), "ipcs": (1,), "variants": bench.VARIANTS[:3], "hard_label_methods": (),
+                      "upper_bound": False, "arms": arms, "arm_free": ("random",), "comparisons": {}}
+    results = bench.load_results(tmp_path / "v.json", cfg, "validate", "validate")
+    results = bench.run_validation(cfg, tmp_path / "work", results, None)
+    assert calls == [("published", "random"), ("published", "sre2l++"), ("published", "fd2"),
+                     ("synthetic-format-png", "sre2l++"), ("synthetic-format-png", "fd2")]
+    png = results["runs"]["tiny/0/synthetic_format=png"]["methods"]
+    assert png["random"]["same_as"] == "published"
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["published", "synthetic-format-png", "teachers"]
+    assert not list((tmp_path / "work" / "published").glob("*/*/teacher-*"))
+    choice = results["summary"]["choices"]["synthetic_format"]
+    assert choice["pairs"] == ["tiny/0"] and choice["choice"] == "jpeg"  # one pair: no interval, keep published
+    # a second run finds everything in the result file and trains nothing
+    calls.clear()
+    bench.run_validation(cfg, tmp_path / "work", results, None)
+    assert calls == []
+    assert "| synthetic_format: jpeg → png | 1 |" in bench.validation_markdown(results)
+
+
+def test_the_validation_rule_takes_the_alternative_only_when_its_interval_is_above_zero():
+    bench = _bench()
+    arms = bench.choice_arms({"distill_crop": ("batch", "image"), "synthetic_format": ("jpeg", "png")})
+    cfg = {"ipcs": [1], "protocols": list(bench.PROTOCOLS), "methods": ["random", "fd2"], "arms": arms}
+
+    def record(arm: str, setting: str, seed: int, acc: float) -> dict:
+        cell = {p: {"ipc1": {"soft": acc}} for p in bench.PROTOCOLS}
+        return {"arm": arm, "setting": setting, "seed": seed, "methods": {"random": cell, "fd2": cell}}
+
+    runs = {}
+    for seed, (ref, crop, fmt) in enumerate([(0.50, 0.55, 0.48), (0.40, 0.46, 0.47), (0.60, 0.64, 0.55)]):
+        for arm, acc in (("published", ref), ("distill_crop=image", crop), ("synthetic_format=png", fmt)):
+            runs[f"s/{seed}/{arm}"] = record(arm, "s", seed, acc)
+    summary = bench.summarise_choices({"config": cfg, "runs": runs})
+    crop, fmt = summary["choices"]["distill_crop"], summary["choices"]["synthetic_format"]
+    assert crop["both"]["lo"] > 0 and crop["choice"] == "image"  # +5 points every pair
+    assert crop["both"]["mean"] == pytest.approx(5.0)
+    assert fmt["both"]["lo"] < 0 < fmt["both"]["hi"] and fmt["choice"] == "jpeg"  # −2, +7, −5: keep published
+    assert crop["both_by_method"]["fd2"]["mean"] == pytest.approx(5.0)
