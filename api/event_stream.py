@@ -1,16 +1,20 @@
-"""A job's events as a live server-sent-events stream (`Accept: text/event-stream` on the events route).
+"""A job's events as a live server-sent-events stream (`Accept:
+text/event-stream` on the events route).
 
-Each stored event goes out as one SSE event: `id:` the event id (what a reconnecting client sends back as
-`Last-Event-ID`), `event:` its kind, `data:` the event as JSON, exactly an item of the JSON list. The stream
-polls the database every `event_stream_poll_s` in the thread pool (the store is synchronous; the event loop
-never waits on it) and, once the job is finished and every event written until then is out, sends
-`event: end` with `{"job_id", "status"}` and closes: a client that saw `end` knows the stream ended normally
-and reconnecting would add nothing. A job deleted while its stream is open ends it with status `deleted`.
-The status is read before the events in each poll, so the events of a job seen finished are all there.
+Each stored event goes out as one SSE event: `id:` the event id (what a
+reconnecting client sends back as `Last-Event-ID`), `event:` its kind,
+`data:` the event as JSON, exactly an item of the JSON list.
+The stream polls the database every `event_stream_poll_s` in the thread pool (the store is
+synchronous; the event loop never waits on it) and, once the job is finished and every event written
+until then is out, sends `event: end` with `{"job_id", "status"}` and closes: a client that saw
+`end` knows the stream ended normally and reconnecting would add nothing.
+A job deleted while its stream is open ends it with status `deleted`.
+The status is read before the events in each poll, so the events of a job
+seen finished are all there.
 Events written after the end (e.g. the outcome of a callback) are in the JSON list.
 
-Framing, heartbeat comments (`: ping`, every `event_stream_ping_s`, so proxies keep an idle stream open) and
-client disconnects are sse-starlette's.
+Framing, heartbeat comments (`: ping`, every `event_stream_ping_s`, so proxies keep an idle stream
+open) and client disconnects are sse-starlette's.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -29,8 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from api.schemas import EventOut
 from fd2_config.settings import Settings
 from store.db import get_sessionmaker
-from store.jobs import list_events
-from store.models import FINISHED_JOB_STATUSES, Job, JobEvent
+from store.jobs import list_events, tenant_job_status
+from store.models import FINISHED_JOB_STATUSES, JobEvent
 from store.resources import event_resource
 
 EVENT_STREAM = "text/event-stream"
@@ -60,8 +63,9 @@ class StreamBatch:
 
 
 def read_batch(session: Session, tenant_id: str, job_id: str, after: int | None, limit: int) -> StreamBatch:
-    """The job's status, then up to `limit` events after `after` (in that order; see the module docstring)."""
-    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    """The job's status, then up to `limit` events after `after` (in that
+    order; see the module docstring)."""
+    status = tenant_job_status(session, tenant_id, job_id)
     if status is None:
         return StreamBatch(None, [])
     return StreamBatch(status, list_events(session, job_id, after=after, limit=limit))
@@ -103,7 +107,8 @@ class JobEventStream:
             if batch.status in FINISHED_JOB_STATUSES and len(batch.events) < self.batch_size:
                 yield end_event(self.job_id, batch.status)
                 return
-            if len(batch.events) < self.batch_size:  # a full batch: more are waiting, read on at once
+            # a full batch: more are waiting, read on at once
+            if len(batch.events) < self.batch_size:
                 await anyio.sleep(self.settings.event_stream_poll_s)
 
     def response(self) -> EventSourceResponse:

@@ -1,7 +1,8 @@
 """The FastAPI application: `uvicorn api.main:app`.
 
-`create_app(settings)` builds an app around one settings object (tests build their own); the module-level
-`app` uses the environment. Start-up applies database migrations, so a fresh home folder just works.
+`create_app(settings)` builds an app around one settings object (tests build their own); the
+module-level `app` uses the environment.
+Start-up applies database migrations, so a fresh home folder just works.
 Importing this module must never import torch: only torch-free parts of fd2_core are used here.
 """
 
@@ -27,7 +28,8 @@ from api.routes import artifacts, datasets, health, jobs, metrics
 from api.upload_slots import UploadSlots
 from api.web_console import install_console
 from fd2_config.settings import Settings, get_settings
-from fd2_core.spec import PRESET_DESCRIPTIONS, JobSpec
+from fd2_core.presets import PRESET_DESCRIPTIONS
+from fd2_core.spec import JobSpec
 from store.db import migrate
 
 DESCRIPTION = """Fine-grained dataset distillation (FD²) as a service.
@@ -71,7 +73,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
 
 def _openapi_with_job_spec(app: FastAPI) -> dict[str, Any]:
-    """OpenAPI with `JobSpec` (every spec field's default, range and meaning) as a named component."""
+    """OpenAPI with `JobSpec` (every spec field's default, range and
+    meaning) as a named component."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)

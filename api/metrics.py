@@ -1,8 +1,9 @@
-"""Prometheus metrics: request counts and latency per route template, job and queue gauges from the database.
+"""Prometheus metrics: request counts and latency per route template, job
+and queue gauges from the database.
 
-Request metrics are recorded by a plain ASGI middleware (cheap enough for the hot path); job gauges are read
-from the database at scrape time, so they are right whichever API process is scraped. Each app has its own
-registry, so several apps in one process (tests) do not collide.
+Request metrics are recorded by a plain ASGI middleware (cheap enough for the hot path); job gauges
+are read from the database at scrape time, so they are right whichever API process is scraped.
+Each app has its own registry, so several apps in one process (tests) do not collide.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from datetime import datetime, timezone
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fd2_config.settings import Settings
 from store.db import session_scope
-from store.jobs import count_jobs_by_status
-from store.models import JOB_STATUSES, Job
+from store.jobs import count_jobs_by_status, oldest_queued_at, queue_depths
+from store.models import JOB_STATUSES
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -34,10 +34,8 @@ class JobGauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with session_scope(self.settings) as session:
             by_status = count_jobs_by_status(session)
-            depth = dict(session.execute(
-                select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
-            ).all())
-            oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+            depth = queue_depths(session)
+            oldest = oldest_queued_at(session)
         jobs = GaugeMetricFamily("fd2_jobs", "Jobs by status.", labels=["status"])
         for status in JOB_STATUSES:
             jobs.add_metric([status], by_status.get(status, 0))
@@ -67,7 +65,8 @@ class ApiMetrics:
 
 
 class MetricsMiddleware:
-    """Times each HTTP request and labels it with the matched route's template (bounded label values)."""
+    """Times each HTTP request and labels it with the matched route's
+    template (bounded label values)."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app

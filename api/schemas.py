@@ -1,7 +1,8 @@
 """Request and response bodies of the REST contract, also the OpenAPI schema (served at `/docs`).
 
-A job's `spec` is kept as a plain mapping here and typed in OpenAPI as `JobSpec` (fd2_core.spec), the one
-schema with every field's default, range and meaning; `fd2_core.spec.resolve_spec` is what validates it.
+A job's `spec` is kept as a plain mapping here and typed in OpenAPI as `JobSpec` (fd2_core.spec).
+That is the one schema with every field's default, range and meaning.
+`fd2_core.spec_resolution.resolve_spec` is what validates it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Manifest(BaseModel):
 
 
 class DatasetRef(BaseModel):
-    """Exactly one of `id` (an uploaded dataset) or `manifest` (data already on the workers' storage)."""
+    """Exactly one of `id` (an uploaded dataset) or `manifest` (data
+    already on the workers' storage)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -101,7 +103,8 @@ class JobShards(BaseModel):
 
 
 class JobOut(BaseModel):
-    """The job resource as built by `store.resources.job_resource` (its one definition), typed for OpenAPI."""
+    """The job resource as built by `store.resources.job_resource` (its one
+    definition), typed for OpenAPI."""
 
     id: str
     status: JobStatus

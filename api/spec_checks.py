@@ -1,9 +1,11 @@
-"""Is this spec runnable on this data? Answered at submit time, so a job never fails an hour later for it.
+"""Is this spec runnable on this data?
+Answered at submit time, so a job never fails an hour later for it.
 
-The spec is resolved with the one schema (`fd2_core.spec`), and the user's own values must also have the
-right JSON type: the schema's lax mode would read `true` as 1 or `"5"` as 5, which hides client bugs. Then
-the data decides, by the one admission rule (`fd2_core.admission`: classes, ipc, test split, cost and decoded
-size against the operator's limits), whose problems answer here as 422s.
+The spec is resolved with the one schema (`fd2_core.spec`), and the user's
+own values must also have the right JSON type: the schema's lax mode would
+read `true` as 1 or `"5"` as 5, which hides client bugs.
+Then the data decides, by the one admission rule (`fd2_core.admission`: classes, ipc, test split,
+cost and decoded size against the operator's limits), whose problems answer here as 422s.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pydantic import ValidationError
 from api.errors import ApiError, validation_details
 from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, Problem, admission_problems
-from fd2_core.spec import JobSpec, describe_spec_error, resolve_spec
+from fd2_core.spec import JobSpec
+from fd2_core.spec_errors import describe_spec_error
+from fd2_core.spec_resolution import resolve_spec
 
 
 def _invalid_spec(exc: ValidationError) -> ApiError:
@@ -45,7 +49,8 @@ def resolve_job_spec(raw: dict[str, Any]) -> JobSpec:
     raw = _integral_floats_as_ints(raw)
     try:
         spec = resolve_spec(raw)
-        # The user's values once more in strict mode: right JSON types only (the resolved ones already are).
+        # The user's values once more in strict mode: right JSON types only
+        # (the resolved ones already are).
         JobSpec.model_validate({**spec.model_dump(), **raw}, strict=True)
     except ValidationError as exc:
         raise _invalid_spec(exc) from None
@@ -53,7 +58,8 @@ def resolve_job_spec(raw: dict[str, Any]) -> JobSpec:
 
 
 def problem_error(problem: Problem) -> ApiError:
-    """An admission problem as a 422 whose `details.field` names the field as the request does (`spec.ipc`)."""
+    """An admission problem as a 422 whose `details.field` names the field
+    as the request does (`spec.ipc`)."""
     details = {"field": f"spec.{problem.field}", **problem.details} if problem.field else dict(problem.details)
     return ApiError(422, problem.code, problem.message, details or None)
 

@@ -1,11 +1,12 @@
 """Load test of job polling: `GET /v1/jobs/{id}` against a real uvicorn process.
 
-Seeds N jobs (default 10,000; a quarter finished with five artifacts each) into a fresh database, starts
-`uvicorn api.main:app`, and keeps C concurrent keep-alive connections (default 64) busy for D seconds with
-random job ids. Prints requests per second and latency percentiles.
+Seeds N jobs (default 10,000; a quarter finished with five artifacts each)
+into a fresh database, starts `uvicorn api.main:app`, and keeps C concurrent
+keep-alive connections (default 64) busy for D seconds with random job ids.
+Prints requests per second and latency percentiles.
 
-The load generator speaks HTTP/1.1 over raw asyncio streams: a full client library costs more CPU per request
-than the server under test, and on a small machine both share the same cores.
+The load generator speaks HTTP/1.1 over raw asyncio streams: a full client library costs more CPU
+per request than the server under test, and on a small machine both share the same cores.
 
     python bench/api_load.py                      # SQLite in a temporary home, 1 uvicorn worker
     python bench/api_load.py --workers 2
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import insert  # noqa: E402
 
 from fd2_config.settings import Settings  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
 from store.keys import authenticate, create_tenant_key  # noqa: E402
 from store.models import Artifact, Job, new_id, utcnow  # noqa: E402
@@ -91,14 +92,16 @@ def free_port() -> int:
 
 
 def stop_server(server: subprocess.Popen | None) -> None:
-    """Terminate the uvicorn process group started by `start_server` (no-op when it never started)."""
+    """Terminate the uvicorn process group started by `start_server` (no-op
+    when it never started)."""
     if server is not None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
 def start_server(settings: Settings, port: int, workers: int) -> subprocess.Popen:
-    # one key drives all clients: the per-key rate limit is switched off so polling, not 429s, is measured
+    # one key drives all clients: the per-key rate limit is switched off so
+    # polling, not 429s, is measured
     env = {**os.environ, "FD2_HOME": str(settings.home), "FD2_DATABASE_URL": settings.database_url,
            "FD2_RATE_LIMIT_PER_MINUTE": "0", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
@@ -158,7 +161,8 @@ async def hammer(port: int, key: str, ids: list[str], concurrency: int, duration
 
 
 def process_table() -> dict[int, tuple[int, int, float]]:
-    """`{pid: (ppid, process group, CPU seconds user + system)}` of every process, from /proc (Linux)."""
+    """`{pid: (ppid, process group, CPU seconds user + system)}` of every
+    process, from /proc (Linux)."""
     ticks = os.sysconf("SC_CLK_TCK")
     table = {}
     for entry in Path("/proc").iterdir():

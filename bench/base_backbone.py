@@ -1,23 +1,27 @@
-"""Make the shipped base backbone: a ConvNet-BN feature extractor pretrained on FGSynth classes that no evaluated
-setting uses, so every teacher can start from it the way the paper's teachers start from ImageNet weights.
+"""Make the shipped base backbone: a ConvNet-BN feature extractor pretrained
+on FGSynth classes that no evaluated setting uses, so every teacher can
+start from it the way the paper's teachers start from ImageNet weights.
 
-Classes: 20–39 of both variants (`fgsynth:first=20,...`), 40 classes in all. The generator numbers classes
-pattern-fastest (`fd2_core/data/fgsynth.py`): classes 0–19, the evaluated birds-32 / cars-32 classes (and the
-validation sets, `seed=7`), are the first placement (crest / headlight) × the first four shapes × five
-patterns; classes 20–39 are the same placement × the other four shapes × the same five patterns. So the backbone
-learns where the part sits and how patterns look on the same objects, but never sees a class (and, per object,
-never a part shape) that is evaluated. The images use their own seed (`--data-seed`, not 0 or 7), so they share
-no pose, colour or background draw with the evaluated or validation images either.
+Classes: 20–39 of both variants (`fgsynth:first=20,...`), 40 classes in all.
+The generator numbers classes pattern-fastest (`fd2_core/data/fgsynth.py`): classes 0–19, the
+evaluated birds-32 / cars-32 classes (and the validation sets, `seed=7`), are the first placement
+(crest / headlight) × the first four shapes × five patterns; classes 20–39 are the same placement ×
+the other four shapes × the same five patterns.
+So the backbone learns where the part sits and how patterns look on the same objects, but never sees
+a class (and, per object, never a part shape) that is evaluated.
+The images use their own seed (`--data-seed`, not 0 or 7), so they share no pose, colour or
+background draw with the evaluated or validation images either.
 
-Recipe: the `cpu-small` plain-CE teacher (`sre2l++` pretrain stage: ConvNet-BN width 32, AdamW, cosine, batch 16,
-shift + flip, checkpoint chosen on a 10 % validation share), run through the same `pretrain` stage as any
-teacher; the classifier is dropped and the rest saved as safetensors marked as a feature extractor
-(`fd2_core/models/weights.py`). One thread by default, so the same seed gives the same tensors on a machine
-(their sha256 is in the metadata, next to the classes, recipe, seeds, date, torch version and command).
+Recipe: the `cpu-small` plain-CE teacher (`sre2l++` pretrain stage: ConvNet-BN width 32, AdamW,
+cosine, batch 16, shift + flip, checkpoint chosen on a 10 % validation share), run through the same
+`pretrain` stage as any teacher; the classifier is dropped and the rest saved as safetensors marked
+as a feature extractor (`fd2_core/models/weights.py`).
+One thread by default, so the same seed gives the same tensors on a machine (their sha256 is in the
+metadata, next to the classes, recipe, seeds, date, torch version and command).
 
-    .venv/bin/python bench/base_backbone.py            # writes fd2_core/weights/fgsynth_convnet32.safetensors
-    .venv/bin/python bench/base_backbone.py --out /tmp/b.safetensors --epochs 1 --train 20   # smoke run
-"""
+    .venv/bin/python bench/base_backbone.py            # writes
+fd2_core/weights/fgsynth_convnet32.safetensors .venv/bin/python bench/base_backbone.py --out
+/tmp/b.safetensors --epochs 1 --train 20   # smoke run """
 
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from fd2_core.data.dataset import ImageDataset, channel_stats, load_dataset  # n
 from fd2_core.models.base_backbone import BASE_BACKBONE_FILE, BASE_BACKBONE_SPEC, WEIGHTS_DIR  # noqa: E402
 from fd2_core.models.weights import feature_extractor_state, save_feature_extractor  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 
@@ -52,9 +56,11 @@ FORMAT_NOTE = "ConvNet-BN backbone without classifier, pretrained on FGSynth cla
 
 def load_base_data(variants: list[str], first: int, classes: int, train: int, test: int, seed: int,
                    image_size: int) -> tuple[ImageDataset, list[str]]:
-    """The variants' classes `first` … `first + classes − 1`, stacked with labels offset per variant.
+    """The variants' classes `first` … `first + classes − 1`, stacked with
+    labels offset per variant.
 
-    Returns the dataset (uint8 `[N, 3, S, S]`, names `<variant>/<fgsynth name>`) and the per-variant sources."""
+    Returns the dataset (uint8 `[N, 3, S, S]`, names `<variant>/<fgsynth
+    name>`) and the per-variant sources."""
     parts, sources = [], []
     for variant in variants:
         source = f"fgsynth:classes={classes},first={first},train={train},test={test},seed={seed},variant={variant}"
@@ -75,7 +81,8 @@ def load_base_data(variants: list[str], first: int, classes: int, train: int, te
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash of names, dtypes, shapes and bytes: equal exactly when the saved tensors are (metadata aside)."""
+    """Hash of names, dtypes, shapes and bytes: equal exactly when the
+    saved tensors are (metadata aside)."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous().reshape(-1)

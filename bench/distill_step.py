@@ -1,15 +1,18 @@
 """Time one full FD² distill iteration against the bare teacher forward+backward, side by side.
 
-Full iteration = augmentation (crop/flip/roll) + teacher forward with BatchNorm hooks + CAL head + CE +
-BN matching + FC + SC + backward to the images + Adam step + clamp. Bare pass = the backbone's forward and
-CE backward to the same images. Both are timed interleaved in one process, so machine noise hits both.
-The FADRM+ rows time the committee step: one member per step in turn (round robin over a committee of four),
-against the bare pass of the same member, at the phase side the row names (AMP on CUDA when the spec has it).
+Full iteration = augmentation (crop/flip/roll) + teacher forward with BatchNorm hooks + CAL head +
+CE + BN matching + FC + SC + backward to the images + Adam step + clamp.
+Bare pass = the backbone's forward and CE backward to the same images.
+Both are timed interleaved in one process, so machine noise hits both.
+The FADRM+ rows time the committee step: one member per step in turn (round
+robin over a committee of four), against the bare pass of the same member,
+at the phase side the row names (AMP on CUDA when the spec has it).
 
-    python bench/distill_step.py [--rounds 7] [--iters 5] [--threads N] [--device cpu|cuda] [--fadrm-size S]
-                                 [--distill-crop batch|image]
+    python bench/distill_step.py [--rounds 7] [--iters 5] [--threads N] [--device cpu|cuda]
+[--fadrm-size S] [--distill-crop batch|image]
 
-`--distill-crop` times the FD² rows with one crop box for the batch or one per image (default: the spec's).
+`--distill-crop` times the FD² rows with one crop box for the batch or one
+per image (default: the spec's).
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from fd2_core.data.dataset import ImageDataset  # noqa: E402
 from fd2_core.losses import BNStatMatcher  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.runtime import frozen  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.committee import member_context  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
-from fd2_core.stages.distill import StepModel, committee_step, distill_step, step_models  # noqa: E402
+from fd2_core.stages.synthesis import StepModel, committee_step, distill_step, step_models  # noqa: E402
 from fd2_core.stages.teacher import new_teacher  # noqa: E402
 
 SETTINGS = [("resnet18", 100), ("convnet", 20)]
@@ -111,8 +114,9 @@ FADRM_COMMITTEES = {"cpu": ["convnet"] * 4, "cuda": ["resnet18", "mobilenetv2", 
 
 
 def measure_fadrm(device: str, size: int, num_classes: int, rounds: int, iters: int) -> dict[str, float]:
-    """Per-step time of the FADRM+ + FD² committee step (round robin over four members) and of the bare pass of
-    the same member, cycling the members alike; SC active (one earlier ipc index per member)."""
+    """Per-step time of the FADRM+ + FD² committee step (round robin over
+    four members) and of the bare pass of the same member, cycling the
+    members alike; SC active (one earlier ipc index per member)."""
     spec = resolve_spec({"preset": "paper-cub-fadrm", "image_size": size, "device": device, "model_width": 128,
                          "committee": FADRM_COMMITTEES[device], "torchvision_weights": False})
     ctx = RunContext(spec, fake_data(num_classes, size), Path("."), torch.device(device),

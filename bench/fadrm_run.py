@@ -1,16 +1,17 @@
-"""A short FADRM+ + FD² distillation with a committee, timed per phase: images·iterations per second and peak
-accelerator memory, in fp32 and in mixed precision (bfloat16; float16 with the gradient scaler), side by side in
-one process.
+"""A short FADRM+ + FD² distillation with a committee, timed per phase: images·iterations per second
+and peak accelerator memory, in fp32 and in mixed precision (bfloat16; float16 with the gradient
+scaler), side by side in one process.
 
-The committee is pretrained once (briefly: the timing of a distillation step does not depend on how good the
-teachers are) on the built-in fine-grained data, then the distill stage runs once per precision on the same
-teachers, with `--steps` steps in each of the four phases (published sides 200/224/200/224 at 224 px), one
-member per step (round robin). Per phase: wall time, steps, images per step (the classes of the batch),
-img·it/s = images × steps / seconds, and the peak memory (CUDA only).
+The committee is pretrained once (briefly: the timing of a distillation step does not depend on how
+good the teachers are) on the built-in fine-grained data, then the distill stage runs once per
+precision on the same teachers, with `--steps` steps in each of the four phases (published sides
+200/224/200/224 at 224 px), one member per step (round robin).
+Per phase: wall time, steps, images per step (the classes of the batch), img·it/s = images × steps /
+seconds, and the peak memory (CUDA only).
 
-    python bench/fadrm_run.py [--size 224] [--classes 20] [--steps 200] [--device cuda] [--json out.json]
-    python bench/fadrm_run.py --size 32 --classes 4 --steps 2 --device cpu --committee convnet,convnet  # smoke
-"""
+    python bench/fadrm_run.py [--size 224] [--classes 20] [--steps 200]
+[--device cuda] [--json out.json] python bench/fadrm_run.py --size 32
+--classes 4 --steps 2 --device cpu --committee convnet,convnet  # smoke """
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fd2_core.stages.distill as distill_stage  # noqa: E402
+import fd2_core.stages.fadrm_phases as fadrm_phases  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
+from fd2_core.presets import PAPER_COMMITTEE  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.runtime import pick_device  # noqa: E402
-from fd2_core.spec import PAPER_COMMITTEE, resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
+from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 
 PRECISIONS = {"fp32": {"amp": False}, "bf16": {"amp": True, "amp_dtype": "bfloat16"},
@@ -49,7 +52,7 @@ def _spec(args: argparse.Namespace, **extra: Any):
 
 def _timed_phases(device: torch.device, log: list[dict[str, Any]]):
     """Wrap the phase runner: wall time (synchronised) and peak memory of each phase."""
-    original = distill_stage._run_phase
+    original = fadrm_phases.run_phase
 
     def timed(ctx, models, x, y, phase, g, total, on_step):
         if device.type == "cuda":
@@ -95,19 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "size": args.size,
                                "classes": args.classes, "committee": args.committee.split(","),
                                "steps_per_phase": args.steps, "pretrain_s": pretrain_s, "precisions": {}}
-    for label in ["warm-up", *args.precisions.split(",")]:  # the warm-up pays for kernel selection, untimed
+    # the warm-up pays for kernel selection, untimed
+    for label in ["warm-up", *args.precisions.split(",")]:
         warm = label == "warm-up"
         spec = _spec(args, fadrm_phase_steps=[3] * 4, amp=True) if warm else _spec(args, **PRECISIONS[label])
         run_ctx = RunContext(spec, dataset, work / f"distill-{label}", device, tracker)
-        for i, member in enumerate(committee.members):  # the same teachers, run under this precision
+        # the same teachers, run under this precision
+        for i, member in enumerate(committee.members):
             member.ctx = RunContext(spec.member_spec(i), dataset, member.ctx.workdir, device, tracker)
         log: list[dict[str, Any]] = []
-        original = distill_stage._run_phase
-        distill_stage._run_phase = _timed_phases(device, log)
+        original = fadrm_phases.run_phase
+        fadrm_phases.run_phase = _timed_phases(device, log)
         try:
-            distill_stage.distill(run_ctx, committee)
+            distill(run_ctx, committee)
         finally:
-            distill_stage._run_phase = original
+            fadrm_phases.run_phase = original
         if warm:
             continue
         results["precisions"][label] = log

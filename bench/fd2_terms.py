@@ -1,17 +1,19 @@
-"""How much do FC and SC steer the synthetic images? Prototype geometry and per-term image gradients.
+"""How much do FC and SC steer the synthetic images?
+Prototype geometry and per-term image gradients.
 
 For a CAL teacher trained on a validation set (default `fgsynth:seed=7`; the teacher is reused from
 bench/quality_probe.py's work folder when it is there) this prints
 
-- prototype geometry: ||P_k|| against ||z|| = 1, the distances d(z, P_own) and d(z, P_other) of real images
-  (raw prototypes and unit-norm ones), and nearest-prototype accuracy;
+- prototype geometry: ||P_k|| against ||z|| = 1, the distances d(z, P_own) and d(z, P_other) of real
+  images (raw prototypes and unit-norm ones), and nearest-prototype accuracy;
 - the attention maps' resolution (what SC compares);
-- the L2 norm of the gradient on the images of each distillation term (r·CE_cal + (1−r)·CE_bb, r_bn·BN,
-  λ_FC·FC with raw and with unit-norm prototypes, λ_SC·SC), at the patch initialisation of ipc index 1 with index
-  0 as the already distilled image, averaged over a few augmentation draws.
+- the L2 norm of the gradient on the images of each distillation term (r·CE_cal + (1−r)·CE_bb,
+  r_bn·BN, λ_FC·FC with raw and with unit-norm prototypes, λ_SC·SC), at the patch initialisation of
+  ipc index 1 with index 0 as the already distilled image, averaged over a few augmentation draws.
 
-A term whose gradient is orders of magnitude below the others cannot change the images, whatever its weight
-says. Run: `.venv/bin/python bench/fd2_terms.py --seeds 0 1`.
+A term whose gradient is orders of magnitude below the others cannot change
+the images, whatever its weight says.
+Run: `.venv/bin/python bench/fd2_terms.py --seeds 0 1`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from bench.quality import make_ctx  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.losses import BNStatMatcher, fc_loss, pairwise_normalized_l2_distance, sc_loss  # noqa: E402
 from fd2_core.runtime import frozen, generator  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
-from fd2_core.stages.distill import _augment  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.patches import patch_init  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
+from fd2_core.stages.synthesis import distill_augment  # noqa: E402
 
 
 def prototype_geometry(teacher, ctx) -> dict[str, float]:
@@ -63,9 +65,9 @@ def term_gradients(teacher, ctx, draws: int = 4) -> dict[str, float]:
     with frozen(teacher), BNStatMatcher(teacher.bn_layers(), spec.first_bn_multiplier) as bn:
         for _ in range(draws):
             with torch.no_grad(), bn.paused():
-                prev_maps = teacher(_augment(ctx, previous, g)).cal.attention.float()[None]
+                prev_maps = teacher(distill_augment(ctx, previous, g)).cal.attention.float()[None]
             x = current.clone().requires_grad_(True)
-            out = teacher(_augment(ctx, x, g))
+            out = teacher(distill_augment(ctx, x, g))
             y = classes
             protos = teacher.cal_head.prototypes
             terms = {

@@ -1,7 +1,8 @@
 """GPU check: pretrain, distill and relabel at 224 px with ResNet-18, fp32 vs bf16 autocast.
 
-Runs the real pipeline stages on the built-in data and prints images·iterations/s per stage and the peak
-GPU memory. Used once per GPU machine; figures go to docs/BENCHMARKS.md.
+Runs the real pipeline stages on the built-in data and prints
+images·iterations/s per stage and the peak GPU memory.
+Used once per GPU machine; figures go to docs/BENCHMARKS.md.
 
     python bench/gpu_check.py [--classes 20] [--train 40] [--distill-iters 300] [--out DIR]
 """
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.pipeline import run  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 
 
 def main() -> None:

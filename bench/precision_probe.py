@@ -1,18 +1,20 @@
 """Precision of the distill step: bf16 autocast against fp32 on the same images, teacher and crops.
 
-The published SRe²L++ (+ FD²) distillation runs in fp32; the paper presets follow it (`amp: false`). This probe
-says what bf16 would change, at the paper's 224 px with ResNet-18:
-- one step: the cosine between the bf16 and the fp32 pixel gradients of the full FD² loss (CE, BN matching,
-  FC, SC), and the share of pixels whose gradient sign differs (Adam's first step moves a pixel by about
-  lr·sign(g), so that is the share that moves the other way);
-- a short run: `--steps` distill steps from the same start with the same random draws at each precision, and
-  the PSNR (dB, pixels in [0, 1]) between the two results.
-The teacher is a fresh ResNet-18 whose BatchNorm statistics come from a few train-mode passes over the built-in
-data (no weights are downloaded). One seed: a measurement, not a verdict. On a CPU, `--device cpu` emulates bf16
-with CPU autocast (slow at 224 px: use `--size 32 --classes 8` for a smoke run).
+The published SRe²L++ (+ FD²) distillation runs in fp32; the paper presets follow it (`amp: false`).
+This probe says what bf16 would change, at the paper's 224 px with ResNet-18:
+- one step: the cosine between the bf16 and the fp32 pixel gradients of the full FD² loss (CE, BN
+  matching, FC, SC), and the share of pixels whose gradient sign differs (Adam's first step moves a
+  pixel by about lr·sign(g), so that is the share that moves the other way);
+- a short run: `--steps` distill steps from the same start with the same random draws at each
+  precision, and the PSNR (dB, pixels in [0, 1]) between the two results.
+The teacher is a fresh ResNet-18 whose BatchNorm statistics come from a few train-mode passes over
+the built-in data (no weights are downloaded).
+One seed: a measurement, not a verdict.
+On a CPU, `--device cpu` emulates bf16 with CPU autocast (slow at 224 px:
+use `--size 32 --classes 8` for a smoke run).
 
-    python bench/precision_probe.py [--device cuda] [--size 224] [--classes 100] [--steps 50] [--out FILE]
-"""
+    python bench/precision_probe.py [--device cuda] [--size 224] [--classes
+100] [--steps 50] [--out FILE] """
 
 from __future__ import annotations
 
@@ -34,15 +36,16 @@ from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.losses import BNStatMatcher  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.runtime import frozen  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
-from fd2_core.stages.distill import ADAM_BETAS, ADAM_EPS, _augment, distill_loss, distill_step  # noqa: E402
+from fd2_core.stages.synthesis import ADAM_BETAS, ADAM_EPS, distill_augment, distill_loss, distill_step  # noqa: E402
 from fd2_core.stages.teacher import new_teacher  # noqa: E402
 
 
 @dataclass
 class EmulatedContext(RunContext):
-    """A run context whose autocast is bf16 on any device (CUDA autocast, or CPU autocast to emulate it)."""
+    """A run context whose autocast is bf16 on any device (CUDA autocast,
+    or CPU autocast to emulate it)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -79,7 +82,7 @@ def _gradient(ctx: RunContext, teacher, x0: torch.Tensor, y: torch.Tensor, prev:
     """The pixel gradient of one step's full loss, with the crops of a fixed seed."""
     x = x0.clone().requires_grad_(True)
     with BNStatMatcher(teacher.bn_layers(), ctx.spec.first_bn_multiplier) as bn:
-        loss, _ = distill_loss(ctx, teacher, _augment(ctx, x, torch.Generator().manual_seed(1)), y, prev, bn)
+        loss, _ = distill_loss(ctx, teacher, distill_augment(ctx, x, torch.Generator().manual_seed(1)), y, prev, bn)
         loss.backward()
     return x.grad.detach().float()
 

@@ -57,7 +57,9 @@ from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
 from fd2_core.softlabels import FORMAT as SOFT_LABEL_FORMAT  # noqa: E402
 from fd2_core.softlabels import FORMAT_V2 as SOFT_LABEL_FORMAT_V2  # noqa: E402
-from fd2_core.spec import JobSpec, resolve_spec, spec_changes  # noqa: E402
+from fd2_core.spec import JobSpec  # noqa: E402
+from fd2_core.spec_compat import spec_changes  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.committee import Committee, as_committee  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
@@ -469,7 +471,7 @@ class PairRunner:
 def _init_psnr(ctx: RunContext, images_u8: torch.Tensor) -> float | None:
     """Mean PSNR (dB) of the distilled images against their initialisation, when the stage reports it."""
     try:
-        from fd2_core.stages.distill import init_drift
+        from fd2_core.stages.drift import init_drift
     except ImportError:
         return None
     drift = init_drift(ctx)

@@ -1,13 +1,16 @@
-"""Why does a method's student score what it scores? Cross the distilled images with the soft-label sources.
+"""Why does a method's student score what it scores?
+Cross the distilled images with the soft-label sources.
 
-Runs on a validation set only (default `fgsynth:seed=7`, whose test split plays validation), never on the data
-the quality table reports. Per teacher seed it trains the CAL and the plain-CE teacher, builds the random subset
-and the sre2l++ and fd2 sets at the largest IPC, and then trains the identical student on every combination of
+Runs on a validation set only (default `fgsynth:seed=7`, whose test split plays validation), never
+on the data the quality table reports.
+Per teacher seed it trains the CAL and the plain-CE teacher, builds the
+random subset and the sre2l++ and fd2 sets at the largest IPC, and then
+trains the identical student on every combination of
 
 - images: random real subset, sre2l++ set, fd2 set (and any extra fd2 variant named with --fd2-set);
-- soft-label source: plain-CE teacher; CAL teacher's combined logits (1 − r)·backbone + r·CAL head; CAL head
-  alone; CAL teacher's backbone alone — each recorded with the relabel stage's protocol (BatchNorm mode and
-  forward split of the spec);
+- soft-label source: plain-CE teacher; CAL teacher's combined logits (1 − r)·backbone + r·CAL head;
+  CAL head alone; CAL teacher's backbone alone — each recorded with the relabel stage's protocol
+  (BatchNorm mode and forward split of the spec);
 - temperature T of the student's KL loss.
 
 Separating "which images" from "whose logits" says where a gap between methods comes from.
@@ -36,7 +39,7 @@ from bench.quality import log, make_ctx, quantize  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.runtime import frozen  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
@@ -53,7 +56,8 @@ LABEL_SOURCES: dict[str, tuple[str, str]] = {
 
 
 def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
-    """Record soft labels with the relabel stage's seeded augmentation stream and protocol, from `source`."""
+    """Record soft labels with the relabel stage's seeded augmentation
+    stream and protocol, from `source`."""
     spec = ctx.spec
     protocol = {
         "soft_label_source": source,
@@ -89,7 +93,8 @@ def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
 
 
 def logit_stats(teacher, source: str, r: float, ctx) -> dict[str, float]:
-    """Accuracy, mean per-image logit std and mean top probability at T (eval mode, on the validation images)."""
+    """Accuracy, mean per-image logit std and mean top probability at T
+    (eval mode, on the validation images)."""
     images = ctx.normalize(ctx.data.test_images).float()
     with torch.no_grad(), frozen(teacher):
         logits = source_logits(teacher(images), source, r)

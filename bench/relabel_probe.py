@@ -1,9 +1,10 @@
 """Validation probe: how the relabel protocol (BatchNorm mode × forward split) changes the student.
 
-Runs on the validation data only (default `fgsynth:seed=7`, whose test split plays validation). Per teacher seed
-it trains the plain-CE teacher from the shipped base backbone, takes a random real subset of `ipc` images per
-class, records its soft labels with each (BatchNorm mode, forward split) pair and trains the identical student on
-each (same recorded crops, same student initialisation): only the teacher's logits differ.
+Runs on the validation data only (default `fgsynth:seed=7`, whose test split plays validation).
+Per teacher seed it trains the plain-CE teacher from the shipped base backbone, takes a random real
+subset of `ipc` images per class, records its soft labels with each (BatchNorm mode, forward split)
+pair and trains the identical student on each (same recorded crops, same student initialisation):
+only the teacher's logits differ.
 
     .venv/bin/python bench/relabel_probe.py --ipc 3 --seeds 0 1
 """
@@ -24,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import log, make_ctx, teacher_weights_path  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
-from fd2_core.spec import resolve_spec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.patches import random_real_indices  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402

@@ -1,51 +1,63 @@
-"""Shard scaling: one job spread over 1 and then 2 Celery worker processes, wall time per stage; and a paper-scale
-estimate for CUB-200 on 1, 2, 4 and 8 GPUs from the per-step times measured on an H200.
+"""Shard scaling: one job spread over 1 and then 2 Celery worker processes,
+wall time per stage; and a paper-scale estimate for CUB-200 on 1, 2, 4 and
+8 GPUs from the per-step times measured on an H200.
 
-What is measured. In one invocation, twice (1 worker, then 2 workers), each time in a fresh FD2_HOME: an
-embedded service (a real `uvicorn api.main:app` and real `python -m fd2_cli worker` processes, SQLite + the
-folder broker, no external servers) is started, the built-in FGSynth data is uploaded (`POST /v1/datasets`), a
-warm-up job runs, then the measured job is submitted (`POST /v1/jobs`) and polled until it ends, and its event
-log (`GET /v1/jobs/{id}/events`) is read. Per stage: the wall time from the first `shard_started` event of the
-stage to its last `shard_finished` event (server timestamps; `worker/shard_runner.py` writes them when a worker
-claims a shard and when the shard ends `done`, with `data.shard` and the shard's stage), so the merge shards
-(`distill:merge`, `relabel:merge`) and the gaps between shards (a message waits up to one broker poll, 1 s, for a
-free worker) count in their stage. Whole job: `finished_at - created_at` of the job resource (submission to
-`succeeded`). Speed-up = 1-worker time / 2-worker time; targets: >= 1.8x for distill, >= 1.7x for relabel. The
-result file also holds every shard's start and end (`timeline`) and its seconds per stage.
+What is measured.
+In one invocation, twice (1 worker, then 2 workers), each time in a fresh FD2_HOME: an embedded
+service (a real `uvicorn api.main:app` and real `python -m fd2_cli worker` processes, SQLite + the
+folder broker, no external servers) is started, the built-in FGSynth data is uploaded (`POST
+/v1/datasets`), a warm-up job runs, then the measured job is submitted (`POST /v1/jobs`) and polled
+until it ends, and its event log (`GET /v1/jobs/{id}/events`) is read.
+Per stage: the wall time from the first `shard_started` event of the stage to its last
+`shard_finished` event (server timestamps; `worker/shard_runner.py` writes them when a worker claims
+a shard and when the shard ends `done`, with `data.shard` and the shard's stage), so the merge
+shards (`distill:merge`, `relabel:merge`) and the gaps between shards (a message waits up to one
+broker poll, 1 s, for a free worker) count in their stage.
+Whole job: `finished_at - created_at` of the job resource (submission to `succeeded`).
+Speed-up = 1-worker time / 2-worker time; targets: >= 1.8x for distill, >= 1.7x for relabel.
+The result file also holds every shard's start and end (`timeline`) and its seconds per stage.
 
-Fair comparison. Both runs submit the same spec with `max_workers: 2`, so both plan the same shards (class
-blocks, relabel epoch ranges: the ranges depend on `max_workers`) and pay the same per-shard costs (loading the
-data and the teacher, dispatch); only the number of live worker processes differs, and with one worker the
-shards run one after another (the second dispatched message waits in the broker). A `max_workers: 1` job would
-run unsharded, so the comparison would also measure the cost of sharding, not only the parallelism. A worker
-imports torch and the pipeline at its first task (several seconds), which would land in whichever stage first
-gives the second worker a shard: a short warm-up job (seed 1, its own work folder, nothing of it reused) runs
+Fair comparison.
+Both runs submit the same spec with `max_workers: 2`, so both plan the same shards (class blocks,
+relabel epoch ranges: the ranges depend on `max_workers`) and pay the same per-shard costs (loading
+the data and the teacher, dispatch); only the number of live worker processes differs, and with one
+worker the shards run one after another (the second dispatched message waits in the broker).
+A `max_workers: 1` job would run unsharded, so the comparison would also measure the cost of
+sharding, not only the parallelism.
+A worker imports torch and the pipeline at its first task (several seconds),
+which would land in whichever stage first gives the second worker a shard: a
+short warm-up job (seed 1, its own work folder, nothing of it reused) runs
 first, repeated (at most 3 times) until every worker has run a shard.
 
-Configuration. Preset `cpu-small`, device cpu, one teacher (pretrain is one shard: no speed-up expected), an
-even number of class blocks (`--classes` / `--block`, at least 4), `--iterations` distill steps per ipc index,
-`--relabel-epochs` >= 50 (two ranges of >= 25 epochs), evaluation off (`evaluate: false`): the evaluation
-students that need no distilled set (the random-subset baseline) would be scheduled beside the distill blocks,
-so the stage windows would overlap. Default: 32 classes x 20 train images at 32 px, IPC 4, 4 blocks of 8 classes,
-600 iterations (about 35-50 s per block on one core), 800 relabel epochs (2 ranges of 400, about 30-40 s each),
-4 pretrain epochs: about 10 minutes in all on 2 idle cores. Every child process runs with one torch thread: the
-worker sets no thread count of its own (no `set_num_threads` in worker/ or fd2_cli/, no FD2_* thread setting), so
-torch follows OMP_NUM_THREADS=1 (and MKL_NUM_THREADS=1); the thread count the package shard ran with is read back
-from `report.json` (`device.threads`). The figures mean something only with two idle cores for the two workers:
-the idle cores just before each run and the load average before and after are recorded, and a warning is
-printed when fewer than two cores were idle.
+Configuration.
+Preset `cpu-small`, device cpu, one teacher (pretrain is one shard: no speed-up expected), an even
+number of class blocks (`--classes` / `--block`, at least 4), `--iterations` distill steps per ipc
+index, `--relabel-epochs` >= 50 (two ranges of >= 25 epochs), evaluation off (`evaluate: false`):
+the evaluation students that need no distilled set (the random-subset baseline) would be scheduled
+beside the distill blocks, so the stage windows would overlap.
+Default: 32 classes x 20 train images at 32 px, IPC 4, 4 blocks of 8 classes, 600 iterations (about
+35-50 s per block on one core), 800 relabel epochs (2 ranges of 400, about 30-40 s each), 4 pretrain
+epochs: about 10 minutes in all on 2 idle cores.
+Every child process runs with one torch thread: the worker sets no thread count of its own (no
+`set_num_threads` in worker/ or fd2_cli/, no FD2_* thread setting), so torch follows
+OMP_NUM_THREADS=1 (and MKL_NUM_THREADS=1); the thread count the package shard ran with is read back
+from `report.json` (`device.threads`).
+The figures mean something only with two idle cores for the two workers:
+the idle cores just before each run and the load average before and after are recorded, and a
+warning is printed when fewer than two cores were idle.
 
-Paper-scale estimate (`--estimate-only` prints it alone, no service): from figures measured on one H200, cited
-per line in the output (bench/results/fadrm_run_h200.json and the "GPU check" tables of docs/BENCHMARKS.md), per
-stage the work on one GPU and the wall time with N GPUs as `fd2_core.shards.plan_shards` splits it: one pretrain
-shard per teacher, one distill shard per block of `distill_batch_classes` classes (CUB-200 at 100 classes per
-block: 2 blocks, so distillation stops scaling at 2 GPUs), relabel epoch ranges of at least 25 epochs (at most
-N). The assumptions and what is left out are printed with it.
+Paper-scale estimate (`--estimate-only` prints it alone, no service): from figures measured on one
+H200, cited per line in the output (bench/results/fadrm_run_h200.json and the "GPU check" tables of
+docs/BENCHMARKS.md), per stage the work on one GPU and the wall time with N GPUs as
+`fd2_core.shards.plan_shards` splits it: one pretrain shard per teacher, one distill shard per block
+of `distill_batch_classes` classes (CUB-200 at 100 classes per block: 2 blocks, so distillation
+stops scaling at 2 GPUs), relabel epoch ranges of at least 25 epochs (at most N).
+The assumptions and what is left out are printed with it.
 
-    .venv/bin/python bench/shard_scaling.py                  # default configuration, about 10 min on 2 idle cores
-    .venv/bin/python bench/shard_scaling.py --quick --json /tmp/shard_quick.json   # smoke run, about 1-2 min
-    .venv/bin/python bench/shard_scaling.py --estimate-only    # the paper-scale estimate alone
-"""
+    .venv/bin/python bench/shard_scaling.py                  # default configuration, about 10 min
+on 2 idle cores .venv/bin/python bench/shard_scaling.py --quick --json /tmp/shard_quick.json   #
+smoke run, about 1-2 min .venv/bin/python bench/shard_scaling.py --estimate-only    # the
+paper-scale estimate alone """
 
 from __future__ import annotations
 
@@ -112,8 +124,8 @@ class Config:
         }
 
     def warmup_spec(self) -> dict[str, Any]:
-        """A short job of the same shape (a job of its own, so a work folder of its own, and seed 1): every worker
-        process imports torch and the pipeline before the measured job."""
+        """A short job of the same shape (a job of its own, so a work folder of its own, and seed
+        1): every worker process imports torch and the pipeline before the measured job."""
         return {**self.spec(), "seed": 1, "pretrain_epochs": 1, "distill_iterations": min(self.iterations, 100),
                 "relabel_epochs": 50}
 
@@ -162,7 +174,8 @@ class Child:
 
 
 def child_env(home: Path) -> dict[str, str]:
-    """The caller's environment without FD2_* settings, with the embedded home and one torch thread."""
+    """The caller's environment without FD2_* settings, with the embedded
+    home and one torch thread."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FD2_")}
     env.update({"FD2_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -296,8 +309,9 @@ def wait_final(client: httpx.Client, job_id: str, timeout_s: float, service: Ser
 
 def warm_up(client: httpx.Client, dataset_id: str, config: Config, service: Service, workers: int
             ) -> dict[str, Any]:
-    """Warm-up jobs until every worker process has run a shard (at most WARMUP_JOBS): a worker imports torch and
-    the pipeline at its first task, which would otherwise land in whichever stage first gives it a shard."""
+    """Warm-up jobs until every worker process has run a shard (at most
+    WARMUP_JOBS): a worker imports torch and the pipeline at its first task,
+    which would otherwise land in whichever stage first gives it a shard."""
     warm: set[str] = set()
     jobs: list[str] = []
     while len(warm) < workers and len(jobs) < WARMUP_JOBS:
@@ -343,8 +357,9 @@ def event_stage(event: dict[str, Any]) -> str:
 
 
 def stage_times(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per stage: first `shard_started` to last `shard_finished` (s), its shards, and the seconds each shard ran
-    (its last start to its finish); a stage whose shards never all finished is left out."""
+    """Per stage: first `shard_started` to last `shard_finished` (s), its
+    shards, and the seconds each shard ran (its last start to its finish);
+    a stage whose shards never all finished is left out."""
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
     stage_of: dict[str, str] = {}
@@ -373,7 +388,8 @@ def stage_times(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every shard attempt: its start and end in seconds after the job's first shard started, and its worker."""
+    """Every shard attempt: its start and end in seconds after the job's
+    first shard started, and its worker."""
     shard_events = [e for e in events if e["kind"].startswith("shard_") and "shard" in (e.get("data") or {})]
     if not shard_events:
         return []
@@ -442,8 +458,8 @@ def speedups(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
 
 
 def run_warnings(runs: list[dict[str, Any]]) -> list[str]:
-    """What makes a run's figures doubtful: fewer workers used or warmed than started, requeued shards, a torch
-    thread count other than 1, or fewer than two idle cores just before the run."""
+    """What makes a run's figures doubtful: fewer workers used or warmed than started, requeued
+    shards, a torch thread count other than 1, or fewer than two idle cores just before the run."""
     lines = []
     for run in runs:
         name = f"{run['workers']}-worker run"
@@ -508,7 +524,8 @@ CUB_CLASSES = 200
 CUB_TRAIN_IMAGES = 5994  # CUB-200-2011's official train split (5794 test)
 IPC = 5
 GPU_COUNTS = (1, 2, 4, 8)
-STEP_IMAGES_GPU_CHECK = 10  # gpu_check.sh --classes 10: one ipc index of 10 classes per distill step
+# gpu_check.sh --classes 10: one ipc index of 10 classes per distill step
+STEP_IMAGES_GPU_CHECK = 10
 GPU_CHECK = "docs/BENCHMARKS.md, 'GPU check (pretrain / distill / relabel at 224 px, ResNet-18, fp32 vs bf16)'"
 COMMITTEE_STEP = ("docs/BENCHMARKS.md, 'GPU check: FADRM+ + FD² with a committee of four', distill_step table, row "
                   "'FADRM+ + FD² committee step (4 members, round robin), 100 classes, 224 px'")
@@ -549,7 +566,8 @@ def measured_figures() -> dict[str, Measured]:
         "committee_step": Measured(0.0834, "s/step", f"{COMMITTEE_STEP} = 83.4 ms (bf16)"),
     }
     run = json.loads(FADRM_RUN_JSON.read_text())
-    train = run["classes"] * 16 * 0.9  # fadrm_run.py: 16 train images per class (its default), val_fraction 0.1
+    # fadrm_run.py: 16 train images per class (its default), val_fraction 0.1
+    train = run["classes"] * 16 * 0.9
     members = len(run["committee"])
     figures["committee_pretrain"] = Measured(
         members * train / run["pretrain_s"], "member·img/s",
@@ -559,10 +577,10 @@ def measured_figures() -> dict[str, Measured]:
 
 
 def plan_counts(preset: str, gpus: int) -> tuple[Any, int, int, list[range]]:
-    """(spec, teachers, class blocks, relabel epoch ranges) of CUB-200 at IPC 5 under `preset` with `gpus`
-    workers, as `fd2_core.shards.plan_shards` splits them."""
+    """(spec, teachers, class blocks, relabel epoch ranges) of CUB-200 at IPC 5 under `preset` with
+    `gpus` workers, as `fd2_core.shards.plan_shards` splits them."""
     from fd2_core.shards import epoch_ranges
-    from fd2_core.spec import resolve_spec
+    from fd2_core.spec_resolution import resolve_spec
 
     spec = resolve_spec({"preset": preset, "ipc": IPC, "evaluate": False, "max_workers": gpus})
     blocks = math.ceil(CUB_CLASSES / (spec.distill_batch_classes or CUB_CLASSES))
@@ -570,8 +588,8 @@ def plan_counts(preset: str, gpus: int) -> tuple[Any, int, int, list[range]]:
 
 
 def stage_work(preset: str, figures: dict[str, Measured]) -> tuple[dict[str, tuple[float, float]], list[str]]:
-    """Seconds on one GPU of one unit of each stage as (low, high) — a teacher, a class block, a relabel epoch —
-    and the lines saying how each was computed."""
+    """Seconds on one GPU of one unit of each stage as (low, high) — a teacher, a class block, a
+    relabel epoch — and the lines saying how each was computed."""
     spec, teachers, blocks, _ = plan_counts(preset, 1)
     train = CUB_TRAIN_IMAGES * (1 - spec.val_fraction)
     block_classes = spec.distill_batch_classes or CUB_CLASSES
@@ -616,7 +634,8 @@ def stage_work(preset: str, figures: dict[str, Measured]) -> tuple[dict[str, tup
 
 
 def estimate(preset: str, figures: dict[str, Measured]) -> dict[str, Any]:
-    """Per GPU count: the shards of each stage and the stage's wall time, the busiest GPU's share (ASSUMPTIONS)."""
+    """Per GPU count: the shards of each stage and the stage's wall time,
+    the busiest GPU's share (ASSUMPTIONS)."""
     unit, notes = stage_work(preset, figures)
     rows: dict[int, dict[str, Any]] = {}
     for gpus in GPU_COUNTS:

@@ -1,23 +1,26 @@
-"""Teacher stability: seed-to-seed spread of the teacher's backbone test accuracy, from scratch vs from the base
-backbone (`fd2_core/models/base_backbone.py`), on the validation sets only.
+"""Teacher stability: seed-to-seed spread of the teacher's backbone test accuracy, from scratch vs
+from the base backbone (`fd2_core/models/base_backbone.py`), on the validation sets only.
 
-The soft labels every method distils with are the teacher backbone's own logits, so the spread of its accuracy
-across seeds (init, validation split, data order) bounds how small a method difference the quality benchmark can
-see. This script trains `cpu-small` teachers through the `pretrain` stage, the way `bench/quality.py` does, for
-both teacher kinds (plain CE = method `sre2l++`, CAL = method `fd2`) on the validation data (`fgsynth:seed=7`,
-birds and cars; never the evaluated seed-0 sets), for several seeds and configurations, and reports the
+The soft labels every method distils with are the teacher backbone's own logits, so the spread of
+its accuracy across seeds (init, validation split, data order) bounds how small a method difference
+the quality benchmark can see.
+This script trains `cpu-small` teachers through the `pretrain` stage, the way
+`bench/quality.py` does, for both teacher kinds (plain CE = method `sre2l++`, CAL =
+method `fd2`) on the validation data (`fgsynth:seed=7`, birds and cars; never the
+evaluated seed-0 sets), for several seeds and configurations, and reports the
 backbone's test accuracy (mean ± sample std over seeds) and the wall time per teacher.
 
-Configurations (`--configs`): `scratch` (random init, the old behaviour), `base` (every teacher starts from the
-shipped base backbone, fresh classifier and CAL head), and variants of `base` with the fine-tuning schedule
-changed (see CONFIGS). Results are merged into `bench/results/teacher_stability.json` after every teacher (a
-re-run skips teachers already there with the same configuration and weights file), so configurations can be
+Configurations (`--configs`): `scratch` (random init, the old behaviour), `base` (every teacher
+starts from the shipped base backbone, fresh classifier and CAL head), and variants of `base` with
+the fine-tuning schedule changed (see CONFIGS).
+Results are merged into `bench/results/teacher_stability.json` after every teacher (a re-run skips
+teachers already there with the same configuration and weights file), so configurations can be
 measured in separate, even concurrent, invocations.
 
-    .venv/bin/python bench/teacher_stability.py                                  # scratch + base, 5 seeds
-    .venv/bin/python bench/teacher_stability.py --configs base-lr1e-3 --seeds 0,1,2,3,4
-    .venv/bin/python bench/teacher_stability.py --report                         # print the table only
-"""
+    .venv/bin/python bench/teacher_stability.py
+# scratch + base, 5 seeds .venv/bin/python bench/teacher_stability.py --configs
+base-lr1e-3 --seeds 0,1,2,3,4 .venv/bin/python bench/teacher_stability.py
+--report                         # print the table only """
 
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ if str(ROOT) not in sys.path:
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.models.base_backbone import base_backbone_path  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
-from fd2_core.spec import JobSpec, resolve_spec  # noqa: E402
+from fd2_core.spec import JobSpec  # noqa: E402
+from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
 
@@ -123,7 +127,8 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:
-    """config → setting → method → backbone / combined test accuracy stats and mean time per teacher."""
+    """config → setting → method → backbone / combined test accuracy stats
+    and mean time per teacher."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for key, run in runs.items():
         config, setting, method, _ = key.split("|")
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     spec = resolve_spec({"preset": "cpu-small", "device": "cpu", "method": method, "seed": seed,
                                          "teacher_weights_mode": "backbone", **overrides})
                     work = args.work / config / setting / method / f"seed{seed}"
-                    shutil.rmtree(work, ignore_errors=True)  # a fresh run: the time must be the real one
+                    # a fresh run: the time must be the real one
+                    shutil.rmtree(work, ignore_errors=True)
                     load_before = os.getloadavg()[0]
                     t, cpu = time.monotonic(), time.process_time()
                     info = pretrain(make_ctx(spec, data, work, weights if use_base else None)).info

@@ -1,10 +1,10 @@
 """`fd2 distill` and `fd2 data`: the pipeline from a terminal, with a progress bar per stage.
 
-Bad input (missing folder, one class, ipc larger than the smallest class, unknown backbone, bad spec value,
-unusable teacher weights, an `--out` holding another run) prints one line on stderr that says the cause and
-the fix, and exits with code 2, never a traceback. Every check runs before the first write; a refusal found
-only later removes what the command wrote (`fd2_core.rollback`), so the corrected command can use the same
-`--out`.
+Bad input (missing folder, one class, ipc larger than the smallest class, unknown backbone, bad spec
+value, unusable teacher weights, an `--out` holding another run) prints one line on stderr that says
+the cause and the fix, and exits with code 2, never a traceback.
+Every check runs before the first write; a refusal found only later removes what the command wrote
+(`fd2_core.rollback`), so the corrected command can use the same `--out`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .presets import PRESETS
 from .rollback import OutputRollback
-from .spec import METHODS, PRESETS, JobSpec, describe_spec_error
+from .spec import METHODS, JobSpec
+from .spec_errors import describe_spec_error
 
 EXIT_BAD_INPUT = 2
 
@@ -46,7 +48,8 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """The first spec error as one line with its fix (`--set FIELD=VALUE`, or where the fields are listed)."""
+    """The first spec error as one line with its fix (`--set FIELD=VALUE`,
+    or where the fields are listed)."""
     errors = err.errors(include_input=False)
     first = errors[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "spec"
@@ -93,7 +96,7 @@ class ProgressPrinter:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .spec import resolve_spec
+    from .spec_resolution import resolve_spec
 
     try:
         spec = resolve_spec(spec_from_args(args))
@@ -116,16 +119,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
             drop_duplicates=args.drop_duplicates,
         )
     except (DataError, ValueError, RuntimeError, FileNotFoundError) as err:
-        rollback.undo()  # a refusal found after writing began: the corrected command may reuse --out
+        # a refusal found after writing began: the corrected command may reuse --out
+        rollback.undo()
         return _fail(str(err))
     except (KeyboardInterrupt, StopRequested):
         print(f"\nfd2: interrupted; run the same command again to resume from {out}", file=sys.stderr)
         return 130
-    _print_summary(spec, result)
+    print_summary(spec, result)
     return 0
 
 
-def _print_summary(spec: JobSpec, result) -> None:
+def print_summary(spec: JobSpec, result) -> None:
     m = result.metrics
     timings = result.report.get("timings_s", {})
 
@@ -156,7 +160,8 @@ def _print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
     lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
-    # The dataset's warnings (e.g. file names decoded from a guessed code page), as the service lists them.
+    # The dataset's warnings (e.g. file names decoded from a guessed code
+    # page), as the service lists them.
     lines += [f"WARNING: {w['message']}" for w in result.report.get("dataset", {}).get("warnings", [])
               if w["code"] not in DUPLICATE_CODES]  # the duplicates line above says those
     lines.append("artifacts:")
@@ -170,8 +175,8 @@ DUPLICATE_CODES = frozenset({"test_in_train", "duplicates"})
 
 
 def duplicate_lines(found: dict[str, Any]) -> list[str]:
-    """The summary's duplicate counts (report.json → `dataset.duplicates`), and a warning while test images
-    that also occur in train are still in the test split."""
+    """The summary's duplicate counts (report.json → `dataset.duplicates`), and a warning while test
+    images that also occur in train are still in the test split."""
     if not found:
         return []
     train, test = found["train"], found["test"]
@@ -243,7 +248,8 @@ def _fail(message: str) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `distill` and `data` to a parser (the service CLI mounts them next to its own commands)."""
+    """Add `distill` and `data` to a parser (the service CLI mounts them
+    next to its own commands)."""
     d = subparsers.add_parser("distill", help="run the whole pipeline on a dataset, no service needed")
     d.add_argument("--data", required=True, help="folder, .zip/.tar(.gz), manifest.json/.csv, or fgsynth[:k=v,…]")
     d.add_argument("--method", choices=METHODS, default="fd2")

@@ -8,9 +8,10 @@
             (kl(student(images) / T, teacher_logits / T) / len(parts)).backward()
         optimizer.step(); optimizer.zero_grad()
 
-Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay). The teacher
-forwarded each batch in `forward_splits` consecutive parts, with train-mode BatchNorm by default; the published
-validation script replays those parts as micro-batches and steps the optimizer once per batch.
+Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay).
+The teacher forwarded each batch in `forward_splits` consecutive parts, with
+train-mode BatchNorm by default; the published validation script replays
+those parts as micro-batches and steps the optimizer once per batch.
 Only tarfile, PIL, json and safetensors are used to read the files: no pickles.
 """
 
@@ -33,6 +34,8 @@ from .softlabels import SoftLabels, forward_parts
 
 @dataclass
 class DistilledSet:
+    """A downloaded distilled set read back from its artifact, in the order of labels.csv."""
+
     images: torch.Tensor  # uint8 [N, 3, S, S], in the order of labels.csv
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
@@ -64,9 +67,11 @@ def read_distilled(path: str | Path) -> DistilledSet:
 class SoftLabelReplay(torch.utils.data.Dataset):
     """Item i = (normalised augmented images [b,3,S,S], teacher logits [b,K]) of recorded batch i.
 
-    How the logits were made, from the file's metadata (v1 files: their recorded source, eval mode, 1 part):
-    `soft_label_source` (backbone | cal | mixed), `bn_mode` (train | eval) and `forward_splits`, the number of
-    consecutive parts each batch was forwarded in; `split(item)` cuts an item into those parts.
+    How the logits were made, from the file's metadata (v1 files: their
+    recorded source, eval mode, 1 part):
+    `soft_label_source` (backbone | cal | mixed), `bn_mode` (train | eval)
+    and `forward_splits`, the number of consecutive parts each batch was
+    forwarded in; `split(item)` cuts an item into those parts.
     """
 
     def __init__(self, distilled: str | Path | DistilledSet, soft_labels: str | Path | SoftLabels):
@@ -76,7 +81,8 @@ class SoftLabelReplay(torch.utils.data.Dataset):
         order = json.loads(meta["labels"])
         if len(order) != self.set.images.shape[0]:
             raise ValueError("soft labels and distilled set describe a different number of images")
-        # soft labels index images in distillation order (ipc-major); labels.csv is sorted by file name
+        # soft labels index images in distillation order (ipc-major);
+        # labels.csv is sorted by file name
         by_file = {name: i for i, name in enumerate(self.set.files)}
         sorted_idx = _distillation_order(self.set, by_file, order)
         mean = torch.tensor(json.loads(meta["mean"])).view(1, 3, 1, 1)
@@ -104,13 +110,15 @@ class SoftLabelReplay(torch.utils.data.Dataset):
         return self.soft.forward_splits
 
     def split(self, item: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(images [b_p,3,S,S], logits [b_p,K]) per part the teacher forwarded (published relabel: 20 → 10 + 10)."""
+        """(images [b_p,3,S,S], logits [b_p,K]) per part the teacher
+        forwarded (published relabel: 20 → 10 + 10)."""
         images, logits = item
         return [(images[part], logits[part]) for part in forward_parts(images.shape[0], self.forward_splits)]
 
 
 def _distillation_order(ds: DistilledSet, by_file: dict[str, int], labels: list[int]) -> torch.Tensor:
-    """Position k·ipc-major: image j of class c sits at j·K + c; file names carry c's folder and j."""
+    """Position k·ipc-major: image j of class c sits at j·K + c; file names
+    carry c's folder and j."""
     k = len(ds.classes)
     index = torch.empty(len(labels), dtype=torch.long)
     for name, i in by_file.items():

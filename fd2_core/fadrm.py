@@ -1,9 +1,12 @@
 """FADRM+'s phase schedule (torch-free: the cost model reads it too).
 
-FADRM+ optimises each synthetic image through phases of their own length and image side (published: 1500,
-1500, 1500, 2000 steps at 200, 224, 200, 224 px), under one cosine learning-rate schedule over all their steps;
-the images are resized between phases and pulled back towards their patch initialisation at each boundary
-(`fd2_core.stages.distill.residual_blend`). See docs/INTERFACES.md.
+FADRM+ optimises each synthetic image through phases of their own length and image side.
+The published phases are 1500, 1500, 1500, 2000 steps at 200, 224, 200, 224 px.
+One cosine learning-rate schedule runs over all their steps.
+The images are resized between phases.
+At each boundary they are pulled back towards their patch initialisation.
+The torch half, the optimisation itself, is `fd2_core.stages.fadrm_phases`.
+See docs/INTERFACES.md.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from fd2_core.spec import JobSpec
 
 # The published low-resolution phase side relative to the full one: 200 px of 224.
 LOW_SIDE_RATIO = 200 / 224
-# Backbones whose classifier is tied to image_size (ConvNet-BN flattens its last feature map): they see a
-# phase's images through a crop resized to image_size; the global-pooling torchvision nets see the phase's side.
+# Backbones whose classifier is tied to image_size (ConvNet-BN flattens its last feature map).
+# They see a phase's images through a crop resized to image_size.
+# The global-pooling torchvision nets see the phase's side.
 FIXED_INPUT_BACKBONES = ("convnet",)
 
 
 class Phase(NamedTuple):
-    """One FADRM+ phase: its image side in pixels, its step count and its first global step (0-based)."""
+    """One FADRM+ phase: image side in pixels, step count, first global step (0-based)."""
 
     size: int
     steps: int
@@ -29,8 +33,10 @@ class Phase(NamedTuple):
 
 
 def phase_sizes(spec: JobSpec) -> list[int]:
-    """Side of each phase: `fadrm_phase_sizes`, else round(S·200/224) and S alternating so the last is S
-    (S = image_size; at 224 px the published 200, 224, 200, 224)."""
+    """Side of each phase: `fadrm_phase_sizes`, else round(S·200/224) and S in turn, ending at S.
+
+    S is image_size; at 224 px this is the published 200, 224, 200, 224.
+    """
     if spec.fadrm_phase_sizes is not None:
         return list(spec.fadrm_phase_sizes)
     n, side = len(spec.fadrm_phase_steps), spec.image_size
@@ -48,8 +54,10 @@ def phase_schedule(spec: JobSpec) -> list[Phase]:
 
 
 def input_side(backbone: str, image_size: int, phase_size: int) -> int:
-    """Side of the augmented crop a `backbone` teacher sees in a phase of side `phase_size` (RandomResizedCrop
-    targets the phase's side, except for a backbone fixed to image_size)."""
+    """Side of the augmented crop a `backbone` teacher sees in a phase of side `phase_size`.
+
+    RandomResizedCrop targets the phase's side, except for a backbone fixed to image_size.
+    """
     return image_size if backbone in FIXED_INPUT_BACKBONES else phase_size
 
 

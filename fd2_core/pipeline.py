@@ -1,8 +1,8 @@
 """`run(spec, dataset, workdir, on_event, should_stop) -> PipelineResult`: the whole FD² job.
 
-pretrain → distill → relabel → evaluate → package, each a module of `fd2_core.stages`. Each stage writes its
-outputs under `workdir/stages` atomically and a re-run with the same workdir skips finished work, so a killed
-run resumes.
+pretrain → distill → relabel → evaluate → package, each a module of `fd2_core.stages`.
+Each stage writes its outputs under `workdir/stages` atomically and a re-run with the same workdir
+skips finished work, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from .data.limits import DataLimits
 from .models import read_state_dict
 from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, StopRequested
 from .runtime import pick_device
-from .spec import JobSpec, data_path_changed, resolve_spec, spec_changes
+from .spec import JobSpec
+from .spec_compat import data_path_changed, spec_changes
+from .spec_resolution import resolve_spec
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
@@ -57,9 +59,11 @@ def _job_counts(data: ImageDataset) -> JobCounts:
 
 
 def check_dataset(spec: JobSpec, data: ImageDataset) -> None:
-    """What makes a spec unrunnable on a dataset (`fd2_core.admission`), caught before any stage starts.
+    """What makes a spec unrunnable on a dataset (`fd2_core.admission`),
+    caught before any stage starts.
 
-    Raises DataError with the first problem's code and message; `details.field` names the spec field.
+    Raises DataError with the first problem's code and message;
+    `details.field` names the spec field.
     """
     problems = admission_problems(spec, _job_counts(data))
     if problems:
@@ -80,8 +84,9 @@ def _spec_changes(earlier: Any, resolved: dict[str, Any]) -> list[str]:
 
 
 def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Refuse a work folder that cannot take this run: a file, not writable, or holding a run of another spec
-    or other teacher weights. Reads only, so a refused run leaves the folder as it was."""
+    """Refuse a work folder that cannot take this run: a file, not writable, or holding a run of
+    another spec or other teacher weights.
+    Reads only, so a refused run leaves the folder as it was."""
     existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise DataError("bad_workdir", f"{existing} is a file, so {workdir} cannot be a work folder")
@@ -123,9 +128,10 @@ def check_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
 
 
 def _teacher_weights_inputs(teacher_weights: str | Path | None, spec: JobSpec) -> dict[str, Any]:
-    """The run's recorded inputs; the weights file must exist and hold tensors (read here, before the data
-    is loaded; whether they fit the backbone is checked once the number of classes is known). A weights file
-    starts one teacher, so a committee refuses it."""
+    """The run's recorded inputs; the weights file must exist and hold
+    tensors (read here, before the data is loaded; whether they fit the
+    backbone is checked once the number of classes is known).
+    A weights file starts one teacher, so a committee refuses it."""
     if not teacher_weights:
         return {"teacher_weights_sha256": None}
     if spec.committee is not None:
@@ -143,20 +149,22 @@ def _teacher_weights_inputs(teacher_weights: str | Path | None, spec: JobSpec) -
         raise DataError("bad_teacher_weights",
                         f"teacher weights file {path.name!r} cannot be read: {exc.strerror or exc}",
                         fix="check the file's permissions") from None
-    except Exception:  # safetensors, pickle and zip readers each raise their own errors on a bad file
+    # safetensors, pickle and zip readers each raise their own errors on a bad file
+    except Exception:
         raise DataError("bad_teacher_weights",
                         f"{path.name} is neither a safetensors file nor a torch state dict of tensors") from None
 
 
-def _stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
-    """Progress weights: the cost model's image passes per stage (`fd2_core.cost`), so the progress bar and
-    the operator's cost limit count the same work."""
+def stage_weights(spec: JobSpec, data: ImageDataset) -> dict[str, float]:
+    """Progress weights: the cost model's image passes per stage (`fd2_core.cost`), so the progress
+    bar and the operator's cost limit count the same work."""
     size = DatasetSize(len(data.classes), int(data.train_images.shape[0]), int(data.test_images.shape[0]))
     return stage_image_passes(spec, size)
 
 
 def _loading_reporter(on_event: EventSink | None, should_stop: StopCheck | None):
-    """Decoding a large dataset takes minutes: report it (as the start of pretraining) and honour a stop."""
+    """Decoding a large dataset takes minutes: report it (as the start of
+    pretraining) and honour a stop."""
     last = [0.0]
 
     def report(done: int, total: int) -> None:
@@ -177,7 +185,8 @@ def _load(
     on_progress: Callable[[int, int], None],
     drop_duplicates: bool,
 ) -> ImageDataset:
-    """The data as tensors: an ImageDataset as it is, anything else through the loader at the spec's size."""
+    """The data as tensors: an ImageDataset as it is, anything else through
+    the loader at the spec's size."""
     if isinstance(dataset, ImageDataset):
         return dataset
     return load_dataset(
@@ -187,7 +196,8 @@ def _load(
 
 
 def _open_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any]) -> bool:
-    """The run's first writes: the folder, `spec.json` and `inputs.json` (what a resume is checked against).
+    """The run's first writes: the folder, `spec.json` and `inputs.json`
+    (what a resume is checked against).
     Returns whether the folder already held stages, i.e. whether this run resumes."""
     resumed = (workdir / "stages").exists()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,8 @@ def _open_workdir(workdir: Path, resolved: dict[str, Any], inputs: dict[str, Any
 
 
 def _announce(tracker: ProgressTracker, provenance: Provenance, data: ImageDataset) -> None:
-    """Warnings are said at once (as the start of pretraining), not only in the report at the end."""
+    """Warnings are said at once (as the start of pretraining), not only in
+    the report at the end."""
     for warning in provenance.warnings:
         tracker.stage("pretrain").warn(warning["message"])
     for data_warning in data.warnings:
@@ -207,8 +218,9 @@ def _announce(tracker: ProgressTracker, provenance: Provenance, data: ImageDatas
 def checked_inputs(
     spec: JobSpec, workdir: Path, teacher_weights: str | Path | None, drop_duplicates: bool
 ) -> dict[str, Any]:
-    """The run's recorded inputs (`inputs.json`) after the checks that need no data: the teacher weights file and
-    the work folder (`check_workdir`). Writes nothing."""
+    """The run's recorded inputs (`inputs.json`) after the checks that need no data: the teacher
+    weights file and the work folder (`check_workdir`).
+    Writes nothing."""
     inputs = _teacher_weights_inputs(teacher_weights, spec)
     if drop_duplicates:  # only when set, so that earlier work folders still resume
         inputs["drop_duplicates"] = True
@@ -218,7 +230,8 @@ def checked_inputs(
 
 @dataclass
 class OpenedRun:
-    """A run whose inputs are checked, data loaded and work folder opened: what every stage (or shard) starts from."""
+    """A run whose inputs are checked, data loaded and work folder opened:
+    what every stage (or shard) starts from."""
 
     spec: JobSpec
     workdir: Path
@@ -243,9 +256,9 @@ def open_run(
     teacher_weights: str | Path | None = None,
     drop_duplicates: bool = False,
 ) -> OpenedRun:
-    """Check a run's inputs, load its data and open its work folder (`spec.json`, `inputs.json`); the arguments
-    and errors are `run`'s. Every check comes before the first write, so a refused run leaves `workdir` as it
-    was."""
+    """Check a run's inputs, load its data and open its work folder (`spec.json`, `inputs.json`);
+    the arguments and errors are `run`'s.
+    Every check comes before the first write, so a refused run leaves `workdir` as it was."""
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir, resolved = Path(workdir), spec.model_dump(mode="json")
     inputs = checked_inputs(spec, workdir, teacher_weights, drop_duplicates)
@@ -270,22 +283,26 @@ def run(
     teacher_weights: str | Path | None = None,
     drop_duplicates: bool = False,
 ) -> PipelineResult:
-    """Run (or resume) a whole job in `workdir`; raises DataError for bad input, StopRequested on stop.
+    """Run (or resume) a whole job in `workdir`; raises DataError for bad
+    input, StopRequested on stop.
 
-    Bad input (spec against the data, the work folder, the teacher weights, the device) is refused before
-    anything is written, so a refused run leaves `workdir` as it was. `limits` bounds what the data loader
-    accepts (a service passes its operator settings; default: the library's own limits). `teacher_weights` is
-    a local weights file the teacher starts from (safetensors or a torch state dict, e.g. an earlier job's
-    `teacher.safetensors`) in the spec's `teacher_weights_mode`, checked against the dataset's classes first
-    (DataError `teacher_classes_mismatch`, `bad_teacher_weights`; a file without class names runs with a
-    `warning` event). `drop_duplicates` makes the loader drop copies within a split and test images that
-    occur in train (`report.json` → `dataset.duplicates` counts them either way). A resumed run must name the
-    same weights file and make the same `drop_duplicates` choice. After every shard of the job ran
-    (`fd2_core.shards`), `run` trains nothing: each stage reuses what the shards saved.
+    Bad input (spec against the data, the work folder, the teacher weights, the device) is refused
+    before anything is written, so a refused run leaves `workdir` as it was.
+    `limits` bounds what the data loader accepts (a service passes its
+    operator settings; default: the library's own limits).
+    `teacher_weights` is a local weights file the teacher starts from (safetensors or a torch state
+    dict, e.g. an earlier job's `teacher.safetensors`) in the spec's `teacher_weights_mode`, checked
+    against the dataset's classes first (DataError `teacher_classes_mismatch`,
+    `bad_teacher_weights`; a file without class names runs with a `warning` event).
+    `drop_duplicates` makes the loader drop copies within a split and test images that occur in
+    train (`report.json` → `dataset.duplicates` counts them either way).
+    A resumed run must name the same weights file and make the same `drop_duplicates` choice.
+    After every shard of the job ran (`fd2_core.shards`), `run` trains
+    nothing: each stage reuses what the shards saved.
     """
     opened = open_run(spec, dataset, workdir, on_event, should_stop, limits, teacher_weights, drop_duplicates)
     spec, data, timings, provenance = opened.spec, opened.data, opened.timings, opened.provenance
-    tracker = ProgressTracker(_stage_weights(spec, data), on_event, should_stop)
+    tracker = ProgressTracker(stage_weights(spec, data), on_event, should_stop)
     _announce(tracker, provenance, data)
     ctx = opened.context(tracker)
     torch.manual_seed(spec.seed)

@@ -1,24 +1,28 @@
-"""One job as units that several workers can run at once (spec field `max_workers`), merged into exactly the
-files an unsharded `pipeline.run` writes.
+"""One job as units that several workers can run at once (spec field `max_workers`), merged into
+exactly the files an unsharded `pipeline.run` writes.
 
 The units (`plan_shards`), each writing its outputs atomically under the job's work folder:
-- `pretrain:m<i>`: member i of the teachers alone (the one teacher of a single-teacher run is `pretrain:m0`), in
-  its own folder (`stages.committee.member_workdir`);
-- `pretrain:scorer`: the plain cross-entropy teacher that scores the patch views, for a spec that trains one
-  (`JobSpec.trains_scorer`: the published patch rule under FD²), in `teachers/scorer-<backbone>/`;
-- `distill:c<KKKKK>`: every ipc index of the class block that starts at class KKKKK (`distill_batch_classes`
-  classes; one block when it is 0), each index saved as `stages/distill/ipc_JJJ_cKKKKK.safetensors`;
+- `pretrain:m<i>`: member i of the teachers alone (the one teacher of a single-teacher run is
+  `pretrain:m0`), in its own folder (`stages.committee.member_workdir`);
+- `pretrain:scorer`: the plain cross-entropy teacher that scores the patch views, for a spec that
+  trains one (`JobSpec.trains_scorer`: the published patch rule under FD²), in
+  `teachers/scorer-<backbone>/`;
+- `distill:c<KKKKK>`: every ipc index of the class block that starts at class KKKKK
+  (`distill_batch_classes` classes; one block when it is 0), each index saved as
+  `stages/distill/ipc_JJJ_cKKKKK.safetensors`;
 - `distill:merge`: the blocks of each index joined into `stages/distill/ipc_JJJ.safetensors`;
-- `relabel:e<SSSS>-<EEEE>`: epochs [S, E) of the relabel walk, `stages/relabel/epochs_SSSS_EEEE.safetensors`;
+- `relabel:e<SSSS>-<EEEE>`: epochs [S, E) of the relabel walk,
+  `stages/relabel/epochs_SSSS_EEEE.safetensors`;
 - `relabel:merge`: the epoch ranges joined into `stages/soft_labels.safetensors`;
 - `evaluate:<student>`: one evaluation student (`stages/evaluate_<student>.safetensors`);
-- `package`: `pipeline.run` on the finished folder, which trains nothing (every stage reuses what the shards
-  saved), measures the committee, computes the metrics and writes the artifacts.
+- `package`: `pipeline.run` on the finished folder, which trains nothing (every stage reuses what
+  the shards saved), measures the committee, computes the metrics and writes the artifacts.
 
-The merged files are the unsharded run's because a unit never reads another unit's random draws: a class
-block's work (its patch ranking, its random streams per ipc index, the earlier indices SC reads) is the block's
-own, the relabel walk draws each epoch from its own stream (soft-label formats v3 and v4), and every student seeds its
-own initialisation. Bit for bit on the same kind of device with the same thread count and library versions.
+The merged files are the unsharded run's because a unit never reads another unit's random draws: a
+class block's work (its patch ranking, its random streams per ipc index, the earlier indices SC
+reads) is the block's own, the relabel walk draws each epoch from its own stream (soft-label formats
+v3 and v4), and every student seeds its own initialisation.
+Bit for bit on the same kind of device with the same thread count and library versions.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from .data.limits import DataLimits
 from .pipeline import ARTIFACT_NAMES, PipelineResult, checked_inputs, open_run, run
 from .progress import EventSink, ProgressTracker, StopCheck
 from .softlabels import SoftLabels
-from .spec import JobSpec, resolve_spec
+from .spec import JobSpec
+from .spec_resolution import resolve_spec
 from .stages.context import RunContext, stage_folder
-from .stages.distill import block_done, block_starts, distill_block, ipc_file, load_distilled, merge_blocks
+from .stages.distill import distill_block
+from .stages.distill_files import block_done, block_starts, ipc_file, load_distilled, merge_blocks
 from .stages.evaluate import evaluation_student, student_file, student_names, student_steps
 from .stages.package import quantize
 from .stages.pretrain import load_committee, member_saved, pretrain_member, pretrain_scorer, scorer_saved
@@ -52,8 +58,9 @@ from .stages.relabel import (
     relabel_epochs,
 )
 
-# A relabel shard loads the data, the teachers and the set before its first batch; at least this many epochs
-# keep that a small share of its work (the paper presets' 400 epochs split into at most 16 ranges).
+# A relabel shard loads the data, the teachers and the set before its first
+# batch; at least this many epochs keep that a small share of its work (the
+# paper presets' 400 epochs split into at most 16 ranges).
 MIN_RELABEL_EPOCHS = 25
 STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
 SCORER_ID = "pretrain:scorer"
@@ -65,9 +72,9 @@ _STUDENT = re.compile(r"evaluate:(\w+)")
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of a job: its stable `id`, its `stage`, what it runs on (`params`: `member`, `scorer`,
-    `first_class` and `num_classes`, `epochs` as [start, stop], or `student`) and the ids of the shards that must
-    finish first."""
+    """One unit of a job: its stable `id`, its `stage`, what it runs on (`params`: `member`,
+    `scorer`, `first_class` and `num_classes`, `epochs` as [start, stop], or `student`) and the ids
+    of the shards that must finish first."""
 
     id: str
     stage: str
@@ -77,8 +84,10 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What `run_shard` did: `ran` is False when the shard's outputs already existed and nothing was done.
-    `pipeline_result` is the job's result for `package` (read from the artifacts when it had finished before)."""
+    """What `run_shard` did: `ran` is False when the shard's outputs
+    already existed and nothing was done.
+    `pipeline_result` is the job's result for `package` (read from the
+    artifacts when it had finished before)."""
 
     shard_id: str
     ran: bool
@@ -95,8 +104,9 @@ class ShardNotReady(RuntimeError):
 
 
 def epoch_ranges(epochs: int, max_workers: int, min_epochs: int = MIN_RELABEL_EPOCHS) -> list[range]:
-    """range(epochs) in at most `max_workers` consecutive ranges of whole epochs, each at least `min_epochs` long
-    (one range when `epochs` is shorter); sizes differ by at most one, the larger first."""
+    """range(epochs) in at most `max_workers` consecutive ranges of whole
+    epochs, each at least `min_epochs` long (one range when `epochs` is
+    shorter); sizes differ by at most one, the larger first."""
     if max_workers < 1 or min_epochs < 1:
         raise ValueError(f"max_workers and min_epochs must be at least 1, got {max_workers} and {min_epochs}")
     count = max(1, min(max_workers, epochs // min_epochs))
@@ -131,11 +141,13 @@ def plan_shards(
 ) -> list[Shard]:
     """Every shard of a job on `num_classes` classes, in an order that respects the dependencies.
 
-    pretrain members and the patch scorer (when the spec trains one) → distill blocks (`random` needs no
-    teacher; the blocks also need the scorer) → distill merge → relabel ranges (at most
-    `max_workers`, default the spec's, each at least `min_relabel_epochs` epochs; `epoch_ranges`) → relabel merge
-    → evaluation students (`random` and `full_data` need neither the set nor its soft labels) → package. The ids
-    depend only on the spec and the classes, and on `max_workers` for the relabel ranges alone.
+    pretrain members and the patch scorer (when the spec trains one) → distill blocks
+    (`random` needs no teacher; the blocks also need the scorer) → distill merge →
+    relabel ranges (at most `max_workers`, default the spec's, each at least
+    `min_relabel_epochs` epochs; `epoch_ranges`) → relabel merge → evaluation students
+    (`random` and `full_data` need neither the set nor its soft labels) → package.
+    The ids depend only on the spec and the classes, and on `max_workers`
+    for the relabel ranges alone.
     """
     workers = spec.max_workers if max_workers is None else max_workers
     teachers = tuple(member_id(i) for i in range(len(spec.members)))
@@ -161,7 +173,8 @@ def plan_shards(
 
 
 def _identify(spec: JobSpec, shard_id: str) -> tuple[str, dict[str, Any]]:
-    """(stage, params) of a shard id, checked against the spec (not yet against the number of classes)."""
+    """(stage, params) of a shard id, checked against the spec (not yet
+    against the number of classes)."""
     if shard_id in ("distill:merge", "relabel:merge", "package"):
         return shard_id.split(":")[0], {}
     if shard_id == SCORER_ID and spec.trains_scorer:
@@ -183,8 +196,9 @@ def _identify(spec: JobSpec, shard_id: str) -> tuple[str, dict[str, Any]]:
 
 
 def _shard_of(spec: JobSpec, num_classes: int, shard_id: str) -> Shard:
-    """The shard `shard_id` of this job with its dependencies; an epoch range of another plan (another
-    `max_workers`) is one too. Raises ValueError for any other id."""
+    """The shard `shard_id` of this job with its dependencies; an epoch range of another plan
+    (another `max_workers`) is one too.
+    Raises ValueError for any other id."""
     stage, params = _identify(spec, shard_id)
     if stage == "relabel" and "epochs" in params:
         return _relabel_range(spec, range(*params["epochs"]))
@@ -195,8 +209,9 @@ def _shard_of(spec: JobSpec, num_classes: int, shard_id: str) -> Shard:
 
 
 def shard_done(spec: JobSpec | dict[str, Any], workdir: str | Path, shard_id: str) -> bool:
-    """Whether the outputs of `shard_id` are in `workdir` (also when a later merge consumed them, or an
-    unsharded run wrote them). Reads only file names and metadata: no data, no tensors."""
+    """Whether the outputs of `shard_id` are in `workdir` (also when a
+    later merge consumed them, or an unsharded run wrote them).
+    Reads only file names and metadata: no data, no tensors."""
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
     stages = stage_folder(workdir)
@@ -249,7 +264,8 @@ def _run_unit(ctx: RunContext, shard: Shard) -> None:
     elif shard.stage == "pretrain":
         pretrain_member(ctx, params["member"])
     elif shard.stage == "distill" and params:
-        teacher = None if ctx.spec.method == "random" else load_committee(ctx)  # distill_block adds the patch scorer
+        # distill_block adds the patch scorer
+        teacher = None if ctx.spec.method == "random" else load_committee(ctx)
         first = params["first_class"]
         distill_block(ctx, teacher, torch.arange(first, first + params["num_classes"]))
     elif shard.stage == "distill":
@@ -264,7 +280,8 @@ def _run_unit(ctx: RunContext, shard: Shard) -> None:
 
 
 def _missing(spec: JobSpec, workdir: Path, shard: Shard) -> list[str]:
-    """The shards `shard` still waits for. The relabel merge waits for the epochs no part file holds, whichever
+    """The shards `shard` still waits for.
+    The relabel merge waits for the epochs no part file holds, whichever
     plan (`max_workers`) recorded the others."""
     if shard.id == "relabel:merge":
         stages = stage_folder(workdir)
@@ -285,12 +302,14 @@ def run_shard(
     teacher_weights: str | Path | None = None,
     drop_duplicates: bool = False,
 ) -> ShardResult:
-    """Run one shard of the job in `workdir`, with `pipeline.run`'s arguments, checks and errors (DataError for bad
-    input, StopRequested on a stop; a killed shard resumes from what it saved).
+    """Run one shard of the job in `workdir`, with `pipeline.run`'s arguments, checks and errors
+    (DataError for bad input, StopRequested on a stop; a killed shard resumes from what it saved).
 
-    Idempotent: a shard whose outputs exist (`shard_done`) does nothing (`ran` False, a `log` event says so),
-    before the data is loaded. Raises ValueError for an id that is not a shard of this job and ShardNotReady when
-    a shard it depends on has not finished. Events come from the shard's own stage, its progress 0 → 1.
+    Idempotent: a shard whose outputs exist (`shard_done`) does nothing (`ran` False, a `log` event
+    says so), before the data is loaded.
+    Raises ValueError for an id that is not a shard of this job and
+    ShardNotReady when a shard it depends on has not finished.
+    Events come from the shard's own stage, its progress 0 → 1.
     """
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)

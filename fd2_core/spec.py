@@ -1,14 +1,14 @@
 """The one job-spec schema shared by the CLI, the API and the worker.
 
-Torch-free on purpose: the API imports this module to validate specs at submit time without loading torch.
-Every field carries its default, range and a one-line description; presets are partial dictionaries of the
-same fields, applied before the user's own values.
+This module is the schema alone: the fields, their validators and the lists of allowed names.
+Every field carries its default, range and a one-line description.
+The presets are partial dictionaries of the same fields (`fd2_core.presets`).
+`fd2_core.spec_resolution.resolve_spec` applies them before the user's own values.
+Torch-free on purpose: the API validates specs at submit time without loading torch.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,7 +22,8 @@ PresetName = Literal[
 ]
 CommitteeMode = Literal["auto", "round-robin", "weighted-sum"]
 
-BACKBONES: tuple[str, ...] = get_args(Backbone)  # the one list of backbone names; the model registry follows it
+# the one list of backbone names; the model registry follows it
+BACKBONES: tuple[str, ...] = get_args(Backbone)
 METHODS: tuple[str, ...] = get_args(Method)
 BASES: tuple[str, ...] = get_args(Base)  # the recipes FD² can run on (`base`)
 COMMITTEE_MODES: tuple[str, ...] = get_args(CommitteeMode)
@@ -32,9 +33,13 @@ PUBLISHED_PATCH_FILES = 5  # patch files per class of the published patch rule (
 
 
 class CommitteeMember(BaseModel):
-    """One teacher of a committee. Fields left null are filled by `resolve_spec` (M and r from the published
-    table under a paper preset, else the spec's own values; width from the spec), so a resolved spec states
-    every member completely."""
+    """One teacher of a committee.
+
+    Fields left null are filled by `resolve_spec`.
+    M and r come from the published table under a paper preset, else from the spec's own values.
+    The width comes from the spec.
+    So a resolved spec states every member completely.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -368,7 +373,7 @@ class JobSpec(BaseModel):
 
     @property
     def recipe(self) -> str | None:
-        """The optimising recipe the run uses (sre2l++ or fadrm+, FD² or not); None for rded and random."""
+        """The optimising recipe (sre2l++ or fadrm+, FD² or not); None for rded and random."""
         if self.method == "fd2":
             return self.base
         return self.method if self.method in ("sre2l++", "fadrm+") else None
@@ -379,19 +384,22 @@ class JobSpec(BaseModel):
 
     @property
     def optimises_images(self) -> bool:
-        """Whether distillation runs optimisation steps: rded selects real patches, random real images."""
+        """Whether distillation runs optimisation steps (rded and random select real pixels)."""
         return self.recipe is not None
 
     @property
     def scores_patches(self) -> bool:
-        """Whether distillation ranks real patches with the teacher (rded, and the patch initialisation)."""
+        """Whether distillation ranks real patches with the teacher (rded, patch initialisation)."""
         return self.method != "random" and self.init == "patches"
 
     @property
     def trains_scorer(self) -> bool:
-        """Whether pretraining trains one more teacher, with plain cross-entropy, to score the patch views: the
-        published patch rule scores with a plain teacher, and under FD² the run's own teachers carry the CAL
-        head (elsewhere the first teacher is plain and scores)."""
+        """Whether pretraining trains one more teacher, with plain cross-entropy, to score patches.
+
+        The published patch rule scores with a plain teacher.
+        Under FD² the run's own teachers carry the CAL head, so one more is needed.
+        Elsewhere the first teacher is plain and scores.
+        """
         return self.scores_patches and self.patch_rule == "published" and self.uses_cal
 
     @property
@@ -408,7 +416,7 @@ class JobSpec(BaseModel):
 
     @property
     def members(self) -> list[CommitteeMember]:
-        """The teachers, each stated completely: the committee, or the one teacher the spec describes."""
+        """The teachers, each stated completely: the committee, or the spec's one teacher."""
         if self.committee is None:
             return [CommitteeMember(backbone=self.backbone, model_width=self.model_width,
                                     num_attention_maps=self.num_attention_maps, cal_ratio=self.cal_ratio)]
@@ -423,14 +431,16 @@ class JobSpec(BaseModel):
 
     @property
     def round_robin(self) -> bool:
-        """Whether distillation uses one committee member per step (else every member, losses weighted)."""
+        """Whether distillation uses one committee member per step (else every member, weighted)."""
         if self.committee_mode == "auto":
             return self.recipe == "fadrm+"
         return self.committee_mode == "round-robin"
 
     def member_spec(self, index: int) -> JobSpec:
-        """The spec as member `index` sees it: its backbone, width, M and r, and no committee (its pretraining,
-        losses and relabel logits read these fields)."""
+        """The spec as member `index` sees it: its backbone, width, M and r, and no committee.
+
+        The member's pretraining, losses and relabel logits read these fields.
+        """
         member = self.members[index]
         return self.model_copy(update={
             "backbone": member.backbone, "model_width": member.model_width,
@@ -438,248 +448,6 @@ class JobSpec(BaseModel):
             "committee": None, "committee_mode": "auto",
             "torchvision_weights": self.torchvision_weights and member.backbone != "convnet",
         })
-
-
-# Published CAL settings (M = num_attention_maps, r = cal_ratio), one row per dataset (named by its paper preset),
-# one column per backbone: the FD² paper's CAL settings table. The paper has no ConvNet column: a convnet
-# teacher under a paper preset takes the ResNet-18 column, the presets' own backbone (see _CAL_COLUMN).
-PAPER_CAL_SETTINGS: dict[str, dict[str, tuple[int, float]]] = {
-    "paper-cub": {"resnet18": (8, 0.5), "mobilenetv2": (16, 0.5), "resnet50": (8, 0.3), "densenet121": (16, 0.4)},
-    "paper-aircraft": {
-        "resnet18": (32, 0.3), "mobilenetv2": (16, 0.2), "resnet50": (32, 0.4), "densenet121": (16, 0.4),
-    },
-    "paper-cars": {"resnet18": (8, 0.3), "mobilenetv2": (16, 0.4), "resnet50": (32, 0.4), "densenet121": (32, 0.4)},
-}
-_CAL_COLUMN: dict[str, str] = {"convnet": "resnet18"}
-_CAL_FIELDS = ("num_attention_maps", "cal_ratio")
-
-# What the three paper presets share: the published pretraining (224 px ImageNet-initialised ResNet-18, SGD
-# lr 1e-3, batch 4, 50 epochs, lr·0.9^(epoch/2), flip + colour jitter + rotation), distillation (lr 1e-3 with
-# patch init, r_bn 1e-3, 100 classes per step, jitter 32) and relabelling (400 epochs, batch 20).
-_PAPER_COMMON: dict[str, Any] = {
-    "image_size": 224,
-    "backbone": "resnet18",
-    "torchvision_weights": True,
-    "jitter": 32,
-    "pretrain_epochs": 50,
-    "pretrain_batch_size": 4,
-    "pretrain_optimizer": "sgd",
-    "pretrain_lr": 1e-3,
-    "pretrain_weight_decay": 1e-5,
-    "pretrain_lr_decay": 0.9,
-    "pretrain_augment": "published",
-    "distill_lr": 1e-3,
-    "distill_batch_classes": 100,
-    "r_bn": 1e-3,
-    "relabel_epochs": 400,
-    "relabel_batch_size": 20,
-    "fadrm_phase_steps": [1500, 1500, 1500, 2000],  # FADRM+ only; the sizes default to the published 200/224/200/224
-    # The published data path (docs/DATA_PATH.md): one crop per distill step, FD²'s patch script with its plain-CE
-    # scorer, images stored as JPEG 75 and read back, fp32 throughout (the FADRM+ presets: fp16 + scaler).
-    "distill_crop": "batch",
-    "patch_rule": "published",
-    "synthetic_format": "jpeg",
-    "amp": False,
-}
-
-
-def _paper_preset(name: str, **overrides: Any) -> dict[str, Any]:
-    """A paper preset: the shared settings, the dataset's (M, r) for the preset's backbone, then `overrides`."""
-    maps, ratio = PAPER_CAL_SETTINGS[name][_PAPER_COMMON["backbone"]]
-    return {**_PAPER_COMMON, "num_attention_maps": maps, "cal_ratio": ratio, **overrides}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The CPU preset narrows the convnet to 32 channels (about 3x cheaper per image than 64 on 2 cores, same
-    # depth) and spends the time on teacher steps instead: 20 epochs at batch 16 (the field defaults). Calibrated
-    # on a validation set (fgsynth seed 7): CAL teacher ~75 % on the 20-class set; 64 channels with the same
-    # time budget reached fewer epochs and stayed far lower. The student's lr is 3e-3 (the paper's 1e-3 stays the
-    # field default): with 300 relabel epochs of a 20-100 image set, 1e-3 left the student 10-17 points lower at
-    # IPC 5 on the validation set, for every method alike. The student's KL temperature is 4 (the paper's 20
-    # stays the field default): this teacher's logits spread far less than a 224 px ResNet's over 200 classes
-    # (per-image std 3-8), so at T = 20 the targets are close to uniform; in the validation probe
-    # (bench/quality_probe.py: 2 seeds x 3 image sets x 3 label sources x IPC 3/5) T = 4 was above T = 20 in 11
-    # of 18 cells, by 2.7 points on average at IPC 3 and 1.3 at IPC 5, and T = 2 was lower again.
-    "cpu-small": {"model_width": 32, "eval_lr": 3e-3, "eval_temperature": 4.0},
-    # Published distillation length: 10 000 iterations on CUB, 4 000 on Cars and Aircraft; relabel batch 14 on
-    # Cars. test_fraction only matters for data without a test split (the official splits are about 1/2, 1/3).
-    "paper-cub": _paper_preset("paper-cub", distill_iterations=10_000, test_fraction=0.5),
-    "paper-aircraft": _paper_preset("paper-aircraft", distill_iterations=4_000, test_fraction=0.33),
-    "paper-cars": _paper_preset("paper-cars", distill_iterations=4_000, relabel_batch_size=14, test_fraction=0.5),
-}
-# The published FADRM+ + FD² runs: the same pretraining, relabel and data settings per dataset, a committee of
-# four 224 px backbones (each with its own (M, r), filled in by resolve_spec), one member per step, distillation
-# lr 0.1 and student lr 1e-2. A user's `method: fadrm+` under these presets is the FADRM+ row alone.
-PAPER_COMMITTEE = ("resnet18", "mobilenetv2", "resnet50", "densenet121")
-_FADRM_OVERRIDES: dict[str, Any] = {
-    "method": "fd2", "base": "fadrm+", "committee": list(PAPER_COMMITTEE), "distill_lr": 0.1, "eval_lr": 1e-2,
-    "amp": True, "amp_dtype": "float16",
-}
-for _dataset in ("paper-cub", "paper-aircraft", "paper-cars"):
-    PRESETS[f"{_dataset}-fadrm"] = {**PRESETS[_dataset], **_FADRM_OVERRIDES}
-# The CPU-sized FADRM+ + FD² committee: three ConvNet-BN teachers of different widths (the 32 px nets the
-# built-in data is sized for; a low-resolution ResNet-18 costs about 100 times a width-32 ConvNet per image on
-# the CPU) over cpu-small's validated student and distillation settings, so the committee and the recipe are
-# the only change against cpu-small.
-PRESETS["cpu-small-fadrm"] = {
-    **PRESETS["cpu-small"], "method": "fd2", "base": "fadrm+",
-    "committee": [{"backbone": "convnet", "model_width": w} for w in (32, 48, 64)],
-}
-# A paper preset's dataset (its row of PAPER_CAL_SETTINGS).
-_PRESET_DATASET: dict[str, str] = {name: name.removesuffix("-fadrm") for name in PRESETS}
-
-_BACKBONE_NOTE = "another backbone takes its own published (M, r) unless set"
-PRESET_DESCRIPTIONS: dict[str, str] = {
-    "cpu-small": "32 px ConvNet-BN, short schedules: a 10-class IPC-1 job runs in minutes on 2 CPU cores.",
-    "paper-cub": "224 px ResNet-18, published CUB-200-2011 settings (M = 8, r = 0.5, 10 000 distill iterations, "
-    f"relabel batch 20, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
-    "paper-cars": "224 px ResNet-18, published Stanford Cars settings (M = 8, r = 0.3, 4 000 distill iterations, "
-    f"relabel batch 14, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
-    "paper-aircraft": "224 px ResNet-18, published FGVC-Aircraft settings (M = 32, r = 0.3, 4 000 distill "
-    f"iterations, relabel batch 20, flip + colour jitter + rotation pretraining); {_BACKBONE_NOTE}.",
-    "cpu-small-fadrm": "cpu-small with FADRM+ + FD²: a committee of three ConvNet-BN teachers (widths 32, 48, "
-    "64), one per step, phases 60/60/60/80.",
-}
-_FADRM_NOTE = (
-    "FADRM+ + FD² as published: committee ResNet-18, MobileNetV2, ResNet-50, DenseNet-121 (each its own M, r), "
-    "one per step, phases 1500/1500/1500/2000 at 200/224/200/224 px, distill lr 0.1, student lr 1e-2"
-)
-for _dataset in ("paper-cub", "paper-aircraft", "paper-cars"):
-    PRESET_DESCRIPTIONS[f"{_dataset}-fadrm"] = (
-        PRESET_DESCRIPTIONS[_dataset].split(" settings (")[0] + f" settings; {_FADRM_NOTE}."
-    )
-
-_FD2_PARTS = ("cal", "fc", "sc")
-
-
-def paper_cal_settings(preset: str, backbone: str) -> tuple[int, float] | None:
-    """Published (M, r) of a paper preset's dataset for `backbone`; None outside the paper presets.
-
-    A convnet takes the ResNet-18 column (the paper has none for it); an unknown backbone gives None and is
-    left for the schema to reject.
-    """
-    column = PAPER_CAL_SETTINGS.get(_PRESET_DATASET.get(preset, preset))
-    if column is None:
-        return None
-    return column.get(_CAL_COLUMN.get(backbone, backbone))
-
-
-# Spec fields added after specs were first stored, with the values that state what a spec without the field
-# meant: a stored spec (a resumed job's spec.json, a benchmark's result key) that predates such a field still
-# matches when the new value is one of these. Before `teacher_weights_mode`, the weights file's kind implied the
-# mode; before `base`, `fd2` meant FD² on SRe²L++ and the other methods had no base. The FADRM+ fields change
-# nothing for the other recipes, so a spec before them meant any preset's values (lists are compared as tuples);
-# before committees, a spec meant one teacher; before `max_workers`, one worker ran a job.
-IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
-    "teacher_weights_mode": frozenset({"backbone", "full"}),
-    "base": frozenset({"sre2l++", None}),
-    "fadrm_phase_steps": frozenset({(60, 60, 60, 80), (1500, 1500, 1500, 2000)}),
-    "fadrm_phase_sizes": frozenset({None}),
-    "fadrm_alpha": frozenset({0.5}),
-    "committee": frozenset({None}),
-    "committee_mode": frozenset({"auto"}),
-    "amp_dtype": frozenset({"bfloat16"}),
-    "max_workers": frozenset({1}),
-    # added with the published data path; a spec before them meant these (what else changed with them, the crop
-    # sampler and resampling, refuses a work folder of an earlier run: see DATA_PATH_MARKER)
-    "distill_crop": frozenset({"image"}),
-    "patch_rule": frozenset({"ranked"}),
-    "synthetic_format": frozenset({"png"}),
-    "pretrain_lr_decay_mode": frozenset({"stepped"}),
-}
-
-# The field that came with the published data path (torchvision's crop boxes and antialiased resampling in every
-# stage, CAL's published crop/drop): a stored spec without it was run on the earlier data path, which no spec can
-# reproduce, so a work folder holding such a run cannot be resumed (`data_path_changed`).
-DATA_PATH_MARKER = "distill_crop"
-
-
-def data_path_changed(earlier: Mapping[str, Any]) -> bool:
-    """Whether a stored spec predates the published data path (its run saw other crops in every stage)."""
-    return DATA_PATH_MARKER not in earlier
-
-# Fields that never change what a run computes (how many workers share a job): a work folder, a stored result
-# or a benchmark written under another value still matches.
-RESULT_NEUTRAL_FIELDS: frozenset[str] = frozenset({"max_workers"})
-
-
-def spec_changes(earlier: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
-    """Fields in which `resolved` differs from an `earlier` stored spec, ignoring fields the earlier spec
-    predates whose new value only states what was implied before (`IMPLIED_BEFORE_ADDED`) and the fields that
-    never change results (`RESULT_NEUTRAL_FIELDS`)."""
-    changed = []
-    for key in sorted((set(earlier) | set(resolved)) - RESULT_NEUTRAL_FIELDS):
-        value = resolved.get(key)
-        value = tuple(value) if isinstance(value, list) else value
-        if key not in earlier and key in IMPLIED_BEFORE_ADDED and value in IMPLIED_BEFORE_ADDED[key]:
-            continue
-        if earlier.get(key) != resolved.get(key):
-            changed.append(key)
-    return changed
-
-
-def _resolved_committee(preset: str, committee: Any) -> Any:
-    """Members with the published (M, r) of their backbone filled in under a paper preset, each value a member
-    sets kept; anything that is not a list of members is left for the schema to reject."""
-    if not isinstance(committee, list):
-        return committee
-    members = []
-    for item in committee:
-        member = {"backbone": item} if isinstance(item, str) else item
-        if isinstance(member, dict) and isinstance(member.get("backbone"), str):
-            published = paper_cal_settings(preset, member["backbone"])
-            member = dict(member)
-            for name, value in zip(_CAL_FIELDS, published or (), strict=False):
-                if member.get(name) is None:
-                    member[name] = value
-        members.append(member)
-    return members
-
-
-def resolve_spec(raw: dict[str, Any] | None = None) -> JobSpec:
-    """Merge a user's partial spec over its preset and validate it.
-
-    Under a paper preset, M (`num_attention_maps`) and r (`cal_ratio`) follow the published table for the
-    resolved backbone, each one unless the user set it. Every method but fd2 (sre2l++, rded, random) switches
-    the FD² parts off and has no `base` unless the user named them (then the validator rejects the
-    contradiction with a message naming the fields).
-    Raises pydantic.ValidationError with the offending field in `loc`.
-    """
-    raw = dict(raw or {})
-    preset = raw.get("preset", "cpu-small")
-    if not isinstance(preset, str) or preset not in PRESETS:
-        # let pydantic produce the uniform error for an unknown literal
-        JobSpec.model_validate({"preset": preset})
-    merged: dict[str, Any] = {**PRESETS[preset], **raw}
-    backbone = merged.get("backbone")
-    published = paper_cal_settings(preset, backbone) if isinstance(backbone, str) else None
-    if published is not None:
-        for name, value in zip(_CAL_FIELDS, published, strict=True):
-            if name not in raw:
-                merged[name] = value
-    merged["committee"] = _resolved_committee(preset, merged.get("committee"))
-    if merged.get("backbone") == "convnet" and "torchvision_weights" not in raw:
-        merged["torchvision_weights"] = False  # a paper preset's ImageNet start has no convnet counterpart
-    if merged.get("method", "fd2") != "fd2":
-        user_set = {k for k in _FD2_PARTS if raw.get(k)}
-        for part in _FD2_PARTS:
-            if part not in user_set:
-                merged[part] = False
-        if "base" not in raw:
-            merged["base"] = None  # only FD² runs on a base; the other methods are recipes of their own
-    if merged.get("evaluate") is False and "eval_random_baseline" not in raw:
-        merged["eval_random_baseline"] = False
-    return JobSpec.model_validate(merged)
-
-
-def describe_spec_error(error: Mapping[str, Any]) -> str:
-    """One pydantic error of a spec in words that say what to change: an unknown field gets the closest known
-    names (`unknown field (did you mean 'ipc'?)`), a rule of the spec loses pydantic's `Value error, ` prefix."""
-    if error.get("type") == "extra_forbidden":
-        loc = error.get("loc") or ("",)
-        close = difflib.get_close_matches(str(loc[-1]), sorted(JobSpec.model_fields), n=2)
-        return "unknown field" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
-    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 def spec_json_schema() -> dict[str, Any]:
@@ -692,16 +460,8 @@ __all__ = [
     "BASES",
     "COMMITTEE_MODES",
     "METHODS",
-    "PAPER_COMMITTEE",
-    "PAPER_CAL_SETTINGS",
-    "PRESETS",
-    "PRESET_DESCRIPTIONS",
-    "RESULT_NEUTRAL_FIELDS",
     "CommitteeMember",
     "JobSpec",
     "ValidationError",
-    "describe_spec_error",
-    "paper_cal_settings",
-    "resolve_spec",
     "spec_json_schema",
 ]

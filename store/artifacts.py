@@ -66,17 +66,14 @@ def register_artifact(session: Session, job_id: str, name: str, path: str | Path
     return artifact
 
 
-def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
-    return session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
-
-
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
 
 
 def get_tenant_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Artifact | None:
-    """The artifact only if its job belongs to the tenant (else None, like an unknown name), with its job loaded
-    (`artifact.job.artifacts_expired_at` says whether the file was removed for age)."""
+    """The artifact only if its job belongs to the tenant (else None, like an
+    unknown name), with its job loaded (`artifact.job.artifacts_expired_at`
+    says whether the file was removed for age)."""
     if not is_public_id(job_id) or not NAME_PATTERN.fullmatch(name):
         return None
     return session.scalar(

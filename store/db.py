@@ -1,8 +1,10 @@
 """Engines, sessions and schema migrations for SQLite (embedded) and PostgreSQL (by URL).
 
-One engine per database URL and process. SQLite gets WAL (readers never block the writer), a busy timeout
-(writers queue instead of failing) and enforced foreign keys. Migrations run under a lock so that several
-API processes starting together apply each revision once.
+One engine per database URL and process.
+SQLite gets WAL (readers never block the writer), a busy timeout (writers
+queue instead of failing) and enforced foreign keys.
+Migrations run under a lock so that several API processes starting together
+apply each revision once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ _lock = threading.Lock()
 
 
 def normalize_url(url: str) -> str:
-    """Send plain `postgresql://` (and `postgres://`) URLs to the psycopg 3 driver that is installed."""
+    """Send plain `postgresql://` (and `postgres://`) URLs to the psycopg 3
+    driver that is installed."""
     for plain in ("postgresql://", "postgres://"):
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain):]
@@ -63,16 +66,19 @@ def create_db_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
-    # Pre-ping: a connection that died with a server restart is replaced instead of failing a request.
+    # Pre-ping: a connection that died with a server restart is replaced
+    # instead of failing a request.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
 
 
 def database_unavailable(exc: BaseException) -> bool:
-    """True when `exc` says the database cannot serve us right now rather than that a statement is wrong.
+    """True when `exc` says the database cannot serve us right now rather
+    than that a statement is wrong.
 
-    That is: the server is down, restarting or refusing connections, a connection dropped mid-transaction
-    (`connection_invalidated`), the pool is exhausted, or SQLite is busy. The worker retries such errors and
-    the API answers them with 503; everything else (constraint violations, bad SQL) is a real failure.
+    That is: the server is down, restarting or refusing connections, a connection dropped
+    mid-transaction (`connection_invalidated`), the pool is exhausted, or SQLite is busy.
+    The worker retries such errors and the API answers them with 503; everything else (constraint
+    violations, bad SQL) is a real failure.
     """
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
@@ -96,8 +102,8 @@ def is_sqlite(url: str) -> bool:
 def get_thread_local_engine(url: str) -> Engine:
     """A SQLite engine with one connection per thread (for reads on an event loop thread).
 
-    Such reads never wait for the shared pool, so they cannot stall behind connections that only the same
-    event loop would release.
+    Such reads never wait for the shared pool, so they cannot stall behind connections that only the
+    same event loop would release.
     """
     key = f"thread-local:{normalize_url(url)}"
     with _lock:
@@ -159,7 +165,7 @@ def dispose_engines() -> None:
         _sessionmakers.clear()
 
 
-def _alembic_config(url: str) -> Any:
+def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     config = Config()
@@ -170,7 +176,8 @@ def _alembic_config(url: str) -> Any:
 
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[Any]:
-    """Serialise migrations: an advisory lock on PostgreSQL, a lock file beside the SQLite database."""
+    """Serialise migrations: an advisory lock on PostgreSQL, a lock file
+    beside the SQLite database."""
     if engine.dialect.name == "postgresql":
         with engine.begin() as connection:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
@@ -193,13 +200,14 @@ def _migration_lock(engine: Engine) -> Iterator[Any]:
 
 
 def migrate(settings: Settings | None = None, revision: str = "head") -> None:
-    """Apply Alembic migrations up to `revision` (start-up of the API, `fd2 migrate`, `fd2 serve`)."""
+    """Apply Alembic migrations up to `revision` (start-up of the API, `fd2
+    migrate`, `fd2 serve`)."""
     from alembic import command
 
     settings = settings or get_settings()
     settings.ensure_dirs()
     engine = get_engine(settings.database_url)
-    config = _alembic_config(normalize_url(settings.database_url))
+    config = alembic_config(normalize_url(settings.database_url))
     with _migration_lock(engine) as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

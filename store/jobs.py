@@ -1,8 +1,11 @@
-"""Jobs and their events: what the API writes at submit/cancel and what the worker writes while running.
+"""Jobs and their events: what the API writes at submit/cancel and what the
+worker writes while running.
 
-State changes are single conditional UPDATEs (`... WHERE status IN (...)`), so the API cancelling and a worker
-starting or finishing the same job cannot overwrite each other on either database. None of these functions
-commits: the caller's `session_scope()` (or the route) decides the transaction.
+State changes are single conditional UPDATEs (`...
+WHERE status IN (...)`), so the API cancelling and a worker starting or finishing the same job
+cannot overwrite each other on either database.
+None of these functions commits: the caller's `session_scope()` (or the
+route) decides the transaction.
 """
 
 from __future__ import annotations
@@ -33,14 +36,18 @@ from store.pagination import Page, newest_first_page
 SAFE_ID = PUBLIC_ID
 
 
-def json_safe(value: Any) -> Any:
-    """Replace NaN and infinities (a diverged loss) by None: PostgreSQL's json type refuses them."""
+def json_column_value(value: Any) -> Any:
+    """`value` as a json column stores it: NaN and infinities (a diverged loss) become None.
+
+    PostgreSQL's json type refuses them.
+    Keys become strings and tuples lists, as JSON writes them.
+    """
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_column_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_column_value(v) for v in value]
     return value
 
 
@@ -90,7 +97,8 @@ def create_job(
 
 
 def delete_job(session: Session, job_id: str) -> None:
-    """Remove a job with its events and artifact rows (a submission that never reached the broker)."""
+    """Remove a job with its events and artifact rows (a submission that
+    never reached the broker)."""
     session.execute(delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
 
 
@@ -103,12 +111,14 @@ class JobStillActive(Exception):
 
 
 def delete_finished_job(session: Session, tenant_id: str, job_id: str) -> list[str] | None:
-    """Delete a finished job of the tenant with its events and artifact rows; returns the registered artifact
-    paths, whose files the caller removes after committing (`store.job_files.remove_job_files`).
+    """Delete a finished job of the tenant with its events and artifact rows; returns the registered
+    artifact paths, whose files the caller removes after committing
+    (`store.job_files.remove_job_files`).
 
-    None when the job is unknown or another tenant's; raises `JobStillActive` while it is queued or running.
-    Rows go first, in one transaction, so a crash before the files are gone leaves only unreferenced files
-    (which the storage sweep removes), never a job whose downloads point at nothing.
+    None when the job is unknown or another tenant's; raises
+    `JobStillActive` while it is queued or running.
+    Rows go first, in one transaction, so a crash before the files are gone leaves only unreferenced
+    files (which the storage sweep removes), never a job whose downloads point at nothing.
     """
     job = get_tenant_job(session, tenant_id, job_id)
     if job is None:
@@ -121,7 +131,8 @@ def delete_finished_job(session: Session, tenant_id: str, job_id: str) -> list[s
         .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(FINISHED_JOB_STATUSES))
         .execution_options(synchronize_session=False)
     )
-    return paths if result.rowcount == 1 else None  # 0: a concurrent delete won (a finished job stays finished)
+    # 0: a concurrent delete won (a finished job stays finished)
+    return paths if result.rowcount == 1 else None
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
@@ -186,8 +197,8 @@ _TENANT_JOB_RECORD_QUERY = _JOB_RECORD_QUERY.where(Job.tenant_id == bindparam("t
 
 
 def read_job_record(session: Session, tenant_id: str | None, job_id: str) -> JobRecord | None:
-    """The job (the tenant's only, unless `tenant_id` is None) and its artifacts in one indexed query,
-    without ORM identity tracking.
+    """The job (the tenant's only, unless `tenant_id` is None) and its artifacts in one indexed
+    query, without ORM identity tracking.
 
     This is what job polling (`GET /v1/jobs/{id}`) runs, so it is kept to a single prebuilt SELECT.
     """
@@ -222,7 +233,8 @@ def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job |
 def list_jobs(
     session: Session, tenant_id: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
 ) -> Page[Job]:
-    """One page of the tenant's jobs, newest first (artifacts of the whole page in one more query)."""
+    """One page of the tenant's jobs, newest first (artifacts of the whole
+    page in one more query)."""
     query = select(Job).options(selectinload(Job.artifacts)).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
@@ -242,6 +254,25 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
     return {status: int(count) for status, count in rows}
 
 
+def queue_depths(session: Session) -> dict[str, int]:
+    """Queued jobs per queue name, across tenants (for metrics); a queue with none is absent."""
+    return dict(session.execute(
+        select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
+    ).all())
+
+
+def oldest_queued_at(session: Session) -> datetime | None:
+    """When the oldest queued job was created, across tenants (for
+    metrics); None when none is queued."""
+    return session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+
+
+def tenant_job_status(session: Session, tenant_id: str, job_id: str) -> str | None:
+    """The status of the tenant's job, or None when the tenant has no job
+    of that id (or it was deleted)."""
+    return session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
 def dataset_has_active_jobs(session: Session, dataset_id: str) -> bool:
     query = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
     return session.scalar(query) is not None
@@ -251,8 +282,8 @@ def request_cancel(session: Session, job_id: str) -> bool:
     """Flag a queued or running job for cancellation; a queued one is cancelled at once.
 
     False when the job is already finished (or unknown), which the API answers with 409.
-    A sharded job none of whose shards is running (they wait in the broker) is cancelled at once as well; a
-    running shard stops at its next poll and the job ends `cancelled` then.
+    A sharded job none of whose shards is running (they wait in the broker) is cancelled at once as
+    well; a running shard stops at its next poll and the job ends `cancelled` then.
     """
     now = utcnow()
     idle_sharded = (Job.status == "running") & Job.sharded.is_(True) & ~exists().where(
@@ -273,10 +304,12 @@ def request_cancel(session: Session, job_id: str) -> bool:
 
 
 def mark_running(session: Session, job_id: str, worker: str, *, takeover_after_s: float | None = None) -> Job | None:
-    """Claim the job for `worker` and count the attempt; None means skip it (cancelled, finished, unknown).
+    """Claim the job for `worker` and count the attempt; None means skip it
+    (cancelled, finished, unknown).
 
-    A job already `running` (a redelivered message after a crash) is taken over, unless `takeover_after_s` is
-    given and its last heartbeat is younger than that (another worker is still alive on it).
+    A job already `running` (a redelivered message after a crash) is taken
+    over, unless `takeover_after_s` is given and its last heartbeat is
+    younger than that (another worker is still alive on it).
     """
     now = utcnow()
     claimable = Job.status == "queued"
@@ -343,7 +376,7 @@ def add_event(
     if progress is not None:
         progress = _fraction(progress)
     event = JobEvent(job_id=job_id, kind=kind, message=message, stage=stage, progress=progress,
-                     data=json_safe(data))
+                     data=json_column_value(data))
     session.add(event)
     session.flush()
     return event
@@ -380,12 +413,13 @@ def finish_job(
     metrics: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> Job | None:
-    """Move an active job to `succeeded`, `failed` or `cancelled`; None if it had already finished."""
+    """Move an active job to `succeeded`, `failed` or `cancelled`; None if
+    it had already finished."""
     if status not in FINISHED_JOB_STATUSES:
         raise ValueError(f"not a final status: {status!r}")
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
     if metrics is not None:
-        values["metrics"] = json_safe(metrics)
+        values["metrics"] = json_column_value(metrics)
     if error is not None:
         values["error"] = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
     if status == "succeeded":
@@ -402,10 +436,11 @@ def finish_job(
 
 
 def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
-    """Running jobs whose worker went silent for `older_than_s` go back to `queued`; returns their ids.
+    """Running jobs whose worker went silent for `older_than_s` go back to
+    `queued`; returns their ids.
 
-    For brokers that lose a crashed worker's message: the caller sends the returned ids again. A stale job
-    whose cancellation was requested is finished as `cancelled` instead.
+    For brokers that lose a crashed worker's message: the caller sends the returned ids again.
+    A stale job whose cancellation was requested is finished as `cancelled` instead.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     # A sharded job has no single holder: its shards are judged one by one (`store.shards`).

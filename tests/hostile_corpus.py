@@ -1,9 +1,12 @@
-"""The hostile-input corpus: every case is a named request built by code, with the answer it must get.
+"""The hostile-input corpus: every case is a named request built by code,
+with the answer it must get.
 
-`CASES` is one table. Each case sends one request through the real API and expects either a documented 4xx
-error (status and `error.code`), or, where the input is partly usable, a `ready` dataset whose `errors` name
-each skipped file. `tests/test_hostile_corpus.py` runs the table and checks that rejected inputs leave no
-rows and no files behind; docs/SECURITY.md quotes its size.
+`CASES` is one table.
+Each case sends one request through the real API and expects either a
+documented 4xx error (status and `error.code`), or, where the input is
+partly usable, a `ready` dataset whose `errors` name each skipped file.
+`tests/test_hostile_corpus.py` runs the table and checks that rejected inputs leave no rows and no
+files behind; docs/SECURITY.md quotes its size.
 """
 
 from __future__ import annotations
@@ -56,20 +59,23 @@ BASE = {"wren": 3, "finch": 3}  # the usable part of every partly-usable upload
 
 @dataclass
 class Corpus:
-    """What cases need: a client, the caller's key and resources, another tenant's resources, data roots."""
+    """What cases need: a client, the caller's key and resources, another
+    tenant's resources, data roots."""
 
     client: TestClient
     settings: Settings
     caller: dict[str, str]
     dataset_id: str  # the caller's ready dataset: 3 classes x 8 images, no test split
-    singles_id: str  # the caller's dataset with one image per class (nothing to carve a test split from)
+    # the caller's dataset with one image per class (nothing to carve a test split from)
+    singles_id: str
     job_id: str  # the caller's queued job, with the artifact `artifact`
     artifact: str
     artifact_size: int
     victim: dict[str, str]  # another tenant
     victim_dataset: str
     victim_job: str
-    data_root: Path  # under an allowed data root: <class>/<i>.png, and `wren/link.png` leading outside
+    # under an allowed data root: <class>/<i>.png, and `wren/link.png` leading outside
+    data_root: Path
     outside: Path  # a folder under no allowed root, holding `secret.png`
 
     def upload(self, data: bytes, filename: str = "data.zip", content_type: str = "application/zip",
@@ -98,12 +104,14 @@ class Expect:
     status: int
     code: str | None = None  # `error.code` of a 4xx answer
     skipped: tuple[str, ...] = ()  # 201: paths the dataset's `errors` must name
-    class_sizes: Mapping[str, int] | None = None  # 201: images per class (train + test) that must be kept
+    # 201: images per class (train + test) that must be kept
+    class_sizes: Mapping[str, int] | None = None
     classes: tuple[str, ...] | None = None  # 201: the exact class list
     headers: tuple[str, ...] = ()  # response headers that must be present
     not_reported: tuple[str, ...] = ()  # 201: clutter that is skipped silently
     duplicates: Mapping[str, Any] | None = None  # 201: entries the dataset's `duplicates` must have
-    warnings: tuple[str, ...] = ()  # 201: codes the dataset's `warnings` must hold (`names_*` ones exactly)
+    # 201: codes the dataset's `warnings` must hold (`names_*` ones exactly)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,8 @@ class Case:
     area: str
     send: Callable[[Corpus], Any]
     expect: Expect
-    settings: Mapping[str, Any] = field(default_factory=dict)  # overrides: the case gets its own app
+    # overrides: the case gets its own app
+    settings: Mapping[str, Any] = field(default_factory=dict)
     after: Callable[[Corpus], None] | None = None  # further checks once the answer is in
 
 
@@ -134,7 +143,8 @@ def noisy_bytes(fmt: str, size: int = 48) -> bytes:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (a decompression bomb) with a few bytes of pixel data."""
+    """A PNG whose header claims width x height (a decompression bomb) with
+    a few bytes of pixel data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -223,13 +233,15 @@ class _quiet_duplicate_warning:
 
 
 class RawNameInfo(zipfile.ZipInfo):
-    """A zip member stored under these exact name bytes without the UTF-8 flag, as legacy zip tools write."""
+    """A zip member stored under these exact name bytes without the UTF-8
+    flag, as legacy zip tools write."""
 
     def __init__(self, raw: bytes) -> None:
         super().__init__(raw.decode("cp437"))  # how zipfile reads such a name back
         self.raw = raw
 
-    def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # zipfile's hook for the stored name and flags
+    # zipfile's hook for the stored name and flags
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:
         return self.raw, self.flag_bits & ~0x800
 
 
@@ -391,8 +403,8 @@ def _archive_cases() -> Iterator[Case]:
 
 
 def _member_name_cases() -> Iterator[Case]:
-    """Names in another encoding come out as NFC text: UTF-8 whatever the flag says, else a detected code page
-    (warned), else percent-encoded bytes (warned)."""
+    """Names in another encoding come out as NFC text: UTF-8 whatever the flag says, else a detected
+    code page (warned), else percent-encoded bytes (warned)."""
     french = {"Café, crème": 3, "Mésange bleue": 3}
     yield Case("zip_names_nfd_utf8_without_flag", "archive",
                lambda c: c.upload(zip_raw_names(raw_tree({"Café, crème": 3, "wren": 3}, "utf-8", "NFD"))),
@@ -462,8 +474,8 @@ def _image_cases() -> Iterator[Case]:
 
 
 def _split_tree(copies: Mapping[str, tuple[str, str]]) -> bytes:
-    """`train/` and `test/` of BASE's classes (distinct images), plus `{member: (source member, format)}`
-    copies: the source's pixels saved again in that format (`same` keeps its bytes)."""
+    """`train/` and `test/` of BASE's classes (distinct images), plus `{member: (source member,
+    format)}` copies: the source's pixels saved again in that format (`same` keeps its bytes)."""
     members = {**tree(BASE, "train/"),
                **{f"test/{name}/t.png": image_bytes(color=(250, 5 + 40 * c, 9)) for c, name in enumerate(BASE)}}
     for member, (source, fmt) in copies.items():
@@ -630,7 +642,7 @@ def _manifest_cases() -> Iterator[Case]:
 # ---------------------------------------------------------------- specs
 
 
-def _numeric_bounds() -> Iterator[tuple[str, type, str, float]]:
+def numeric_bounds() -> Iterator[tuple[str, type, str, float]]:
     """(field, type, which bound, bound) for every numeric spec field."""
     for name, info in JobSpec.model_fields.items():
         if info.annotation not in (int, float):
@@ -651,7 +663,7 @@ def _outside(kind: type, attr: str, bound: float) -> float:
 
 def _spec_cases() -> Iterator[Case]:
     invalid = Expect(422, "invalid_spec")
-    for name, kind, attr, bound in _numeric_bounds():
+    for name, kind, attr, bound in numeric_bounds():
         side = "below_min" if attr in ("ge", "gt") else "above_max"
         value = _outside(kind, attr, bound)
         yield Case(f"spec_{name}_{side}", "spec", lambda c, n=name, v=value: c.submit({n: v}), invalid)
@@ -828,7 +840,8 @@ def _http_cases() -> Iterator[Case]:
 
 
 def _upload_past_a_fresh_quota(c: Corpus) -> Any:
-    """A tenant with nothing stored yet passes the first check; the extracted size then exceeds the quota."""
+    """A tenant with nothing stored yet passes the first check; the
+    extracted size then exceeds the quota."""
     with session_scope(c.settings) as session:
         key = create_tenant_key(session, f"fresh-{secrets.token_hex(4)}")
     photos = {f"{name}/{i}.png": noisy_bytes("PNG") for name in BASE for i in range(2)}

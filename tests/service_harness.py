@@ -1,11 +1,12 @@
 """Test helpers: isolated settings and seeded rows for worker tests, and real service processes.
 
-`ServiceStack` starts a real `uvicorn api.main:app` and a real Celery worker (`python -m fd2_cli worker`,
-solo pool) as child processes sharing one configuration: **embedded** (SQLite + folder broker under a
-temporary FD2_HOME) or **distributed** (a fresh PostgreSQL database + Redis db 15, flushed first); `mode_stack`
-starts one for a mode. Every child's output goes to a log file; `log_tail()` gives what a failing test needs to
-show. The client helpers at the end (`upload`, `submit`, `get_job`, `wait_final`) are what the end-to-end tests
-say through the REST API.
+`ServiceStack` starts a real `uvicorn api.main:app` and a real Celery worker (`python -m fd2_cli
+worker`, solo pool) as child processes sharing one configuration: **embedded** (SQLite + folder
+broker under a temporary FD2_HOME) or **distributed** (a fresh PostgreSQL database + Redis db 15,
+flushed first); `mode_stack` starts one for a mode.
+Every child's output goes to a log file; `log_tail()` gives what a failing test needs to show.
+The client helpers at the end (`upload`, `submit`, `get_job`, `wait_final`) are what the end-to-end
+tests say through the REST API.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("FD2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_TEST_URL = os.environ.get("FD2_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# Short enough that a killed worker's job is detected quickly in tests; the heartbeat follows from it.
+# Short enough that a killed worker's job is detected quickly in tests; the
+# heartbeat follows from it.
 TEST_STALE_HEARTBEAT_S = 10.0
 FD2_ENV_PREFIX = "FD2_"
 WORKER_READY = " ready."  # Celery's "<node name> ready." line, printed once it consumes
@@ -68,8 +70,9 @@ def seed_job(
     callback_url: str | None = None,
     queue: str = "fd2.cpu",
 ) -> str:
-    """Insert a tenant, a ready dataset row for `dataset_folder` and a queued job; returns the job id."""
-    from fd2_core.spec import resolve_spec
+    """Insert a tenant, a ready dataset row for `dataset_folder` and a
+    queued job; returns the job id."""
+    from fd2_core.spec_resolution import resolve_spec
     from store.datasets import create_dataset
     from store.db import session_scope
     from store.jobs import create_job
@@ -134,7 +137,8 @@ def free_port() -> int:
 
 @dataclass
 class ChildProcess:
-    """A child with its output in `log_path`; stopping is idempotent and always ends in a reaped process."""
+    """A child with its output in `log_path`; stopping is idempotent and
+    always ends in a reaped process."""
 
     name: str
     process: subprocess.Popen[bytes]
@@ -181,7 +185,8 @@ def start_child(name: str, command: list[str], env: dict[str, str], log_dir: Pat
 
 
 def service_env(overrides: dict[str, str]) -> dict[str, str]:
-    """The caller's environment without FD2_* settings, plus `overrides` (a child sees only these)."""
+    """The caller's environment without FD2_* settings, plus `overrides` (a
+    child sees only these)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(FD2_ENV_PREFIX)}
     env.update(overrides)
     env["PYTHONUNBUFFERED"] = "1"
@@ -303,7 +308,8 @@ class ServiceStack:
         return [child for child in [self.api, *self.workers] if child is not None]
 
     def log_tail(self, limit: int = 12_000) -> str:
-        """Output of every child since the previous call, newest last (shown by pytest on failure)."""
+        """Output of every child since the previous call, newest last
+        (shown by pytest on failure)."""
         parts = []
         for child in self.children():
             text = child.new_output()
@@ -320,8 +326,9 @@ class ServiceStack:
 
 def mode_stack(mode: str, root: Path, resources: contextlib.ExitStack, env: dict[str, str] | None = None,
                workers: int = 1) -> ServiceStack:
-    """A started API + `workers` workers for `mode` (`embedded` or `distributed`) under `root`, stopped when
-    `resources` closes; skips the test when the distributed mode's servers are not reachable."""
+    """A started API + `workers` workers for `mode` (`embedded` or
+    `distributed`) under `root`, stopped when `resources` closes; skips the
+    test when the distributed mode's servers are not reachable."""
     import pytest
 
     values = {"FD2_HOME": str(root / "home"), "FD2_STALE_HEARTBEAT_S": str(TEST_STALE_HEARTBEAT_S), **(env or {})}
@@ -344,7 +351,8 @@ def mode_stack(mode: str, root: Path, resources: contextlib.ExitStack, env: dict
     return service
 
 
-# ---------------------------------------------------------------- the REST API as a client speaks it
+# ---------------------------------------------------------------- the REST
+# API as a client speaks it
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 

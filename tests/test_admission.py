@@ -1,6 +1,6 @@
-"""One admission rule, three translations: the API's 422, the worker's refusal and the pipeline's DataError
-give the same code and message for the same data and spec; one cost model gives the budget and the progress
-weights; the rule's module stays torch-free."""
+"""One admission rule, three translations: the API's 422, the worker's refusal and the pipeline's
+DataError give the same code and message for the same data and spec; one cost model gives the budget
+and the progress weights; the rule's module stays torch-free."""
 
 from __future__ import annotations
 
@@ -25,20 +25,22 @@ from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost, sta
 from fd2_core.data.dataset import ImageDataset, load_dataset
 from fd2_core.data.errors import DataError
 from fd2_core.data.layout import carved_test_count
-from fd2_core.pipeline import _stage_weights, check_dataset
-from fd2_core.spec import resolve_spec
+from fd2_core.pipeline import check_dataset, stage_weights
+from fd2_core.spec_resolution import resolve_spec
 from store.db import session_scope
 from store.models import Dataset
 from worker.source_check import JobSource, SourceRejected, prepare_source
 
 ROOT = Path(__file__).resolve().parents[1]
-# Flat classes, so each job carves its own test share: finch keeps 2 training images at any test_fraction.
+# Flat classes, so each job carves its own test share: finch keeps 2
+# training images at any test_fraction.
 CLASSES = {"wren": 6, "finch": 3}
 # The operator's budget of these tests: the plain spec fits, the CASES below each break one limit.
 MAX_JOB_COST = 100_000.0
 MAX_DATASET_MEMORY_BYTES = 60_000
 
-# name: (dataset, spec, expected code); the pipeline has no operator budget, so it sees only the data rules.
+# name: (dataset, spec, expected code); the pipeline has no operator
+# budget, so it sees only the data rules.
 CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "ipc_above_the_smallest_class": ("flat", {"ipc": 3}, "ipc_too_large"),
     "ipc_above_it_at_the_jobs_own_fraction": ("flat", {"ipc": 2, "test_fraction": 0.5}, "ipc_too_large"),
@@ -134,7 +136,8 @@ def test_the_api_the_worker_and_the_pipeline_refuse_alike(client: TestClient, se
         return
     assert pipeline is not None and pipeline.code == code
     assert pipeline.message == api["message"]
-    # One field, named as each caller's input names it: `spec.ipc` in a request body, `ipc` in a spec.
+    # One field, named as each caller's input names it: `spec.ipc` in a
+    # request body, `ipc` in a spec.
     field = pipeline.details["field"]
     assert api["details"] == {**pipeline.details, "field": f"spec.{field}"}
 
@@ -164,7 +167,8 @@ def _one_class_data() -> ImageDataset:
 
 
 def test_one_class_is_refused_by_the_api_and_the_pipeline_alike(settings: Settings) -> None:
-    """An upload of one class is refused by the scanner already; the rule itself still holds on both sides."""
+    """An upload of one class is refused by the scanner already; the rule
+    itself still holds on both sides."""
     spec = resolve_spec({"ipc": 1})
     with pytest.raises(ApiError) as api:
         check_runnable(settings, spec, JobCounts({"only": 4}, 1))
@@ -202,7 +206,7 @@ def test_the_progress_weights_are_the_cost_models_stage_passes(raw: dict[str, An
     spec = resolve_spec({"ipc": 2, "relabel_epochs": 3, "pretrain_epochs": 2, **raw})
     data = load_dataset("fgsynth:classes=3,size=16,train=6,test=4,seed=0", spec.image_size)
     size = DatasetSize(3, 18, 12)
-    weights = _stage_weights(spec, data)
+    weights = stage_weights(spec, data)
     assert weights == stage_image_passes(spec, size)
     assert list(weights) == ["pretrain", "distill", "relabel", "evaluate", "package"]
     assert weights["package"] > 0

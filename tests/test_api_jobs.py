@@ -21,7 +21,7 @@ from sqlalchemy import update
 
 from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK
 from fd2_config.settings import Settings
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from store.db import session_scope
 from store.jobs import add_event, create_job, finish_job, mark_running
 from store.models import Dataset

@@ -1,5 +1,5 @@
-"""Starting teachers from a backbone pretrained on other classes: disjoint FGSynth classes, feature extractor
-files (classifier left fresh, everything else strict) and the shipped base backbone."""
+"""Starting teachers from a backbone pretrained on other classes: disjoint FGSynth classes, feature
+extractor files (classifier left fresh, everything else strict) and the shipped base backbone."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from fd2_core.models.weights import (
     save_feature_extractor,
 )
 from fd2_core.progress import ProgressTracker
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.pretrain import pretrain
 
@@ -91,11 +91,13 @@ def test_feature_extractor_loads_into_any_number_of_classes_with_fresh_classifie
     loaded = build_model(backbone, 20, 32, cal=True, num_attention_maps=2, width=16, weights_path=path,
                          weights_mode="backbone")
     with pytest.raises(ValueError, match="feature extractor .*teacher_weights_mode=backbone"):
-        build_model(backbone, 7, 32, cal=False, width=16, weights_path=path)  # full mode needs a classifier
+        # full mode needs a classifier
+        build_model(backbone, 7, 32, cal=False, width=16, weights_path=path)
     own = source.backbone.state_dict()
     for key, value in loaded.backbone.state_dict().items():
         if key.split(".")[0] == head:
-            assert torch.equal(value, fresh.backbone.state_dict()[key]), key  # fresh, as without the file
+            # fresh, as without the file
+            assert torch.equal(value, fresh.backbone.state_dict()[key]), key
         else:
             assert torch.equal(value, own[key]), key
     for key, value in loaded.cal_head.state_dict().items():

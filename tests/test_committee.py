@@ -1,6 +1,7 @@
-"""Teacher committees (docs/ARCHITECTURE.md; FD² paper, "Second base: FADRM+"): the spec and presets, one member
-per step in turn or all of them weighted, the relabel's weighted mean of the members' logits, the teacher artifact
-with every member, per-member resume, and whole runs through the library and the CLI."""
+"""Teacher committees (docs/ARCHITECTURE.md; FD² paper, "Second base: FADRM+"):
+the spec and presets, one member per step in turn or all of them weighted, the
+relabel's weighted mean of the members' logits, the teacher artifact with every
+member, per-member resume, and whole runs through the library and the CLI."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ import torch
 from safetensors import safe_open
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import fd2_core.stages.distill as distill_stage
+import fd2_core.stages.fadrm_phases as fadrm_phases
+import fd2_core.stages.synthesis as synthesis
 from fd2_core.atomic import load_tensors
 from fd2_core.augment import apply_crop_flip, apply_cutmix
 from fd2_core.cost import DatasetSize, stage_image_passes
 from fd2_core.data.dataset import load_dataset
 from fd2_core.data.errors import DataError
 from fd2_core.pipeline import run
+from fd2_core.presets import PAPER_COMMITTEE, PRESETS
 from fd2_core.progress import ProgressTracker
-from fd2_core.spec import PAPER_COMMITTEE, PRESETS, ValidationError, resolve_spec
+from fd2_core.spec import ValidationError
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.committee import Committee, TeacherMember, member_context
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.pretrain import pretrain
@@ -46,14 +50,15 @@ def _ctx(tmp_path: Path, data, **overrides) -> RunContext:
     return RunContext(spec, data, tmp_path, torch.device("cpu"), ProgressTracker({}, None, None))
 
 
-# --- spec and presets --------------------------------------------------------------------------------------------
+# --- spec and presets -----------------------------------------------------------------------------
 
 
 def test_members_take_the_published_m_and_r_of_their_own_backbone() -> None:
     spec = resolve_spec({"preset": "paper-cars", "committee": ["resnet18", "densenet121", {"backbone": "resnet50",
                                                                                              "cal_ratio": 0.9}]})
     assert [(m.backbone, m.num_attention_maps, m.cal_ratio) for m in spec.members] == [
-        ("resnet18", 8, 0.3), ("densenet121", 32, 0.4), ("resnet50", 32, 0.9),  # a value the user sets wins
+        # a value the user sets wins
+        ("resnet18", 8, 0.3), ("densenet121", 32, 0.4), ("resnet50", 32, 0.9),
     ]
     assert spec.member_spec(1).backbone == "densenet121" and spec.member_spec(1).num_attention_maps == 32
     assert spec.member_spec(1).committee is None
@@ -123,19 +128,22 @@ def test_cost_counts_every_member() -> None:
     ws = stage_image_passes(ws_spec, size)
     single_sre = stage_image_passes(resolve_spec({}), size)
     assert rr["pretrain"] == 3 * one["pretrain"] and rr["relabel"] == 3 * one["relabel"]
-    assert rr["distill"] == one["distill"]  # one member per step: the steps cost what one teacher's cost
-    # every member every step: two more members' training steps; the patch scoring (first member) is unchanged
+    # one member per step: the steps cost what one teacher's cost
+    assert rr["distill"] == one["distill"]
+    # every member every step: two more members' training steps; the patch
+    # scoring (first member) is unchanged
     steps = ws_spec.ipc * ws_spec.distill_iterations * size.num_classes * 3.0
     assert ws["distill"] - single_sre["distill"] == 2 * steps
 
 
-# --- distillation: round robin and weighted sum -------------------------------------------------------------------
+# --- distillation: round robin and weighted sum ---------------------------------------------------
 
 
 def _spy_steps(monkeypatch) -> list[list[int]]:
-    """Record, per distillation step, the widths of the models it used (the members are told apart by width)."""
+    """Record, per distillation step, the widths of the models it used (the
+    members are told apart by width)."""
     seen: list[list[int]] = []
-    original = distill_stage.committee_step
+    original = synthesis.committee_step
 
     def spy(ctx, models, *args):
         seen.append([m.teacher.backbone.feature_channels for m in models])
@@ -143,7 +151,8 @@ def _spy_steps(monkeypatch) -> list[list[int]]:
             assert abs(sum(m.weight for m in models) - 1.0) < 1e-9  # normalised weights
         return original(ctx, models, *args)
 
-    monkeypatch.setattr(distill_stage, "committee_step", spy)
+    monkeypatch.setattr(synthesis, "committee_step", spy)  # the sre2l++ steps
+    monkeypatch.setattr(fadrm_phases, "committee_step", spy)  # the FADRM+ phases' steps
     return seen
 
 
@@ -152,7 +161,8 @@ def test_fadrm_committee_takes_one_member_per_step_in_turn_across_phases(tmp_pat
     members = [{"backbone": "convnet", "model_width": w} for w in (8, 12, 16)]
     run(tiny_spec(base="fadrm+", fadrm_phase_steps=PHASES, committee=members, evaluate=False), tiny_data,
         tmp_path / "run")
-    assert seen == [[[8], [12], [16]][t % 3] for t in range(sum(PHASES))]  # the global step picks the member
+    # the global step picks the member
+    assert seen == [[[8], [12], [16]][t % 3] for t in range(sum(PHASES))]
 
 
 def test_sre2l_committee_uses_every_member_every_step_weighted(tmp_path, tiny_data, monkeypatch) -> None:
@@ -170,18 +180,18 @@ def test_a_weighted_step_is_the_weighted_sum_of_the_members_losses(tmp_path, tin
     grads = []
     for weights in ([0.25, 0.75], [1.0, 0.0], [0.0, 1.0]):
         x = x0.clone().requires_grad_(True)
-        with distill_stage.BNStatMatcher(models[0].bn_layers()) as bn0, \
-                distill_stage.BNStatMatcher(models[1].bn_layers()) as bn1:
-            steps = [distill_stage.StepModel(m, bn, None, None, member_context(ctx, i), w)
+        with synthesis.BNStatMatcher(models[0].bn_layers()) as bn0, \
+                synthesis.BNStatMatcher(models[1].bn_layers()) as bn1:
+            steps = [synthesis.StepModel(m, bn, None, None, member_context(ctx, i), w)
                      for i, (m, bn, w) in enumerate(zip(models, (bn0, bn1), weights, strict=True)) if w]
             optimizer = torch.optim.SGD([x], lr=0.0)
-            distill_stage.committee_step(ctx, steps, x, y, optimizer, torch.Generator().manual_seed(5),
-                                         ctx.pixel_bounds())
+            synthesis.committee_step(ctx, steps, x, y, optimizer, torch.Generator().manual_seed(5),
+                                     ctx.pixel_bounds())
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], 0.25 * grads[1] + 0.75 * grads[2], rtol=1e-4, atol=1e-6)
 
 
-# --- relabel: the weighted mean of the members' logits -----------------------------------------------------------
+# --- relabel: the weighted mean of the members' logits --------------------------------------------
 
 
 def _member(ctx: RunContext, index: int, weight: float) -> TeacherMember:
@@ -189,7 +199,8 @@ def _member(ctx: RunContext, index: int, weight: float) -> TeacherMember:
     torch.manual_seed(index)
     model = new_teacher(member_ctx)
     g = torch.Generator().manual_seed(10 + index)
-    for bn in model.modules():  # running statistics far from any batch's, so the BatchNorm mode shows
+    # running statistics far from any batch's, so the BatchNorm mode shows
+    for bn in model.modules():
         if isinstance(bn, _BatchNorm):
             bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g))
             bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) * 3 + 0.5)
@@ -210,7 +221,8 @@ def test_committee_soft_labels_are_the_weighted_sum_of_its_members_logits(tmp_pa
         x = apply_cutmix(apply_crop_flip(x_all[idx], crop), cutmix)
         halves = x.split((x.shape[0] + 1) // 2)
         expected = []
-        for part in halves:  # plain reference: each member in train mode on each half, weighted by hand
+        # plain reference: each member in train mode on each half, weighted by hand
+        for part in halves:
             total = 0
             for member in committee.members:
                 model = copy.deepcopy(member.model).train()
@@ -221,14 +233,15 @@ def test_committee_soft_labels_are_the_weighted_sum_of_its_members_logits(tmp_pa
                 total = total + member.weight * logits
             expected.append(total)
         torch.testing.assert_close(stored.float(), torch.cat(expected), rtol=2e-3, atol=2e-3)
-    for member, state in zip(committee.members, before, strict=True):  # running statistics untouched
+    # running statistics untouched
+    for member, state in zip(committee.members, before, strict=True):
         for key, value in member.model.state_dict().items():
             assert torch.equal(value, state[key]), key
     assert [m["weight"] for m in json.loads(soft.metadata["committee"])] == [0.25, 0.75]
     assert "weighted mean over a committee of 2 teachers" in soft.metadata["teacher_logits"]
 
 
-# --- pretraining, the teacher artifact and resume ----------------------------------------------------------------
+# --- pretraining, the teacher artifact and resume -------------------------------------------------
 
 
 def test_each_member_pretrains_and_resumes_on_its_own(tmp_path, tiny_data, monkeypatch) -> None:
@@ -285,7 +298,7 @@ def test_a_committee_run_killed_mid_phase_resumes_to_the_same_images(tmp_path, t
     raw = tiny_spec(method="fd2", base="fadrm+", ipc=2, fadrm_phase_steps=PHASES, committee=TWO_CONVNETS,
                     evaluate=False)
     run(raw, tiny_data, tmp_path / "whole")
-    original = distill_stage._run_phase
+    original = fadrm_phases.run_phase
     calls = []
 
     def killed_in_third_phase_of_index_1(ctx, models, x, y, phase, g, total, on_step):
@@ -294,10 +307,10 @@ def test_a_committee_run_killed_mid_phase_resumes_to_the_same_images(tmp_path, t
             raise KeyboardInterrupt("killed")
         return original(ctx, models, x, y, phase, g, total, on_step)
 
-    monkeypatch.setattr(distill_stage, "_run_phase", killed_in_third_phase_of_index_1)
+    monkeypatch.setattr(fadrm_phases, "run_phase", killed_in_third_phase_of_index_1)
     with pytest.raises(KeyboardInterrupt):
         run(raw, tiny_data, tmp_path / "resumed")
-    monkeypatch.setattr(distill_stage, "_run_phase", original)
+    monkeypatch.setattr(fadrm_phases, "run_phase", original)
     run(raw, tiny_data, tmp_path / "resumed")
     for j in range(2):
         name = f"ipc_{j:03d}.safetensors"
@@ -315,7 +328,7 @@ def test_a_teacher_weights_file_with_a_committee_is_refused_before_writing(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-# --- the CLI ------------------------------------------------------------------------------------------------------
+# --- the CLI --------------------------------------------------------------------------------------
 
 
 def test_cli_runs_a_fadrm_committee_end_to_end(tmp_path) -> None:

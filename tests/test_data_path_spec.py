@@ -1,5 +1,5 @@
-"""The published data path as spec fields: what a stored spec without them meant, and why a work folder of the
-earlier data path is refused instead of resumed (docs/DATA_PATH.md)."""
+"""The published data path as spec fields: what a stored spec without them meant, and why a work
+folder of the earlier data path is refused instead of resumed (docs/DATA_PATH.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from fd2_core.data.errors import DataError
 from fd2_core.pipeline import check_workdir
-from fd2_core.spec import DATA_PATH_MARKER, data_path_changed, resolve_spec, spec_changes
+from fd2_core.spec_compat import DATA_PATH_MARKER, data_path_changed, spec_changes
+from fd2_core.spec_resolution import resolve_spec
 
 NEW_FIELDS = ("distill_crop", "patch_rule", "synthetic_format", "pretrain_lr_decay_mode", "cal_crop_drop")
 

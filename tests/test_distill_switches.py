@@ -8,10 +8,11 @@ import torch
 from fd2_core.data.dataset import load_dataset
 from fd2_core.losses import BNStatMatcher
 from fd2_core.progress import ProgressTracker
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.context import RunContext
-from fd2_core.stages.distill import distill, distill_loss
+from fd2_core.stages.distill import distill
 from fd2_core.stages.patches import patch_init
+from fd2_core.stages.synthesis import distill_loss
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 

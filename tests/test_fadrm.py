@@ -1,6 +1,6 @@
-"""FADRM+ (alone and as the base of FD²): the phase schedule and the data residual against plain references,
-spec rules, cost model, and tiny end-to-end runs through the pipeline, the CLI and the API, with a resume
-after an interruption between phases."""
+"""FADRM+ (alone and as the base of FD²): the phase schedule and the data residual against plain
+references, spec rules, cost model, and tiny end-to-end runs through the pipeline, the CLI and the
+API, with a resume after an interruption between phases."""
 
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ import torch
 from api_helpers import client, new_tenant, ready_dataset, settings, submit  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
 
-import fd2_core.stages.distill as distill_stage
+import fd2_core.stages.fadrm_phases as fadrm_phases
 from fd2_core.atomic import load_tensors
 from fd2_core.cost import DatasetSize, patch_scoring_passes, stage_image_passes
 from fd2_core.data.dataset import load_dataset
 from fd2_core.fadrm import cosine_lr, phase_schedule, phase_sizes, total_steps
 from fd2_core.pipeline import run
-from fd2_core.spec import IMPLIED_BEFORE_ADDED, ValidationError, describe_spec_error, resolve_spec, spec_changes
-from fd2_core.stages.distill import StepModel, residual_blend, resize_images, step_model
+from fd2_core.spec import ValidationError
+from fd2_core.spec_compat import IMPLIED_BEFORE_ADDED, spec_changes
+from fd2_core.spec_errors import describe_spec_error
+from fd2_core.spec_resolution import resolve_spec
+from fd2_core.stages.fadrm_phases import residual_blend, resize_images
+from fd2_core.stages.synthesis import StepModel, step_model
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +43,7 @@ def _ipc_file(workdir: Path, j: int) -> dict[str, torch.Tensor]:
     return load_tensors(workdir / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
 
 
-# --- the phase schedule and the residual blend against plain references ---------------------------------------
+# --- the phase schedule and the residual blend against plain references ---------------------------
 
 
 @pytest.mark.parametrize(("raw", "sizes"), [
@@ -53,7 +57,8 @@ def _ipc_file(workdir: Path, j: int) -> dict[str, torch.Tensor]:
 def test_phase_schedule_equals_a_hand_written_loop(raw: dict, sizes: list[int]) -> None:
     spec = resolve_spec(raw)
     assert phase_sizes(spec) == sizes
-    expected, first = [], 0  # the plain reference: sizes as given, each phase starting where the last ended
+    # the plain reference: sizes as given, each phase starting where the last ended
+    expected, first = [], 0
     for size, steps in zip(sizes, spec.fadrm_phase_steps, strict=True):
         expected.append((size, steps, first))
         first += steps
@@ -73,7 +78,8 @@ def test_published_phases_and_one_cosine_over_all_of_them() -> None:
     got = [cosine_lr(small.distill_lr, p.first_step + i, total_steps(small))
            for p in phase_schedule(small) for i in range(p.steps)]
     assert got == pytest.approx(lrs, rel=1e-12)
-    assert all(a > b for a, b in zip(got, got[1:], strict=False))  # no warm restart at a phase start
+    # no warm restart at a phase start
+    assert all(a > b for a, b in zip(got, got[1:], strict=False))
 
 
 def _bilinear_reference(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -121,7 +127,7 @@ def test_the_model_of_a_step_is_an_argument_taken_round_robin() -> None:
     assert {step_model(models[:1], t).teacher for t in range(5)} == {"a"}
 
 
-# --- spec and cost ----------------------------------------------------------------------------------------------
+# --- spec and cost --------------------------------------------------------------------------------
 
 
 def test_fadrm_names_and_existing_specs_keep_their_meaning() -> None:
@@ -133,8 +139,8 @@ def test_fadrm_names_and_existing_specs_keep_their_meaning() -> None:
     assert resolve_spec({}).recipe == "sre2l++" and resolve_spec({"method": "sre2l++"}).recipe == "sre2l++"
     assert resolve_spec({"method": "rded"}).recipe is None and not resolve_spec({"method": "random"}).optimises_images
     assert plain.fadrm_phase_steps == [60, 60, 60, 80] and plain.fadrm_alpha == 0.5
-    # a stored spec that predates the FADRM+ fields still matches under every preset (the data-path fields came
-    # later and changed the paper presets: tests/test_data_path_spec.py)
+    # a stored spec that predates the FADRM+ fields still matches under every preset (the data-path
+    # fields came later and changed the paper presets: tests/test_data_path_spec.py)
     data_path = {"distill_crop", "patch_rule", "synthetic_format", "pretrain_lr_decay_mode"}
     for preset in ("cpu-small", "paper-cub"):
         resolved = resolve_spec({"preset": preset}).model_dump(mode="json")
@@ -177,20 +183,20 @@ def test_cost_counts_every_phase_at_its_pixels() -> None:
     assert stage_image_passes(more, CUB_LIKE)["distill"] == 2 * 200 * 300 * 3
 
 
-# --- pipeline ---------------------------------------------------------------------------------------------------
+# --- pipeline -------------------------------------------------------------------------------------
 
 
 def _spy_phases(monkeypatch) -> list[tuple[int, int, int]]:
     """Record (image side, first step, steps) of every phase that runs, then run it as usual."""
     seen: list[tuple[int, int, int]] = []
-    original = distill_stage._run_phase
+    original = fadrm_phases.run_phase
 
     def spy(ctx, models, x, y, phase, g, total, on_step):
         seen.append((x.shape[-1], phase.first_step, phase.steps))
         assert all(m.input_side == 32 for m in models)  # the convnet sees image_size crops
         return original(ctx, models, x, y, phase, g, total, on_step)
 
-    monkeypatch.setattr(distill_stage, "_run_phase", spy)
+    monkeypatch.setattr(fadrm_phases, "run_phase", spy)
     return seen
 
 
@@ -201,12 +207,14 @@ def _spy_phases(monkeypatch) -> list[tuple[int, int, int]]:
 def test_fadrm_runs_end_to_end_in_phases(tmp_path, tiny_data, monkeypatch, raw) -> None:
     seen = _spy_phases(monkeypatch)
     result = run(tiny_spec(ipc=2, fadrm_phase_steps=PHASES, **raw), tiny_data, tmp_path / "run")
-    assert seen == [(32, 0, 2), (29, 2, 2), (32, 4, 3)] * 2  # both ipc indices, every phase at its side
+    # both ipc indices, every phase at its side
+    assert seen == [(32, 0, 2), (29, 2, 2), (32, 4, 3)] * 2
     for j in range(2):
         saved = _ipc_file(tmp_path / "run", j)
         assert saved["images"].shape == saved["init"].shape == (4, 3, 32, 32)
         assert not torch.equal(saved["images"], saved["init"])
-    assert not list((tmp_path / "run" / "stages" / "distill").glob("*_phase.safetensors"))  # superseded
+    # superseded
+    assert not list((tmp_path / "run" / "stages" / "distill").glob("*_phase.safetensors"))
     report = result.report
     assert report["method"] == raw["method"] and report["spec"]["base"] == raw.get("base")
     assert report["spec"]["fadrm_phase_steps"] == PHASES
@@ -217,7 +225,7 @@ def test_a_run_interrupted_between_phases_resumes_to_the_same_images(tmp_path, t
     raw = tiny_spec(method="fd2", base="fadrm+", ipc=2, fadrm_phase_steps=PHASES, evaluate=False)
     run(raw, tiny_data, tmp_path / "whole")
     calls = []
-    original = distill_stage._run_phase
+    original = fadrm_phases.run_phase
 
     def killed_in_third_phase_of_index_1(ctx, models, x, y, phase, g, total, on_step):
         calls.append(phase.first_step)
@@ -225,7 +233,7 @@ def test_a_run_interrupted_between_phases_resumes_to_the_same_images(tmp_path, t
             raise KeyboardInterrupt("killed")
         return original(ctx, models, x, y, phase, g, total, on_step)
 
-    monkeypatch.setattr(distill_stage, "_run_phase", killed_in_third_phase_of_index_1)
+    monkeypatch.setattr(fadrm_phases, "run_phase", killed_in_third_phase_of_index_1)
     with pytest.raises(KeyboardInterrupt):
         run(raw, tiny_data, tmp_path / "cut")
     monkeypatch.undo()
@@ -244,7 +252,7 @@ def test_a_run_interrupted_between_phases_resumes_to_the_same_images(tmp_path, t
     assert again.report["resumed"] is True
 
 
-# --- CLI and API ------------------------------------------------------------------------------------------------
+# --- CLI and API ----------------------------------------------------------------------------------
 
 
 def test_cli_runs_fd2_on_fadrm_end_to_end(tmp_path) -> None:

@@ -1,20 +1,21 @@
-"""The other side of the spec cases in the hostile corpus: values on a bound are accepted, and the cost
-estimate behaves as documented (it follows the pipeline's own stage weights)."""
+"""The other side of the spec cases in the hostile corpus: values on a bound are accepted, and the
+cost estimate behaves as documented (it follows the pipeline's own stage weights)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-from hostile_corpus import _numeric_bounds
+from hostile_corpus import numeric_bounds
 
 from api.errors import ApiError
 from api.spec_checks import resolve_job_spec
 from fd2_config.settings import Settings
 from fd2_core.cost import DatasetSize, decoded_dataset_bytes, estimate_cost, patch_scoring_passes
-from fd2_core.spec import PRESETS, resolve_spec
+from fd2_core.presets import PRESETS
+from fd2_core.spec_resolution import resolve_spec
 
-BOUNDS = list(_numeric_bounds())
+BOUNDS = list(numeric_bounds())
 CUB_LIKE = DatasetSize(num_classes=200, train_images=5994, test_images=5794)
 DEFAULT_MAX_COST = Settings.model_fields["max_job_cost"].default
 DEFAULT_MAX_MEMORY = Settings.model_fields["max_dataset_memory_bytes"].default
@@ -43,7 +44,8 @@ def test_integral_floats_count_as_integers_and_fractions_do_not() -> None:
 def test_cost_grows_with_ipc_and_the_square_of_the_image_side() -> None:
     base = estimate_cost(resolve_spec({"ipc": 2}), CUB_LIKE)
     double_ipc = estimate_cost(resolve_spec({"ipc": 4}), CUB_LIKE)
-    scoring = patch_scoring_passes(resolve_spec({"ipc": 2}), CUB_LIKE)  # ranking the patch pool, once per run
+    # ranking the patch pool, once per run
+    scoring = patch_scoring_passes(resolve_spec({"ipc": 2}), CUB_LIKE)
     assert double_ipc.stage_passes["distill"] - scoring == 2 * (base.stage_passes["distill"] - scoring)
     assert double_ipc.stage_passes["pretrain"] == base.stage_passes["pretrain"]
     wide = estimate_cost(resolve_spec({"ipc": 2, "image_size": 64}), CUB_LIKE)
@@ -52,13 +54,13 @@ def test_cost_grows_with_ipc_and_the_square_of_the_image_side() -> None:
 
 
 def test_cost_follows_the_pipeline_stage_weights() -> None:
-    from fd2_core.pipeline import _stage_weights
+    from fd2_core.pipeline import stage_weights
 
     spec = resolve_spec({"ipc": 3, "method": "fd2"})
     data = SimpleNamespace(classes=[str(i) for i in range(CUB_LIKE.num_classes)],
                            train_images=SimpleNamespace(shape=(CUB_LIKE.train_images, 3, 32, 32)),
                            test_images=SimpleNamespace(shape=(CUB_LIKE.test_images, 3, 32, 32)))
-    weights = _stage_weights(spec, data)
+    weights = stage_weights(spec, data)
     passes = estimate_cost(spec, CUB_LIKE).stage_passes
     for stage in ("pretrain", "distill", "relabel"):
         assert passes[stage] == weights[stage]

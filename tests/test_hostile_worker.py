@@ -1,6 +1,7 @@
-"""Defence in depth on the worker: data changed after submission cannot lead a job outside its folders or
-past the operator's limits. Each case tampers with files after the job was queued, then runs the real
-`JobRunner`, which must fail the job with a clear code before any stage starts (or skip the bad file)."""
+"""Defence in depth on the worker: data changed after submission cannot lead a job outside its
+folders or past the operator's limits.
+Each case tampers with files after the job was queued, then runs the real `JobRunner`, which must
+fail the job with a clear code before any stage starts (or skip the bad file)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline_helpers import tiny_spec
 from service_harness import embedded_settings
 
 from fd2_config.settings import Settings
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from store.datasets import create_dataset, dataset_path
 from store.db import dispose_engines, migrate, session_scope
 from store.job_states import worker_identity
@@ -49,7 +50,8 @@ def write_tree(folder: Path, classes: dict[str, int] = CLASSES) -> Path:
 
 
 def queued_upload_job(settings: Settings) -> tuple[str, Path]:
-    """A queued job over an uploaded dataset stored where the API puts it; returns (job id, data folder)."""
+    """A queued job over an uploaded dataset stored where the API puts it;
+    returns (job id, data folder)."""
     dataset_id = new_id("ds")
     folder = write_tree(dataset_path(settings, dataset_id) / "data")
     with session_scope(settings) as session:
@@ -212,7 +214,8 @@ def test_untampered_sources_pass_the_same_limits(settings: Settings) -> None:
 
 
 def test_the_worker_scans_once_and_the_pipeline_decodes_that_layout(settings: Settings, monkeypatch) -> None:
-    """The layout `prepare_source` checked is what the loader decodes: no second scan in the same process."""
+    """The layout `prepare_source` checked is what the loader decodes: no
+    second scan in the same process."""
     from fd2_core.data import dataset as dataset_module
     from fd2_core.data.layout import DatasetLayout
 
@@ -231,9 +234,9 @@ def test_the_worker_scans_once_and_the_pipeline_decodes_that_layout(settings: Se
 
 
 def test_names_decoded_at_upload_are_reported_by_the_job(settings: Settings) -> None:
-    """A rescan of an unpacked upload sees decoded names only: the dataset's name warnings travel with the job
-    into the loaded data (and so into report.json and the job's warning events); duplicate warnings do not,
-    since the job's loader finds those itself."""
+    """A rescan of an unpacked upload sees decoded names only: the dataset's name warnings travel
+    with the job into the loaded data (and so into report.json and the job's warning events);
+    duplicate warnings do not, since the job's loader finds those itself."""
     from fd2_core.data.dataset import load_dataset
 
     job_id, folder = queued_upload_job(settings)

@@ -1,8 +1,10 @@
-"""One scanner decides a dataset's layout: the upload summary, submit-time checks and the loader agree.
+"""One scanner decides a dataset's layout: the upload summary, submit-time
+checks and the loader agree.
 
-Every accepted layout is uploaded through the API and loaded by the library from the same archive; the
-per-class counts must be equal at the operator's test fraction, and submit-time training counts must equal
-the loader's at a job's own fraction. A job the loader cannot run is refused at submit.
+Every accepted layout is uploaded through the API and loaded by the library from the same archive;
+the per-class counts must be equal at the operator's test fraction, and submit-time training counts
+must equal the loader's at a job's own fraction.
+A job the loader cannot run is refused at submit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastapi.testclient import TestClient
 from api.job_submission import dataset_train_counts
 from fd2_config.settings import Settings
 from fd2_core.data.dataset import load_dataset
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from store.db import session_scope
 from store.models import Dataset
 
@@ -56,7 +58,8 @@ def _with_manifest(split: bool) -> dict[str, bytes]:
 
 
 def _flat_val() -> dict[str, bytes]:
-    """ImageNet-style: train/<class>/ beside a val/ of loose images (their labels live elsewhere)."""
+    """ImageNet-style: train/<class>/ beside a val/ of loose images (their
+    labels live elsewhere)."""
     files = image_tree(CLASSES, split="train")
     files.update({f"val/ILSVRC_val_{i:05d}.png": png_bytes(200 + i) for i in range(6)})
     return files
@@ -119,7 +122,8 @@ def test_upload_summary_equals_what_the_loader_sees(client: TestClient, settings
     assert body["test_split"]["splits_given"] is not carved
     assert body["test_split"]["fraction"] == (fraction if carved else None)
 
-    # A job carving its own share: the submit-time counts are the loader's at the job's fraction and seed.
+    # A job carving its own share: the submit-time counts are the loader's
+    # at the job's fraction and seed.
     spec = resolve_spec({"ipc": 1, "test_fraction": 0.5, "seed": 3})
     with session_scope(settings) as session:
         dataset = session.get(Dataset, body["id"])
@@ -143,7 +147,8 @@ def test_flat_val_folder_is_reported_and_not_used_as_a_test_split(
 
 def test_job_the_loader_cannot_evaluate_is_refused_at_submit(client: TestClient, settings: Settings,  # noqa: F811
                                                              tmp_path: Path) -> None:
-    """Splits given by a manifest, none of them test: no fraction carves one, so evaluation cannot run."""
+    """Splits given by a manifest, none of them test: no fraction carves
+    one, so evaluation cannot run."""
     files = image_tree(CLASSES, split=None)
     rows = [{"path": path, "label": path.split("/")[0], "split": "train"} for path in sorted(files)]
     files["manifest.csv"] = _manifest_csv(rows)

@@ -12,22 +12,25 @@ from fd2_core.metrics import bootstrap_interval, hlr, ior, verdict
 
 
 def _pairs(plus: int, minus: int, both: int, neither: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image correctness of two students: `plus` only a right, `minus` only b right, then both, neither."""
+    """Per-image correctness of two students: `plus` only a right, `minus`
+    only b right, then both, neither."""
     a = torch.tensor([True] * plus + [False] * minus + [True] * both + [False] * neither)
     b = torch.tensor([False] * plus + [True] * minus + [True] * both + [False] * neither)
     return a, b
 
 
 def test_ior_and_hlr_are_the_published_differences():
-    # IOR = acc(distilled, soft) − acc(random subset, soft); HLR = acc(full data, hard) − acc(distilled, hard)
+    # IOR = acc(distilled, soft) − acc(random subset, soft); HLR = acc(full
+    # data, hard) − acc(distilled, hard)
     assert ior(0.452, 0.310) == pytest.approx(0.142)
     assert ior(0.298, 0.312) == pytest.approx(-0.014)
     assert hlr(0.81, 0.27) == pytest.approx(0.54)
 
 
 def test_two_images_one_difference_gives_the_hand_computed_interval():
-    # d = [1, 0]: a resample's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4, so the 2.5 % and 97.5 %
-    # percentiles of 2000 resamples are 0 and 1 (each end holds ~500 resamples, far more than 50).
+    # d = [1, 0]: a resample's mean is 0, 1/2 or 1 with probability 1/4,
+    # 1/2, 1/4, so the 2.5 % and 97.5 % percentiles of 2000 resamples are 0
+    # and 1 (each end holds ~500 resamples, far more than 50).
     a, b = torch.tensor([True, False]), torch.tensor([False, False])
     assert bootstrap_interval(a, b) == (0.0, 1.0)
 
@@ -61,7 +64,8 @@ def test_interval_is_seeded_paired_and_order_free():
     first = bootstrap_interval(a, b, seed=3)
     assert bootstrap_interval(a, b, seed=3) == first
     perm = torch.randperm(a.numel(), generator=torch.Generator().manual_seed(0))
-    assert bootstrap_interval(a[perm], b[perm], seed=3) == first  # only the pairs matter, not their order
+    # only the pairs matter, not their order
+    assert bootstrap_interval(a[perm], b[perm], seed=3) == first
     lo, hi = first
     assert lo < 0.025 < hi  # the observed difference 5/200 lies inside
     wider = bootstrap_interval(a, b, seed=3, level=0.99)
@@ -102,14 +106,14 @@ def test_verdict_says_plainly_when_random_does_as_well_or_better():
     assert tie.status == "not_distinguishable"
 
 
-# --- the metrics in the pipeline, its cost and the CLI ---------------------------------------------------------
+# --- the metrics in the pipeline, its cost and the CLI --------------------------------------------
 
 def test_hlr_is_counted_by_the_cost_model_and_the_progress_weights():
     from types import SimpleNamespace
 
     from fd2_core.cost import DatasetSize, stage_image_passes
-    from fd2_core.pipeline import _stage_weights
-    from fd2_core.spec import resolve_spec
+    from fd2_core.pipeline import stage_weights
+    from fd2_core.spec_resolution import resolve_spec
 
     raw = {"preset": "cpu-small", "ipc": 2, "relabel_epochs": 10, "pretrain_epochs": 4}
     plain, with_hlr = resolve_spec(raw), resolve_spec({**raw, "eval_hlr": True})
@@ -126,14 +130,14 @@ def test_hlr_is_counted_by_the_cost_model_and_the_progress_weights():
 
     data = SimpleNamespace(classes=list("abcde"), train_images=torch.zeros(1000, 3, 1, 1, dtype=torch.uint8),
                            test_images=torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
-    weights_before, weights_after = _stage_weights(plain, data), _stage_weights(with_hlr, data)
+    weights_before, weights_after = stage_weights(plain, data), stage_weights(with_hlr, data)
     assert weights_after["evaluate"] - weights_before["evaluate"] == pytest.approx(10 * n_syn * 3 + 4 * 1000 * 3)
 
 
 def test_pipeline_reports_ior_with_interval_verdict_and_hlr(tmp_path):
     from fd2_core.data.dataset import load_dataset
     from fd2_core.pipeline import run
-    from fd2_core.spec import resolve_spec
+    from fd2_core.spec_resolution import resolve_spec
     from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
     data = load_dataset(TINY_DATA, 32, seed=0)
@@ -162,9 +166,9 @@ def test_pipeline_reports_ior_with_interval_verdict_and_hlr(tmp_path):
 def test_cli_summary_ends_with_the_verdict(capsys):
     from pathlib import Path
 
-    from fd2_core.cli import _print_summary
+    from fd2_core.cli import print_summary
     from fd2_core.pipeline import PipelineResult
-    from fd2_core.spec import resolve_spec
+    from fd2_core.spec_resolution import resolve_spec
     from fd2_core.stages.evaluate import comparison
 
     metrics = {
@@ -173,7 +177,7 @@ def test_cli_summary_ends_with_the_verdict(capsys):
     }
     report = {"timings_s": {"total": 3.0}, "device": {"type": "cpu"}, "comparison": comparison(metrics)}
     result = PipelineResult(artifacts={"report.json": Path("out/report.json")}, metrics=metrics, report=report)
-    _print_summary(resolve_spec({"preset": "cpu-small"}), result)
+    print_summary(resolve_spec({"preset": "cpu-small"}), result)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("WARNING: a random real subset of the same size scores 31.2 % vs 29.8 %")
     assert "IOR -1.4 points, 95 % CI [-3.9, +1.1]" in lines[-1]

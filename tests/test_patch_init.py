@@ -13,11 +13,13 @@ from fd2_core.atomic import load_tensors, save_tensors
 from fd2_core.data.dataset import load_dataset
 from fd2_core.pipeline import run
 from fd2_core.progress import ProgressTracker
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.context import RunContext
-from fd2_core.stages.distill import distill, init_drift, ipc_path, psnr_db
+from fd2_core.stages.distill import distill
+from fd2_core.stages.distill_files import ipc_path
+from fd2_core.stages.drift import init_drift, psnr_db
 from fd2_core.stages.package import json_safe
-from fd2_core.stages.patches import _patch_ranking, patch_factor, patch_init, sample_patch_pool, select_patches
+from fd2_core.stages.patches import patch_factor, patch_init, patch_ranking, sample_patch_pool, select_patches
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
@@ -39,7 +41,8 @@ def _teacher(ctx):
 
 
 def _reference_init(ctx, teacher, classes, index, pool) -> torch.Tensor:
-    """The RDED rule, one view at a time: score padded views, keep each image's best, rank, stitch."""
+    """The RDED rule, one view at a time: score padded views, keep each
+    image's best, rank, stitch."""
     size = ctx.spec.image_size
     factor = patch_factor(ctx.spec)
     side = size // factor
@@ -53,7 +56,8 @@ def _reference_init(ctx, teacher, classes, index, pool) -> torch.Tensor:
             image = ctx.normalize(ctx.data.train_images[pool.images[ci, p]][None])
             best = None
             for v in range(pool.boxes.shape[2]):
-                x1, y1, x2, y2 = (int(c) for c in pool.boxes[ci, p, v])  # torchvision: the reference crop
+                # torchvision: the reference crop
+                x1, y1, x2, y2 = (int(c) for c in pool.boxes[ci, p, v])
                 view = tv_resized_crop(image, y1, x1, y2 - y1, x2 - x1, [side, side], antialias=True)
                 canvas = torch.zeros(1, 3, size, size)
                 canvas[:, :, lo : lo + side, lo : lo + side] = view
@@ -109,7 +113,7 @@ def test_no_image_repeats_across_indices(tmp_path, data):
     ctx = _ctx(tmp_path, data, ipc=4, patch_factor=2)  # 4 · 2² = 16 = the whole class
     teacher = _teacher(ctx)
     classes = torch.arange(4)
-    ranking = _patch_ranking(ctx, teacher, classes)
+    ranking = patch_ranking(ctx, teacher, classes)
     picked = torch.cat([select_patches(ranking, j, 2)[0] for j in range(4)], dim=1)  # [K, 16]
     for row, c in zip(picked, classes, strict=True):
         assert row.unique().numel() == 16
@@ -158,7 +162,8 @@ def test_drift_of_a_known_shift_and_of_identical_images(tmp_path, data):
     assert drift["init"] == "patches"
     assert drift["init_psnr_db_per_index"][0] == math.inf
     assert drift["init_psnr_db_per_index"][1] == pytest.approx(20 * math.log10(255 / 4), rel=1e-4)
-    assert drift["init_psnr_db"] == pytest.approx(10 * math.log10(2 * 255**2 / 16), rel=1e-4)  # pooled MSE
+    # pooled MSE
+    assert drift["init_psnr_db"] == pytest.approx(10 * math.log10(2 * 255**2 / 16), rel=1e-4)
     assert drift["init_mean_abs_change"] == pytest.approx(2 / 255, rel=1e-4)
     assert psnr_db(0.0) == math.inf and psnr_db(0.01) == pytest.approx(20.0)
     _write_index(ctx, 1, init, init)

@@ -1,5 +1,6 @@
-"""The published patch rule (`patch_rule: published`) against a plain loop reference, its pool, its picks, its
-independence from class blocks, its plain cross-entropy scorer and what the scorer costs."""
+"""The published patch rule (`patch_rule: published`) against a plain loop
+reference, its pool, its picks, its independence from class blocks, its
+plain cross-entropy scorer and what the scorer costs."""
 
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from fd2_core.pipeline import run
 from fd2_core.progress import ProgressTracker
 from fd2_core.runtime import generator
 from fd2_core.shards import plan_shards, shard_done
-from fd2_core.spec import PUBLISHED_PATCH_FILES, resolve_spec
+from fd2_core.spec import PUBLISHED_PATCH_FILES
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.committee import scorer_spec
 from fd2_core.stages.context import RunContext
-from fd2_core.stages.distill import distill, ipc_path
+from fd2_core.stages.distill import distill
+from fd2_core.stages.distill_files import ipc_path
 from fd2_core.stages.patches import (
     build_patch_files,
     patch_factor,
@@ -159,7 +162,8 @@ def test_the_views_depend_on_the_class_and_file_alone(tmp_path, data):
     for c in range(4):  # one class per block, as distill_batch_classes 1 cuts them
         for j in range(5):
             assert torch.equal(patch_init(ctx, scorer, torch.tensor([c]), j), whole[j][c : c + 1]), (c, j)
-    every = torch.cartesian_prod(torch.arange(4), torch.arange(PUBLISHED_PATCH_FILES))  # [20, 2] (class, file)
+    # [20, 2] (class, file)
+    every = torch.cartesian_prod(torch.arange(4), torch.arange(PUBLISHED_PATCH_FILES))
     all_files = build_patch_files(ctx, scorer, torch.arange(4), every)
     some = torch.tensor([1, 7, 18])  # files built alone equal the same files built among all
     alone = build_patch_files(ctx, scorer, torch.arange(4), every[some])
@@ -209,7 +213,7 @@ def test_a_short_pool_says_its_views_are_reused(tmp_path, data):
     assert "first 3 train images" in note and "factor² = 4" in note
 
 
-# --- the scorer ---------------------------------------------------------------------------------------------
+# --- the scorer -----------------------------------------------------------------------------------
 
 
 def _keys(path: Path) -> tuple[set[str], dict[str, str]]:
@@ -225,7 +229,8 @@ def test_fd2_scores_with_a_plain_teacher_trained_once_and_reused(tmp_path, data,
                         or original(ctx))
     result = run(raw, data, tmp_path, on_event=events.append)
     assert trained == [True, False]  # the CAL teacher, then the plain scorer
-    scorer_entry = result.report["teacher"]["patch_scorer"]  # the report names the scorer and its accuracy
+    # the report names the scorer and its accuracy
+    scorer_entry = result.report["teacher"]["patch_scorer"]
     assert scorer_entry["kind"].startswith("plain cross-entropy") and 0.0 <= scorer_entry["test_accuracy"] <= 1.0
     teacher_keys, _ = _keys(tmp_path / "stages" / "teacher.safetensors")
     scorer_keys, meta = _keys(tmp_path / SCORER)
@@ -243,7 +248,7 @@ def test_fd2_scores_with_a_plain_teacher_trained_once_and_reused(tmp_path, data,
 
     for j in range(2):  # a resumed run reuses the scorer: nothing is pretrained again
         ipc_path(ctx, j).unlink()
-    monkeypatch.setattr(pretrain_stage, "_optimizer", lambda *a, **k: pytest.fail("pretrained again"))
+    monkeypatch.setattr(pretrain_stage, "teacher_optimizer", lambda *a, **k: pytest.fail("pretrained again"))
     trained.clear()
     run(raw, data, tmp_path)
     assert trained == [True, False] and (tmp_path / SCORER).exists()
@@ -257,7 +262,8 @@ def test_a_plain_teacher_is_its_own_scorer(tmp_path, data, monkeypatch):
     assert trained == [tmp_path] and not (tmp_path / "teachers").exists()
     assert "patch_scorer" not in result.report["teacher"]
     assert not resolve_spec(tiny_spec(**PUBLISHED)).trains_scorer
-    assert not resolve_spec(tiny_spec(patch_rule="ranked")).trains_scorer  # ranked: the CAL teacher scores
+    # ranked: the CAL teacher scores
+    assert not resolve_spec(tiny_spec(patch_rule="ranked")).trains_scorer
 
 
 def test_the_scorer_is_the_first_members_backbone_without_cal():
@@ -282,7 +288,7 @@ def test_the_scorer_is_a_shard_the_blocks_wait_for(tmp_path):
         shard_done(plain, tmp_path, "pretrain:scorer")
 
 
-# --- cost ---------------------------------------------------------------------------------------------------
+# --- cost -----------------------------------------------------------------------------------------
 
 CUB_LIKE = DatasetSize(num_classes=200, train_images=5994, test_images=5794)
 
@@ -300,14 +306,17 @@ def test_the_scorer_costs_one_more_plain_pretraining():
 
 def test_published_scoring_counts_the_picked_files_of_the_first_n_images():
     spec = resolve_spec({"patch_rule": "published", "ipc": 3, "patch_pool": 300, "patch_candidates": 5})
-    assert patch_scoring_passes(spec, CUB_LIKE) == 200 * 3 * (5994 // 200) * 5  # at most 3 files per class
+    # at most 3 files per class
+    assert patch_scoring_passes(spec, CUB_LIKE) == 200 * 3 * (5994 // 200) * 5
     many = spec.model_copy(update={"ipc": 10})
-    assert patch_scoring_passes(many, CUB_LIKE) == 200 * 5 * 29 * 5  # never more than the five files
+    # never more than the five files
+    assert patch_scoring_passes(many, CUB_LIKE) == 200 * 5 * 29 * 5
 
 
 def test_a_bare_cal_teacher_still_selects_patches_with_the_scorer(tmp_path, data):
-    """A caller that hands `distill` the CAL teacher alone (a library user, a benchmark) gets the scorer's patches,
-    or a clear error while the scorer is not pretrained: never the CAL teacher's ranking in silence."""
+    """A caller that hands `distill` the CAL teacher alone (a library user,
+    a benchmark) gets the scorer's patches, or a clear error while the
+    scorer is not pretrained: never the CAL teacher's ranking in silence."""
     ctx = _ctx(tmp_path / "fresh", data, method="fd2", ipc=1)
     assert ctx.spec.trains_scorer
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from fd2_core.data.dataset import load_dataset
 from fd2_core.data.errors import DataError
 from fd2_core.pipeline import ARTIFACT_NAMES, run
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
 

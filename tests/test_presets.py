@@ -1,14 +1,17 @@
-"""Presets against the published settings (the FD² paper's CAL table and its distill and relabel settings): (M, r)
-per dataset and backbone, iterations and relabel batch per dataset, and the user's own values winning."""
+"""Presets against the published settings (the FD² paper's CAL table and its
+distill and relabel settings): (M, r) per dataset and backbone, iterations
+and relabel batch per dataset, and the user's own values winning."""
 
 from __future__ import annotations
 
 import pytest
 
-from fd2_core.spec import BACKBONES, PRESET_DESCRIPTIONS, PRESETS, JobSpec, ValidationError, resolve_spec
+from fd2_core.presets import PRESET_DESCRIPTIONS, PRESETS
+from fd2_core.spec import BACKBONES, JobSpec, ValidationError
+from fd2_core.spec_resolution import resolve_spec
 
-# The published (M, r) table written out; the convnet (no column in the paper) takes the ResNet-18 column
-# under a paper preset; cpu-small keeps the field defaults for every backbone.
+# The published (M, r) table written out; the convnet (no column in the paper) takes the ResNet-18
+# column under a paper preset; cpu-small keeps the field defaults for every backbone.
 EXPECTED_M_R: dict[str, dict[str, tuple[int, float]]] = {
     "cpu-small": {
         "convnet": (8, 0.5), "resnet18": (8, 0.5), "mobilenetv2": (8, 0.5), "resnet50": (8, 0.5),
@@ -27,7 +30,8 @@ EXPECTED_M_R: dict[str, dict[str, tuple[int, float]]] = {
         "densenet121": (32, 0.4),
     },
 }
-# The FADRM+ presets read the same table as their dataset's preset; the CPU one keeps the field defaults.
+# The FADRM+ presets read the same table as their dataset's preset; the CPU
+# one keeps the field defaults.
 EXPECTED_M_R.update({f"{name}-fadrm": EXPECTED_M_R[name] for name in ("cpu-small", "paper-cub", "paper-aircraft",
                                                                       "paper-cars")})
 EXPECTED_SCHEDULE = {  # (distill_iterations, relabel_batch_size)
@@ -142,17 +146,18 @@ def test_cal_soft_labels_need_the_cal_head(method: str) -> None:
 
 
 def test_teacher_checkpoint_is_selected_on_the_soft_label_logits() -> None:
-    from fd2_core.stages.pretrain import _selection_ratio
+    from fd2_core.stages.pretrain import selection_ratio
 
-    assert _selection_ratio(resolve_spec({"method": "fd2"})) is None  # backbone logits are the soft labels
-    assert _selection_ratio(resolve_spec({"method": "sre2l++"})) is None
+    # backbone logits are the soft labels
+    assert selection_ratio(resolve_spec({"method": "fd2"})) is None
+    assert selection_ratio(resolve_spec({"method": "sre2l++"})) is None
     mixed = resolve_spec({"method": "fd2", "soft_label_source": "mixed", "cal_ratio": 0.3})
-    assert _selection_ratio(mixed) == 0.3
+    assert selection_ratio(mixed) == 0.3
 
 
-# The published data path (docs/DATA_PATH.md), written out per preset: distill_crop,
-# patch_rule, synthetic_format, amp, amp_dtype. cpu-small keeps its earlier values until they are chosen on
-# validation data.
+# The published data path (docs/DATA_PATH.md), written out per preset:
+# distill_crop, patch_rule, synthetic_format, amp, amp_dtype. cpu-small
+# keeps its earlier values until they are chosen on validation data.
 EXPECTED_DATA_PATH = {
     "cpu-small": ("image", "ranked", "png", True, "bfloat16"),
     "cpu-small-fadrm": ("image", "ranked", "png", True, "bfloat16"),

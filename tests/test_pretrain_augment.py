@@ -1,6 +1,7 @@
-"""The teacher's training augmentation: the published recipe (flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + rotation
-±15°, the published pretraining setting) is batched with per-sample parameters and must agree, sample by sample, with
-torchvision's functional ops; `auto` keeps the earlier behaviour; everything follows the given generator."""
+"""The teacher's training augmentation: the published recipe (flip + ColorJitter(0.2, 0.2, 0.2, 0.1)
++ rotation ±15°, the published pretraining setting) is batched with per-sample parameters and must
+agree, sample by sample, with torchvision's functional ops; `auto` keeps the earlier behaviour;
+everything follows the given generator."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ BATCHED_OPS = {
 
 
 def pixels(batch: int = 8, size: int = 36, seed: int = 0) -> torch.Tensor:
-    """[B,3,S,S] in [0, 1] with gray, saturated and clipped pixels, so every HSV branch is exercised."""
+    """[B,3,S,S] in [0, 1] with gray, saturated and clipped pixels, so
+    every HSV branch is exercised."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, size, size, generator=g)
     x[:, :, :4] = x[:, :1, :4]  # gray rows (h = s = 0)
@@ -73,7 +75,8 @@ def test_each_colour_op_matches_torchvision_per_sample(name: str) -> None:
     if name == "hue":
         factors = (torch.rand(x.shape[0], generator=g) * 2 - 1) * 0.5
     else:
-        factors = torch.rand(x.shape[0], generator=g) * 1.6 + 0.2  # also beyond the published 0.8–1.2
+        # also beyond the published 0.8–1.2
+        factors = torch.rand(x.shape[0], generator=g) * 1.6 + 0.2
     out = BATCHED_OPS[name](x, factors)
     for i in range(x.shape[0]):
         expected = TORCHVISION_OPS[name](x[i], float(factors[i]))
@@ -132,7 +135,8 @@ def test_jitter_and_angles_differ_between_samples() -> None:
 
 
 def _previous_train_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The augmentation before the choice existed, written out: shift-flip at ≤ 64 px, resized crop above."""
+    """The augmentation before the choice existed, written out: shift-flip
+    at ≤ 64 px, resized crop above."""
     size = images.shape[-1]
     if size <= 64:
         params = sample_shift_flip(images.shape[0], size, generator, max_shift=size / 16)
@@ -152,7 +156,8 @@ def test_auto_reproduces_the_previous_augmentation(size: int) -> None:
 
 
 def test_shift_flip_moves_whole_pixels_with_zero_padding() -> None:
-    """shift-flip: an integer offset in [−S/16, S/16] per axis, zero outside, then the flip; no resampling."""
+    """shift-flip: an integer offset in [−S/16, S/16] per axis, zero
+    outside, then the flip; no resampling."""
     size = 32
     x = normalised(pixels(batch=64, size=size))
     out = train_augment(x, torch.Generator().manual_seed(4), "shift-flip")
@@ -198,7 +203,7 @@ def test_published_needs_the_normalisation_and_unknown_choices_are_refused() -> 
 def test_pretrain_passes_the_specs_choice_and_normalisation(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from fd2_core.data.dataset import load_dataset
     from fd2_core.progress import ProgressTracker
-    from fd2_core.spec import resolve_spec
+    from fd2_core.spec_resolution import resolve_spec
     from fd2_core.stages import pretrain as stage
     from fd2_core.stages.context import RunContext
     from tests.pipeline_helpers import TINY_DATA, tiny_spec

@@ -1,6 +1,7 @@
-"""Published FD² pretraining and student optimiser details: the teacher's lr decay (continuous lr·γ^(epoch/2) as
-the FD² script, stepped lr·γ^⌊epoch/2⌋ as the CAL code's StepLR), CAL's crop/drop mode taken from the spec, and
-the student's AdamW groups (weight decay on conv/linear weights only, as SRe²L's `get_parameters`).
+"""Published FD² pretraining and student optimiser details: the teacher's lr decay
+(continuous lr·γ^(epoch/2) as the FD² script, stepped lr·γ^⌊epoch/2⌋ as the CAL
+code's StepLR), CAL's crop/drop mode taken from the spec, and the student's AdamW
+groups (weight decay on conv/linear weights only, as SRe²L's `get_parameters`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from fd2_core.data.dataset import load_dataset
 from fd2_core.models import build_model
 from fd2_core.progress import ProgressTracker
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages import pretrain as stage
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.evaluate import train_student, weight_decay_groups
@@ -36,15 +37,15 @@ def test_pretrain_lr_decay_of_the_paper_presets(mode: str, expected: list[float]
     spec = resolve_spec({"preset": "paper-cub", "pretrain_lr_decay_mode": mode})
     assert (spec.pretrain_lr, spec.pretrain_lr_decay) == (1e-3, 0.9)
     ctx = SimpleNamespace(spec=spec)
-    got = [stage._lr_at(ctx, epoch, 0, 10) for epoch in EPOCHS]
+    got = [stage.teacher_lr_at(ctx, epoch, 0, 10) for epoch in EPOCHS]
     assert got == pytest.approx(expected, rel=1e-12)
-    assert all(stage._lr_at(ctx, epoch, 9, 10) == lr for epoch, lr in zip(EPOCHS, got, strict=True))
+    assert all(stage.teacher_lr_at(ctx, epoch, 9, 10) == lr for epoch, lr in zip(EPOCHS, got, strict=True))
 
 
 def test_continuous_decay_is_the_default_and_lies_between_the_steps() -> None:
     spec = resolve_spec({"preset": "paper-cub"})
     assert spec.pretrain_lr_decay_mode == "continuous"
-    assert stage._lr_at(SimpleNamespace(spec=spec), 1, 0, 10) == pytest.approx(1e-3 * 0.9**0.5)
+    assert stage.teacher_lr_at(SimpleNamespace(spec=spec), 1, 0, 10) == pytest.approx(1e-3 * 0.9**0.5)
     stepped = [stage.decayed_lr(1.0, 0.9, epoch, "stepped") for epoch in (3, 4)]
     assert stepped[1] < stage.decayed_lr(1.0, 0.9, 3) < stepped[0]
     with pytest.raises(ValueError, match="unknown"):
@@ -55,8 +56,8 @@ def test_without_decay_the_teacher_lr_is_cosine_over_all_steps() -> None:
     spec = resolve_spec(tiny_spec(pretrain_epochs=4, pretrain_lr=0.01))
     assert spec.pretrain_lr_decay == 0.0
     ctx = SimpleNamespace(spec=spec)
-    assert stage._lr_at(ctx, 0, 0, 5) == pytest.approx(0.01)
-    assert stage._lr_at(ctx, 2, 0, 5) == pytest.approx(0.005)
+    assert stage.teacher_lr_at(ctx, 0, 0, 5) == pytest.approx(0.01)
+    assert stage.teacher_lr_at(ctx, 2, 0, 5) == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize(("mode", "aligned"), [("published", False), ("cal-code", True)])
@@ -98,7 +99,8 @@ def test_weight_decay_groups_decay_only_conv_and_linear_weights(backbone: str) -
         if getattr(module, "bias", None) is not None:
             assert f"{prefix}bias" in free
     assert any(".bias" in n for n in free) and any(p.dim() > 1 for p in groups[0]["params"])
-    assert all(p.dim() == 1 for p in groups[1]["params"])  # SRe²L's rule (multi-dimensional weights) agrees
+    # SRe²L's rule (multi-dimensional weights) agrees
+    assert all(p.dim() == 1 for p in groups[1]["params"])
 
 
 def test_weight_decay_groups_leave_layer_norm_and_frozen_parameters_out_of_decay() -> None:

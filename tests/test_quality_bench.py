@@ -1,4 +1,5 @@
-"""bench/quality.py: the paired grid's code path on a tiny grid, its statistics, and resuming from the result file."""
+"""bench/quality.py: the paired grid's code path on a tiny grid, its
+statistics, and resuming from the result file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fd2_core.data.dataset import load_dataset
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.distill import distill
 from tests.pipeline_helpers import TINY_DATA, TINY_SPEC
 
@@ -51,7 +52,8 @@ def test_grid_runs_every_method_in_both_protocols_and_resumes(tmp_path):
         for protocol in bench.PROTOCOLS:
             for ipc in (1, 2):
                 assert 0.0 <= record[protocol][f"ipc{ipc}"]["soft"] <= 1.0, (name, protocol)
-    # the plain-CE teacher relabels random and sre2l++ in both protocols: the numbers are one and the same
+    # the plain-CE teacher relabels random and sre2l++ in both protocols:
+    # the numbers are one and the same
     for name in ("random", "sre2l++"):
         assert run["methods"][name]["images-only"]["ipc1"]["same_as"] == "end-to-end"
     assert run["methods"]["fd2"]["teacher"] == "cal" and "hard_ipc2" in run["methods"]["fd2"]
@@ -70,7 +72,8 @@ def test_grid_runs_every_method_in_both_protocols_and_resumes(tmp_path):
         [100 * (r["upper_bound"]["accuracy"] - r["methods"]["fd2"]["hard_ipc1"]["accuracy"])
          for r in results["runs"].values()]))
 
-    # a re-run with the same configuration trains nothing new: every method is taken from the result file
+    # a re-run with the same configuration trains nothing new: every method
+    # is taken from the result file
     bench._write_json(tmp_path / "q.json", results)
     again = bench.load_results(tmp_path / "q.json", TINY_CFG, "quick", "again")
     calls: list[str] = []
@@ -89,7 +92,8 @@ def test_grid_runs_every_method_in_both_protocols_and_resumes(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nearlier text\n")
     bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)
-    bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)  # replaces, never duplicates
+    # replaces, never duplicates
+    bench.write_outputs(results, tmp_path / "q.json", tmp_path / "q.png", doc)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nearlier text") and text.count("<!-- quality:v3-quick:begin -->") == 1
     assert "| fd2 − sre2l++ |" in text and "IOR fd2" in text and "bench/quality.py --tiny" in text
@@ -114,7 +118,8 @@ def test_paired_interval_against_a_hand_computation():
 
 
 def test_a_smaller_ipc_is_the_prefix_of_a_larger_one(tmp_path):
-    """The bench distills once at the largest IPC and takes prefixes: a run at ipc=1 gives the first index."""
+    """The bench distills once at the largest IPC and takes prefixes: a run
+    at ipc=1 gives the first index."""
     bench = _bench()
     data = load_dataset(TINY_DATA, 32)
     teacher = None
@@ -136,9 +141,11 @@ def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> No
     predates = {"format": "x", "ipcs": [1], "resolved_specs": {"fd2": {"ipc": 1}}}
     assert quality.same_config(key, key)
     assert quality.same_config(predates, key)
-    # A field the stored key predates that is not known to state old behaviour, or any changed value, is new work.
+    # A field the stored key predates that is not known to state old
+    # behaviour, or any changed value, is new work.
     assert not quality.same_config(predates, {**key, "resolved_specs": {"fd2": {"ipc": 1, "new_knob": 2}}})
-    # the relabel stream is part of the result: a v2 file (no format recorded) never extends under v3
+    # the relabel stream is part of the result: a v2 file (no format
+    # recorded) never extends under v3
     v3 = {**key, "soft_label_format": "fd2.soft_labels.v3"}
     assert quality.same_config(key, {**key, "soft_label_format": "fd2.soft_labels.v2"})
     assert not quality.same_config(key, v3) and quality.same_config(v3, v3)
@@ -153,8 +160,10 @@ def test_result_files_started_before_a_spec_field_existed_stay_resumable() -> No
 
 
 def test_table_mode_reuses_the_full_grid_and_shares_images_across_student_rows(tmp_path, monkeypatch):
-    """`--table`: random and sre2l++ are copied from the full grid's result file (same seed, same resolved spec);
-    the student-lr rows reuse their method's images and soft labels and only train another student."""
+    """`--table`: random and sre2l++ are copied from the full grid's result
+    file (same seed, same resolved spec);
+    the student-lr rows reuse their method's images and soft labels and
+    only train another student."""
     bench = _bench()
     full_cfg = TINY_CFG | {"seeds": (0,), "hard_label_methods": ()}
     calls: list[str] = []
@@ -177,7 +186,8 @@ def test_table_mode_reuses_the_full_grid_and_shares_images_across_student_rows(t
     table = bench.run_grid(table_cfg, tmp_path / "work", bench.load_results(tmp_path / "t.json", table_cfg,
                                                                              "table", "table"), None)
     run = table["runs"]["tiny/0"]
-    assert calls == [v.name for v in bench.TABLE_VARIANTS[2:]]  # random and sre2l++ were not run again
+    # random and sre2l++ were not run again
+    assert calls == [v.name for v in bench.TABLE_VARIANTS[2:]]
     for name in ("random", "sre2l++"):
         assert run["methods"][name]["reused_from"] == "full.json"
         assert run["methods"][name]["end-to-end"] == full["runs"]["tiny/0"]["methods"][name]["end-to-end"]
@@ -191,9 +201,9 @@ def test_table_mode_reuses_the_full_grid_and_shares_images_across_student_rows(t
 
 
 def test_the_published_patch_rule_is_scored_by_the_grids_plain_teacher(tmp_path):
-    """Under `patch_rule: published` FD² selects its patches with a plain cross-entropy teacher: the bench hands
-    `distill` its own CE teacher as that scorer, so no third teacher is trained and fd2 starts from the patches
-    sre2l++ starts from."""
+    """Under `patch_rule: published` FD² selects its patches with a plain cross-entropy teacher: the
+    bench hands `distill` its own CE teacher as that scorer, so no third teacher is trained and fd2
+    starts from the patches sre2l++ starts from."""
     bench = _bench()
     cfg = TINY_CFG | {"spec": TINY_CFG["spec"] | {"patch_rule": "published"}, "seeds": (0,), "ipcs": (1,)}
     runner = bench.PairRunner("tiny", TINY_DATA, 0, cfg, tmp_path / "work", {}, lambda: None)
@@ -210,8 +220,9 @@ def test_the_published_patch_rule_is_scored_by_the_grids_plain_teacher(tmp_path)
 
 
 def test_validation_runs_each_arm_once_shares_teachers_and_runs_random_once(tmp_path, monkeypatch):
-    """`--validate`: every arm runs sre2l++ and fd2 in its own distillation folder on the pair's one pair of
-    teachers; random, which no data-path field touches, runs in the reference arm only and is copied."""
+    """`--validate`: every arm runs sre2l++ and fd2 in its own distillation
+    folder on the pair's one pair of teachers; random, which no data-path
+    field touches, runs in the reference arm only and is copied."""
     bench = _bench()
     calls: list[tuple[str, str]] = []
     original = bench.PairRunner.method
@@ -229,7 +240,8 @@ def test_validation_runs_each_arm_once_shares_teachers_and_runs_random_once(tmp_
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["published", "synthetic-format-png", "teachers"]
     assert not list((tmp_path / "work" / "published").glob("*/*/teacher-*"))
     choice = results["summary"]["choices"]["synthetic_format"]
-    assert choice["pairs"] == ["tiny/0"] and choice["choice"] == "jpeg"  # one pair: no interval, keep published
+    # one pair: no interval, keep published
+    assert choice["pairs"] == ["tiny/0"] and choice["choice"] == "jpeg"
     # a second run finds everything in the result file and trains nothing
     calls.clear()
     bench.run_validation(cfg, tmp_path / "work", results, None)
@@ -254,5 +266,6 @@ def test_the_validation_rule_takes_the_alternative_only_when_its_interval_is_abo
     crop, fmt = summary["choices"]["distill_crop"], summary["choices"]["synthetic_format"]
     assert crop["both"]["lo"] > 0 and crop["choice"] == "image"  # +5 points every pair
     assert crop["both"]["mean"] == pytest.approx(5.0)
-    assert fmt["both"]["lo"] < 0 < fmt["both"]["hi"] and fmt["choice"] == "jpeg"  # −2, +7, −5: keep published
+    # −2, +7, −5: keep published
+    assert fmt["both"]["lo"] < 0 < fmt["both"]["hi"] and fmt["choice"] == "jpeg"
     assert crop["both_by_method"]["fd2"]["mean"] == pytest.approx(5.0)

@@ -1,4 +1,5 @@
-"""The validation probe measures what the pipeline does: its label sources replay the production relabel stage."""
+"""The validation probe measures what the pipeline does: its label sources
+replay the production relabel stage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fd2_core.data.dataset import load_dataset
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.relabel import relabel
 from fd2_core.stages.teacher import new_teacher
 from tests.pipeline_helpers import TINY_DATA, TINY_SPEC
@@ -85,7 +86,8 @@ def test_fd2_terms_reports_geometry_and_gradients(tmp_path, data):
     geometry = terms.prototype_geometry(teacher, ctx)
     grads = terms.term_gradients(teacher, ctx, draws=2)
     assert geometry["embedding_norm"] == pytest.approx(1.0, abs=1e-4)
-    # the published update leaves prototypes short (about β), so the raw distances to every class nearly coincide
+    # the published update leaves prototypes short (about β), so the raw
+    # distances to every class nearly coincide
     assert geometry["prototype_norm"] < 0.5
     assert abs(geometry["d_own_raw"] - geometry["d_other_raw"]) < abs(geometry["d_own_unit"] - geometry["d_other_unit"])
     for name in ("ce", "bn", "fc_raw", "fc_unit", "sc"):

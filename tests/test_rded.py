@@ -1,5 +1,5 @@
-"""The `rded` method (patch selection without optimisation) and the `base` of FD²: spec rules, pipeline, CLI,
-API and cost model, on tiny generated data."""
+"""The `rded` method (patch selection without optimisation) and the `base` of FD²: spec rules,
+pipeline, CLI, API and cost model, on tiny generated data."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from api_helpers import client, new_tenant, ready_dataset, settings, submit  # n
 from fastapi.testclient import TestClient
 
 import fd2_core.stages.distill as distill_stage
+import fd2_core.stages.synthesis as synthesis
 from fd2_core.atomic import load_tensors
 from fd2_core.cli import main
 from fd2_core.cost import DatasetSize, patch_scoring_passes, stage_image_passes
 from fd2_core.data.dataset import load_dataset
-from fd2_core.pipeline import _stage_weights, run
-from fd2_core.spec import BASES, METHODS, JobSpec, ValidationError, describe_spec_error, resolve_spec
+from fd2_core.pipeline import run, stage_weights
+from fd2_core.spec import BASES, METHODS, JobSpec, ValidationError
+from fd2_core.spec_errors import describe_spec_error
+from fd2_core.spec_resolution import resolve_spec
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +41,7 @@ def _refusal(raw: dict) -> str:
     return describe_spec_error(err.value.errors()[0])
 
 
-# --- spec -------------------------------------------------------------------------------------------------------
+# --- spec -----------------------------------------------------------------------------------------
 
 
 def test_fd2_keeps_meaning_fd2_on_sre2l_and_the_other_methods_have_no_base() -> None:
@@ -68,18 +71,19 @@ def test_contradictions_are_refused_with_cause_and_fix(raw: dict, words: list[st
         assert word in message, message
 
 
-# --- pipeline ---------------------------------------------------------------------------------------------------
+# --- pipeline -------------------------------------------------------------------------------------
 
 
 def test_rded_selects_the_sre2l_initial_images_without_a_single_optimisation_step(tmp_path, tiny_data,
                                                                                    monkeypatch) -> None:
-    """The plain reference: with the same seed, rded's set is the patch initialisation sre2l++ starts from."""
+    """The plain reference: with the same seed, rded's set is the patch
+    initialisation sre2l++ starts from."""
 
     def no_optimisation(*args, **kwargs):
         raise AssertionError("rded must not optimise the images")
 
     monkeypatch.setattr(distill_stage, "optimise_chunk", no_optimisation)
-    monkeypatch.setattr(distill_stage, "distill_step", no_optimisation)
+    monkeypatch.setattr(synthesis, "distill_step", no_optimisation)
     rded = run(tiny_spec(method="rded", ipc=2, evaluate=False), tiny_data, tmp_path / "rded")
     monkeypatch.undo()
     run(tiny_spec(method="sre2l++", ipc=2, distill_iterations=1, evaluate=False), tiny_data, tmp_path / "sre2l")
@@ -88,7 +92,8 @@ def test_rded_selects_the_sre2l_initial_images_without_a_single_optimisation_ste
         optimised = load_tensors(tmp_path / "sre2l" / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
         assert "init" not in selected  # its own initialisation: nothing to keep twice
         assert torch.equal(selected["images"], optimised["init"]), j
-        assert not torch.equal(selected["images"], optimised["images"])  # sre2l++ did move its images
+        # sre2l++ did move its images
+        assert not torch.equal(selected["images"], optimised["images"])
     drift = rded.report["distill"]
     assert drift["init"] == "patches" and drift["init_psnr_db"] is None
     assert drift["init_mean_abs_change"] == 0.0 and drift["init_mean_abs_change_per_index"] == [0.0, 0.0]
@@ -106,13 +111,14 @@ def test_rded_resumes_at_the_first_missing_ipc_index_with_the_same_selection(tmp
     messages = [e.message for e in events]
     assert "ipc index 0 already distilled; reusing it" in messages
     assert "ipc index 2/2 distilled" in messages  # the missing index was selected again
-    assert torch.equal(load_tensors(second_index)["images"], before)  # the ranking of a reloaded teacher
+    # the ranking of a reloaded teacher
+    assert torch.equal(load_tensors(second_index)["images"], before)
     assert again.report["resumed"] is True
     tar = "distilled.tar.gz"
     assert again.artifacts[tar].read_bytes() == first.artifacts[tar].read_bytes()
 
 
-# --- cost model -------------------------------------------------------------------------------------------------
+# --- cost model -----------------------------------------------------------------------------------
 
 
 def test_rded_costs_its_patch_scoring_only_once_whatever_the_ipc_or_iterations() -> None:
@@ -129,7 +135,8 @@ def test_rded_costs_its_patch_scoring_only_once_whatever_the_ipc_or_iterations()
     noise = resolve_spec({"method": "sre2l++", "ipc": 2, "init": "gaussian"})
     assert stage_image_passes(noise, CUB_LIKE)["distill"] == steps
     assert stage_image_passes(resolve_spec({"method": "random"}), CUB_LIKE)["distill"] == 0
-    # everything but distill is the same work as the base recipe's (same plain teacher, relabel, students)
+    # everything but distill is the same work as the base recipe's (same
+    # plain teacher, relabel, students)
     same = {k: v for k, v in stage_image_passes(sre2l, CUB_LIKE).items() if k != "distill"}
     assert {k: v for k, v in passes.items() if k != "distill"} == same
 
@@ -139,10 +146,10 @@ def test_rded_progress_weights_are_its_cost() -> None:
     data = SimpleNamespace(classes=[str(i) for i in range(CUB_LIKE.num_classes)],
                            train_images=SimpleNamespace(shape=(CUB_LIKE.train_images, 3, 32, 32)),
                            test_images=SimpleNamespace(shape=(CUB_LIKE.test_images, 3, 32, 32)))
-    assert _stage_weights(spec, data) == stage_image_passes(spec, CUB_LIKE)
+    assert stage_weights(spec, data) == stage_image_passes(spec, CUB_LIKE)
 
 
-# --- CLI --------------------------------------------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------------------
 
 
 def _set_args(spec: dict) -> list[str]:
@@ -182,7 +189,7 @@ def test_cli_refuses_contradictions_with_exit_2_before_writing(tmp_path, capsys,
     assert not (tmp_path / "runs").exists()
 
 
-# --- API --------------------------------------------------------------------------------------------------------
+# --- API ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

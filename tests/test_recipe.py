@@ -1,4 +1,5 @@
-"""`fd2_core.pipeline.run` reads like a recipe: every job stage is a module of `fd2_core.stages`, called in order."""
+"""`fd2_core.pipeline.run` reads like a recipe: every job stage is a module
+of `fd2_core.stages`, called in order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from fd2_core import pipeline
 
-STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")  # the order a job reports them in
+# the order a job reports them in
+STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
 MAX_RUN_LINES = 60  # docstring included: the work belongs in the stages, run only sequences it
 
 
@@ -33,11 +35,12 @@ def test_run_stays_a_short_recipe():
 
 
 def test_a_work_folder_from_before_a_spec_field_existed_still_resumes(tmp_path) -> None:
-    """A stored spec.json without `base` / `teacher_weights_mode` matches a spec that states what was implied;
+    """A stored spec.json without `base` / `teacher_weights_mode` matches a
+    spec that states what was implied;
     any other difference is still a conflict, named by field."""
     from fd2_core.data.errors import DataError
     from fd2_core.pipeline import check_workdir
-    from fd2_core.spec import resolve_spec
+    from fd2_core.spec_resolution import resolve_spec
 
     resolved = resolve_spec({"preset": "cpu-small", "method": "fd2"}).model_dump(mode="json")
     older = {k: v for k, v in resolved.items() if k not in ("base", "teacher_weights_mode")}

@@ -1,9 +1,11 @@
-"""Relabel and student follow the published protocol (docs: FD² paper; published relabel and validation scripts).
+"""Relabel and student follow the published protocol (docs: FD² paper;
+published relabel and validation scripts).
 
-Relabel: logits of the chosen source, BatchNorm with the statistics of each forwarded part (train mode) or the
-running statistics (eval), the teacher's stored statistics untouched, the protocol in the file's metadata.
-Student: lr per epoch (half-cosine ends at half the lr), each replayed batch as micro-batches with accumulated
-gradients and one optimizer step.
+Relabel: logits of the chosen source, BatchNorm with the statistics of each
+forwarded part (train mode) or the running statistics (eval), the teacher's
+stored statistics untouched, the protocol in the file's metadata.
+Student: lr per epoch (half-cosine ends at half the lr), each replayed batch as micro-batches with
+accumulated gradients and one optimizer step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fd2_core.data.dataset import load_dataset
 from fd2_core.distilled import DistilledSet, SoftLabelReplay
 from fd2_core.progress import ProgressTracker
 from fd2_core.softlabels import FORMAT, PROTOCOL_KEYS, SoftLabels, forward_parts
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages import evaluate
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.evaluate import StudentResult, accumulate, soft_label_loss, student_lr, train_student
@@ -44,7 +46,8 @@ def _ctx(tmp_path, data, **overrides) -> RunContext:
 
 
 def _teacher(ctx: RunContext) -> torch.nn.Module:
-    """A CAL teacher whose running statistics are far from any batch's, so train and eval mode differ."""
+    """A CAL teacher whose running statistics are far from any batch's, so
+    train and eval mode differ."""
     torch.manual_seed(0)
     teacher = new_teacher(ctx)
     g = torch.Generator().manual_seed(1)
@@ -70,8 +73,8 @@ def _pick(out, source: str, r: float) -> torch.Tensor:
 
 
 def _reference(ctx, teacher, soft: SoftLabels, source: str, train: bool, halves: bool) -> list[torch.Tensor]:
-    """Plain replay: a copy of the teacher in train (or eval) mode, each recorded batch forwarded as its first
-    ceil(b/2) and remaining images (or whole), logits of `source` per batch."""
+    """Plain replay: a copy of the teacher in train (or eval) mode, each recorded batch forwarded as
+    its first ceil(b/2) and remaining images (or whole), logits of `source` per batch."""
     model = copy.deepcopy(teacher).train(train)
     images = ctx.normalize(ctx.data.train_images[:N_IMAGES]).float()
     out = []
@@ -101,7 +104,8 @@ def test_train_mode_stores_the_logits_of_each_forwarded_half(tmp_path, data, sou
     expected = _reference(ctx, teacher, soft, source, train=True, halves=True)
     for got, want in zip(stored, expected, strict=True):
         _assert_fp16_close(got, want)
-    # the check has teeth: eval logits and unsplit train-mode logits are both far from what was stored
+    # the check has teeth: eval logits and unsplit train-mode logits are
+    # both far from what was stored
     assert _far(stored, _reference(ctx, teacher, soft, source, train=False, halves=True))
     assert _far(stored, _reference(ctx, teacher, soft, source, train=True, halves=False))
 
@@ -145,7 +149,8 @@ def test_teacher_running_statistics_and_modes_are_unchanged(tmp_path, data, bn_m
 
 
 def _positional(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images in the ipc-major order of a distilled set: position i = j·K + c holds class c."""
+    """Training images in the ipc-major order of a distilled set: position
+    i = j·K + c holds class c."""
     k = len(data.classes)
     picks = [int(torch.nonzero(data.train_labels == i % k)[i // k]) for i in range(N_IMAGES)]
     return data.train_images[picks], data.train_labels[picks]
@@ -213,7 +218,8 @@ def test_relabel_records_again_over_a_file_of_another_protocol(tmp_path, data):
 
 
 def test_relabel_records_again_over_a_file_of_an_older_format(tmp_path, data):
-    """A v3 file is another augmentation stream (clamped boxes, roi_align): never reused for a new recording."""
+    """A v3 file is another augmentation stream (clamped boxes, roi_align):
+    never reused for a new recording."""
     ctx = _ctx(tmp_path, data)
     teacher = _teacher(ctx)
     first = _relabel(ctx, teacher, tmp_path)
@@ -293,7 +299,8 @@ def test_student_steps_once_per_batch_on_the_teachers_parts(tmp_path, data, monk
 
 
 def _micro_batches(events: list) -> list[list[int]]:
-    """Student forward sizes grouped by optimizer step (events: ints = forwards, "step" = an optimizer step)."""
+    """Student forward sizes grouped by optimizer step (events: ints =
+    forwards, "step" = an optimizer step)."""
     batches: list[list[int]] = [[]]
     for event in events:
         if event == "step":
@@ -322,7 +329,8 @@ def test_hard_label_student_accumulates_over_cutmix_parts(tmp_path, data):
 
 
 def test_evaluate_reports_each_student_s_loss_under_its_own_term(tmp_path, data, monkeypatch):
-    """The students run one after another in one stage; their own loss terms keep the console's curves apart."""
+    """The students run one after another in one stage; their own loss
+    terms keep the console's curves apart."""
     from fd2_core import progress
 
     monkeypatch.setattr(progress, "EVENT_INTERVAL_S", 0.0)  # an event per step
@@ -339,4 +347,5 @@ def test_evaluate_reports_each_student_s_loss_under_its_own_term(tmp_path, data,
     assert first == len(soft) and terms[:first] == ["student_loss"] * first
     assert terms[first:] and set(terms[first:]) == {"random_baseline_loss"}
     fractions = [e.stage_progress for e in progress_events]
-    assert fractions == sorted(fractions)  # one rising x: the term, not the x, tells the students apart
+    # one rising x: the term, not the x, tells the students apart
+    assert fractions == sorted(fractions)

@@ -1,6 +1,6 @@
-"""Sharded jobs (fd2_core.shards): the plan, and the shards run in any order their dependencies allow give the
-files of an unsharded `pipeline.run`, tensor for tensor; finished shards do nothing, killed ones resume, old
-soft-label files and another `max_workers` keep a work folder usable."""
+"""Sharded jobs (fd2_core.shards): the plan, and the shards run in any order their dependencies
+allow give the files of an unsharded `pipeline.run`, tensor for tensor; finished shards do nothing,
+killed ones resume, old soft-label files and another `max_workers` keep a work folder usable."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fd2_core.softlabels as softlabels_module
-import fd2_core.stages.distill as distill_stage
+import fd2_core.stages.distill_files as distill_files
+import fd2_core.stages.fadrm_phases as fadrm_phases
 from fd2_core.cost import DatasetSize, stage_image_passes
 from fd2_core.data.dataset import load_dataset
 from fd2_core.distilled import SoftLabelReplay
@@ -36,7 +37,9 @@ from fd2_core.softlabels import (
     record_soft_labels,
     save_soft_label_part,
 )
-from fd2_core.spec import ValidationError, resolve_spec, spec_changes
+from fd2_core.spec import ValidationError
+from fd2_core.spec_compat import spec_changes
+from fd2_core.spec_resolution import resolve_spec
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
 TWO_CONVNETS = [{"backbone": "convnet", "model_width": 8}, {"backbone": "convnet", "model_width": 12, "weight": 3}]
@@ -45,8 +48,9 @@ CONFIGS = {  # ipc 2 with SC on, two class blocks or more, relabel in two epoch 
     "fd2-fadrm": tiny_spec(ipc=2, base="fadrm+", fadrm_phase_steps=[2, 2, 3], distill_batch_classes=2,
                            relabel_epochs=3, max_workers=2),
     "committee": tiny_spec(ipc=2, committee=TWO_CONVNETS, distill_batch_classes=2, relabel_epochs=3, max_workers=3),
-    # the published patch rule under FD²: one more shard pretrains the plain scorer the blocks select with
-    # (with the rest of the published data path: one crop per step, JPEG storage of every finished index)
+    # the published patch rule under FD²: one more shard pretrains the
+    # plain scorer the blocks select with (with the rest of the published
+    # data path: one crop per step, JPEG storage of every finished index)
     "fd2-published": tiny_spec(ipc=2, patch_rule="published", distill_crop="batch", synthetic_format="jpeg",
                                distill_batch_classes=2, relabel_epochs=2, max_workers=2),
 }
@@ -72,8 +76,8 @@ def plain(tiny_data, tmp_path_factory):
 
 
 def _run_shuffled(raw: dict, data, workdir: Path, seed: int = 0) -> list[str]:
-    """Every shard of the plan (epoch ranges of one epoch or more), each picked at random among those whose
-    dependencies finished; returns the order."""
+    """Every shard of the plan (epoch ranges of one epoch or more), each picked at random among
+    those whose dependencies finished; returns the order."""
     rng, done, order = random.Random(seed), set(), []
     pending = plan_shards(resolve_spec(raw), len(data.classes), min_relabel_epochs=1)
     while pending:
@@ -91,7 +95,8 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _assert_same_file(a: Path, b: Path) -> None:
-    """The same tensors and metadata (safetensors writes its metadata in a per-process order, so not bytes)."""
+    """The same tensors and metadata (safetensors writes its metadata in a
+    per-process order, so not bytes)."""
     (ta, ma), (tb, mb) = _tensors(a), _tensors(b)
     assert ma == mb, a
     assert ta.keys() == tb.keys(), a
@@ -104,7 +109,8 @@ def _assert_same_job(plain: Path, sharded: Path, ipc: int) -> None:
         _assert_same_file(plain / "stages" / "distill" / f"ipc_{j:03d}.safetensors",
                           sharded / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
     _assert_same_file(plain / "stages" / "soft_labels.safetensors", sharded / "stages" / "soft_labels.safetensors")
-    for teacher in (plain / "teachers").glob("*/stages/teacher.safetensors"):  # committee members, the scorer
+    # committee members, the scorer
+    for teacher in (plain / "teachers").glob("*/stages/teacher.safetensors"):
         _assert_same_file(teacher, sharded / teacher.relative_to(plain))
     for name in ("soft_labels.safetensors", "teacher.safetensors"):
         _assert_same_file(plain / "artifacts" / name, sharded / "artifacts" / name)
@@ -121,8 +127,9 @@ def _forbid_training(monkeypatch) -> None:
     def trained(*args, **kwargs):
         raise AssertionError("a finished job must not train again")
 
-    monkeypatch.setattr("fd2_core.stages.pretrain._optimizer", trained)
-    monkeypatch.setattr("fd2_core.stages.distill.committee_step", trained)
+    monkeypatch.setattr("fd2_core.stages.pretrain.teacher_optimizer", trained)
+    monkeypatch.setattr("fd2_core.stages.synthesis.committee_step", trained)
+    monkeypatch.setattr("fd2_core.stages.fadrm_phases.committee_step", trained)
     monkeypatch.setattr("fd2_core.stages.patches.rank_patches", trained)
     monkeypatch.setattr("fd2_core.stages.patches.build_patch_files", trained)
     monkeypatch.setattr("fd2_core.stages.relabel.record_soft_labels", trained)
@@ -130,7 +137,7 @@ def _forbid_training(monkeypatch) -> None:
     monkeypatch.setattr("fd2_core.stages.evaluate.train_full_data_student", trained)
 
 
-# --- the plan --------------------------------------------------------------------------------------------------
+# --- the plan -------------------------------------------------------------------------------------
 
 
 def test_plan_lists_every_unit_with_its_dependencies() -> None:
@@ -149,7 +156,8 @@ def test_plan_lists_every_unit_with_its_dependencies() -> None:
     assert by_id["relabel:e0075-0150"].depends_on == ("pretrain:m0", "distill:merge")
     assert by_id["relabel:merge"].depends_on == tuple(f"relabel:e{a:04d}-{a + 75:04d}" for a in (0, 75, 150, 225))
     assert by_id["evaluate:distilled"].depends_on == ("distill:merge", "relabel:merge")
-    assert by_id["evaluate:random"].depends_on == ("pretrain:m0",)  # the random subset needs no distilled set
+    # the random subset needs no distilled set
+    assert by_id["evaluate:random"].depends_on == ("pretrain:m0",)
     assert set(by_id["package"].depends_on) == {"pretrain:m0", "distill:merge", "relabel:merge",
                                                 "evaluate:distilled", "evaluate:random"}
     seen: set[str] = set()
@@ -161,7 +169,8 @@ def test_plan_lists_every_unit_with_its_dependencies() -> None:
 def test_plan_follows_the_committee_the_method_and_the_students() -> None:
     committee = plan_shards(resolve_spec({"committee": ["convnet"] * 3}), num_classes=5)
     ids = [s.id for s in committee]
-    assert ids[:4] == ["pretrain:m0", "pretrain:m1", "pretrain:m2", "distill:c00000"]  # 0 = all classes, one block
+    # 0 = all classes, one block
+    assert ids[:4] == ["pretrain:m0", "pretrain:m1", "pretrain:m2", "distill:c00000"]
     assert committee[3].depends_on == ("pretrain:m0", "pretrain:m1", "pretrain:m2")
     random_set = {s.id: s for s in plan_shards(resolve_spec({"method": "random"}), num_classes=5)}
     assert random_set["distill:c00000"].depends_on == ()  # real images need no teacher
@@ -206,10 +215,11 @@ def test_ids_that_are_not_shards_of_the_job_are_refused(tmp_path) -> None:
                 "compile", "distill:c1"):
         with pytest.raises(ValueError, match="not a shard of this job"):
             shard_done(spec, tmp_path, bad)
-    assert shard_done(spec, tmp_path, "relabel:e0001-0002") is False  # any range of whole epochs is one
+    # any range of whole epochs is one
+    assert shard_done(spec, tmp_path, "relabel:e0001-0002") is False
 
 
-# --- sharded equals unsharded ---------------------------------------------------------------------------------
+# --- sharded equals unsharded ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -220,7 +230,8 @@ def test_shards_in_any_order_give_the_unsharded_files(tmp_path, tiny_data, plain
     assert sum(i.startswith("distill:c") for i in order) >= 2
     _assert_same_job(plain(name), tmp_path / "sharded", raw["ipc"])
 
-    _forbid_training(monkeypatch)  # the whole job again on the finished folder: everything is reused
+    # the whole job again on the finished folder: everything is reused
+    _forbid_training(monkeypatch)
     again = run(raw, tiny_data, tmp_path / "sharded")
     assert again.metrics == json.loads((plain(name) / "artifacts" / "report.json").read_text())["metrics"]
     _assert_same_job(plain(name), tmp_path / "sharded", raw["ipc"])
@@ -246,7 +257,7 @@ def test_epoch_ranges_join_into_one_recording() -> None:
         join_soft_label_parts(parts[:2], 5)
 
 
-# --- redelivery, kills, old files, max_workers --------------------------------------------------------------------
+# --- redelivery, kills, old files, max_workers ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +329,7 @@ def test_a_block_killed_mid_phase_resumes_from_its_checkpoint(tmp_path, tiny_dat
     raw = CONFIGS["fd2-fadrm"]  # blocks c00000 and c00002, phases of 2, 2, 3 steps
     workdir = tmp_path / "cut"
     _shards_until(raw, tiny_data, workdir, "distill:c00000")
-    _kill_on_call(monkeypatch, distill_stage, "_run_phase", 6)  # index 1, third phase
+    _kill_on_call(monkeypatch, fadrm_phases, "run_phase", 6)  # index 1, third phase
     with pytest.raises(KeyboardInterrupt):
         run_shard(raw, tiny_data, workdir, "distill:c00000")
     monkeypatch.undo()
@@ -340,7 +351,7 @@ def test_merges_and_epoch_ranges_killed_midway_complete_the_same(tmp_path, tiny_
     raw = CONFIGS["fd2-sre2l"]
     workdir = tmp_path / "cut"
     _shards_until(raw, tiny_data, workdir, "distill:merge")
-    _kill_on_call(monkeypatch, distill_stage, "save_tensors", 2)  # after ipc_000 is written
+    _kill_on_call(monkeypatch, distill_files, "save_tensors", 2)  # after ipc_000 is written
     with pytest.raises(KeyboardInterrupt):
         run_shard(raw, tiny_data, workdir, "distill:merge")
     monkeypatch.undo()
@@ -368,7 +379,8 @@ def test_merges_and_epoch_ranges_killed_midway_complete_the_same(tmp_path, tiny_
 
 
 def test_epoch_ranges_of_another_plan_still_merge(tmp_path, tiny_data, plain) -> None:
-    """A job resumed with another max_workers: the ranges recorded before and after overlap and still join."""
+    """A job resumed with another max_workers: the ranges recorded before
+    and after overlap and still join."""
     raw = CONFIGS["fd2-sre2l"]  # 4 epochs
     workdir = tmp_path / "replanned"
     _shards_until(raw, tiny_data, workdir, "relabel:e0000-0002")
@@ -387,8 +399,9 @@ def _as_v2(path: Path) -> None:
 
 
 def test_an_old_format_soft_label_file_replays_but_is_recorded_again(tmp_path, tiny_data, finished) -> None:
-    """An older file was recorded with other crops (roi_align of clamped boxes): it still replays exactly as
-    recorded, but a run never joins or reuses it; its relabel shards run again and write the current format."""
+    """An older file was recorded with other crops (roi_align of clamped
+    boxes): it still replays exactly as recorded, but a run never joins or
+    reuses it; its relabel shards run again and write the current format."""
     raw = CONFIGS["fd2-sre2l"]
     workdir = tmp_path / "old"
     shutil.copytree(finished, workdir)
@@ -412,7 +425,8 @@ def test_max_workers_is_result_neutral(tmp_path, tiny_data, monkeypatch) -> None
     raw = tiny_spec(evaluate=False, relabel_epochs=1)
     run(raw, tiny_data, tmp_path / "run")
     _forbid_training(monkeypatch)
-    run({**raw, "max_workers": 8}, tiny_data, tmp_path / "run")  # no workdir_conflict, nothing trained again
+    # no workdir_conflict, nothing trained again
+    run({**raw, "max_workers": 8}, tiny_data, tmp_path / "run")
     spec_path = tmp_path / "run" / "spec.json"
     stored = json.loads(spec_path.read_text())
     del stored["max_workers"]  # a work folder from before the field

@@ -12,7 +12,7 @@ from fd2_core.distilled import SoftLabelReplay, read_distilled
 from fd2_core.models import build_model
 from fd2_core.pipeline import run
 from fd2_core.softlabels import SoftLabels, record_soft_labels, replay, save_soft_labels
-from fd2_core.spec import resolve_spec
+from fd2_core.spec_resolution import resolve_spec
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 
 
@@ -72,7 +72,8 @@ def test_public_loader_replays_downloaded_artifacts_against_the_teacher(tmp_path
     )
     teacher.load_state_dict(state)
     assert (data.soft_label_source, data.bn_mode, data.forward_splits) == ("backbone", "train", 2)
-    teacher.train()  # published relabel: BatchNorm normalises with the statistics of each forwarded part
+    # published relabel: BatchNorm normalises with the statistics of each forwarded part
+    teacher.train()
     images, stored = data[0]
     with torch.no_grad():
         fresh = torch.cat([teacher(part).logits for part, _ in data.split((images, stored))])

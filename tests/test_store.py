@@ -1,5 +1,5 @@
-"""The persistence package on real SQLite and PostgreSQL: migrations, keys, the job life cycle as the worker
-drives it, artifacts, pagination cursors, settings and the embedded broker."""
+"""The persistence package on real SQLite and PostgreSQL: migrations, keys, the job life cycle as
+the worker drives it, artifacts, pagination cursors, settings and the embedded broker."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from fd2_config.celery_config import celery_config
 from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, queue_for_device
 from fd2_config.settings import Settings, get_settings
 from store.artifacts import register_artifact
-from store.db import _alembic_config, current_revision, get_engine, migrate, session_scope
+from store.db import alembic_config, current_revision, get_engine, migrate, session_scope
 from store.jobs import (
     add_event,
     create_job,
@@ -61,7 +61,7 @@ def new_job(session, tenant_name: str = "acme", **kwargs) -> Job:
 
 
 def test_migrations_reach_head_and_match_the_models(db: Settings) -> None:
-    head = ScriptDirectory.from_config(_alembic_config(db.database_url)).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config(db.database_url)).get_current_head()
     assert current_revision(db) == head
     migrate(db)  # a second run is a no-op
     assert current_revision(db) == head
@@ -81,7 +81,7 @@ def test_processes_starting_together_migrate_once(backend: str, tmp_path: Path) 
             results = [pool.submit(migrate, fresh) for _ in range(3)]
             for result in results:
                 result.result()
-        head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
         assert current_revision(fresh) == head
 
 

@@ -1,5 +1,5 @@
-"""`synthetic_format`: the published storage of distilled images (uint8 truncation, then JPEG 75) is what every
-later stage reads and what the artifact's lossless PNGs hold (docs/DATA_PATH.md)."""
+"""`synthetic_format`: the published storage of distilled images (uint8 truncation, then JPEG 75) is
+what every later stage reads and what the artifact's lossless PNGs hold (docs/DATA_PATH.md)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from fd2_core.atomic import load_tensors
 from fd2_core.data.dataset import load_dataset
 from fd2_core.distilled import read_distilled
 from fd2_core.pipeline import run
-from fd2_core.spec import resolve_spec
-from fd2_core.stages.distill import ipc_file
+from fd2_core.spec_resolution import resolve_spec
+from fd2_core.stages.distill_files import ipc_file
 from fd2_core.stages.package import image_storage
 from fd2_core.stored_images import jpeg_roundtrip, stored_pixels, truncate_to_u8
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
@@ -66,7 +66,8 @@ def test_a_jpeg_run_stores_reads_and_exports_the_decoded_jpeg_pixels(tmp_path, t
         raw_pixels = (tensors["raw"] * std + mean).clamp(0, 1)
         expected = jpeg_roundtrip(truncate_to_u8(raw_pixels))
         stored = (tensors["images"] * std + mean) * 255
-        assert torch.allclose(stored, expected.float(), atol=1e-3)  # the index itself holds the decoded JPEG
+        # the index itself holds the decoded JPEG
+        assert torch.allclose(stored, expected.float(), atol=1e-3)
         rows = exported[j * 4 : (j + 1) * 4]
         assert torch.equal(rows, expected)  # the artifact's PNGs: the same pixels, losslessly
     manifest = read_distilled(result.artifacts["distilled.tar.gz"]).manifest

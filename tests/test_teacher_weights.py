@@ -1,6 +1,6 @@
-"""Teacher weights files and the dataset's classes: `full` mode checks the stored class names (same order,
-another order mapped, another set refused, no names warned about), `backbone` mode starts the feature
-extractor only for any class list; bad files are refused before a run writes anything."""
+"""Teacher weights files and the dataset's classes: `full` mode checks the stored class names (same
+order, another order mapped, another set refused, no names warned about), `backbone` mode starts the
+feature extractor only for any class list; bad files are refused before a run writes anything."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from fd2_core.models.weights import (
 )
 from fd2_core.pipeline import run
 from fd2_core.progress import PipelineEvent
-from fd2_core.spec import JobSpec, ValidationError, resolve_spec
+from fd2_core.spec import JobSpec, ValidationError
+from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.teacher import check_teacher_weights
 from tests.pipeline_helpers import TINY_DATA, tiny_spec
 from worker.progress import ProgressReporter
@@ -35,13 +36,15 @@ from worker.progress import ProgressReporter
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["wren", "finch", "robin", "tit"]
 TINY = {"cal": True, "num_attention_maps": 2, "width": 16}
-# fast runs that start from a file: the teacher barely moves, so its rows can be compared with the file's
+# fast runs that start from a file: the teacher barely moves, so its rows
+# can be compared with the file's
 FROZEN = {"pretrain_lr": 1e-9, "pretrain_weight_decay": 0.0, "distill_iterations": 1, "relabel_epochs": 1,
           "evaluate": False}
 
 
 def _teacher(backbone: str = "convnet", k: int = 4, seed: int = 0):
-    """A teacher whose every tensor is distinct per class: random prototypes and BatchNorm statistics too."""
+    """A teacher whose every tensor is distinct per class: random
+    prototypes and BatchNorm statistics too."""
     torch.manual_seed(seed)
     model = build_model(backbone, k, 32, **TINY)
     with torch.no_grad():
@@ -192,7 +195,8 @@ def test_check_before_a_run_turns_problems_into_data_errors(tmp_path):
     assert check_teacher_weights(backbone, [f"c{i}" for i in range(6)], path).classes == "dropped"
 
 
-# ---------------------------------------------------------------- the pipeline, the CLI and the worker
+# ---------------------------------------------------------------- the
+# pipeline, the CLI and the worker
 
 
 class _ListSink:
@@ -231,7 +235,8 @@ def test_a_run_maps_a_teacher_saved_in_another_class_order(tmp_path, first_run):
     assert result.report["warnings"] == []
     original, again = load_file(str(saved)), load_file(str(result.artifacts["teacher.safetensors"]))
     for key in ("backbone.classifier.weight", "backbone.classifier.bias", "cal_head.classifier.weight"):
-        torch.testing.assert_close(again[key], original[key], rtol=0, atol=1e-6)  # back in the dataset's order
+        # back in the dataset's order
+        torch.testing.assert_close(again[key], original[key], rtol=0, atol=1e-6)
 
 
 def test_a_run_from_a_plain_state_dict_warns_in_its_events_and_report(tmp_path, first_run):

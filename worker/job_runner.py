@@ -1,11 +1,12 @@
 """Run one job: claim it, run the pipeline in its working folder, record the outcome.
 
-No database session is held while the pipeline runs: every write (claim, progress, heartbeat, cancel poll,
-final state) is its own short transaction, so a long job never pins a connection or a SQLite write lock.
-Writes that record the job are retried through a database outage (`worker.outages`); the heartbeat and
-the cancel poll are not: they run again seconds later anyway.
-The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints, so running the same job
-again after a crash, a redelivery or a worker shutdown resumes where it stopped.
+No database session is held while the pipeline runs: every write (claim,
+progress, heartbeat, cancel poll, final state) is its own short
+transaction, so a long job never pins a connection or a SQLite write lock.
+Writes that record the job are retried through a database outage (`worker.outages`); the heartbeat
+and the cancel poll are not: they run again seconds later anyway.
+The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints, so running the same
+job again after a crash, a redelivery or a worker shutdown resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -42,17 +43,20 @@ from worker.workdir_cleanup import discard_workdir, prune_checkpoints
 
 log = logging.getLogger(__name__)
 
-# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan cannot see them
-# again, so they travel with the job. Duplicate warnings are not carried: the job's loader finds them itself.
+# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan
+# cannot see them again, so they travel with the job.
+# Duplicate warnings are not carried: the job's loader finds them itself.
 UNPACKING_WARNINGS = ("names_",)
 
-# A job whose runs keep dying (say, the kernel's OOM killer) is failed instead of being retried forever.
+# A job whose runs keep dying (say, the kernel's OOM killer) is failed
+# instead of being retried forever.
 MAX_ATTEMPTS = 5
 MESSAGE_LIMIT = 300
 
 
 class JobReleased(Exception):
-    """The worker is shutting down: the job went back to `queued` and its message must be requeued."""
+    """The worker is shutting down: the job went back to `queued` and its
+    message must be requeued."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ class DatabaseProgressSink:
 
 
 class JobRunner:
-    """Runs jobs for one worker process (`me` is its `<host>:<pid>` identity, `state` its `WorkerState`)."""
+    """Runs jobs for one worker process (`me` is its `<host>:<pid>`
+    identity, `state` its `WorkerState`)."""
 
     def __init__(self, state: WorkerState, me: str, app: Any = None) -> None:
         self.state = state
@@ -111,8 +116,10 @@ class JobRunner:
         self.app = app  # the Celery app that publishes shard messages (default: the worker's own)
 
     def run(self, job_id: str) -> str:
-        """Run the job to a final state; returns that state, or `skipped` when there was nothing to do."""
-        self.state.running_here.add(job_id)  # before the claim commits, so recovery never sees it unheld here
+        """Run the job to a final state; returns that state, or `skipped`
+        when there was nothing to do."""
+        # before the claim commits, so recovery never sees it unheld here
+        self.state.running_here.add(job_id)
         try:
             claimed = self._claim(job_id)
             if claimed is None:
@@ -133,7 +140,8 @@ class JobRunner:
         if _max_workers(claimed.spec) > 1:  # spread over several workers: docs/ARCHITECTURE.md
             from worker.shard_runner import ShardRunner
 
-            with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):  # a long data scan
+            # a long data scan
+            with Heartbeat(lambda: self._beat(job_id), self.limits.heartbeat_interval_s):
                 return ShardRunner(self.state, self.me, self.app).plan(claimed, claimed.tenant_id)
         deadline = time.monotonic() + self.limits.soft_time_limit_s
         poller = StopPoller(lambda: self._cancel_requested(job_id), deadline=deadline, shutdown=self.state.shutdown)
@@ -146,14 +154,15 @@ class JobRunner:
     def _run_pipeline(
         self, job: ClaimedJob, workdir: Path, reporter: ProgressReporter, poller: StopPoller
     ) -> str:
-        # Imported here, not at module level: the worker parent process must not load torch (celery_app).
+        # Imported here, not at module level: the worker parent process
+        # must not load torch (celery_app).
         from celery.exceptions import SoftTimeLimitExceeded
         from pydantic import ValidationError
 
         from fd2_core.data.errors import DataError
         from fd2_core.data.limits import DataLimits
         from fd2_core.pipeline import StopRequested, run
-        from fd2_core.spec import resolve_spec
+        from fd2_core.spec_resolution import resolve_spec
 
         assert job.source is not None
         try:
@@ -209,7 +218,8 @@ class JobRunner:
         metrics: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
     ) -> str:
-        """Write the final state (one transaction), free the disk, then start the callback if any."""
+        """Write the final state (one transaction), free the disk, then
+        start the callback if any."""
         written, current, callback_url = with_retries(
             self.settings, lambda: self._write_final(job_id, status, metrics, error), f"job {job_id}: final state"
         )
@@ -223,7 +233,8 @@ class JobRunner:
         return status
 
     def _free_disk(self, job_id: str, status: str) -> None:
-        """A succeeded job keeps its artifacts only; a failed or cancelled one leaves nothing (`workdir_cleanup`)."""
+        """A succeeded job keeps its artifacts only; a failed or cancelled
+        one leaves nothing (`workdir_cleanup`)."""
         workdir = job_workdir(self.settings, job_id)
         if status == "succeeded":
             prune_checkpoints(workdir)
@@ -261,11 +272,13 @@ class JobRunner:
             return ClaimedJob(job.id, dict(job.spec), source, job.attempts, job.callback_url, job.tenant_id)
 
     def _source_of(self, session: Any, job: Job) -> JobSource | None:
-        """Where the job's data is recorded to be: an operator-side manifest, or the uploaded dataset's folder.
+        """Where the job's data is recorded to be: an operator-side
+        manifest, or the uploaded dataset's folder.
 
-        Only the rows are read here; the files are checked (`worker.source_check`) when the run starts. A
-        manifest job's stored `{"root", "items"}` resolves against the operator-approved `root`, not against
-        the job folder the file sits in.
+        Only the rows are read here; the files are checked
+        (`worker.source_check`) when the run starts.
+        A manifest job's stored `{"root", "items"}` resolves against the operator-approved `root`,
+        not against the job folder the file sits in.
         """
         if job.manifest_path:
             return JobSource("manifest", job.manifest_path)
@@ -310,7 +323,8 @@ class JobRunner:
 
 
 def _max_workers(spec: dict[str, Any]) -> int:
-    """The stored spec's `max_workers` (1 where it is missing or not a number: the spec check reports that)."""
+    """The stored spec's `max_workers` (1 where it is missing or not a
+    number: the spec check reports that)."""
     value = spec.get("max_workers", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) else 1
 

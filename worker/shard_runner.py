@@ -1,15 +1,19 @@
-"""Run one shard of a job spread over several workers (`fd2.run_shard`), and split a job into shards.
+"""Run one shard of a job spread over several workers (`fd2.run_shard`),
+and split a job into shards.
 
-A job whose spec asks for `max_workers` > 1 is planned by the worker that takes its `fd2.run_job` message
-(`ShardRunner.plan`): the shards of `fd2_core.shards.plan_shards` become rows (`store.shards`) and the first
-ready ones are dispatched. Each `fd2.run_shard` message then runs one shard (`ShardRunner.run_shard`) in the
-job's working folder on shared storage, through `fd2_core.shards.run_shard`, which writes its outputs
-atomically and skips a shard whose outputs exist. After a shard ends, the next ready ones are dispatched; the
-`package` shard registers the artifacts and ends the job `succeeded`.
+A job whose spec asks for `max_workers` > 1 is planned by the worker that takes its `fd2.run_job`
+message (`ShardRunner.plan`): the shards of `fd2_core.shards.plan_shards` become rows
+(`store.shards`) and the first ready ones are dispatched.
+Each `fd2.run_shard` message then runs one shard (`ShardRunner.run_shard`) in the job's working
+folder on shared storage, through `fd2_core.shards.run_shard`, which writes its outputs atomically
+and skips a shard whose outputs exist.
+After a shard ends, the next ready ones are dispatched; the `package` shard
+registers the artifacts and ends the job `succeeded`.
 
-Outcomes of a shard: a stop because the job was cancelled (or ended: another shard failed it) cancels the
-shard; a worker shutdown gives it back (its message is requeued); any other failure fails the job with the
-shard named in the error. A worker killed while it holds a shard is noticed by the recovery pass of any worker
+Outcomes of a shard: a stop because the job was cancelled (or ended: another shard failed it)
+cancels the shard; a worker shutdown gives it back (its message is requeued); any other failure
+fails the job with the shard named in the error.
+A worker killed while it holds a shard is noticed by the recovery pass of any worker
 (`worker.recovery`), which requeues the shard.
 """
 
@@ -52,16 +56,19 @@ log = logging.getLogger(__name__)
 
 
 class ShardReleased(Exception):
-    """The worker is shutting down: the shard went back to `dispatched` and its message must be requeued."""
+    """The worker is shutting down: the shard went back to `dispatched` and
+    its message must be requeued."""
 
 
 class ShardProgressSink:
-    """Writes a shard's throttled progress (the job's progress follows from all its shards) and its events.
+    """Writes a shard's throttled progress (the job's progress follows from
+    all its shards) and its events.
 
-    Each event names the shard in its message and `data.shard` and is filed under the shard's own stage (the
-    package shard walks every stage to reuse what the others saved). It carries the job's progress and ETA, not
-    the shard's (that is `data.shard_progress`), so a client following the events sees the job move; a shard's
-    own stage start and end are `log` events, since the job's stage does not start again with each shard.
+    Each event names the shard in its message and `data.shard` and is filed under the shard's own
+    stage (the package shard walks every stage to reuse what the others saved).
+    It carries the job's progress and ETA, not the shard's (that is `data.shard_progress`), so a
+    client following the events sees the job move; a shard's own stage start and end are `log`
+    events, since the job's stage does not start again with each shard.
     Only progress reported in the shard's own stage counts as the shard's progress.
     """
 
@@ -93,7 +100,8 @@ class ShardProgressSink:
 
 
 class ShardRunner(JobRunner):
-    """Plans sharded jobs and runs their shards for one worker process; `app` publishes the shard messages."""
+    """Plans sharded jobs and runs their shards for one worker process;
+    `app` publishes the shard messages."""
 
     def _app(self) -> Celery:
         if self.app is None:
@@ -105,14 +113,14 @@ class ShardRunner(JobRunner):
     # ---------------------------------------------------------------- planning
 
     def plan(self, job: ClaimedJob, tenant_id: str) -> str:
-        """Split a claimed job into shards, record them and dispatch the first; returns `running` (or the final
-        state when the job's data is refused)."""
+        """Split a claimed job into shards, record them and dispatch the first; returns `running`
+        (or the final state when the job's data is refused)."""
         from pydantic import ValidationError
 
         from fd2_core.cost import DatasetSize, stage_image_passes
         from fd2_core.data.errors import DataError
         from fd2_core.shards import plan_shards
-        from fd2_core.spec import resolve_spec
+        from fd2_core.spec_resolution import resolve_spec
 
         assert job.source is not None
         try:
@@ -147,17 +155,20 @@ class ShardRunner(JobRunner):
     # ---------------------------------------------------------------- one shard
 
     def run_shard(self, job_id: str, shard_id: str) -> str:
-        """Run the shard to an end; returns its final status, or `skipped` when there was nothing to do.
+        """Run the shard to an end; returns its final status, or `skipped`
+        when there was nothing to do.
         Raises ShardReleased when the worker shuts down meanwhile."""
         key = shard_key(job_id, shard_id)
-        self.state.running_here.add(key)  # before the claim commits, so recovery never sees it unheld here
+        # before the claim commits, so recovery never sees it unheld here
+        self.state.running_here.add(key)
         try:
             claim = with_retries(self.settings, lambda: self._claim_shard(job_id, shard_id),
                                  f"job {job_id}: claim of shard {shard_id}")
             if claim is None:
                 log.info("job %s: shard %s: nothing to do (finished, not ready, held or job stopped)", job_id,
                          shard_id)
-                self._cleanup_if_last(job_id)  # a job cancelled while its shards waited leaves its folder
+                # a job cancelled while its shards waited leaves its folder
+                self._cleanup_if_last(job_id)
                 return "skipped"
             try:
                 return self._run_claimed_shard(claim)
@@ -195,7 +206,7 @@ class ShardRunner(JobRunner):
         from fd2_core.data.limits import DataLimits
         from fd2_core.pipeline import StopRequested
         from fd2_core.shards import ShardNotReady, run_shard
-        from fd2_core.spec import resolve_spec
+        from fd2_core.spec_resolution import resolve_spec
 
         job_id, shard_id = claim.job_id, claim.shard_id
         workdir = job_workdir(self.settings, job_id)
@@ -250,7 +261,8 @@ class ShardRunner(JobRunner):
             with_retries(self.settings, lambda: self._release_shard(claim), f"job {claim.job_id}: shard release")
             raise ShardReleased(shard_key(claim.job_id, claim.shard_id))
         if not self._end_shard(claim, "cancelled"):
-            return self._lost(claim)  # the poller stopped it because another worker holds the shard now
+            # the poller stopped it because another worker holds the shard now
+            return self._lost(claim)
         if reason is StopReason.TIME_LIMIT:
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
             return self._fail(claim.job_id, "time_limit", f"the job ran past its {limit} limit")
@@ -265,8 +277,9 @@ class ShardRunner(JobRunner):
         return "failed"
 
     def _lost(self, claim: ShardClaim) -> str:
-        """The shard was given to another worker while this one ran it (its heartbeat went stale, e.g. through a
-        database outage): this run's outcome is dropped, the job is the new holder's."""
+        """The shard was given to another worker while this one ran it (its
+        heartbeat went stale, e.g. through a database outage): this run's
+        outcome is dropped, the job is the new holder's."""
         log.warning("job %s: shard %s is held by another worker now; this run's outcome is dropped",
                     claim.job_id, claim.shard_id)
         return "lost"
@@ -287,14 +300,15 @@ class ShardRunner(JobRunner):
         return with_retries(self.settings, write, f"job {claim.job_id}: end of shard {claim.shard_id}")
 
     def _free_disk(self, job_id: str, status: str) -> None:
-        """A succeeded job keeps its artifacts only; a failed or cancelled job's folder is removed by the last of
-        its shards to stop (`_cleanup_if_last`), since others may still be writing there."""
+        """A succeeded job keeps its artifacts only; a failed or cancelled
+        job's folder is removed by the last of its shards to stop
+        (`_cleanup_if_last`), since others may still be writing there."""
         if status == "succeeded":
             prune_checkpoints(job_workdir(self.settings, job_id))
 
     def _after_shard(self, claim: ShardClaim) -> None:
-        """Free a stopped job's folder, then dispatch what may run now (not while shutting down: the recovery
-        pass of another worker does it)."""
+        """Free a stopped job's folder, then dispatch what may run now (not while shutting down: the
+        recovery pass of another worker does it)."""
         self._cleanup_if_last(claim.job_id)
         if self.state.shutdown.is_set():
             return
@@ -331,7 +345,8 @@ class ShardRunner(JobRunner):
                           data={"shard": claim.shard_id, "worker": self.me})
 
     def _should_stop(self, job_id: str, shard_id: str) -> bool:
-        """The job stopped (cancelled, or ended by another shard), or the shard is another worker's now."""
+        """The job stopped (cancelled, or ended by another shard), or the
+        shard is another worker's now."""
         with session_scope(self.settings) as session:
             return job_stop_requested(session, job_id) or not shard_held(session, job_id, shard_id, self.me)
 
@@ -341,8 +356,9 @@ class ShardRunner(JobRunner):
 
 
 def _with_weights(shards: list[Any], stage_weights: dict[str, float]) -> list[PlannedShard]:
-    """Each shard's share of the job's progress: its stage's share of the work (`fd2_core.cost`) split evenly
-    among the stage's working shards (the merges, which copy tensors, count for nothing)."""
+    """Each shard's share of the job's progress: its stage's share of the
+    work (`fd2_core.cost`) split evenly among the stage's working shards
+    (the merges, which copy tensors, count for nothing)."""
     total = sum(stage_weights.values()) or 1.0
     working: dict[str, int] = {}
     for shard in shards:

@@ -1,13 +1,17 @@
-"""Stage 4 — train students only on small labelled sets, measure them on the real test split, compare.
+"""Stage 4 — train students only on small labelled sets, measure them on
+the real test split, compare.
 
-The student replays the recorded augmentations and learns from the stored teacher logits with
-KL(softmax(teacher/T) ‖ softmax(student/T)) (or plain CE on hard labels, for the hard-label comparison), as the
-published validation script does: AdamW (weight decay on conv/linear weights only), the lr set once per epoch
-(half-cosine by default), each replayed batch split into micro-batches whose gradients are accumulated before one
-optimizer step, the last epoch's model reported. `evaluate` trains the students the spec asks for and computes
-DD-Ranking's metrics (fd2_core.metrics); `comparison` is the report's block built from them. Each student
-(`student_names`) is also a unit of its own (`evaluation_student`, one shard of `fd2_core.shards`): its
-per-test-image correctness is saved, and `evaluate` reuses every saved student.
+The student replays the recorded augmentations and learns from the stored teacher
+logits with KL(softmax(teacher/T) ‖ softmax(student/T)) (or plain CE on hard labels,
+for the hard-label comparison), as the published validation script does: AdamW
+(weight decay on conv/linear weights only), the lr set once per epoch (half-cosine
+by default), each replayed batch split into micro-batches whose gradients are
+accumulated before one optimizer step, the last epoch's model reported.
+`evaluate` trains the students the spec asks for and computes DD-Ranking's metrics
+(fd2_core.metrics); `comparison` is the report's block built from them.
+Each student (`student_names`) is also a unit of its own
+(`evaluation_student`, one shard of `fd2_core.shards`): its per-test-image
+correctness is saved, and `evaluate` reuses every saved student.
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ from ..softlabels import SoftLabels, forward_parts
 from ..spec import JobSpec
 from .committee import Committee
 from .context import RunContext
-from .distill import random_real_indices
 from .full_data import full_data_steps, train_full_data_student
+from .patches import random_real_indices
 from .relabel import relabel
 from .teacher import correctness
 
 SCHEDULES = ("half-cosine", "cosine")
-# The students `evaluate` can train, in its order: on the set with its soft labels, on a random real subset of
-# the same size (eval_random_baseline), on the set with hard labels and on the full real train set (eval_hlr).
+# The students `evaluate` can train, in its order: on the set with its soft
+# labels, on a random real subset of the same size (eval_random_baseline),
+# on the set with hard labels and on the full real train set (eval_hlr).
 STUDENTS = ("distilled", "random", "distilled_hard_labels", "full_data")
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T)), batch mean, no T² factor — the published validation objective."""
+    """KL(softmax(t/T) ‖ softmax(s/T)), batch mean, no T² factor — the
+    published validation objective."""
     log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
     q = F.softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_p, q, reduction="batchmean")
@@ -60,7 +66,8 @@ def hard_label_loss(
 def student_lr(base_lr: float, epoch: int, epochs: int, schedule: str = "half-cosine") -> float:
     """lr of epoch `epoch` (0..E−1), constant within it (published validation script).
 
-    half-cosine = lr·0.5·(1 + cos(π·e/(2E))), which only decays to half the lr; cosine = lr·0.5·(1 + cos(π·e/E)).
+    half-cosine = lr·0.5·(1 + cos(π·e/(2E))), which only decays to half the
+    lr; cosine = lr·0.5·(1 + cos(π·e/E)).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -71,8 +78,9 @@ def student_lr(base_lr: float, epoch: int, epochs: int, schedule: str = "half-co
 def micro_batches(soft: SoftLabels) -> int:
     """Micro-batches per replayed batch: the file's `forward_splits`.
 
-    Published protocol: the student's micro-batches are exactly the parts the teacher forwarded (both split with
-    `forward_parts`), so one setting (`relabel_forward_splits`) governs both and they cannot disagree.
+    Published protocol: the student's micro-batches are exactly the parts
+    the teacher forwarded (both split with `forward_parts`), so one setting
+    (`relabel_forward_splits`) governs both and they cannot disagree.
     """
     return soft.forward_splits
 
@@ -80,17 +88,18 @@ def micro_batches(soft: SoftLabels) -> int:
 def accumulate(
     loss_of: Callable[[slice], torch.Tensor], parts: list[slice], scaler: torch.amp.GradScaler | None = None
 ) -> torch.Tensor:
-    """Backward loss_of(part) / len(parts) for each micro-batch slice (through `scaler` when given); returns their
-    sum, detached.
+    """Backward loss_of(part) / len(parts) for each micro-batch slice
+    (through `scaler` when given); returns their sum, detached.
 
-    Published validation script: the batch of 20 as 2 micro-batches of 10, one optimizer step afterwards; for
-    equal parts the accumulated gradient is that of the full batch's mean loss.
+    Published validation script: the batch of 20 as 2 micro-batches of 10, one optimizer step
+    afterwards; for equal parts the accumulated gradient is that of the full batch's mean loss.
     """
     total = torch.zeros(())
     for part in parts:
         loss = loss_of(part) / len(parts)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = loss.detach() + total.to(loss.device)  # stays on the device: no sync per micro-batch
+        # stays on the device: no sync per micro-batch
+        total = loss.detach() + total.to(loss.device)
     return total
 
 
@@ -98,11 +107,13 @@ _DECAYED_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups [decayed, not decayed] of `model`'s trainable parameters, each exactly once.
+    """Optimizer parameter groups [decayed, not decayed] of `model`'s
+    trainable parameters, each exactly once.
 
-    Only the weights of convolution and linear layers get `weight_decay`; biases and the parameters of
-    normalisation (BatchNorm, LayerNorm, …) and every other layer get 0, as the published student's optimiser
-    groups its parameters (SRe²L's `get_parameters`: multi-dimensional weights decayed, the rest not)."""
+    Only the weights of convolution and linear layers get `weight_decay`; biases
+    and the parameters of normalisation (BatchNorm, LayerNorm, …) and every other
+    layer get 0, as the published student's optimiser groups its parameters
+    (SRe²L's `get_parameters`: multi-dimensional weights decayed, the rest not)."""
     decayed: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, _DECAYED_LAYERS) and module.weight is not None and module.weight.requires_grad:
@@ -163,11 +174,13 @@ def train_student(
     done_before: int = 0,
     loss_name: str = "student_loss",
 ) -> StudentResult:
-    """Train a fresh student on the replayed batches (one optimizer step each); test its last epoch's model.
+    """Train a fresh student on the replayed batches (one optimizer step
+    each); test its last epoch's model.
 
-    images_u8 uint8 [N,3,S,S] in the soft labels' order, labels [N]. Returns per-test-image correctness. Its
-    loss is reported as `loss_name`: evaluate's students run one after another, and a term of their own keeps
-    their curves apart (one line each, not one saw-tooth).
+    images_u8 uint8 [N,3,S,S] in the soft labels' order, labels [N].
+    Returns per-test-image correctness.
+    Its loss is reported as `loss_name`: evaluate's students run one after another, and a term of
+    their own keeps their curves apart (one line each, not one saw-tooth).
     """
     spec = ctx.spec
     student = _new_student(ctx, stream)
@@ -200,7 +213,8 @@ def teacher_metrics(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def student_names(spec: JobSpec) -> list[str]:
-    """The students the spec asks for, in the order `evaluate` trains them (empty when evaluate is off)."""
+    """The students the spec asks for, in the order `evaluate` trains them
+    (empty when evaluate is off)."""
     if not spec.evaluate:
         return []
     asked = {"distilled": True, "random": spec.eval_random_baseline, "distilled_hard_labels": spec.eval_hlr,
@@ -218,7 +232,8 @@ def student_path(ctx: RunContext, name: str) -> Path:
 
 
 def student_steps(ctx: RunContext, name: str) -> int:
-    """Optimizer steps of a student: one per replayed batch of the ipc·K-image set, or the full-data student's."""
+    """Optimizer steps of a student: one per replayed batch of the
+    ipc·K-image set, or the full-data student's."""
     if name == "full_data":
         return full_data_steps(ctx)
     spec = ctx.spec
@@ -233,8 +248,9 @@ def _student(
     units: int,
     train: Callable[[int], StudentResult],
 ) -> StudentResult:
-    """Train one evaluation student (`train(done_before)`), or reuse it: each finished student's per-test-image
-    correctness is kept, so a killed evaluation resumes after its last finished student."""
+    """Train one evaluation student (`train(done_before)`), or reuse it:
+    each finished student's per-test-image correctness is kept, so a killed
+    evaluation resumes after its last finished student."""
     path = student_path(ctx, name)
     if path.exists():
         reporter.log(f"student {name!r} already trained; reusing it", fraction=(done_before + units) / reporter.total)
@@ -254,9 +270,11 @@ def evaluation_student(
     reporter: StageReporter,
     done_before: int = 0,
 ) -> StudentResult:
-    """Train (or reuse) student `name` of `STUDENTS`, saved at `student_path`. What each one reads: `distilled`
-    and `distilled_hard_labels` the set (uint8 [N,3,S,S], labels [N]) and its soft labels; `random` the teacher,
-    which relabels the random subset; `full_data` only the data. Progress counts from `done_before`."""
+    """Train (or reuse) student `name` of `STUDENTS`, saved at `student_path`.
+    What each one reads: `distilled` and `distilled_hard_labels` the set
+    (uint8 [N,3,S,S], labels [N]) and its soft labels; `random` the
+    teacher, which relabels the random subset; `full_data` only the data.
+    Progress counts from `done_before`."""
     spec = ctx.spec
     units = student_steps(ctx, name)
     if name in ("distilled", "distilled_hard_labels"):
@@ -292,13 +310,16 @@ def evaluation_student(
 def evaluate(
     ctx: RunContext, teacher: FD2Model | Committee, images_u8: torch.Tensor, labels: torch.Tensor, soft: SoftLabels
 ) -> dict[str, Any]:
-    """Students trained on the set (uint8 [N,3,S,S], labels [N], its soft labels) and tested on the real test
-    split, and DD-Ranking's metrics (fd2_core.metrics); kept in `evaluate.json`, so a finished evaluation is reused.
+    """Students trained on the set (uint8 [N,3,S,S], labels [N], its soft labels) and tested on the
+    real test split, and DD-Ranking's metrics (fd2_core.metrics); kept in `evaluate.json`, so a
+    finished evaluation is reused.
 
-    Always the student on the distilled set with its soft labels. With eval_random_baseline, the same protocol on
-    a random real subset of the same size: IOR = distilled − random, its paired-bootstrap 95 % interval and the
-    verdict (beats_random only when the whole interval is above 0). With eval_hlr, the same student with hard
-    labels on the distilled set and the full-data student: HLR = full data − distilled (hard labels).
+    Always the student on the distilled set with its soft labels.
+    With eval_random_baseline, the same protocol on a random real subset of the same size: IOR =
+    distilled − random, its paired-bootstrap 95 % interval and the verdict (beats_random only when
+    the whole interval is above 0).
+    With eval_hlr, the same student with hard labels on the distilled set and the full-data student:
+    HLR = full data − distilled (hard labels).
     """
     spec = ctx.spec
     path = ctx.stage_dir / "evaluate.json"
@@ -348,8 +369,9 @@ def evaluate(
 
 
 def comparison(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The report's comparison block: the set against a random real subset of the same size (IOR, its interval
-    and the verdict, with both accuracies) and, when measured, hard-label recovery; definitions included."""
+    """The report's comparison block: the set against a random real subset of
+    the same size (IOR, its interval and the verdict, with both accuracies)
+    and, when measured, hard-label recovery; definitions included."""
     block: dict[str, Any] = {
         "student_accuracy": metrics.get("student_accuracy"),
         "random_baseline_accuracy": metrics.get("random_baseline_accuracy"),

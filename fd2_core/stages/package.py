@@ -1,8 +1,9 @@
 """Stage 5 — package: the downloadable artifacts and `report.json` under `workdir/artifacts`.
 
-The set is quantised to uint8 once, right after distillation (`quantize`), so that what a user downloads is
-exactly what was relabelled and evaluated. Packaging runs again on every resume; the artifact writers are
-deterministic (fd2_core.artifacts), so a resumed run packages the same bytes.
+The set is quantised to uint8 once, right after distillation (`quantize`), so that what a user
+downloads is exactly what was relabelled and evaluated.
+Packaging runs again on every resume; the artifact writers are deterministic (fd2_core.artifacts),
+so a resumed run packages the same bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..models.weights import WeightsLoad
 from ..timings import Timings
 from .committee import Committee
 from .context import RunContext
-from .distill import init_drift
+from .drift import init_drift
 from .evaluate import comparison
 from .pretrain import TEACHER_FILE
 from .relabel import SOFT_LABELS_FILE
@@ -36,8 +37,11 @@ from .relabel import SOFT_LABELS_FILE
 ATTENTION_BATCH = 256  # images per teacher forward for the preview's attention maps
 
 
-class DistilledSet(NamedTuple):
-    """The set as it is downloaded: image i = (ipc index j, class c) with i = j·K + c."""
+class QuantizedSet(NamedTuple):
+    """The distilled images quantised to uint8, as they are relabelled, evaluated and downloaded.
+
+    Image i is (ipc index j, class c) with i = j·K + c.
+    """
 
     images: torch.Tensor  # uint8 [ipc·K, 3, S, S], on the CPU
     labels: torch.Tensor  # int64 [ipc·K], the class c of each image
@@ -46,8 +50,9 @@ class DistilledSet(NamedTuple):
 
 @dataclass(frozen=True)
 class Provenance:
-    """How the run started, for the report: its recorded inputs (`inputs.json`), what loading the teacher
-    weights did (None without a weights file) and whether the work folder already held stages."""
+    """How the run started, for the report: its recorded inputs
+    (`inputs.json`), what loading the teacher weights did (None without a
+    weights file) and whether the work folder already held stages."""
 
     inputs: dict[str, Any]
     weights_load: WeightsLoad | None
@@ -55,21 +60,23 @@ class Provenance:
 
     @property
     def warnings(self) -> list[dict[str, str]]:
-        """What the run accepted but a person should know (`{code, message}`), said at once and in the report."""
+        """What the run accepted but a person should know (`{code,
+        message}`), said at once and in the report."""
         return list(self.weights_load.warnings) if self.weights_load else []
 
 
-def quantize(ctx: RunContext, synthetic: torch.Tensor) -> DistilledSet:
-    """Normalised float [ipc,K,3,S,S] → the uint8 set that is relabelled, evaluated and downloaded."""
+def quantize(ctx: RunContext, synthetic: torch.Tensor) -> QuantizedSet:
+    """Normalised float [ipc,K,3,S,S] → the uint8 set that is relabelled,
+    evaluated and downloaded."""
     flat = synthetic.reshape(-1, *synthetic.shape[2:])
     images = (ctx.denormalize(flat) * 255.0).round().to(torch.uint8).cpu()
     k, ipc = ctx.num_classes, ctx.spec.ipc
-    return DistilledSet(images, torch.arange(k).repeat(ipc), torch.arange(ipc).repeat_interleave(k))
+    return QuantizedSet(images, torch.arange(k).repeat(ipc), torch.arange(ipc).repeat_interleave(k))
 
 
 def image_storage(synthetic_format: str, method: str) -> dict[str, str]:
-    """How the set's images were stored before relabel and evaluation read them (manifest and report): the
-    PNGs of the artifact hold exactly those pixels, losslessly."""
+    """How the set's images were stored before relabel and evaluation read them (manifest and
+    report): the PNGs of the artifact hold exactly those pixels, losslessly."""
     if method == "random":  # real images are never re-encoded, whatever the spec's format
         return {"format": "png", "stored_as": "the real images as read, lossless"}
     if synthetic_format == "jpeg":
@@ -79,7 +86,8 @@ def image_storage(synthetic_format: str, method: str) -> dict[str, str]:
 
 
 def json_safe(value: Any) -> Any:
-    """JSON has no NaN or infinity: unknown numbers become null (recursively through dicts and lists)."""
+    """JSON has no NaN or infinity: unknown numbers become null
+    (recursively through dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -122,7 +130,8 @@ def _dataset_summary(data: ImageDataset) -> dict[str, Any]:
 
 @torch.no_grad()
 def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -> torch.Tensor | None:
-    """The teacher's CAL attention maps of the set, [N, M, H, W] on the CPU, for the preview (None without CAL)."""
+    """The teacher's CAL attention maps of the set, [N, M, H, W] on the
+    CPU, for the preview (None without CAL)."""
     if teacher.cal_head is None:
         return None
     teacher.eval()
@@ -136,13 +145,14 @@ def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -
 def package(
     ctx: RunContext,
     teacher: Committee,
-    distilled: DistilledSet,
+    distilled: QuantizedSet,
     metrics: dict[str, Any],
     timings: Timings,
     provenance: Provenance,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write `distilled.tar.gz`, `soft_labels.safetensors`, `teacher.safetensors`, `preview.png` and last
-    `report.json` (with `timings_s`: this stage's seconds and the run's total) under `workdir/artifacts`.
+    """Write `distilled.tar.gz`, `soft_labels.safetensors`, `teacher.safetensors`,
+    `preview.png` and last `report.json` (with `timings_s`: this stage's seconds
+    and the run's total) under `workdir/artifacts`.
 
     Returns (artifact name → path, the report as written).
     """

@@ -1,9 +1,9 @@
-"""Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop (FD²); with a
-committee, every member in turn (`fd2_core.stages.committee`).
+"""Stage 1 — train the teacher: plain CE (base recipe) or CAL + prototypes + attention crop/drop
+(FD²); with a committee, every member in turn (`fd2_core.stages.committee`).
 
-The checkpoint is selected on a validation split carved from train (never on test), by the accuracy of the
-logits that become the soft labels. Each epoch is checkpointed, so a killed run resumes from the last finished
-epoch.
+The checkpoint is selected on a validation split carved from train (never on test), by the accuracy
+of the logits that become the soft labels.
+Each epoch is checkpointed, so a killed run resumes from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from .committee import (
     scorer_workdir,
 )
 from .context import RunContext, stage_folder
-from .teacher import accuracy, load_teacher, new_teacher, save_teacher
+from .teacher import accuracy, load_teacher, new_teacher, save_teacher, teacher_optimizer
 
 TEACHER_FILE = "teacher.safetensors"
 TEACHER_INFO = "teacher.json"
 CHECKPOINT_FILE = "pretrain_checkpoint.safetensors"
 CHECKPOINT_INFO = "pretrain_checkpoint.json"
-LR_DECAY_EVERY = 2  # epochs per factor γ of the published schedule lr·γ^(epoch/2) (FD² paper presets)
+# epochs per factor γ of the published schedule lr·γ^(epoch/2) (FD² paper presets)
+LR_DECAY_EVERY = 2
 
 
 @dataclass
@@ -51,7 +52,8 @@ class TeacherResult:
 
 
 def split_train_val(labels: torch.Tensor, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified split: `fraction` of every class (at least one image when the class has ≥ 3) goes to val."""
+    """Stratified split: `fraction` of every class (at least one image when
+    the class has ≥ 3) goes to val."""
     if fraction <= 0:
         return torch.arange(labels.numel()), torch.empty(0, dtype=torch.long)
     order = torch.randperm(labels.numel(), generator=g)
@@ -70,22 +72,12 @@ def split_train_val(labels: torch.Tensor, fraction: float, g: torch.Generator) -
     return order[~is_val].sort().values, order[is_val].sort().values
 
 
-def _optimizer(ctx: RunContext, model: FD2Model) -> torch.optim.Optimizer:
-    spec = ctx.spec
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.pretrain_optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=spec.pretrain_lr, momentum=spec.pretrain_momentum, weight_decay=spec.pretrain_weight_decay
-        )
-    return torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay)
-
-
 def decayed_lr(lr: float, gamma: float, epoch: int, mode: str = "continuous") -> float:
     """lr of `epoch` (0-based) under decay γ every LR_DECAY_EVERY epochs.
 
-    continuous: lr·γ^(epoch/2) with a real exponent, as the published FD² pretraining script sets it each
-    epoch; stepped: lr·γ^(epoch//2), the CAL code's StepLR(step_size=2, gamma=γ). Raises ValueError for another
-    mode."""
+    continuous: lr·γ^(epoch/2) with a real exponent, as the published FD² pretraining script sets it
+    each epoch; stepped: lr·γ^(epoch//2), the CAL code's StepLR(step_size=2, gamma=γ).
+    Raises ValueError for another mode."""
     if mode == "continuous":
         return lr * gamma ** (epoch / LR_DECAY_EVERY)
     if mode == "stepped":
@@ -93,9 +85,13 @@ def decayed_lr(lr: float, gamma: float, epoch: int, mode: str = "continuous") ->
     raise ValueError(f"unknown pretrain_lr_decay_mode {mode!r}")
 
 
-def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """The teacher's lr at (epoch, step): `decayed_lr` with spec.pretrain_lr_decay γ > 0 (constant within an
-    epoch; published: γ = 0.9, continuous), else cosine lr·0.5·(1 + cos(π·t/T)) over all T steps."""
+def teacher_lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The teacher's lr at (epoch, step).
+
+    With spec.pretrain_lr_decay γ > 0 it is `decayed_lr`, constant within an epoch.
+    The published setting is γ = 0.9, continuous.
+    Otherwise it is the cosine lr·0.5·(1 + cos(π·t/T)) over all T steps.
+    """
     spec = ctx.spec
     if spec.pretrain_lr_decay > 0:
         mode = spec.pretrain_lr_decay_mode
@@ -105,9 +101,12 @@ def _lr_at(ctx: RunContext, epoch: int, step: int, steps_per_epoch: int) -> floa
     return 0.5 * spec.pretrain_lr * (1.0 + math.cos(math.pi * t / max(total, 1)))
 
 
-def _selection_ratio(spec) -> float | None:
-    """Checkpoint selection reads the logits the soft labels come from: the backbone's by default (None), the
-    combined (1−r)·backbone + r·CAL logits when the soft labels use the CAL head."""
+def selection_ratio(spec: JobSpec) -> float | None:
+    """The CAL ratio checkpoint selection reads, or None for the backbone's own logits.
+
+    Selection reads the logits the soft labels come from: the backbone's by default.
+    When the soft labels use the CAL head it reads the combined (1−r)·backbone + r·CAL logits.
+    """
     return spec.cal_ratio if spec.uses_cal and spec.soft_label_source != "backbone" else None
 
 
@@ -119,11 +118,13 @@ def cal_loss(
     g: torch.Generator,
     crop_drop: str = "published",
 ) -> tuple:
-    """L = (1−r)·CE(f(x),y) + r·[CE(p,y)/3 + CE(p_eff over x+crop+drop) + (2/3)·CE(p over crop+drop) + center].
+    """L = (1−r)·CE(f(x),y) + r·[CE(p,y)/3 + CE(p_eff over x+crop+drop) +
+    (2/3)·CE(p over crop+drop) + center].
 
-    `crop_drop` is spec.cal_crop_drop: "published" upsamples the attention maps for the crop/drop as the FD²
-    code does (align_corners=False), "cal-code" as the CAL code does (align_corners=True).
-    Returns (loss, embedding of the original batch for the prototype update, loss parts for progress).
+    `crop_drop` is spec.cal_crop_drop: "published" upsamples the attention maps for the crop/drop as
+    the FD² code does (align_corners=False), "cal-code" as the CAL code does (align_corners=True).
+    Returns (loss, embedding of the original batch for the prototype
+    update, loss parts for progress).
     """
     out = model(x, counterfactual=True)
     assert out.cal is not None and model.cal_head is not None
@@ -190,7 +191,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
 
     torch.manual_seed(spec.seed)
     model = new_teacher(ctx, weights_path=ctx.teacher_weights)
-    optimizer = _optimizer(ctx, model)
+    optimizer = teacher_optimizer(ctx, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = max(1, x_train.shape[0] // spec.pretrain_batch_size)
     reporter.begin(spec.pretrain_epochs * steps_per_epoch)
 
@@ -210,7 +211,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
         running = 0.0
         for step, (x, y) in enumerate(ctx.iterate(x_train, y_train, spec.pretrain_batch_size, g, drop_last=True)):
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(ctx, epoch, step, steps_per_epoch)
+                group["lr"] = teacher_lr_at(ctx, epoch, step, steps_per_epoch)
             x = train_augment(x, g, spec.pretrain_augment, mean=ctx.mean, std=ctx.std)
             with ctx.autocast():
                 if spec.uses_cal:
@@ -225,7 +226,7 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
             running = 0.9 * running + 0.1 * loss.detach() if step else loss.detach()
             reporter.step(epoch * steps_per_epoch + step + 1, {"loss": running, **parts})
         if x_val.shape[0]:
-            val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=_selection_ratio(spec))
+            val_acc = accuracy(model, ctx, x_val, y_val, cal_ratio=selection_ratio(spec))
         else:
             val_acc = float("nan")
         running = float(running)
@@ -262,35 +263,39 @@ def pretrain_teacher(ctx: RunContext) -> TeacherResult:
 
 
 def pretrain_member(ctx: RunContext, index: int) -> TeacherResult:
-    """Train (or reuse, or resume) member `index` of the run's teachers alone, in its own folder (the one
-    teacher of a single-teacher run): one shard of `fd2_core.shards`."""
+    """Train (or reuse, or resume) member `index` of the run's teachers alone, in its own folder
+    (the one teacher of a single-teacher run): one shard of `fd2_core.shards`."""
     return pretrain_teacher(member_context(ctx, index, alone=True))
 
 
 def _teacher_saved(stage_dir: Path) -> bool:
-    """Whether the pretraining whose stage folder is `stage_dir` is finished: its teacher file and info saved."""
+    """Whether the pretraining whose stage folder is `stage_dir` is
+    finished: its teacher file and info saved."""
     return (stage_dir / TEACHER_FILE).exists() and (stage_dir / TEACHER_INFO).exists()
 
 
 def member_saved(workdir: Path, spec: JobSpec, index: int) -> bool:
-    """Whether member `index`'s pretraining in `workdir` is finished (its teacher file and its info are saved)."""
+    """Whether member `index`'s pretraining in `workdir` is finished (its
+    teacher file and its info are saved)."""
     return _teacher_saved(stage_folder(member_workdir(workdir, spec, index)))
 
 
 def pretrain_scorer(ctx: RunContext, alone: bool = False) -> TeacherResult:
-    """Train (or reuse, or resume) the plain cross-entropy teacher that scores the patch views, in its own
-    folder (`committee.scorer_context`); `alone`: as one shard of `fd2_core.shards`. Only for a spec that
-    trains one (`JobSpec.trains_scorer`)."""
+    """Train (or reuse, or resume) the plain cross-entropy teacher that scores the patch views, in
+    its own folder (`committee.scorer_context`); `alone`: as one shard of `fd2_core.shards`.
+    Only for a spec that trains one (`JobSpec.trains_scorer`)."""
     return pretrain_teacher(scorer_context(ctx, alone))
 
 
 def scorer_saved(workdir: Path, spec: JobSpec) -> bool:
-    """Whether the scorer's pretraining in `workdir` is finished (its teacher file and its info are saved)."""
+    """Whether the scorer's pretraining in `workdir` is finished (its
+    teacher file and its info are saved)."""
     return _teacher_saved(stage_folder(scorer_workdir(workdir, spec)))
 
 
 def load_scorer(ctx: RunContext) -> FD2Model:
-    """The saved scorer (`pretrain_scorer`), without training; FileNotFoundError while it is not pretrained."""
+    """The saved scorer (`pretrain_scorer`), without training;
+    FileNotFoundError while it is not pretrained."""
     scorer_ctx = scorer_context(ctx)
     path = scorer_ctx.stage_dir / TEACHER_FILE
     if not _teacher_saved(scorer_ctx.stage_dir):
@@ -299,16 +304,18 @@ def load_scorer(ctx: RunContext) -> FD2Model:
 
 
 def scorer_report(info: dict) -> dict:
-    """The patch scorer's entry of the report's `teacher` block: its accuracies, without the epoch history."""
+    """The patch scorer's entry of the report's `teacher` block: its
+    accuracies, without the epoch history."""
     return {"kind": "plain cross-entropy teacher (patch_rule published)",
             **{k: info.get(k) for k in ("test_accuracy", "val_accuracy", "train_images")}}
 
 
 def load_committee(ctx: RunContext) -> Committee:
-    """The run's teachers from their saved files, without training and without progress events, as `pretrain`
-    returns them except for a committee's report entry (`info` is empty; `pretrain` measures the ensemble) and
-    the patch scorer (distillation loads it itself; relabel and the students do not need it). Raises
-    FileNotFoundError naming the first member whose pretraining has not finished."""
+    """The run's teachers from their saved files, without training and without
+    progress events, as `pretrain` returns them except for a committee's report
+    entry (`info` is empty; `pretrain` measures the ensemble) and the patch scorer
+    (distillation loads it itself; relabel and the students do not need it).
+    Raises FileNotFoundError naming the first member whose pretraining has not finished."""
     members = []
     for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
         member_ctx = member_context(ctx, i)
@@ -320,10 +327,11 @@ def load_committee(ctx: RunContext) -> Committee:
 
 
 def pretrain(ctx: RunContext) -> Committee:
-    """Stage 1: every teacher of the run in order, each resumable on its own (a single teacher is a committee of
-    one, trained in the run's own stage folder), then the patch scorer when the spec trains one. A committee of
-    several also writes the combined `teacher.safetensors` (every member, keys prefixed) and reports the
-    ensemble's accuracy."""
+    """Stage 1: every teacher of the run in order, each resumable on its
+    own (a single teacher is a committee of one, trained in the run's own
+    stage folder), then the patch scorer when the spec trains one.
+    A committee of several also writes the combined `teacher.safetensors` (every member, keys
+    prefixed) and reports the ensemble's accuracy."""
     members = []
     for i, (name, weight) in enumerate(zip(member_names(ctx), member_weights(ctx), strict=True)):
         member_ctx = member_context(ctx, i)
@@ -332,7 +340,8 @@ def pretrain(ctx: RunContext) -> Committee:
     scorer = pretrain_scorer(ctx) if ctx.spec.trains_scorer else None
     scorer_model = scorer.model if scorer is not None else None
     info = members[0].info if ctx.spec.committee is None else committee_info(ctx, members)
-    if scorer is not None:  # the report says which plain teacher chose the patches, and how good it is
+    # the report says which plain teacher chose the patches, and how good it is
+    if scorer is not None:
         info = {**info, "patch_scorer": scorer_report(scorer.info)}
     if ctx.spec.committee is not None:
         save_committee(ctx.stage_dir / TEACHER_FILE, ctx, members)

@@ -1,12 +1,12 @@
-"""Teacher helpers shared by the stages: the logits a teacher stands for, accuracy, save/load, and the check of
-a teacher weights file before a run starts."""
+"""Teacher helpers shared by the stages: the logits a teacher stands for, accuracy, save/load, and
+the check of a teacher weights file before a run starts."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,11 +25,28 @@ SOFT_LABEL_SOURCES = ("backbone", "cal", "mixed")
 BN_MODES = ("train", "eval")
 
 
-def source_logits(out: ModelOutput, source: str, cal_ratio: float) -> torch.Tensor:
-    """Logits [B, K] of one soft-label source: backbone classifier, CAL head, or (1−r)·backbone + r·CAL.
+def teacher_optimizer(ctx: RunContext, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The teacher recipe's optimiser over `params`: SGD with momentum, or
+    AdamW (spec `pretrain_*`).
 
-    The published relabel stores the backbone's and the CAL head's logits; the published validation trains on
-    the backbone's.
+    Pretraining trains each teacher with it.
+    The full-data student reuses it, since the teacher's recipe is the one
+    calibrated for full real data.
+    """
+    spec = ctx.spec
+    if spec.pretrain_optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.pretrain_lr, momentum=spec.pretrain_momentum, weight_decay=spec.pretrain_weight_decay
+        )
+    return torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay)
+
+
+def source_logits(out: ModelOutput, source: str, cal_ratio: float) -> torch.Tensor:
+    """Logits [B, K] of one soft-label source: backbone classifier, CAL
+    head, or (1−r)·backbone + r·CAL.
+
+    The published relabel stores the backbone's and the CAL head's logits;
+    the published validation trains on the backbone's.
     """
     if source == "backbone":
         return out.logits.float()
@@ -43,20 +60,22 @@ def source_logits(out: ModelOutput, source: str, cal_ratio: float) -> torch.Tens
 
 
 def teacher_logits(model: FD2Model, x: torch.Tensor, cal_ratio: float) -> torch.Tensor:
-    """(1−r)·backbone + r·CAL logits for a CAL teacher (the CE weighting of the spec); backbone otherwise."""
+    """(1−r)·backbone + r·CAL logits for a CAL teacher (the CE weighting of
+    the spec); backbone otherwise."""
     out = model(x)
     return source_logits(out, "backbone" if out.cal is None else "mixed", cal_ratio)
 
 
 @contextlib.contextmanager
 def relabel_mode(model: torch.nn.Module, bn_mode: str) -> Iterator[torch.nn.Module]:
-    """The teacher as the relabel stage runs it: gradients off, every module in eval mode, and with `train`
-    the BatchNorm layers normalising with the statistics of each forwarded batch (published relabel, which
-    never calls eval()).
+    """The teacher as the relabel stage runs it: gradients off, every module in eval mode, and with
+    `train` the BatchNorm layers normalising with the statistics of each forwarded batch (published
+    relabel, which never calls eval()).
 
-    Only BatchNorm changes mode (dropout and the CAL head's random counterfactual stay off), and its running
-    statistics are never read nor written: `track_running_stats` is off while inside, so running_mean,
-    running_var and num_batches_tracked stay bit-identical. Everything is restored on exit.
+    Only BatchNorm changes mode (dropout and the CAL head's random counterfactual stay off), and its
+    running statistics are never read nor written: `track_running_stats` is off while inside, so
+    running_mean, running_var and num_batches_tracked stay bit-identical.
+    Everything is restored on exit.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; expected one of {BN_MODES}")
@@ -83,8 +102,8 @@ def correctness(
     cal_ratio: float | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """bool [N] on the CPU, in the order of `images_u8`: top-1 correct in eval mode; `cal_ratio` set = a
-    teacher's combined logits, else plain logits."""
+    """bool [N] on the CPU, in the order of `images_u8`: top-1 correct in eval mode; `cal_ratio` set
+    = a teacher's combined logits, else plain logits."""
     was_training = model.training
     model.eval()
     hits = []
@@ -131,11 +150,13 @@ def new_teacher(ctx: RunContext, weights_path: Path | None = None) -> FD2Model:
 
 
 def check_teacher_weights(spec: JobSpec, classes: Sequence[str], path: Path) -> WeightsLoad:
-    """Load `path` into a CPU teacher as `spec` and `classes` describe it, before any stage writes anything.
+    """Load `path` into a CPU teacher as `spec` and `classes` describe it,
+    before any stage writes anything.
 
-    Returns what the load did (mode, class matching, warnings). Raises DataError `teacher_classes_mismatch`
-    (the file's teacher knows another set of classes; the message names the difference) or
-    `bad_teacher_weights` (unreadable, or not fitting the spec's backbone, width, image size or mode)."""
+    Returns what the load did (mode, class matching, warnings).
+    Raises DataError `teacher_classes_mismatch` (the file's teacher knows another set of classes;
+    the message names the difference) or `bad_teacher_weights` (unreadable, or not fitting the
+    spec's backbone, width, image size or mode)."""
     model = build_model(
         spec.backbone, len(classes), spec.image_size, cal=spec.uses_cal,
         num_attention_maps=spec.num_attention_maps, width=spec.model_width,
@@ -143,7 +164,8 @@ def check_teacher_weights(spec: JobSpec, classes: Sequence[str], path: Path) -> 
     try:
         return load_model_weights(model, path, mode=spec.teacher_weights_mode, classes=classes)
     except ClassListMismatch as err:
-        raise DataError("teacher_classes_mismatch", str(err), fix="") from err  # the message says the fix
+        # the message says the fix
+        raise DataError("teacher_classes_mismatch", str(err), fix="") from err
     except (ValueError, RuntimeError, OSError, SafetensorError, pickle.UnpicklingError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
         where = "" if str(path) in detail else f" {path}"
