@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,12 +223,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def make_ctx(spec: JobSpec, data: ImageDataset, workdir: Path, teacher_weights: Path | None = None) -> RunContext:
+def make_ctx(spec: JobSpec, data: ImageDataset, workdir: Path, teacher_weights: Path | None = None,
+             notes: dict[str, object] | None = None) -> RunContext:
     tracker = ProgressTracker({}, None, None)
     return RunContext(
         spec=spec, data=data, workdir=workdir, device=torch.device("cpu"), tracker=tracker,
-        teacher_weights=teacher_weights,
+        teacher_weights=teacher_weights, notes={} if notes is None else notes,
     )
+
+
+# The run notes `fd2_core.stages.patches` caches its scored patch pools in (per scorer and class chunk).
+PATCH_CACHES = ("patch_files", "patch_ranking")
 
 
 def quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:
@@ -311,7 +317,7 @@ class PairRunner:
     """Runs every method of one (setting, seed) pair, storing each finished method in `record` via `save`."""
 
     def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save,
-                 teacher_work: Path | None = None):
+                 teacher_work: Path | None = None, shared: dict[str, dict] | None = None):
         self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
         self.ipcs = tuple(sorted(cfg["ipcs"]))
         self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **init_fields(cfg),
@@ -330,7 +336,11 @@ class PairRunner:
         record["num_classes"] = len(self.data.classes)
         record.setdefault("teachers", {})
         record.setdefault("methods", {})
-        self.teachers: dict[str, Any] = {}
+        # loaded teachers and scored patch pools; `shared` hands them to the next runner of the same pair (the
+        # arms of `--validate`)
+        shared = {} if shared is None else shared
+        self.teachers: dict[str, Any] = shared.setdefault("teachers", {})
+        self.patch_notes: dict[tuple, dict[str, object]] = shared.setdefault("patch_notes", {})
 
     def spec(self, variant: Variant | None = None, **extra: Any) -> JobSpec:
         overrides = variant.overrides if variant is not None else {"method": "sre2l++"}
@@ -344,16 +354,17 @@ class PairRunner:
             # the grid takes from its own plain-CE teacher instead (`distilling_teachers`)
             result = pretrain_teacher(make_ctx(spec, self.data, self.teacher_root / f"teacher-{kind}", self.weights))
             self.teachers[kind] = result.model
-            if kind not in self.record["teachers"]:
-                self.record["teachers"][kind] = {
-                    "test_accuracy": result.info["test_accuracy"],
-                    "backbone_test_accuracy": result.info["backbone_test_accuracy"],
-                    "val_accuracy": result.info["val_accuracy"],
-                    "time_s": round(time.monotonic() - t, 1),
-                }
-                self.save()
-            info = self.record["teachers"][kind]
+            self.teachers[f"{kind}-info"] = {
+                "test_accuracy": result.info["test_accuracy"],
+                "backbone_test_accuracy": result.info["backbone_test_accuracy"],
+                "val_accuracy": result.info["val_accuracy"],
+                "time_s": round(time.monotonic() - t, 1),
+            }
+            info = self.teachers[f"{kind}-info"]
             log(f"{self.setting} seed {self.seed}: {kind} teacher backbone test {info['backbone_test_accuracy']:.3f}")
+        if kind not in self.record["teachers"]:
+            self.record["teachers"][kind] = dict(self.teachers[f"{kind}-info"])
+            self.save()
         return self.teachers[kind]
 
     def student(self, spec: JobSpec, wd: Path, teacher, images: torch.Tensor, labels: torch.Tensor, name: str,
@@ -364,6 +375,18 @@ class PairRunner:
         soft = relabel(ctx, teacher, images, labels, wd / f"{name}.safetensors")
         result = train_student(ctx, images, labels, soft, stream="student", hard_labels=hard)
         return accuracy_of(result), round(time.monotonic() - t, 1)
+
+    def shared_notes(self, spec: JobSpec) -> dict[str, object]:
+        """Run notes whose patch caches the pair's variants share: the scored pools depend only on the scorer
+        (the cache's own key, with the class chunk), the seed, the data and the fields below, and draw from
+        streams of their own, so a variant finding them scored gets the very files it would score itself. Under
+        the published rule every variant is scored by the pair's plain-CE teacher: it is scored once a pair."""
+        from fd2_core.stages.patches import patch_factor
+
+        key = (spec.seed, spec.patch_rule, spec.image_size, spec.patch_candidates, spec.patch_pool,
+               patch_factor(spec), spec.recipe, spec.method == "rded")
+        caches = self.patch_notes.setdefault(key, {})
+        return {name: caches.setdefault(name, weakref.WeakKeyDictionary()) for name in PATCH_CACHES}
 
     def distilling_teachers(self, ctx: RunContext, spec: JobSpec, own) -> Committee | None:
         """What `distill` gets: nothing for random, else the variant's teacher; under `patch_rule: published` with
@@ -381,7 +404,7 @@ class PairRunner:
         own = self.teacher(variant.teacher)
         common = self.teacher(COMMON_TEACHER)
         wd = self.root / slug(variant.shares or variant.name)
-        ctx = make_ctx(spec, self.data, wd)
+        ctx = make_ctx(spec, self.data, wd, notes=self.shared_notes(spec))
         t = time.monotonic()
         synthetic = distill(ctx, self.distilling_teachers(ctx, spec, own))
         out: dict[str, Any] = {"teacher": variant.teacher, "distill_s": round(time.monotonic() - t, 1)}
@@ -823,7 +846,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     """Whether stored results may be extended under `key`: equal, except for spec fields the stored key
-    predates whose new value only states what was implied before (`fd2_core.spec.IMPLIED_BEFORE_ADDED`)."""
+    predates whose new value only states what was implied before (`fd2_core.spec_compat.IMPLIED_BEFORE_ADDED`)."""
     if stored is None:
         return False
     # keys from before the soft-label format was recorded meant v2 streams
@@ -908,6 +931,7 @@ def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], sav
 
     for seed in cfg["seeds"]:
         for setting in cfg["settings"]:
+            shared: dict[str, dict] = {}  # the pair's teachers and scored patches, for all its arms
             for arm, overrides in arms_of(cfg).items():
                 key = f"{setting}/{seed}/{arm}"
                 record = results["runs"].setdefault(key, {})
@@ -920,6 +944,7 @@ def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], sav
                 runner = PairRunner(
                     setting, sources[setting], seed, {**cfg, "spec": {**cfg["spec"], **overrides}}, work / slug(arm),
                     record, lambda k=key: checkpoint(f"Quality validation: {k} progress"), work / "teachers",
+                    shared,
                 )
                 runner.run()
                 checkpoint(f"Quality validation: {key} done")
@@ -976,7 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true",
                         help="the paper's other rows (rded, fadrm+, fd2 on fadrm+) on the full grid's seeds")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds of the mode")
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="override the settings of the mode")
+    parser.add_argument("--settings", nargs="+", choices=sorted({**SETTINGS, **VALIDATION_SETTINGS}),
+                        help="override the settings of the mode")
     parser.add_argument("--teacher-init", choices=("base", "scratch"), help="override where teachers start")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--validate", action="store_true",

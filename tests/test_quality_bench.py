@@ -269,3 +269,30 @@ def test_the_validation_rule_takes_the_alternative_only_when_its_interval_is_abo
     # −2, +7, −5: keep published
     assert fmt["both"]["lo"] < 0 < fmt["both"]["hi"] and fmt["choice"] == "jpeg"
     assert crop["both_by_method"]["fd2"]["mean"] == pytest.approx(5.0)
+
+
+def test_a_pair_scores_its_published_patches_once_and_every_variant_gets_the_same_start(tmp_path, monkeypatch):
+    """The variants of a pair share the scored patch files (same scorer, seed, data, fields): the files are built
+    once per pair, and a variant run alone distills exactly the images it distills after another one."""
+    bench = _bench()
+    import fd2_core.stages.patches as patches
+
+    built: list[int] = []
+    original = patches.published_patch_files
+    monkeypatch.setattr(patches, "published_patch_files",
+                        lambda *a, **k: built.append(1) or original(*a, **k))
+    cfg = TINY_CFG | {"spec": TINY_CFG["spec"] | {"patch_rule": "published"}, "seeds": (0,), "ipcs": (1,)}
+    sre2l, fd2 = (next(v for v in bench.VARIANTS if v.name == n) for n in ("sre2l++", "fd2"))
+
+    def distilled(runner, variant, folder):
+        spec = runner.spec(variant)
+        ctx = bench.make_ctx(spec, runner.data, tmp_path / folder, notes=runner.shared_notes(spec))
+        return distill(ctx, runner.distilling_teachers(ctx, spec, runner.teacher(variant.teacher)))
+
+    shared = bench.PairRunner("tiny", TINY_DATA, 0, cfg, tmp_path / "work", {}, lambda: None)
+    distilled(shared, sre2l, "a-sre2l")
+    after_other = distilled(shared, fd2, "a-fd2")
+    assert len(built) == 1
+    alone = bench.PairRunner("tiny", TINY_DATA, 0, cfg, tmp_path / "work", {}, lambda: None)
+    assert torch.equal(distilled(alone, fd2, "b-fd2"), after_other)
+    assert len(built) == 2  # a new pair scores again
