@@ -861,6 +861,32 @@ def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     return all(not spec_changes(old_specs[name], new) for name, new in new_specs.items())
 
 
+def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result file from several of one configuration (the same key and mode), e.g. one process per setting.
+
+    Raises SystemExit when the configurations differ, or when two files hold the same record with different
+    figures (a record finished in both must be the same deterministic run; an unfinished one gives way)."""
+    first = docs[0]
+    for doc in docs[1:]:
+        if doc.get("mode") != first.get("mode") or not same_config(first.get("config"), doc["config"]):
+            raise SystemExit("the result files hold different configurations; they are never mixed")
+    merged = {**first, "runs": {}, "total_s": round(sum(d.get("total_s", 0.0) for d in docs), 1)}
+    for doc in docs:
+        for key, record in doc["runs"].items():
+            held = merged["runs"].get(key)
+            if held is None or len(record.get("methods", {})) > len(held.get("methods", {})):
+                if held is not None and any(record["methods"].get(m) != v for m, v in held["methods"].items()
+                                            if "same_as" not in v and "reused_from" not in v):
+                    raise SystemExit(f"{key} differs between the result files")
+                merged["runs"][key] = record
+        merged["settings"] = list(dict.fromkeys([*merged.get("settings", []), *doc.get("settings", [])]))
+        merged["seeds"] = sorted({*merged.get("seeds", []), *doc.get("seeds", [])})
+        merged["setting_descriptions"] = {**doc.get("setting_descriptions", {}),
+                                          **merged.get("setting_descriptions", {})}
+    merged["command"] = " && ".join(dict.fromkeys(d["command"] for d in docs))
+    return merged
+
+
 def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> dict[str, Any]:
     """The result file to extend: the stored one when its configuration matches, else a new document.
 
@@ -1018,7 +1044,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="start a new result file instead of extending it")
     parser.add_argument("--commit", action="store_true", help="git-commit the result file as results come in")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only redo the plot and table of a result file")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="join result files of one configuration (e.g. one process per setting) into --json")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.json is None:
+            parser.error("--merge needs --json, the file to write")
+        if args.json.exists() and args.json not in args.merge:
+            parser.error(f"{args.json} exists and is not one of the merged files; it is never overwritten")
+        _write_json(args.json, merge_results([json.loads(path.read_text()) for path in args.merge]))
+        args.render = args.json
     if args.render:
         results = json.loads(args.render.read_text())
         results["summary"] = summarise_any(results)

@@ -296,3 +296,28 @@ def test_a_pair_scores_its_published_patches_once_and_every_variant_gets_the_sam
     alone = bench.PairRunner("tiny", TINY_DATA, 0, cfg, tmp_path / "work", {}, lambda: None)
     assert torch.equal(distilled(alone, fd2, "b-fd2"), after_other)
     assert len(built) == 2  # a new pair scores again
+
+
+def test_result_files_of_one_configuration_merge_and_others_refuse(tmp_path):
+    """`--merge`: one process per setting writes its own file; the files join into one, never across
+    configurations, and a record finished in two files with different figures is refused."""
+    bench = _bench()
+    key = bench.config_key(TINY_CFG)
+    cell = {"end-to-end": {"ipc1": {"soft": 0.5}}}
+
+    def doc(setting: str, soft: float = 0.5, config=key) -> dict:
+        record = {"setting": setting, "seed": 0, "methods": {"fd2": {"end-to-end": {"ipc1": {"soft": soft}}}}}
+        return {"format": bench.FORMAT, "mode": "full", "command": f"run {setting}", "config": config,
+                "runs": {f"{setting}/0": record}, "total_s": 10.0, "settings": [setting], "seeds": [0]}
+
+    merged = bench.merge_results([doc("a"), doc("b")])
+    assert set(merged["runs"]) == {"a/0", "b/0"} and merged["settings"] == ["a", "b"]
+    assert merged["total_s"] == 20.0 and merged["command"] == "run a && run b"
+    assert merged["runs"]["b/0"]["methods"]["fd2"] == cell
+    other = bench.config_key(TINY_CFG | {"ipcs": (1,)})
+    with pytest.raises(SystemExit):
+        bench.merge_results([doc("a"), doc("b", config=other)])
+    longer = doc("a", 0.7)
+    longer["runs"]["a/0"]["methods"]["random"] = cell
+    with pytest.raises(SystemExit):
+        bench.merge_results([doc("a"), longer])
