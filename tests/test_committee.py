@@ -20,7 +20,7 @@ import fd2_core.stages.fadrm_phases as fadrm_phases
 import fd2_core.stages.synthesis as synthesis
 from fd2_core.atomic import load_tensors
 from fd2_core.augment import apply_crop_flip, apply_cutmix
-from fd2_core.cost import DatasetSize, stage_image_passes
+from fd2_core.cost import TRAIN_STEP_PASSES, DatasetSize, stage_image_passes
 from fd2_core.data.dataset import load_dataset
 from fd2_core.data.errors import DataError
 from fd2_core.pipeline import run
@@ -122,12 +122,19 @@ def test_cpu_committee_preset_is_cpu_small_plus_the_committee() -> None:
 
 def test_cost_counts_every_member() -> None:
     size = DatasetSize(num_classes=10, train_images=400, test_images=100)
-    one = stage_image_passes(resolve_spec({"base": "fadrm+"}), size)
-    rr = stage_image_passes(resolve_spec({"base": "fadrm+", "committee": ["convnet"] * 3}), size)
-    ws_spec = resolve_spec({"committee": ["convnet"] * 3})
+    # the ranked patch rule trains no patch scorer, so pretraining is the members alone
+    ranked = {"patch_rule": "ranked"}
+    one = stage_image_passes(resolve_spec({"base": "fadrm+", **ranked}), size)
+    rr_spec = resolve_spec({"base": "fadrm+", "committee": ["convnet"] * 3, **ranked})
+    rr = stage_image_passes(rr_spec, size)
+    ws_spec = resolve_spec({"committee": ["convnet"] * 3, **ranked})
     ws = stage_image_passes(ws_spec, size)
-    single_sre = stage_image_passes(resolve_spec({}), size)
+    single_sre = stage_image_passes(resolve_spec(ranked), size)
     assert rr["pretrain"] == 3 * one["pretrain"] and rr["relabel"] == 3 * one["relabel"]
+    # the published rule (cpu-small's default) adds one plain teacher, whatever the committee's size
+    published = stage_image_passes(resolve_spec({"base": "fadrm+", "committee": ["convnet"] * 3}), size)
+    plain = rr_spec.pretrain_epochs * size.train_images * TRAIN_STEP_PASSES  # forward + backward, no CAL passes
+    assert published["pretrain"] - rr["pretrain"] == plain
     # one member per step: the steps cost what one teacher's cost
     assert rr["distill"] == one["distill"]
     # every member every step: two more members' training steps; the patch

@@ -109,8 +109,21 @@ def test_paper_presets_share_the_published_pretraining_and_distillation(preset: 
 
 def test_cpu_small_keeps_its_own_settings() -> None:
     spec = resolve_spec({"preset": "cpu-small"})
-    assert PRESETS["cpu-small"] == {"model_width": 32, "eval_lr": 3e-3, "eval_temperature": 4.0}
+    assert PRESETS["cpu-small"] == {"model_width": 32, "eval_lr": 3e-3, "eval_temperature": 4.0,
+                                    "distill_crop": "batch", "patch_rule": "published", "synthetic_format": "jpeg"}
     assert (spec.backbone, spec.image_size, spec.pretrain_augment) == ("convnet", 32, "auto")
+
+
+def test_cpu_small_runs_the_data_path_its_validation_chose() -> None:
+    """The validation run kept every published data-path value (docs/BENCHMARKS.md): cpu-small and its FADRM+
+    version resolve to the paper presets' choices, so an FD² job trains the plain patch scorer too."""
+    paper = resolve_spec({"preset": "paper-cub"})
+    for preset in ("cpu-small", "cpu-small-fadrm"):
+        spec = resolve_spec({"preset": preset, "method": "fd2"})
+        assert (spec.distill_crop, spec.patch_rule, spec.synthetic_format) == (
+            paper.distill_crop, paper.patch_rule, paper.synthetic_format) == ("batch", "published", "jpeg")
+        assert spec.trains_scorer
+    assert not resolve_spec({"preset": "cpu-small", "method": "sre2l++"}).trains_scorer
 
 
 def test_other_resolution_rules_are_unchanged() -> None:
@@ -156,11 +169,11 @@ def test_teacher_checkpoint_is_selected_on_the_soft_label_logits() -> None:
 
 
 # The published data path (docs/DATA_PATH.md), written out per preset:
-# distill_crop, patch_rule, synthetic_format, amp, amp_dtype. cpu-small
-# keeps its earlier values until they are chosen on validation data.
+# distill_crop, patch_rule, synthetic_format, amp, amp_dtype. cpu-small's three
+# data-path fields were chosen on validation data and stayed published.
 EXPECTED_DATA_PATH = {
-    "cpu-small": ("image", "ranked", "png", True, "bfloat16"),
-    "cpu-small-fadrm": ("image", "ranked", "png", True, "bfloat16"),
+    "cpu-small": ("batch", "published", "jpeg", True, "bfloat16"),
+    "cpu-small-fadrm": ("batch", "published", "jpeg", True, "bfloat16"),
     **{name: ("batch", "published", "jpeg", False, "bfloat16") for name in PAPER_PRESETS},
     **{f"{name}-fadrm": ("batch", "published", "jpeg", True, "float16") for name in PAPER_PRESETS},
 }
