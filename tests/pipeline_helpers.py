@@ -17,6 +17,10 @@ TINY_SPEC = {
     "patch_candidates": 2,
     "relabel_epochs": 2,
     "relabel_batch_size": 4,
+    # cpu-small's default is the published patch rule, which under FD² pretrains one more teacher (the plain
+    # scorer); the tiny runs keep RDED's ranked rule so an fd2 run pretrains its own teacher alone. The published
+    # rule and its scorer have tests of their own (test_patch_rule, test_shards, test_presets).
+    "patch_rule": "ranked",
 }
 
 
