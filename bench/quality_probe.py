@@ -21,6 +21,7 @@ Separating "which images" from "whose logits" says where a gap between methods c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -40,9 +41,10 @@ from fd2_core.data.dataset import load_dataset  # noqa: E402
 from fd2_core.runtime import frozen  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
 from fd2_core.spec_resolution import resolve_spec  # noqa: E402
+from fd2_core.stages.committee import as_committee  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
-from fd2_core.stages.pretrain import pretrain  # noqa: E402
+from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
 from fd2_core.stages.relabel import epoch_streams  # noqa: E402
 from fd2_core.stages.teacher import relabel_mode, source_logits  # noqa: E402
 
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         teachers = {}
         for kind, method in (("cal", "fd2"), ("ce", "sre2l++")):
             spec = resolve_spec({**base, "method": method})
-            teachers[kind] = pretrain(make_ctx(spec, data, root / f"teacher-{kind}")).model
+            # the teacher alone: the published patch rule's plain scorer is the CE teacher here (below)
+            teachers[kind] = pretrain_teacher(make_ctx(spec, data, root / f"teacher-{kind}")).model
         ctx0 = make_ctx(resolve_spec({**base, "method": "fd2"}), data, root)
         for name, (kind, source) in LABEL_SOURCES.items():
             teacher_stats[f"seed{seed}/{name}"] = logit_stats(teachers[kind], source, probe.cal_ratio, ctx0)
@@ -154,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = "-".join(f"{a}{b}" for a, b in sorted(fd2_extra.items())) if name == "fd2" else ""
             tag = f"{name}-{extra}" if extra else name
             ctx = make_ctx(spec, data, root / tag)
-            teacher = None if name == "random" else teachers["cal" if spec.uses_cal else "ce"]
+            teacher = None if name == "random" else as_committee(ctx, teachers["cal" if spec.uses_cal else "ce"])
+            if teacher is not None and spec.trains_scorer:  # the published patch rule under FD²: a plain scorer
+                teacher = dataclasses.replace(teacher, scorer_model=teachers["ce"])
             sets[name] = (tag, quantize(ctx, distill(ctx, teacher)))
         for (_name, (tag, images)), ipc, src, temp in itertools.product(
             sets.items(), args.ipcs, args.sources, args.temperatures

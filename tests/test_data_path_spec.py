@@ -20,13 +20,15 @@ def _without(resolved: dict, names) -> dict:
 
 
 def test_a_stored_spec_without_the_new_fields_means_the_earlier_choices() -> None:
-    resolved = resolve_spec({"preset": "cpu-small", "pretrain_lr_decay_mode": "stepped"}).model_dump(mode="json")
-    earlier = _without(resolved, ("patch_rule", "synthetic_format", "pretrain_lr_decay_mode"))
+    earlier_choices = {"patch_rule": "ranked", "synthetic_format": "png", "pretrain_lr_decay_mode": "stepped"}
+    resolved = resolve_spec({"preset": "cpu-small", **earlier_choices}).model_dump(mode="json")
+    earlier = _without(resolved, tuple(earlier_choices))
     assert spec_changes(earlier, resolved) == []
-    # under a paper preset the same fields now say something else: no silent match
-    paper = resolve_spec({"preset": "paper-cub"}).model_dump(mode="json")
-    assert spec_changes(_without(paper, ("patch_rule", "synthetic_format")), paper) == [
-        "patch_rule", "synthetic_format"]
+    # cpu-small's defaults and the paper presets now say something else: no silent match
+    for preset in ("cpu-small", "paper-cub"):
+        now = resolve_spec({"preset": preset}).model_dump(mode="json")
+        assert spec_changes(_without(now, ("patch_rule", "synthetic_format")), now) == [
+            "patch_rule", "synthetic_format"]
 
 
 def test_a_work_folder_of_the_earlier_data_path_is_refused_and_left_as_it_was(tmp_path) -> None:

@@ -44,10 +44,16 @@ def test_integral_floats_count_as_integers_and_fractions_do_not() -> None:
 def test_cost_grows_with_ipc_and_the_square_of_the_image_side() -> None:
     base = estimate_cost(resolve_spec({"ipc": 2}), CUB_LIKE)
     double_ipc = estimate_cost(resolve_spec({"ipc": 4}), CUB_LIKE)
-    # ranking the patch pool, once per run
-    scoring = patch_scoring_passes(resolve_spec({"ipc": 2}), CUB_LIKE)
-    assert double_ipc.stage_passes["distill"] - scoring == 2 * (base.stage_passes["distill"] - scoring)
+    # the published patch rule (the default) scores one patch file per class and index up to 5 files, so
+    # below 5 the scoring grows with the ipc like the optimisation does
+    assert double_ipc.stage_passes["distill"] == 2 * base.stage_passes["distill"]
     assert double_ipc.stage_passes["pretrain"] == base.stage_passes["pretrain"]
+    # the ranked rule ranks the pool once per run, whatever the ipc
+    ranked, ranked_double = ({"ipc": ipc, "patch_rule": "ranked"} for ipc in (2, 4))
+    scoring = patch_scoring_passes(resolve_spec(ranked), CUB_LIKE)
+    assert scoring == patch_scoring_passes(resolve_spec(ranked_double), CUB_LIKE) > 0
+    assert estimate_cost(resolve_spec(ranked_double), CUB_LIKE).stage_passes["distill"] - scoring == 2 * (
+        estimate_cost(resolve_spec(ranked), CUB_LIKE).stage_passes["distill"] - scoring)
     wide = estimate_cost(resolve_spec({"ipc": 2, "image_size": 64}), CUB_LIKE)
     assert wide.cost == pytest.approx(4 * base.cost)
     assert estimate_cost(resolve_spec({"method": "random"}), CUB_LIKE).stage_passes["distill"] == 0

@@ -84,9 +84,11 @@ def test_rded_selects_the_sre2l_initial_images_without_a_single_optimisation_ste
 
     monkeypatch.setattr(distill_stage, "optimise_chunk", no_optimisation)
     monkeypatch.setattr(synthesis, "distill_step", no_optimisation)
-    rded = run(tiny_spec(method="rded", ipc=2, evaluate=False), tiny_data, tmp_path / "rded")
+    # png: rded's stored set is its selection itself (under jpeg it is the selection's JPEG)
+    rded = run(tiny_spec(method="rded", ipc=2, evaluate=False, synthetic_format="png"), tiny_data, tmp_path / "rded")
     monkeypatch.undo()
-    run(tiny_spec(method="sre2l++", ipc=2, distill_iterations=1, evaluate=False), tiny_data, tmp_path / "sre2l")
+    run(tiny_spec(method="sre2l++", ipc=2, distill_iterations=1, evaluate=False, synthetic_format="png"), tiny_data,
+        tmp_path / "sre2l")
     for j in range(2):
         selected = load_tensors(tmp_path / "rded" / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
         optimised = load_tensors(tmp_path / "sre2l" / "stages" / "distill" / f"ipc_{j:03d}.safetensors")
@@ -122,14 +124,15 @@ def test_rded_resumes_at_the_first_missing_ipc_index_with_the_same_selection(tmp
 
 
 def test_rded_costs_its_patch_scoring_only_once_whatever_the_ipc_or_iterations() -> None:
-    rded = resolve_spec({"method": "rded", "ipc": 2})
+    """RDED's own rule ranks the pool once (the published rule's per-file scoring is in test_patch_rule)."""
+    rded = resolve_spec({"method": "rded", "ipc": 2, "patch_rule": "ranked"})
     passes = stage_image_passes(rded, CUB_LIKE)
     assert passes["distill"] == min(300 * 200, 5994) * 5 == patch_scoring_passes(rded, CUB_LIKE)
-    many = resolve_spec({"method": "rded", "ipc": 10, "distill_iterations": 50_000})
+    many = resolve_spec({"method": "rded", "ipc": 10, "distill_iterations": 50_000, "patch_rule": "ranked"})
     assert stage_image_passes(many, CUB_LIKE)["distill"] == passes["distill"]
-    small_pool = resolve_spec({"method": "rded", "patch_pool": 4, "patch_candidates": 3})
+    small_pool = resolve_spec({"method": "rded", "patch_pool": 4, "patch_candidates": 3, "patch_rule": "ranked"})
     assert stage_image_passes(small_pool, CUB_LIKE)["distill"] == 200 * 4 * 3
-    sre2l = resolve_spec({"method": "sre2l++", "ipc": 2})
+    sre2l = resolve_spec({"method": "sre2l++", "ipc": 2, "patch_rule": "ranked"})
     steps = 2 * sre2l.distill_iterations * 200 * 3
     assert stage_image_passes(sre2l, CUB_LIKE)["distill"] == steps + passes["distill"]
     noise = resolve_spec({"method": "sre2l++", "ipc": 2, "init": "gaussian"})

@@ -141,7 +141,9 @@ def _forbid_training(monkeypatch) -> None:
 
 
 def test_plan_lists_every_unit_with_its_dependencies() -> None:
-    spec = resolve_spec({"distill_batch_classes": 4, "relabel_epochs": 300, "max_workers": 4})
+    # the ranked patch rule: no scorer unit (the published rule's `pretrain:scorer` is tested on its own)
+    spec = resolve_spec({"distill_batch_classes": 4, "relabel_epochs": 300, "max_workers": 4,
+                         "patch_rule": "ranked"})
     plan = plan_shards(spec, num_classes=10)
     assert [s.id for s in plan] == [
         "pretrain:m0", "distill:c00000", "distill:c00004", "distill:c00008", "distill:merge",
@@ -167,7 +169,7 @@ def test_plan_lists_every_unit_with_its_dependencies() -> None:
 
 
 def test_plan_follows_the_committee_the_method_and_the_students() -> None:
-    committee = plan_shards(resolve_spec({"committee": ["convnet"] * 3}), num_classes=5)
+    committee = plan_shards(resolve_spec({"committee": ["convnet"] * 3, "patch_rule": "ranked"}), num_classes=5)
     ids = [s.id for s in committee]
     # 0 = all classes, one block
     assert ids[:4] == ["pretrain:m0", "pretrain:m1", "pretrain:m2", "distill:c00000"]

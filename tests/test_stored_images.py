@@ -77,7 +77,7 @@ def test_a_jpeg_run_stores_reads_and_exports_the_decoded_jpeg_pixels(tmp_path, t
     # drift is measured before storage: the JPEG loss alone would read as tens of dB of movement
     assert result.report["distill"]["init_psnr_db"] > 40
 
-    png = run(resolve_spec(tiny_spec(ipc=2)), tiny_data, tmp_path / "png")
+    png = run(resolve_spec(tiny_spec(ipc=2, synthetic_format="png")), tiny_data, tmp_path / "png")
     assert "raw" not in load_tensors(ipc_file(tmp_path / "png" / "stages", 0))
     assert png.report["synthetic_format"] == {"format": "png", "stored_as": "rounded to uint8, lossless"}
     assert not torch.equal(_pixels(png), exported)
