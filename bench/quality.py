@@ -938,6 +938,21 @@ def _describe(results: dict[str, Any], cfg: dict[str, Any]) -> None:
     results["date"] = time.strftime("%Y-%m-%d")
 
 
+def _checkpointer(results: dict[str, Any], save, summariser):
+    """`checkpoint(message)`: add the compute time since the last call, summarise, and `save(results, message)`."""
+    clock = [time.monotonic()]
+
+    def checkpoint(message: str) -> None:
+        now = time.monotonic()
+        results["total_s"] = round(results.get("total_s", 0.0) + now - clock[0], 1)
+        clock[0] = now
+        results["summary"] = summariser(results)
+        if save is not None:
+            save(results, message)
+
+    return checkpoint
+
+
 def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
     """`--validate`: every arm of `cfg["arms"]` on every (seed, setting), seeds outermost so that a stopped run
     leaves whole seeds; all arms of a pair share its teachers (`work/teachers`), each arm has its own distillation
@@ -945,15 +960,7 @@ def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], sav
     into the others. Records are `runs["<setting>/<seed>/<arm>"]`; `save(results, message)` after each step."""
     sources = _sources(cfg)
     _describe(results, cfg)
-    clock = [time.monotonic()]
-
-    def checkpoint(message: str) -> None:
-        now = time.monotonic()
-        results["total_s"] = round(results.get("total_s", 0.0) + now - clock[0], 1)
-        clock[0] = now
-        results["summary"] = summarise_choices(results)
-        if save is not None:
-            save(results, message)
+    checkpoint = _checkpointer(results, save, summarise_choices)
 
     for seed in cfg["seeds"]:
         for setting in cfg["settings"]:
@@ -982,15 +989,7 @@ def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None
     """Every (setting, seed) of `cfg`, skipping what `results` already holds; `save(results)` after each step."""
     sources = _sources(cfg)
     _describe(results, cfg)
-    clock = [time.monotonic()]
-
-    def checkpoint(message: str) -> None:
-        now = time.monotonic()
-        results["total_s"] = round(results.get("total_s", 0.0) + now - clock[0], 1)
-        clock[0] = now
-        results["summary"] = summarise(results)
-        if save is not None:
-            save(results, message)
+    checkpoint = _checkpointer(results, save, summarise)
 
     for setting in cfg["settings"]:
         for seed in cfg["seeds"]:
