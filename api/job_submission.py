@@ -38,7 +38,7 @@ from store.jobs import (
     find_by_idempotency_key,
     get_tenant_job,
 )
-from store.models import Dataset, Job, new_id
+from store.models import Dataset, DatasetStatus, EventKind, Job, new_id
 
 logger = logging.getLogger("fd2.api")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -97,7 +97,7 @@ def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant
     if dataset is None:
         raise ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found; upload one with POST /v1/datasets "
                        "or use an id from GET /v1/datasets", {"field": "dataset.id"})
-    if dataset.status != "ready":
+    if dataset.status != DatasetStatus.READY:
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready; use a "
                        "dataset whose status is ready",
                        {"field": "dataset.id", "status": dataset.status})
@@ -162,7 +162,7 @@ def submit_job(
             dataset_id=dataset_id, manifest_path=str(manifest_path) if manifest_path else None,
             callback_url=body.callback_url, idempotency_key=idempotency_key, request_hash=fingerprint,
         )
-        add_event(session, job.id, "queued", f"job queued on {queue}")
+        add_event(session, job.id, EventKind.JOB_QUEUED, f"job queued on {queue}")
         session.commit()
     except IntegrityError:
         session.rollback()

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import count_jobs_by_status, oldest_queued_at, queue_depths
-from store.models import JOB_STATUSES
+from store.models import JobStatus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -37,7 +37,7 @@ class JobGauges(Collector):
             depth = queue_depths(session)
             oldest = oldest_queued_at(session)
         jobs = GaugeMetricFamily("fd2_jobs", "Jobs by status.", labels=["status"])
-        for status in JOB_STATUSES:
+        for status in map(str, JobStatus):
             jobs.add_metric([status], by_status.get(status, 0))
         yield jobs
         queue = GaugeMetricFamily("fd2_queue_depth", "Queued jobs waiting for a worker.", labels=["queue"])

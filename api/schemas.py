@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from store.models import DatasetStatus, JobStatus, ShardStatus
+
 # allOf so that a field's own description can sit beside the reference.
 JOB_SPEC_REF = {"allOf": [{"$ref": "#/components/schemas/JobSpec"}]}
 SpecMapping = Annotated[dict[str, Any], WithJsonSchema(JOB_SPEC_REF)]
 ClassName = Annotated[str, Field(min_length=1, max_length=200)]
 ClassIndex = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobStage = Literal["pretrain", "distill", "relabel", "evaluate", "package"]
-DatasetStatus = Literal["validating", "ready", "invalid"]
 
 
 class ManifestItem(BaseModel):
@@ -82,7 +82,7 @@ class ShardOut(BaseModel):
         description="Stable shard id, e.g. `pretrain:m0`, `pretrain:scorer`, `distill:c00100`, `relabel:e0000-0200`.",
     )
     stage: JobStage
-    status: Literal["queued", "dispatched", "running", "done", "failed", "cancelled"] = Field(
+    status: ShardStatus = Field(
         ..., description="`dispatched`: waiting in the broker for a free worker.")
     worker: str | None = Field(None, description="The worker (`host:pid`) running it or that ran it last.")
     attempts: int

@@ -45,7 +45,8 @@ from fd2_config.queues import GPU_QUEUE  # noqa: E402
 from fd2_config.settings import Settings  # noqa: E402
 from store.artifacts import register_artifact  # noqa: E402
 from store.db import dispose_engines, migrate, session_scope  # noqa: E402
-from store.jobs import create_job, finish_job, mark_running  # noqa: E402
+from store.job_states import finish_job, mark_running  # noqa: E402
+from store.jobs import create_job  # noqa: E402
 from store.keys import authenticate, create_tenant_key  # noqa: E402
 
 MIB = 1024 * 1024

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from fd2_config.settings import Settings
 from store.jobs import SAFE_ID
-from store.models import Artifact, Dataset, Job, is_public_id
+from store.models import Artifact, Dataset, DatasetStatus, Job, is_public_id
 from store.pagination import Page, newest_first_page
 
 
@@ -34,7 +34,7 @@ def create_dataset(
     path: Path,
     size_bytes: int,
     has_test_split: bool,
-    status: str = "ready",
+    status: str = DatasetStatus.READY,
 ) -> Dataset:
     """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors and optionally
     warnings, duplicates and test_split."""

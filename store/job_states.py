@@ -1,4 +1,8 @@
-"""Who holds a running job, and every change of hands: claim, release, and the search for orphans.
+"""Every change of a job's status, and who holds a running job: the job's state machine.
+
+`queued` → `running` (`claim_job`, `mark_running`) → `succeeded` / `failed` / `cancelled` (`finish_job`);
+`running` → `queued` again when its holder is gone (`release_job`, `requeue_stale_jobs`, `find_orphans`);
+a cancel request (`request_cancel`) ends a job at once where nothing runs it.
 
 A job row names its holder as `<host>:<pid>` of the process running it. A holder on this same host whose
 process is gone (a worker killed with SIGKILL, a crashed `fd2 serve`) is known dead at once, so its job is
@@ -14,12 +18,24 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Collection
+from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.jobs import add_event, finish_job, get_job, mark_running, requeue_stale_jobs
-from store.models import Job
+from store.jobs import add_event, get_job, json_column_value
+from store.models import (
+    ACTIVE_JOB_STATUSES,
+    FINAL_EVENT_KINDS,
+    FINISHED_JOB_STATUSES,
+    EventKind,
+    Job,
+    JobShard,
+    JobStatus,
+    ShardStatus,
+    utcnow,
+)
 
 
 def worker_identity() -> str:
@@ -65,19 +81,19 @@ def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> J
     The calling process is about to run the job, so it is not running it already.
     """
     job = get_job(session, job_id)
-    if job is None or job.is_finished or (job.sharded and job.status == "running"):
+    if job is None or job.is_finished or (job.sharded and job.status == JobStatus.RUNNING):
         return None  # a running sharded job is its shards' to run (`store.shards`)
     if job.cancel_requested:
-        if job.status == "running" and holder_is_dead(job.worker, running_here=False):
-            finish_job(session, job_id, "cancelled")  # cancelled while its worker was down
+        if job.status == JobStatus.RUNNING and holder_is_dead(job.worker, running_here=False):
+            finish_job(session, job_id, JobStatus.CANCELLED)  # cancelled while its worker was down
         return None
     takeover_after_s: float | None = stale_after_s
-    if job.status == "running" and holder_is_dead(job.worker, running_here=False):
+    if job.status == JobStatus.RUNNING and holder_is_dead(job.worker, running_here=False):
         takeover_after_s = None
-    previous = job.worker if job.status == "running" else None
+    previous = job.worker if job.status == JobStatus.RUNNING else None
     claimed = mark_running(session, job_id, me, takeover_after_s=takeover_after_s)
     if claimed is not None and previous:
-        add_event(session, job_id, "takeover", f"worker {previous} is gone; job taken over by {me}")
+        add_event(session, job_id, EventKind.TAKEOVER, f"worker {previous} is gone; job taken over by {me}")
     return claimed
 
 
@@ -88,13 +104,13 @@ def release_job(session: Session, job_id: str, holder: str, reason: str) -> bool
     """
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker == holder)
-        .values(status="queued", worker=None, heartbeat_at=None, eta_seconds=None)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == holder)
+        .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None, eta_seconds=None)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         return False
-    add_event(session, job_id, "requeued", reason)
+    add_event(session, job_id, EventKind.REQUEUED, reason)
     return True
 
 
@@ -111,18 +127,18 @@ def find_orphans(
     1. a `running` job whose holder ran on this host and is gone is requeued (cancelled, when asked to be);
        `running_here` names the jobs this process runs, which are never orphans;
     2. with `judge_heartbeats`, a `running` job silent for `stale_after_s` (holder on any host) is requeued
-       (`store.jobs.requeue_stale_jobs`);
+       (`requeue_stale_jobs`);
     3. with `include_queued`, every `queued` job is returned too, oldest first (its message may be lost).
     """
     to_send: list[tuple[str, str]] = []
     running = session.execute(
-        select(Job.id, Job.worker, Job.queue, Job.cancel_requested).where(Job.status == "running")
+        select(Job.id, Job.worker, Job.queue, Job.cancel_requested).where(Job.status == JobStatus.RUNNING)
     ).all()
     for job_id, holder, queue, cancel_requested in running:
         if not holder_is_dead(holder, running_here=job_id in running_here):
             continue
         if cancel_requested:
-            finish_job(session, job_id, "cancelled")
+            finish_job(session, job_id, JobStatus.CANCELLED)
         elif release_job(session, job_id, holder, f"worker {holder} is gone; job requeued"):
             to_send.append((job_id, queue))
     stale_ids = requeue_stale_jobs(session, stale_after_s) if judge_heartbeats else []
@@ -131,7 +147,150 @@ def find_orphans(
     if include_queued:
         sent = {job_id for job_id, _ in to_send}
         queued = session.execute(
-            select(Job.id, Job.queue).where(Job.status == "queued").order_by(Job.created_at)
+            select(Job.id, Job.queue).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
         ).all()
         to_send.extend((job_id, queue) for job_id, queue in queued if job_id not in sent)
     return to_send
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Flag a queued or running job for cancellation; a queued one is cancelled at once.
+
+    False when the job is already finished (or unknown), which the API answers with 409.
+    A sharded job none of whose shards is running (they wait in the broker) is cancelled at once as
+    well; a running shard stops at its next poll and the job ends `cancelled` then.
+    """
+    now = utcnow()
+    idle_sharded = (Job.status == JobStatus.RUNNING) & Job.sharded.is_(True) & ~exists().where(
+        JobShard.job_id == Job.id, JobShard.status == ShardStatus.RUNNING)
+    stops_now = (Job.status == JobStatus.QUEUED) | idle_sharded
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .values(
+            cancel_requested=True,
+            status=case((stops_now, JobStatus.CANCELLED), else_=Job.status),
+            finished_at=case((stops_now, now), else_=Job.finished_at),
+            eta_seconds=case((stops_now, None), else_=Job.eta_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def mark_running(session: Session, job_id: str, worker: str, *, takeover_after_s: float | None = None) -> Job | None:
+    """Claim the job for `worker` and count the attempt; None means skip it
+    (cancelled, finished, unknown).
+
+    A job already `running` (a redelivered message after a crash) is taken
+    over, unless `takeover_after_s` is given and its last heartbeat is
+    younger than that (another worker is still alive on it).
+    """
+    now = utcnow()
+    claimable = Job.status == JobStatus.QUEUED
+    if takeover_after_s is None:
+        claimable = or_(claimable, Job.status == JobStatus.RUNNING)
+    else:
+        cutoff = now - timedelta(seconds=takeover_after_s)
+        claimable = or_(
+            claimable,
+            (Job.status == JobStatus.RUNNING) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+        )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.cancel_requested.is_(False), claimable)
+        .values(
+            status=JobStatus.RUNNING,
+            worker=worker,
+            attempts=Job.attempts + 1,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    return get_job(session, job_id)
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    metrics: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> Job | None:
+    """Move an active job to `succeeded`, `failed` or `cancelled`; None if
+    it had already finished."""
+    if status not in FINISHED_JOB_STATUSES:
+        raise ValueError(f"not a final status: {status!r}")
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
+    if metrics is not None:
+        values["metrics"] = json_column_value(metrics)
+    if error is not None:
+        values["error"] = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
+    if status == JobStatus.SUCCEEDED:
+        values.update(progress=1.0, stage_progress=1.0)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    return get_job(session, job_id)
+
+
+def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
+    """Running jobs whose worker went silent for `older_than_s` go back to
+    `queued`; returns their ids.
+
+    For brokers that lose a crashed worker's message: the caller sends the returned ids again.
+    A stale job whose cancellation was requested is finished as `cancelled` instead.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    # A sharded job has no single holder: its shards are judged one by one (`store.shards`).
+    stale = Job.sharded.is_(False) & or_(Job.heartbeat_at < cutoff,
+                                         Job.heartbeat_at.is_(None) & (Job.started_at < cutoff))
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.cancel_requested.is_(True), stale)
+        .values(status=JobStatus.CANCELLED, finished_at=now, eta_seconds=None)
+        .execution_options(synchronize_session=False)
+    )
+    ids = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING, stale).order_by(Job.created_at)))
+    requeued: list[str] = []
+    for job_id in ids:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, stale)
+            .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None, eta_seconds=None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            add_event(session, job_id, EventKind.REQUEUED, f"worker silent for over {older_than_s:.0f} s; job requeued")
+            requeued.append(job_id)
+    return requeued
+
+
+def end_job(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    metrics: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> Job | None:
+    """`finish_job` plus the job's final event (`succeeded`, `failed` or `cancelled`, with the error).
+
+    None when the job had already finished: then no event is written.
+    """
+    job = finish_job(session, job_id, status, metrics=metrics, error=error)
+    if job is not None:
+        message = f"job {status}" + (f": {job.error['message']}" if error and job.error else "")
+        add_event(session, job_id, FINAL_EVENT_KINDS[JobStatus(status)], message,
+                  data={"error": job.error} if error else None)
+    return job

@@ -1,22 +1,18 @@
-"""Jobs and their events: what the API writes at submit/cancel and what the
-worker writes while running.
+"""Jobs and their events: the rows the API writes at submit and reads, and what a run records.
 
-State changes are single conditional UPDATEs (`...
-WHERE status IN (...)`), so the API cancelling and a worker starting or finishing the same job
-cannot overwrite each other on either database.
-None of these functions commits: the caller's `session_scope()` (or the
-route) decides the transaction.
+Changes of a job's status live in `store/job_states.py`.
+None of these functions commits: the caller's `session_scope()` (or the route) decides the transaction.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, exists, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from fd2_config.settings import Settings
@@ -27,7 +23,7 @@ from store.models import (
     Artifact,
     Job,
     JobEvent,
-    JobShard,
+    JobStatus,
     is_public_id,
     utcnow,
 )
@@ -87,7 +83,7 @@ def create_job(
         callback_url=callback_url,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
-        status="queued",
+        status=JobStatus.QUEUED,
     )
     if job_id is not None:
         job.id = job_id
@@ -257,14 +253,14 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
 def queue_depths(session: Session) -> dict[str, int]:
     """Queued jobs per queue name, across tenants (for metrics); a queue with none is absent."""
     return dict(session.execute(
-        select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
+        select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.queue)
     ).all())
 
 
 def oldest_queued_at(session: Session) -> datetime | None:
     """When the oldest queued job was created, across tenants (for
     metrics); None when none is queued."""
-    return session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+    return session.scalar(select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED))
 
 
 def tenant_job_status(session: Session, tenant_id: str, job_id: str) -> str | None:
@@ -276,66 +272,6 @@ def tenant_job_status(session: Session, tenant_id: str, job_id: str) -> str | No
 def dataset_has_active_jobs(session: Session, dataset_id: str) -> bool:
     query = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
     return session.scalar(query) is not None
-
-
-def request_cancel(session: Session, job_id: str) -> bool:
-    """Flag a queued or running job for cancellation; a queued one is cancelled at once.
-
-    False when the job is already finished (or unknown), which the API answers with 409.
-    A sharded job none of whose shards is running (they wait in the broker) is cancelled at once as
-    well; a running shard stops at its next poll and the job ends `cancelled` then.
-    """
-    now = utcnow()
-    idle_sharded = (Job.status == "running") & Job.sharded.is_(True) & ~exists().where(
-        JobShard.job_id == Job.id, JobShard.status == "running")
-    stops_now = (Job.status == "queued") | idle_sharded
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
-        .values(
-            cancel_requested=True,
-            status=case((stops_now, "cancelled"), else_=Job.status),
-            finished_at=case((stops_now, now), else_=Job.finished_at),
-            eta_seconds=case((stops_now, None), else_=Job.eta_seconds),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
-
-
-def mark_running(session: Session, job_id: str, worker: str, *, takeover_after_s: float | None = None) -> Job | None:
-    """Claim the job for `worker` and count the attempt; None means skip it
-    (cancelled, finished, unknown).
-
-    A job already `running` (a redelivered message after a crash) is taken
-    over, unless `takeover_after_s` is given and its last heartbeat is
-    younger than that (another worker is still alive on it).
-    """
-    now = utcnow()
-    claimable = Job.status == "queued"
-    if takeover_after_s is None:
-        claimable = or_(claimable, Job.status == "running")
-    else:
-        cutoff = now - timedelta(seconds=takeover_after_s)
-        claimable = or_(
-            claimable,
-            (Job.status == "running") & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
-        )
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.cancel_requested.is_(False), claimable)
-        .values(
-            status="running",
-            worker=worker,
-            attempts=Job.attempts + 1,
-            heartbeat_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    return get_job(session, job_id)
 
 
 def update_progress(
@@ -350,7 +286,7 @@ def update_progress(
     """Record the latest progress (also counts as a heartbeat)."""
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(
             stage=stage,
             progress=_fraction(progress),
@@ -393,7 +329,7 @@ def list_events(session: Session, job_id: str, *, after: int | None = None, limi
 def heartbeat(session: Session, job_id: str) -> None:
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -403,67 +339,3 @@ def is_cancel_requested(session: Session, job_id: str) -> bool:
     """True when the job was cancelled or no longer exists (either way: stop working on it)."""
     flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     return flag is None or bool(flag)
-
-
-def finish_job(
-    session: Session,
-    job_id: str,
-    status: str,
-    *,
-    metrics: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> Job | None:
-    """Move an active job to `succeeded`, `failed` or `cancelled`; None if
-    it had already finished."""
-    if status not in FINISHED_JOB_STATUSES:
-        raise ValueError(f"not a final status: {status!r}")
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
-    if metrics is not None:
-        values["metrics"] = json_column_value(metrics)
-    if error is not None:
-        values["error"] = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
-    if status == "succeeded":
-        values.update(progress=1.0, stage_progress=1.0)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    return get_job(session, job_id)
-
-
-def requeue_stale_jobs(session: Session, older_than_s: float) -> list[str]:
-    """Running jobs whose worker went silent for `older_than_s` go back to
-    `queued`; returns their ids.
-
-    For brokers that lose a crashed worker's message: the caller sends the returned ids again.
-    A stale job whose cancellation was requested is finished as `cancelled` instead.
-    """
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    # A sharded job has no single holder: its shards are judged one by one (`store.shards`).
-    stale = Job.sharded.is_(False) & or_(Job.heartbeat_at < cutoff,
-                                         Job.heartbeat_at.is_(None) & (Job.started_at < cutoff))
-    now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.status == "running", Job.cancel_requested.is_(True), stale)
-        .values(status="cancelled", finished_at=now, eta_seconds=None)
-        .execution_options(synchronize_session=False)
-    )
-    ids = list(session.scalars(select(Job.id).where(Job.status == "running", stale).order_by(Job.created_at)))
-    requeued: list[str] = []
-    for job_id in ids:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", stale)
-            .values(status="queued", worker=None, heartbeat_at=None, eta_seconds=None)
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:
-            add_event(session, job_id, "requeued", f"worker silent for over {older_than_s:.0f} s; job requeued")
-            requeued.append(job_id)
-    return requeued
-

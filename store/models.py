@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import (
@@ -29,15 +31,97 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-DATASET_STATUSES = ("validating", "ready", "invalid")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_JOB_STATUSES = ("queued", "running")
-FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
-JOB_STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
-# A shard of a job spread over several workers (spec `max_workers` > 1): `dispatched` means its
-# `fd2.run_shard` message is in the broker; docs/ARCHITECTURE.md "One job on many workers".
-SHARD_STATUSES = ("queued", "dispatched", "running", "done", "failed", "cancelled")
-ACTIVE_SHARD_STATUSES = ("dispatched", "running")
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10 lacks it; members then print and format as their value, as on 3.11
+
+    class StrEnum(str, Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+
+class DatasetStatus(StrEnum):
+    """Where an uploaded dataset stands: scanned on upload, then usable by jobs or refused."""
+
+    VALIDATING = "validating"
+    READY = "ready"
+    INVALID = "invalid"
+
+
+class JobStatus(StrEnum):
+    """A job's life: `queued` → `running` → one final status (docs/API.md "Jobs").
+
+    Every change of a job's status is written in `store/job_states.py`.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINISHED_JOB_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ShardStatus(StrEnum):
+    """A unit of a job spread over several workers (spec `max_workers` > 1).
+
+    `dispatched` means its `fd2.run_shard` message is in the broker.
+    See docs/ARCHITECTURE.md "One job on many workers".
+    """
+
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_SHARD_STATUSES = (ShardStatus.DISPATCHED, ShardStatus.RUNNING)
+WAITING_SHARD_STATUSES = (ShardStatus.QUEUED, ShardStatus.DISPATCHED)
+FINAL_SHARD_STATUSES = (ShardStatus.DONE, ShardStatus.FAILED, ShardStatus.CANCELLED)
+
+
+class EventKind(StrEnum):
+    """Kinds of job events the service itself writes (docs/API.md, docs/INTERFACES.md).
+
+    A job's final event shares its spelling with the final status, so it has a name of its own.
+    The pipeline's kinds (`progress`, `log`, `stage_start`, …) pass through as the pipeline wrote them.
+    """
+
+    JOB_QUEUED = "queued"
+    STARTED = "started"
+    LOG = "log"
+    REQUEUED = "requeued"
+    TAKEOVER = "takeover"
+    CANCEL_REQUESTED = "cancel_requested"
+    CALLBACK = "callback"
+    JOB_SUCCEEDED = "succeeded"
+    JOB_FAILED = "failed"
+    JOB_CANCELLED = "cancelled"
+    SHARDED = "sharded"
+    SHARD_STARTED = "shard_started"
+    SHARD_FINISHED = "shard_finished"
+    SHARD_FAILED = "shard_failed"
+    SHARD_CANCELLED = "shard_cancelled"
+    SHARD_REQUEUED = "shard_requeued"
+    SHARD_TAKEOVER = "shard_takeover"
+
+
+FINAL_EVENT_KINDS = {
+    JobStatus.SUCCEEDED: EventKind.JOB_SUCCEEDED,
+    JobStatus.FAILED: EventKind.JOB_FAILED,
+    JobStatus.CANCELLED: EventKind.JOB_CANCELLED,
+}
+SHARD_END_EVENT_KINDS = {
+    ShardStatus.DONE: EventKind.SHARD_FINISHED,
+    ShardStatus.FAILED: EventKind.SHARD_FAILED,
+    ShardStatus.CANCELLED: EventKind.SHARD_CANCELLED,
+}
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -124,7 +208,7 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="validating")
+    status: Mapped[str] = mapped_column(String(16), default=DatasetStatus.VALIDATING)
     num_classes: Mapped[int] = mapped_column(Integer, default=0)
     classes: Mapped[list[Any]] = mapped_column(default=list)
     splits: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -157,7 +241,7 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True, default=None
     )
     manifest_path: Mapped[str | None] = mapped_column(Text, default=None)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(16), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage_progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -209,7 +293,7 @@ class JobShard(Base):
     stage: Mapped[str] = mapped_column(String(16))
     depends_on: Mapped[list[Any]] = mapped_column(default=list)
     weight: Mapped[float] = mapped_column(Float, default=0.0)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.QUEUED)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -27,11 +27,20 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from store.job_states import holder_is_dead
-from store.jobs import add_event, finish_job, get_job
-from store.models import ACTIVE_SHARD_STATUSES, Job, JobShard, Tenant, utcnow
-
-FINAL_SHARD_STATUSES = ("done", "failed", "cancelled")
+from store.job_states import end_job, finish_job, holder_is_dead
+from store.jobs import add_event, get_job
+from store.models import (
+    ACTIVE_SHARD_STATUSES,
+    FINAL_SHARD_STATUSES,
+    WAITING_SHARD_STATUSES,
+    EventKind,
+    Job,
+    JobShard,
+    JobStatus,
+    ShardStatus,
+    Tenant,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +81,11 @@ def record_plan(session: Session, job_id: str, shards: Iterable[PlannedShard]) -
     for position, shard in enumerate(shards):
         if shard.id not in known:
             session.add(JobShard(job_id=job_id, shard_id=shard.id, position=position, stage=shard.stage,
-                                 depends_on=list(shard.depends_on), weight=float(shard.weight), status="queued",
-                                 progress=0.0, attempts=0))
+                                 depends_on=list(shard.depends_on), weight=float(shard.weight),
+                                 status=ShardStatus.QUEUED, progress=0.0, attempts=0))
     session.flush()
     session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running")
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(sharded=True, worker=None, heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -91,7 +100,7 @@ def job_shards(session: Session, job_id: str) -> list[JobShard]:
 
 def shard_summary(rows: list[JobShard]) -> dict[str, Any]:
     """The job resource's `shards`: counts by status and one item per shard (docs/INTERFACES.md)."""
-    counts = {status: 0 for status in ("queued", "dispatched", "running", "done", "failed", "cancelled")}
+    counts = {str(status): 0 for status in ShardStatus}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
     items = [
@@ -106,14 +115,15 @@ def _job_progress(rows: list[JobShard]) -> tuple[str | None, float, float]:
     """(stage, progress, stage progress) of the job from its shards: progress is the shards' progress weighted
     by their shares; the stage is that of the first unfinished shard (a running one first)."""
     total = sum(row.weight for row in rows) or 1.0
-    progress = sum(row.weight * (1.0 if row.status == "done" else row.progress) for row in rows) / total
-    unfinished = [row for row in rows if row.status != "done"]
-    current = next((row for row in unfinished if row.status == "running"), unfinished[0] if unfinished else None)
+    progress = sum(row.weight * (1.0 if row.status == ShardStatus.DONE else row.progress) for row in rows) / total
+    unfinished = [row for row in rows if row.status != ShardStatus.DONE]
+    running = [row for row in unfinished if row.status == ShardStatus.RUNNING]
+    current = (running or unfinished or [None])[0]
     if current is None:
         return (rows[-1].stage if rows else None), progress, 1.0
     same = [row for row in rows if row.stage == current.stage]
     weight = sum(row.weight for row in same)
-    done = [1.0 if row.status == "done" else row.progress for row in same]
+    done = [1.0 if row.status == ShardStatus.DONE else row.progress for row in same]
     if weight:
         stage_progress = sum(row.weight * d for row, d in zip(same, done, strict=True)) / weight
     else:
@@ -134,7 +144,7 @@ def refresh_summary(session: Session, job_id: str) -> int:
     if job is None:
         return 0
     values: dict[str, Any] = {"shards": shard_summary(rows)}
-    if job.status == "running" and rows:
+    if job.status == JobStatus.RUNNING and rows:
         stage, progress, stage_progress = _job_progress(rows)
         eta = None
         if job.started_at is not None and progress >= 0.01:
@@ -157,19 +167,20 @@ def claim_shard(
     it goes back to `queued` for a later dispatch)."""
     job = get_job(session, job_id)
     row = session.get(JobShard, (job_id, shard_id), populate_existing=True)
-    if job is None or row is None or job.status != "running" or job.cancel_requested or not job.sharded:
+    if job is None or row is None or job.status != JobStatus.RUNNING or job.cancel_requested or not job.sharded:
         return None
     previous_status, previous_worker, attempts = row.status, row.worker, row.attempts  # before any reload
-    if row.status not in ("dispatched", "running"):
+    if row.status not in ACTIVE_SHARD_STATUSES:
         return None  # finished, or `queued`: an old message must not bypass max_workers and the tenant cap
-    if row.status == "running":
+    if row.status == ShardStatus.RUNNING:
         stale = row.heartbeat_at is None or row.heartbeat_at < utcnow() - timedelta(seconds=stale_after_s)
         if not (stale or holder_is_dead(row.worker, running_here=False)):
             return None
     done = set(session.scalars(select(JobShard.shard_id).where(
-        JobShard.job_id == job_id, JobShard.shard_id.in_(list(row.depends_on or [])), JobShard.status == "done")))
+        JobShard.job_id == job_id, JobShard.shard_id.in_(list(row.depends_on or [])),
+        JobShard.status == ShardStatus.DONE)))
     if set(row.depends_on or []) - done:
-        _set_status(session, row, "queued", only_from=(previous_status,))
+        _set_status(session, row, ShardStatus.QUEUED, only_from=(previous_status,))
         refresh_summary(session, job_id)
         return None
     now = utcnow()
@@ -177,21 +188,21 @@ def claim_shard(
         update(JobShard)
         .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == previous_status,
                or_(JobShard.worker.is_(None), JobShard.worker == previous_worker))
-        .values(status="running", worker=me, attempts=JobShard.attempts + 1, heartbeat_at=now, started_at=now,
+        .values(status=ShardStatus.RUNNING, worker=me, attempts=JobShard.attempts + 1, heartbeat_at=now, started_at=now,
                 finished_at=None, progress=0.0, error=None)
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:
         return None
-    if previous_status == "running" and previous_worker:
-        add_event(session, job_id, "shard_takeover", f"shard {shard_id}: worker {previous_worker} is gone; taken "
-                  f"over by {me}", stage=row.stage, data={"shard": shard_id, "worker": me,
-                                                          "previous": previous_worker})
+    if previous_status == ShardStatus.RUNNING and previous_worker:
+        add_event(session, job_id, EventKind.SHARD_TAKEOVER,
+                  f"shard {shard_id}: worker {previous_worker} is gone; taken over by {me}", stage=row.stage,
+                  data={"shard": shard_id, "worker": me, "previous": previous_worker})
     refresh_summary(session, job_id)
     return ShardClaim(job_id, shard_id, row.stage, attempts + 1, job.tenant_id, dict(job.spec), job.started_at)
 
 
-def _set_status(session: Session, row: JobShard, status: str, *, only_from: Collection[str]) -> bool:
+def _set_status(session: Session, row: JobShard, status: ShardStatus, *, only_from: Collection[str]) -> bool:
     result = session.execute(
         update(JobShard)
         .where(JobShard.job_id == row.job_id, JobShard.shard_id == row.shard_id, JobShard.status.in_(only_from))
@@ -202,17 +213,17 @@ def _set_status(session: Session, row: JobShard, status: str, *, only_from: Coll
 
 
 def finish_shard(
-    session: Session, job_id: str, shard_id: str, me: str, status: str, *, error: dict[str, str] | None = None
+    session: Session, job_id: str, shard_id: str, me: str, status: ShardStatus, *, error: dict[str, str] | None = None
 ) -> bool:
     """Move the shard `me` runs to `done`, `failed` or `cancelled`; False when another worker holds it now."""
     if status not in FINAL_SHARD_STATUSES:
         raise ValueError(f"not a final shard status: {status!r}")
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
-    if status == "done":
+    if status == ShardStatus.DONE:
         values["progress"] = 1.0
     result = session.execute(
         update(JobShard)
-        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == "running",
+        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == ShardStatus.RUNNING,
                JobShard.worker == me)
         .values(**values)
         .execution_options(synchronize_session=False)
@@ -226,9 +237,10 @@ def release_shard(session: Session, job_id: str, shard_id: str, me: str, *, requ
     broker (`requeued_message`), else `queued` for the next dispatch."""
     result = session.execute(
         update(JobShard)
-        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == "running",
+        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == ShardStatus.RUNNING,
                JobShard.worker == me)
-        .values(status="dispatched" if requeued_message else "queued", worker=None, heartbeat_at=None)
+        .values(status=ShardStatus.DISPATCHED if requeued_message else ShardStatus.QUEUED, worker=None,
+                heartbeat_at=None)
         .execution_options(synchronize_session=False)
     )
     refresh_summary(session, job_id)
@@ -241,11 +253,11 @@ def beat_shard(session: Session, job_id: str, shard_id: str, me: str) -> None:
     session.execute(
         update(JobShard)
         .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.worker == me,
-               JobShard.status == "running")
+               JobShard.status == ShardStatus.RUNNING)
         .values(heartbeat_at=now)
         .execution_options(synchronize_session=False)
     )
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=now)
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(heartbeat_at=now)
                     .execution_options(synchronize_session=False))
 
 
@@ -254,7 +266,7 @@ def record_shard_progress(session: Session, job_id: str, shard_id: str, me: str,
     session.execute(
         update(JobShard)
         .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.worker == me,
-               JobShard.status == "running")
+               JobShard.status == ShardStatus.RUNNING)
         .values(progress=min(max(float(progress), 0.0), 1.0), heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -264,18 +276,18 @@ def record_shard_progress(session: Session, job_id: str, shard_id: str, me: str,
 def shard_held(session: Session, job_id: str, shard_id: str, me: str) -> bool:
     """Whether `me` still holds the shard (recovery may have given it to another worker after `me` went silent)."""
     query = select(JobShard.shard_id).where(JobShard.job_id == job_id, JobShard.shard_id == shard_id,
-                                            JobShard.status == "running", JobShard.worker == me)
+                                            JobShard.status == ShardStatus.RUNNING, JobShard.worker == me)
     return session.scalar(query) is not None
 
 
 def job_stop_requested(session: Session, job_id: str) -> bool:
     """True when the shard's job was cancelled, has ended (another shard failed it) or no longer exists."""
     row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
-    return row is None or row.status != "running" or bool(row.cancel_requested)
+    return row is None or row.status != JobStatus.RUNNING or bool(row.cancel_requested)
 
 
 def running_shards(session: Session, job_id: str) -> int:
-    query = select(JobShard.shard_id).where(JobShard.job_id == job_id, JobShard.status == "running")
+    query = select(JobShard.shard_id).where(JobShard.job_id == job_id, JobShard.status == ShardStatus.RUNNING)
     return len(session.scalars(query).all())
 
 
@@ -294,7 +306,7 @@ def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> li
                     .execution_options(synchronize_session=False))  # serialises dispatch per tenant
     jobs = session.execute(
         select(Job.id, Job.spec, Job.queue)
-        .where(Job.tenant_id == tenant_id, Job.status == "running", Job.sharded.is_(True),
+        .where(Job.tenant_id == tenant_id, Job.status == JobStatus.RUNNING, Job.sharded.is_(True),
                Job.cancel_requested.is_(False))
         .order_by(Job.started_at, Job.id)
     ).all()
@@ -312,18 +324,19 @@ def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> li
     now = utcnow()
     for job in jobs:
         shards = by_job.get(job.id, [])
-        done = {row.shard_id for row in shards if row.status == "done"}
+        done = {row.shard_id for row in shards if row.status == ShardStatus.DONE}
         free = max(1, int((job.spec or {}).get("max_workers") or 1)) - sum(
             row.status in ACTIVE_SHARD_STATUSES for row in shards)
         for row in shards:
             if free <= 0 or (tenant_cap and tenant_active >= tenant_cap):
                 break
-            if row.status != "queued" or set(row.depends_on or []) - done:
+            if row.status != ShardStatus.QUEUED or set(row.depends_on or []) - done:
                 continue
             result = session.execute(
                 update(JobShard)
-                .where(JobShard.job_id == job.id, JobShard.shard_id == row.shard_id, JobShard.status == "queued")
-                .values(status="dispatched", dispatched_at=now)
+                .where(JobShard.job_id == job.id, JobShard.shard_id == row.shard_id,
+                       JobShard.status == ShardStatus.QUEUED)
+                .values(status=ShardStatus.DISPATCHED, dispatched_at=now)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:
@@ -339,8 +352,8 @@ def undo_dispatch(session: Session, job_id: str, shard_id: str) -> None:
     """A dispatched shard whose message never reached the broker goes back to `queued`."""
     session.execute(
         update(JobShard)
-        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == "dispatched")
-        .values(status="queued", dispatched_at=None)
+        .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == ShardStatus.DISPATCHED)
+        .values(status=ShardStatus.QUEUED, dispatched_at=None)
         .execution_options(synchronize_session=False)
     )
     refresh_summary(session, job_id)
@@ -348,7 +361,7 @@ def undo_dispatch(session: Session, job_id: str, shard_id: str) -> None:
 
 def tenants_with_sharded_jobs(session: Session) -> list[str]:
     """Tenants that have a running sharded job (whose shards a recovery pass dispatches)."""
-    query = select(Job.tenant_id).where(Job.status == "running", Job.sharded.is_(True)).distinct()
+    query = select(Job.tenant_id).where(Job.status == JobStatus.RUNNING, Job.sharded.is_(True)).distinct()
     return sorted(session.scalars(query))
 
 
@@ -361,28 +374,35 @@ def dispatched_shards(session: Session, older_than_s: float = 0.0) -> list[tuple
     query = (
         select(JobShard.job_id, JobShard.shard_id, Job.queue)
         .join(Job, Job.id == JobShard.job_id)
-        .where(JobShard.status == "dispatched", Job.status == "running",
+        .where(JobShard.status == ShardStatus.DISPATCHED, Job.status == JobStatus.RUNNING,
                or_(JobShard.dispatched_at.is_(None), JobShard.dispatched_at <= cutoff))
         .order_by(Job.started_at, JobShard.position)
     )
     shards = [(job_id, shard_id, queue) for job_id, shard_id, queue in session.execute(query)]
     for job_id, shard_id, _ in shards:
         session.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.shard_id == shard_id,
-                                               JobShard.status == "dispatched")
+                                               JobShard.status == ShardStatus.DISPATCHED)
                         .values(dispatched_at=utcnow()).execution_options(synchronize_session=False))
     return shards
 
 
 @dataclass(frozen=True)
 class Reconciled:
-    """What `reconcile_sharded_jobs` did to one job: `failed` or `cancelled` (the job ended now: its folder and
-    callback are the caller's), `package_again` (the package shard is queued again) or `closed` (the open
-    shards of an ended job were cancelled; its folder is the caller's to remove)."""
+    """What `reconcile_sharded_jobs` did to one job, and the job's status after it.
+
+    Actions: `job_failed` or `job_cancelled` (the job ended now: its folder and callback are the caller's),
+    `package_again` (the package shard is queued again) or `closed` (the open shards of an ended job were
+    cancelled; its folder is the caller's to remove).
+    """
 
     job_id: str
     action: str
     status: str
     callback_url: str | None
+
+    @property
+    def job_ended_now(self) -> bool:
+        return self.action in ("job_failed", "job_cancelled")
 
 
 def reconcile_sharded_jobs(session: Session, grace_s: float) -> list[Reconciled]:
@@ -395,16 +415,16 @@ def reconcile_sharded_jobs(session: Session, grace_s: float) -> list[Reconciled]
     - an ended job's shards that never ran are `cancelled`.
     """
     open_shards = select(JobShard.job_id).where(JobShard.job_id == Job.id,
-                                                JobShard.status.in_(("queued", "dispatched"))).exists()
+                                                JobShard.status.in_(WAITING_SHARD_STATUSES)).exists()
     candidates = session.scalars(
-        select(Job.id).where(Job.sharded.is_(True), or_(Job.status == "running", open_shards)).order_by(Job.id)
+        select(Job.id).where(Job.sharded.is_(True), or_(Job.status == JobStatus.RUNNING, open_shards)).order_by(Job.id)
     ).all()
     done: list[Reconciled] = []
     for job_id in candidates:
         session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         job = get_job(session, job_id)
         rows = job_shards(session, job_id)
-        if job is None or any(row.status == "running" for row in rows):
+        if job is None or any(row.status == ShardStatus.RUNNING for row in rows):
             continue
         action = _reconcile_one(session, job, rows, utcnow() - timedelta(seconds=grace_s))
         if action:
@@ -415,30 +435,28 @@ def reconcile_sharded_jobs(session: Session, grace_s: float) -> list[Reconciled]
 
 
 def _reconcile_one(session: Session, job: Job, rows: list[JobShard], cutoff: Any) -> str | None:
-    failed = next((row for row in rows if row.status == "failed"), None)
+    failed = next((row for row in rows if row.status == ShardStatus.FAILED), None)
     action = None
-    if job.status == "running" and failed is not None:
+    if job.status == JobStatus.RUNNING and failed is not None:
         error = failed.error or {"code": "shard_failed", "message": f"shard {failed.shard_id} failed"}
-        if finish_job(session, job.id, "failed", error=error) is not None:
-            add_event(session, job.id, "failed", f"job failed: {error.get('message', '')}", data={"error": error})
-            action = "failed"
-    elif job.status == "running" and job.cancel_requested:
-        if finish_job(session, job.id, "cancelled") is not None:
-            add_event(session, job.id, "cancelled", "job cancelled")
-            action = "cancelled"
-    elif job.status == "running" and rows and all(row.status == "done" for row in rows):
+        if end_job(session, job.id, JobStatus.FAILED, error=error) is not None:
+            action = "job_failed"
+    elif job.status == JobStatus.RUNNING and job.cancel_requested:
+        if end_job(session, job.id, JobStatus.CANCELLED) is not None:
+            action = "job_cancelled"
+    elif job.status == JobStatus.RUNNING and rows and all(row.status == ShardStatus.DONE for row in rows):
         package = rows[-1]
         if package.finished_at is not None and package.finished_at >= cutoff:
             return None  # its worker is recording the job right now
         session.execute(update(JobShard).where(JobShard.job_id == job.id, JobShard.shard_id == package.shard_id)
-                        .values(status="queued").execution_options(synchronize_session=False))
-        add_event(session, job.id, "shard_requeued", f"shard {package.shard_id} ended but the job was not "
+                        .values(status=ShardStatus.QUEUED).execution_options(synchronize_session=False))
+        add_event(session, job.id, EventKind.SHARD_REQUEUED, f"shard {package.shard_id} ended but the job was not "
                   "recorded; it runs again to record it", stage=package.stage, data={"shard": package.shard_id})
         return "package_again"
-    if job.status != "running" or action:
+    if job.status != JobStatus.RUNNING or action:
         result = session.execute(
-            update(JobShard).where(JobShard.job_id == job.id, JobShard.status.in_(("queued", "dispatched")))
-            .values(status="cancelled", finished_at=utcnow()).execution_options(synchronize_session=False)
+            update(JobShard).where(JobShard.job_id == job.id, JobShard.status.in_(WAITING_SHARD_STATUSES))
+            .values(status=ShardStatus.CANCELLED, finished_at=utcnow()).execution_options(synchronize_session=False)
         )
         if result.rowcount and not action:
             action = "closed"
@@ -456,7 +474,7 @@ def requeue_orphan_shards(
         select(JobShard.job_id, JobShard.shard_id, JobShard.stage, JobShard.worker, JobShard.heartbeat_at,
                Job.status, Job.cancel_requested)
         .join(Job, Job.id == JobShard.job_id)
-        .where(JobShard.status == "running")
+        .where(JobShard.status == ShardStatus.RUNNING)
         .order_by(JobShard.job_id, JobShard.shard_id)
     ).all()
     requeued: list[tuple[str, str]] = []
@@ -465,23 +483,24 @@ def requeue_orphan_shards(
         stale = judge_heartbeats and (row.heartbeat_at is None or row.heartbeat_at < cutoff)
         if not (dead or stale):
             continue
-        stopped = row.status != "running" or row.cancel_requested
+        stopped = row.status != JobStatus.RUNNING or row.cancel_requested
         result = session.execute(
             update(JobShard)
-            .where(JobShard.job_id == row.job_id, JobShard.shard_id == row.shard_id, JobShard.status == "running",
-                   JobShard.worker == row.worker)
-            .values(status="cancelled" if stopped else "queued", worker=None, heartbeat_at=None,
+            .where(JobShard.job_id == row.job_id, JobShard.shard_id == row.shard_id,
+                   JobShard.status == ShardStatus.RUNNING, JobShard.worker == row.worker)
+            .values(status=ShardStatus.CANCELLED if stopped else ShardStatus.QUEUED, worker=None, heartbeat_at=None,
                     finished_at=utcnow() if stopped else None)
             .execution_options(synchronize_session=False)
         )
         if result.rowcount != 1:
             continue
-        if row.cancel_requested and row.status == "running":
-            finish_job(session, row.job_id, "cancelled")
+        if row.cancel_requested and row.status == JobStatus.RUNNING:
+            finish_job(session, row.job_id, JobStatus.CANCELLED)
         elif not stopped:
             why = "is gone" if dead else f"was silent for over {stale_after_s:.0f} s"
-            add_event(session, row.job_id, "shard_requeued", f"shard {row.shard_id}: worker {row.worker} {why}; "
-                      "shard requeued", stage=row.stage, data={"shard": row.shard_id, "worker": row.worker})
+            add_event(session, row.job_id, EventKind.SHARD_REQUEUED,
+                      f"shard {row.shard_id}: worker {row.worker} {why}; shard requeued", stage=row.stage,
+                      data={"shard": row.shard_id, "worker": row.worker})
             requeued.append((row.job_id, row.shard_id))
         refresh_summary(session, row.job_id)
     return requeued

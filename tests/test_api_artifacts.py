@@ -14,7 +14,8 @@ from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.db import session_scope
-from store.jobs import create_job, finish_job, mark_running
+from store.job_states import finish_job, mark_running
+from store.jobs import create_job
 
 PAYLOAD = os.urandom(300_000)
 

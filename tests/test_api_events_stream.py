@@ -18,7 +18,8 @@ from api.event_stream import JobEventStream
 from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
 from store.db import session_scope
-from store.jobs import add_event, create_job, delete_finished_job, finish_job, mark_running
+from store.job_states import finish_job, mark_running
+from store.jobs import add_event, create_job, delete_finished_job
 
 SSE = {"Accept": "text/event-stream"}
 pytestmark = pytest.mark.timeout(120)  # a stream that never ends fails the test instead of hanging the run

@@ -26,7 +26,8 @@ from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.datasets import tenant_storage_usage
 from store.db import session_scope
-from store.jobs import add_event, create_job, delete_finished_job, finish_job, job_workdir, mark_running
+from store.job_states import finish_job, mark_running
+from store.jobs import add_event, create_job, delete_finished_job, job_workdir
 from store.models import Artifact, JobEvent, utcnow
 from worker.storage_sweep import LEFTOVER_GRACE, remove_leftover_folders
 

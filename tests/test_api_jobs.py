@@ -23,7 +23,8 @@ from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK
 from fd2_config.settings import Settings
 from fd2_core.spec_resolution import resolve_spec
 from store.db import session_scope
-from store.jobs import add_event, create_job, finish_job, mark_running
+from store.job_states import finish_job, mark_running
+from store.jobs import add_event, create_job
 from store.models import Dataset
 from store.resources import job_resource_json
 

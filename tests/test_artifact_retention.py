@@ -18,7 +18,8 @@ from store.artifacts import register_artifact
 from store.datasets import tenant_storage_usage
 from store.db import session_scope
 from store.job_files import remove_job_files
-from store.jobs import create_job, finish_job, job_workdir, mark_running
+from store.job_states import finish_job, mark_running
+from store.jobs import create_job, job_workdir
 from store.models import Job, utcnow
 from store.retention import jobs_past_retention
 from worker.storage_sweep import expire_old_artifacts, sweep_storage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
@@ -16,9 +17,26 @@ from service_harness import embedded_settings, seed_job
 from sqlalchemy import update
 
 from store.db import dispose_engines, migrate, session_scope
-from store.job_states import claim_job, holder_is_dead, release_job, worker_identity
-from store.jobs import finish_job, get_job, list_events, request_cancel
-from store.models import Job, utcnow
+from store.job_states import (
+    claim_job,
+    end_job,
+    finish_job,
+    holder_is_dead,
+    release_job,
+    request_cancel,
+    worker_identity,
+)
+from store.jobs import get_job, list_events
+from store.models import (
+    FINAL_EVENT_KINDS,
+    FINISHED_JOB_STATUSES,
+    DatasetStatus,
+    EventKind,
+    Job,
+    JobStatus,
+    ShardStatus,
+    utcnow,
+)
 from worker.celery_app import create_app
 from worker.recovery import recover_once, requeue_orphans
 
@@ -191,3 +209,67 @@ def test_recovery_sends_each_job_to_its_queue_through_the_broker(settings):
     assert broker_messages(settings, "fd2.cpu") == [dead_here]
     assert broker_messages(settings, "fd2.gpu") == [waiting]
     assert recover_once(app, settings, at_start=False) == []  # nothing left to recover
+
+
+# ---------------------------------------------------------------- one state machine
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUS_SPELLINGS = {str(s) for enum in (JobStatus, ShardStatus, DatasetStatus) for s in enum}
+# The same words in another vocabulary: the readiness probe's answer.
+OTHER_VOCABULARIES = {("api/routes/health.py", "ready")}
+
+
+def quoted_statuses(path: Path) -> list[str]:
+    """`file:line word` for each string constant spelling a status outside an Enum class body."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    in_enums = {
+        id(node)
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef) and any(getattr(b, "id", "").endswith("Enum") for b in cls.bases)
+        for node in ast.walk(cls)
+    }
+    rel = path.relative_to(ROOT).as_posix()
+    return [
+        f"{rel}:{node.lineno} {node.value}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in STATUS_SPELLINGS and id(node) not in in_enums
+        and (rel, node.value) not in OTHER_VOCABULARIES
+    ]
+
+
+def test_statuses_are_spelled_only_in_stores_enums():
+    files = [p for pkg in ("store", "worker", "api") for p in sorted((ROOT / pkg).rglob("*.py"))
+             if "migrations" not in p.parts]
+    assert len(files) > 30
+    found = [hit for path in files for hit in quoted_statuses(path)]
+    assert found == []
+
+
+def test_the_check_finds_a_quoted_status():
+    sample = ROOT / "store" / "_sample_for_check.py"
+    try:
+        sample.write_text('from enum import Enum\nclass A(Enum):\n    X = "done"\nSTATUS = "running"\n')
+        assert quoted_statuses(sample) == ["store/_sample_for_check.py:4 running"]
+    finally:
+        sample.unlink()
+
+
+def test_the_api_schema_lists_stores_statuses(settings):
+    from api.main import create_app as create_api
+
+    schemas = create_api(settings, run_migrations=False).openapi()["components"]["schemas"]
+    assert schemas["JobStatus"]["enum"] == [str(s) for s in JobStatus]
+    assert schemas["ShardStatus"]["enum"] == [str(s) for s in ShardStatus]
+    assert schemas["DatasetStatus"]["enum"] == [str(s) for s in DatasetStatus]
+
+
+def test_a_final_event_has_a_kind_of_its_own_with_the_statuss_spelling(settings):
+    job_id = seed_job(settings, SPEC)
+    with session_scope(settings) as session:
+        assert end_job(session, job_id, JobStatus.FAILED, error={"code": "x", "message": "boom"}) is not None
+        assert end_job(session, job_id, JobStatus.CANCELLED) is None  # already final: no second event
+    with session_scope(settings) as session:
+        events = [(e.kind, e.message, e.data) for e in list_events(session, job_id)]
+    assert events[-1] == (EventKind.JOB_FAILED, "job failed: boom", {"error": {"code": "x", "message": "boom"}})
+    assert sum(kind == "failed" for kind, _, _ in events) == 1
+    assert {FINAL_EVENT_KINDS[s] for s in FINISHED_JOB_STATUSES} == {"succeeded", "failed", "cancelled"}

@@ -16,8 +16,8 @@ from sqlalchemy import update
 from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
 from store.db import migrate, session_scope
-from store.job_states import claim_job, worker_identity
-from store.jobs import create_job, get_job, list_events, mark_running, request_cancel, requeue_stale_jobs
+from store.job_states import claim_job, mark_running, request_cancel, requeue_stale_jobs, worker_identity
+from store.jobs import create_job, get_job, list_events
 from store.keys import get_or_create_tenant
 from store.models import JobShard, utcnow
 from store.shards import (
@@ -335,7 +335,7 @@ def test_a_failed_shard_whose_job_was_not_recorded_fails_the_job(db: Settings) -
     with session_scope(db) as session:  # the worker died after this write, before the job's
         finish_shard(session, job_id, "pretrain:m0", ME, "failed",
                      error={"code": "bad_data", "message": "shard pretrain:m0 failed: no images"})
-    assert reconcile(db, job_id) == ["failed"]
+    assert reconcile(db, job_id) == ["job_failed"]
     with session_scope(db) as session:
         job = get_job(session, job_id)
         assert job.status == "failed" and job.error["message"] == "shard pretrain:m0 failed: no images"

@@ -29,19 +29,16 @@ from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, queue_for_devi
 from fd2_config.settings import Settings, get_settings
 from store.artifacts import register_artifact
 from store.db import alembic_config, current_revision, get_engine, migrate, session_scope
+from store.job_states import finish_job, mark_running, request_cancel, requeue_stale_jobs
 from store.jobs import (
     add_event,
     create_job,
-    finish_job,
     get_job,
     heartbeat,
     is_cancel_requested,
     job_workdir,
     list_events,
     list_jobs,
-    mark_running,
-    request_cancel,
-    requeue_stale_jobs,
     update_progress,
 )
 from store.keys import authenticate, create_tenant_key, get_or_create_tenant, list_keys, revoke_key

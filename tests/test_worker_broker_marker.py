@@ -18,7 +18,8 @@ from service_harness import embedded_settings, seed_job
 from sqlalchemy import update
 
 from store.db import dispose_engines, migrate, session_scope
-from store.jobs import finish_job, get_job
+from store.job_states import finish_job
+from store.jobs import get_job
 from store.models import Job, utcnow
 from worker.broker_marker import MARKER_KEY
 from worker.celery_app import create_app

@@ -132,7 +132,7 @@ def finished_job_with_callback(settings, url: str) -> str:
     from service_harness import seed_job
 
     from store.db import session_scope
-    from store.jobs import finish_job, mark_running
+    from store.job_states import finish_job, mark_running
 
     job_id = seed_job(settings, {"device": "cpu"}, callback_url=url)
     with session_scope(settings) as session:

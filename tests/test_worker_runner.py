@@ -15,8 +15,8 @@ from service_harness import embedded_settings, seed_job, wait_until, write_fgsyn
 from fd2_core.pipeline import ARTIFACT_NAMES
 from store.artifacts import file_digest, list_artifacts
 from store.db import dispose_engines, migrate, session_scope
-from store.job_states import worker_identity
-from store.jobs import get_job, job_workdir, list_events, request_cancel
+from store.job_states import request_cancel, worker_identity
+from store.jobs import get_job, job_workdir, list_events
 from store.models import Job
 from worker.job_runner import MAX_ATTEMPTS, JobReleased, JobRunner
 from worker.limits import worker_limits

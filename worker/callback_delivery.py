@@ -15,6 +15,7 @@ from collections.abc import Callable
 from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import add_event, get_job
+from store.models import EventKind
 from store.resources import job_resource_json
 from worker.callbacks import CallbackFailed, CallbackRejected, backoff_delays, post_job_resource
 
@@ -55,7 +56,7 @@ def deliver_callback(
     log.info("job %s: %s", job_id, outcome)
     try:
         with session_scope(settings) as session:
-            add_event(session, job_id, "callback", outcome, data={"delivered": delivered, "url": url})
+            add_event(session, job_id, EventKind.CALLBACK, outcome, data={"delivered": delivered, "url": url})
     except Exception:
         log.warning("could not record the callback outcome of job %s", job_id, exc_info=True)
     return delivered

@@ -21,17 +21,16 @@ from fd2_config.settings import Settings
 from store.artifacts import register_artifact
 from store.datasets import dataset_path, get_dataset
 from store.db import session_scope
-from store.job_states import claim_job, release_job
+from store.job_states import claim_job, end_job, release_job
 from store.jobs import (
     add_event,
-    finish_job,
     get_job,
     heartbeat,
     is_cancel_requested,
     job_workdir,
     update_progress,
 )
-from store.models import Job
+from store.models import EventKind, Job, JobStatus
 from worker.callback_delivery import start_callback
 from worker.heartbeat import Heartbeat
 from worker.outages import with_retries
@@ -136,7 +135,7 @@ class JobRunner:
         if claimed.source is None:
             return self._fail(job_id, "not_found", "the job's dataset no longer exists")
         workdir = job_workdir(self.settings, job_id)
-        self._event(job_id, "started", self._start_message(claimed, workdir), {"worker": self.me})
+        self._event(job_id, EventKind.STARTED, self._start_message(claimed, workdir), {"worker": self.me})
         if _max_workers(claimed.spec) > 1:  # spread over several workers: docs/ARCHITECTURE.md
             from worker.shard_runner import ShardRunner
 
@@ -189,14 +188,14 @@ class JobRunner:
         except Exception as exc:  # the traceback stays in the worker log, never in the job resource
             log.exception("job %s failed", job.id)
             reporter.flush()
-            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
+            return self._finish(job.id, JobStatus.FAILED, error=_unexpected_error(exc, self.settings))
         reporter.flush()
         try:
             self._register_artifacts(job.id, result.artifacts)
         except Exception as exc:
             log.exception("job %s: registering artifacts failed", job.id)
-            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
-        return self._finish(job.id, "succeeded", metrics=dict(result.metrics))
+            return self._finish(job.id, JobStatus.FAILED, error=_unexpected_error(exc, self.settings))
+        return self._finish(job.id, JobStatus.SUCCEEDED, metrics=dict(result.metrics))
 
     def _stopped(self, job_id: str, reason: StopReason) -> str:
         if reason is StopReason.SHUTDOWN:
@@ -205,15 +204,15 @@ class JobRunner:
         if reason is StopReason.TIME_LIMIT:
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
             return self._fail(job_id, "time_limit", f"the job ran past its {limit} limit")
-        return self._finish(job_id, "cancelled")
+        return self._finish(job_id, JobStatus.CANCELLED)
 
     def _fail(self, job_id: str, code: str, message: str) -> str:
-        return self._finish(job_id, "failed", error=_error(code, message))
+        return self._finish(job_id, JobStatus.FAILED, error=_error(code, message))
 
     def _finish(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         *,
         metrics: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
@@ -232,11 +231,11 @@ class JobRunner:
             start_callback(job_id, self.settings)
         return status
 
-    def _free_disk(self, job_id: str, status: str) -> None:
+    def _free_disk(self, job_id: str, status: JobStatus) -> None:
         """A succeeded job keeps its artifacts only; a failed or cancelled
         one leaves nothing (`workdir_cleanup`)."""
         workdir = job_workdir(self.settings, job_id)
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             prune_checkpoints(workdir)
         else:
             discard_workdir(workdir)
@@ -244,16 +243,14 @@ class JobRunner:
     # ---------------------------------------------------------------- short transactions
 
     def _write_final(
-        self, job_id: str, status: str, metrics: dict[str, Any] | None, error: dict[str, str] | None
+        self, job_id: str, status: JobStatus, metrics: dict[str, Any] | None, error: dict[str, str] | None
     ) -> tuple[bool, str | None, str | None]:
         """(written, the job's status now, its callback URL) in one transaction."""
         with session_scope(self.settings) as session:
-            job = finish_job(session, job_id, status, metrics=metrics, error=error)
+            job = end_job(session, job_id, status, metrics=metrics, error=error)
             if job is None:
                 current = get_job(session, job_id)
                 return False, current.status if current else None, None
-            message = f"job {job.status}" + (f": {error['message']}" if error else "")
-            add_event(session, job_id, job.status, message, data={"error": error} if error else None)
             return True, job.status, job.callback_url
 
     def _release(self, job_id: str) -> None:

@@ -17,6 +17,7 @@ from fd2_config.celery_config import send_run_shard
 from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import job_workdir
+from store.models import JobStatus
 from store.shards import (
     dispatched_shards,
     reconcile_sharded_jobs,
@@ -61,9 +62,9 @@ def settle_sharded_jobs(app: Celery, settings: Settings, *, resend_all: bool = F
         resend = dispatched_shards(session, 0.0 if resend_all else settings.stale_heartbeat_s)
     for item in settled:
         log.info("recovery: job %s: %s", item.job_id, item.action.replace("_", " "))
-        if item.status in ("failed", "cancelled"):
+        if item.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             discard_workdir(job_workdir(settings, item.job_id))
-        if item.action in ("failed", "cancelled") and item.callback_url:
+        if item.job_ended_now and item.callback_url:
             from worker.callback_delivery import start_callback
 
             start_callback(item.job_id, settings)

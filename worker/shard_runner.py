@@ -28,7 +28,7 @@ from celery import Celery
 from fd2_config.settings import Settings
 from store.db import session_scope
 from store.jobs import add_event, get_job, job_workdir
-from store.models import utcnow
+from store.models import SHARD_END_EVENT_KINDS, EventKind, JobStatus, ShardStatus, utcnow
 from store.shards import (
     PlannedShard,
     ShardClaim,
@@ -94,7 +94,7 @@ class ShardProgressSink:
                     data["eta_seconds"] = job.eta_seconds
                     if job.stage == self.stage:
                         data["stage_progress"] = job.stage_progress
-                kind = "log" if record.kind in ("stage_start", "stage_end") else record.kind
+                kind = EventKind.LOG if record.kind in ("stage_start", "stage_end") else record.kind
                 add_event(session, self.job_id, kind, f"[{self.shard_id}] {record.message}", stage=self.stage,
                           progress=job.progress if job is not None else None, data=data)
 
@@ -138,19 +138,19 @@ class ShardRunner(JobRunner):
             planned = _with_weights(plan_shards(spec, len(layout.classes)), stage_image_passes(spec, size))
         except Exception as exc:  # the traceback stays in the worker log
             log.exception("job %s: planning its shards failed", job.id)
-            return self._finish(job.id, "failed", error=_unexpected_error(exc, self.settings))
+            return self._finish(job.id, JobStatus.FAILED, error=_unexpected_error(exc, self.settings))
 
         def record() -> int:
             with session_scope(self.settings) as session:
                 count = record_plan(session, job.id, planned)
-                add_event(session, job.id, "sharded",
+                add_event(session, job.id, EventKind.SHARDED,
                           f"split into {count} shards; up to {spec.max_workers} workers run them at once",
                           data={"shards": [s.id for s in planned], "max_workers": spec.max_workers})
                 return count
 
         with_retries(self.settings, record, f"job {job.id}: shard plan")
         dispatch_tenant(self._app(), self.settings, tenant_id)
-        return "running"
+        return JobStatus.RUNNING
 
     # ---------------------------------------------------------------- one shard
 
@@ -181,7 +181,7 @@ class ShardRunner(JobRunner):
         with session_scope(self.settings) as session:
             claim = claim_shard(session, job_id, shard_id, self.me, self.limits.stale_after_s)
             if claim is not None:
-                add_event(session, job_id, "shard_started",
+                add_event(session, job_id, EventKind.SHARD_STARTED,
                           f"shard {shard_id}: attempt {claim.attempts} on {self.me}", stage=claim.stage,
                           data={"shard": shard_id, "worker": self.me, "attempt": claim.attempts})
             return claim
@@ -243,16 +243,16 @@ class ShardRunner(JobRunner):
             error = _unexpected_error(exc, self.settings)
             return self._shard_failed(claim, error["code"], error["message"])
         reporter.flush()
-        if not self._end_shard(claim, "done", message=result.message):
+        if not self._end_shard(claim, ShardStatus.DONE, message=result.message):
             return self._lost(claim)
         if result.pipeline_result is None:
-            return "done"
+            return ShardStatus.DONE
         try:
             self._register_artifacts(job_id, result.pipeline_result.artifacts)
         except Exception as exc:
             log.exception("job %s: registering artifacts failed", job_id)
-            return self._finish(job_id, "failed", error=_unexpected_error(exc, self.settings))
-        return self._finish(job_id, "succeeded", metrics=dict(result.pipeline_result.metrics))
+            return self._finish(job_id, JobStatus.FAILED, error=_unexpected_error(exc, self.settings))
+        return self._finish(job_id, JobStatus.SUCCEEDED, metrics=dict(result.pipeline_result.metrics))
 
     # ---------------------------------------------------------------- outcomes
 
@@ -260,21 +260,21 @@ class ShardRunner(JobRunner):
         if reason is StopReason.SHUTDOWN:
             with_retries(self.settings, lambda: self._release_shard(claim), f"job {claim.job_id}: shard release")
             raise ShardReleased(shard_key(claim.job_id, claim.shard_id))
-        if not self._end_shard(claim, "cancelled"):
+        if not self._end_shard(claim, ShardStatus.CANCELLED):
             # the poller stopped it because another worker holds the shard now
             return self._lost(claim)
         if reason is StopReason.TIME_LIMIT:
             limit = f"{self.limits.soft_time_limit_s:.0f} s"
             return self._fail(claim.job_id, "time_limit", f"the job ran past its {limit} limit")
-        self._finish(claim.job_id, "cancelled")  # a no-op when another shard failed the job
-        return "cancelled"
+        self._finish(claim.job_id, JobStatus.CANCELLED)  # a no-op when another shard failed the job
+        return ShardStatus.CANCELLED
 
     def _shard_failed(self, claim: ShardClaim, code: str, message: str) -> str:
         error = _error(code, f"shard {claim.shard_id} failed: {message}")
-        if not self._end_shard(claim, "failed", error=error):
+        if not self._end_shard(claim, ShardStatus.FAILED, error=error):
             return self._lost(claim)
-        self._finish(claim.job_id, "failed", error=error)
-        return "failed"
+        self._finish(claim.job_id, JobStatus.FAILED, error=error)
+        return ShardStatus.FAILED
 
     def _lost(self, claim: ShardClaim) -> str:
         """The shard was given to another worker while this one ran it (its
@@ -284,7 +284,7 @@ class ShardRunner(JobRunner):
                     claim.job_id, claim.shard_id)
         return "lost"
 
-    def _end_shard(self, claim: ShardClaim, status: str, *, error: dict[str, str] | None = None,
+    def _end_shard(self, claim: ShardClaim, status: ShardStatus, *, error: dict[str, str] | None = None,
                    message: str | None = None) -> bool:
         """Record the shard's end; False when this worker no longer holds it."""
         def write() -> bool:
@@ -292,18 +292,18 @@ class ShardRunner(JobRunner):
                 if not finish_shard(session, claim.job_id, claim.shard_id, self.me, status, error=error):
                     return False
                 text = message or (error["message"] if error else status)
-                add_event(session, claim.job_id, f"shard_{'finished' if status == 'done' else status}",
+                add_event(session, claim.job_id, SHARD_END_EVENT_KINDS[status],
                           f"shard {claim.shard_id}: {text}", stage=claim.stage,
                           data={"shard": claim.shard_id, "worker": self.me, "status": status})
                 return True
 
         return with_retries(self.settings, write, f"job {claim.job_id}: end of shard {claim.shard_id}")
 
-    def _free_disk(self, job_id: str, status: str) -> None:
+    def _free_disk(self, job_id: str, status: JobStatus) -> None:
         """A succeeded job keeps its artifacts only; a failed or cancelled
         job's folder is removed by the last of its shards to stop
         (`_cleanup_if_last`), since others may still be writing there."""
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             prune_checkpoints(job_workdir(self.settings, job_id))
 
     def _after_shard(self, claim: ShardClaim) -> None:
@@ -322,7 +322,7 @@ class ShardRunner(JobRunner):
         try:
             with session_scope(self.settings) as session:
                 job = get_job(session, job_id)
-                last = job is not None and job.status in ("failed", "cancelled") and not running_shards(
+                last = job is not None and job.status in (JobStatus.FAILED, JobStatus.CANCELLED) and not running_shards(
                     session, job_id)
         except Exception as exc:  # the storage sweep removes what is left
             log.warning("job %s: could not check for running shards (%s)", job_id, exc)
@@ -340,7 +340,7 @@ class ShardRunner(JobRunner):
     def _release_shard(self, claim: ShardClaim) -> None:
         with session_scope(self.settings) as session:
             if release_shard(session, claim.job_id, claim.shard_id, self.me, requeued_message=True):
-                add_event(session, claim.job_id, "shard_requeued",
+                add_event(session, claim.job_id, EventKind.SHARD_REQUEUED,
                           f"shard {claim.shard_id}: worker shutting down; shard requeued", stage=claim.stage,
                           data={"shard": claim.shard_id, "worker": self.me})
 

@@ -17,9 +17,10 @@ from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep, r
 from api.errors import ApiError, error_responses, not_found
 from api.event_stream import EVENT_STREAM, JobEventStream, wants_event_stream
 from api.job_submission import submit_job
-from api.schemas import EventPage, JobCreate, JobOut, JobPage, JobStatus
+from api.schemas import EventPage, JobCreate, JobOut, JobPage
 from fd2_config.settings import Settings
 from store.job_files import remove_job_files
+from store.job_states import request_cancel
 from store.jobs import (
     JobStillActive,
     add_event,
@@ -28,9 +29,8 @@ from store.jobs import (
     list_events,
     list_jobs,
     read_job_record,
-    request_cancel,
 )
-from store.models import Job, JobEvent
+from store.models import EventKind, Job, JobEvent, JobStatus
 from store.pagination import InvalidCursor, Page
 from store.resources import event_resource, job_resource
 
@@ -126,7 +126,7 @@ def _cancel_in_store(session: Session, tenant_id: str, job_id: str) -> Job:
     if job.is_finished or not request_cancel(session, job_id):
         raise ApiError(409, "job_finished", f"job has already {job.status}; only a queued or running job can be "
                        "cancelled", {"status": job.status})
-    add_event(session, job_id, "cancel_requested", "cancellation requested")
+    add_event(session, job_id, EventKind.CANCEL_REQUESTED, "cancellation requested")
     session.commit()
     job = get_tenant_job(session, tenant_id, job_id)
     assert job is not None
