@@ -66,6 +66,12 @@ def register_artifact(session: Session, job_id: str, name: str, path: str | Path
     return artifact
 
 
+def register_artifacts(session: Session, job_id: str, artifacts: dict[str, str | Path]) -> None:
+    """`register_artifact` for each `{name: path}` of a finished run, in name order."""
+    for name, path in sorted(artifacts.items()):
+        register_artifact(session, job_id, name, path)
+
+
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
 

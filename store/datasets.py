@@ -11,14 +11,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fd2_config.settings import Settings
-from store.jobs import SAFE_ID
-from store.models import Artifact, Dataset, DatasetStatus, Job, is_public_id
+from store.models import PUBLIC_ID, Artifact, Dataset, DatasetStatus, Job, is_public_id
 from store.pagination import Page, newest_first_page
 
 
 def dataset_path(settings: Settings, dataset_id: str) -> Path:
     """The folder that holds everything of one dataset (removed whole on delete)."""
-    if not SAFE_ID.match(dataset_id):
+    if not PUBLIC_ID.match(dataset_id):
         raise ValueError(f"not a dataset id: {dataset_id!r}")
     assert settings.datasets_dir is not None
     return settings.datasets_dir / dataset_id

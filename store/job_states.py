@@ -18,13 +18,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.jobs import add_event, get_job, json_column_value
+from fd2_config.settings import Settings
+from store.jobs import JobSource, add_event, get_job, job_source, json_column_value
 from store.models import (
     ACTIVE_JOB_STATUSES,
     FINAL_EVENT_KINDS,
@@ -95,6 +97,28 @@ def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> J
     if claimed is not None and previous:
         add_event(session, job_id, EventKind.TAKEOVER, f"worker {previous} is gone; job taken over by {me}")
     return claimed
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a run needs from the job row, read inside the claim transaction."""
+
+    id: str
+    spec: dict[str, Any]
+    source: JobSource | None
+    attempts: int
+    callback_url: str | None
+    tenant_id: str = ""
+
+
+def claim_for_run(session: Session, settings: Settings, job_id: str, me: str, stale_after_s: float
+                  ) -> ClaimedJob | None:
+    """`claim_job`, and what the run needs of the row, in the same transaction; None: skip the job."""
+    job = claim_job(session, job_id, me, stale_after_s)
+    if job is None:
+        return None
+    return ClaimedJob(job.id, dict(job.spec), job_source(session, settings, job.id), job.attempts,
+                      job.callback_url, job.tenant_id)
 
 
 def release_job(session: Session, job_id: str, holder: str, reason: str) -> bool:
@@ -294,3 +318,36 @@ def end_job(
         add_event(session, job_id, FINAL_EVENT_KINDS[JobStatus(status)], message,
                   data={"error": job.error} if error else None)
     return job
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """What `record_job_end` did: whether it wrote the end, the job's status now, and its callback URL."""
+
+    written: bool
+    status: str | None
+    callback_url: str | None
+
+
+def record_job_end(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    metrics: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> JobEnded:
+    """`end_job`, or, when the job had already finished (recovery cancelled it, say), its status as it is."""
+    job = end_job(session, job_id, status, metrics=metrics, error=error)
+    if job is not None:
+        return JobEnded(True, job.status, job.callback_url)
+    current = get_job(session, job_id)
+    return JobEnded(False, current.status if current else None, None)
+
+
+def job_max_workers(session: Session, job_id: str) -> int:
+    """The stored spec's `max_workers`: 1 where the job is unknown or the value is missing or not a number
+    (the spec check reports that)."""
+    spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
+    value = spec.get("max_workers", 1) if isinstance(spec, dict) else 1
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1

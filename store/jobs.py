@@ -10,12 +10,13 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from fd2_config.settings import Settings
+from store.datasets import dataset_path, get_dataset
 from store.models import (
     ACTIVE_JOB_STATUSES,
     FINISHED_JOB_STATUSES,
@@ -28,8 +29,6 @@ from store.models import (
     utcnow,
 )
 from store.pagination import Page, newest_first_page
-
-SAFE_ID = PUBLIC_ID
 
 
 def json_column_value(value: Any) -> Any:
@@ -52,9 +51,48 @@ def _fraction(value: float) -> float:
     return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
 
 
+# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan cannot see them
+# again, so they travel with the job. Duplicate warnings are not carried: the job's loader finds them itself.
+UNPACKING_WARNINGS = ("names_",)
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """Where a job's data is, as recorded in the database (nothing on disk has been looked at yet)."""
+
+    kind: Literal["dataset", "manifest"]
+    path: str
+    dataset_id: str | None = None
+    # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked), carried into
+    # the job's report and events: `{code, message, details}` each.
+    warnings: tuple[dict[str, Any], ...] = ()
+
+
+def job_source(session: Session, settings: Settings, job_id: str) -> JobSource | None:
+    """Where the job's data is recorded to be: an operator-side manifest, or the uploaded dataset's folder.
+
+    None when the job or its dataset no longer exists. Only rows are read; the worker checks the files
+    (`worker.source_check`) when the run starts. A manifest job's stored `{"root", "items"}` resolves
+    against the operator-approved `root`, not against the job folder the file sits in.
+    """
+    job = get_job(session, job_id)
+    if job is None:
+        return None
+    if job.manifest_path:
+        return JobSource("manifest", job.manifest_path)
+    if not job.dataset_id:
+        return None
+    dataset = get_dataset(session, job.dataset_id)
+    if dataset is None:
+        return None
+    unpacked = tuple(w for w in dataset.warnings or [] if str(w.get("code", "")).startswith(UNPACKING_WARNINGS))
+    path = dataset.path or str(dataset_path(settings, dataset.id))
+    return JobSource("dataset", path, dataset.id, unpacked)
+
+
 def job_workdir(settings: Settings, job_id: str) -> Path:
     """`<jobs_dir>/<job id>/`: the pipeline's resumable working folder for this job."""
-    if not SAFE_ID.match(job_id):
+    if not PUBLIC_ID.match(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
     assert settings.jobs_dir is not None
     return settings.jobs_dir / job_id

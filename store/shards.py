@@ -32,6 +32,7 @@ from store.jobs import add_event, get_job
 from store.models import (
     ACTIVE_SHARD_STATUSES,
     FINAL_SHARD_STATUSES,
+    SHARD_END_EVENT_KINDS,
     WAITING_SHARD_STATUSES,
     EventKind,
     Job,
@@ -90,6 +91,15 @@ def record_plan(session: Session, job_id: str, shards: Iterable[PlannedShard]) -
         .execution_options(synchronize_session=False)
     )
     return refresh_summary(session, job_id)
+
+
+def record_sharded_plan(session: Session, job_id: str, shards: list[PlannedShard], max_workers: int) -> int:
+    """`record_plan` and the job's `sharded` event (the plan and `max_workers`)."""
+    count = record_plan(session, job_id, shards)
+    add_event(session, job_id, EventKind.SHARDED,
+              f"split into {count} shards; up to {max_workers} workers run them at once",
+              data={"shards": [shard.id for shard in shards], "max_workers": max_workers})
+    return count
 
 
 def job_shards(session: Session, job_id: str) -> list[JobShard]:
@@ -198,6 +208,8 @@ def claim_shard(
         add_event(session, job_id, EventKind.SHARD_TAKEOVER,
                   f"shard {shard_id}: worker {previous_worker} is gone; taken over by {me}", stage=row.stage,
                   data={"shard": shard_id, "worker": me, "previous": previous_worker})
+    add_event(session, job_id, EventKind.SHARD_STARTED, f"shard {shard_id}: attempt {attempts + 1} on {me}",
+              stage=row.stage, data={"shard": shard_id, "worker": me, "attempt": attempts + 1})
     refresh_summary(session, job_id)
     return ShardClaim(job_id, shard_id, row.stage, attempts + 1, job.tenant_id, dict(job.spec), job.started_at)
 
@@ -232,6 +244,25 @@ def finish_shard(
     return result.rowcount == 1
 
 
+def end_shard(
+    session: Session,
+    claim: ShardClaim,
+    me: str,
+    status: ShardStatus,
+    *,
+    error: dict[str, str] | None = None,
+    message: str | None = None,
+) -> bool:
+    """`finish_shard` and its event (`shard_finished`, `shard_failed` or `shard_cancelled`); False when `me`
+    no longer holds the shard (nothing is written then)."""
+    if not finish_shard(session, claim.job_id, claim.shard_id, me, status, error=error):
+        return False
+    text = message or (error["message"] if error else status)
+    add_event(session, claim.job_id, SHARD_END_EVENT_KINDS[status], f"shard {claim.shard_id}: {text}",
+              stage=claim.stage, data={"shard": claim.shard_id, "worker": me, "status": status})
+    return True
+
+
 def release_shard(session: Session, job_id: str, shard_id: str, me: str, *, requeued_message: bool) -> bool:
     """Give back the shard `me` runs (its worker shuts down): `dispatched` when its message goes back to the
     broker (`requeued_message`), else `queued` for the next dispatch."""
@@ -245,6 +276,17 @@ def release_shard(session: Session, job_id: str, shard_id: str, me: str, *, requ
     )
     refresh_summary(session, job_id)
     return result.rowcount == 1
+
+
+def give_back_shard(session: Session, claim: ShardClaim, me: str) -> bool:
+    """Its worker shuts down: the shard goes back to `dispatched` (its message is requeued), with a
+    `shard_requeued` event; False when `me` no longer held it."""
+    if not release_shard(session, claim.job_id, claim.shard_id, me, requeued_message=True):
+        return False
+    add_event(session, claim.job_id, EventKind.SHARD_REQUEUED,
+              f"shard {claim.shard_id}: worker shutting down; shard requeued", stage=claim.stage,
+              data={"shard": claim.shard_id, "worker": me})
+    return True
 
 
 def beat_shard(session: Session, job_id: str, shard_id: str, me: str) -> None:
@@ -284,6 +326,18 @@ def job_stop_requested(session: Session, job_id: str) -> bool:
     """True when the shard's job was cancelled, has ended (another shard failed it) or no longer exists."""
     row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
     return row is None or row.status != JobStatus.RUNNING or bool(row.cancel_requested)
+
+
+def shard_should_stop(session: Session, job_id: str, shard_id: str, me: str) -> bool:
+    """The job stopped (cancelled, or ended by another shard), or the shard is another worker's now."""
+    return job_stop_requested(session, job_id) or not shard_held(session, job_id, shard_id, me)
+
+
+def job_ended_and_idle(session: Session, job_id: str) -> bool:
+    """The job failed or was cancelled and none of its shards runs any more: its folder may go."""
+    job = get_job(session, job_id)
+    return (job is not None and job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+            and not running_shards(session, job_id))
 
 
 def running_shards(session: Session, job_id: str) -> int:
@@ -513,12 +567,16 @@ __all__ = [
     "beat_shard",
     "claim_shard",
     "dispatched_shards",
+    "end_shard",
     "finish_shard",
+    "give_back_shard",
+    "job_ended_and_idle",
     "job_shards",
     "job_stop_requested",
-    "record_plan",
     "reconcile_sharded_jobs",
+    "record_plan",
     "record_shard_progress",
+    "record_sharded_plan",
     "refresh_summary",
     "release_shard",
     "requeue_orphan_shards",
@@ -526,6 +584,7 @@ __all__ = [
     "select_dispatch",
     "shard_held",
     "shard_key",
+    "shard_should_stop",
     "shard_summary",
     "tenants_with_sharded_jobs",
     "undo_dispatch",

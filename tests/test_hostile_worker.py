@@ -22,12 +22,12 @@ from fd2_core.spec_resolution import resolve_spec
 from store.datasets import create_dataset, dataset_path
 from store.db import dispose_engines, migrate, session_scope
 from store.job_states import worker_identity
-from store.jobs import create_job, get_job, job_workdir, list_events
+from store.jobs import create_job, get_job, job_source, job_workdir, list_events
 from store.keys import get_or_create_tenant
 from store.models import Dataset, new_id
+from worker.celery_app import WorkerState
 from worker.job_runner import JobRunner
 from worker.source_check import JobSource, prepare_source
-from worker.state import WorkerState
 
 CLASSES = {"wren": 6, "finch": 6}
 
@@ -244,9 +244,8 @@ def test_names_decoded_at_upload_are_reported_by_the_job(settings: Settings) -> 
     leak = {"code": "test_in_train", "message": "1 test image also occurs in train", "details": {}}
     with session_scope(settings) as session:
         session.get(Dataset, folder.parent.name).warnings = [names, leak]
-    runner = JobRunner(WorkerState.create(settings), worker_identity())
     with session_scope(settings) as session:
-        source = runner._source_of(session, get_job(session, job_id))
+        source = job_source(session, settings, job_id)
     assert source is not None and source.warnings == (names,)
     layout = prepare_source(settings, job_id, source, resolve_spec(tiny_spec()))
     assert [w.as_dict() for w in load_dataset(layout, 16).warnings][:1] == [names]

@@ -21,9 +21,8 @@ from store.db import dispose_engines, migrate, session_scope
 from store.job_states import finish_job
 from store.jobs import get_job
 from store.models import Job, utcnow
-from worker.broker_marker import MARKER_KEY
 from worker.celery_app import create_app
-from worker.recovery import RecoveryLoop
+from worker.recovery import MARKER_KEY, RecoveryLoop
 
 SPEC = {"preset": "cpu-small", "device": "cpu"}
 STALE_S = 30.0

@@ -150,7 +150,7 @@ def callback_events(settings, job_id: str) -> list:
 
 
 def test_a_flaky_receiver_gets_the_job_resource_after_retries(settings, receiver_factory):
-    from worker.callback_delivery import deliver_callback
+    from worker.callbacks import deliver_callback
 
     receiver = receiver_factory([503, 502])
     job_id = finished_job_with_callback(settings, receiver.url)
@@ -164,7 +164,7 @@ def test_a_flaky_receiver_gets_the_job_resource_after_retries(settings, receiver
 
 
 def test_a_host_off_the_allow_list_is_recorded_and_not_contacted(settings, receiver_factory):
-    from worker.callback_delivery import deliver_callback
+    from worker.callbacks import deliver_callback
 
     receiver = receiver_factory([])
     job_id = finished_job_with_callback(settings, receiver.url.replace("127.0.0.1", "localhost"))

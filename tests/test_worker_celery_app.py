@@ -10,8 +10,7 @@ from kombu import Queue
 from service_harness import REPO_ROOT, embedded_settings
 
 from fd2_config.celery_config import celery_config
-from worker.celery_app import create_app
-from worker.limits import worker_limits
+from worker.celery_app import create_app, worker_limits
 
 
 def test_delivery_rules_for_long_jobs(tmp_path):

@@ -1,10 +1,10 @@
-"""The background heartbeat of a running job (worker.heartbeat)."""
+"""The background heartbeat of a running job (worker.liveness)."""
 
 from __future__ import annotations
 
 import threading
 
-from worker.heartbeat import Heartbeat
+from worker.liveness import Heartbeat
 
 
 def test_beats_while_running_survives_failures_and_stops_on_exit():

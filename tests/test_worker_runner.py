@@ -18,9 +18,9 @@ from store.db import dispose_engines, migrate, session_scope
 from store.job_states import request_cancel, worker_identity
 from store.jobs import get_job, job_workdir, list_events
 from store.models import Job
-from worker.job_runner import MAX_ATTEMPTS, JobReleased, JobRunner
-from worker.limits import worker_limits
-from worker.state import WorkerState
+from worker.celery_app import WorkerState, worker_limits
+from worker.job_runner import JobReleased, JobRunner
+from worker.outcomes import MAX_ATTEMPTS
 
 EXPECTED_ARTIFACTS = set(ARTIFACT_NAMES)
 

@@ -1,10 +1,10 @@
-"""When a running pipeline is told to stop (worker.stopping)."""
+"""When a running pipeline is told to stop (worker.liveness)."""
 
 from __future__ import annotations
 
 import threading
 
-from worker.stopping import StopPoller, StopReason
+from worker.liveness import StopPoller, StopReason
 
 
 class FakeClock:
@@ -83,7 +83,7 @@ def test_an_unreadable_flag_is_not_a_cancel():
 
 
 def test_the_shutdown_line_speaks_of_a_running_job_only_when_there_is_one():
-    from worker.lifecycle import shutdown_message
+    from worker.celery_app import shutdown_message
 
     idle = shutdown_message("Warm", "SIGTERM", set())
     assert idle == "worker Warm shutdown (SIGTERM): no job running in this process"

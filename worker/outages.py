@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -28,7 +28,7 @@ from tenacity import (
 )
 
 from fd2_config.settings import Settings
-from store.db import database_unavailable
+from store.db import database_unavailable, session_scope
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +65,23 @@ def with_retries(settings: Settings, write: Callable[[], T], what: str = "databa
     Raises what `write` raised when the error is not an outage or the outage outlasts `database_retry_s`.
     """
     return retrying(settings, what, sleep)(write)
+
+
+def transact(settings: Settings, store_fn: Callable[..., T], *args: Any, retry: bool = True,
+             what: str | None = None, **kwargs: Any) -> T:
+    """`store_fn(session, *args, **kwargs)` in one transaction of its own; its result.
+
+    With `retry` (every write that records a job) the transaction is retried through a database outage
+    (`with_retries`); without it (heartbeat, cancel poll: they run again seconds later) it is tried once.
+    `what` names the write in the log (default: the store function's name).
+    """
+    def once() -> T:
+        with session_scope(settings) as session:
+            return store_fn(session, *args, **kwargs)
+
+    if not retry:
+        return once()
+    return with_retries(settings, once, what or store_fn.__name__.replace("_", " "))
 
 
 def is_outage(exc: BaseException) -> bool:

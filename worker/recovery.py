@@ -13,7 +13,7 @@ ready and then every `recovery_interval_s`:
    database outage, and live ones need that long to be fresh again;
 3. every `queued` job is sent again when its message may be gone: with the embedded broker at start-up
    (a worker may have died after taking the message but before claiming the job); with Redis whenever the
-   broker's marker key is missing (`worker.broker_marker`: Redis restarted empty or was flushed, and took
+   broker's marker key is missing (`BrokerMarker` below: Redis restarted empty or was flushed, and took
    its queues along); and after a pass that could not send everything it meant to.
 
 The shards of jobs spread over several workers are judged the same way, one by one (`store.shards.
@@ -27,6 +27,14 @@ to be run again as a fresh `fd2.run_job` message to the queue stored on the job 
 send_run_job`, the one send path, also the API's). A duplicate message (the one Redis redelivers later, or a
 re-send of a job whose message was still queued) is harmless: the task skips a job that is finished,
 cancelled or held by a live worker.
+
+The broker's marker (`BrokerMarker`) notices when the Redis broker has lost its messages.
+A Redis without persistence comes back empty after a restart (so does one that was flushed, or a replica
+promoted before it had the data). Every message waiting in a queue is gone while the database still says
+`queued`, and Redis does not tell its clients. So the workers keep a marker key in the broker's database.
+It lives as long as Redis keeps its data and vanishes with everything else. A recovery pass that finds it
+missing sends every queued job again and then sets it. Re-sending is safe: the job claim skips a duplicate
+message (`store.job_states`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
@@ -43,9 +52,45 @@ from fd2_config.settings import Settings
 from store.db import session_scope
 from store.job_states import find_orphans, worker_identity
 from store.shards import requeue_orphan_shards
-from worker.broker_marker import BrokerMarker, marker_for
 from worker.outages import log_failure
 from worker.shard_dispatch import settle_sharded_jobs
+
+if TYPE_CHECKING:
+    import redis
+
+MARKER_KEY = "fd2:broker-marker"
+REDIS_TIMEOUT_S = 5.0
+
+
+class BrokerMarker:
+    """The marker key in the Redis database that holds the job queues."""
+
+    def __init__(self, broker_url: str) -> None:
+        import redis
+
+        self._client: redis.Redis = redis.Redis.from_url(
+            broker_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+        )
+
+    def missing(self) -> bool:
+        """True when Redis lost its data since the marker was set (or it was never set); raises
+        `redis.RedisError` while Redis is unreachable."""
+        return not self._client.exists(MARKER_KEY)
+
+    def set(self, holder: str) -> None:
+        """Record that every queued job has a message now; `holder` names the worker that made sure."""
+        self._client.set(MARKER_KEY, holder)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def marker_for(settings: Settings) -> BrokerMarker | None:
+    """A marker for a Redis broker; None for the embedded broker, which re-sends queued jobs at start-up."""
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return BrokerMarker(settings.broker_url)
+    return None
+
 
 log = logging.getLogger(__name__)
 

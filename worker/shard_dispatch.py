@@ -25,27 +25,22 @@ from store.shards import (
     tenants_with_sharded_jobs,
     undo_dispatch,
 )
-from worker.outages import log_failure, with_retries
-from worker.workdir_cleanup import discard_workdir
+from worker.outages import log_failure, transact
+from worker.storage_sweep import discard_workdir
 
 log = logging.getLogger(__name__)
 
 
 def dispatch_tenant(app: Celery, settings: Settings, tenant_id: str) -> list[tuple[str, str]]:
     """Dispatch the tenant's ready shards; returns the (job id, shard id) pairs published."""
-
-    def pick() -> list[tuple[str, str, str]]:
-        with session_scope(settings) as session:
-            return select_dispatch(session, tenant_id, settings.max_shards_per_tenant)
-
-    picked = with_retries(settings, pick, f"tenant {tenant_id}: shard dispatch")
+    picked = transact(settings, select_dispatch, tenant_id, settings.max_shards_per_tenant,
+                      what=f"tenant {tenant_id}: shard dispatch")
     return _send(app, settings, picked)
 
 
 def dispatch_all(app: Celery, settings: Settings) -> list[tuple[str, str]]:
     """Dispatch for every tenant with a running sharded job (a recovery pass)."""
-    with session_scope(settings) as session:
-        tenants = tenants_with_sharded_jobs(session)
+    tenants = transact(settings, tenants_with_sharded_jobs, retry=False)
     sent: list[tuple[str, str]] = []
     for tenant_id in tenants:
         sent.extend(dispatch_tenant(app, settings, tenant_id))
@@ -65,7 +60,7 @@ def settle_sharded_jobs(app: Celery, settings: Settings, *, resend_all: bool = F
         if item.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             discard_workdir(job_workdir(settings, item.job_id))
         if item.job_ended_now and item.callback_url:
-            from worker.callback_delivery import start_callback
+            from worker.callbacks import start_callback
 
             start_callback(item.job_id, settings)
     for job_id, shard_id, queue in resend:
@@ -82,8 +77,7 @@ def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -
         except Exception as exc:  # the broker is away: the shard waits for the next dispatch
             log_failure(log, f"job {job_id}: shard {shard_id} could not be published; back to queued", exc)
             try:
-                with session_scope(settings) as session:
-                    undo_dispatch(session, job_id, shard_id)
+                transact(settings, undo_dispatch, job_id, shard_id, retry=False)
             except Exception as undo_exc:  # a recovery pass re-sends dispatched shards after a failed pass
                 log_failure(log, f"job {job_id}: shard {shard_id} stays dispatched until the next recovery pass",
                             undo_exc)

@@ -1,5 +1,11 @@
-"""The workers' storage sweep: expire old artifacts and remove job folders that lost their job.
+"""Job folders on disk: free a finished job's space, and the workers' periodic storage sweep.
 
+A finished job never runs again (a late duplicate message is skipped). Checkpoints under `<workdir>/stages`
+exist only so an interrupted run can resume. So after success only `<workdir>/artifacts` is kept
+(`prune_checkpoints`; checkpoints such as the teacher and soft labels were copied there), and a cancelled or
+failed job's folder is removed whole (`discard_workdir`). The worker log keeps the reason of a failure.
+
+The sweep:
 1. With `FD2_ARTIFACT_RETENTION_DAYS` set, every finished job that finished longer ago than that loses its
    artifact files and work folder; its row stays, marked `artifacts_expired` (`store.retention`: files first,
    then the mark, so a crash in between is finished by the next sweep).
@@ -15,6 +21,7 @@ so tests sweep with any `now` instead of waiting.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,13 +29,34 @@ from pathlib import Path
 
 from fd2_config.settings import Settings
 from store.datasets import remove_tree
-from store.db import session_scope
 from store.job_files import leftover_job_folders, remove_job_files
 from store.models import utcnow
 from store.retention import jobs_past_retention, mark_artifacts_expired
-from worker.outages import log_failure
+from worker.outages import log_failure, transact
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "stages"
+
+
+def prune_checkpoints(workdir: Path) -> None:
+    """Keep the artifacts of a succeeded job, drop its resumable state."""
+    _remove(workdir / CHECKPOINTS_DIR)
+
+
+def discard_workdir(workdir: Path) -> None:
+    """Remove everything a cancelled or failed job left behind."""
+    _remove(workdir)
+
+
+def _remove(path: Path) -> None:
+    if not path.exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        log.warning("could not remove %s completely", path)
+
+
 
 RETENTION_BATCH = 200
 # Longer than any submission takes between writing a manifest into the job folder and committing the row.
@@ -49,13 +77,11 @@ def expire_old_artifacts(settings: Settings, now: datetime) -> list[str]:
     finished_before = now - timedelta(days=days)
     expired: list[str] = []
     while True:
-        with session_scope(settings) as session:
-            due = jobs_past_retention(session, finished_before, RETENTION_BATCH)
+        due = transact(settings, jobs_past_retention, finished_before, RETENTION_BATCH, retry=False)
         fresh = [job for job in due if job.id not in expired]
         for job in fresh:
             remove_job_files(settings, job.id, job.artifact_paths)
-        with session_scope(settings) as session:
-            mark_artifacts_expired(session, [job.id for job in fresh], now)
+        transact(settings, mark_artifacts_expired, [job.id for job in fresh], now, retry=False)
         expired.extend(job.id for job in fresh)
         if len(due) < RETENTION_BATCH or not fresh:
             return expired
@@ -63,8 +89,7 @@ def expire_old_artifacts(settings: Settings, now: datetime) -> list[str]:
 
 def remove_leftover_folders(settings: Settings, now: datetime) -> list[Path]:
     """Remove job folders without a job row that are older than `LEFTOVER_GRACE`; returns them."""
-    with session_scope(settings) as session:
-        leftovers = leftover_job_folders(session, settings, now - LEFTOVER_GRACE)
+    leftovers = transact(settings, leftover_job_folders, settings, now - LEFTOVER_GRACE, retry=False)
     for folder in leftovers:
         remove_tree(folder)
     return leftovers
