@@ -1,8 +1,10 @@
-"""Everything that happens between `POST /v1/jobs` and a queued job: validation, idempotency, enqueueing.
+"""Everything that happens between `POST /v1/jobs` and a queued job:
+validation, idempotency, enqueueing.
 
-A job that cannot run is refused here with 422 rather than failing an hour later on a worker: the spec is
-resolved with the one schema (`api.spec_checks`), the dataset must be ready and fit the spec and the operator's
-cost limits, manifest roots must be operator-allowed (`api.manifest_jobs`), callbacks must target allowed hosts.
+A job that cannot run is refused here with 422 rather than failing an hour later on a worker: the
+spec is resolved with the one schema (`api.spec_checks`), the dataset must be ready and fit the spec
+and the operator's cost limits, manifest roots must be operator-allowed (`api.manifest_jobs`),
+callbacks must target allowed hosts.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Submission:
 
 
 def request_hash(body: JobCreate) -> str:
-    """Fingerprint of the request body, to tell a retry (same body) from a reused key (different body)."""
+    """Fingerprint of the request body, to tell a retry (same body) from a reused key
+    (different body)."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -79,9 +82,9 @@ def check_callback_url(settings: Settings, url: str | None) -> None:
 
 
 def dataset_job_counts(dataset: Dataset, spec: JobSpec) -> JobCounts:
-    """The images the job will see of a stored dataset: a carved test share follows the job's own fraction
-    (`fd2_core.admission.job_counts`); a dataset stored before `test_split` existed counts as carved unless
-    it had a test split of its own."""
+    """The images the job will see of a stored dataset: a carved test share follows the job's own
+    fraction (`fd2_core.admission.job_counts`); a dataset stored before `test_split` existed counts
+    as carved unless it had a test split of its own."""
     splits_given = bool((dataset.test_split or {}).get("splits_given", dataset.has_test_split))
     return job_counts(dataset.per_class, splits_given=splits_given, test_fraction=spec.test_fraction)
 

@@ -1,17 +1,19 @@
 """Large transfers against a real uvicorn process: upload memory and artifact download speed.
 
-1. Upload: builds a dataset zip of about `--upload-mib` MiB on disk (a few small PNGs in `train/<class>/` plus
-   one incompressible, stored `train/a/padding.bin` that intake skips and reports), POSTs it to `/v1/datasets`
-   as a streamed multipart body, and samples the server's resident memory every 50 ms before, during and after
-   (peak from the kernel's high-water mark too). The body is meant to stream to disk: growth should stay far
-   below the upload size (target: under 64 MiB).
-2. Download: registers an `--artifact-mib` MiB artifact of random bytes for a finished job, reads it once with
-   `dd` (so the page cache is warm) and times a second `dd` read as the disk figure, then downloads it with a
-   streaming client that discards the bytes, `--downloads` times (plus `--curl-runs` with curl when present),
-   and checks one Range request (206, exact bytes).
+1. Upload: builds a dataset zip of about `--upload-mib` MiB on disk (a few small PNGs in
+   `train/<class>/` plus one incompressible, stored `train/a/padding.bin` that intake skips and
+   reports), POSTs it to `/v1/datasets` as a streamed multipart body, and samples the server's
+   resident memory every 50 ms before, during and after (peak from the kernel's high-water mark
+   too). The body is meant to stream to disk: growth should stay far below the upload size (target:
+   under 64 MiB).
+2. Download: registers an `--artifact-mib` MiB artifact of random bytes for a finished job, reads it
+   once with `dd` (so the page cache is warm) and times a second `dd` read as the disk figure, then
+   downloads it with a streaming client that discards the bytes, `--downloads` times (plus
+   `--curl-runs` with curl when present), and checks one Range request (206, exact bytes).
 
-The server runs `uvicorn api.main:app` (one process) with FD2_HOME in a temporary folder and embedded SQLite.
-Everything is written under the system temporary folder and removed at the end. MB/s means 10^6 bytes/s.
+The server runs `uvicorn api.main:app` (one process) with FD2_HOME in a temporary folder and
+embedded SQLite. Everything is written under the system temporary folder and removed at the end.
+MB/s means 10^6 bytes/s.
 
     python bench/api_transfer.py                                  # 1 GiB upload, 1 GiB artifact
     python bench/api_transfer.py --upload-mib 256 --artifact-mib 0  # upload only
@@ -56,7 +58,7 @@ GROWTH_TARGET_MIB = 64
 ARTIFACT_NAME = "soft_labels.safetensors"
 
 
-# --- memory of the server process ------------------------------------------------------------------------------
+# --- memory of the server process -----------------------------------------------------------------
 
 def proc_status_kib(pid: int, key: str) -> int | None:
     """A `VmRSS`/`VmHWM` line of /proc/<pid>/status in KiB (None when unreadable)."""
@@ -83,7 +85,8 @@ def rss_bytes(pid: int) -> int | None:
 
 
 def reset_peak(pid: int) -> bool:
-    """Reset the kernel's resident high-water mark (VmHWM) of `pid`; False where that is not allowed."""
+    """Reset the kernel's resident high-water mark (VmHWM) of `pid`;
+    False where that is not allowed."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as handle:
             handle.write("5")
@@ -121,7 +124,7 @@ def mib(value: float) -> str:
     return f"{value / MIB:.1f}"
 
 
-# --- the upload --------------------------------------------------------------------------------------------------
+# --- the upload -----------------------------------------------------------------------------------
 
 def png_bytes(shade: int, size: int = 16) -> bytes:
     buffer = io.BytesIO()
@@ -130,7 +133,8 @@ def png_bytes(shade: int, size: int = 16) -> bytes:
 
 
 def build_dataset_zip(path: Path, padding_mib: int, classes: int = 2, per_class: int = 4) -> int:
-    """A valid dataset zip: small PNGs under train/<class>/ and one stored, random `train/a/padding.bin`."""
+    """A valid dataset zip: small PNGs under train/<class>/ and one stored, random
+    `train/a/padding.bin`."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for index in range(classes):
             for image in range(per_class):
@@ -144,7 +148,8 @@ def build_dataset_zip(path: Path, padding_mib: int, classes: int = 2, per_class:
 
 @dataclass
 class StreamedBody:
-    """A multipart/form-data body whose file part is read from disk in 1 MiB chunks, with a known length."""
+    """A multipart/form-data body whose file part is read from disk in 1 MiB chunks,
+    with a known length."""
 
     path: Path
     filename: str
@@ -274,7 +279,7 @@ def print_upload(result: UploadResult) -> None:
         print(f"  reported: {line}")
 
 
-# --- the download ------------------------------------------------------------------------------------------------
+# --- the download ---------------------------------------------------------------------------------
 
 def write_random_file(path: Path, size_mib: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +289,8 @@ def write_random_file(path: Path, size_mib: int) -> None:
 
 
 def seed(settings: Settings, artifact: Path | None) -> tuple[str, str | None]:
-    """A tenant key and, when `artifact` is given, a succeeded job with it registered; returns (key, job id)."""
+    """A tenant key and, when `artifact` is given, a succeeded job with it registered;
+    returns (key, job id)."""
     migrate(settings)
     job_id = None
     with session_scope(settings) as session:
@@ -346,7 +352,8 @@ def download_check(client: httpx.Client, base: str, key: str, job_id: str, path:
                    downloads: int, curl_runs: int) -> None:
     size = path.stat().st_size
     url = f"{base}/v1/jobs/{job_id}/artifacts/{ARTIFACT_NAME}"
-    dd_read(path)  # warms the page cache; the timed read below is served from memory, as the downloads are
+    # warms the page cache; the timed read below is served from memory, as the downloads are
+    dd_read(path)
     disk_s = dd_read(path)
     print(f"\ndownload of a {mib(size)} MiB artifact (page cache warm: the file was read once before timing)")
     print(f"  {'reader':<24} {'status':>6} {'MiB':>8} {'seconds':>8} {'MB/s':>7} {'server cpu s':>13}")
@@ -376,7 +383,7 @@ def download_check(client: httpx.Client, base: str, key: str, job_id: str, path:
     print(f"  range request: {range_check(client, url, key, path, size)}")
 
 
-# --- main --------------------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

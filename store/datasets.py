@@ -35,8 +35,8 @@ def create_dataset(
     has_test_split: bool,
     status: str = DatasetStatus.READY,
 ) -> Dataset:
-    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors and optionally
-    warnings, duplicates and test_split."""
+    """Insert a validated dataset; `summary` has num_classes, classes, splits, per_class, errors and
+    optionally warnings, duplicates and test_split."""
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
@@ -71,7 +71,8 @@ def get_tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dat
 
 @dataclass(frozen=True)
 class StorageUsage:
-    """What the tenant storage quota counts: extracted datasets and the artifacts of kept, unexpired jobs."""
+    """What the tenant storage quota counts:
+    extracted datasets and the artifacts of kept, unexpired jobs."""
 
     dataset_bytes: int
     artifact_bytes: int
@@ -82,7 +83,8 @@ class StorageUsage:
 
 
 def tenant_storage_usage(session: Session, tenant_id: str) -> StorageUsage:
-    """Bytes the tenant keeps on the service's disks; deleting a dataset or a job (or artifact expiry) frees them."""
+    """Bytes the tenant keeps on the service's disks; deleting a dataset or a job (or artifact
+    expiry) frees them."""
     datasets = session.scalar(
         select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
     )
@@ -102,8 +104,8 @@ def list_datasets(session: Session, tenant_id: str, *, limit: int = 50, cursor: 
 def delete_dataset(session: Session, dataset: Dataset) -> None:
     """Delete the row (jobs that used it keep their results; their dataset_id becomes null).
 
-    The caller removes the files with `remove_dataset_files` after committing, so a failed commit never
-    leaves a row whose files are gone.
+    The caller removes the files with `remove_dataset_files` after committing, so a failed commit
+    never leaves a row whose files are gone.
     """
     session.delete(dataset)
     session.flush()
@@ -114,5 +116,6 @@ def remove_dataset_files(settings: Settings, dataset_id: str) -> None:
 
 
 def remove_tree(folder: Path) -> None:
-    """Remove a folder if present; quietly, since a half-created folder is exactly what is being cleaned."""
+    """Remove a folder if present;
+    quietly, since a half-created folder is exactly what is being cleaned."""
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,16 +1,18 @@
 """Every change of a job's status, and who holds a running job: the job's state machine.
 
-`queued` → `running` (`claim_job`, `mark_running`) → `succeeded` / `failed` / `cancelled` (`finish_job`);
-`running` → `queued` again when its holder is gone (`release_job`, `requeue_stale_jobs`, `find_orphans`);
-a cancel request (`request_cancel`) ends a job at once where nothing runs it.
+`queued` → `running` (`claim_job`, `mark_running`) → `succeeded` / `failed` / `cancelled`
+(`finish_job`); `running` → `queued` again when its holder is gone (`release_job`,
+`requeue_stale_jobs`, `find_orphans`); a cancel request (`request_cancel`) ends a job at once where
+nothing runs it.
 
-A job row names its holder as `<host>:<pid>` of the process running it. A holder on this same host whose
-process is gone (a worker killed with SIGKILL, a crashed `fd2 serve`) is known dead at once, so its job is
-taken over without waiting for the heartbeat to go stale; a holder elsewhere is judged by its heartbeat
-(`stale_heartbeat_s`). A live holder is never displaced, so a duplicate message (Redis redelivery, a
-recovery re-send) cannot start a second run of the same job.
+A job row names its holder as `<host>:<pid>` of the process running it. A holder on this same host
+whose process is gone (a worker killed with SIGKILL, a crashed `fd2 serve`) is known dead at once,
+so its job is taken over without waiting for the heartbeat to go stale; a holder elsewhere is judged
+by its heartbeat (`stale_heartbeat_s`). A live holder is never displaced, so a duplicate message
+(Redis redelivery, a recovery re-send) cannot start a second run of the same job.
 
-The worker calls these; like the rest of `store` they never commit (the caller's `session_scope()` does).
+The worker calls these;
+like the rest of `store` they never commit (the caller's `session_scope()` does).
 """
 
 from __future__ import annotations
@@ -41,15 +43,16 @@ from store.models import (
 
 
 def worker_identity() -> str:
-    """`<host>:<pid>` of this process (the one that runs the pipeline), as stored in `Job.worker`."""
+    """`<host>:<pid>` of this process (the one that runs the pipeline), as stored in
+    `Job.worker`."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def holder_is_dead(holder: str | None, *, running_here: bool) -> bool:
     """True only when `holder` ran on this host and its process is gone.
 
-    `holder` may name this very process (a restarted container reuses its predecessor's pid); it is then
-    dead unless `running_here` says this process is running the job now.
+    `holder` may name this very process (a restarted container reuses its predecessor's pid); it is
+    then dead unless `running_here` says this process is running the job now.
     """
     if not holder:
         return False
@@ -78,7 +81,8 @@ def _is_zombie(pid: int) -> bool:
 
 
 def claim_job(session: Session, job_id: str, me: str, stale_after_s: float) -> Job | None:
-    """Mark the job running for `me`; None means skip it (finished, cancelled, held by a live worker).
+    """Mark the job running for `me`;
+    None means skip it (finished, cancelled, held by a live worker).
 
     The calling process is about to run the job, so it is not running it already.
     """
@@ -113,7 +117,8 @@ class ClaimedJob:
 
 def claim_for_run(session: Session, settings: Settings, job_id: str, me: str, stale_after_s: float
                   ) -> ClaimedJob | None:
-    """`claim_job`, and what the run needs of the row, in the same transaction; None: skip the job."""
+    """`claim_job`, and what the run needs of the row, in the same transaction;
+    None: skip the job."""
     job = claim_job(session, job_id, me, stale_after_s)
     if job is None:
         return None
@@ -146,13 +151,15 @@ def find_orphans(
     include_queued: bool = False,
     judge_heartbeats: bool = True,
 ) -> list[tuple[str, str]]:
-    """Requeue the jobs of dead workers; returns the (job id, queue) pairs whose run message must be sent.
+    """Requeue the jobs of dead workers;
+    returns the (job id, queue) pairs whose run message must be sent.
 
-    1. a `running` job whose holder ran on this host and is gone is requeued (cancelled, when asked to be);
-       `running_here` names the jobs this process runs, which are never orphans;
-    2. with `judge_heartbeats`, a `running` job silent for `stale_after_s` (holder on any host) is requeued
-       (`requeue_stale_jobs`);
-    3. with `include_queued`, every `queued` job is returned too, oldest first (its message may be lost).
+    1. a `running` job whose holder ran on this host and is gone is requeued (cancelled, when asked
+       to be); `running_here` names the jobs this process runs, which are never orphans;
+    2. with `judge_heartbeats`, a `running` job silent for `stale_after_s` (holder on any host) is
+       requeued (`requeue_stale_jobs`);
+    3. with `include_queued`, every `queued` job is returned too, oldest first
+       (its message may be lost).
     """
     to_send: list[tuple[str, str]] = []
     running = session.execute(
@@ -308,7 +315,8 @@ def end_job(
     metrics: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> Job | None:
-    """`finish_job` plus the job's final event (`succeeded`, `failed` or `cancelled`, with the error).
+    """`finish_job` plus the job's final event
+    (`succeeded`, `failed` or `cancelled`, with the error).
 
     None when the job had already finished: then no event is written.
     """
@@ -322,7 +330,8 @@ def end_job(
 
 @dataclass(frozen=True)
 class JobEnded:
-    """What `record_job_end` did: whether it wrote the end, the job's status now, and its callback URL."""
+    """What `record_job_end` did:
+    whether it wrote the end, the job's status now, and its callback URL."""
 
     written: bool
     status: str | None
@@ -337,7 +346,8 @@ def record_job_end(
     metrics: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> JobEnded:
-    """`end_job`, or, when the job had already finished (recovery cancelled it, say), its status as it is."""
+    """`end_job`, or, when the job had already finished (recovery cancelled it, say),
+    its status as it is."""
     job = end_job(session, job_id, status, metrics=metrics, error=error)
     if job is not None:
         return JobEnded(True, job.status, job.callback_url)
@@ -346,8 +356,8 @@ def record_job_end(
 
 
 def job_max_workers(session: Session, job_id: str) -> int:
-    """The stored spec's `max_workers`: 1 where the job is unknown or the value is missing or not a number
-    (the spec check reports that)."""
+    """The stored spec's `max_workers`: 1 where the job is unknown or the value is missing or not a
+    number (the spec check reports that)."""
     spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
     value = spec.get("max_workers", 1) if isinstance(spec, dict) else 1
     return value if isinstance(value, int) and not isinstance(value, bool) else 1

@@ -1,7 +1,8 @@
 """Jobs and their events: the rows the API writes at submit and reads, and what a run records.
 
 Changes of a job's status live in `store/job_states.py`.
-None of these functions commits: the caller's `session_scope()` (or the route) decides the transaction.
+None of these functions commits:
+the caller's `session_scope()` (or the route) decides the transaction.
 """
 
 from __future__ import annotations
@@ -51,29 +52,32 @@ def _fraction(value: float) -> float:
     return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
 
 
-# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan cannot see them
-# again, so they travel with the job. Duplicate warnings are not carried: the job's loader finds them itself.
+# Dataset warnings made while the upload was unpacked (member names decoded); a job's own scan
+# cannot see them again, so they travel with the job. Duplicate warnings are not carried: the job's
+# loader finds them itself.
 UNPACKING_WARNINGS = ("names_",)
 
 
 @dataclass(frozen=True)
 class JobSource:
-    """Where a job's data is, as recorded in the database (nothing on disk has been looked at yet)."""
+    """Where a job's data is, as recorded in the database
+    (nothing on disk has been looked at yet)."""
 
     kind: Literal["dataset", "manifest"]
     path: str
     dataset_id: str | None = None
-    # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked), carried into
-    # the job's report and events: `{code, message, details}` each.
+    # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked),
+    # carried into the job's report and events: `{code, message, details}` each.
     warnings: tuple[dict[str, Any], ...] = ()
 
 
 def job_source(session: Session, settings: Settings, job_id: str) -> JobSource | None:
-    """Where the job's data is recorded to be: an operator-side manifest, or the uploaded dataset's folder.
+    """Where the job's data is recorded to be:
+    an operator-side manifest, or the uploaded dataset's folder.
 
-    None when the job or its dataset no longer exists. Only rows are read; the worker checks the files
-    (`worker.source_check`) when the run starts. A manifest job's stored `{"root", "items"}` resolves
-    against the operator-approved `root`, not against the job folder the file sits in.
+    None when the job or its dataset no longer exists. Only rows are read; the worker checks the
+    files (`worker.source_check`) when the run starts. A manifest job's stored `{"root", "items"}`
+    resolves against the operator-approved `root`, not against the job folder the file sits in.
     """
     job = get_job(session, job_id)
     if job is None:

@@ -1,7 +1,7 @@
 """Database tables of the service (SQLAlchemy 2.0 typed declarative).
 
-Schema changes go through Alembic (`store/migrations`); these classes and the latest revision must agree
-(a test compares them).
+Schema changes go through Alembic (`store/migrations`); these classes and the latest revision must
+agree (a test compares them).
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class EventKind(StrEnum):
     """Kinds of job events the service itself writes (docs/API.md, docs/INTERFACES.md).
 
     A job's final event shares its spelling with the final status, so it has a name of its own.
-    The pipeline's kinds (`progress`, `log`, `stage_start`, …) pass through as the pipeline wrote them.
+    The pipeline's kinds (`progress`, `log`, `stage_start`, …) pass through as the pipeline wrote
+    them.
     """
 
     JOB_QUEUED = "queued"
@@ -148,8 +149,8 @@ def new_id(prefix: str) -> str:
 
 
 def is_public_id(text: str) -> bool:
-    """Whether `text` can be an id at all; anything else is unknown without asking the database (which may
-    refuse odd characters such as NUL with an error instead of an empty answer)."""
+    """Whether `text` can be an id at all; anything else is unknown without asking the database
+    (which may refuse odd characters such as NUL with an error instead of an empty answer)."""
     return isinstance(text, str) and PUBLIC_ID.fullmatch(text) is not None
 
 
@@ -214,11 +215,13 @@ class Dataset(Base):
     splits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     per_class: Mapped[dict[str, Any]] = mapped_column(default=dict)
     errors: Mapped[list[Any]] = mapped_column(default=list)
-    # Intake findings that did not stop the upload (e.g. file names decoded from a guessed code page).
+    # Intake findings that did not stop the upload
+    # (e.g. file names decoded from a guessed code page).
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     # Duplicate images per split and test images that also occur in train (decoded-pixel hashes).
     duplicates: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # Where the test split comes from: {"source": "archive" | "carved" | "none", "fraction": float | None}.
+    # Where the test split comes from:
+    # {"source": "archive" | "carved" | "none", "fraction": float | None}.
     test_split: Mapped[dict[str, Any]] = mapped_column(default=dict)
     has_test_split: Mapped[bool] = mapped_column(Boolean, default=False)
     path: Mapped[str] = mapped_column(Text, default="")
@@ -260,11 +263,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
-    # Set by the storage sweep once the artifact files of a finished job are removed for age; the artifact rows
-    # stay as a record (name, size, sha256) and downloads answer 410.
+    # Set by the storage sweep once the artifact files of a finished job are removed for age; the
+    # artifact rows stay as a record (name, size, sha256) and downloads answer 410.
     artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
-    # True once the job was split into shards (`job_shards`); `shards` is their summary as the job resource
-    # shows it, rewritten with every change of a shard so that polling a job stays one query.
+    # True once the job was split into shards (`job_shards`); `shards` is their summary as the job
+    # resource shows it, rewritten with every change of a shard so that polling a job stays one
+    # query.
     sharded: Mapped[bool] = mapped_column(Boolean, default=False)
     shards: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
@@ -278,10 +282,11 @@ class Job(Base):
 
 
 class JobShard(Base):
-    """One unit of a sharded job (`fd2_core.shards.plan_shards`), claimed by the worker that runs it.
+    """One unit of a sharded job (`fd2_core.shards.plan_shards`),
+    claimed by the worker that runs it.
 
-    `weight` is its share of the job's progress (the shares of a job add up to 1); `depends_on` the shard ids
-    that must be `done` before it may be dispatched.
+    `weight` is its share of the job's progress (the shares of a job add up to 1); `depends_on` the
+    shard ids that must be `done` before it may be dispatched.
     """
 
     __tablename__ = "job_shards"

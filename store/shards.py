@@ -1,20 +1,22 @@
-"""The shards of a job spread over several workers (spec `max_workers` > 1): their rows, claims and dispatch.
+"""The shards of a job spread over several workers (spec `max_workers` > 1):
+their rows, claims and dispatch.
 
-The design (docs/ARCHITECTURE.md, "One job on many workers"): the worker that takes a job's `fd2.run_job`
-message plans its shards (`record_plan`), and from then on every shard is a row here and an `fd2.run_shard(job
-id, shard id)` message. `select_dispatch` moves ready shards (every shard they depend on is `done`) from `queued`
-to `dispatched`; the caller publishes one message per dispatched shard after committing. A worker claims a shard
-(`claim_shard`) with a conditional UPDATE, so a duplicate message never runs a shard twice, and a shard whose
-holder died is taken over like a job (`store.job_states.holder_is_dead`, or a stale heartbeat).
+The design (docs/ARCHITECTURE.md, "One job on many workers"): the worker that takes a job's
+`fd2.run_job` message plans its shards (`record_plan`), and from then on every shard is a row here
+and an `fd2.run_shard(job id, shard id)` message. `select_dispatch` moves ready shards (every shard
+they depend on is `done`) from `queued` to `dispatched`; the caller publishes one message per
+dispatched shard after committing. A worker claims a shard (`claim_shard`) with a conditional
+UPDATE, so a duplicate message never runs a shard twice, and a shard whose holder died is taken over
+like a job (`store.job_states.holder_is_dead`, or a stale heartbeat).
 
-Fair share: a job never has more than `max_workers` shards running or waiting in the broker, so shards of
-running jobs reach the broker's FIFO queue one by one, each behind every message already there, among them the
-first messages of jobs submitted meanwhile; and an optional per-tenant cap bounds the shards one tenant has
-running or waiting across all its jobs.
+Fair share: a job never has more than `max_workers` shards running or waiting in the broker, so
+shards of running jobs reach the broker's FIFO queue one by one, each behind every message already
+there, among them the first messages of jobs submitted meanwhile; and an optional per-tenant cap
+bounds the shards one tenant has running or waiting across all its jobs.
 
-Dispatch for one tenant is serialised by a no-op write to the tenant's row first (a row lock on PostgreSQL, the
-write lock on SQLite), so two workers finishing shards at once cannot both fill the same free slot. Like the
-rest of `store`, nothing here commits.
+Dispatch for one tenant is serialised by a no-op write to the tenant's row first (a row lock on
+PostgreSQL, the write lock on SQLite), so two workers finishing shards at once cannot both fill the
+same free slot. Like the rest of `store`, nothing here commits.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from store.models import (
 
 @dataclass(frozen=True)
 class PlannedShard:
-    """A shard as the planner hands it over (`fd2_core.shards.Shard` plus its share of the job's progress)."""
+    """A shard as the planner hands it over
+    (`fd2_core.shards.Shard` plus its share of the job's progress)."""
 
     id: str
     stage: str
@@ -68,7 +71,8 @@ class ShardClaim:
 
 
 def shard_key(job_id: str, shard_id: str) -> str:
-    """How a worker names a shard it runs in `WorkerState.running_here` (job ids never contain `/`)."""
+    """How a worker names a shard it runs in `WorkerState.running_here`
+    (job ids never contain `/`)."""
     return f"{job_id}/{shard_id}"
 
 
@@ -76,8 +80,9 @@ def shard_key(job_id: str, shard_id: str) -> str:
 
 
 def record_plan(session: Session, job_id: str, shards: Iterable[PlannedShard]) -> int:
-    """Insert the job's shards that are not recorded yet (a re-planned job keeps its rows and their states) and
-    mark the job sharded, held by no single worker from now on. Returns the number of shards of the job."""
+    """Insert the job's shards that are not recorded yet (a re-planned job keeps its rows and their
+    states) and mark the job sharded, held by no single worker from now on. Returns the number of
+    shards of the job."""
     known = set(session.scalars(select(JobShard.shard_id).where(JobShard.job_id == job_id)))
     for position, shard in enumerate(shards):
         if shard.id not in known:
@@ -122,8 +127,9 @@ def shard_summary(rows: list[JobShard]) -> dict[str, Any]:
 
 
 def _job_progress(rows: list[JobShard]) -> tuple[str | None, float, float]:
-    """(stage, progress, stage progress) of the job from its shards: progress is the shards' progress weighted
-    by their shares; the stage is that of the first unfinished shard (a running one first)."""
+    """(stage, progress, stage progress) of the job from its shards: progress is the shards'
+    progress weighted by their shares;
+    the stage is that of the first unfinished shard (a running one first)."""
     total = sum(row.weight for row in rows) or 1.0
     progress = sum(row.weight * (1.0 if row.status == ShardStatus.DONE else row.progress) for row in rows) / total
     unfinished = [row for row in rows if row.status != ShardStatus.DONE]
@@ -142,11 +148,13 @@ def _job_progress(rows: list[JobShard]) -> tuple[str | None, float, float]:
 
 
 def refresh_summary(session: Session, job_id: str) -> int:
-    """Rewrite the job's `shards` summary and its progress, stage and ETA from the shard rows; the ETA is the
-    elapsed time scaled by the work left (`elapsed · (1 − p) / p`). Returns the number of shards.
+    """Rewrite the job's `shards` summary and its progress, stage and ETA from the shard rows; the
+    ETA is the elapsed time scaled by the work left (`elapsed · (1 − p) / p`).
+    Returns the number of shards.
 
-    The job row is locked first (PostgreSQL; SQLite serialises writers anyway), and only then are the shards
-    read: two workers ending shards at once must not each write a summary that misses the other's change.
+    The job row is locked first (PostgreSQL; SQLite serialises writers anyway), and only then are
+    the shards read: two workers ending shards at once must not each write a summary that misses the
+    other's change.
     """
     session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     rows = job_shards(session, job_id)
@@ -172,16 +180,18 @@ def refresh_summary(session: Session, job_id: str) -> int:
 def claim_shard(
     session: Session, job_id: str, shard_id: str, me: str, stale_after_s: float
 ) -> ShardClaim | None:
-    """Mark the shard running for `me`; None means skip it: the job is not running or asked to stop, the shard
-    is finished, `queued` (not dispatched: the message is an old one), held by a live worker, or not ready (then
-    it goes back to `queued` for a later dispatch)."""
+    """Mark the shard running for `me`; None means skip it: the job is not running or asked to stop,
+    the shard is finished, `queued` (not dispatched: the message is an old one), held by a live
+    worker, or not ready (then it goes back to `queued` for a later dispatch)."""
     job = get_job(session, job_id)
     row = session.get(JobShard, (job_id, shard_id), populate_existing=True)
     if job is None or row is None or job.status != JobStatus.RUNNING or job.cancel_requested or not job.sharded:
         return None
-    previous_status, previous_worker, attempts = row.status, row.worker, row.attempts  # before any reload
+    # before any reload
+    previous_status, previous_worker, attempts = row.status, row.worker, row.attempts
     if row.status not in ACTIVE_SHARD_STATUSES:
-        return None  # finished, or `queued`: an old message must not bypass max_workers and the tenant cap
+        # finished, or `queued`: an old message must not bypass max_workers and the tenant cap
+        return None
     if row.status == ShardStatus.RUNNING:
         stale = row.heartbeat_at is None or row.heartbeat_at < utcnow() - timedelta(seconds=stale_after_s)
         if not (stale or holder_is_dead(row.worker, running_here=False)):
@@ -227,7 +237,8 @@ def _set_status(session: Session, row: JobShard, status: ShardStatus, *, only_fr
 def finish_shard(
     session: Session, job_id: str, shard_id: str, me: str, status: ShardStatus, *, error: dict[str, str] | None = None
 ) -> bool:
-    """Move the shard `me` runs to `done`, `failed` or `cancelled`; False when another worker holds it now."""
+    """Move the shard `me` runs to `done`, `failed` or `cancelled`;
+    False when another worker holds it now."""
     if status not in FINAL_SHARD_STATUSES:
         raise ValueError(f"not a final shard status: {status!r}")
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
@@ -253,8 +264,8 @@ def end_shard(
     error: dict[str, str] | None = None,
     message: str | None = None,
 ) -> bool:
-    """`finish_shard` and its event (`shard_finished`, `shard_failed` or `shard_cancelled`); False when `me`
-    no longer holds the shard (nothing is written then)."""
+    """`finish_shard` and its event (`shard_finished`, `shard_failed` or `shard_cancelled`); False
+    when `me` no longer holds the shard (nothing is written then)."""
     if not finish_shard(session, claim.job_id, claim.shard_id, me, status, error=error):
         return False
     text = message or (error["message"] if error else status)
@@ -264,8 +275,8 @@ def end_shard(
 
 
 def release_shard(session: Session, job_id: str, shard_id: str, me: str, *, requeued_message: bool) -> bool:
-    """Give back the shard `me` runs (its worker shuts down): `dispatched` when its message goes back to the
-    broker (`requeued_message`), else `queued` for the next dispatch."""
+    """Give back the shard `me` runs (its worker shuts down): `dispatched` when its message goes
+    back to the broker (`requeued_message`), else `queued` for the next dispatch."""
     result = session.execute(
         update(JobShard)
         .where(JobShard.job_id == job_id, JobShard.shard_id == shard_id, JobShard.status == ShardStatus.RUNNING,
@@ -290,7 +301,8 @@ def give_back_shard(session: Session, claim: ShardClaim, me: str) -> bool:
 
 
 def beat_shard(session: Session, job_id: str, shard_id: str, me: str) -> None:
-    """Heartbeat of a running shard, which is also its job's (a sharded job has no single holder)."""
+    """Heartbeat of a running shard, which is also its job's
+    (a sharded job has no single holder)."""
     now = utcnow()
     session.execute(
         update(JobShard)
@@ -316,20 +328,23 @@ def record_shard_progress(session: Session, job_id: str, shard_id: str, me: str,
 
 
 def shard_held(session: Session, job_id: str, shard_id: str, me: str) -> bool:
-    """Whether `me` still holds the shard (recovery may have given it to another worker after `me` went silent)."""
+    """Whether `me` still holds the shard (recovery may have given it to another worker after `me`
+    went silent)."""
     query = select(JobShard.shard_id).where(JobShard.job_id == job_id, JobShard.shard_id == shard_id,
                                             JobShard.status == ShardStatus.RUNNING, JobShard.worker == me)
     return session.scalar(query) is not None
 
 
 def job_stop_requested(session: Session, job_id: str) -> bool:
-    """True when the shard's job was cancelled, has ended (another shard failed it) or no longer exists."""
+    """True when the shard's job was cancelled,
+    has ended (another shard failed it) or no longer exists."""
     row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
     return row is None or row.status != JobStatus.RUNNING or bool(row.cancel_requested)
 
 
 def shard_should_stop(session: Session, job_id: str, shard_id: str, me: str) -> bool:
-    """The job stopped (cancelled, or ended by another shard), or the shard is another worker's now."""
+    """The job stopped (cancelled, or ended by another shard),
+    or the shard is another worker's now."""
     return job_stop_requested(session, job_id) or not shard_held(session, job_id, shard_id, me)
 
 
@@ -349,12 +364,13 @@ def running_shards(session: Session, job_id: str) -> int:
 
 
 def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> list[tuple[str, str, str]]:
-    """Mark the tenant's ready shards `dispatched` and return their (job id, shard id, queue), oldest job first.
+    """Mark the tenant's ready shards `dispatched` and return their (job id, shard id, queue),
+    oldest job first.
 
-    A job gets at most `max_workers` (its spec) shards running or dispatched; the tenant at most `tenant_cap`
-    across its jobs (0: no cap). A shard is ready when every shard it depends on is `done`. The caller
-    publishes one `fd2.run_shard` message per pair after committing, and puts a shard whose message could not
-    be published back with `undo_dispatch`.
+    A job gets at most `max_workers` (its spec) shards running or dispatched; the tenant at most
+    `tenant_cap` across its jobs (0: no cap). A shard is ready when every shard it depends on is
+    `done`. The caller publishes one `fd2.run_shard` message per pair after committing, and puts a
+    shard whose message could not be published back with `undo_dispatch`.
     """
     session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
                     .execution_options(synchronize_session=False))  # serialises dispatch per tenant
@@ -397,7 +413,8 @@ def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> li
                 picked.append((job.id, row.shard_id, job.queue))
                 free -= 1
                 tenant_active += 1
-    for job_id in sorted({job_id for job_id, _, _ in picked}):  # one lock order for job rows everywhere
+    # one lock order for job rows everywhere
+    for job_id in sorted({job_id for job_id, _, _ in picked}):
         refresh_summary(session, job_id)
     return picked
 
@@ -420,10 +437,11 @@ def tenants_with_sharded_jobs(session: Session) -> list[str]:
 
 
 def dispatched_shards(session: Session, older_than_s: float = 0.0) -> list[tuple[str, str, str]]:
-    """(job id, shard id, queue) of the dispatched shards of running jobs whose message went out at least
-    `older_than_s` ago (0: all of them), oldest job first: re-sent when the broker may have lost their messages
-    (restarted empty, or a worker killed between the commit and the publish). Their `dispatched_at` is reset,
-    so a shard is re-sent at most once per `older_than_s`; a duplicate is skipped by the claim."""
+    """(job id, shard id, queue) of the dispatched shards of running jobs whose message went out at
+    least `older_than_s` ago (0: all of them), oldest job first: re-sent when the broker may have
+    lost their messages (restarted empty, or a worker killed between the commit and the publish).
+    Their `dispatched_at` is reset, so a shard is re-sent at most once per `older_than_s`; a
+    duplicate is skipped by the claim."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     query = (
         select(JobShard.job_id, JobShard.shard_id, Job.queue)
@@ -444,9 +462,9 @@ def dispatched_shards(session: Session, older_than_s: float = 0.0) -> list[tuple
 class Reconciled:
     """What `reconcile_sharded_jobs` did to one job, and the job's status after it.
 
-    Actions: `job_failed` or `job_cancelled` (the job ended now: its folder and callback are the caller's),
-    `package_again` (the package shard is queued again) or `closed` (the open shards of an ended job were
-    cancelled; its folder is the caller's to remove).
+    Actions: `job_failed` or `job_cancelled` (the job ended now: its folder and callback are the
+    caller's), `package_again` (the package shard is queued again) or `closed` (the open shards of
+    an ended job were cancelled; its folder is the caller's to remove).
     """
 
     job_id: str
@@ -464,8 +482,9 @@ def reconcile_sharded_jobs(session: Session, grace_s: float) -> list[Reconciled]
 
     - a running job with a failed shard and no shard running ends `failed` with that shard's error;
     - a running job asked to cancel with no shard running ends `cancelled`;
-    - a running job whose shards are all done, the package shard for over `grace_s` (it ended but the job was
-      not recorded), gets its package shard queued again: run again, it finds the artifacts and records the job;
+    - a running job whose shards are all done, the package shard for over `grace_s` (it ended but
+      the job was not recorded), gets its package shard queued again: run again, it finds the
+      artifacts and records the job;
     - an ended job's shards that never ran are `cancelled`.
     """
     open_shards = select(JobShard.job_id).where(JobShard.job_id == Job.id,
@@ -521,8 +540,9 @@ def requeue_orphan_shards(
     session: Session, stale_after_s: float, *, running_here: Collection[str] = (), judge_heartbeats: bool = True
 ) -> list[tuple[str, str]]:
     """Running shards whose holder died (on this host) or, with `judge_heartbeats`, went silent for
-    `stale_after_s` go back to `queued` for the next dispatch; a shard of a job that stopped is `cancelled`.
-    `running_here` holds the `shard_key`s this process runs. Returns the (job id, shard id) pairs requeued."""
+    `stale_after_s` go back to `queued` for the next dispatch; a shard of a job that stopped is
+    `cancelled`. `running_here` holds the `shard_key`s this process runs. Returns the (job id, shard
+    id) pairs requeued."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     rows = session.execute(
         select(JobShard.job_id, JobShard.shard_id, JobShard.stage, JobShard.worker, JobShard.heartbeat_at,

@@ -1,4 +1,5 @@
-"""Job events as a live server-sent-events stream: the JSON list's events, resumable, ending with the job."""
+"""Job events as a live server-sent-events stream:
+the JSON list's events, resumable, ending with the job."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 import pytest
-from api_helpers import new_tenant, running_client, settings, tenant_id  # noqa: F401  (settings is a fixture)
+
+# settings is a fixture
+from api_helpers import new_tenant, running_client, settings, tenant_id  # noqa: F401
 from fastapi.testclient import TestClient
 from service_harness import embedded_settings, free_port, service_env, start_child, wait_until
 
@@ -22,7 +25,8 @@ from store.job_states import finish_job, mark_running
 from store.jobs import add_event, create_job, delete_finished_job
 
 SSE = {"Accept": "text/event-stream"}
-pytestmark = pytest.mark.timeout(120)  # a stream that never ends fails the test instead of hanging the run
+# a stream that never ends fails the test instead of hanging the run
+pytestmark = pytest.mark.timeout(120)
 
 
 @dataclass
@@ -59,7 +63,8 @@ def messages(lines: Iterator[str]) -> Iterator[Message]:
 
 
 def events_until_end(client: TestClient, path: str, headers: dict[str, str]) -> list[Message]:
-    """Every event of a stream, heartbeats left out, up to and including `end` (which must close it)."""
+    """Every event of a stream, heartbeats left out, up to and including `end`
+    (which must close it)."""
     received: list[Message] = []
     with client.stream("GET", path, headers={**headers, **SSE}) as response:
         assert response.status_code == 200, response.read()
@@ -143,7 +148,8 @@ def test_a_running_job_streams_new_events_live_and_ends_with_it(client, stream_s
         for message in messages(response.iter_lines()):
             if message.comment is not None:
                 heartbeats += 1
-                if heartbeats == 1:  # the job is idle: heartbeats keep the stream open; now it moves on
+                # the job is idle: heartbeats keep the stream open; now it moves on
+                if heartbeats == 1:
                     with session_scope(stream_settings) as session:
                         add_event(session, job_id, "stage_start", "distill", stage="distill", progress=0.5)
                 continue
@@ -207,8 +213,8 @@ def test_a_stream_whose_job_is_deleted_meanwhile_ends_with_status_deleted(stream
 
 @pytest.mark.service
 def test_the_stream_over_real_http_from_uvicorn(tmp_path) -> None:
-    """The same stream from a real `uvicorn api.main:app` process over a socket: chunks arrive as written,
-    heartbeats flow while the job is idle, and a reconnect with Last-Event-ID resumes."""
+    """The same stream from a real `uvicorn api.main:app` process over a socket: chunks arrive as
+    written, heartbeats flow while the job is idle, and a reconnect with Last-Event-ID resumes."""
     port = free_port()
     env = service_env({"FD2_HOME": str(tmp_path), "FD2_EVENT_STREAM_POLL_S": "0.05",
                        "FD2_EVENT_STREAM_PING_S": "0.1"})

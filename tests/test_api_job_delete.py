@@ -1,5 +1,5 @@
-"""DELETE /v1/jobs/{id}: a finished job goes whole (row, events, artifacts, work folder), an active one answers
-409, someone else's 404; what it kept leaves the tenant's storage quota."""
+"""DELETE /v1/jobs/{id}: a finished job goes whole (row, events, artifacts, work folder), an active
+one answers 409, someone else's 404; what it kept leaves the tenant's storage quota."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from worker.storage_sweep import LEFTOVER_GRACE, remove_leftover_folders
 
 def job_with_artifacts(settings: Settings, headers: dict[str, str], *, status: str | None = "succeeded",  # noqa: F811
                        size: int = 1000) -> str:
-    """A job whose `report.json` of `size` bytes lies in its work folder, as the worker leaves it."""
+    """A job whose `report.json` of `size` bytes lies in its work folder,
+    as the worker leaves it."""
     with session_scope(settings) as session:
         job = create_job(session, tenant_id=tenant_id(settings, headers), spec={"ipc": 1}, queue=GPU_QUEUE)
         if status is None:
@@ -111,14 +112,16 @@ def test_a_crash_between_rows_and_files_leaves_only_a_folder_the_sweep_removes(
 ) -> None:
     headers = new_tenant(settings)
     job_id = job_with_artifacts(settings, headers)
-    with session_scope(settings) as session:  # the delete's transaction commits; the process dies before the files
+    # the delete's transaction commits; the process dies before the files
+    with session_scope(settings) as session:
         assert delete_finished_job(session, tenant_id(settings, headers), job_id) is not None
     workdir = job_workdir(settings, job_id)
     assert workdir.is_dir()
     assert client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
     assert client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
     kept = job_with_artifacts(settings, headers)
-    assert workdir not in remove_leftover_folders(settings, utcnow())  # too young: may be a submission in flight
+    # too young: may be a submission in flight
+    assert workdir not in remove_leftover_folders(settings, utcnow())
     assert workdir.is_dir()
     removed = remove_leftover_folders(settings, utcnow() + LEFTOVER_GRACE + timedelta(minutes=1))
     assert workdir in removed and not workdir.exists()

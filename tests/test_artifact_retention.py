@@ -1,5 +1,6 @@
-"""Artifact retention: the storage sweep, called with its clock, removes old finished jobs' files and keeps the
-jobs marked `artifacts_expired`; their downloads answer 410 and their bytes leave the quota."""
+"""Artifact retention: the storage sweep, called with its clock, removes old finished jobs' files
+and keeps the jobs marked `artifacts_expired`;
+their downloads answer 410 and their bytes leave the quota."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from api_helpers import new_tenant, running_client, settings, tenant_id  # noqa: F401  (settings is a fixture)
+
+# settings is a fixture
+from api_helpers import new_tenant, running_client, settings, tenant_id  # noqa: F401
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
@@ -41,7 +44,8 @@ def client(kept_settings: Settings) -> Iterator[TestClient]:
 
 def finished_job(settings: Settings, headers: dict[str, str], finished_at: datetime | None,  # noqa: F811
                  size: int = 500) -> str:
-    """A job with `report.json` in its work folder, finished at `finished_at` (None: still running)."""
+    """A job with `report.json` in its work folder, finished at `finished_at`
+    (None: still running)."""
     with session_scope(settings) as session:
         job = create_job(session, tenant_id=tenant_id(settings, headers), spec={"ipc": 1}, queue=GPU_QUEUE)
         mark_running(session, job.id, "w")
@@ -69,7 +73,8 @@ def test_the_sweep_expires_old_artifacts_and_keeps_the_job(client: TestClient, k
 
     job = client.get(f"/v1/jobs/{old}", headers=headers).json()
     assert job["status"] == "succeeded" and job["artifacts_expired"] is True
-    assert [a["name"] for a in job["artifacts"]] == ["report.json"]  # kept as a record of what was made
+    # kept as a record of what was made
+    assert [a["name"] for a in job["artifacts"]] == ["report.json"]
     gone = client.get(f"/v1/jobs/{old}/artifacts/report.json", headers=headers)
     assert gone.status_code == 410
     assert gone.json()["error"]["code"] == "artifacts_expired" and gone.json()["error"]["details"]["expired_at"]

@@ -1,4 +1,5 @@
-"""Claiming, releasing and recovering jobs against a real (SQLite) database and the embedded broker."""
+"""Claiming, releasing and recovering jobs against a real (SQLite) database and the embedded
+broker."""
 
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ def test_release_only_affects_the_named_holder(settings):
 
 
 def broker_messages(settings, queue: str) -> list[str]:
-    """Job ids of the `fd2.run_job` messages waiting in the embedded broker's queue (consumed here)."""
+    """Job ids of the `fd2.run_job` messages waiting in the embedded broker's queue
+    (consumed here)."""
     app = create_app(settings)
     ids = []
     with Connection(app.conf.broker_url, transport_options=app.conf.broker_transport_options) as conn:
@@ -204,7 +206,8 @@ def test_recovery_sends_each_job_to_its_queue_through_the_broker(settings):
     waiting = seed_job(settings, SPEC, queue="fd2.gpu")
     set_running(settings, dead_here, here(dead_pid()))
     app = create_app(settings)
-    sent = recover_once(app, settings, at_start=True)  # embedded broker: queued jobs are re-sent too
+    # embedded broker: queued jobs are re-sent too
+    sent = recover_once(app, settings, at_start=True)
     assert sorted(sent) == sorted([dead_here, waiting])
     assert broker_messages(settings, "fd2.cpu") == [dead_here]
     assert broker_messages(settings, "fd2.gpu") == [waiting]
@@ -267,7 +270,8 @@ def test_a_final_event_has_a_kind_of_its_own_with_the_statuss_spelling(settings)
     job_id = seed_job(settings, SPEC)
     with session_scope(settings) as session:
         assert end_job(session, job_id, JobStatus.FAILED, error={"code": "x", "message": "boom"}) is not None
-        assert end_job(session, job_id, JobStatus.CANCELLED) is None  # already final: no second event
+        # already final: no second event
+        assert end_job(session, job_id, JobStatus.CANCELLED) is None
     with session_scope(settings) as session:
         events = [(e.kind, e.message, e.data) for e in list_events(session, job_id)]
     assert events[-1] == (EventKind.JOB_FAILED, "job failed: boom", {"error": {"code": "x", "message": "boom"}})

@@ -1,6 +1,7 @@
-"""The shard rows of a job spread over several workers (store.shards) on real SQLite and PostgreSQL: the plan, the
-dispatch within `max_workers` and the per-tenant cap, claims that run a shard once, recovery of a dead worker's
-shard, cancel, the job's progress from its shards, and fair share between two tenants' jobs on a FIFO queue."""
+"""The shard rows of a job spread over several workers (store.shards) on real SQLite and PostgreSQL:
+the plan, the dispatch within `max_workers` and the per-tenant cap, claims that run a shard once,
+recovery of a dead worker's shard, cancel, the job's progress from its shards, and fair share
+between two tenants' jobs on a FIFO queue."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from store.shards import (
 
 ME = worker_identity()
 STALE_S = 60.0
-# pretrain → two distill blocks → merge → package: the shape of a real plan (fd2_core.shards.plan_shards).
+# pretrain → two distill blocks → merge → package: the shape of a real plan
+# (fd2_core.shards.plan_shards).
 PLAN = [
     PlannedShard("pretrain:m0", "pretrain", (), 0.2),
     PlannedShard("distill:c00000", "distill", ("pretrain:m0",), 0.3),
@@ -96,7 +98,8 @@ def unique(prefix: str) -> str:
 
 
 def orphans(session, job_id: str, **options) -> list[str]:
-    """The shards of `job_id` a recovery pass requeues now (other tests' jobs share the database)."""
+    """The shards of `job_id` a recovery pass requeues now
+    (other tests' jobs share the database)."""
     return [shard for job, shard in requeue_orphan_shards(session, STALE_S, **options) if job == job_id]
 
 
@@ -107,7 +110,7 @@ def dead_holder() -> str:
     return f"{socket.gethostname()}:{process.pid}"
 
 
-# ---------------------------------------------------------------- plan, dispatch, claim
+# --------------------------------------------------------- plan, dispatch, claim
 
 
 def test_a_plan_is_recorded_once_and_the_job_has_no_single_holder(db: Settings) -> None:
@@ -167,7 +170,7 @@ def test_a_failed_publish_puts_the_shard_back(db: Settings) -> None:
     assert dispatch(db, tenant_id) == ["pretrain:m0"]
 
 
-# ---------------------------------------------------------------- workers that die, cancel, progress
+# --------------------------------------------------------- workers that die, cancel, progress
 
 
 def test_a_dead_workers_shard_is_requeued_and_taken_over(db: Settings) -> None:
@@ -202,7 +205,8 @@ def test_a_silent_shard_is_requeued_after_the_stale_time(db: Settings) -> None:
 def test_a_sharded_job_is_not_judged_as_one_job(db: Settings) -> None:
     job_id, _ = started_job(db, unique("whole"))
     with session_scope(db) as session:
-        assert claim_job(session, job_id, ME, STALE_S) is None  # its shards run it, not a run_job message
+        # its shards run it, not a run_job message
+        assert claim_job(session, job_id, ME, STALE_S) is None
         assert job_id not in requeue_stale_jobs(session, 0.0)
         assert get_job(session, job_id).status == "running"
 
@@ -253,14 +257,14 @@ def test_the_jobs_progress_comes_from_its_shards(db: Settings) -> None:
     assert job.shards["running"] == 1 and job.shards["done"] == 1
 
 
-# ---------------------------------------------------------------- fair share
+# --------------------------------------------------------- fair share
 
 
 def simulate(db: Settings, tenants: dict[str, str], *, cap: int, wide_workers: int, workers: int = 2) -> list[str]:
     """Run queued work on `workers` simulated workers taking messages from a FIFO queue, as Celery's
-    prefetch-1 workers do; returns the order in which `<tenant>/<shard>` started. Tenant `wide` has a job of
-    eight independent shards (max_workers `wide_workers`); tenant `small`'s job of two shards arrives once `wide`
-    started."""
+    prefetch-1 workers do; returns the order in which `<tenant>/<shard>` started. Tenant `wide` has
+    a job of eight independent shards (max_workers `wide_workers`); tenant `small`'s job of two
+    shards arrives once `wide` started."""
     wide = [PlannedShard(f"distill:c{i:05d}", "distill", (), 1 / 8) for i in range(8)]
     small = [PlannedShard(f"distill:c{i:05d}", "distill", (), 1 / 2) for i in range(2)]
     queue: deque[tuple[str, str, str]] = deque()
@@ -293,10 +297,11 @@ def simulate(db: Settings, tenants: dict[str, str], *, cap: int, wide_workers: i
 
 @pytest.mark.parametrize(("wide_workers", "cap", "small_starts_by"), [(2, 0, 4), (8, 2, 4), (8, 0, 8)])
 def test_fair_share_between_two_tenants(db: Settings, wide_workers: int, cap: int, small_starts_by: int) -> None:
-    """A job's shards reach the queue only as fast as it may run them (max_workers), each behind what is queued
-    already: the small job's first shard starts two rounds after its arrival although the wide job has five
-    shards left. A wide job with a high max_workers fills the queue ahead of it (third case) unless the tenant
-    cap (`max_shards_per_tenant`) bounds what one tenant may have running or waiting (second case)."""
+    """A job's shards reach the queue only as fast as it may run them (max_workers), each behind
+    what is queued already: the small job's first shard starts two rounds after its arrival although
+    the wide job has five shards left. A wide job with a high max_workers fills the queue ahead of
+    it (third case) unless the tenant cap (`max_shards_per_tenant`) bounds what one tenant may have
+    running or waiting (second case)."""
     tenants = {"wide": unique(f"wide{wide_workers}-{cap}"), "small": unique(f"small{wide_workers}-{cap}")}
     order = simulate(db, tenants, cap=cap, wide_workers=wide_workers)
     assert sorted(order) == sorted([f"wide/distill:c{i:05d}" for i in range(8)] +
@@ -310,7 +315,7 @@ def test_fair_share_between_two_tenants(db: Settings, wide_workers: int, cap: in
         assert first_small == 8  # without a cap, max_workers 8 queues the whole wide job first
 
 
-# ---------------------------------------------------------------- a worker that stopped between two writes
+# --------------------------------------------------------- a worker that stopped between two writes
 
 
 def reconcile(db: Settings, job_id: str, grace_s: float = 0.0) -> list[str]:
@@ -347,7 +352,8 @@ def test_a_job_whose_package_shard_ended_unrecorded_packages_again(db: Settings)
     job_id, tenant_id = started_job(db, unique("package"))
     run_all(db, job_id, tenant_id)
     assert set(statuses(db, job_id).values()) == {"done"}
-    assert reconcile(db, job_id, grace_s=3600) == []  # its worker may be recording the job right now
+    # its worker may be recording the job right now
+    assert reconcile(db, job_id, grace_s=3600) == []
     assert reconcile(db, job_id) == ["package_again"]
     assert dispatch(db, tenant_id) == ["package"]
 
@@ -371,10 +377,12 @@ def test_a_shard_given_to_another_worker_is_no_longer_held(db: Settings) -> None
         assert shard_held(session, job_id, "pretrain:m0", "elsewhere:1")
         session.execute(update(JobShard).where(JobShard.job_id == job_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=2 * STALE_S)))
-    assert claim(db, job_id, "pretrain:m0", me="elsewhere:2") is not None  # a stale holder is taken over
+    # a stale holder is taken over
+    assert claim(db, job_id, "pretrain:m0", me="elsewhere:2") is not None
     with session_scope(db) as session:
         assert not shard_held(session, job_id, "pretrain:m0", "elsewhere:1")
-    assert not finish(db, job_id, "pretrain:m0", me="elsewhere:1")  # the old run's end is not recorded
+    # the old run's end is not recorded
+    assert not finish(db, job_id, "pretrain:m0", me="elsewhere:1")
 
 
 def test_a_dispatched_message_not_taken_is_sent_again_once_per_period(db: Settings) -> None:

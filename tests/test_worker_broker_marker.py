@@ -1,7 +1,9 @@
-"""Recovery with a Redis broker that restarts empty: queued jobs are sent again, live jobs are left alone.
+"""Recovery with a Redis broker that restarts empty:
+queued jobs are sent again, live jobs are left alone.
 
-A private `redis-server` (no persistence; `tests/private_servers.py`) is killed and started again; the job
-rows live in SQLite. The messages are read straight from the Redis lists the worker consumes.
+A private `redis-server` (no persistence; `tests/private_servers.py`) is killed and started again;
+the job rows live in SQLite.
+The messages are read straight from the Redis lists the worker consumes.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def test_queued_jobs_are_sent_again_exactly_when_redis_lost_its_data(settings, r
         finish_job(session, done, "succeeded", metrics={})
     loop = RecoveryLoop(create_app(settings), settings, interval_s=60)
 
-    assert sorted(loop.run_once(at_start=True)) == sorted([gpu_job, cpu_job])  # a new Redis: no marker yet
+    # a new Redis: no marker yet
+    assert sorted(loop.run_once(at_start=True)) == sorted([gpu_job, cpu_job])
     assert queued_messages(redis_server.url, "fd2.gpu") == [gpu_job]
     assert queued_messages(redis_server.url, "fd2.cpu") == [cpu_job]
     assert redis.Redis.from_url(redis_server.url).exists(MARKER_KEY)
@@ -69,7 +72,8 @@ def test_queued_jobs_are_sent_again_exactly_when_redis_lost_its_data(settings, r
     assert queued_messages(redis_server.url, "fd2.gpu") == [gpu_job]
 
     redis_server.kill()
-    assert loop.run_pass(at_start=False) is False  # unreachable: the pass fails and is retried later
+    # unreachable: the pass fails and is retried later
+    assert loop.run_pass(at_start=False) is False
     redis_server.start()  # empty
     assert queued_messages(redis_server.url, "fd2.gpu") == []
     assert sorted(loop.run_once(at_start=False)) == sorted([gpu_job, cpu_job])
@@ -93,7 +97,8 @@ def test_after_an_outage_heartbeats_are_not_judged_until_workers_could_beat_agai
     assert loop.run_pass(at_start=True) is False
     redis_server.start()
     assert loop.run_pass(at_start=True) is True
-    assert status(settings, silent) == "running"  # its worker may have been cut off by the same outage
+    # its worker may have been cut off by the same outage
+    assert status(settings, silent) == "running"
 
     untroubled = RecoveryLoop(app, settings, interval_s=60)  # saw no outage: judges the heartbeat
     assert untroubled.run_once(at_start=False) == [silent]

@@ -19,7 +19,8 @@ from worker.callbacks import (
 
 
 class Receiver:
-    """A real HTTP server answering with the queued status codes (then 200) and keeping the bodies."""
+    """A real HTTP server answering with the queued status codes (then 200) and keeping the
+    bodies."""
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = list(statuses)
@@ -175,7 +176,8 @@ def test_a_host_off_the_allow_list_is_recorded_and_not_contacted(settings, recei
 
 
 def test_the_callback_body_matches_the_api_job_resource(settings):
-    """The callback body (built in `store`, which the worker can import) must say what GET /v1/jobs/{id} says."""
+    """The callback body (built in `store`, which the worker can import) must say what GET
+    /v1/jobs/{id} says."""
     from pydantic import TypeAdapter
 
     from api.schemas import JobOut

@@ -1,4 +1,5 @@
-"""The worker's one outcome table, its job recorder and `transact`, against a real (SQLite) database."""
+"""The worker's one outcome table, its job recorder and `transact`,
+against a real (SQLite) database."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def settings(tmp_path: Path) -> Iterator:
 
 
 class OutOfMemoryError(RuntimeError):
-    """Named like torch's, which the table recognises by name (the worker's parent never imports torch)."""
+    """Named like torch's, which the table recognises by name
+    (the worker's parent never imports torch)."""
 
 
 def invalid_spec() -> ValidationError:

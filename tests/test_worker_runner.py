@@ -1,4 +1,5 @@
-"""A job id through the real pipeline on a tiny spec: outcomes, artifacts, cancel, shutdown, limits."""
+"""A job id through the real pipeline on a tiny spec:
+outcomes, artifacts, cancel, shutdown, limits."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """POST a finished job's resource to the client's `callback_url`, in the background, with retries.
 
-Only hosts on the operator's allow-list are contacted: the worker sits inside the operator's network, so an
-arbitrary URL would let any tenant probe it. `post_job_resource` makes one attempt and says whether another
-may help. `start_callback` delivers on a daemon thread of the worker process, so a slow or failing receiver
-never keeps a GPU idle. It retries with backoff and records the outcome as a `callback` event on the job.
-Callbacks still pending when the worker process exits are not retried (the job resource remains available
-by polling).
+Only hosts on the operator's allow-list are contacted: the worker sits inside the operator's
+network, so an arbitrary URL would let any tenant probe it. `post_job_resource` makes one attempt
+and says whether another may help. `start_callback` delivers on a daemon thread of the worker
+process, so a slow or failing receiver never keeps a GPU idle. It retries with backoff and records
+the outcome as a `callback` event on the job. Callbacks still pending when the worker process exits
+are not retried (the job resource remains available by polling).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ class CallbackFailed(Exception):
 
 
 def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
-    """True when the URL's host is listed: `host`, `host:port`, or `.domain` for any subdomain of it.
+    """True when the URL's host is listed:
+    `host`, `host:port`, or `.domain` for any subdomain of it.
 
-    The very rule the API applied at submission, checked again here before the worker connects anywhere.
+    The very rule the API applied at submission,
+    checked again here before the worker connects anywhere.
     """
     return callback_host_allowed(url, allowed_hosts)
 
@@ -79,7 +81,8 @@ def deliver_callback(
     base_delay_s: float = 1.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> bool:
-    """POST the job resource to the job's `callback_url`, retrying transient failures; True when delivered."""
+    """POST the job resource to the job's `callback_url`, retrying transient failures;
+    True when delivered."""
     with session_scope(settings) as session:
         job = get_job(session, job_id)
         if job is None or not job.callback_url:

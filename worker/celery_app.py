@@ -2,30 +2,33 @@
 
 The app: the shared rules of `fd2_config.celery_config` plus the worker-only ones:
 - concurrency 1 per GPU worker (with the shared prefetch of one message: one job at a time);
-- explicit soft/hard time limits (`WorkerLimits`); the soft one is also enforced cooperatively, so the solo
-  pool, where Celery cannot interrupt a task, honours it;
+- explicit soft/hard time limits (`WorkerLimits`); the soft one is also enforced cooperatively, so
+  the solo pool, where Celery cannot interrupt a task, honours it;
 - a long job keeps running through a broker blip; the job claim skips a duplicate delivery.
 
-Timings (`worker_limits`): at the soft limit the job is stopped cooperatively (checked on every `should_stop`
-poll) and fails with code `time_limit`; the prefork pool also raises `SoftTimeLimitExceeded` then. At the hard
-limit a prefork child still running is killed, and the message is handled as a lost worker. The heartbeat
-runs often enough that a job is only considered abandoned after several missed beats.
+Timings (`worker_limits`): at the soft limit the job is stopped cooperatively (checked on every
+`should_stop` poll) and fails with code `time_limit`; the prefork pool also raises
+`SoftTimeLimitExceeded` then. At the hard limit a prefork child still running is killed, and the
+message is handled as a lost worker. The heartbeat runs often enough that a job is only considered
+abandoned after several missed beats.
 
-State (`WorkerState`): what a worker process keeps while it runs, in one object built when the worker starts
-(Celery's `worker_init`), never at import. With the solo pool that process receives the shutdown signal and
-also runs the jobs. The task reads the state from its app (`WorkerApp.worker_state`). Tests build their own,
-so no two runs share a set of held jobs or a shutdown flag.
+State (`WorkerState`): what a worker process keeps while it runs, in one object built when the
+worker starts (Celery's `worker_init`), never at import. With the solo pool that process receives
+the shutdown signal and also runs the jobs. The task reads the state from its app
+(`WorkerApp.worker_state`).
+Tests build their own, so no two runs share a set of held jobs or a shutdown flag.
 
-Lifecycle: when the worker is ready, recovery and the storage sweep start. On a warm shutdown (SIGTERM,
-SIGINT) the running job is asked to stop through `should_stop`. It saves what it has finished, goes back to
-`queued`, and its message is requeued, so stopping a worker costs seconds of work, not the job. With the solo
-pool the task runs in the process that receives the signal, which is why `fd2 worker` uses it by default. A
-prefork pool (`--concurrency` > 1) waits for its running jobs on a warm shutdown. A cold one (SIGQUIT) kills
-them; their messages are requeued (`task_reject_on_worker_lost`), and the next claim takes over because the
-holder process is gone.
+Lifecycle: when the worker is ready, recovery and the storage sweep start. On a warm shutdown
+(SIGTERM, SIGINT) the running job is asked to stop through `should_stop`. It saves what it has
+finished, goes back to `queued`, and its message is requeued, so stopping a worker costs seconds of
+work, not the job. With the solo pool the task runs in the process that receives the signal, which
+is why `fd2 worker` uses it by default. A prefork pool (`--concurrency` > 1) waits for its running
+jobs on a warm shutdown. A cold one (SIGQUIT) kills them; their messages are requeued
+(`task_reject_on_worker_lost`), and the next claim takes over because the holder process is gone.
 
-Importing this module never imports torch: the pipeline is imported when a task runs, so the prefork pool
-forks a process that has not initialised CUDA. Nor does it create folders: the worker does at start.
+Importing this module never imports torch: the pipeline is imported when a task runs, so the prefork
+pool forks a process that has not initialised CUDA.
+Nor does it create folders: the worker does at start.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class WorkerState:
-    """Settings and timings of this worker, the jobs it runs now, its shutdown flag and its periodic loops."""
+    """Settings and timings of this worker, the jobs it runs now,
+    its shutdown flag and its periodic loops."""
 
     settings: Settings
     limits: WorkerLimits
@@ -92,7 +96,8 @@ class WorkerState:
 
     @classmethod
     def create(cls, settings: Settings | None = None) -> WorkerState:
-        """The state of a worker using `settings` (default: the process settings), with no job running."""
+        """The state of a worker using `settings` (default: the process settings),
+        with no job running."""
         settings = settings or get_settings()
         return cls(settings, worker_limits(settings))
 
@@ -107,8 +112,8 @@ def connect_signals() -> None:
 
 
 def shutdown_message(how: str | None, sig: str | None, running_here: Collection[str]) -> str:
-    """The shutdown log line; it speaks of stopping a job only when this process runs one, so an idle
-    worker's log does not suggest that work was interrupted."""
+    """The shutdown log line; it speaks of stopping a job only when this process runs one, so an
+    idle worker's log does not suggest that work was interrupted."""
     start = f"worker {how or 'warm'} shutdown ({sig or 'no signal'})"
     jobs = sorted(running_here)
     if not jobs:
@@ -119,7 +124,8 @@ def shutdown_message(how: str | None, sig: str | None, running_here: Collection[
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """The worker starts: create its folders and its one state object, and hear its shutdown signal."""
+    """The worker starts:
+    create its folders and its one state object, and hear its shutdown signal."""
 
     app = getattr(sender, "app", None)
     if not isinstance(app, WorkerApp):
@@ -152,18 +158,19 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 
 class WorkerApp(Celery):
-    """The Celery app with the settings it was built from and, once a worker started on it, that worker's state.
+    """The Celery app with the settings it was built from and, once a worker started on it,
+    that worker's state.
 
-    Celery's own constructor is kept (an app unpickled in a spawned pool process is rebuilt through it); the
-    two attributes are set by `create_app` and `_on_worker_init`.
+    Celery's own constructor is kept (an app unpickled in a spawned pool process is rebuilt through
+    it); the two attributes are set by `create_app` and `_on_worker_init`.
     """
 
     fd2_settings: Settings | None = None
     fd2_state: WorkerState | None = None
 
     def worker_state(self) -> WorkerState:
-        """The state built at worker start; built here on first use where no `worker_init` ran in this
-        process (a pool process started by spawn)."""
+        """The state built at worker start; built here on first use where no `worker_init` ran in
+        this process (a pool process started by spawn)."""
         if self.fd2_state is None:
             self.fd2_state = WorkerState.create(self.fd2_settings)
         return self.fd2_state

@@ -1,14 +1,14 @@
 """Run one job on this worker: claim it, run the pipeline in its working folder, record the outcome.
 
-No database session is held while the pipeline runs. Every write (claim, progress, heartbeat, cancel poll,
-final state) is its own short transaction (`worker.outages.transact`), so a long job never pins a connection
-or a SQLite write lock. Writes that record the job are retried through a database outage. The heartbeat and
-the cancel poll are not: they run again seconds later anyway.
+No database session is held while the pipeline runs. Every write (claim, progress, heartbeat, cancel
+poll, final state) is its own short transaction (`worker.outages.transact`), so a long job never
+pins a connection or a SQLite write lock. Writes that record the job are retried through a database
+outage. The heartbeat and the cancel poll are not: they run again seconds later anyway.
 
-The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints. So running the same job
-again after a crash, a redelivery or a worker shutdown resumes where it stopped. A job whose spec asks for
-several workers is not run here but planned into shards (`worker.shard_runner`); the task entry
-(`worker.tasks`) chooses.
+The working folder `<FD2_HOME>/jobs/<job id>/` keeps the pipeline's checkpoints. So running the same
+job again after a crash, a redelivery or a worker shutdown resumes where it stopped. A job whose
+spec asks for several workers is not run here but planned into shards (`worker.shard_runner`); the
+task entry (`worker.tasks`) chooses.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class JobReleased(Exception):
-    """The worker is shutting down: the job went back to `queued` and its message must be requeued."""
+    """The worker is shutting down:
+    the job went back to `queued` and its message must be requeued."""
 
 
 @dataclass
@@ -69,7 +70,8 @@ class JobRunner:
         self.recorder = JobRecorder(self.settings, me, discard_stopped=True)
 
     def run(self, job_id: str) -> str:
-        """Run the job to a final state; returns that state, or `skipped` when there was nothing to do.
+        """Run the job to a final state;
+        returns that state, or `skipped` when there was nothing to do.
 
         Raises JobReleased when the worker shuts down meanwhile.
         """
@@ -90,7 +92,8 @@ class JobRunner:
             self.state.running_here.discard(job_id)
 
     def _run_pipeline(self, job: ClaimedJob, reporter: ProgressReporter, poller: StopPoller) -> str:
-        # Imported here, not at module level: the worker parent process must not load torch (celery_app).
+        # Imported here, not at module level:
+        # the worker parent process must not load torch (celery_app).
         from fd2_core.data.limits import DataLimits
         from fd2_core.pipeline import run
         from fd2_core.spec_resolution import resolve_spec

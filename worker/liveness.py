@@ -1,13 +1,14 @@
 """While a job runs: the heartbeat that shows it is alive, and the poll that tells it to stop.
 
-Heartbeat: a separate thread keeps the job's heartbeat fresh even while the pipeline sits in one long step
-(loading a large archive, a slow epoch), so only a dead process, never a busy one, looks stale to recovery.
+Heartbeat: a separate thread keeps the job's heartbeat fresh even while the pipeline sits in one
+long step (loading a large archive, a slow epoch), so only a dead process, never a busy one, looks
+stale to recovery.
 
-Stop poll: the pipeline calls `should_stop()` often, for a cancel request, a worker shutdown or the time limit.
-The cancel flag lives in the database, so it is read at most once per `poll_interval_s` and cached in between.
-A worker shutdown (SIGTERM) and the job's time budget are checked on every call because they cost nothing.
-The first reason seen sticks, so the task can tell a cancelled job (final) from an interrupted one (to be
-resumed elsewhere).
+Stop poll: the pipeline calls `should_stop()` often, for a cancel request, a worker shutdown or the
+time limit. The cancel flag lives in the database, so it is read at most once per `poll_interval_s`
+and cached in between. A worker shutdown (SIGTERM) and the job's time budget are checked on every
+call because they cost nothing. The first reason seen sticks, so the task can tell a cancelled job
+(final) from an interrupted one (to be resumed elsewhere).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class StopReason(str, Enum):
 
 @dataclass
 class StopPoller:
-    """Callable `should_stop` for the pipeline; `shutdown` is the worker's shutdown flag (`WorkerState`)."""
+    """Callable `should_stop` for the pipeline; `shutdown` is the worker's shutdown flag
+    (`WorkerState`)."""
 
     is_cancel_requested: Callable[[], bool]
     poll_interval_s: float = 1.0

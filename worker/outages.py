@@ -1,14 +1,16 @@
-"""Riding out database and broker outages: retried writes for a running job, one-line logs for the rest.
+"""Riding out database and broker outages:
+retried writes for a running job, one-line logs for the rest.
 
-A job may run for hours; a PostgreSQL restart or failover lasting seconds to minutes must neither fail it nor
-lose what it records. Every write a worker makes for a job (claim, events, progress, artifacts, final state)
-goes through `with_retries`: errors that mean "the database cannot serve us right now"
-(`store.db.database_unavailable`) are retried with exponential backoff and jitter for up to
-`FD2_DATABASE_RETRY_S`; any other error, or a longer outage, is raised. Each attempt is one whole
+A job may run for hours; a PostgreSQL restart or failover lasting seconds to minutes must neither
+fail it nor lose what it records. Every write a worker makes for a job (claim, events, progress,
+artifacts, final state) goes through `with_retries`: errors that mean "the database cannot serve us
+right now" (`store.db.database_unavailable`) are retried with exponential backoff and jitter for up
+to `FD2_DATABASE_RETRY_S`; any other error, or a longer outage, is raised. Each attempt is one whole
 transaction (`session_scope` rolls back a failed one), so a retry never applies half a write.
 
-Work that simply runs again a few seconds later (heartbeat, cancel poll, recovery pass) is not retried; its
-failures during an outage are logged as one line by `log_failure`, not as a traceback every few seconds.
+Work that simply runs again a few seconds later (heartbeat, cancel poll, recovery pass) is not
+retried; its failures during an outage are logged as one line by `log_failure`, not as a traceback
+every few seconds.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ JITTER_S = 0.5  # spread, so workers cut off together do not all retry in step
 
 def retrying(settings: Settings, what: str = "database write", sleep: Callable[[float], None] = time.sleep
              ) -> Retrying:
-    """The worker's retry policy for database writes (see the module docstring); `what` names the write in
-    the log."""
+    """The worker's retry policy for database writes (see the module docstring); `what` names the
+    write in the log."""
 
     def log_retry(state: RetryCallState) -> None:
         assert state.outcome is not None and state.next_action is not None
@@ -62,7 +64,8 @@ def with_retries(settings: Settings, write: Callable[[], T], what: str = "databa
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """`write()` (one whole transaction), retried while the database is unavailable; its result.
 
-    Raises what `write` raised when the error is not an outage or the outage outlasts `database_retry_s`.
+    Raises what `write` raised when the error is not an outage or the outage outlasts
+    `database_retry_s`.
     """
     return retrying(settings, what, sleep)(write)
 
@@ -71,9 +74,9 @@ def transact(settings: Settings, store_fn: Callable[..., T], *args: Any, retry: 
              what: str | None = None, **kwargs: Any) -> T:
     """`store_fn(session, *args, **kwargs)` in one transaction of its own; its result.
 
-    With `retry` (every write that records a job) the transaction is retried through a database outage
-    (`with_retries`); without it (heartbeat, cancel poll: they run again seconds later) it is tried once.
-    `what` names the write in the log (default: the store function's name).
+    With `retry` (every write that records a job) the transaction is retried through a database
+    outage (`with_retries`); without it (heartbeat, cancel poll: they run again seconds later) it is
+    tried once. `what` names the write in the log (default: the store function's name).
     """
     def once() -> T:
         with session_scope(settings) as session:
@@ -96,7 +99,8 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
-    """`what` failed: one line for an outage (it is expected and retried), the traceback for anything else."""
+    """`what` failed: one line for an outage (it is expected and retried), the traceback for
+    anything else."""
     if is_outage(exc):
         logger.warning("%s (%s)", what, _one_line(exc))
     else:

@@ -1,9 +1,9 @@
 """How a run ends and how that end is recorded: the one outcome table and the one job recorder.
 
-Both runners (`worker.job_runner` for a job on one worker, `worker.shard_runner` for a shard of a job spread
-over several) turn whatever their run raised into an `Outcome` through `outcome_of`, and hold a
-`JobRecorder` that claims the job, writes its final state and registers its artifacts. Every write is its
-own short transaction (`worker.outages.transact`), retried through a database outage.
+Both runners (`worker.job_runner` for a job on one worker, `worker.shard_runner` for a shard of a
+job spread over several) turn whatever their run raised into an `Outcome` through `outcome_of`, and
+hold a `JobRecorder` that claims the job, writes its final state and registers its artifacts. Every
+write is its own short transaction (`worker.outages.transact`), retried through a database outage.
 
 The table (`outcome_of`):
 
@@ -12,7 +12,8 @@ The table (`outcome_of`):
 | `SourceRejected`                          | failed, with its code                                |
 | `StopRequested`, cancel requested         | cancelled                                            |
 | `StopRequested`, worker shutting down     | released: back to the queue, resumed elsewhere       |
-| `StopRequested` past the time limit, or `SoftTimeLimitExceeded` | time limit: failed, `time_limit` |
+| `StopRequested` past the time limit       | time limit: failed, `time_limit`                     |
+| `SoftTimeLimitExceeded`                   | time limit: failed, `time_limit`                     |
 | `ShardNotReady`                           | failed, `shard_inputs_missing`                       |
 | `DataError`                               | failed, with its code                                |
 | pydantic `ValidationError` (stored spec)  | failed, `invalid_spec`                               |
@@ -40,7 +41,8 @@ from worker.storage_sweep import discard_workdir, prune_checkpoints
 
 log = logging.getLogger(__name__)
 
-# A job whose runs keep dying (say, the kernel's OOM killer) is failed instead of being retried forever.
+# A job whose runs keep dying (say, the kernel's OOM killer) is failed instead of being retried
+# forever.
 MAX_ATTEMPTS = 5
 MESSAGE_LIMIT = 300
 SKIPPED = "skipped"  # a task's result when there was nothing to do
@@ -55,8 +57,8 @@ class Ending(Enum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a run that raised ends: failed or past its time limit (with `error`), cancelled, or released
-    (the worker shuts down)."""
+    """How a run that raised ends: failed or past its time limit (with `error`), cancelled, or
+    released (the worker shuts down)."""
 
     ending: Ending
     error: dict[str, str] | None = None
@@ -73,9 +75,10 @@ def failure(code: str, message: str) -> Outcome:
 
 def outcome_of(exc: BaseException, *, stop_reason: StopReason | None, settings: Settings,
                soft_time_limit_s: float, where: str) -> Outcome:
-    """The row of the table above that `exc` falls in; `where` ("job …", "job …: shard …") names the run in
-    the log."""
-    # Imported here: they are loaded once a run has started, and the worker's parent process must not load torch.
+    """The row of the table above that `exc` falls in; `where` ("job …", "job …: shard …") names the
+    run in the log."""
+    # Imported here: they are loaded once a run has started,
+    # and the worker's parent process must not load torch.
     from celery.exceptions import SoftTimeLimitExceeded
     from pydantic import ValidationError
 
@@ -102,7 +105,8 @@ def outcome_of(exc: BaseException, *, stop_reason: StopReason | None, settings: 
     if isinstance(exc, ValidationError):  # a stored spec the current schema no longer accepts
         log.warning("%s: stored spec is invalid: %s", where, exc)
         return failure("invalid_spec", validation_message(exc))
-    log.exception("%s failed", where, exc_info=exc)  # the traceback stays here, never in the job resource
+    # the traceback stays here, never in the job resource
+    log.exception("%s failed", where, exc_info=exc)
     return Outcome(Ending.FAILED, unexpected_error(exc, settings))
 
 
@@ -128,9 +132,9 @@ def unexpected_error(exc: BaseException, settings: Settings) -> dict[str, str]:
 class JobRecorder:
     """Claims a job for `me`, writes its end, registers its artifacts, and applies the disk rule.
 
-    The disk rule: after success only the artifacts stay (`prune_checkpoints`). A failed or cancelled job's
-    folder is removed at once with `discard_stopped`; a sharded job's is removed by the last of its shards
-    to stop instead, since the others may still write there.
+    The disk rule: after success only the artifacts stay (`prune_checkpoints`). A failed or
+    cancelled job's folder is removed at once with `discard_stopped`; a sharded job's is removed by
+    the last of its shards to stop instead, since the others may still write there.
     """
 
     settings: Settings
@@ -138,9 +142,9 @@ class JobRecorder:
     discard_stopped: bool = True
 
     def claim(self, job_id: str, stale_after_s: float) -> ClaimedJob | str:
-        """Claim the job and write its `started` event. A string instead is how the run ends at once:
-        `skipped` (finished, cancelled or held by a live worker), or the job's final status when it was
-        interrupted too often or its dataset is gone."""
+        """Claim the job and write its `started` event. A string instead is how the run ends at
+        once: `skipped` (finished, cancelled or held by a live worker), or the job's final status
+        when it was interrupted too often or its dataset is gone."""
         claimed = transact(self.settings, claim_for_run, self.settings, job_id, self.me, stale_after_s,
                            what=f"job {job_id}: claim")
         if claimed is None:
@@ -166,7 +170,8 @@ class JobRecorder:
         return self.finish(job_id, status, error=outcome.error)
 
     def succeed(self, job_id: str, artifacts: dict[str, Any], metrics: dict[str, Any]) -> str:
-        """Register the artifacts, then end the job `succeeded` (`failed` when registering fails)."""
+        """Register the artifacts, then end the job `succeeded`
+        (`failed` when registering fails)."""
         try:
             transact(self.settings, register_artifacts, job_id, artifacts, what=f"job {job_id}: artifacts")
         except Exception as exc:
@@ -178,8 +183,8 @@ class JobRecorder:
                error: dict[str, str] | None = None) -> str:
         """Write the final state (one transaction), free the disk, then start the callback if any.
 
-        Returns the job's status now: another's when someone else finished it meanwhile (recovery cancelled
-        it, another shard failed it).
+        Returns the job's status now: another's when someone else finished it meanwhile (recovery
+        cancelled it, another shard failed it).
         """
         ended = transact(self.settings, record_job_end, job_id, status, metrics=metrics, error=error,
                          what=f"job {job_id}: final state")

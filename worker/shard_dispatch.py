@@ -1,10 +1,12 @@
-"""Publish the shards that may run now: one `fd2.run_shard` message per shard `store.shards.select_dispatch` picked.
+"""Publish the shards that may run now: one `fd2.run_shard` message per shard
+`store.shards.select_dispatch` picked.
 
-Called when a job was split into shards, after every shard ends, and by each recovery pass (`settle_sharded_jobs`,
-which also catches a tenant whose cap freed up when another of its jobs ended, re-sends messages that may never
-have reached the broker, and settles jobs whose worker stopped between writing a shard's end and the job's).
-The rows are committed before anything is sent, and a shard whose message could not be published goes back to
-`queued`, so a broker outage delays shards but never loses one.
+Called when a job was split into shards, after every shard ends, and by each recovery pass
+(`settle_sharded_jobs`, which also catches a tenant whose cap freed up when another of its jobs
+ended, re-sends messages that may never have reached the broker, and settles jobs whose worker
+stopped between writing a shard's end and the job's). The rows are committed before anything is
+sent, and a shard whose message could not be published goes back to `queued`, so a broker outage
+delays shards but never loses one.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def dispatch_all(app: Celery, settings: Settings) -> list[tuple[str, str]]:
 
 def settle_sharded_jobs(app: Celery, settings: Settings, *, resend_all: bool = False) -> None:
     """One recovery pass over sharded jobs: settle those whose shards say more than the job row
-    (`store.shards.reconcile_sharded_jobs`; an ended job's folder is freed and its callback started, as a
-    worker ending it would), re-send the messages of dispatched shards not taken for `FD2_STALE_HEARTBEAT_S`
-    (every dispatched shard's with `resend_all`: the broker may have lost them), then dispatch."""
+    (`store.shards.reconcile_sharded_jobs`; an ended job's folder is freed and its callback started,
+    as a worker ending it would), re-send the messages of dispatched shards not taken for
+    `FD2_STALE_HEARTBEAT_S` (every dispatched shard's with `resend_all`: the broker may have lost
+    them), then dispatch."""
     with session_scope(settings) as session:
         settled = reconcile_sharded_jobs(session, settings.stale_heartbeat_s)
         resend = dispatched_shards(session, 0.0 if resend_all else settings.stale_heartbeat_s)
@@ -78,7 +81,8 @@ def _send(app: Celery, settings: Settings, picked: list[tuple[str, str, str]]) -
             log_failure(log, f"job {job_id}: shard {shard_id} could not be published; back to queued", exc)
             try:
                 transact(settings, undo_dispatch, job_id, shard_id, retry=False)
-            except Exception as undo_exc:  # a recovery pass re-sends dispatched shards after a failed pass
+            # a recovery pass re-sends dispatched shards after a failed pass
+            except Exception as undo_exc:
                 log_failure(log, f"job {job_id}: shard {shard_id} stays dispatched until the next recovery pass",
                             undo_exc)
                 raise exc from undo_exc

@@ -1,4 +1,5 @@
-"""Split a job into shards, and run one shard of a job spread over several workers (`fd2.run_shard`).
+"""Split a job into shards, and run one shard of a job spread over several workers
+(`fd2.run_shard`).
 
 A job whose spec asks for `max_workers` > 1 is planned by the worker that takes its `fd2.run_job`
 message (`ShardRunner.plan_job`): the shards of `fd2_core.shards.plan_shards` become rows
@@ -99,7 +100,8 @@ class ShardProgressSink:
 
 
 class ShardRunner:
-    """Plans sharded jobs and runs their shards for one worker process; `app` publishes the shard messages."""
+    """Plans sharded jobs and runs their shards for one worker process;
+    `app` publishes the shard messages."""
 
     def __init__(self, state: WorkerState, me: str, app: Celery | None = None) -> None:
         self.state = state
@@ -122,9 +124,11 @@ class ShardRunner:
     def plan_job(self, job_id: str) -> str:
         """Claim the job, split it into shards, record them and dispatch the first.
 
-        Returns `running`, `skipped` when there was nothing to do, or the final state when the job is refused.
+        Returns `running`, `skipped` when there was nothing to do,
+        or the final state when the job is refused.
         """
-        self.state.running_here.add(job_id)  # before the claim commits, so recovery never sees it unheld
+        # before the claim commits, so recovery never sees it unheld
+        self.state.running_here.add(job_id)
         try:
             claimed = self.recorder.claim(job_id, self.limits.stale_after_s)
             if isinstance(claimed, str):
@@ -160,7 +164,8 @@ class ShardRunner:
     # ---------------------------------------------------------------- one shard
 
     def run_shard(self, job_id: str, shard_id: str) -> str:
-        """Run the shard to an end; returns its final status, or `skipped` when there was nothing to do.
+        """Run the shard to an end;
+        returns its final status, or `skipped` when there was nothing to do.
 
         Raises ShardReleased when the worker shuts down meanwhile.
         """
@@ -231,19 +236,21 @@ class ShardRunner:
     # ---------------------------------------------------------------- outcomes
 
     def _shard_stopped(self, claim: ShardClaim, outcome: Outcome) -> str:
-        """Released (the worker shuts down) or cancelled: the shard stops; a cancel ends the job too."""
+        """Released (the worker shuts down) or cancelled: the shard stops;
+        a cancel ends the job too."""
         if outcome.ending is Ending.RELEASED:
             transact(self.settings, give_back_shard, claim, self.me, what=f"job {claim.job_id}: shard release")
             raise ShardReleased(shard_key(claim.job_id, claim.shard_id))
         if not self._end_shard(claim, ShardStatus.CANCELLED):
             # the poller stopped it because another worker holds the shard now
             return self._lost(claim)
-        self.recorder.finish(claim.job_id, JobStatus.CANCELLED)  # a no-op when another shard failed the job
+        # a no-op when another shard failed the job
+        self.recorder.finish(claim.job_id, JobStatus.CANCELLED)
         return ShardStatus.CANCELLED
 
     def _shard_failed(self, claim: ShardClaim, outcome: Outcome) -> str:
-        """The shard fails, and the job with it, with the shard named in the error. A time limit stops the
-        shard as cancelled and fails the job with `time_limit`."""
+        """The shard fails, and the job with it, with the shard named in the error. A time limit
+        stops the shard as cancelled and fails the job with `time_limit`."""
         assert outcome.error is not None
         if outcome.ending is Ending.TIME_LIMIT:
             if not self._end_shard(claim, ShardStatus.CANCELLED):
@@ -256,8 +263,9 @@ class ShardRunner:
         return ShardStatus.FAILED
 
     def _lost(self, claim: ShardClaim) -> str:
-        """The shard was given to another worker while this one ran it (its heartbeat went stale, e.g. through
-        a database outage): this run's outcome is dropped, the job is the new holder's."""
+        """The shard was given to another worker while this one ran it (its heartbeat went stale,
+        e.g. through a database outage): this run's outcome is dropped, the job is the new
+        holder's."""
         log.warning("job %s: shard %s is held by another worker now; this run's outcome is dropped",
                     claim.job_id, claim.shard_id)
         return "lost"

@@ -1,21 +1,23 @@
 """Job folders on disk: free a finished job's space, and the workers' periodic storage sweep.
 
-A finished job never runs again (a late duplicate message is skipped). Checkpoints under `<workdir>/stages`
-exist only so an interrupted run can resume. So after success only `<workdir>/artifacts` is kept
-(`prune_checkpoints`; checkpoints such as the teacher and soft labels were copied there), and a cancelled or
-failed job's folder is removed whole (`discard_workdir`). The worker log keeps the reason of a failure.
+A finished job never runs again (a late duplicate message is skipped). Checkpoints under
+`<workdir>/stages` exist only so an interrupted run can resume. So after success only
+`<workdir>/artifacts` is kept (`prune_checkpoints`; checkpoints such as the teacher and soft labels
+were copied there), and a cancelled or failed job's folder is removed whole (`discard_workdir`). The
+worker log keeps the reason of a failure.
 
 The sweep:
-1. With `FD2_ARTIFACT_RETENTION_DAYS` set, every finished job that finished longer ago than that loses its
-   artifact files and work folder; its row stays, marked `artifacts_expired` (`store.retention`: files first,
-   then the mark, so a crash in between is finished by the next sweep).
-2. A job folder whose job row is gone (a crash between `DELETE /v1/jobs/{id}` committing and removing the
-   files) is removed once it is older than `LEFTOVER_GRACE`.
+1. With `FD2_ARTIFACT_RETENTION_DAYS` set, every finished job that finished longer ago than that
+   loses its artifact files and work folder; its row stays, marked `artifacts_expired`
+   (`store.retention`: files first, then the mark, so a crash in between is finished by the next
+   sweep).
+2. A job folder whose job row is gone (a crash between `DELETE /v1/jobs/{id}` committing and
+   removing the files) is removed once it is older than `LEFTOVER_GRACE`.
 
-Every worker runs it at start and then every `FD2_STORAGE_SWEEP_INTERVAL_S`, in the worker because that is
-where the long-lived periodic machinery is (`worker.recovery`) and the job folders are written; several
-workers sweeping at once only repeat idempotent removals and conditional updates. The clock is an argument,
-so tests sweep with any `now` instead of waiting.
+Every worker runs it at start and then every `FD2_STORAGE_SWEEP_INTERVAL_S`, in the worker because
+that is where the long-lived periodic machinery is (`worker.recovery`) and the job folders are
+written; several workers sweeping at once only repeat idempotent removals and conditional updates.
+The clock is an argument, so tests sweep with any `now` instead of waiting.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _remove(path: Path) -> None:
 
 
 RETENTION_BATCH = 200
-# Longer than any submission takes between writing a manifest into the job folder and committing the row.
+# Longer than any submission takes between writing a manifest into the job folder and committing the
+# row.
 LEFTOVER_GRACE = timedelta(hours=1)
 
 
@@ -70,7 +73,8 @@ class SweepResult:
 
 
 def expire_old_artifacts(settings: Settings, now: datetime) -> list[str]:
-    """Remove the files of jobs finished before `now - retention` and mark them; returns the marked job ids."""
+    """Remove the files of jobs finished before `now - retention` and mark them;
+    returns the marked job ids."""
     days = settings.artifact_retention_days
     if days is None:
         return []
@@ -106,8 +110,8 @@ def sweep_storage(settings: Settings, now: datetime | None = None) -> SweepResul
 
 
 class StorageSweepLoop:
-    """Daemon thread: a sweep at start, then one every `interval_s` until `stop()`; a failed sweep (database
-    down) is logged and tried again next round."""
+    """Daemon thread: a sweep at start, then one every `interval_s` until `stop()`; a failed sweep
+    (database down) is logged and tried again next round."""
 
     def __init__(self, settings: Settings, interval_s: float) -> None:
         self._settings, self._interval_s = settings, interval_s

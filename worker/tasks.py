@@ -1,7 +1,8 @@
 """Celery tasks of the service, and where a job goes: run on one worker, or planned into shards.
 
-`fd2.run_job(job_id)` is the only task the API sends (by name). A job whose spec asks for `max_workers` > 1
-is split into shards (`worker.shard_runner`); workers then send `fd2.run_shard(job_id, shard_id)` for each.
+`fd2.run_job(job_id)` is the only task the API sends (by name). A job whose spec asks for
+`max_workers` > 1 is split into shards (`worker.shard_runner`); workers then send
+`fd2.run_shard(job_id, shard_id)` for each.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ log = logging.getLogger(__name__)
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self: Task, job_id: str) -> str:
-    """Run one job to a final state, or plan it into shards. Idempotent: a finished, cancelled or live-held
-    job is skipped.
+    """Run one job to a final state, or plan it into shards. Idempotent: a finished, cancelled or
+    live-held job is skipped.
 
     Delivery rules (late acknowledgement, requeue on a lost worker, no result) come from the shared
-    configuration (`fd2_config.celery_config`). When the worker is shutting down, the job is put back to
-    `queued` and the message is requeued, so the next worker resumes it from its checkpoints.
+    configuration (`fd2_config.celery_config`). When the worker is shutting down, the job is put
+    back to `queued` and the message is requeued,
+    so the next worker resumes it from its checkpoints.
     """
     if not isinstance(job_id, str):
         log.error("ignoring %s with a non-string job id %r", RUN_JOB_TASK, job_id)
@@ -48,9 +50,9 @@ def run_job(self: Task, job_id: str) -> str:
 
 @app.task(name=RUN_SHARD_TASK, bind=True)
 def run_shard(self: Task, job_id: str, shard_id: str) -> str:
-    """Run one shard of a sharded job. Idempotent like `run_job`: a finished shard, one held by a live worker
-    or one of a job that stopped is skipped. On worker shutdown the shard goes back to `dispatched` and its
-    message is requeued."""
+    """Run one shard of a sharded job. Idempotent like `run_job`: a finished shard, one held by a
+    live worker or one of a job that stopped is skipped. On worker shutdown the shard goes back to
+    `dispatched` and its message is requeued."""
     if not isinstance(job_id, str) or not isinstance(shard_id, str):
         log.error("ignoring %s with non-string ids %r, %r", RUN_SHARD_TASK, job_id, shard_id)
         return SKIPPED

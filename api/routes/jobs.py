@@ -1,8 +1,9 @@
-"""Job submission, reading, listing, cancellation, deletion and events (a JSON page or a live SSE stream).
+"""Job submission, reading, listing, cancellation, deletion and events
+(a JSON page or a live SSE stream).
 
-Routes are `async def`: reads go through the reader (see api.deps), writes hand their store work to the
-thread pool in one call, and responses are validated on the event loop (a plain `def` route would pay two
-thread hand-offs per request and hold its connection while waiting for the second).
+Routes are `async def`: reads go through the reader (see api.deps), writes hand their store work to
+the thread pool in one call, and responses are validated on the event loop (a plain `def` route
+would pay two thread hand-offs per request and hold its connection while waiting for the second).
 """
 
 from __future__ import annotations
@@ -85,15 +86,17 @@ async def read_job(job_id: str, reader: ReaderDep, settings: SettingsDep, tenant
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS,
                summary="Delete a finished job with its artifacts, events and work folder (409 while active)")
 async def remove_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    """The job is removed whole: its row, events and artifact rows at once (a later GET answers 404 and lists no
-    longer show it), then its artifact files and work folder; the bytes leave the tenant's storage quota. A
-    queued or running job answers 409 `job_active`: cancel it first and delete it once it is `cancelled`."""
+    """The job is removed whole: its row, events and artifact rows at once (a later GET answers 404
+    and lists no longer show it), then its artifact files and work folder; the bytes leave the
+    tenant's storage quota. A queued or running job answers 409 `job_active`: cancel it first and
+    delete it once it is `cancelled`."""
     await run_in_threadpool(_delete_finished, session, settings, tenant.id, job_id)
     return Response(status_code=204)
 
 
 def job_active(status: str) -> ApiError:
-    """409 for deleting a queued or running job (its wording is turned into commands by `fd2-client`)."""
+    """409 for deleting a queued or running job (its wording is turned into commands by
+    `fd2-client`)."""
     return ApiError(409, "job_active", f"job is {status}; cancel it (POST /v1/jobs/{{id}}/cancel) and delete it "
                     "once it has ended", {"status": status})
 
@@ -113,7 +116,8 @@ def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_i
              summary="Cancel a job (409 when it already finished)")
 async def cancel(job_id: str, session: SessionDep, settings: SettingsDep, broker: BrokerDep,
                  tenant: TenantDep) -> dict[str, Any]:
-    """A queued job is cancelled at once; a running one stops at its worker's next check (seconds)."""
+    """A queued job is cancelled at once;
+    a running one stops at its worker's next check (seconds)."""
     job = await run_in_threadpool(_cancel_in_store, session, tenant.id, job_id)
     await run_in_threadpool(broker.revoke, job_id)
     return job_resource(job, settings)
@@ -163,12 +167,14 @@ async def read_events(
         description="Resume after this event id (what an EventSource sends when it reconnects); takes the place "
         "of `after`, since a reconnecting client repeats the original URL.")] = None,
 ) -> Any:
-    """With `Accept: text/event-stream` the same events as a live server-sent-events stream that ends with
-    `event: end` once the job is finished; otherwise one JSON page (`next_cursor` is the `after` of the next)."""
+    """With `Accept: text/event-stream` the same events as a live server-sent-events stream that
+    ends with `event: end` once the job is finished; otherwise one JSON page (`next_cursor` is the
+    `after` of the next)."""
     if last_event_id is not None:
         after = last_event_id
     if wants_event_stream(request.headers.get("accept")):
-        await reader.run(_require_tenant_job, tenant.id, job_id)  # 404 as JSON, before the stream starts
+        # 404 as JSON, before the stream starts
+        await reader.run(_require_tenant_job, tenant.id, job_id)
         return JobEventStream(settings, tenant.id, job_id, after).response()
     limit = min(limit or settings.page_size_max, settings.page_size_max)
     events = await reader.run(_events_of_tenant_job, tenant.id, job_id, after, limit)
