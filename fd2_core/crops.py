@@ -3,7 +3,7 @@
 `sample_resized_crop_boxes` draws boxes by `torchvision.transforms.RandomResizedCrop.get_params`'s rule and
 `resized_crop` resamples them as `torchvision.transforms.functional.resized_crop(..., antialias=True)` does on
 tensors (the antialiased bilinear filter of `torch.nn.functional.interpolate`); both agree with torchvision to
-float precision (tests/test_crops.py). They are our own code because torchvision's transform draws one box per
+float precision (tests/core/test_crops.py). They are our own code because torchvision's transform draws one box per
 call from the global RNG, per-sample boxes would need a Python loop over samples, and `resized_crop`'s
 intermediate crop has a box-dependent shape, so it cannot be batched. Here a crop + resize is two per-sample
 weight matrices applied as batched matrix products: static shapes, any box, differentiable w.r.t. the pixels.
