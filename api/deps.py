@@ -1,11 +1,13 @@
 """Shared route dependencies as typed aliases: a route's signature says what it needs.
 
 Two ways to reach the database:
-- `ReaderDep` runs a read-only store function with a session of its own. A local SQLite file is read
-  inline on the event loop (WAL readers never wait for writers, and a ~100 µs indexed read costs less than a
-  thread hand-off); a server database is read in the thread pool. This is what the polling endpoints use.
-- `SessionDep` is a session for routes that write; they call the store in one thread-pool call and commit.
-  Its scope is the route function, so the pooled connection goes back before the response is sent.
+- `ReaderDep` runs a read-only store function with a session of its own. A local SQLite file is
+  read inline on the event loop (WAL readers never wait for writers, and a ~100 µs indexed read
+  costs less than a thread hand-off); a server database is read in the thread pool. This is what
+  the polling endpoints use.
+- `SessionDep` is a session for routes that write; they call the store in one thread-pool call and
+  commit. Its scope is the route function, so the pooled connection goes back before the response
+  is sent.
 Dependencies that do no I/O are `async def`: a plain `def` would cost a thread hand-off per request.
 """
 
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import CurrentTenant, TenantCache, hash_key
+from api.body_limits import is_json_media_type, media_type_of
 from api.broker import JobBroker
 from api.errors import ApiError
 from fd2_config.settings import Settings
@@ -91,8 +94,8 @@ async def get_current_tenant(
     reader: ReaderDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> CurrentTenant:
-    """The tenant of the request's bearer key; 401 for a missing, unknown or revoked key, 429 past the key's
-    request rate."""
+    """The tenant of the request's bearer key; 401 for a missing, unknown or revoked key, 429 past
+    the key's request rate."""
     challenge = {"WWW-Authenticate": "Bearer"}
     key = credentials.credentials.strip() if credentials is not None else ""
     if not key:
@@ -117,10 +120,11 @@ TenantDep = Annotated[CurrentTenant, Depends(get_current_tenant)]
 
 
 async def require_json_body(request: Request) -> None:
-    """415 unless the body is declared as JSON: a form or text body would otherwise surface as a confusing
-    validation error about the body's shape."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    """415 unless the body is declared as JSON: a form or text body would otherwise surface as a
+    confusing validation error about the body's shape. (A JSON body nested too deeply never gets
+    here: `api.body_limits` refuses it before routing.)"""
+    media_type = media_type_of(request.headers.get("content-type", ""))
+    if not is_json_media_type(media_type):
         raise ApiError(415, "unsupported_media_type", f"the body is {media_type[:100] or 'untyped'}; send it as "
                        "application/json with Content-Type: application/json",
                        {"received": media_type[:100], "expected": "application/json"})

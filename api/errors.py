@@ -1,7 +1,7 @@
 """One error shape for every failure: `{"error": {"code", "message", "details"}}`.
 
-Clients branch on `code` (stable snake_case) and show `message`; FastAPI's own 404/405/422 and unexpected
-exceptions are rewritten into the same shape, and a 500 never carries a stack trace.
+Clients branch on `code` (stable snake_case) and show `message`; FastAPI's own 404/405/422 and
+unexpected exceptions are rewritten into the same shape, and a 500 never carries a stack trace.
 """
 
 from __future__ import annotations
@@ -78,13 +78,14 @@ UNAVAILABLE_RETRY_AFTER_S = 5
 
 
 def unavailable(code: str, message: str, details: Any = None) -> ApiError:
-    """503 for a dependency that is down, with `Retry-After` so clients back off instead of failing."""
+    """503 for a dependency that is down, with `Retry-After` so clients back off instead of
+    failing."""
     return ApiError(503, code, message, details, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for a `/v1` route's error statuses; every such route may also answer 401 (key), 413
-    (body too large), 422 (validation) and 429 (rate limit)."""
+    """OpenAPI entries for a `/v1` route's error statuses; every such route may also answer 401
+    (key), 413 (body too large), 422 (validation) and 429 (rate limit)."""
     return {status: {"model": ErrorBody} for status in sorted({*statuses, *AUTHENTICATED_ROUTE_ERRORS})}
 
 
@@ -119,8 +120,9 @@ def _loc_part(part: Any) -> Any:
 
 
 def validation_details(errors: Any, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """Pydantic errors reduced to JSON-safe `{loc, field, msg, type}` (inputs are not echoed back), at most
-    `MAX_VALIDATION_DETAILS` of them: a body of a million bad rows must not answer with a million errors."""
+    """Pydantic errors reduced to JSON-safe `{loc, field, msg, type}` (inputs are not echoed back),
+    at most `MAX_VALIDATION_DETAILS` of them: a body of a million bad rows must not answer with a
+    million errors."""
     details = []
     for err in list(errors)[:MAX_VALIDATION_DETAILS]:
         own = [_loc_part(part) for part in err.get("loc", ())]
@@ -144,6 +146,12 @@ ROUTING_FIXES: dict[int, str] = {
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, RecursionError):
+        # FastAPI's JSON parser gave up on a body nested too deeply (the depth scan keeps those
+        # out first); imported here because api.body_limits builds its answers with this module.
+        from api.body_limits import json_too_deep
+
+        return await _api_error(request, json_too_deep())
     code = HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code in ROUTING_FIXES and message in ("Not Found", "Method Not Allowed"):
@@ -163,8 +171,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    """503 + `Retry-After` while the database is unreachable (restart, failover, full pool); other database
-    errors are unexpected (500)."""
+    """503 + `Retry-After` while the database is unreachable (restart, failover, full pool); other
+    database errors are unexpected (500)."""
     if not database_unavailable(exc):
         return await _unexpected_error(request, exc)
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]

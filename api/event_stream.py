@@ -42,6 +42,18 @@ DELETED_STATUS = "deleted"
 SEPARATOR = "\n"
 
 
+def can_stream(http_version: str) -> bool:
+    """False for HTTP/1.0 (and 0.9), which have no chunked encoding: such a client gets the JSON
+    list instead.
+
+    A live stream has no length, so uvicorn's default parser (httptools) frames it chunked, which a
+    1.0 client cannot read. The JSON list is a complete answer it can poll with `?after=` (the SDK
+    polls when a stream request answers JSON); a 505 would refuse a request we can answer, and is
+    meant for an unsupported major version. h11's close-delimited bodies cost CPU on every poll.
+    """
+    return http_version not in ("1.0", "0.9")
+
+
 def wants_event_stream(accept: str | None) -> bool:
     """True when the Accept header names text/event-stream (with a non-zero weight)."""
     for part in (accept or "").split(","):

@@ -55,7 +55,8 @@ class Submission:
 
 def request_hash(body: JobCreate) -> str:
     """Fingerprint of the request body, to tell a retry (same body) from a reused key
-    (different body)."""
+    (different body). Serialising is safe: `api.body_limits` refused any body nested deeper than
+    `MAX_JSON_DEPTH` before routing, far below the serialiser's own limit."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

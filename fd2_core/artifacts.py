@@ -1,8 +1,8 @@
-"""Writers for the downloadable artifacts (README.md, "Artifacts of a job"): tar.gz of PNGs, safetensors,
-JSON and a PNG preview.
+"""Writers for the downloadable artifacts (README.md, "Artifacts of a job"): tar.gz of PNGs,
+safetensors, JSON and a PNG preview.
 
-Everything is written atomically and deterministically (fixed mtimes, sorted members): the same run gives
-the same bytes, so sha256 checksums are stable across a resume.
+Everything is written atomically and deterministically (fixed mtimes, sorted members): the same run
+gives the same bytes, so sha256 checksums are stable across a resume.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shutil
 import tarfile
 import unicodedata
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write
+from .data.names import MAX_NAME_BYTES, distinct_name
 
 MEDIA_TYPES = {
     "distilled.tar.gz": "application/gzip",
@@ -32,20 +34,45 @@ MEDIA_TYPES = {
 }
 PREVIEW_CELL = 64
 PREVIEW_MAX_ROWS = 100
+MAX_FOLDER_CHARS = 100  # a readable folder; the byte budget below may cut a multi-byte name further
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|\ud800-\udfff]")
 
 
-def safe_folder_names(classes: list[str]) -> list[str]:
-    """File-system-safe, case-insensitively unique folder names for class names (labels.csv keeps the real)."""
+def image_ending(j: int) -> str:
+    """The end of an image's file name after its folder's name: `_<j>.png`, j its ipc index."""
+    return f"_{j}.png"
+
+
+def image_member(folder: str, j: int) -> str:
+    """`images/<folder>/<folder>_<j>.png`, the archive member of image j of a class."""
+    return f"images/{folder}/{folder}{image_ending(j)}"
+
+
+def ipc_index_of(member: str) -> int:
+    """The ipc index j of an `image_member` name: the digits after its last `_` (a folder's own `_`
+    or a uniqueness suffix come before it)."""
+    stem = member.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return int(stem.rsplit("_", 1)[-1])
+
+
+def safe_folder_names(classes: list[str], ending: str = "") -> list[str]:
+    """File-system-safe, case-insensitively unique folder names for class names (labels.csv keeps
+    the real).
+
+    Each fits `MAX_NAME_BYTES` with `ending` (the longest file-name ending put after it,
+    `image_ending`) appended, by the one rule (`fd2_core.data.names.distinct_name`); a name taken
+    already gets `_<i>` (i its class index), and `_<i>_<n>` if that is taken too.
+    """
+    limit = MAX_NAME_BYTES - len(ending.encode("utf-8"))
     names: list[str] = []
     seen: set[str] = set()
     for i, name in enumerate(classes):
-        clean = unicodedata.normalize("NFC", name)
-        clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]", "_", clean).strip().strip(".")
-        clean = clean[:100] or f"class_{i}"
-        if clean.casefold() in seen:
-            clean = f"{clean}_{i}"
-        seen.add(clean.casefold())
-        names.append(clean)
+        clean = _UNSAFE.sub("_", unicodedata.normalize("NFC", name)).strip().strip(".")
+        clean = clean[:MAX_FOLDER_CHARS] or f"class_{i}"
+        suffixes = chain([f"_{i}"], (f"_{i}_{n}" for n in count(2)))
+        folder = distinct_name(clean, seen, limit=limit, suffixes=suffixes, key=str.casefold)
+        seen.add(folder.casefold())
+        names.append(folder)
     return names
 
 
@@ -73,14 +100,15 @@ def write_distilled_tar(
     classes: list[str],
     manifest: dict,
 ) -> Path:
-    """images/<class>/<class>_<j>.png + labels.csv + manifest.json (with per-file sha256)."""
+    """images/<class>/<class>_<j>.png + labels.csv + manifest.json (with per-file sha256); every
+    member's path component is at most `MAX_NAME_BYTES` (`safe_folder_names`)."""
     import json
 
-    folders = safe_folder_names(classes)
+    folders = safe_folder_names(classes, image_ending(max(ipc_index.tolist(), default=0)))
     files: list[tuple[str, bytes]] = []
     rows = [("file", "class_index", "class_name")]
     for img, label, j in zip(images_u8, labels.tolist(), ipc_index.tolist(), strict=False):
-        name = f"images/{folders[label]}/{folders[label]}_{j}.png"
+        name = image_member(folders[label], j)
         files.append((name, png_bytes(img)))
         rows.append((name, str(label), classes[label]))
     files.sort(key=lambda item: item[0])
@@ -123,7 +151,8 @@ def write_preview(
     ipc: int,
     attention: torch.Tensor | None = None,
 ) -> Path:
-    """Grid rows = classes (first PREVIEW_MAX_ROWS), columns = ipc; with attention, one heat map per image."""
+    """Grid rows = classes (first PREVIEW_MAX_ROWS), columns = ipc; with attention, one heat map per
+    image."""
     rows = min(num_classes, PREVIEW_MAX_ROWS)
     cols = ipc * (2 if attention is not None else 1)
     cell = PREVIEW_CELL

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artifacts import ipc_index_of
 from .augment import apply_crop_flip, apply_cutmix
 from .softlabels import SoftLabels, forward_parts
 
@@ -117,12 +118,10 @@ class SoftLabelReplay(torch.utils.data.Dataset):
 
 
 def _distillation_order(ds: DistilledSet, by_file: dict[str, int], labels: list[int]) -> torch.Tensor:
-    """Position k·ipc-major: image j of class c sits at j·K + c; file names
-    carry c's folder and j."""
+    """Position k·ipc-major: image j of class c sits at j·K + c; c comes from labels.csv, j from the
+    file name's `_<j>` ending (`artifacts.ipc_index_of`, the parse of the name the writer built)."""
     k = len(ds.classes)
     index = torch.empty(len(labels), dtype=torch.long)
     for name, i in by_file.items():
-        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        j = int(stem.rsplit("_", 1)[-1])
-        index[j * k + int(ds.labels[i])] = i
+        index[ipc_index_of(name) * k + int(ds.labels[i])] = i
     return index

@@ -19,12 +19,14 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
     summary="Download an artifact (Range, ETag = sha256, Digest)",
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content."},
                304: {"description": "Not modified (If-None-Match)."},
-               **error_responses(404, 410, 416)},
+               **error_responses(404, 410, 412, 416)},
 )
 async def download_artifact(job_id: str, name: str, request: Request, reader: ReaderDep,
                             tenant: TenantDep) -> Response:
-    """410 `artifacts_expired` once the operator's retention period removed the job's files (the job resource
-    then says `artifacts_expired: true`)."""
+    """410 `artifacts_expired` once the operator's retention period removed the job's files (the
+    job resource then says `artifacts_expired: true`); 412 `precondition_failed` when `If-Match`
+    names no current ETag. A gone file answers 404 even under `If-Match` (RFC 9110 13.2.1: a
+    failure found before the preconditions wins)."""
     artifact = await reader.run(get_tenant_artifact, tenant.id, job_id, name)
     if artifact is None:
         raise not_found("artifact")

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import BrokerDep, ReaderDep, SessionDep, SettingsDep, TenantDep, require_json_body
 from api.errors import ApiError, error_responses, not_found
-from api.event_stream import EVENT_STREAM, JobEventStream, wants_event_stream
+from api.event_stream import EVENT_STREAM, JobEventStream, can_stream, wants_event_stream
 from api.job_submission import submit_job
 from api.schemas import EventPage, JobCreate, JobOut, JobPage
 from fd2_config.settings import Settings
@@ -139,7 +139,8 @@ def _cancel_in_store(session: Session, tenant_id: str, job_id: str) -> Job:
 
 EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The events as a JSON page, or with `Accept: text/event-stream` as a live stream.",
+        "description": "The events as a JSON page, or with `Accept: text/event-stream` as a live stream "
+        "(over HTTP/1.1 or later; HTTP/1.0 has no chunked encoding, so it gets the JSON page).",
         "content": {EVENT_STREAM: {
             "schema": {"type": "string"},
             "description": "Server-sent events: per stored event `id:` (its id), `event:` (its kind) and `data:` "
@@ -168,11 +169,13 @@ async def read_events(
         "of `after`, since a reconnecting client repeats the original URL.")] = None,
 ) -> Any:
     """With `Accept: text/event-stream` the same events as a live server-sent-events stream that
-    ends with `event: end` once the job is finished; otherwise one JSON page (`next_cursor` is the
-    `after` of the next)."""
+    ends with `event: end` once the job is finished; otherwise, and for an HTTP/1.0 client (no
+    chunked encoding, see `can_stream`), one JSON page (`next_cursor` is the `after` of the
+    next)."""
     if last_event_id is not None:
         after = last_event_id
-    if wants_event_stream(request.headers.get("accept")):
+    http_version = request.scope.get("http_version", "1.1")
+    if wants_event_stream(request.headers.get("accept")) and can_stream(http_version):
         # 404 as JSON, before the stream starts
         await reader.run(_require_tenant_job, tenant.id, job_id)
         return JobEventStream(settings, tenant.id, job_id, after).response()

@@ -1,14 +1,17 @@
 """Unpack an uploaded zip or tar(.gz) without trusting anything it says about itself (torch-free).
 
-The archive type comes from magic bytes, not the file name. Member paths that are absolute or climb out with
-`..` refuse the whole archive (that is an attack, not an accident); links, devices, fifos, encrypted members
-and nested archives are skipped and reported. File count, total bytes and the compression ratio are enforced
-on the bytes actually written, so lying headers do not help a bomb. Everything is written to a temporary
-folder beside the destination and renamed into place only on success: a failure leaves nothing behind.
+The archive type comes from magic bytes, not the file name. Member paths that are absolute or climb
+out with `..` refuse the whole archive (that is an attack, not an accident); links, devices, fifos,
+encrypted members and nested archives are skipped and reported. File count, total bytes and the
+compression ratio are enforced on the bytes actually written, so lying headers do not help a bomb.
+Everything is written to a temporary folder beside the destination and renamed into place only on
+success: a failure leaves nothing behind.
 
-Member names are bytes in whatever encoding the archiver used (a zip's UTF-8 flag is often missing): they are
-decoded together once every member has been read (`fd2_core.data.names`), so members are first written under
-numbered names in a staging folder and moved to their decoded names at the end.
+Member names are bytes in whatever encoding the archiver used (a zip's UTF-8 flag is often missing):
+they are decoded together once every member has been read (`fd2_core.data.names`), so members are
+first written under numbered names in a staging folder and moved to their decoded names at the end.
+A decoded name longer than a file system allows is cut by the one rule of
+`fd2_core.data.names.ShortNames` (reported for folders).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import bz2
 import gzip
 import lzma
 import os
-import re
 import shutil
 import stat
 import struct
@@ -27,13 +29,13 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import IO, Literal
 
 from fd2_core.data.errors import DataError, DataWarning, FileError
 from fd2_core.data.layout import find_data_root, is_ignored_name
 from fd2_core.data.limits import DataLimits
-from fd2_core.data.names import decode_names
+from fd2_core.data.names import ShortNames, absolute_name, decode_names
 
 ArchiveKind = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
 
@@ -44,11 +46,13 @@ _CHUNK = 1024 * 1024
 _STAGING = ".staging"  # inside the partial folder; a dot-name, so no member can be placed there
 _ZIP_UTF8_FLAG = 0x800
 _ZIP_UNICODE_PATH = 0x7075  # Info-ZIP Unicode Path extra field: a UTF-8 name beside a legacy one
-# Exceptions that mean "the archive's bytes are wrong" while reading (writing errors are the server's own).
+# Exceptions that mean "the archive's bytes are wrong" while reading (writing errors are the
+# server's own).
 _READ_ERRORS = (
     tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError,
 )
-# Decompressors that check the stream's end marker and checksum (tarfile's own stream mode does not).
+# Decompressors that check the stream's end marker and checksum (tarfile's own stream mode does
+# not).
 _DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
     "tar.gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
     "tar.bz2": lambda raw: bz2.BZ2File(raw, mode="rb"),
@@ -66,11 +70,13 @@ class Extraction:
     files: int = 0
     bytes_written: int = 0
     skipped: list[FileError] = field(default_factory=list)
-    warnings: list[DataWarning] = field(default_factory=list)  # names decoded from a guessed code page, ...
+    # names decoded from a guessed code page, ...
+    warnings: list[DataWarning] = field(default_factory=list)
 
 
 def detect_archive(path: str | Path) -> ArchiveKind | None:
-    """The archive type from the first bytes of the file, or None when it is not a supported archive."""
+    """The archive type from the first bytes of the file, or None when it is not a supported
+    archive."""
     with open(path, "rb") as fh:
         head = fh.read(512)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
@@ -87,9 +93,11 @@ def detect_archive(path: str | Path) -> ArchiveKind | None:
 
 
 def member_parts(name: str) -> tuple[str, ...]:
-    """Split a member name into safe path parts; raise DataError `path_escape` for absolute or `..` names."""
+    """Split a member name into safe path parts; raise DataError `path_escape` for absolute
+    (`names.absolute_name`: `/x`, `C:/x`, `C:\\x`, UNC) or `..` names. `B: benign/x.png` is
+    relative."""
     text = name.replace("\\", "/")
-    if text.startswith("/") or PureWindowsPath(name).drive or re.match(r"^[A-Za-z]:", text):
+    if absolute_name(text):
         raise DataError("path_escape", f"archive member {name!r} has an absolute path")
     parts = tuple(p for p in text.split("/") if p not in ("", "."))
     if ".." in parts:
@@ -103,7 +111,8 @@ def _is_nested_archive(name: str) -> bool:
 
 @dataclass
 class _Member:
-    """A member as read, before its name is decoded: a staged file, a folder, or a skip with its reason."""
+    """A member as read, before its name is decoded: a staged file, a folder, or a skip with its
+    reason."""
 
     raw: bytes
     kind: Literal["file", "dir", "skip"]
@@ -112,8 +121,8 @@ class _Member:
 
 
 class _Writer:
-    """Stages members under `base/.staging` while counting files and bytes against the limits, then places
-    them under `base` by their names decoded all together (`place`)."""
+    """Stages members under `base/.staging` while counting files and bytes against the limits, then
+    places them under `base` by their names decoded all together (`place`)."""
 
     def __init__(self, base: Path, limits: DataLimits, archive_bytes: int, result: Extraction) -> None:
         self.base = base
@@ -125,14 +134,15 @@ class _Writer:
         self.members: list[_Member] = []
 
     def accept(self, raw_name: bytes) -> str | None:
-        """A provisional name for messages and for the checks that only look at ASCII (`..`, absolute paths,
-        clutter, nested archives), or None when the member is skipped silently. Raises DataError
-        `path_escape` at once, before anything else is read."""
+        """A provisional name for messages and for the checks that only look at ASCII (`..`,
+        absolute paths, clutter, nested archives), or None when the member is skipped silently.
+        Raises DataError `path_escape` at once, before anything else is read."""
         if b"\x00" in raw_name:
             raise DataError("bad_archive", "archive member name contains a NUL byte")
         text = raw_name.decode("utf-8", "replace")
         parts = member_parts(text)
-        # Clutter is judged on `/` parts only: in Shift_JIS a backslash byte can be half of a character.
+        # Clutter is judged on `/` parts only: in Shift_JIS a backslash byte can be half of a
+        # character.
         if not parts or any(is_ignored_name(p) for p in text.split("/") if p not in ("", ".")):
             return None
         return "/".join(parts)
@@ -144,7 +154,8 @@ class _Writer:
         self.members.append(_Member(raw_name, "dir"))
 
     def write_file(self, raw_name: bytes, name: str, read: Callable[[int], bytes]) -> None:
-        """Copy one member's data to the staging folder; `name` (provisional) is only for messages."""
+        """Copy one member's data to the staging folder; `name` (provisional) is only for
+        messages."""
         if self.result.files >= self.limits.max_files:
             raise DataError("too_many_files", f"the archive holds more than {self.limits.max_files} files")
         staged = self.staging / str(len(self.members))
@@ -163,25 +174,30 @@ class _Writer:
                 self.count(len(chunk))
 
     def place(self) -> None:
-        """Decode every name together, then create folders, move staged files and record skips in archive
-        order: of two members that end up with one name, the first is kept."""
+        """Decode every name together, then create folders, move staged files and record skips in
+        archive order: of two members that end up with one name, the first is kept."""
         decoding = decode_names(m.raw for m in self.members)
         self.result.warnings.extend(decoding.warnings)
+        named: list[tuple[_Member, tuple[str, ...]]] = []
         for member in self.members:
             parts = member_parts(decoding.text(member.raw))
             if not parts or any(is_ignored_name(p) for p in parts):
                 self._drop(member)
-                continue
-            name = "/".join(parts)
+            else:
+                named.append((member, parts))
+        short = ShortNames((parts, member.kind == "dir") for member, parts in named)
+        self.result.warnings.extend(short.warnings)
+        for member, parts in named:
+            name = "/".join(parts)  # messages name the member as sent
             if member.kind == "dir":
                 try:
-                    self.base.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+                    self.base.joinpath(*short.on_disk(parts)).mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     self.result.skipped.append(FileError(name + "/", f"cannot create folder: {exc.strerror or exc}"))
             elif member.kind == "skip":
                 self.result.skipped.append(FileError(name, member.reason))
             else:
-                reason = self._move(member, parts)
+                reason = self._move(member, short.on_disk(parts))
                 if reason is not None:
                     self.result.skipped.append(FileError(name, reason))
                     self._drop(member)
@@ -193,8 +209,10 @@ class _Writer:
         target = self.base.joinpath(*parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
+        except (FileExistsError, NotADirectoryError):
             return "a file of the archive is in the way of this member's folder"
+        except OSError as exc:  # e.g. a whole path longer than the system allows
+            return f"cannot create its folder: {exc.strerror or exc}"
         if os.path.lexists(target):
             return "duplicate archive member; the first one is kept"
         try:
@@ -222,8 +240,9 @@ class _Writer:
 def zip_member_name(info: zipfile.ZipInfo) -> bytes:
     """The member's name as stored, in bytes (up to a NUL, as `zipfile` reads it).
 
-    `zipfile` decodes names without the UTF-8 flag as cp437, which gives their bytes back losslessly. An
-    Info-ZIP Unicode Path extra field whose checksum matches those bytes holds the name in UTF-8: it wins.
+    `zipfile` decodes names without the UTF-8 flag as cp437, which gives their bytes back
+    losslessly. An Info-ZIP Unicode Path extra field whose checksum matches those bytes holds the
+    name in UTF-8: it wins.
     """
     if info.flag_bits & _ZIP_UTF8_FLAG:
         return info.filename.encode("utf-8")
@@ -283,7 +302,8 @@ def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
     with open(path, "rb") as raw:
         stream = _DECOMPRESSORS[kind](raw) if kind in _DECOMPRESSORS else raw
         try:
-            # Undecodable name bytes come back as surrogates, which `encode(..., "surrogateescape")` reverses.
+            # Undecodable name bytes come back as surrogates, which `encode(..., "surrogateescape")`
+            # reverses.
             tf = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
         except _READ_ERRORS as exc:
             raise DataError("bad_archive", f"not a readable tar archive: {exc}") from None
@@ -294,7 +314,8 @@ def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
                 if name is not None and member.isfile() and not _is_nested_archive(name):
                     writer.write_file(raw, name, _open_tar_member(tf, member, name).read)
                     continue
-                # Skipped data is still decompressed to reach the next header: it counts against the budget.
+                # Skipped data is still decompressed to reach the next header: it counts against the
+                # budget.
                 writer.count(max(member.size, 0) if member.isfile() else 0)
                 if name is None:
                     continue
@@ -311,7 +332,8 @@ def _tar_members(path: Path, kind: ArchiveKind, writer: _Writer) -> None:
 
 
 def _drain(stream: IO[bytes], writer: _Writer) -> None:
-    """Read a compressed stream to its end so a truncated or corrupt tail is noticed (bytes still count)."""
+    """Read a compressed stream to its end so a truncated or corrupt tail is noticed (bytes still
+    count)."""
     while True:
         try:
             chunk = stream.read(_CHUNK)
@@ -348,12 +370,12 @@ def extract_archive(
 ) -> Extraction:
     """Unpack a zip/tar/tar.gz into `dest_dir` (which must not exist yet, or be empty) safely.
 
-    `shown_name` is the name messages use for the archive (a service keeps uploads under internal names; the
-    user knows the file they sent).
+    `shown_name` is the name messages use for the archive (a service keeps uploads under internal
+    names; the user knows the file they sent).
 
     Raises DataError: `not_found`, `bad_archive` (unknown type, corrupt, truncated), `path_escape`,
-    `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`; names that were not
-    UTF-8 (decoded from a guessed code page, or kept percent-encoded) in its `warnings`.
+    `too_many_files`, `too_large`. Skipped members are listed in the result's `skipped`; names that
+    were not UTF-8 (decoded from a guessed code page, or kept percent-encoded) in its `warnings`.
     """
     archive_path = Path(archive_path)
     dest = Path(dest_dir)
@@ -388,5 +410,6 @@ def extract_archive(
 
 
 def safe_extract(archive_path: str | Path, dest_dir: str | Path, limits: DataLimits = DataLimits()) -> Path:
-    """Unpack safely (see `extract_archive`) and return the folder to scan, one wrapping folder unwrapped."""
+    """Unpack safely (see `extract_archive`) and return the folder to scan, one wrapping folder
+    unwrapped."""
     return extract_archive(archive_path, dest_dir, limits).root

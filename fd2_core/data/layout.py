@@ -1,15 +1,17 @@
-"""Find classes, splits and image files of a dataset on disk without decoding any pixels (torch-free).
+"""Find classes, splits and image files of a dataset on disk without decoding any pixels
+(torch-free).
 
 Accepted layouts, checked in this order (one wrapping top folder is looked through):
 1. `manifest.json` / `manifest.csv` rows `path,label[,split]` relative to the manifest's folder;
-2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no `test/`; a
-   test folder without class folders of the training classes, such as a flat `val/`, is not a test split);
+2. `train/<class>/...` with optional `test/<class>/...` (`val/` counts as test when there is no
+   `test/`; a test folder without class folders of the training classes, such as a flat `val/`, is
+   not a test split);
 3. flat `<class>/...`.
-Without a test split, a seeded per-class share of the images becomes test, so the same data and seed always
-give the same split. Files that cannot be used are recorded in `errors` with a reason, never silently dropped
-(except `__MACOSX/` and dot-files, which are operating-system clutter). Names on disk are bytes: class names and
-shown paths are NFC text, decoded for the whole tree at once (`fd2_core.data.names`); folders whose names differ
-only in NFC/NFD spelling are one class.
+Without a test split, a seeded per-class share of the images becomes test, so the same data and seed
+always give the same split. Files that cannot be used are recorded in `errors` with a reason, never
+silently dropped (except `__MACOSX/` and dot-files, which are operating-system clutter). Names on
+disk are bytes: class names and shown paths are NFC text, decoded for the whole tree at once
+(`fd2_core.data.names`); folders whose names differ only in NFC/NFD spelling are one class.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Literal
 
 from fd2_core.data.errors import DataError, DataWarning, FileError, ImageDecodeError, UnusableDataError
 from fd2_core.data.images import check_image, image_digest, is_image_name
 from fd2_core.data.limits import DataLimits
-from fd2_core.data.names import TreeNames, escape_name, utf8_name
+from fd2_core.data.names import TreeNames, absolute_name, escape_name, utf8_name
 
 Split = Literal["train", "test"]
 LayoutKind = Literal["imagefolder", "flat", "manifest"]
@@ -44,7 +46,8 @@ _SPLIT_DIR_NAMES = TRAIN_DIR_NAMES | TEST_DIR_NAMES | VAL_DIR_NAMES
 _SPLIT_ALIASES: dict[str, Split] = {"train": "train", "test": "test", "val": "test", "validation": "test"}
 MAX_LABEL_CHARS = 200
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-# Reasons of manifest rows that point outside their root: callers that refuse such input outright match on them.
+# Reasons of manifest rows that point outside their root: callers that refuse such input outright
+# match on them.
 ABSOLUTE_PATH_REASON = "absolute path refused: paths are relative to the dataset root"
 ESCAPING_PATH_REASON = "path escapes the dataset root"
 PATH_ESCAPE_REASONS: frozenset[str] = frozenset({ABSOLUTE_PATH_REASON, ESCAPING_PATH_REASON})
@@ -66,7 +69,8 @@ TestSource = Literal["archive", "carved", "none"]
 
 @dataclass
 class DatasetLayout:
-    """What a dataset source holds: classes (sorted names), items, per-file problems and warnings."""
+    """What a dataset source holds: classes (sorted names), items, per-file problems and
+    warnings."""
 
     root: Path
     classes: list[str]
@@ -80,12 +84,14 @@ class DatasetLayout:
 
     @property
     def splits_given(self) -> bool:
-        """Whether the source itself says which images are test (a test/val folder or a split column)."""
+        """Whether the source itself says which images are test (a test/val folder or a split
+        column)."""
         return not any(item.assigned for item in self.items)
 
     @property
     def test_source(self) -> TestSource:
-        """`archive` (the source's own test images), `carved` (a seeded share of train) or `none`."""
+        """`archive` (the source's own test images), `carved` (a seeded share of train) or
+        `none`."""
         tests = [item for item in self.items if item.split == "test"]
         if not tests:
             return "none"
@@ -125,9 +131,9 @@ class DatasetLayout:
         }
 
     def without(self, failed: Mapping[Path, str], record: bool = True) -> DatasetLayout:
-        """Drop the given files (path -> reason) into `errors` (only when `record`: a caller may hold the reasons
-        already), in place; classes left without training images are dropped too and labels renumbered.
-        Raises DataError when too little remains."""
+        """Drop the given files (path -> reason) into `errors` (only when `record`: a caller may
+        hold the reasons already), in place; classes left without training images are dropped too
+        and labels renumbered. Raises DataError when too little remains."""
         if not failed:
             return self
         if record:
@@ -140,8 +146,9 @@ class DatasetLayout:
 
 
 def relative_name(root: Path, path: Path, names: TreeNames | None = None) -> str:
-    """A path as shown to users: relative to the dataset root, never the server's absolute path, as NFC text
-    (decoded by `names` for its tree; else non-UTF-8 parts in the percent-encoded form of `escape_name`)."""
+    """A path as shown to users: relative to the dataset root, never the server's absolute path, as
+    NFC text (decoded by `names` for its tree; else non-UTF-8 parts in the percent-encoded form of
+    `escape_name`)."""
     try:
         parts = Path(path).relative_to(root).parts
     except ValueError:
@@ -162,8 +169,9 @@ def _visible_entries(folder: Path) -> list[os.DirEntry]:
 
 
 def find_data_root(path: Path) -> Path:
-    """Look through one wrapping folder: the only entry of `path` is a folder that is not itself a split
-    folder and holds a manifest or no images directly (a lone class folder is not a wrapper)."""
+    """Look through one wrapping folder: the only entry of `path` is a folder that is not itself a
+    split folder and holds a manifest or no images directly (a lone class folder is not a
+    wrapper)."""
     path = Path(path)
     if any((path / name).is_file() for name in MANIFEST_NAMES):
         return path
@@ -194,7 +202,8 @@ class _FileBudget:
 def _walk_images(
     folder: Path, root: Path, errors: list[FileError], budget: _FileBudget, names: TreeNames
 ) -> Iterator[Path]:
-    """Image files under `folder`, depth first in name order; links and special files are reported."""
+    """Image files under `folder`, depth first in name order; links and special files are
+    reported."""
     stack = [folder]
     while stack:
         current = stack.pop()
@@ -220,8 +229,8 @@ def _walk_images(
 def _class_folders(
     parent: Path, root: Path, errors: list[FileError], budget: _FileBudget, where: str, names: TreeNames
 ) -> dict[str, list[Path]]:
-    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported. Folders
-    whose decoded names are equal (`Café` written NFC and NFD) are one class."""
+    """`{class name: image paths}` for the sub-folders of `parent`; loose files there are reported.
+    Folders whose decoded names are equal (`Café` written NFC and NFD) are one class."""
     found: dict[str, list[Path]] = {}
     for entry in _visible_entries(parent):
         path = Path(entry.path)
@@ -243,8 +252,9 @@ def _class_folders(
 def carved_test_count(total: int, test_fraction: float) -> int:
     """How many of a class's `total` images without a given split become test at `test_fraction`.
 
-    The one carving rule, used by the scanner, the upload summary and submit-time checks alike: a rounded
-    share, at least one test image when the class has two or more, and always at least one training image.
+    The one carving rule, used by the scanner, the upload summary and submit-time checks alike: a
+    rounded share, at least one test image when the class has two or more, and always at least one
+    training image.
     """
     if total < 2 or test_fraction <= 0:
         return 0
@@ -252,8 +262,8 @@ def carved_test_count(total: int, test_fraction: float) -> int:
 
 
 def _carve_test(paths: Sequence[Path], class_name: str, test_fraction: float, seed: int) -> set[Path]:
-    """The seeded test share of one class (`carved_test_count` images). Seeded per class name, so adding a
-    class leaves the other splits alone."""
+    """The seeded test share of one class (`carved_test_count` images). Seeded per class name, so
+    adding a class leaves the other splits alone."""
     n_test = carved_test_count(len(paths), test_fraction)
     if n_test == 0:
         return set()
@@ -287,8 +297,8 @@ MANIFEST_FIXES: dict[str, str] = {
 def check_usable(
     classes: Sequence[str], items: Sequence[Item], errors: Sequence[FileError] = (), kind: LayoutKind = "flat"
 ) -> None:
-    """Raise UnusableDataError (a DataError whose message and details summarise `errors`, the skipped files)
-    unless at least two classes have training images."""
+    """Raise UnusableDataError (a DataError whose message and details summarise `errors`, the
+    skipped files) unless at least two classes have training images."""
     fixes = MANIFEST_FIXES if kind == "manifest" else {}
     if not items:
         raise UnusableDataError("no_images", "no usable images were found", errors, fix=fixes.get("no_images"))
@@ -309,7 +319,8 @@ def _assemble(
     class_order: Sequence[str] | None = None,
     tree: TreeNames | None = None,
 ) -> DatasetLayout:
-    """Labels, carved splits (for images without one) and the final checks, shared by every layout."""
+    """Labels, carved splits (for images without one) and the final checks, shared by every
+    layout."""
     names = list(class_order) if class_order is not None else sorted(by_class)
     if len(names) > limits.max_classes:
         raise DataError("too_many_classes", f"{len(names)} classes found; the limit is {limits.max_classes}")
@@ -366,8 +377,9 @@ def _scan_split_tree(
         if test:
             chosen = candidate
         else:
-            # An ImageNet-style flat val/ (images without class folders) carries no labels: it is no test
-            # split, and the scanner, the upload summary and the loader all carve a seeded share instead.
+            # An ImageNet-style flat val/ (images without class folders) carries no labels: it is no
+            # test split, and the scanner, the upload summary and the loader all carve a seeded
+            # share instead.
             errors.append(FileError(shown, "holds no class folders of the training classes, so it is not used "
                                     "as the test split"))
     if not test:
@@ -393,7 +405,8 @@ def _tree_names(root: Path, limits: DataLimits) -> TreeNames:
 
 
 def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[str, Any]]:
-    """Rows of a `manifest.json` (a list, or `{"items": [...]}`) or `manifest.csv` (`path,label[,split]`)."""
+    """Rows of a `manifest.json` (a list, or `{"items": [...]}`) or `manifest.csv`
+    (`path,label[,split]`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("not_found", f"manifest {path.name} not found")
@@ -403,7 +416,8 @@ def read_manifest(path: Path, limits: DataLimits = DataLimits()) -> list[dict[st
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep, a 5000-digit number
+        except (ValueError, RecursionError) as exc:
+            # bad UTF-8 or JSON, nesting too deep, a 5000-digit number
             raise DataError("bad_manifest", f"{path.name} is not valid JSON: {str(exc)[:200]}") from None
         if isinstance(data, dict) and isinstance(data.get("items"), list):
             data = data["items"]
@@ -444,7 +458,8 @@ def _label_text(value: Any) -> str | None:
 
 
 def _label_problem(label: str) -> str | None:
-    """Why a label cannot name a class (it becomes a folder and a CSV cell of the distilled artifact)."""
+    """Why a label cannot name a class (it becomes a folder and a CSV cell of the distilled
+    artifact)."""
     if len(label) > MAX_LABEL_CHARS:
         return f"label is longer than {MAX_LABEL_CHARS} characters"
     if _CONTROL_CHARACTERS.search(label):
@@ -458,7 +473,8 @@ def _is_integer_label(name: str) -> bool:
 
 
 def _manifest_class_order(names: Iterable[str]) -> list[str]:
-    """Sorted names; integer labels sort numerically so label `k` keeps index `k` when labels are 0..K-1."""
+    """Sorted names; integer labels sort numerically so label `k` keeps index `k` when labels are
+    0..K-1."""
     names = set(names)
     if names and all(_is_integer_label(n) for n in names):
         return sorted(names, key=int)
@@ -468,8 +484,7 @@ def _manifest_class_order(names: Iterable[str]) -> list[str]:
 def _resolve_member(root_resolved: Path, text: str) -> tuple[Path | None, str]:
     if _CONTROL_CHARACTERS.search(text):
         return None, "path contains control characters"
-    windows = PureWindowsPath(text)
-    if PurePosixPath(text).is_absolute() or windows.is_absolute() or windows.drive:
+    if absolute_name(text):  # `/x`, `C:/x`, UNC; `B: benign/x.png` is relative, as in archives
         return None, ABSOLUTE_PATH_REASON
     try:
         candidate = (root_resolved / text.replace("\\", "/")).resolve()
@@ -495,10 +510,12 @@ def scan_manifest_items(
     seed: int = 0,
     limits: DataLimits = DataLimits(),
 ) -> DatasetLayout:
-    """Layout from manifest rows `{path, label, split?}` relative to `root` (files are checked to exist).
+    """Layout from manifest rows `{path, label, split?}` relative to `root` (files are checked to
+    exist).
 
-    Rows that escape `root` (absolute, `..`, or a link pointing outside), miss their file, name no image or
-    carry an unknown split are recorded in `errors`. Without any split column a test share is carved.
+    Rows that escape `root` (absolute, `..`, or a link pointing outside), miss their file, name no
+    image or carry an unknown split are recorded in `errors`. Without any split column a test share
+    is carved.
     """
     root = Path(root)
     if not root.is_dir():
@@ -565,7 +582,8 @@ def scan_manifest(
     seed: int = 0,
     limits: DataLimits = DataLimits(),
 ) -> DatasetLayout:
-    """Layout from a manifest file; its paths are relative to `root` (default: the manifest's folder)."""
+    """Layout from a manifest file; its paths are relative to `root` (default: the manifest's
+    folder)."""
     manifest = Path(manifest)
     rows = read_manifest(manifest, limits)
     base = root if root is not None else manifest.parent
@@ -579,7 +597,8 @@ def scan_source(
     seed: int = 0,
     limits: DataLimits = DataLimits(),
 ) -> DatasetLayout:
-    """Discover the layout of a folder (ImageFolder, flat classes, or a manifest inside) or a manifest file.
+    """Discover the layout of a folder (ImageFolder, flat classes, or a manifest inside) or a
+    manifest file.
 
     Raises DataError: `not_found`, `bad_source` (an archive or other file: extract archives first),
     `no_images`, `one_class`, `too_many_files`, `too_many_classes`, `bad_manifest`.
@@ -610,10 +629,11 @@ def validate_images(
     workers: int | None = None,
     digests: dict[Path, str] | None = None,
 ) -> DatasetLayout:
-    """Open every image (header only, or fully decoded when `verify`), in a thread pool, and move broken
-    ones from `items` to `errors`. Updates `layout` in place and returns it; raises DataError when fewer than
-    two classes with training images remain. Given `digests`, each image is decoded in full at its own
-    resolution instead and its `pixel_digest` stored there by path (the same decode checks and fingerprints)."""
+    """Open every image (header only, or fully decoded when `verify`), in a thread pool, and move
+    broken ones from `items` to `errors`. Updates `layout` in place and returns it; raises DataError
+    when fewer than two classes with training images remain. Given `digests`, each image is decoded
+    in full at its own resolution instead and its `pixel_digest` stored there by path (the same
+    decode checks and fingerprints)."""
     workers = workers or min(8, os.cpu_count() or 1)
 
     def problem(item: Item) -> str | None:

@@ -1,4 +1,5 @@
-"""Safe archive extraction: type by magic bytes, path escapes, links, bombs, truncation, atomic results."""
+"""Safe archive extraction: type by magic bytes, path escapes, links, bombs, truncation, atomic
+results."""
 
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def test_zip_slip_refuses_the_whole_archive(tmp_path, make_image, name):
     assert _leftovers(tmp_path / "work") == []
 
 
-@pytest.mark.parametrize("name", ["/etc/evil.png", "C:/evil.png"])
+@pytest.mark.parametrize("name", ["/etc/evil.png", "C:/evil.png", "c:\\evil.png", "C:", "\\evil.png",
+                                  "\\\\server\\share\\evil.png", "//server/share/evil.png"])
 def test_absolute_member_paths_are_refused(tmp_path, make_image, name):
     png = _png_bytes(make_image, tmp_path)
     archive = _tar(tmp_path / "abs.tar.gz", [(_file("a/ok.png"), png), (_file(name), png)])
@@ -100,6 +102,17 @@ def test_absolute_member_paths_are_refused(tmp_path, make_image, name):
         safe_extract(archive, tmp_path / "out")
     assert info.value.code == "path_escape"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["B: benign", "b:benign", "X:y"])
+def test_a_letter_and_a_colon_then_a_name_is_a_relative_member(tmp_path, make_image, name):
+    """`B: benign/x.png` is a class folder (medical names often look so), not a drive: only `X:/`
+    and `X:\\` are drive-absolute."""
+    png = _png_bytes(make_image, tmp_path)
+    archive = _zip(tmp_path / "colon.zip", {f"{name}/x.png": png, f"{name}\\y.png": png, "a/ok.png": png})
+    result = extract_archive(archive, tmp_path / "out")
+    assert sorted(p.name for p in (result.root / name).iterdir()) == ["x.png", "y.png"]
+    assert result.skipped == [] and result.files == 3
 
 
 def test_links_devices_and_fifos_in_tar_are_skipped_and_recorded(tmp_path, make_image):
@@ -164,7 +177,8 @@ def test_total_size_limit_counts_written_bytes_of_a_tar_stream(tmp_path):
 def test_lying_size_headers_do_not_get_past_the_limits(tmp_path):
     archive = _zip(tmp_path / "liar.zip", {"a/big.png": b"\1" * 50_000})
     data = bytearray(archive.read_bytes())
-    # Rewrite the declared uncompressed size (local header offset 22, central directory offset 24) to 10.
+    # Rewrite the declared uncompressed size (local header offset 22, central directory offset 24)
+    # to 10.
     data[22:26] = (10).to_bytes(4, "little")
     central = data.rfind(b"PK\x01\x02")
     data[central + 24:central + 28] = (10).to_bytes(4, "little")

@@ -636,7 +636,7 @@ def _manifest_cases() -> Iterator[Case]:
     yield Case("job_deeply_nested_json_body", "manifest",
                lambda c: c.client.post("/v1/jobs", headers={**c.caller, "Content-Type": "application/json"},
                                        content=b'{"spec":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-               Expect(400, "bad_request"))
+               Expect(400, "json_too_deep"))
 
 
 # ---------------------------------------------------------------- specs

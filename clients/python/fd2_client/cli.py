@@ -1,16 +1,19 @@
 """`fd2-client`: the service from a shell, on top of the SDK.
 
-    fd2-client upload data/birds --name birds            # prints the dataset id
-    fd2-client submit DATASET_ID --preset cpu-small --ipc 1 --wait   # prints the job id; the outcome on stderr
-    fd2-client download JOB_ID --out out/                 # every artifact, checksums verified
+    fd2-client upload data/birds --name birds     # prints the dataset id
+    fd2-client submit DATASET_ID --preset cpu-small --ipc 1 --wait   # the job id; outcome on stderr
+    fd2-client download JOB_ID --out out/         # every artifact, checksums verified
     fd2-client ls jobs --status running --json
 
 URL and key come from `--url`/`--key` or `FD2_URL`/`FD2_API_KEY`; the URL is the service's root
-(http://host:port), checked before anything is sent. Results go to stdout (an id or a short line, or one JSON
-document with `--json`); messages and progress bars go to stderr. Exit codes (`EXIT_*`):
-0 done; 1 the job failed or was cancelled; 2 a usage error or a request the service refused (4xx but 429);
-3 the service stayed unreachable or unavailable after the retries (connection errors, 5xx, 429);
-4 `--timeout` passed while the job was still active; 5 a download did not match its checksum (nothing kept).
+(http://host:port, no user:password@), the key is stripped of surrounding whitespace; both are
+checked before anything is sent, and no message shows the key. Results go to stdout (an id or a
+short line, or one JSON document with `--json`); messages and progress bars go to stderr.
+Exit codes (`EXIT_*`):
+0 done; 1 the job failed or was cancelled; 2 a usage error, a bad key or URL, or a request the
+service refused (4xx but 429); 3 the service stayed unreachable or unavailable after the retries
+(connection errors, 5xx, 429); 4 `--timeout` passed while the job was still active; 5 a download
+did not match its checksum (nothing kept).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from fd2_client.cli_progress import ByteBar, StageBars
 from fd2_client.client import Client
+from fd2_client.credentials import clean_api_key
 from fd2_client.errors import (
     ApiError,
     ChecksumMismatch,
@@ -64,9 +68,11 @@ class Output:
     def __init__(self, as_json: bool, quiet: bool, progress: bool, terminal: bool | None = None) -> None:
         self.as_json = as_json
         self.quiet = quiet
-        self.bars: bool | None = False if quiet else (True if progress else None)  # None: on a terminal only
+        # None: bars on a terminal only
+        self.bars: bool | None = False if quiet else (True if progress else None)
         on_terminal = sys.stderr.isatty() if terminal is None else terminal
-        # Status lines while waiting (retries): for a person watching, never in a script's JSON or quiet run.
+        # Status lines while waiting (retries): for a person watching, never in a script's JSON or
+        # quiet run.
         self.chatty = not quiet and not as_json and (progress or on_terminal)
 
     def result(self, text: str, document: Any) -> None:
@@ -77,7 +83,7 @@ class Output:
             print(text, file=sys.stderr, flush=True)
 
     def warning(self, text: str) -> None:
-        """Shown even with --quiet: what the user must not miss (a set that does not beat random)."""
+        """Shown even with --quiet: what the user must not miss (a set not beating random)."""
         print(f"WARNING: {text}", file=sys.stderr, flush=True)
 
     def error(self, text: str) -> None:
@@ -116,7 +122,7 @@ def cmd_upload(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """Prints exactly the job id (also with --wait, so `JOB=$(fd2-client submit …)` works either way)."""
+    """Prints exactly the job id, also with --wait, so `JOB=$(fd2-client submit …)` always works."""
     job = client.submit(args.dataset, spec_of(args), idempotency_key=args.idempotency_key,
                         callback_url=args.callback_url)
     out.note(f"job {job['id']} {job['status']}")
@@ -163,7 +169,7 @@ def _points(value: Any) -> str:
 
 
 def outcome_line(job: Mapping[str, Any]) -> str:
-    """`job … succeeded: teacher …, student …, random real subset …` (the accuracies the job measured)."""
+    """`job … succeeded: teacher …, student …, random real subset …` (the accuracies measured)."""
     metrics = job.get("metrics") or {}
     named = (("teacher", "teacher_accuracy"), ("student", "student_accuracy"),
              ("random real subset", "random_baseline_accuracy"))
@@ -172,9 +178,9 @@ def outcome_line(job: Mapping[str, Any]) -> str:
 
 
 def verdict_line(metrics: dict[str, Any]) -> tuple[str, bool | None]:
-    """The set against a random real subset of the same size, and whether it beats it (None: not measured).
+    """The set against a random real subset of its size, and whether it beats it (None: unmeasured).
 
-    Printed after every successful wait, so a set that does not beat random is never handed over silently."""
+    Printed after every successful wait: a set not beating random is never handed over silently."""
     status = metrics.get("verdict")
     if isinstance(status, str) and "random_baseline_accuracy" in metrics:
         interval = metrics.get("ior_ci95")
@@ -213,7 +219,7 @@ def cmd_download(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """Says what happened: a queued job is cancelled at once, a running one is asked to stop (seconds)."""
+    """What happened: a queued job is cancelled at once, a running one is asked to stop."""
     job = client.cancel(args.job)
     if job["status"] == "cancelled":
         text = "cancelled (job was queued)"
@@ -269,8 +275,9 @@ def _first(items: Any, limit: int | None) -> list[Any]:
 
 
 def spec_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The partial spec: `--spec` (JSON text or a .json file), then `--preset/--method/--ipc/--seed`, then each
-    `--set key=value` (value read as JSON when it parses, else as text)."""
+    """The partial spec: `--spec` (JSON text or a .json file), then
+    `--preset/--method/--ipc/--seed`, then each `--set key=value` (value read as JSON when it
+    parses, else as text)."""
     spec: dict[str, Any] = {}
     if args.spec:
         loaded = _spec_document(args.spec)
@@ -292,7 +299,7 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _spec_document(value: str) -> Any:
-    """`--spec` as a file when one exists at that path, else as JSON text; each failure says which it tried."""
+    """`--spec` as a file when one exists at that path, else as JSON text; a failure says which."""
     path = Path(value)
     try:
         is_file = path.is_file()
@@ -315,7 +322,8 @@ def _spec_document(value: str) -> Any:
 
 
 def _rest_hints(job: str) -> list[tuple[str, str]]:
-    """The service's messages name REST calls; on the command line the command that does the same reads better."""
+    """The service's messages name REST calls; on the command line, the command doing the same reads
+    better."""
     return [
         ("check the id (GET /v1/jobs lists your jobs)", f"check the id; list your jobs with `{PROG} ls jobs`"),
         ("check the id (GET /v1/datasets lists your datasets)",
@@ -427,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Output(args.json, args.quiet, args.progress)
     url = args.url or os.environ.get(URL_VARIABLE, "")
-    key = args.key or os.environ.get(KEY_VARIABLE, "")
+    # A key read from a file ends in a newline: strip it (clean_api_key below checks the rest).
+    key = (args.key or os.environ.get(KEY_VARIABLE, "")).strip()
     if not url or not key:
         named = ((f"--url/${URL_VARIABLE}", url), (f"--key/${KEY_VARIABLE}", key))
         missing = " and ".join(name for name, value in named if not value)
@@ -436,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = service_root(url)
     except ValueError as exc:
         parser.error(f"--url/${URL_VARIABLE}: {exc}")
+    try:
+        key = clean_api_key(key)
+    except ValueError as exc:  # its message names the problem, never the key
+        parser.error(f"--key/${KEY_VARIABLE}: {exc}")
     if args.retries < 0:
         parser.error("--retries must be 0 or more")
     attempts = args.retries + 1

@@ -1,8 +1,9 @@
 """`Client`: the service's REST API as Python calls (datasets, jobs, events, artifacts).
 
-Every call raises a typed error from `fd2_client.errors` (`NotFound`, `Conflict`, `ValidationFailed`,
-`RateLimited`, `Unauthorized`, … all `ApiError`; `ConnectionFailed` when the service stays unreachable after
-the retries). Resources come back as the JSON dicts of the REST contract.
+Every call raises a typed error from `fd2_client.errors` (`NotFound`, `Conflict`,
+`ValidationFailed`, `RateLimited`, `Unauthorized`, … all `ApiError`; `ConnectionFailed` when the
+service stays unreachable after the retries). Resources come back as the JSON dicts of the REST
+contract.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 class Client:
     """A connection to the service at `url` (e.g. `http://127.0.0.1:8000`) with the API key `key`.
 
-    `url` is the service's root (a trailing `/v1` is dropped; no scheme or no host is a ValueError at once).
-    `timeout` (seconds) bounds each connect/read/write; `retry` says how often and how long to retry (see
-    `fd2_client.retries`), and `on_retry(error, wait_s, attempt)` hears of each retry before its wait;
-    `poll_interval` (seconds) paces `wait` where the service offers no event stream (`use_event_stream=False`
-    always polls). Use it as a context manager, or call `close()`.
+    `url` is the service's root (a trailing `/v1` is dropped; no scheme, no host or a
+    `user:password@` is a ValueError at once). `key` loses surrounding whitespace (a key read from a
+    file ends in a newline); one a header cannot carry (inner whitespace, control or non-ASCII
+    characters) is a ValueError at once, and no error text or repr ever shows the key. `timeout`
+    (seconds) bounds each connect/read/write; `retry` says how often and how long to retry (see
+    `fd2_client.retries`), and `on_retry(error, wait_s, attempt)` hears of each retry before its
+    wait; `poll_interval` (seconds) paces `wait` where the service offers no event stream
+    (`use_event_stream=False` always polls). Use it as a context manager, or call `close()`.
     """
 
     def __init__(self, url: str, key: str, *, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
@@ -54,13 +58,14 @@ class Client:
 
     def upload_dataset(self, path_or_folder: str | Path, name: str | None = None,
                        on_progress: ByteProgress | None = None, drop_duplicates: bool = False) -> Dataset:
-        """Upload a folder (zipped into a temporary file first) or a .zip/.tar/.tar.gz archive as a dataset.
+        """Upload a folder (zipped into a temporary file first) or a .zip/.tar/.tar.gz archive.
 
-        `on_progress(bytes sent, bytes in all)` follows the upload; `name` defaults to the folder's name (the
-        archive's file name for an archive); `drop_duplicates` drops repeated images and test images that occur
-        in train. Answers the validated dataset. Raises `ValidationFailed` (unusable data, with the reasons in
-        `details`), `PayloadTooLarge`, `RateLimited`, FileNotFoundError/ValueError for a bad local path. Not
-        retried once the body was sent (an upload has no idempotency key).
+        `on_progress(bytes sent, bytes in all)` follows the upload; `name` defaults to the folder's
+        name (the archive's file name for an archive); `drop_duplicates` drops repeated images and
+        test images that occur in train. Answers the validated dataset. Raises `ValidationFailed`
+        (unusable data, with the reasons in `details`), `PayloadTooLarge`, `RateLimited`,
+        FileNotFoundError/ValueError for a bad local path. Not retried once the body was sent (an
+        upload has no idempotency key).
         """
         source = Path(path_or_folder)
         fields = {"drop_duplicates": "true" if drop_duplicates else "false"}
@@ -78,7 +83,8 @@ class Client:
         return cast(Dataset, self.transport.request("GET", f"/v1/datasets/{_segment(id_of(dataset))}").json())
 
     def iter_datasets(self, page_size: int | None = None) -> Iterator[Dataset]:
-        """Every dataset of the tenant, newest first, page after page (`page_size` items per request)."""
+        """Every dataset of the tenant, newest first, page after page (`page_size` items per
+        request)."""
         return self._pages("/v1/datasets", {"limit": page_size})
 
     def delete_dataset(self, dataset: str | Mapping[str, Any]) -> None:
@@ -89,12 +95,14 @@ class Client:
 
     def submit(self, dataset: str | Mapping[str, Any], spec: Mapping[str, Any] | None = None,
                idempotency_key: str | None = None, callback_url: str | None = None) -> Job:
-        """Queue a distillation job on `dataset` (an id, a dataset resource, or a `{"manifest": …}` reference).
+        """Queue a distillation job on `dataset` (an id, a dataset resource, or a `{"manifest": …}`
+        reference).
 
-        `spec` is a partial spec (`preset` plus overrides). An `Idempotency-Key` is always sent (a new uuid4
-        unless given), so a submit retried after a lost answer gets the first job back, never a second one.
-        Raises `ValidationFailed` for a spec or dataset that cannot run, `Conflict` for a key reused with
-        another body, `NotFound` for an unknown dataset, `RateLimited` past the tenant's active-job cap.
+        `spec` is a partial spec (`preset` plus overrides). An `Idempotency-Key` is always sent (a
+        new uuid4 unless given), so a submit retried after a lost answer gets the first job back,
+        never a second one. Raises `ValidationFailed` for a spec or dataset that cannot run,
+        `Conflict` for a key reused with another body, `NotFound` for an unknown dataset,
+        `RateLimited` past the tenant's active-job cap.
         """
         body: dict[str, Any] = {"dataset": _dataset_ref(dataset), "spec": dict(spec or {})}
         if callback_url is not None:
@@ -104,19 +112,23 @@ class Client:
         return cast(Job, response.json())
 
     def get_job(self, job: str | Mapping[str, Any]) -> Job:
-        """The job resource (status, stage, progress, ETA, metrics, artifacts); `NotFound` for an unknown id."""
+        """The job resource (status, stage, progress, ETA, metrics, artifacts); `NotFound` for an
+        unknown id."""
         return cast(Job, self.transport.request("GET", _job_path(job)).json())
 
     def iter_jobs(self, status: str | None = None, page_size: int | None = None) -> Iterator[Job]:
-        """Every job of the tenant (only those in `status` when given), newest first, page after page."""
+        """Every job of the tenant (only those in `status` when given), newest first, page after
+        page."""
         return self._pages("/v1/jobs", {"status": status, "limit": page_size})
 
     def cancel(self, job: str | Mapping[str, Any]) -> Job:
-        """Ask a queued or running job to stop (it is `cancelled` within seconds); `Conflict` once finished."""
+        """Ask a queued or running job to stop (it is `cancelled` within seconds); `Conflict` once
+        finished."""
         return cast(Job, self.transport.request("POST", f"{_job_path(job)}/cancel", idempotent=True).json())
 
     def delete(self, job: str | Mapping[str, Any]) -> None:
-        """Delete a finished job with its artifacts and work folder; `Conflict` while it is queued or running."""
+        """Delete a finished job with its artifacts and work folder; `Conflict` while it is queued
+        or running."""
         self.transport.request("DELETE", _job_path(job))
 
     def events(self, job: str | Mapping[str, Any], after: int | None = None) -> list[Event]:
@@ -127,9 +139,9 @@ class Client:
              timeout: float | None = None) -> Job:
         """Follow the job until it ends and answer its final resource when it `succeeded`.
 
-        `on_progress(Progress)` is called on every change (stage, fractions, ETA, events). Follows the event
-        stream and polls where there is none. Raises `JobFailed` / `JobCancelled` (with the job and its
-        `error`), `WaitTimeout` after `timeout` seconds with the job still active.
+        `on_progress(Progress)` is called on every change (stage, fractions, ETA, events). Follows
+        the event stream and polls where there is none. Raises `JobFailed` / `JobCancelled` (with
+        the job and its `error`), `WaitTimeout` after `timeout` seconds with the job still active.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         current = self.get_job(job)
@@ -159,10 +171,10 @@ class Client:
                  on_progress: ByteProgress | None = None) -> Path:
         """Download artifact `name` of `job` to `dest` (a file path, or a folder to put `name` in).
 
-        Resumes a `dest.part` left by an interrupted download (`Range`), verifies the SHA-256 against the job
-        resource's and renames the file into place atomically. `on_progress(bytes, bytes in all)`. Raises
-        `ChecksumMismatch` (no file left), `NotFound` for an unknown job or artifact, `Gone` for artifacts
-        removed after the operator's retention period.
+        Resumes a `dest.part` left by an interrupted download (`Range`), verifies the SHA-256
+        against the job resource's and renames the file into place atomically. `on_progress(bytes,
+        bytes in all)`. Raises `ChecksumMismatch` (no file left), `NotFound` for an unknown job or
+        artifact, `Gone` for artifacts removed after the operator's retention period.
         """
         resource = job if isinstance(job, Mapping) and "artifacts" in job else self.get_job(job)
         target = Path(dest)
@@ -174,7 +186,8 @@ class Client:
 
     def download_all(self, job: str | Mapping[str, Any], folder: str | Path,
                      on_progress: Callable[[str, int, int | None], None] | None = None) -> dict[str, Path]:
-        """Download every artifact of `job` into `folder` (created if missing), each verified as in `download`.
+        """Download every artifact of `job` into `folder` (created if missing), each verified as in
+        `download`.
 
         `on_progress(name, bytes, bytes in all)`; answers `{name: path}`.
         """

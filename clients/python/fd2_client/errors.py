@@ -1,9 +1,9 @@
 """Every failure the SDK raises, typed so a caller can branch on the class instead of parsing text.
 
-The service answers errors as `{"error": {"code", "message", "details"}}`; `error_from_response` turns such an
-answer into the `ApiError` subclass of its status, keeping `code` (stable snake_case), `message` (for a
-person), `details` and `status`. A finished job that did not succeed raises `JobFailed` or `JobCancelled`
-with the job's own error.
+The service answers errors as `{"error": {"code", "message", "details"}}`; `error_from_response`
+turns such an answer into the `ApiError` subclass of its status, keeping `code` (stable snake_case),
+`message` (for a person), `details` and `status`. A finished job that did not succeed raises
+`JobFailed` or `JobCancelled` with the job's own error.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from typing import Any
 
 import httpx
 
+from fd2_client.credentials import ApiKey
+
 
 class Fd2Error(Exception):
     """Base of everything this SDK raises."""
 
 
 class ApiError(Fd2Error):
-    """The service refused a request: `status` (HTTP), `code`, `message`, `details` from its error body.
+    """The service refused a request: `status` (HTTP), `code`, `message`, `details` from its error
+    body.
 
     `retry_after` is the `Retry-After` header in seconds, when the service sent one.
     """
@@ -53,12 +56,13 @@ class NotFound(ApiError):
 
 
 class Conflict(ApiError):
-    """409: the resource's state forbids it (job finished or still running, dataset in use, idempotency key
-    reused with another body)."""
+    """409: the resource's state forbids it (job finished or still running, dataset in use,
+    idempotency key reused with another body)."""
 
 
 class Gone(ApiError):
-    """410: the resource existed but is no more (a job's artifacts removed after the operator's retention)."""
+    """410: the resource existed but is no more (a job's artifacts removed after the operator's
+    retention)."""
 
 
 class PayloadTooLarge(ApiError):
@@ -82,7 +86,8 @@ class ServerError(ApiError):
 
 
 class ServiceUnavailable(ServerError):
-    """503: a dependency of the service (database, broker) is down for now; `retry_after` says when to retry."""
+    """503: a dependency of the service (database, broker) is down for now; `retry_after` says when
+    to retry."""
 
 
 class ConnectionFailed(Fd2Error):
@@ -101,7 +106,8 @@ class ChecksumMismatch(Fd2Error):
 
 
 class WaitTimeout(Fd2Error, TimeoutError):
-    """`wait` gave up after its timeout while the job was still queued or running; `job` is its last state."""
+    """`wait` gave up after its timeout while the job was still queued or running; `job` is its last
+    state."""
 
     def __init__(self, job: Mapping[str, Any], timeout: float) -> None:
         super().__init__(f"job {job.get('id')} is still {job.get('status')} after {timeout:g} s")
@@ -110,7 +116,8 @@ class WaitTimeout(Fd2Error, TimeoutError):
 
 
 class JobError(Fd2Error):
-    """A job ended without success; `job` is the final job resource, `code`/`message` its `error`."""
+    """A job ended without success; `job` is the final job resource, `code`/`message` its
+    `error`."""
 
     def __init__(self, job: Mapping[str, Any]) -> None:
         error = job.get("error") or {}
@@ -152,8 +159,12 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
-def error_from_response(response: httpx.Response) -> ApiError:
-    """The typed error of a 4xx/5xx answer; a body that is not the service's error shape still gives one."""
+def error_from_response(response: httpx.Response, key: ApiKey | None = None) -> ApiError:
+    """The typed error of a 4xx/5xx answer; a body that is not the service's error shape still gives
+    one.
+
+    `key` is masked wherever the answer quotes it back (a proxy echoing the header), so no error
+    carries it."""
     status = response.status_code
     code, message, details = _http_code(status), response.reason_phrase or f"HTTP {status}", None
     try:
@@ -165,11 +176,14 @@ def error_from_response(response: httpx.Response) -> ApiError:
         code = str(error.get("code") or code)
         message = str(error.get("message") or message)
         details = error.get("details")
+    if key is not None:
+        code, message, details = key.redact(code), key.redact(message), key.redact_json(details)
     kind = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
     return kind(status, code, message, details, retry_after_seconds(response))
 
 
 def _http_code(status: int) -> str:
-    """`not_found` for 404 and so on: the code of an error answer that came without the service's body."""
+    """`not_found` for 404 and so on: the code of an error answer that came without the service's
+    body."""
     phrase = httpx.codes.get_reason_phrase(status)
     return re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_") if phrase else f"http_{status}"
