@@ -66,7 +66,7 @@ from fd2_core.stages.context import RunContext  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
-from fd2_core.stages.relabel import relabel  # noqa: E402
+from fd2_core.stages.relabel import relabel_all_epochs  # noqa: E402
 
 FORMAT = "fd2.quality.v3"
 # v3: the published data path (docs/DATA_PATH.md); result files, work folders, plots and the benchmarks page's
@@ -372,7 +372,7 @@ class PairRunner:
         """(top-1, seconds) of the student on `images` relabelled by `teacher` (file `name` under `wd`)."""
         ctx = make_ctx(spec, self.data, wd)
         t = time.monotonic()
-        soft = relabel(ctx, teacher, images, labels, wd / f"{name}.safetensors")
+        soft = relabel_all_epochs(ctx, teacher, images, labels, wd / f"{name}.safetensors")
         result = train_student(ctx, images, labels, soft, stream="student", hard_labels=hard)
         return accuracy_of(result), round(time.monotonic() - t, 1)
 

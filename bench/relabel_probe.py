@@ -29,7 +29,7 @@ from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.patches import random_real_indices  # noqa: E402
 from fd2_core.stages.pretrain import pretrain  # noqa: E402
-from fd2_core.stages.relabel import relabel  # noqa: E402
+from fd2_core.stages.relabel import relabel_all_epochs  # noqa: E402
 
 PROTOCOLS = (("train", 2), ("eval", 1), ("train", 1), ("eval", 2))
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             protocol = {"relabel_bn_mode": mode, "relabel_forward_splits": splits}
             ctx = make_ctx(resolve_spec({**base, **protocol}), data, root)
             t = time.monotonic()
-            soft = relabel(ctx, teacher, images, labels, root / f"soft_{mode}{splits}_ipc{args.ipc}.safetensors")
+            path = root / f"soft_{mode}{splits}_ipc{args.ipc}.safetensors"
+            soft = relabel_all_epochs(ctx, teacher, images, labels, path)
             acc = train_student(ctx, images, labels, soft, stream="student").accuracy
             results[f"seed{seed}/{mode}/{splits}"] = acc
             log(f"seed {seed}: bn {mode}, {splits} part(s): {acc:.3f} ({time.monotonic() - t:.0f} s)")

@@ -1,8 +1,8 @@
 """`run(spec, dataset, workdir, on_event, should_stop) -> PipelineResult`: the whole FD² job.
 
 pretrain → distill → relabel → evaluate → package, each a module of `fd2_core.stages`.
-Each stage writes its outputs under `workdir/stages` atomically and a re-run with the same workdir
-skips finished work, so a killed run resumes.
+Each stage runs its units (the shards of `fd2_core.shards`, in this process) and writes their outputs under
+`workdir/stages` atomically. A re-run with the same workdir skips every saved unit, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
 from .stages.package import Provenance, json_safe, package, quantize
 from .stages.pretrain import pretrain
-from .stages.relabel import SOFT_LABELS_FILE, relabel
+from .stages.relabel import relabel
 from .stages.teacher import check_teacher_weights
 from .timings import Timings
 
@@ -297,8 +297,11 @@ def run(
     `drop_duplicates` makes the loader drop copies within a split and test images that occur in
     train (`report.json` → `dataset.duplicates` counts them either way).
     A resumed run must name the same weights file and make the same `drop_duplicates` choice.
-    After every shard of the job ran (`fd2_core.shards`), `run` trains
-    nothing: each stage reuses what the shards saved.
+
+    Each stage runs the job's units of `fd2_core.shards.plan_shards` with `max_workers` 1, in plan order,
+    through the same unit functions as a shard: the teachers, the class blocks and their merge, one range of
+    relabel epochs and its join, the students; then the package. One resume rule holds for both: a unit whose
+    outputs are saved is skipped. After every shard of the job ran elsewhere, `run` trains nothing.
     """
     opened = open_run(spec, dataset, workdir, on_event, should_stop, limits, teacher_weights, drop_duplicates)
     spec, data, timings, provenance = opened.spec, opened.data, opened.timings, opened.provenance
@@ -313,7 +316,7 @@ def run(
         synthetic = distill(ctx, teacher)
     distilled = quantize(ctx, synthetic)
     with timings.measure("relabel"):
-        soft = relabel(ctx, teacher, distilled.images, distilled.labels, ctx.stage_dir / SOFT_LABELS_FILE)
+        soft = relabel(ctx, teacher, distilled.images, distilled.labels)
     metrics = teacher_metrics(teacher.info)
     if spec.evaluate:
         with timings.measure("evaluate"):

@@ -135,3 +135,68 @@ class StageReporter:
                 losses={k: round(float(v), 5) for k, v in (losses or {}).items()},
             )
         )
+
+
+class UnitReporter(StageReporter):
+    """One unit's view of its stage (a teacher, a class block, a range of relabel epochs): its share of the
+    stage's progress, from `offset` (a fraction of the stage) for `share` of it.
+
+    The stage's first unit starts the stage and its last unit ends it; the others log instead, so a run of
+    several units shows each stage once. A unit run alone (one shard) is `first` and `last`: the whole stage.
+    `prefix` names the unit in its messages; `begin_message` and `end_message` are its defaults.
+    """
+
+    def __init__(self, parent: StageReporter, offset: float, share: float, *, first: bool, last: bool,
+                 prefix: str = "", begin_message: str = "", end_message: str = "") -> None:
+        super().__init__(parent.tracker, parent.name, parent.start + offset * parent.span, share * parent.span)
+        self.first, self.last, self.prefix = first, last, prefix
+        self.begin_message, self.end_message = begin_message, end_message
+
+    def begin(self, total_units: int, message: str = "") -> None:
+        self.total = max(1, int(total_units))
+        self.tracker.check_stop()
+        text = message or self.begin_message
+        if self.first:
+            self._emit("stage_start", 0.0, text or f"{self.name} started")
+        elif text:
+            self._emit("log", 0.0, text)
+
+    def end(self, message: str = "") -> None:
+        text = message or self.end_message
+        if self.last:
+            self._emit("stage_end", 1.0, text or f"{self.name} finished")
+        elif text:
+            self._emit("log", 1.0, text)
+
+    def _emit(self, kind: str, fraction: float, message: str, losses: dict[str, Any] | None = None) -> None:
+        super()._emit(kind, fraction, f"{self.prefix}: {message}" if self.prefix and message else message, losses)
+
+
+class UnitTracker:
+    """The run's progress tracker as one unit sees it: its own stage through a `UnitReporter`, every other
+    stage as the run's own."""
+
+    def __init__(self, tracker: ProgressTracker, stage: str, offset: float, share: float, *, first: bool,
+                 last: bool, prefix: str = "", begin_message: str = "", end_message: str = "") -> None:
+        self._tracker, self._stage = tracker, stage
+        self._unit = dict(offset=offset, share=share, first=first, last=last, prefix=prefix,
+                          begin_message=begin_message, end_message=end_message)
+
+    def stage(self, name: str) -> StageReporter:
+        reporter = self._tracker.stage(name)
+        if name != self._stage:
+            return reporter
+        unit = self._unit
+        return UnitReporter(reporter, unit["offset"], unit["share"], first=unit["first"], last=unit["last"],
+                            prefix=unit["prefix"], begin_message=unit["begin_message"],
+                            end_message=unit["end_message"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tracker, name)
+
+
+def unit_tracker(tracker: ProgressTracker, stage: str, index: int, count: int, *, prefix: str = "",
+                 begin_message: str = "", end_message: str = "") -> UnitTracker:
+    """Unit `index` of `count` equal units of `stage` as one run drives them (a shard is `count` 1)."""
+    return UnitTracker(tracker, stage, index / count, 1 / count, first=index == 0, last=index == count - 1,
+                       prefix=prefix, begin_message=begin_message, end_message=end_message)

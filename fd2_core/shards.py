@@ -49,7 +49,9 @@ from .stages.evaluate import evaluation_student, student_file, student_names, st
 from .stages.package import quantize
 from .stages.pretrain import load_committee, member_saved, pretrain_member, pretrain_scorer, scorer_saved
 from .stages.relabel import (
+    MIN_RELABEL_EPOCHS,
     SOFT_LABELS_FILE,
+    epoch_ranges,
     merge_relabel_parts,
     missing_epochs,
     part_file,
@@ -58,10 +60,6 @@ from .stages.relabel import (
     relabel_epochs,
 )
 
-# A relabel shard loads the data, the teachers and the set before its first
-# batch; at least this many epochs keep that a small share of its work (the
-# paper presets' 400 epochs split into at most 16 ranges).
-MIN_RELABEL_EPOCHS = 25
 STAGES = ("pretrain", "distill", "relabel", "evaluate", "package")
 SCORER_ID = "pretrain:scorer"
 _MEMBER = re.compile(r"pretrain:m(\d+)")
@@ -101,22 +99,6 @@ class ShardNotReady(RuntimeError):
     def __init__(self, shard_id: str, missing: list[str]) -> None:
         super().__init__(f"shard {shard_id} needs {', '.join(missing)} to finish first")
         self.shard_id, self.missing = shard_id, missing
-
-
-def epoch_ranges(epochs: int, max_workers: int, min_epochs: int = MIN_RELABEL_EPOCHS) -> list[range]:
-    """range(epochs) in at most `max_workers` consecutive ranges of whole
-    epochs, each at least `min_epochs` long (one range when `epochs` is
-    shorter); sizes differ by at most one, the larger first."""
-    if max_workers < 1 or min_epochs < 1:
-        raise ValueError(f"max_workers and min_epochs must be at least 1, got {max_workers} and {min_epochs}")
-    count = max(1, min(max_workers, epochs // min_epochs))
-    base, extra = divmod(epochs, count)
-    ranges, start = [], 0
-    for i in range(count):
-        stop = start + base + (1 if i < extra else 0)
-        ranges.append(range(start, stop))
-        start = stop
-    return ranges
 
 
 def member_id(index: int) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from ..atomic import save_tensors
 from ..models import FD2Model
-from ..progress import StageReporter
+from ..progress import UnitTracker
 from ..runtime import frozen
 from ..spec import JobSpec
 from .context import RunContext
@@ -73,43 +73,13 @@ class Committee:
         return len(self.members)
 
 
-class _MemberReporter(StageReporter):
-    """The pretrain stage's reporter for member i of n: its share of the stage's progress, messages prefixed
-    with the member's name, and only the first member starts the stage and only the last one ends it. A member
-    pretrained `alone` (one shard) spans the whole stage, which it starts and ends."""
-
-    def __init__(self, parent: StageReporter, index: int, count: int, name: str, alone: bool = False) -> None:
-        share = parent.span if alone else parent.span / count
-        super().__init__(parent.tracker, parent.name, parent.start + (0 if alone else index * share), share)
-        self.index, self.count, self.prefix = index, count, f"teacher {index + 1}/{count} ({name})"
-        self.first, self.last = alone or index == 0, alone or index == count - 1
-
-    def begin(self, total_units: int, message: str = "") -> None:
-        self.total = max(1, int(total_units))
-        self.tracker.check_stop()
-        self._emit("stage_start" if self.first else "log", 0.0, message or "pretraining started")
-
-    def end(self, message: str = "") -> None:
-        self._emit("stage_end" if self.last else "log", 1.0, message or "pretraining finished")
-
-    def _emit(self, kind: str, fraction: float, message: str, losses: dict[str, Any] | None = None) -> None:
-        super()._emit(kind, fraction, f"{self.prefix}: {message}" if message else message, losses)
-
-
-class _MemberTracker:
-    """The run's progress tracker as one member's pretraining sees it (every other stage is the run's own)."""
-
-    def __init__(self, ctx: RunContext, index: int, count: int, name: str, alone: bool) -> None:
-        self._tracker, self._index, self._count, self._name, self._alone = ctx.tracker, index, count, name, alone
-
-    def stage(self, name: str) -> StageReporter:
-        reporter = self._tracker.stage(name)
-        if name != "pretrain":
-            return reporter
-        return _MemberReporter(reporter, self._index, self._count, self._name, self._alone)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tracker, name)
+def _member_tracker(ctx: RunContext, index: int, count: int, name: str, alone: bool) -> UnitTracker:
+    """The run's tracker as teacher `index` of `count` sees it: its share of the pretrain stage, its messages
+    prefixed with its name (`alone`: one shard, the whole stage)."""
+    return UnitTracker(ctx.tracker, "pretrain", 0.0 if alone else index / count, 1.0 if alone else 1 / count,
+                       first=alone or index == 0, last=alone or index == count - 1,
+                       prefix=f"teacher {index + 1}/{count} ({name})", begin_message="pretraining started",
+                       end_message="pretraining finished")
 
 
 def member_names(ctx: RunContext) -> list[str]:
@@ -133,7 +103,7 @@ def member_context(ctx: RunContext, index: int, alone: bool = False) -> RunConte
     reported as the first share of the stage); else the member's spec and folder, its pretraining reported as
     its share of the stage (`alone`: as the whole stage, for a shard)."""
     names, count = member_names(ctx), pretrainings(ctx.spec)
-    tracker = _MemberTracker(ctx, index, count, names[index], alone)
+    tracker = _member_tracker(ctx, index, count, names[index], alone)
     if ctx.spec.committee is None:
         return ctx if count == 1 else dataclasses.replace(ctx, tracker=tracker)  # type: ignore[arg-type]
     return RunContext(
@@ -167,7 +137,7 @@ def scorer_context(ctx: RunContext, alone: bool = False) -> RunContext:
         data=ctx.data,
         workdir=scorer_workdir(ctx.workdir, ctx.spec),
         device=ctx.device,
-        tracker=_MemberTracker(ctx, count - 1, count, SCORER_NAME, alone),  # type: ignore[arg-type]
+        tracker=_member_tracker(ctx, count - 1, count, SCORER_NAME, alone),  # type: ignore[arg-type]
         teacher_weights=ctx.teacher_weights,
         notes=ctx.notes,
     )

@@ -1,7 +1,7 @@
 """Stage 2 — optimise synthetic images against the frozen teacher, one ipc index at a time.
 
-This module is the stage's entry: `distill` for the whole set, `distill_block` for one class block.
-Both run the same unit, `distill_block_index`, for each ipc index of a class block in order.
+This module is the stage's entry: `distill` runs the stage's units in order, `distill_block` is one unit.
+A unit is one class block: `distill_block_index` for each of its ipc indices in order.
 The unit picks the method's work from the modules beside this one:
 - `fd2_core.stages.initialisation`: the start images, and `rded` / `random` (real pixels);
 - `fd2_core.stages.synthesis`: the optimisation with FD²'s loss (the sre2l++ recipe);
@@ -13,9 +13,10 @@ So a killed run resumes at the first missing index (under FADRM+, at the first u
 Classes are optimised in blocks of `distill_batch_classes` (`class_blocks`).
 One block's work never reads another block's.
 Its patch selection, its random streams and the earlier indices SC reads are the block's own.
-So a block can also run alone (`distill_block`, one shard of `fd2_core.shards`).
+So a block runs alone in any order, in this process or as one shard of `fd2_core.shards` on another worker.
 It saves each index as `ipc_JJJ_cKKKKK.safetensors`, and `merge_blocks` then writes every
-`ipc_JJJ.safetensors` exactly as `distill` does.
+`ipc_JJJ.safetensors`. A work folder whose merged index files were written before blocks were saved
+(an earlier version's run) is read block by block from them, so it resumes without recomputing.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import load_tensors, save_tensors
+from ..atomic import save_tensors
 from ..fadrm import total_steps
 from ..models import FD2Model
-from ..progress import StageReporter
+from ..progress import StageReporter, unit_tracker
 from ..spec import JobSpec
 from ..stored_images import stored_pixels
 from .committee import Committee, as_committee, frozen_members
 from .context import RunContext
-from .distill_files import block_path, class_blocks, index_tensors, ipc_path, save_index, saved_block
+from .distill_files import block_path, class_blocks, load_distilled, merge_blocks, saved_block
 from .fadrm_phases import optimise_chunk_fadrm, phase_path
 from .initialisation import select_random, select_rded
 from .patches import patch_wrap_note
@@ -97,10 +98,6 @@ def _log_wrap_note(ctx: RunContext, reporter: StageReporter) -> None:
         reporter.log(note)
 
 
-def _loaded(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in load_tensors(path).items()}
-
-
 def _with_scorer(ctx: RunContext, committee: Committee) -> Committee:
     """The committee with the plain patch scorer the spec trains (`JobSpec.trains_scorer`).
 
@@ -114,41 +111,20 @@ def _with_scorer(ctx: RunContext, committee: Committee) -> Committee:
 
 
 def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tensor:
-    """Synthetic images [ipc, K, 3, S, S] in normalised space, also saved per ipc index with `init`.
+    """Stage 2: synthetic images [ipc, K, 3, S, S] in normalised space, saved per ipc index with `init`.
 
     `teacher` is one model or a committee (`fd2_core.stages.committee`); None only for `random`.
-    Ipc index j runs its class blocks in order (`distill_block_index`).
-    A block that a block shard already saved is reused.
+    The stage runs its units in order, as the shards of `fd2_core.shards` do: each class block
+    (`distill_block`, its share of the stage's progress), then the merge of the block files into one file
+    per ipc index (`merge_blocks`). A block or an index already saved is reused.
     """
-    spec = ctx.spec
     committee = _with_scorer(ctx, as_committee(ctx, teacher)) if teacher is not None else None
-    reporter = ctx.tracker.stage("distill")
     blocks = class_blocks(ctx)
-    per_block = chunk_steps(spec) if spec.optimises_images else 0
-    reporter.begin(spec.ipc * per_block * len(blocks) if spec.optimises_images else spec.ipc)
-    _log_wrap_note(ctx, reporter)
-    done: list[torch.Tensor] = []
-    for j in range(spec.ipc):
-        path = ipc_path(ctx, j)
-        if path.exists():
-            done.append(load_tensors(path)["images"].to(ctx.device))
-            reporter.log(f"ipc index {j} already distilled; reusing it", fraction=(j + 1) / spec.ipc)
-            continue
-        parts = []
-        for c, classes in enumerate(blocks):
-            saved = block_path(ctx, j, classes)
-            if saved.exists():
-                parts.append(_loaded(saved, ctx.device))
-                continue
-            before = (j * len(blocks) + c) * per_block
-            previous = [images[classes] for images in done]
-            parts.append(distill_block_index(ctx, committee, classes, j, previous, reporter, before))
-        tensors = index_tensors(ctx, parts)
-        save_index(ctx, j, tensors)
-        done.append(tensors["images"])
-        reporter.log(f"ipc index {j + 1}/{spec.ipc} distilled", fraction=(j + 1) / spec.ipc)
-    reporter.end()
-    return torch.stack(done)
+    for i, classes in enumerate(blocks):
+        unit = dataclasses.replace(ctx, tracker=unit_tracker(ctx.tracker, "distill", i, len(blocks)))
+        distill_block(unit, committee, classes)
+    merge_blocks(ctx)
+    return load_distilled(ctx)
 
 
 def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes: torch.Tensor) -> list[Path]:
@@ -166,6 +142,7 @@ def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes
     reporter.begin(spec.ipc * per_block if spec.optimises_images else spec.ipc)
     _log_wrap_note(ctx, reporter)
     first, last = int(classes[0]), int(classes[-1])
+    which = "" if len(classes) == ctx.num_classes else f" of classes {first}-{last}"
     previous: list[torch.Tensor] = []
     for j in range(spec.ipc):
         saved = saved_block(ctx, j, classes)
@@ -174,11 +151,9 @@ def distill_block(ctx: RunContext, teacher: FD2Model | Committee | None, classes
             save_tensors(block_path(ctx, j, classes), saved, {"ipc_index": str(j), "first_class": str(first),
                                                               "num_classes": str(len(classes))})
             phase_path(ctx, j, classes).unlink(missing_ok=True)
-            reporter.log(f"ipc index {j + 1}/{spec.ipc} of classes {first}-{last} distilled",
-                         fraction=(j + 1) / spec.ipc)
+            reporter.log(f"ipc index {j + 1}/{spec.ipc}{which} distilled", fraction=(j + 1) / spec.ipc)
         else:
-            reporter.log(f"ipc index {j} of classes {first}-{last} already distilled; reusing it",
-                         fraction=(j + 1) / spec.ipc)
+            reporter.log(f"ipc index {j}{which} already distilled; reusing it", fraction=(j + 1) / spec.ipc)
         previous.append(saved["images"].to(ctx.device))
     reporter.end()
     return [block_path(ctx, j, classes) for j in range(spec.ipc)]

@@ -36,7 +36,7 @@ from .committee import Committee
 from .context import RunContext
 from .full_data import full_data_steps, train_full_data_student
 from .patches import random_real_indices
-from .relabel import relabel
+from .relabel import relabel_all_epochs
 from .teacher import correctness
 
 SCHEDULES = ("half-cosine", "cosine")
@@ -290,7 +290,7 @@ def evaluation_student(
         real_u8, real_labels = ctx.data.train_images[idx], ctx.data.train_labels[idx]
 
         def train(before: int) -> StudentResult:
-            baseline_soft = relabel(
+            baseline_soft = relabel_all_epochs(
                 ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
                 stream="baseline-relabel", parent=reporter,
             )

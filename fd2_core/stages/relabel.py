@@ -13,6 +13,7 @@ joined (students still replay older files as they were recorded).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from ..models import FD2Model
-from ..progress import StageReporter
+from ..progress import StageReporter, unit_tracker
 from ..runtime import generator
 from ..softlabels import (
     FORMAT,
@@ -127,7 +128,7 @@ def _record(
     return tensors, _metadata(ctx, images.shape[0], labels, committee)
 
 
-def relabel(
+def relabel_all_epochs(
     ctx: RunContext,
     teacher: FD2Model | Committee,
     images_u8: torch.Tensor,
@@ -139,7 +140,8 @@ def relabel(
     """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists in the current
     format with this protocol, else records every epoch (format v4).
 
-    Alone it is the `relabel` stage; with a `parent` reporter (the random baseline inside `evaluate`) it only
+    A recording in one piece, for the random baseline inside `evaluate` and for benchmarks that relabel a set
+    of their own; a job's relabel stage is `relabel`. With a `parent` reporter (the baseline) it only
     keeps polling the stop flag through the parent and emits no stage events of its own.
     """
     spec = ctx.spec
@@ -169,6 +171,53 @@ def relabel(
     return SoftLabels.load(path)
 
 
+# A relabel shard loads the data, the teachers and the set before its first batch; at least this many epochs
+# keep that a small share of its work (the paper presets' 400 epochs split into at most 16 ranges).
+MIN_RELABEL_EPOCHS = 25
+
+
+def epoch_ranges(epochs: int, max_workers: int, min_epochs: int = MIN_RELABEL_EPOCHS) -> list[range]:
+    """range(epochs) in at most `max_workers` consecutive ranges of whole
+    epochs, each at least `min_epochs` long (one range when `epochs` is
+    shorter); sizes differ by at most one, the larger first."""
+    if max_workers < 1 or min_epochs < 1:
+        raise ValueError(f"max_workers and min_epochs must be at least 1, got {max_workers} and {min_epochs}")
+    count = max(1, min(max_workers, epochs // min_epochs))
+    base, extra = divmod(epochs, count)
+    ranges, start = [], 0
+    for i in range(count):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def relabel(
+    ctx: RunContext, teacher: FD2Model | Committee, images_u8: torch.Tensor, labels: torch.Tensor
+) -> SoftLabels:
+    """Stage 3: the soft labels of the set (uint8 [N,3,S,S], labels [N]) in `stages/soft_labels.safetensors`.
+
+    The stage runs its units in order, as the shards of `fd2_core.shards` do: the relabel walk in one range of
+    epochs (`relabel_epochs`), then the join of the ranges into the file (`merge_relabel_parts`). A file
+    already recorded with this protocol is reused; one recorded with another protocol is recorded again.
+    """
+    path = ctx.stage_dir / SOFT_LABELS_FILE
+    existing = reusable(path, ctx.spec)
+    if existing is not None:
+        reporter = ctx.tracker.stage("relabel")
+        reporter.begin(1)
+        reporter.log(f"{path.name} already recorded; reusing it")
+        reporter.end()
+        return existing
+    again = f"{path.name} was recorded with another relabel protocol; recording it again" if path.exists() else ""
+    ranges = epoch_ranges(ctx.spec.relabel_epochs, 1)
+    for i, epochs in enumerate(ranges):
+        tracker = unit_tracker(ctx.tracker, "relabel", i, len(ranges), begin_message=again if i == 0 else "")
+        relabel_epochs(dataclasses.replace(ctx, tracker=tracker), teacher, images_u8, labels, epochs,
+                       end_message="relabel finished")
+    return merge_relabel_parts(ctx, path)
+
+
 def part_file(stage_dir: Path, epochs: range) -> Path:
     """Where a relabel shard saves epochs [start, stop): `stages/relabel/epochs_SSSS_EEEE.safetensors`."""
     return stage_dir / PARTS_FOLDER / f"epochs_{epochs.start:04d}_{epochs.stop:04d}.safetensors"
@@ -185,9 +234,11 @@ def relabel_epochs(
     labels: torch.Tensor,
     epochs: range,
     stream: str = "relabel",
+    end_message: str = "",
 ) -> Path:
     """Record only `epochs` of the relabel walk of `images_u8` into their part file (`part_path`, atomic;
-    skipped when it exists). The part holds exactly those epochs of what `relabel` records."""
+    skipped when it exists). The part holds exactly those epochs of what `relabel_all_epochs` records.
+    One unit of the relabel stage (`relabel`), or one shard of `fd2_core.shards`."""
     path = part_path(ctx, epochs)
     reporter = ctx.tracker.stage("relabel")
     reporter.begin(1)
@@ -202,7 +253,7 @@ def relabel_epochs(
 
     tensors, metadata = _record(ctx, teacher, images_u8, labels, epochs, stream, on_batch)
     save_soft_label_part(path, tensors, metadata, epochs)
-    reporter.end(f"relabel epochs {epochs.start}-{epochs.stop} recorded")
+    reporter.end(end_message or f"relabel epochs {epochs.start}-{epochs.stop} recorded")
     return path
 
 

@@ -32,7 +32,7 @@ from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages.committee import Committee, TeacherMember, member_context
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.pretrain import pretrain
-from fd2_core.stages.relabel import relabel
+from fd2_core.stages.relabel import relabel_all_epochs
 from fd2_core.stages.teacher import new_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +221,7 @@ def test_committee_soft_labels_are_the_weighted_sum_of_its_members_logits(tmp_pa
     committee = Committee([_member(ctx, 0, 0.25), _member(ctx, 1, 0.75)])
     before = [{k: v.clone() for k, v in m.model.state_dict().items()} for m in committee.members]
     images, labels = ctx.data.train_images[:7], ctx.data.train_labels[:7]
-    soft = relabel(ctx, committee, images, labels, tmp_path / "soft.safetensors")
+    soft = relabel_all_epochs(ctx, committee, images, labels, tmp_path / "soft.safetensors")
     x_all = ctx.normalize(images).float()
     for step in range(len(soft)):
         idx, crop, cutmix, stored = soft.batch(step)

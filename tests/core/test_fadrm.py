@@ -238,7 +238,8 @@ def test_a_run_interrupted_between_phases_resumes_to_the_same_images(tmp_path, t
         run(raw, tiny_data, tmp_path / "cut")
     monkeypatch.undo()
     stage = tmp_path / "cut" / "stages" / "distill"
-    assert (stage / "ipc_000.safetensors").exists() and not (stage / "ipc_001.safetensors").exists()
+    # index 0 of the one class block is saved; index 1 stopped in its third phase
+    assert (stage / "ipc_000_c00000.safetensors").exists() and not (stage / "ipc_001_c00000.safetensors").exists()
     checkpoint = load_tensors(stage / "ipc_001_c00000_phase.safetensors")
     assert int(checkpoint["phase"]) == 1 and checkpoint["images"].shape[-1] == 29
     seen = _spy_phases(monkeypatch)

@@ -20,7 +20,7 @@ from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages import pretrain as stage
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.evaluate import train_student, weight_decay_groups
-from fd2_core.stages.relabel import relabel
+from fd2_core.stages.relabel import relabel_all_epochs
 from fd2_core.stages.teacher import new_teacher
 
 EPOCHS = range(6)
@@ -120,7 +120,7 @@ def test_the_student_optimiser_uses_the_groups_and_sets_every_groups_lr(
     ctx = RunContext(spec, data, tmp_path, torch.device("cpu"), ProgressTracker({}, None, None))
     torch.manual_seed(0)
     images, labels = data.train_images[:7], data.train_labels[:7]
-    soft = relabel(ctx, new_teacher(ctx).eval(), images, labels, tmp_path / "soft.safetensors")
+    soft = relabel_all_epochs(ctx, new_teacher(ctx).eval(), images, labels, tmp_path / "soft.safetensors")
     seen: list[list[tuple[float, float, int]]] = []
     real_step = torch.optim.AdamW.step
 

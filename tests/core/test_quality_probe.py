@@ -15,7 +15,7 @@ from pipeline_helpers import TINY_DATA, TINY_SPEC
 
 from fd2_core.data.dataset import load_dataset
 from fd2_core.spec_resolution import resolve_spec
-from fd2_core.stages.relabel import relabel
+from fd2_core.stages.relabel import relabel_all_epochs
 from fd2_core.stages.teacher import new_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_probe_label_source_equals_the_relabel_stage(tmp_path, data, method, nam
     teacher = new_teacher(ctx)
     images = data.train_images[:8]
     labels = data.train_labels[:8]
-    production = relabel(ctx, teacher, images, labels, tmp_path / "stage.safetensors")
+    production = relabel_all_epochs(ctx, teacher, images, labels, tmp_path / "stage.safetensors")
     assert kind == ("cal" if spec.uses_cal else "ce")
     replayed = probe.soft_labels(ctx, teacher, source, images, tmp_path / "probe.st")
     assert set(replayed.tensors) == set(production.tensors)

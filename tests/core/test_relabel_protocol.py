@@ -29,7 +29,7 @@ from fd2_core.spec_resolution import resolve_spec
 from fd2_core.stages import evaluate
 from fd2_core.stages.context import RunContext
 from fd2_core.stages.evaluate import StudentResult, accumulate, soft_label_loss, student_lr, train_student
-from fd2_core.stages.relabel import relabel
+from fd2_core.stages.relabel import relabel_all_epochs
 from fd2_core.stages.teacher import new_teacher
 
 N_IMAGES = 7  # batches of 4 and 3: forwarded as parts of 2 + 2 and 2 + 1
@@ -61,7 +61,7 @@ def _teacher(ctx: RunContext) -> torch.nn.Module:
 
 def _relabel(ctx, teacher, tmp_path, name="soft.safetensors") -> SoftLabels:
     images, labels = ctx.data.train_images[:N_IMAGES], ctx.data.train_labels[:N_IMAGES]
-    return relabel(ctx, teacher, images, labels, tmp_path / name)
+    return relabel_all_epochs(ctx, teacher, images, labels, tmp_path / name)
 
 
 def _pick(out, source: str, r: float) -> torch.Tensor:
@@ -166,7 +166,7 @@ def _replay(data, images, labels, soft: SoftLabels) -> SoftLabelReplay:
 def test_metadata_records_the_protocol_and_replay_reads_it(tmp_path, data):
     ctx = _ctx(tmp_path, data, soft_label_source="cal", relabel_forward_splits=3)
     images, labels = _positional(data)
-    soft = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "soft.safetensors")
+    soft = relabel_all_epochs(ctx, _teacher(ctx), images, labels, tmp_path / "soft.safetensors")
     meta = soft.metadata
     assert meta["format"] == FORMAT == "fd2.soft_labels.v4"
     recorded = (meta["soft_label_source"], meta["relabel_bn_mode"], json.loads(meta["forward_splits"]))
@@ -196,7 +196,7 @@ def _write_v1(path, soft: SoftLabels, teacher_logits: str | None) -> None:
 def test_v1_files_load_with_their_old_meaning(tmp_path, data, recorded, source):
     ctx = _ctx(tmp_path, data)
     images, labels = _positional(data)
-    v3 = relabel(ctx, _teacher(ctx), images, labels, tmp_path / "v3.safetensors")
+    v3 = relabel_all_epochs(ctx, _teacher(ctx), images, labels, tmp_path / "v3.safetensors")
     _write_v1(tmp_path / "v1.safetensors", v3, recorded)
     v1 = SoftLabels.load(tmp_path / "v1.safetensors")
     assert (v1.format_version, v1.soft_label_source, v1.bn_mode, v1.forward_splits) == (1, source, "eval", 1)

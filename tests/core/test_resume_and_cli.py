@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_helpers import TINY_DATA, tiny_spec
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fd2_core.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +46,8 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(command(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = workdir / "stages" / "distill" / "ipc_000.safetensors"
+    # index 0 of the one class block: the distill stage's first unit saves it before the merge
+    first = workdir / "stages" / "distill" / "ipc_000_c00000.safetensors"
     deadline = time.monotonic() + 240
     while not first.exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -50,14 +56,15 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (workdir / "artifacts" / "report.json").exists()
-    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    saved = load_file(first)
 
     # resume and a fresh uninterrupted run both in their own process, so both use the same thread count
     resumed = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "ipc index 0 already distilled" in resumed.stderr
     assert "pretrain already finished" in resumed.stderr
-    assert hashlib.sha256(first.read_bytes()).hexdigest() == digest
+    merged = load_file(workdir / "stages" / "distill" / "ipc_000.safetensors")
+    assert torch.equal(merged["images"], saved["images"]) and torch.equal(merged["init"], saved["init"])
     report = json.loads((workdir / "artifacts" / "report.json").read_text())
     assert report["resumed"] is True
 
@@ -65,6 +72,44 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
     assert fresh.returncode == 0, fresh.stderr
     tar = "artifacts/distilled.tar.gz"
     assert (workdir / tar).read_bytes() == (tmp_path / "fresh" / tar).read_bytes()
+
+
+def safetensors_content(path: Path) -> tuple[dict, dict]:
+    """A safetensors file's metadata and tensors; the header's key order varies from one write to the next."""
+    with safe_open(path, "pt") as handle:
+        return handle.metadata(), {key: handle.get_tensor(key).tolist() for key in sorted(handle.keys())}
+
+
+def test_a_folder_of_an_earlier_version_resumes_without_recomputing(tmp_path):
+    """An earlier version saved each finished ipc index of every class as one merged file, with no block files.
+
+    Such a folder, killed after index 0, resumes from that file (sliced into the class block) and ends with
+    the files of an uninterrupted run.
+    """
+    spec = tiny_spec(ipc=2)
+    finished = tmp_path / "finished"
+    run(spec, TINY_DATA, finished)
+    earlier = tmp_path / "earlier"
+    shutil.copytree(finished, earlier)
+    stages = earlier / "stages"
+    (stages / "distill" / "ipc_001.safetensors").unlink()
+    assert not list((stages / "distill").glob("ipc_*_c*.safetensors"))
+    for later in [stages / "soft_labels.safetensors", *stages.glob("evaluate*"), *stages.glob("baseline_*")]:
+        later.unlink()
+    shutil.rmtree(earlier / "artifacts")
+    index0 = stages / "distill" / "ipc_000.safetensors"
+    before = (index0.read_bytes(), index0.stat().st_mtime_ns)
+
+    events: list = []
+    run(spec, TINY_DATA, earlier, on_event=events.append)
+    messages = [e.message for e in events]
+    assert "ipc index 0 already distilled; reusing it" in messages
+    assert (index0.read_bytes(), index0.stat().st_mtime_ns) == before
+    for name in ("distilled.tar.gz",):  # its labels.csv and images included
+        assert (earlier / "artifacts" / name).read_bytes() == (finished / "artifacts" / name).read_bytes(), name
+    for name in ("soft_labels.safetensors", "teacher.safetensors"):
+        assert safetensors_content(earlier / "artifacts" / name) == safetensors_content(finished / "artifacts" / name)
+    assert [e.stage for e in events if e.kind == "stage_start"] == [e.stage for e in events if e.kind == "stage_end"]
 
 
 @pytest.mark.parametrize(
