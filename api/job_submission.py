@@ -4,7 +4,9 @@ validation, idempotency, enqueueing.
 A job that cannot run is refused here with 422 rather than failing an hour later on a worker: the
 spec is resolved with the one schema (`api.spec_checks`), the dataset must be ready and fit the spec
 and the operator's cost limits, manifest roots must be operator-allowed (`api.manifest_jobs`),
-callbacks must target allowed hosts.
+callbacks must target allowed hosts. The tenant's cap of active jobs and the dataset's presence
+are checked again where the row is written (`store.jobs.create_job_if_allowed`, under the tenant's
+lock): the checks here answer early, that one holds against simultaneous submits and deletes.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from fd2_core.admission import JobCounts, job_counts
 from fd2_core.spec import JobSpec
 from store.datasets import get_tenant_dataset
 from store.jobs import (
+    DatasetUnavailable,
+    TooManyActiveJobs,
     add_event,
     count_active_jobs,
-    create_job,
+    create_job_if_allowed,
     delete_job,
     find_by_idempotency_key,
     get_tenant_job,
@@ -95,16 +99,38 @@ def dataset_train_counts(dataset: Dataset, spec: JobSpec) -> dict[str, int]:
     return dataset_job_counts(dataset, spec).train_per_class
 
 
+def unknown_dataset(dataset_id: str) -> ApiError:
+    return ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found; upload one with POST /v1/datasets "
+                    "or use an id from GET /v1/datasets", {"field": "dataset.id"})
+
+
+def dataset_not_ready(dataset_id: str, status: str) -> ApiError:
+    return ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {status}, not ready; use a "
+                    "dataset whose status is ready", {"field": "dataset.id", "status": status})
+
+
+def too_many_active_jobs(cap: int) -> ApiError:
+    return ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant; wait for "
+                    "one to end or cancel one, then submit again", {"max_active_jobs_per_tenant": cap},
+                    headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)})
+
+
+def refused_submission(refusal: TooManyActiveJobs | DatasetUnavailable) -> ApiError:
+    """The answer for a limit the store found when it was about to insert the job."""
+    if isinstance(refusal, TooManyActiveJobs):
+        return too_many_active_jobs(refusal.cap)
+    if refusal.status is None:
+        return unknown_dataset(refusal.dataset_id)
+    return dataset_not_ready(refusal.dataset_id, refusal.status)
+
+
 def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant, dataset_id: str,
                      spec: JobSpec) -> Dataset:
     dataset = get_tenant_dataset(session, tenant.id, dataset_id)
     if dataset is None:
-        raise ApiError(422, "unknown_dataset", f"dataset {dataset_id!r} not found; upload one with POST /v1/datasets "
-                       "or use an id from GET /v1/datasets", {"field": "dataset.id"})
+        raise unknown_dataset(dataset_id)
     if dataset.status != DatasetStatus.READY:
-        raise ApiError(422, "dataset_not_ready", f"dataset {dataset_id!r} is {dataset.status}, not ready; use a "
-                       "dataset whose status is ready",
-                       {"field": "dataset.id", "status": dataset.status})
+        raise dataset_not_ready(dataset_id, dataset.status)
     check_runnable(settings, spec, dataset_job_counts(dataset, spec))
     return dataset
 
@@ -142,11 +168,9 @@ def submit_job(
                        "'manifest' (files under an allowed data root); give one of them",
                        {"field": "dataset"})
     cap = settings.max_active_jobs_per_tenant
+    # Early, before any scan; the binding check is the store's, where the job is inserted.
     if cap and count_active_jobs(session, tenant.id) >= cap:
-        raise ApiError(429, "too_many_active_jobs", f"at most {cap} queued or running jobs per tenant; wait for "
-                       "one to end or cancel one, then submit again",
-                       {"max_active_jobs_per_tenant": cap},
-                       headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)})
+        raise too_many_active_jobs(cap)
 
     job_id = new_id("job")
     dataset_id: str | None = None
@@ -161,20 +185,24 @@ def submit_job(
 
     queue = queue_for_device(settings, spec.device)
     try:
-        job = create_job(
-            session, job_id=job_id, tenant_id=tenant.id, spec=spec.model_dump(mode="json"), queue=queue,
-            dataset_id=dataset_id, manifest_path=str(manifest_path) if manifest_path else None,
+        job = create_job_if_allowed(
+            session, max_active_jobs=cap, job_id=job_id, tenant_id=tenant.id, spec=spec.model_dump(mode="json"),
+            queue=queue, dataset_id=dataset_id, manifest_path=str(manifest_path) if manifest_path else None,
             callback_url=body.callback_url, idempotency_key=idempotency_key, request_hash=fingerprint,
         )
         add_event(session, job.id, EventKind.JOB_QUEUED, f"job queued on {queue}")
         session.commit()
-    except IntegrityError:
+    except (TooManyActiveJobs, DatasetUnavailable, IntegrityError) as exc:
+        # A refusal, or the same Idempotency-Key committed by a simultaneous request:
+        # that one's replay wins.
         session.rollback()
         remove_manifest(manifest_path)
         existing = find_by_idempotency_key(session, tenant.id, idempotency_key) if idempotency_key else None
-        if existing is None:
+        if existing is not None:
+            return _replay(existing, fingerprint)
+        if isinstance(exc, IntegrityError):
             raise
-        return _replay(existing, fingerprint)
+        raise refused_submission(exc) from None
 
     try:
         broker.send_job(job.id, queue)

@@ -1,4 +1,8 @@
-"""Uploaded datasets: rows plus their extracted files under `<datasets_dir>/<dataset id>/`."""
+"""Uploaded datasets: rows plus their extracted files under `<datasets_dir>/<dataset id>/`.
+
+Deleting a dataset and submitting a job on it are both checked under the tenant's lock
+(`store.keys.lock_tenant`), so of a delete and a submit racing each other exactly one wins.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fd2_config.settings import Settings
-from store.models import PUBLIC_ID, Artifact, Dataset, DatasetStatus, Job, is_public_id
+from store.keys import lock_tenant
+from store.models import ACTIVE_JOB_STATUSES, PUBLIC_ID, Artifact, Dataset, DatasetStatus, Job, is_public_id
 from store.pagination import Page, newest_first_page
 
 
@@ -101,14 +106,35 @@ def list_datasets(session: Session, tenant_id: str, *, limit: int = 50, cursor: 
     return newest_first_page(session, query, Dataset.created_at, Dataset.id, limit=limit, cursor=cursor)
 
 
-def delete_dataset(session: Session, dataset: Dataset) -> None:
-    """Delete the row (jobs that used it keep their results; their dataset_id becomes null).
+class DatasetInUse(Exception):
+    """A queued or running job uses the dataset: it cannot be deleted until the job ends."""
 
-    The caller removes the files with `remove_dataset_files` after committing, so a failed commit
-    never leaves a row whose files are gone.
+
+def dataset_has_active_jobs(session: Session, dataset_id: str) -> bool:
+    query = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
+    return session.scalar(query) is not None
+
+
+def delete_unused_dataset(session: Session, tenant_id: str, dataset_id: str) -> bool:
+    """Delete the tenant's dataset row unless a queued or running job uses it (`DatasetInUse`);
+    False when there is no such dataset. Jobs that used it keep their results (dataset_id null).
+
+    Checked under the tenant's lock, as a submit checks the dataset
+    (`store.jobs.create_job_if_allowed`): the delete sees the submitted job, or the submit sees
+    the dataset gone. The caller removes the files with `remove_dataset_files` after committing,
+    so a failed commit never leaves a row whose files are gone.
     """
+    if not is_public_id(dataset_id):
+        return False
+    lock_tenant(session, tenant_id)
+    dataset = get_tenant_dataset(session, tenant_id, dataset_id)
+    if dataset is None:
+        return False
+    if dataset_has_active_jobs(session, dataset.id):
+        raise DatasetInUse(dataset.id)
     session.delete(dataset)
     session.flush()
+    return True
 
 
 def remove_dataset_files(settings: Settings, dataset_id: str) -> None:

@@ -1,6 +1,8 @@
 """Jobs and their events: the rows the API writes at submit and reads, and what a run records.
 
-Changes of a job's status live in `store/job_states.py`.
+Changes of a job's status live in `store/job_states.py`. A submit's limits (the tenant's cap of
+active jobs, a dataset still there and ready) are checked where the job is inserted, under the
+tenant's lock (`create_job_if_allowed`), so simultaneous submits and deletes cannot all pass.
 None of these functions commits:
 the caller's `session_scope()` (or the route) decides the transaction.
 """
@@ -18,11 +20,14 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from fd2_config.settings import Settings
 from store.datasets import dataset_path, get_dataset
+from store.keys import lock_tenant
 from store.models import (
     ACTIVE_JOB_STATUSES,
     FINISHED_JOB_STATUSES,
     PUBLIC_ID,
     Artifact,
+    Dataset,
+    DatasetStatus,
     Job,
     JobEvent,
     JobStatus,
@@ -132,6 +137,47 @@ def create_job(
     session.add(job)
     session.flush()
     return job
+
+
+class TooManyActiveJobs(Exception):
+    """The tenant already has its cap of queued or running jobs."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"at most {cap} active jobs per tenant")
+        self.cap = cap
+
+
+class DatasetUnavailable(Exception):
+    """The job's dataset is gone (`status` None: deleted, or never the tenant's) or not ready."""
+
+    def __init__(self, dataset_id: str, status: str | None) -> None:
+        super().__init__(f"dataset {dataset_id} is {status or 'gone'}")
+        self.dataset_id = dataset_id
+        self.status = status
+
+
+def create_job_if_allowed(
+    session: Session, *, tenant_id: str, max_active_jobs: int, dataset_id: str | None = None, **fields: Any
+) -> Job:
+    """`create_job`, but only while the tenant has fewer than `max_active_jobs` queued or running
+    jobs (0 = no cap) and the dataset, if any, is still the tenant's and ready; else raises
+    `TooManyActiveJobs` or `DatasetUnavailable`.
+
+    The checks and the insert hold the tenant's lock (`store.keys.lock_tenant`) until the caller
+    commits: a burst of submits is counted one after another, and a dataset delete
+    (`store.datasets.delete_unused_dataset`, same lock) either ran before and the dataset is gone,
+    or runs after and sees this job.
+    """
+    lock_tenant(session, tenant_id)
+    if max_active_jobs and count_active_jobs(session, tenant_id) >= max_active_jobs:
+        raise TooManyActiveJobs(max_active_jobs)
+    if dataset_id is not None:
+        status = session.scalar(
+            select(Dataset.status).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+        )
+        if status != DatasetStatus.READY:
+            raise DatasetUnavailable(dataset_id, status)
+    return create_job(session, tenant_id=tenant_id, dataset_id=dataset_id, **fields)
 
 
 def delete_job(session: Session, job_id: str) -> None:
@@ -309,11 +355,6 @@ def tenant_job_status(session: Session, tenant_id: str, job_id: str) -> str | No
     """The status of the tenant's job, or None when the tenant has no job
     of that id (or it was deleted)."""
     return session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
-
-
-def dataset_has_active_jobs(session: Session, dataset_id: str) -> bool:
-    query = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
-    return session.scalar(query) is not None
 
 
 def update_progress(

@@ -1,7 +1,8 @@
 """Tenants and their API keys.
 
-A key is `fd2_<8 hex prefix>_<43 random chars>`: the prefix finds the row (and names the key in listings and
-revocations), and only the SHA-256 of the whole key is stored, compared in constant time.
+A key is `fd2_<8 hex prefix>_<43 random chars>`: the prefix finds the row (and names the key in
+listings and revocations), and only the SHA-256 of the whole key is stored, compared in constant
+time. A tenant's row also serves as its lock (`lock_tenant`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.models import ApiKey, Tenant, utcnow
@@ -41,8 +42,21 @@ def get_or_create_tenant(session: Session, tenant_name: str) -> Tenant:
     return tenant
 
 
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise the tenant's check-then-write steps until the caller's transaction ends.
+
+    A no-op write to the tenant's row: on PostgreSQL it takes the row lock (FOR NO KEY UPDATE, so
+    inserts whose foreign key names the tenant still pass), on SQLite the database's write lock,
+    which `SELECT … FOR UPDATE` would not. Take it before reading what the check depends on, so the
+    reads see every write of the previous holder (a fresh snapshot on both databases).
+    """
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+                    .execution_options(synchronize_session=False))
+
+
 def create_tenant_key(session: Session, tenant_name: str) -> str:
-    """Create a key for `tenant_name` (creating the tenant if missing); the plaintext is returned only here."""
+    """Create a key for `tenant_name` (creating the tenant if missing); the plaintext is returned
+    only here."""
     tenant_name = tenant_name.strip()
     if not tenant_name:
         raise ValueError("tenant name must not be empty")
@@ -58,7 +72,8 @@ def create_tenant_key(session: Session, tenant_name: str) -> str:
 
 
 def revoke_key(session: Session, key_or_prefix: str) -> bool:
-    """Revoke a key given whole or by its `fd2_xxxxxxxx` prefix; False when no active key matched."""
+    """Revoke a key given whole or by its `fd2_xxxxxxxx` prefix; False when no active key
+    matched."""
     text = key_or_prefix.strip()
     prefix = text if PREFIX_PATTERN.match(text) else key_prefix(text)
     if prefix is None:

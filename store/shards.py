@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from store.job_states import end_job, finish_job, holder_is_dead
 from store.jobs import add_event, get_job
+from store.keys import lock_tenant
 from store.models import (
     ACTIVE_SHARD_STATUSES,
     FINAL_SHARD_STATUSES,
@@ -41,7 +42,6 @@ from store.models import (
     JobShard,
     JobStatus,
     ShardStatus,
-    Tenant,
     utcnow,
 )
 
@@ -372,8 +372,7 @@ def select_dispatch(session: Session, tenant_id: str, tenant_cap: int = 0) -> li
     `done`. The caller publishes one `fd2.run_shard` message per pair after committing, and puts a
     shard whose message could not be published back with `undo_dispatch`.
     """
-    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
-                    .execution_options(synchronize_session=False))  # serialises dispatch per tenant
+    lock_tenant(session, tenant_id)  # serialises dispatch per tenant
     jobs = session.execute(
         select(Job.id, Job.spec, Job.queue)
         .where(Job.tenant_id == tenant_id, Job.status == JobStatus.RUNNING, Job.sharded.is_(True),

@@ -1,4 +1,5 @@
-"""Dataset upload, listing, reading and deletion (async routes, blocking work in one thread-pool call)."""
+"""Dataset upload, listing, reading and deletion (async routes, blocking work in one thread-pool
+call)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from api.deps import ReaderDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, error_responses, not_found
 from api.schemas import DatasetOut, DatasetPage
 from fd2_config.settings import Settings
-from store.datasets import delete_dataset, get_tenant_dataset, list_datasets, remove_dataset_files
-from store.jobs import dataset_has_active_jobs
+from store.datasets import (
+    DatasetInUse,
+    delete_unused_dataset,
+    get_tenant_dataset,
+    list_datasets,
+    remove_dataset_files,
+)
 from store.models import Dataset
 from store.pagination import InvalidCursor, Page
 from store.resources import dataset_resource
@@ -56,9 +62,9 @@ UPLOAD_ERRORS = error_responses(400, 415, 503)
              summary="Upload an image archive as a dataset")
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
                          tenant: TenantDep) -> dict[str, Any]:
-    """Stream the archive to disk (413 past the size limit), extract it safely, check every image, count
-    duplicates and test images that occur in train (dropped with `drop_duplicates=true`), and answer with the
-    ready dataset; on any failure nothing is kept."""
+    """Stream the archive to disk (413 past the size limit), extract it safely, check every image,
+    count duplicates and test images that occur in train (dropped with `drop_duplicates=true`), and
+    answer with the ready dataset; on any failure nothing is kept."""
     dataset = await receive_dataset(request, session, settings, tenant)
     return dataset_resource(dataset)
 
@@ -96,12 +102,16 @@ async def remove_dataset(dataset_id: str, session: SessionDep, settings: Setting
 
 
 def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str, dataset_id: str) -> None:
-    dataset = get_tenant_dataset(session, tenant_id, dataset_id)
-    if dataset is None:
-        raise not_found("dataset")
-    if dataset_has_active_jobs(session, dataset.id):
+    """The check for active jobs and the delete are one store call under the tenant's lock, so a job
+    submitted at the same moment is either refused (dataset gone) or makes this answer 409."""
+    try:
+        deleted = delete_unused_dataset(session, tenant_id, dataset_id)
+    except DatasetInUse:
+        session.rollback()
         raise ApiError(409, "dataset_in_use", "a queued or running job uses this dataset; cancel the job or wait "
-                       "until it ends, then delete the dataset")
-    delete_dataset(session, dataset)
+                       "until it ends, then delete the dataset") from None
+    if not deleted:
+        session.rollback()
+        raise not_found("dataset")
     session.commit()
     remove_dataset_files(settings, dataset_id)
