@@ -1,10 +1,13 @@
 """Turn an uploaded archive into a validated dataset folder, or fail leaving nothing behind.
 
-Steps: the tenant's storage quota (datasets and job artifacts) is checked; the body is streamed to a temporary
-file; then, off the event loop, safe extraction into the dataset's own folder, layout scan and a decode check of
-every image, which also fingerprints its pixels to count duplicates and test images that occur in train
-(dropped on request, see `fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the
-quota is checked again with the extracted size. Any failure removes the folder and no row is written.
+Steps: the tenant's storage quota (datasets and job artifacts) is checked; the body is streamed to a
+temporary file within the upload timeouts; then, off the event loop, safe extraction into the
+dataset's own folder, layout scan and a decode check of every image, which also fingerprints its
+pixels to count duplicates and test images that occur in train (dropped on request, see
+`fd2_core.data.duplicates`); the archive itself is deleted once extracted, and the quota is checked
+again with the extracted size. Any failure removes the folder and no row is written. The whole
+intake holds the upload's lease (`store.folders`), so that what a crash leaves is the storage
+sweep's to remove, and no pooled database connection between its short queries.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Any
 
 import anyio.to_thread
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api.auth import CurrentTenant
+from api.deps import short_transaction
 from api.errors import ApiError
 from api.upload_slots import check_free_disk
+from api.upload_timeouts import UploadTimeouts
 from api.uploads import receive_upload
 from fd2_config.settings import Settings
 from fd2_core.data.archive import extract_archive
@@ -30,11 +34,11 @@ from fd2_core.data.errors import DataError, FileError, UnusableDataError
 from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
 from store.datasets import StorageUsage, create_dataset, dataset_path, remove_tree, tenant_storage_usage
+from store.folders import staging_file, upload_lease
 from store.models import Dataset, new_id
 
 MAX_STORED_ERRORS = 1000
 MAX_ERROR_TEXT_CHARS = 300  # an archive member's name may be 64 KiB long; the resource stays small
-INCOMING_DIR = ".incoming"  # uploads in flight; the dot keeps it apart from dataset ids
 ARCHIVE_SUFFIXES = re.compile(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", re.IGNORECASE)
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NAME_CHARS = 200
@@ -57,7 +61,7 @@ def data_limits(settings: Settings) -> DataLimits:
 
 
 def clean_name(text: str) -> str:
-    """A display name without control characters (some databases refuse NUL), trimmed to the column size."""
+    """A display name without control characters (some databases refuse NUL), cut to the column."""
     return " ".join(CONTROL_CHARACTERS.sub(" ", text).split())[:MAX_NAME_CHARS]
 
 
@@ -88,7 +92,8 @@ def check_storage_quota(session: Session, settings: Settings, tenant: CurrentTen
 
 
 def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
-    """`text` cut in the middle when too long, so both the folder and the file name stay readable."""
+    """`text` cut in the middle when too long, so both the folder and the file name stay
+    readable."""
     if len(text) <= limit:
         return text
     half = (limit - 1) // 2
@@ -96,14 +101,15 @@ def shorten(text: str, limit: int = MAX_ERROR_TEXT_CHARS) -> str:
 
 
 def stored_summary(layout: DatasetLayout) -> dict[str, Any]:
-    """The resource's counts as the loader sees them at the operator's test fraction, errors shortened."""
+    """The resource's counts as the loader sees them at the operator's test fraction, errors cut."""
     summary = layout.summary(max_errors=MAX_STORED_ERRORS)
     summary["errors"] = [{"path": shorten(e["path"]), "reason": shorten(e["reason"])} for e in summary["errors"]]
     return summary
 
 
 def drop_duplicates_option(fields: dict[str, str]) -> bool:
-    """The upload's `drop_duplicates` form field (default false); 422 naming the accepted values otherwise."""
+    """The upload's `drop_duplicates` form field (default false); 422 naming the accepted values
+    otherwise."""
     text = fields.get(DROP_DUPLICATES_FIELD, "").strip().lower()
     if text in _TRUE_WORDS or text in _FALSE_WORDS:
         return text in _TRUE_WORDS
@@ -114,10 +120,10 @@ def drop_duplicates_option(fields: dict[str, str]) -> bool:
 
 
 def find_upload_duplicates(layout: DatasetLayout, digests: dict[Path, str], drop: bool) -> DuplicateReport:
-    """Duplicates of a validated layout in the split jobs will use: its own test split, or else the share a
-    job with the default seed carves at `dataset_test_fraction` (the layout's own carve). Without a test split
-    of its own, a drop keeps the first of each group over the whole upload, since every job may carve
-    differently."""
+    """Duplicates of a validated layout in the split jobs will use: its own test split, or else the
+    share a job with the default seed carves at `dataset_test_fraction` (the layout's own carve).
+    Without a test split of its own, a drop keeps the first of each group over the whole upload,
+    since every job may carve differently."""
     prints = [Fingerprint(relative_name(layout.root, item.path, layout.names), item.split, digests[item.path])
               for item in layout.items]
     return find_duplicates(prints, drop=drop, pooled=not layout.splits_given)
@@ -125,8 +131,9 @@ def find_upload_duplicates(layout: DatasetLayout, digests: dict[Path, str], drop
 
 def rescan_after_drop(settings: Settings, root: Path, layout: DatasetLayout, scanned: list[Path],
                       dropped: dict[Path, str]) -> DatasetLayout:
-    """The layout of `root` once `dropped` files are gone, carved as the loader will carve what is left (so
-    the summary stays what a job sees); the files validation refused stay out, with every reason kept."""
+    """The layout of `root` once `dropped` files are gone, carved as the loader will carve what is
+    left (so the summary stays what a job sees); the files validation refused stay out, with every
+    reason kept."""
     fresh = scan_source(root, test_fraction=settings.dataset_test_fraction, seed=0, limits=data_limits(settings))
     refused = set(scanned) - {item.path for item in layout.items}
     fresh.errors[:] = layout.errors
@@ -136,7 +143,8 @@ def rescan_after_drop(settings: Settings, root: Path, layout: DatasetLayout, sca
 
 
 def drop_files(layout: DatasetLayout, report: DuplicateReport) -> tuple[dict[Path, str], int]:
-    """Delete the files `report` drops; returns them with their reasons (for `errors`) and the bytes freed."""
+    """Delete the files `report` drops; returns them with their reasons (for `errors`) and the bytes
+    freed."""
     dropped = {layout.items[index].path: reason for index, reason in report.dropped.items()}
     freed = 0
     for path in dropped:
@@ -149,8 +157,8 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_dupl
                    shown_name: str | None = None) -> IntakeResult:
     """Extract and validate `archive` into the dataset's folder; raises DataError (folder removed).
 
-    `drop_duplicates` deletes copies within a split and test images that occur in train before the dataset is
-    stored; either way the summary's `duplicates` counts what the upload held.
+    `drop_duplicates` deletes copies within a split and test images that occur in train before the
+    dataset is stored; either way the summary's `duplicates` counts what the upload held.
     """
     folder = dataset_path(settings, dataset_id)
     limits = data_limits(settings)
@@ -159,8 +167,9 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_dupl
         archive.unlink(missing_ok=True)
         digests: dict[Path, str] = {}
         try:
-            # The one scanner, at the operator's fraction: the summary is what the loader will see (the layout
-            # records whether its test split is the archive's own or carved, for jobs that carve differently).
+            # The one scanner, at the operator's fraction: the summary is what the loader will see
+            # (the layout records whether its test split is the archive's own or carved, for jobs
+            # that carve differently).
             layout = scan_source(extraction.root, test_fraction=settings.dataset_test_fraction, seed=0,
                                  limits=limits)
             scanned = [item.path for item in layout.items]
@@ -173,7 +182,8 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_dupl
         except UnusableDataError as exc:  # what extraction left out may be why nothing is usable
             raise exc.with_skipped(extraction.skipped) from None
         layout.errors[:0] = extraction.skipped
-        layout.warnings[:0] = extraction.warnings  # member names decoded from a guessed code page, ...
+        # member names decoded from a guessed code page, ...
+        layout.warnings[:0] = extraction.warnings
         summary = stored_summary(layout)
         summary["duplicates"] = duplicates.as_dict()
         summary["warnings"].extend(duplicate_warnings(duplicates, DUPLICATES_FIX))
@@ -185,39 +195,41 @@ def ingest_archive(settings: Settings, archive: Path, dataset_id: str, drop_dupl
 
 
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant: CurrentTenant) -> Dataset:
-    """The whole upload: stream to disk, extract and validate off the loop, then insert the ready row."""
+    """The whole upload: stream to disk, extract and validate off the loop, insert the ready row.
+
+    `session` serves short transactions only: the body takes as long as the client makes it."""
     assert settings.datasets_dir is not None
     check_free_disk(settings.datasets_dir, settings.min_free_disk_bytes)
-    await run_in_threadpool(check_storage_quota, session, settings, tenant, 0)
+    await short_transaction(session, check_storage_quota, settings, tenant, 0)
     with request.app.state.upload_slots.hold(tenant.id):
         return await _receive_and_store(request, session, settings, tenant)
 
 
 async def _receive_and_store(request: Request, session: Session, settings: Settings,
                              tenant: CurrentTenant) -> Dataset:
-    assert settings.datasets_dir is not None
     dataset_id = new_id("ds")
-    incoming = settings.datasets_dir / INCOMING_DIR / f"{dataset_id}.upload"
-    try:
-        upload = await receive_upload(request, incoming, settings.max_upload_bytes,
-                                      text_fields=("name", DROP_DUPLICATES_FIELD))
-        drop_duplicates = drop_duplicates_option(upload.fields)
-        # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from taking every
-        # thread that short requests need.
-        shown = Path(clean_name(upload.filename or "")).name or "the uploaded file"
-        result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id, drop_duplicates,
-                                                shown, limiter=request.app.state.intake_limiter)
-    except DataError as exc:
-        raise ApiError(422, exc.code, exc.message, exc.details) from None
-    finally:
-        incoming.unlink(missing_ok=True)
-    name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)
-    try:
-        await run_in_threadpool(check_storage_quota, session, settings, tenant, result.size_bytes)
-        return await run_in_threadpool(_insert_ready, session, tenant, dataset_id, name, result)
-    except BaseException:
-        remove_tree(dataset_path(settings, dataset_id))
-        raise
+    incoming = staging_file(settings, dataset_id)
+    with upload_lease(settings, dataset_id):
+        try:
+            upload = await receive_upload(request, incoming, settings.max_upload_bytes, UploadTimeouts.of(settings),
+                                          text_fields=("name", DROP_DUPLICATES_FIELD))
+            drop_duplicates = drop_duplicates_option(upload.fields)
+            # Extraction and decoding are long and CPU-bound: their own limiter keeps uploads from
+            # taking every thread that short requests need.
+            shown = Path(clean_name(upload.filename or "")).name or "the uploaded file"
+            result = await anyio.to_thread.run_sync(ingest_archive, settings, incoming, dataset_id,
+                                                    drop_duplicates, shown, limiter=request.app.state.intake_limiter)
+        except DataError as exc:
+            raise ApiError(422, exc.code, exc.message, exc.details) from None
+        finally:
+            incoming.unlink(missing_ok=True)
+        name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)
+        try:
+            await short_transaction(session, check_storage_quota, settings, tenant, result.size_bytes)
+            return await short_transaction(session, _insert_ready, tenant, dataset_id, name, result)
+        except BaseException:
+            remove_tree(dataset_path(settings, dataset_id))
+            raise
 
 
 def _insert_ready(session: Session, tenant: CurrentTenant, dataset_id: str, name: str, result: IntakeResult) -> Dataset:

@@ -7,7 +7,9 @@ Two ways to reach the database:
   the polling endpoints use.
 - `SessionDep` is a session for routes that write; they call the store in one thread-pool call and
   commit. Its scope is the route function, so the pooled connection goes back before the response
-  is sent.
+  is sent. A route that waits on its client between store calls (the dataset upload waits on its
+  body for as long as the client takes) makes each call through `short_transaction`, which gives
+  the connection back as soon as the call returns: a slow client never holds a pooled connection.
 Dependencies that do no I/O are `async def`: a plain `def` would cost a thread hand-off per request.
 """
 
@@ -48,6 +50,20 @@ async def get_db(settings: SettingsDep) -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+
+
+async def short_transaction(session: Session, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(session, *args)` in the thread pool, then its transaction ends (rolled back unless `fn`
+    committed), so the session holds no pooled connection until its next call."""
+
+    def call() -> T:
+        try:
+            return fn(session, *args)
+        finally:
+            if session.in_transaction():
+                session.rollback()
+
+    return await run_in_threadpool(call)
 
 
 class Reader:

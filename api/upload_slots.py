@@ -1,7 +1,8 @@
 """Uploads in flight per tenant, and the free disk they need, checked before a byte is stored.
 
-A stored dataset counts against the tenant's quota only once it is extracted, so without a bound on uploads
-in flight one tenant could fill the disk with many large uploads at once. The count is kept per API process.
+A stored dataset counts against the tenant's quota only once it is extracted, so without a bound on
+uploads in flight one tenant could fill the disk with many large uploads at once. The count is kept
+per API process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ UPLOAD_RETRY_AFTER_S = 30
 
 
 class UploadSlots:
-    """`hold(tenant_id)` around an upload: 429 when the tenant already has `per_tenant` uploads running."""
+    """`hold(tenant_id)` around an upload: 429 once the tenant has `per_tenant` uploads running."""
 
     def __init__(self, per_tenant: int) -> None:
         self.per_tenant = per_tenant
@@ -45,7 +46,7 @@ class UploadSlots:
 
 
 def check_free_disk(folder: Path, minimum: int) -> None:
-    """503 while the folder's file system has less than `minimum` bytes free (the server's condition)."""
+    """503 while the folder's file system has less than `minimum` bytes free (a server state)."""
     if not minimum:
         return
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """Receive a `multipart/form-data` upload straight to disk, bounded in size.
 
-Starlette's form parsing reads the whole body before the route runs and has no limit for file parts, so the
-dataset upload parses the stream itself: the `file` part goes to disk in ~1 MiB writes (off the event loop)
-and the request stops with 413 as soon as it passes the limit, without reading the rest. Everything else a
-client could use to make the server hold memory is bounded too: the whole body, the number of parts, each
-part's headers and the text fields together. Every refusal names what was received and what the form
-expects (a file part in another field than `file` is refused as soon as its headers arrive).
+Starlette's form parsing reads the whole body before the route runs and has no limit for file parts,
+so the dataset upload parses the stream itself: the `file` part goes to disk in ~1 MiB writes (off
+the event loop) and the request stops with 413 as soon as it passes the limit, without reading the
+rest. Everything else a client could use to make the server hold memory is bounded too: the whole
+body, the number of parts, each part's headers and the text fields together. Every refusal names
+what was received and what the form expects (a file part in another field than `file` is refused as
+soon as its headers arrive). Time is bounded as well (`api.upload_timeouts`): a body that stalls or
+takes too long in all answers 408.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from api.errors import ApiError
+from api.upload_timeouts import BodyClock, UploadTimeouts
 
 FLUSH_BYTES = 1024 * 1024
 MAX_TEXT_FIELD_BYTES = 4096
@@ -42,13 +45,15 @@ def too_large(limit: int) -> ApiError:
 
 
 def _form_error(message: str, field: str, msg: str, kind: str, **extra: object) -> ApiError:
-    """422 in the shape of FastAPI's own validation errors (`details[0].field`), with what was received."""
+    """422 in the shape of FastAPI's own validation errors (`details[0].field`), with what was
+    received."""
     return ApiError(422, "validation_error", message,
                     [{"loc": ["body", field], "field": field, "msg": msg, "type": kind, **extra}])
 
 
 class _PartCollector:
-    """Callbacks of the multipart parser: routes the `file` part to disk, small text fields to memory."""
+    """Callbacks of the multipart parser: routes the `file` part to disk, small text fields to
+    memory."""
 
     def __init__(self, file_field: str, handle: BinaryIO, max_bytes: int, text_fields: tuple[str, ...]) -> None:
         self.file_field = file_field
@@ -118,7 +123,8 @@ class _PartCollector:
                                   self.file_field, "only one file part is accepted", "too_many_parts")
             self._is_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
-        elif b"filename" in options:  # a file under another name, e.g. `files`: refused before its bytes arrive
+        elif b"filename" in options:
+            # a file under another name, e.g. `files`: refused before its bytes arrive
             shown = name[:100]
             raise _form_error(
                 f"the archive was sent in form field {shown!r}; send it in the '{self.file_field}' field "
@@ -159,12 +165,12 @@ class _PartCollector:
         self._is_file = False
 
 
-async def receive_upload(request: Request, dest: Path, max_bytes: int, file_field: str = "file",
-                         text_fields: tuple[str, ...] = ()) -> ReceivedUpload:
-    """Stream the request's `file_field` part into `dest`; raises ApiError (413, 415, 422, 400).
+async def receive_upload(request: Request, dest: Path, max_bytes: int, timeouts: UploadTimeouts,
+                         file_field: str = "file", text_fields: tuple[str, ...] = ()) -> ReceivedUpload:
+    """Stream the request's `file_field` part into `dest`; ApiError 413, 415, 422, 408 or 400.
 
-    `text_fields` are the text fields the form takes (named in the messages of refused forms; others are kept
-    in `fields` too)."""
+    `text_fields` are the text fields the form takes (named in the messages of refused forms; others
+    are kept in `fields` too). The caller removes `dest` whatever happens."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -181,11 +187,11 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int, file_fiel
     with open(dest, "wb") as handle:
         collector = _PartCollector(file_field, handle, max_bytes, text_fields)
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
-        received = 0
+        clock = BodyClock(timeouts)
+        chunks = request.stream()
         try:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > max_bytes + MULTIPART_OVERHEAD_BYTES:
+            while (chunk := await clock.read(chunks)) is not None:
+                if clock.received > max_bytes + MULTIPART_OVERHEAD_BYTES:
                     raise too_large(max_bytes)
                 parser.write(chunk)
                 if len(collector.pending) >= FLUSH_BYTES:

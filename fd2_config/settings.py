@@ -1,8 +1,9 @@
 """The service's one settings object, read from `FD2_*` environment variables.
 
-Everything has an embedded default (a SQLite file, a broker made of folders, data under one home folder), so a
-single machine runs the whole service with no servers; Redis, PostgreSQL and remote workers are a matter of
-setting URLs. Reading the settings creates nothing: the API and the worker call `ensure_dirs()` when they start.
+Everything has an embedded default (a SQLite file, a broker made of folders, data under one home
+folder), so a single machine runs the whole service with no servers; Redis, PostgreSQL and remote
+workers are a matter of setting URLs. Reading the settings creates nothing: the API and the worker
+call `ensure_dirs()` when they start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ GIB = 1024**3
 
 
 def _split_list(value: Any) -> Any:
-    """Accept a JSON list or a comma-separated string, as operators write both in environment files."""
+    """A JSON list or a comma-separated string: operators write both in environment files."""
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -69,6 +70,17 @@ class Settings(BaseSettings):
     max_concurrent_uploads_per_tenant: int = Field(
         2, ge=0, description="Uploads one tenant may stream at once per API process (0 = unlimited); 429 past it."
     )
+    upload_body_timeout_s: float = Field(
+        3600.0, gt=0.0,
+        description="Seconds an upload's whole body may take to arrive; past it the upload answers 408 "
+        "`upload_timeout`, its slot is free and nothing stays on disk. Also the storage sweep's grace for "
+        "upload staging files (a live upload's is never older).",
+    )
+    upload_stall_timeout_s: float = Field(
+        60.0, gt=0.0,
+        description="Seconds an upload may send no body bytes at all; past it the upload answers 408 "
+        "`upload_timeout`, as for the body timeout.",
+    )
     min_free_disk_bytes: int = Field(
         1 * GIB, ge=0, description="Uploads are refused (503) while the datasets folder has less free space."
     )
@@ -84,7 +96,8 @@ class Settings(BaseSettings):
     )
     storage_sweep_interval_s: float = Field(
         3600.0, gt=0.0,
-        description="Seconds between a worker's storage sweeps (artifact retention, leftover job folders).",
+        description="Seconds between a worker's storage sweeps (artifact retention; files and folders no row or "
+        "live upload owns: staging files, half-extracted datasets, job folders).",
     )
     max_job_cost: float = Field(
         1e12, gt=0.0, description="Largest estimated job cost in 32-px image passes (fd2_core.cost); 422 past it."
@@ -156,7 +169,8 @@ class Settings(BaseSettings):
     @field_validator("artifact_retention_days", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        """`FD2_ARTIFACT_RETENTION_DAYS=` (empty, as environment files write "off") keeps artifacts forever."""
+        """`FD2_ARTIFACT_RETENTION_DAYS=` (empty, as environment files write "off") keeps artifacts
+        forever."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -175,7 +189,8 @@ class Settings(BaseSettings):
         return self
 
     def data_limit_values(self) -> dict[str, Any]:
-        """Keyword arguments of `fd2_core.data.limits.DataLimits`, so the API and the worker apply the same bounds."""
+        """Keyword arguments of `fd2_core.data.limits.DataLimits`, so the API and the worker apply
+        the same bounds."""
         return {
             "max_files": self.max_archive_members,
             "max_total_uncompressed_bytes": self.max_extracted_bytes,
@@ -208,5 +223,6 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings; tests change the environment and call `get_settings.cache_clear()`."""
+    """The process-wide settings; tests change the environment and call
+    `get_settings.cache_clear()`."""
     return Settings()

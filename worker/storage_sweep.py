@@ -1,4 +1,5 @@
-"""Job folders on disk: free a finished job's space, and the workers' periodic storage sweep.
+"""Files on disk: free a finished job's space, and the workers' periodic storage sweep over every
+folder the service writes.
 
 A finished job never runs again (a late duplicate message is skipped). Checkpoints under
 `<workdir>/stages` exist only so an interrupted run can resume. So after success only
@@ -11,8 +12,13 @@ The sweep:
    loses its artifact files and work folder; its row stays, marked `artifacts_expired`
    (`store.retention`: files first, then the mark, so a crash in between is finished by the next
    sweep).
-2. A job folder whose job row is gone (a crash between `DELETE /v1/jobs/{id}` committing and
-   removing the files) is removed once it is older than `LEFTOVER_GRACE`.
+2. Whatever no row and no live request owns is removed (`store.folders` lists the paths and their
+   owners): an upload's staging and lease files once no request holds the lease and they were
+   last written more than `FD2_UPLOAD_BODY_TIMEOUT_S` ago (a crash mid-body); a dataset folder
+   without a dataset row and without a held lease (a crash mid-extraction, or between a dataset
+   delete's commit and its files) and a job folder without a job row (the same for a job delete)
+   once older than `LEFTOVER_GRACE`. Each owner's lease is taken before its rows are read and kept
+   until its paths are gone, so a request that ends meanwhile has committed its row.
 
 Every worker runs it at start and then every `FD2_STORAGE_SWEEP_INTERVAL_S`, in the worker because
 that is where the long-lived periodic machinery is (`worker.recovery`) and the job folders are
@@ -25,13 +31,15 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from fd2_config.settings import Settings
 from store.datasets import remove_tree
-from store.job_files import leftover_job_folders, remove_job_files
+from store.folders import LEASE_SUFFIX, LOOKUP_BATCH, Leftover, lease_if_free, owners_with_rows, stale_paths
+from store.job_files import remove_job_files
 from store.models import utcnow
 from store.retention import jobs_past_retention, mark_artifacts_expired
 from worker.outages import log_failure, transact
@@ -59,10 +67,9 @@ def _remove(path: Path) -> None:
         log.warning("could not remove %s completely", path)
 
 
-
 RETENTION_BATCH = 200
 # Longer than any submission takes between writing a manifest into the job folder and committing the
-# row.
+# row, and than an extraction, where a shared file system's locks do not reach the sweeping host.
 LEFTOVER_GRACE = timedelta(hours=1)
 
 
@@ -92,11 +99,33 @@ def expire_old_artifacts(settings: Settings, now: datetime) -> list[str]:
 
 
 def remove_leftover_folders(settings: Settings, now: datetime) -> list[Path]:
-    """Remove job folders without a job row that are older than `LEFTOVER_GRACE`; returns them."""
-    leftovers = transact(settings, leftover_job_folders, settings, now - LEFTOVER_GRACE, retry=False)
-    for folder in leftovers:
-        remove_tree(folder)
-    return leftovers
+    """Remove what no row and no live upload owns (module docstring, step 2); returns the paths."""
+    stale = stale_paths(settings, now, settings.upload_body_timeout_s, LEFTOVER_GRACE.total_seconds())
+    removed: list[Path] = []
+    for start in range(0, len(stale), LOOKUP_BATCH):
+        removed.extend(_remove_unowned(settings, stale[start:start + LOOKUP_BATCH]))
+    return removed
+
+
+def _remove_unowned(settings: Settings, batch: list[Leftover]) -> list[Path]:
+    removed: list[Path] = []
+    with ExitStack() as leases:
+        free = [item for item in batch
+                if not item.is_dataset or leases.enter_context(lease_if_free(settings, item.owner))]
+        owners = [item.owner for item in free if item.folder is not None]
+        owned = transact(settings, owners_with_rows, owners, retry=False) if owners else set()
+        for item in free:
+            if item.folder is not None and item.owner not in owned:
+                remove_tree(item.folder)
+                removed.append(item.folder)
+            # the lease file last: while it is there, no other sweep removes this owner's files
+            for path in sorted(item.files, key=lambda path: path.suffix == LEASE_SUFFIX):
+                try:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                except OSError as exc:  # the rest of the sweep still runs; the next one tries again
+                    log.warning("could not remove %s: %s", path, exc)
+    return removed
 
 
 def sweep_storage(settings: Settings, now: datetime | None = None) -> SweepResult:
@@ -104,7 +133,7 @@ def sweep_storage(settings: Settings, now: datetime | None = None) -> SweepResul
     now = now or utcnow()
     result = SweepResult(expired=expire_old_artifacts(settings, now), leftovers=remove_leftover_folders(settings, now))
     if result.expired or result.leftovers:
-        log.info("storage sweep: artifacts of %d job(s) expired, %d leftover job folder(s) removed",
+        log.info("storage sweep: artifacts of %d job(s) expired, %d leftover file(s) and folder(s) removed",
                  len(result.expired), len(result.leftovers))
     return result
 

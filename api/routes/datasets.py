@@ -55,7 +55,7 @@ UPLOAD_BODY = {
     }
 }
 ERRORS = error_responses(404, 409)
-UPLOAD_ERRORS = error_responses(400, 415, 503)
+UPLOAD_ERRORS = error_responses(400, 408, 415, 503)
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY, responses=UPLOAD_ERRORS,

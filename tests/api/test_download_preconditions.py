@@ -22,7 +22,7 @@ import httpx
 import pytest
 from api_helpers import client, new_tenant, settings, tenant_id  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
-from service_harness import embedded_settings, free_port, service_env, start_child, wait_until
+from service_harness import api_ready, embedded_settings, free_port, service_env, start_child, wait_until
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -259,13 +259,6 @@ def download(base: str, artifact: Artifact) -> Outcome:
     return outcome
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
     home = tmp_path_factory.mktemp("race")
@@ -274,7 +267,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Sett
                               f"--port={port}"], service_env({"FD2_HOME": str(home)}), home / "logs")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _ready(base), 60, what="/readyz")
+        wait_until(lambda: api_ready(base), 60, what="/readyz")
         yield base, embedded_settings(home)
     finally:
         api.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_helpers import new_tenant, tenant_id
-from service_harness import embedded_settings, free_port, service_env, start_child, wait_until
+from service_harness import api_ready, embedded_settings, free_port, service_env, start_child, wait_until
 
 from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
@@ -50,13 +50,6 @@ class RawResponse:
         return values[0] if values else None
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """uvicorn started as `fd2 serve` starts it (default HTTP implementation), on an embedded
@@ -68,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                               f"--port={port}"], env, Path(home) / "logs")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _ready(base), 60, what="/readyz")
+        wait_until(lambda: api_ready(base), 60, what="/readyz")
         settings = embedded_settings(home)
         yield Server(base, port, settings, new_tenant(settings))
     finally:

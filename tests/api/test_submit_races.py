@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import image_tree, new_tenant, settings, tenant_id  # noqa: F401  (a fixture)
-from service_harness import ChildProcess, free_port, service_env, start_child, wait_until
+from service_harness import ChildProcess, api_ready, free_port, service_env, start_child, wait_until
 from sqlalchemy import func, select
 
 from fd2_config.settings import Settings
@@ -54,13 +54,6 @@ class Service:
         return "\n".join(f"--- {api.name} ---\n{api.new_output()[-6000:]}" for api in self.apis)
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def service(settings: Settings) -> Iterator[Service]:  # noqa: F811
     """Two API processes on the module's database (SQLite file or PostgreSQL schema), cap 2."""
@@ -80,7 +73,7 @@ def service(settings: Settings) -> Iterator[Service]:  # noqa: F811
             apis.append(start_child(f"api{index}", command, env, settings.home / "logs"))
             bases.append(f"http://127.0.0.1:{port}")
             # One at a time: the second starts on the migrated schema.
-            wait_until(lambda base=bases[-1]: _ready(base), 120, what="/readyz")
+            wait_until(lambda base=bases[-1]: api_ready(base), 120, what="/readyz")
         yield Service(bases, settings, apis)
     finally:
         for api in apis:

@@ -129,6 +129,14 @@ def wait_until(
 # ---------------------------------------------------------------- child processes
 
 
+def api_ready(base_url: str) -> bool:
+    """Whether the API at `base_url` answers its readiness probe now."""
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -281,10 +289,7 @@ class ServiceStack:
             assert self.api is not None
             if not self.api.alive:
                 raise AssertionError(f"api exited:\n{self.api.log_path.read_text(errors='replace')}")
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return api_ready(self.base_url)
 
         wait_until(ready, timeout_s, interval_s=0.3, what="/readyz")
 
