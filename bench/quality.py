@@ -1,31 +1,41 @@
 """Quality benchmark: paired comparison of distillation methods on the built-in fine-grained data.
 
-What it measures: top-1 on the real test split of a student trained only on a method's distilled set, for
-`random`, `sre2l++`, `fd2` and the ablations fd2 − FC, fd2 − SC and CAL only (CAL teacher, FC and SC off), at
-IPC 1, 3 and 5, on two settings of the built-in data (FGSynth birds and FGSynth cars, 32 px), over several seeds.
+What it measures: top-1 on the real test split of a student trained only on a method's distilled
+set, for `random`, `sre2l++`, `fd2` and the ablations fd2 − FC, fd2 − SC and CAL only (CAL teacher,
+FC and SC off), at IPC 1, 3 and 5, on two settings of the built-in data (FGSynth birds and FGSynth
+cars, 32 px), over several seeds.
 
 Design (docs/BENCHMARKS.md, "Quality"):
-- **Paired seeds.** Seed s fixes the teacher initialisation, the validation split, the distillation draws and the
-  evaluation stream (the recorded crops, flips, CutMix and the student's initialisation). Every method sees the
-  same seed's split and stream, so per-seed differences cancel what the methods share; the table reports for each
-  (method, IPC) the mean paired difference to sre2l++ and to random with a 95 % t-interval over seeds.
-- **Two protocols.** *end to end*: each method with its own teacher's soft labels (what a user gets: fd2 and its
-  ablations relabel with the CAL teacher, sre2l++ and random with the plain-CE teacher). *images only*: every
-  image set relabelled by one common teacher (the plain-CE one), so only the images differ.
-- **Stable teachers.** Every teacher starts from one backbone pretrained on built-in classes disjoint from the
-  evaluated ones (`fd2_core.models.base_backbone`), as the paper's teachers start from ImageNet weights.
-- **DD-Ranking metrics.** IOR (improvement over random: the method's student minus the random subset's, same
-  protocol) and HLR (hard-label recovery: the full-real-data student minus the method's hard-label student).
-- **Resumable.** The result file is written after every (setting, seed, method); a re-run with the same
-  configuration skips what it holds (and stage outputs under `--work` are reused), so the grid can span sessions.
-  `--commit` commits the result file as results come in.
+- **Paired seeds.** Seed s fixes the teacher initialisation, the validation split, the distillation
+  draws and the evaluation stream (the recorded crops, flips, CutMix and the student's
+  initialisation). Every method sees the same seed's split and stream, so per-seed differences
+  cancel what the methods share; the table reports for each (method, IPC) the mean paired difference
+  to sre2l++ and to random with a 95 % t-interval over seeds.
+- **Two protocols.** *end to end*: each method with its own teacher's soft labels (what a user gets:
+  fd2 and its ablations relabel with the CAL teacher, sre2l++ and random with the plain-CE teacher).
+  *images only*: every image set relabelled by one common teacher (the plain-CE one), so only the
+  images differ.
+- **Stable teachers.** Every teacher starts from one backbone pretrained on built-in classes
+  disjoint from the evaluated ones (`fd2_core.models.base_backbone`), as the paper's teachers start
+  from ImageNet weights.
+- **DD-Ranking metrics.** IOR (improvement over random: the method's student minus the random
+  subset's, same protocol) and HLR (hard-label recovery: the full-real-data student minus the
+  method's hard-label student).
+- **Resumable.** The result file is written after every (setting, seed, method); a re-run with the
+  same configuration skips what it holds (and stage outputs under `--work` are reused), so the grid
+  can span sessions. `--commit` commits the result file as results come in.
 
-    .venv/bin/python bench/quality.py                       # full grid: 5 seeds x 2 settings (hours on 2 cores)
+    .venv/bin/python bench/quality.py                       # full grid: 5 seeds x 2 settings
+                                                            # (hours on 2 cores)
     .venv/bin/python bench/quality.py --quick               # smoke run, under 10 minutes
-    .venv/bin/python bench/quality.py --table               # rded, fadrm+, fd2 on fadrm+ beside sre2l++ and random
-    .venv/bin/python bench/quality.py --validate            # cpu-small's data-path choices on validation data
-    .venv/bin/python bench/quality.py --long                # 4 000 distill iterations at IPC 3: fd2, sre2l++, CAL only
-    .venv/bin/python bench/quality.py --render bench/results/quality_v3_full.json   # table + plot only
+    .venv/bin/python bench/quality.py --table               # rded, fadrm+, fd2 on fadrm+ beside
+                                                            # sre2l++ and random
+    .venv/bin/python bench/quality.py --validate            # cpu-small's data-path choices on
+                                                            # validation data
+    .venv/bin/python bench/quality.py --long                # 4 000 distill iterations at IPC 3:
+                                                            # fd2, sre2l++, CAL only
+    .venv/bin/python bench/quality.py --render bench/results/quality_v3_full.json
+                                                            # table + plot only
 """
 
 from __future__ import annotations
@@ -69,8 +79,9 @@ from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
 from fd2_core.stages.relabel import relabel_all_epochs  # noqa: E402
 
 FORMAT = "fd2.quality.v3"
-# v3: the published data path (docs/DATA_PATH.md); result files, work folders, plots and the benchmarks page's
-# blocks carry this tag, so v2 teachers and results (the earlier data path) are kept beside and never reused.
+# v3: the published data path (docs/DATA_PATH.md); result files, work folders, plots and the
+# benchmarks page's blocks carry this tag, so v2 teachers and results (the earlier data path) are
+# kept beside and never reused.
 TAG = "v3"
 
 
@@ -79,7 +90,8 @@ class Variant:
     name: str
     overrides: dict[str, Any]
     teacher: str  # "cal" or "ce": whose teacher distils and (end to end) relabels
-    shares: str | None = None  # another variant whose images and soft labels this one reuses (student-only change)
+    # another variant whose images and soft labels this one reuses (student-only change)
+    shares: str | None = None
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -90,9 +102,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fd2 − SC", {"method": "fd2", "sc": False}, "cal"),
     Variant("CAL only", {"method": "fd2", "fc": False, "sc": False}, "cal"),
 )
-# The paper's other rows (`--table`): RDED, FADRM+ and FD² on FADRM+ with the same teachers and students as the
-# grid above, and the FADRM+ rows again with the published student lr 1e-2, labelled apart so that the method's
-# effect is not mixed with the student's learning rate.
+# The paper's other rows (`--table`): RDED, FADRM+ and FD² on FADRM+ with the same teachers and
+# students as the grid above, and the FADRM+ rows again with the published student lr 1e-2, labelled
+# apart so that the method's effect is not mixed with the student's learning rate.
 TABLE_VARIANTS: tuple[Variant, ...] = (
     VARIANTS[0],
     VARIANTS[1],
@@ -129,8 +141,9 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "cars-32": ("fgsynth:variant=cars", "FGSynth cars, 20 classes, 150 train / 50 test per class, 32 px"),
 }
 
-# The paper runs 10 000 distill iterations and 400 relabel epochs at 224 px on a GPU; here the teacher keeps the
-# cpu-small schedule and the other stages are scaled down to fit 2 CPU cores (docs/BENCHMARKS.md).
+# The paper runs 10 000 distill iterations and 400 relabel epochs at 224 px on a GPU; here the
+# teacher keeps the cpu-small schedule and the other stages are scaled down to fit 2 CPU cores
+# (docs/BENCHMARKS.md).
 FULL: dict[str, Any] = {
     "spec": {"distill_iterations": 200, "relabel_epochs": 300},
     "ipcs": (1, 3, 5),
@@ -140,9 +153,10 @@ FULL: dict[str, Any] = {
     "hard_label_methods": ("random", "sre2l++", "fd2"),
     "teacher_init": "base",
 }
-# The paper's other rows on the full grid's seeds, settings, teachers and students (their work folders are
-# shared, so the teachers are trained once); random and sre2l++ are taken from the full grid's result file when
-# it holds them for the same seed and the same resolved spec (the runs are deterministic).
+# The paper's other rows on the full grid's seeds, settings, teachers and students (their work
+# folders are shared, so the teachers are trained once); random and sre2l++ are taken from the full
+# grid's result file when it holds them for the same seed and the same resolved spec (the runs are
+# deterministic).
 TABLE: dict[str, Any] = {
     **FULL,
     "variants": TABLE_VARIANTS,
@@ -152,13 +166,14 @@ TABLE: dict[str, Any] = {
     "reuse_from": f"quality_{TAG}_full.json",
     "work_mode": "full",
 }
-# Validation data for choices (never the reported test sets): FGSynth drawn with seed 7, whose test split plays
-# validation, as in bench/quality_probe.py and bench/teacher_stability.py.
+# Validation data for choices (never the reported test sets): FGSynth drawn with seed 7, whose test
+# split plays validation, as in bench/quality_probe.py and bench/teacher_stability.py.
 VALIDATION_SETTINGS: dict[str, tuple[str, str]] = {
     "birds-val": ("fgsynth:seed=7", "FGSynth birds drawn with seed 7 (validation data), 20 classes, 32 px"),
     "cars-val": ("fgsynth:seed=7,variant=cars", "FGSynth cars drawn with seed 7 (validation data), 20 classes, 32 px"),
 }
-# The data-path fields cpu-small chooses on validation data (docs/DATA_PATH.md): (published value, alternative).
+# The data-path fields cpu-small chooses on validation data (docs/DATA_PATH.md):
+# (published value, alternative).
 DATA_PATH_CHOICES: dict[str, tuple[str, str]] = {
     "distill_crop": ("batch", "image"),
     "patch_rule": ("published", "ranked"),
@@ -168,7 +183,8 @@ REFERENCE_ARM = "published"
 
 
 def choice_arms(choices: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
-    """One arm with every field at its published value, then one arm per field with that field alone switched."""
+    """One arm with every field at its published value, then one arm per field with that field alone
+    switched."""
     published = {field: values[0] for field, values in choices.items()}
     arms = {REFERENCE_ARM: published}
     for field, (_, alternative) in choices.items():
@@ -176,9 +192,9 @@ def choice_arms(choices: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]
     return arms
 
 
-# `--validate`: each arm of the grid's schedule on the validation data, random/sre2l++/fd2 only. `random` reads
-# real images and never meets these fields (no distill step, no patches, real images are never re-encoded), so
-# it runs once per pair, in the reference arm.
+# `--validate`: each arm of the grid's schedule on the validation data, random/sre2l++/fd2 only.
+# `random` reads real images and never meets these fields (no distill step, no patches, real images
+# are never re-encoded), so it runs once per pair, in the reference arm.
 VALIDATE: dict[str, Any] = {
     **FULL,
     "seeds": (0, 1, 2),
@@ -190,8 +206,9 @@ VALIDATE: dict[str, Any] = {
     "arms": choice_arms(DATA_PATH_CHOICES),
     "arm_free": ("random",),
 }
-# `--long`: the published 4 000 distill iterations (FD²'s CUB-200 runs use 4 000–10 000) at IPC 3 on birds-32, so
-# the images may leave their patch initialisation and FC and SC have room to act; teachers are the full grid's.
+# `--long`: the published 4 000 distill iterations (FD²'s CUB-200 runs use 4 000–10 000) at IPC 3 on
+# birds-32, so the images may leave their patch initialisation and FC and SC have room to act;
+# teachers are the full grid's.
 LONG: dict[str, Any] = {
     **FULL,
     "spec": {**FULL["spec"], "distill_iterations": 4000},
@@ -232,12 +249,14 @@ def make_ctx(spec: JobSpec, data: ImageDataset, workdir: Path, teacher_weights: 
     )
 
 
-# The run notes `fd2_core.stages.patches` caches its scored patch pools in (per scorer and class chunk).
+# The run notes `fd2_core.stages.patches` caches its scored patch pools in
+# (per scorer and class chunk).
 PATCH_CACHES = ("patch_files", "patch_ranking")
 
 
 def quantize(ctx: RunContext, synthetic: torch.Tensor) -> torch.Tensor:
-    """Normalised [ipc, K, 3, S, S] → uint8 [ipc·K, 3, S, S] (index-major), as the pipeline stores them."""
+    """Normalised [ipc, K, 3, S, S] → uint8 [ipc·K, 3, S, S] (index-major),
+    as the pipeline stores them."""
     flat = synthetic.reshape(-1, *synthetic.shape[2:])
     return (ctx.denormalize(flat) * 255.0).round().to(torch.uint8).cpu()
 
@@ -248,7 +267,8 @@ def accuracy_of(result: Any) -> float:
 
 
 def teacher_weights_path(cfg: dict[str, Any]) -> Path | None:
-    """The file every teacher starts from: the shipped base backbone, or None to train from scratch."""
+    """The file every teacher starts from: the shipped base backbone,
+    or None to train from scratch."""
     if cfg.get("teacher_init", "scratch") == "scratch":
         return None
     from fd2_core.models.base_backbone import base_backbone_path
@@ -266,7 +286,8 @@ def variants_of(cfg: dict[str, Any]) -> tuple[Variant, ...]:
 
 
 def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The spec overrides each arm adds (`--validate`); one unnamed arm without overrides elsewhere."""
+    """The spec overrides each arm adds (`--validate`); one unnamed arm without overrides
+    elsewhere."""
     return cfg.get("arms", {"": {}})
 
 
@@ -278,8 +299,9 @@ def tag_of(results: dict[str, Any]) -> str:
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
-    Besides the bench's own settings it holds every variant's resolved spec (seed aside) and the digest of the
-    teachers' starting weights, so a changed default or a new base backbone never mixes into old results.
+    Besides the bench's own settings it holds every variant's resolved spec (seed aside) and the
+    digest of the teachers' starting weights, so a changed default or a new base backbone never
+    mixes into old results.
     """
     weights = teacher_weights_path(cfg)
     base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **init_fields(cfg), **cfg["spec"]}
@@ -304,7 +326,8 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
         "hard_label_methods": list(cfg["hard_label_methods"]),
         "teacher_init": cfg["teacher_init"],
         "methods": [v.name for v in variants_of(cfg)],
-        # the relabel walk (and so the evaluation stream) is part of the result: v3 draws one stream per epoch
+        # the relabel walk (and so the evaluation stream) is part of the result:
+        # v3 draws one stream per epoch
         "soft_label_format": SOFT_LABEL_FORMAT,
         "protocols": list(PROTOCOLS),
     }
@@ -314,7 +337,8 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class PairRunner:
-    """Runs every method of one (setting, seed) pair, storing each finished method in `record` via `save`."""
+    """Runs every method of one (setting, seed) pair, storing each finished method in `record` via
+    `save`."""
 
     def __init__(self, setting: str, source: str, seed: int, cfg: dict[str, Any], work: Path, record: dict, save,
                  teacher_work: Path | None = None, shared: dict[str, dict] | None = None):
@@ -327,7 +351,8 @@ class PairRunner:
         probe = resolve_spec(self.base)
         self.data = load_dataset(source, probe.image_size, seed=0, test_fraction=probe.test_fraction)
         self.root = work / setting / f"seed{seed}"
-        # teachers depend on neither the distillation fields nor the student: runs that vary only those share them
+        # teachers depend on neither the distillation fields nor the student:
+        # runs that vary only those share them
         self.teacher_root = (teacher_work or work) / setting / f"seed{seed}"
         self.weights = teacher_weights_path(cfg)
         record.setdefault("setting", setting)
@@ -336,8 +361,8 @@ class PairRunner:
         record["num_classes"] = len(self.data.classes)
         record.setdefault("teachers", {})
         record.setdefault("methods", {})
-        # loaded teachers and scored patch pools; `shared` hands them to the next runner of the same pair (the
-        # arms of `--validate`)
+        # loaded teachers and scored patch pools; `shared` hands them to the next runner of the same
+        # pair (the arms of `--validate`)
         shared = {} if shared is None else shared
         self.teachers: dict[str, Any] = shared.setdefault("teachers", {})
         self.patch_notes: dict[tuple, dict[str, object]] = shared.setdefault("patch_notes", {})
@@ -350,8 +375,9 @@ class PairRunner:
         if kind not in self.teachers:
             spec = resolve_spec({**self.base, "method": "fd2" if kind == "cal" else "sre2l++"})
             t = time.monotonic()
-            # the teacher alone: under `patch_rule: published` `pretrain` would also train FD²'s plain scorer, which
-            # the grid takes from its own plain-CE teacher instead (`distilling_teachers`)
+            # the teacher alone: under `patch_rule: published` `pretrain` would also train FD²'s
+            # plain scorer, which the grid takes from its own plain-CE teacher instead
+            # (`distilling_teachers`)
             result = pretrain_teacher(make_ctx(spec, self.data, self.teacher_root / f"teacher-{kind}", self.weights))
             self.teachers[kind] = result.model
             self.teachers[f"{kind}-info"] = {
@@ -369,7 +395,8 @@ class PairRunner:
 
     def student(self, spec: JobSpec, wd: Path, teacher, images: torch.Tensor, labels: torch.Tensor, name: str,
                 hard: bool = False) -> tuple[float, float]:
-        """(top-1, seconds) of the student on `images` relabelled by `teacher` (file `name` under `wd`)."""
+        """(top-1, seconds) of the student on `images` relabelled by `teacher`
+        (file `name` under `wd`)."""
         ctx = make_ctx(spec, self.data, wd)
         t = time.monotonic()
         soft = relabel_all_epochs(ctx, teacher, images, labels, wd / f"{name}.safetensors")
@@ -377,10 +404,11 @@ class PairRunner:
         return accuracy_of(result), round(time.monotonic() - t, 1)
 
     def shared_notes(self, spec: JobSpec) -> dict[str, object]:
-        """Run notes whose patch caches the pair's variants share: the scored pools depend only on the scorer
-        (the cache's own key, with the class chunk), the seed, the data and the fields below, and draw from
-        streams of their own, so a variant finding them scored gets the very files it would score itself. Under
-        the published rule every variant is scored by the pair's plain-CE teacher: it is scored once a pair."""
+        """Run notes whose patch caches the pair's variants share: the scored pools depend only on
+        the scorer (the cache's own key, with the class chunk), the seed, the data and the fields
+        below, and draw from streams of their own, so a variant finding them scored gets the very
+        files it would score itself. Under the published rule every variant is scored by the pair's
+        plain-CE teacher: it is scored once a pair."""
         from fd2_core.stages.patches import patch_factor
 
         key = (spec.seed, spec.patch_rule, spec.image_size, spec.patch_candidates, spec.patch_pool,
@@ -389,9 +417,10 @@ class PairRunner:
         return {name: caches.setdefault(name, weakref.WeakKeyDictionary()) for name in PATCH_CACHES}
 
     def distilling_teachers(self, ctx: RunContext, spec: JobSpec, own) -> Committee | None:
-        """What `distill` gets: nothing for random, else the variant's teacher; under `patch_rule: published` with
-        FD² the grid's plain-CE teacher scores the patches, the scorer the pipeline would train (same backbone,
-        data and start), so the pair trains no third teacher."""
+        """What `distill` gets: nothing for random, else the variant's teacher; under
+        `patch_rule: published` with FD² the grid's plain-CE teacher scores the patches, the scorer
+        the pipeline would train (same backbone, data and start), so the pair trains no third
+        teacher."""
         if spec.method == "random":
             return None
         committee = as_committee(ctx, own)
@@ -443,8 +472,9 @@ class PairRunner:
         return {"accuracy": accuracy_of(result), "epochs": spec.pretrain_epochs, "time_s": secs}
 
     def reuse(self) -> None:
-        """Copy methods (and their teachers' figures) from the `reuse_from` result file when it holds them for
-        this (setting, seed) under the same resolved spec: the runs are deterministic, so they are the same runs."""
+        """Copy methods (and their teachers' figures) from the `reuse_from` result file when it
+        holds them for this (setting, seed) under the same resolved spec: the runs are
+        deterministic, so they are the same runs."""
         name = self.cfg.get("reuse_from")
         path = ROOT / "bench" / "results" / name if name else None
         if path is None or not path.exists():
@@ -492,7 +522,8 @@ class PairRunner:
 
 
 def _init_psnr(ctx: RunContext, images_u8: torch.Tensor) -> float | None:
-    """Mean PSNR (dB) of the distilled images against their initialisation, when the stage reports it."""
+    """Mean PSNR (dB) of the distilled images against their initialisation,
+    when the stage reports it."""
     try:
         from fd2_core.stages.drift import init_drift
     except ImportError:
@@ -509,7 +540,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def t_quantile(df: int) -> float:
-    """Two-sided 95 % Student-t quantile (scipy when present, else the table above, normal beyond df 30)."""
+    """Two-sided 95 % Student-t quantile (scipy when present, else the table above,
+    normal beyond df 30)."""
     try:
         from scipy.stats import t
 
@@ -519,7 +551,8 @@ def t_quantile(df: int) -> float:
 
 
 def paired_interval(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Mean of the per-seed differences a − b (points) with a 95 % t-interval over seeds; None below 2 seeds."""
+    """Mean of the per-seed differences a − b (points) with a 95 % t-interval over seeds;
+    None below 2 seeds."""
     diffs = [100.0 * (x - y) for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     mean = statistics.fmean(diffs) if diffs else float("nan")
@@ -543,7 +576,8 @@ def _complete(run: dict[str, Any], names: list[str]) -> bool:
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Per setting: accuracies, paired differences, IOR and HLR over the seeds that finished every method used."""
+    """Per setting: accuracies, paired differences, IOR and HLR over the seeds that finished every
+    method used."""
     summary: dict[str, Any] = {}
     ipcs = results["config"]["ipcs"]
     names = results["config"]["methods"]
@@ -605,15 +639,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pair_mean(record: dict[str, Any], names: list[str], ipcs: list[int], protocols: list[str]) -> float:
-    """Mean student top-1 (0–1) of one arm of one (setting, seed) over `names` × `ipcs` × `protocols`."""
+    """Mean student top-1 (0–1) of one arm of one (setting, seed) over
+    `names` × `ipcs` × `protocols`."""
     return statistics.fmean(record["methods"][n][p][f"ipc{i}"]["soft"] for n in names for i in ipcs for p in protocols)
 
 
 def summarise_choices(results: dict[str, Any]) -> dict[str, Any]:
-    """`--validate`: per field, the paired difference (alternative arm − published arm, points) of the mean accuracy
-    over random, sre2l++ and fd2 at every IPC, per protocol and over both, with a 95 % t-interval over the
-    (setting, seed) pairs where both arms finished; and the choice by the rule of docs/BENCHMARKS.md: the
-    alternative only where the interval over both protocols lies above 0, else the published value."""
+    """`--validate`: per field, the paired difference (alternative arm − published arm, points) of
+    the mean accuracy over random, sre2l++ and fd2 at every IPC, per protocol and over both, with a
+    95 % t-interval over the (setting, seed) pairs where both arms finished; and the choice by the
+    rule of docs/BENCHMARKS.md: the alternative only where the interval over both protocols lies
+    above 0, else the published value."""
     cfg = results["config"]
     ipcs, protocols = cfg["ipcs"], cfg["protocols"]
     names = [n for n in cfg["methods"]]
@@ -813,7 +849,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def update_docs(doc: Path, mode: str, body: str) -> None:
-    """Replace the block between this mode's markers in the benchmarks page (appended when missing)."""
+    """Replace the block between this mode's markers in the benchmarks page
+    (appended when missing)."""
     begin, end = f"<!-- quality:{mode}:begin -->", f"<!-- quality:{mode}:end -->"
     text = doc.read_text() if doc.exists() else ""
     block = f"{begin}\n{body.rstrip()}\n{end}"
@@ -845,8 +882,9 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
-    """Whether stored results may be extended under `key`: equal, except for spec fields the stored key
-    predates whose new value only states what was implied before (`fd2_core.spec_compat.IMPLIED_BEFORE_ADDED`)."""
+    """Whether stored results may be extended under `key`: equal, except for spec fields the stored
+    key predates whose new value only states what was implied before
+    (`fd2_core.spec_compat.IMPLIED_BEFORE_ADDED`)."""
     if stored is None:
         return False
     # keys from before the soft-label format was recorded meant v2 streams
@@ -862,10 +900,12 @@ def same_config(stored: dict[str, Any] | None, key: dict[str, Any]) -> bool:
 
 
 def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result file from several of one configuration (the same key and mode), e.g. one process per setting.
+    """One result file from several of one configuration (the same key and mode),
+    e.g. one process per setting.
 
-    Raises SystemExit when the configurations differ, or when two files hold the same record with different
-    figures (a record finished in both must be the same deterministic run; an unfinished one gives way)."""
+    Raises SystemExit when the configurations differ, or when two files hold the same record with
+    different figures (a record finished in both must be the same deterministic run; an unfinished
+    one gives way)."""
     first = docs[0]
     for doc in docs[1:]:
         if doc.get("mode") != first.get("mode") or not same_config(first.get("config"), doc["config"]):
@@ -888,7 +928,8 @@ def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> dict[str, Any]:
-    """The result file to extend: the stored one when its configuration matches, else a new document.
+    """The result file to extend: the stored one when its configuration matches,
+    else a new document.
 
     Raises SystemExit when the file holds results of another configuration (they are never mixed).
     """
@@ -905,7 +946,8 @@ def load_results(path: Path, cfg: dict[str, Any], mode: str, command: str) -> di
 
 
 class GitCommitter:
-    """Commits the result file when asked, at most once per `every_s` seconds (and always at the end)."""
+    """Commits the result file when asked, at most once per `every_s` seconds
+    (and always at the end)."""
 
     def __init__(self, path: Path, enabled: bool, every_s: float = 300.0):
         self.path, self.enabled, self.every_s, self.last = path, enabled, every_s, time.monotonic()
@@ -939,7 +981,8 @@ def _describe(results: dict[str, Any], cfg: dict[str, Any]) -> None:
 
 
 def _checkpointer(results: dict[str, Any], save, summariser):
-    """`checkpoint(message)`: add the compute time since the last call, summarise, and `save(results, message)`."""
+    """`checkpoint(message)`: add the compute time since the last call, summarise, and
+    `save(results, message)`."""
     clock = [time.monotonic()]
 
     def checkpoint(message: str) -> None:
@@ -954,10 +997,11 @@ def _checkpointer(results: dict[str, Any], save, summariser):
 
 
 def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
-    """`--validate`: every arm of `cfg["arms"]` on every (seed, setting), seeds outermost so that a stopped run
-    leaves whole seeds; all arms of a pair share its teachers (`work/teachers`), each arm has its own distillation
-    folder (`distill` reuses saved indices). Methods in `arm_free` run in the reference arm only and are copied
-    into the others. Records are `runs["<setting>/<seed>/<arm>"]`; `save(results, message)` after each step."""
+    """`--validate`: every arm of `cfg["arms"]` on every (seed, setting), seeds outermost so that a
+    stopped run leaves whole seeds; all arms of a pair share its teachers (`work/teachers`), each
+    arm has its own distillation folder (`distill` reuses saved indices). Methods in `arm_free` run
+    in the reference arm only and are copied into the others. Records are
+    `runs["<setting>/<seed>/<arm>"]`; `save(results, message)` after each step."""
     sources = _sources(cfg)
     _describe(results, cfg)
     checkpoint = _checkpointer(results, save, summarise_choices)
@@ -986,7 +1030,8 @@ def run_validation(cfg: dict[str, Any], work: Path, results: dict[str, Any], sav
 
 
 def run_grid(cfg: dict[str, Any], work: Path, results: dict[str, Any], save=None) -> dict[str, Any]:
-    """Every (setting, seed) of `cfg`, skipping what `results` already holds; `save(results)` after each step."""
+    """Every (setting, seed) of `cfg`, skipping what `results` already holds;
+    `save(results)` after each step."""
     sources = _sources(cfg)
     _describe(results, cfg)
     checkpoint = _checkpointer(results, save, summarise)

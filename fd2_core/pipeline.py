@@ -1,8 +1,9 @@
 """`run(spec, dataset, workdir, on_event, should_stop) -> PipelineResult`: the whole FD² job.
 
 pretrain → distill → relabel → evaluate → package, each a module of `fd2_core.stages`.
-Each stage runs its units (the shards of `fd2_core.shards`, in this process) and writes their outputs under
-`workdir/stages` atomically. A re-run with the same workdir skips every saved unit, so a killed run resumes.
+Each stage runs its units (the shards of `fd2_core.shards`, in this process) and writes their
+outputs under `workdir/stages` atomically. A re-run with the same workdir skips every saved unit, so
+a killed run resumes.
 """
 
 from __future__ import annotations
@@ -298,10 +299,11 @@ def run(
     train (`report.json` → `dataset.duplicates` counts them either way).
     A resumed run must name the same weights file and make the same `drop_duplicates` choice.
 
-    Each stage runs the job's units of `fd2_core.shards.plan_shards` with `max_workers` 1, in plan order,
-    through the same unit functions as a shard: the teachers, the class blocks and their merge, one range of
-    relabel epochs and its join, the students; then the package. One resume rule holds for both: a unit whose
-    outputs are saved is skipped. After every shard of the job ran elsewhere, `run` trains nothing.
+    Each stage runs the job's units of `fd2_core.shards.plan_shards` with `max_workers` 1, in plan
+    order, through the same unit functions as a shard: the teachers, the class blocks and their
+    merge, one range of relabel epochs and its join, the students; then the package. One resume rule
+    holds for both: a unit whose outputs are saved is skipped. After every shard of the job ran
+    elsewhere, `run` trains nothing.
     """
     opened = open_run(spec, dataset, workdir, on_event, should_stop, limits, teacher_weights, drop_duplicates)
     spec, data, timings, provenance = opened.spec, opened.data, opened.timings, opened.provenance

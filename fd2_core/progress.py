@@ -1,7 +1,8 @@
 """Progress events and cooperative stopping shared by every stage.
 
-Stages report units of work done; the reporter turns them into throttled events (overall progress, stage
-progress, ETA, current losses) and polls `should_stop` so a cancel is honoured within about a second.
+Stages report units of work done; the reporter turns them into throttled events (overall progress,
+stage progress, ETA, current losses) and polls `should_stop` so a cancel is honoured within about a
+second.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class StopRequested(Exception):
 
 @dataclass(frozen=True)
 class PipelineEvent:
-    kind: str  # "stage_start" | "progress" | "stage_end" | "log" | "warning" (a log line a person must see)
+    # "stage_start" | "progress" | "stage_end" | "log" | "warning" (a log line a person must see)
+    kind: str
     stage: str
     progress: float
     stage_progress: float
@@ -35,7 +37,8 @@ StopCheck = Callable[[], bool]
 
 
 class ProgressTracker:
-    """Maps stage-local work onto one overall 0–1 scale using per-stage weights (estimated costs)."""
+    """Maps stage-local work onto one overall 0–1 scale using per-stage weights
+    (estimated costs)."""
 
     def __init__(self, weights: dict[str, float], on_event: EventSink | None, should_stop: StopCheck | None):
         total = sum(weights.values()) or 1.0
@@ -100,9 +103,11 @@ class StageReporter:
             self.tracker.check_stop()
 
     def step(self, done_units: int, losses: dict[str, Any] | None = None, message: str = "") -> None:
-        """Cheap to call every iteration: polls the stop flag and emits at most one event per interval.
+        """Cheap to call every iteration: polls the stop flag and emits at most one event per
+        interval.
 
-        `losses` may hold tensors: they are read (a device sync) only when an event is actually emitted.
+        `losses` may hold tensors: they are read (a device sync) only when an event is actually
+        emitted.
         """
         self.poll()
         self._fraction = max(self._fraction, done_units / self.total)
@@ -115,7 +120,8 @@ class StageReporter:
         self._emit("log", self._fraction, message)
 
     def warn(self, message: str) -> None:
-        """A `warning` event: something the run accepted but a person should know (shown even by a quiet CLI)."""
+        """A `warning` event: something the run accepted but a person should know
+        (shown even by a quiet CLI)."""
         self._emit("warning", self._fraction, message)
 
     def end(self, message: str = "") -> None:
@@ -138,12 +144,13 @@ class StageReporter:
 
 
 class UnitReporter(StageReporter):
-    """One unit's view of its stage (a teacher, a class block, a range of relabel epochs): its share of the
-    stage's progress, from `offset` (a fraction of the stage) for `share` of it.
+    """One unit's view of its stage (a teacher, a class block, a range of relabel epochs): its share
+    of the stage's progress, from `offset` (a fraction of the stage) for `share` of it.
 
-    The stage's first unit starts the stage and its last unit ends it; the others log instead, so a run of
-    several units shows each stage once. A unit run alone (one shard) is `first` and `last`: the whole stage.
-    `prefix` names the unit in its messages; `begin_message` and `end_message` are its defaults.
+    The stage's first unit starts the stage and its last unit ends it; the others log instead, so a
+    run of several units shows each stage once. A unit run alone (one shard) is `first` and `last`:
+    the whole stage. `prefix` names the unit in its messages; `begin_message` and `end_message` are
+    its defaults.
     """
 
     def __init__(self, parent: StageReporter, offset: float, share: float, *, first: bool, last: bool,
@@ -173,8 +180,8 @@ class UnitReporter(StageReporter):
 
 
 class UnitTracker:
-    """The run's progress tracker as one unit sees it: its own stage through a `UnitReporter`, every other
-    stage as the run's own."""
+    """The run's progress tracker as one unit sees it: its own stage through a `UnitReporter`, every
+    other stage as the run's own."""
 
     def __init__(self, tracker: ProgressTracker, stage: str, offset: float, share: float, *, first: bool,
                  last: bool, prefix: str = "", begin_message: str = "", end_message: str = "") -> None:
@@ -197,6 +204,7 @@ class UnitTracker:
 
 def unit_tracker(tracker: ProgressTracker, stage: str, index: int, count: int, *, prefix: str = "",
                  begin_message: str = "", end_message: str = "") -> UnitTracker:
-    """Unit `index` of `count` equal units of `stage` as one run drives them (a shard is `count` 1)."""
+    """Unit `index` of `count` equal units of `stage` as one run drives them
+    (a shard is `count` 1)."""
     return UnitTracker(tracker, stage, index / count, 1 / count, first=index == 0, last=index == count - 1,
                        prefix=prefix, begin_message=begin_message, end_message=end_message)

@@ -1,16 +1,18 @@
-"""A committee of teachers (README, "Teacher committees"; docs/INTERFACES.md for the artifact): several
-backbones, each pretrained on its own with its own M and r, used together by distillation (one per step or a
-weighted sum) and by the relabel (the weighted mean of their logits).
+"""A committee of teachers (README, "Teacher committees"; docs/INTERFACES.md for the artifact):
+several backbones, each pretrained on its own with its own M and r, used together by distillation
+(one per step or a weighted sum) and by the relabel (the weighted mean of their logits).
 
-One teacher is a committee of one: it keeps the run's own context and work folder, so single-teacher runs and
-their work folders are exactly what they were before committees. A member of a larger committee has its own
-context (the spec as the member sees it, `JobSpec.member_spec`) and its own folder `teachers/<i>-<backbone>/`,
-so each member's pretraining is checkpointed and resumed on its own.
+One teacher is a committee of one: it keeps the run's own context and work folder, so single-teacher
+runs and their work folders are exactly what they were before committees. A member of a larger
+committee has its own context (the spec as the member sees it, `JobSpec.member_spec`) and its own
+folder `teachers/<i>-<backbone>/`, so each member's pretraining is checkpointed and resumed on its
+own.
 
-The published patch rule scores patch views with a plain cross-entropy teacher. Under FD² the members carry
-the CAL head, so pretraining trains one more teacher, the scorer (`JobSpec.trains_scorer`): the first member's
-backbone and pretraining settings with CAL off, in its own folder `teachers/scorer-<backbone>/`, checkpointed
-and resumed like a member, and reported as the stage's last share.
+The published patch rule scores patch views with a plain cross-entropy teacher. Under FD² the
+members carry the CAL head, so pretraining trains one more teacher, the scorer
+(`JobSpec.trains_scorer`): the first member's backbone and pretraining settings with CAL off, in its
+own folder `teachers/scorer-<backbone>/`, checkpointed and resumed like a member, and reported as
+the stage's last share.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ SCORER_NAME = "scorer"
 
 @dataclass
 class TeacherMember:
-    """One pretrained teacher: its name (`<i>-<backbone>`), its context (spec, folder), the model, what its
-    pretraining measured, and its normalised weight (the weights of a committee sum to 1)."""
+    """One pretrained teacher: its name (`<i>-<backbone>`), its context (spec, folder), the model,
+    what its pretraining measured, and its normalised weight
+    (the weights of a committee sum to 1)."""
 
     name: str
     ctx: RunContext
@@ -52,9 +55,10 @@ class TeacherMember:
 
 @dataclass
 class Committee:
-    """The run's teachers. `model` is the first member's: it draws the preview's attention maps. `info` is what
-    the report says about the teachers. `scorer_model` is the separately trained plain teacher that scores the
-    patch views when the spec trains one (`JobSpec.trains_scorer`); None: the first member scores."""
+    """The run's teachers. `model` is the first member's: it draws the preview's attention maps.
+    `info` is what the report says about the teachers. `scorer_model` is the separately trained
+    plain teacher that scores the patch views when the spec trains one (`JobSpec.trains_scorer`);
+    None: the first member scores."""
 
     members: list[TeacherMember]
     info: dict[str, Any] = field(default_factory=dict)
@@ -74,8 +78,8 @@ class Committee:
 
 
 def _member_tracker(ctx: RunContext, index: int, count: int, name: str, alone: bool) -> UnitTracker:
-    """The run's tracker as teacher `index` of `count` sees it: its share of the pretrain stage, its messages
-    prefixed with its name (`alone`: one shard, the whole stage)."""
+    """The run's tracker as teacher `index` of `count` sees it: its share of the pretrain stage, its
+    messages prefixed with its name (`alone`: one shard, the whole stage)."""
     return UnitTracker(ctx.tracker, "pretrain", 0.0 if alone else index / count, 1.0 if alone else 1 / count,
                        first=alone or index == 0, last=alone or index == count - 1,
                        prefix=f"teacher {index + 1}/{count} ({name})", begin_message="pretraining started",
@@ -87,21 +91,23 @@ def member_names(ctx: RunContext) -> list[str]:
 
 
 def member_workdir(workdir: Path, spec: JobSpec, index: int) -> Path:
-    """Member `index`'s work folder: the run's own for a single teacher, else `teachers/<i>-<backbone>/`."""
+    """Member `index`'s work folder: the run's own for a single teacher, else
+    `teachers/<i>-<backbone>/`."""
     if spec.committee is None:
         return workdir
     return workdir / MEMBERS_FOLDER / f"{index}-{spec.members[index].backbone}"
 
 
 def pretrainings(spec: JobSpec) -> int:
-    """Teachers the pretrain stage trains, each an equal share of its progress: the members, and the scorer."""
+    """Teachers the pretrain stage trains, each an equal share of its progress: the members,
+    and the scorer."""
     return len(spec.members) + int(spec.trains_scorer)
 
 
 def member_context(ctx: RunContext, index: int, alone: bool = False) -> RunContext:
-    """Member `index`'s context: the run's own for a single teacher (with a scorer beside it, its pretraining
-    reported as the first share of the stage); else the member's spec and folder, its pretraining reported as
-    its share of the stage (`alone`: as the whole stage, for a shard)."""
+    """Member `index`'s context: the run's own for a single teacher (with a scorer beside it, its
+    pretraining reported as the first share of the stage); else the member's spec and folder, its
+    pretraining reported as its share of the stage (`alone`: as the whole stage, for a shard)."""
     names, count = member_names(ctx), pretrainings(ctx.spec)
     tracker = _member_tracker(ctx, index, count, names[index], alone)
     if ctx.spec.committee is None:
@@ -122,15 +128,16 @@ def scorer_workdir(workdir: Path, spec: JobSpec) -> Path:
 
 
 def scorer_spec(spec: JobSpec) -> JobSpec:
-    """The spec the scorer is pretrained with: the first member's (backbone, width, pretraining settings, seed)
-    with CAL, FC and SC off, so it trains with plain cross-entropy as an SRe²L++ teacher does."""
+    """The spec the scorer is pretrained with: the first member's (backbone, width, pretraining
+    settings, seed) with CAL, FC and SC off, so it trains with plain cross-entropy as an SRe²L++
+    teacher does."""
     return spec.member_spec(0).model_copy(update={"cal": False, "fc": False, "sc": False})
 
 
 def scorer_context(ctx: RunContext, alone: bool = False) -> RunContext:
-    """The scorer's context: its spec and folder, the run's teacher weights file (loaded as the teachers load
-    it; a CAL head in it is left out), its pretraining reported as the stage's last share (`alone`: as the
-    whole stage, for a shard)."""
+    """The scorer's context: its spec and folder, the run's teacher weights file (loaded as the
+    teachers load it; a CAL head in it is left out), its pretraining reported as the stage's last
+    share (`alone`: as the whole stage, for a shard)."""
     count = pretrainings(ctx.spec)
     return RunContext(
         spec=scorer_spec(ctx.spec),
@@ -158,7 +165,8 @@ def as_committee(ctx: RunContext, teacher: FD2Model | Committee) -> Committee:
 
 @contextlib.contextmanager
 def frozen_members(committee: Committee) -> Iterator[Committee]:
-    """Every member frozen (eval mode, no parameter gradients) for the duration, as `runtime.frozen` does."""
+    """Every member frozen (eval mode, no parameter gradients) for the duration,
+    as `runtime.frozen` does."""
     with contextlib.ExitStack() as stack:
         for member in committee.members:
             stack.enter_context(frozen(member.model))
@@ -167,7 +175,8 @@ def frozen_members(committee: Committee) -> Iterator[Committee]:
 
 @contextlib.contextmanager
 def relabel_members(committee: Committee, bn_mode: str) -> Iterator[Committee]:
-    """Every member in the relabel's mode (`teacher.relabel_mode`), each one's running statistics untouched."""
+    """Every member in the relabel's mode (`teacher.relabel_mode`),
+    each one's running statistics untouched."""
     with contextlib.ExitStack() as stack:
         for member in committee.members:
             stack.enter_context(relabel_mode(member.model, bn_mode))
@@ -175,8 +184,9 @@ def relabel_members(committee: Committee, bn_mode: str) -> Iterator[Committee]:
 
 
 def ensemble_logits(committee: Committee, x: torch.Tensor, source: str) -> torch.Tensor:
-    """Σ_m w_m · logits_m(x) [B, K] float32: each member's logits of `source` (its own r for `mixed`), weighted
-    by its normalised weight. A committee of one gives that member's logits unchanged."""
+    """Σ_m w_m · logits_m(x) [B, K] float32: each member's logits of `source` (its own r for
+    `mixed`), weighted by its normalised weight. A committee of one gives that member's logits
+    unchanged."""
     if len(committee) == 1:
         member = committee.members[0]
         return source_logits(member.model(x), source, member.ctx.spec.cal_ratio)
@@ -203,9 +213,10 @@ def _ensemble_accuracy(ctx: RunContext, committee: Committee, images_u8: torch.T
 
 
 def committee_info(ctx: RunContext, members: Sequence[TeacherMember]) -> dict[str, Any]:
-    """The report's teacher entry for a committee: the ensemble's test accuracy (each member's own logits as
-    its single-teacher `test_accuracy` reads them, and the backbones' alone, what the soft labels hold by
-    default), the members' mean validation accuracy, and every member's own figures."""
+    """The report's teacher entry for a committee: the ensemble's test accuracy (each member's own
+    logits as its single-teacher `test_accuracy` reads them, and the backbones' alone, what the soft
+    labels hold by default), the members' mean validation accuracy, and every member's own
+    figures."""
     committee = Committee(list(members))
     data = ctx.data
 
@@ -246,9 +257,9 @@ def member_prefix(index: int) -> str:
 
 
 def save_committee(path: Path, ctx: RunContext, members: Sequence[TeacherMember]) -> Path:
-    """The committee's teacher artifact: every member's state dict under `members.<i>.`, and in the metadata
-    `members` (name, prefix, backbone, width, cal, M, r, weight of each, in order) beside the run's classes,
-    normalisation and image size (docs/INTERFACES.md, teacher.safetensors)."""
+    """The committee's teacher artifact: every member's state dict under `members.<i>.`, and in the
+    metadata `members` (name, prefix, backbone, width, cal, M, r, weight of each, in order) beside
+    the run's classes, normalisation and image size (docs/INTERFACES.md, teacher.safetensors)."""
     tensors: dict[str, torch.Tensor] = {}
     listed = []
     for i, member in enumerate(members):
@@ -256,7 +267,8 @@ def save_committee(path: Path, ctx: RunContext, members: Sequence[TeacherMember]
         tensors.update({prefix + k: v for k, v in member.model.state_dict().items()})
         listed.append({"name": member.name, "prefix": prefix, **member_fields(member)})
     meta = teacher_metadata(ctx, {"members": json.dumps(listed), "committee_mode": ctx.spec.committee_mode})
-    for single in ("model_width", "num_attention_maps", "cal_ratio", "cal"):  # per member, in `members`
+    # per member, in `members`
+    for single in ("model_width", "num_attention_maps", "cal_ratio", "cal"):
         meta.pop(single)
     meta.update(format=COMMITTEE_FORMAT, backbone=",".join(m.ctx.spec.backbone for m in members))
     return save_tensors(path, tensors, metadata=meta)

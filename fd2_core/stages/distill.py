@@ -1,7 +1,7 @@
 """Stage 2 — optimise synthetic images against the frozen teacher, one ipc index at a time.
 
-This module is the stage's entry: `distill` runs the stage's units in order, `distill_block` is one unit.
-A unit is one class block: `distill_block_index` for each of its ipc indices in order.
+This module is the stage's entry: `distill` runs the stage's units in order, `distill_block` is one
+unit. A unit is one class block: `distill_block_index` for each of its ipc indices in order.
 The unit picks the method's work from the modules beside this one:
 - `fd2_core.stages.initialisation`: the start images, and `rded` / `random` (real pixels);
 - `fd2_core.stages.synthesis`: the optimisation with FD²'s loss (the sre2l++ recipe);
@@ -13,8 +13,8 @@ So a killed run resumes at the first missing index (under FADRM+, at the first u
 Classes are optimised in blocks of `distill_batch_classes` (`class_blocks`).
 One block's work never reads another block's.
 Its patch selection, its random streams and the earlier indices SC reads are the block's own.
-So a block runs alone in any order, in this process or as one shard of `fd2_core.shards` on another worker.
-It saves each index as `ipc_JJJ_cKKKKK.safetensors`, and `merge_blocks` then writes every
+So a block runs alone in any order, in this process or as one shard of `fd2_core.shards` on another
+worker. It saves each index as `ipc_JJJ_cKKKKK.safetensors`, and `merge_blocks` then writes every
 `ipc_JJJ.safetensors`. A work folder whose merged index files were written before blocks were saved
 (an earlier version's run) is read block by block from them, so it resumes without recomputing.
 """
@@ -111,12 +111,13 @@ def _with_scorer(ctx: RunContext, committee: Committee) -> Committee:
 
 
 def distill(ctx: RunContext, teacher: FD2Model | Committee | None) -> torch.Tensor:
-    """Stage 2: synthetic images [ipc, K, 3, S, S] in normalised space, saved per ipc index with `init`.
+    """Stage 2: synthetic images [ipc, K, 3, S, S] in normalised space,
+    saved per ipc index with `init`.
 
     `teacher` is one model or a committee (`fd2_core.stages.committee`); None only for `random`.
     The stage runs its units in order, as the shards of `fd2_core.shards` do: each class block
-    (`distill_block`, its share of the stage's progress), then the merge of the block files into one file
-    per ipc index (`merge_blocks`). A block or an index already saved is reused.
+    (`distill_block`, its share of the stage's progress), then the merge of the block files into one
+    file per ipc index (`merge_blocks`). A block or an index already saved is reused.
     """
     committee = _with_scorer(ctx, as_committee(ctx, teacher)) if teacher is not None else None
     blocks = class_blocks(ctx)

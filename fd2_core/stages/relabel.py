@@ -1,13 +1,14 @@
 """Stage 3 — record FKD-style soft labels for a set of images (distilled or random real).
 
-Published relabel: the teacher's logits of the chosen source (default the backbone's own classifier), BatchNorm
-in train mode on each forwarded part of a batch (default two halves), the stored running statistics untouched.
-A committee's soft labels are the weighted mean of its members' logits (`committee.ensemble_logits`).
-Crops are torchvision's RandomResizedCrop, drawn and resampled as torchvision does (soft-label format v4).
-Every epoch draws from its own stream, so a range of epochs can also be recorded alone (`relabel_epochs`, one
-shard of `fd2_core.shards`) and the ranges joined (`merge_relabel_parts`) into the very file `relabel` writes.
-Files and parts of older formats are another augmentation stream: they are recorded again, never reused or
-joined (students still replay older files as they were recorded).
+Published relabel: the teacher's logits of the chosen source (default the backbone's own
+classifier), BatchNorm in train mode on each forwarded part of a batch (default two halves), the
+stored running statistics untouched. A committee's soft labels are the weighted mean of its members'
+logits (`committee.ensemble_logits`). Crops are torchvision's RandomResizedCrop, drawn and resampled
+as torchvision does (soft-label format v4). Every epoch draws from its own stream, so a range of
+epochs can also be recorded alone (`relabel_epochs`, one shard of `fd2_core.shards`) and the ranges
+joined (`merge_relabel_parts`) into the very file `relabel` writes. Files and parts of older formats
+are another augmentation stream: they are recorded again, never reused or joined (students still
+replay older files as they were recorded).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from .committee import Committee, as_committee, ensemble_logits, member_fields, 
 from .context import RunContext
 
 SOFT_LABELS_FILE = "soft_labels.safetensors"
-PARTS_FOLDER = "relabel"  # under the stage folder: the epoch ranges of relabel shards before they are joined
+# under the stage folder: the epoch ranges of relabel shards before they are joined
+PARTS_FOLDER = "relabel"
 
 _SOURCE_TEXT = {
     "backbone": "backbone classifier logits",
@@ -53,12 +55,14 @@ _MODE_TEXT = {
 
 
 def describe_logits(source: str, bn_mode: str, forward_splits: int) -> str:
-    """One line saying which logits a soft-label file holds and how they were computed (metadata text)."""
+    """One line saying which logits a soft-label file holds and how they were computed
+    (metadata text)."""
     return f"{_SOURCE_TEXT[source]}; {_MODE_TEXT[bn_mode]}; each batch forwarded in {forward_splits} part(s)"
 
 
 def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
-    """True when a recorded file used the source, BatchNorm mode and forward split the spec asks for."""
+    """True when a recorded file used the source, BatchNorm mode and forward split the spec asks
+    for."""
     return (soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (
         spec.soft_label_source,
         spec.relabel_bn_mode,
@@ -67,7 +71,8 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
 
 
 def epoch_streams(spec: JobSpec, stream: str) -> EpochGenerator:
-    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone (soft-label formats v3, v4)."""
+    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone
+    (soft-label formats v3, v4)."""
     return lambda epoch: generator(spec.seed, stream, epoch)
 
 
@@ -78,8 +83,9 @@ def _metadata_of(path: Path) -> dict[str, str]:
 
 
 def recorded(path: Path, spec: JobSpec) -> bool:
-    """Whether `path` holds soft labels of the current format recorded with the spec's protocol; reads only the
-    file's metadata. An older format is another augmentation stream, so it does not count."""
+    """Whether `path` holds soft labels of the current format recorded with the spec's protocol;
+    reads only the file's metadata. An older format is another augmentation stream, so it does not
+    count."""
     if not path.exists():
         return False
     metadata = _metadata_of(path)
@@ -87,8 +93,9 @@ def recorded(path: Path, spec: JobSpec) -> bool:
 
 
 def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
-    """The soft labels at `path` when they exist in the current format and were recorded with the spec's
-    protocol; None otherwise (an older file is recorded again, as a new run would record it)."""
+    """The soft labels at `path` when they exist in the current format and were recorded with the
+    spec's protocol; None otherwise (an older file is recorded again, as a new run would record
+    it)."""
     return SoftLabels.load(path) if recorded(path, spec) else None
 
 
@@ -101,7 +108,8 @@ def _record(
     stream: str,
     on_batch: Callable[[int, int], None],
 ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """(tensors of `epochs`, the whole file's metadata): the one recording both `relabel` and `relabel_epochs` run."""
+    """(tensors of `epochs`, the whole file's metadata): the one recording both `relabel` and
+    `relabel_epochs` run."""
     spec = ctx.spec
     committee = as_committee(ctx, teacher)
     if spec.soft_label_source != "backbone" and any(m.model.cal_head is None for m in committee.members):
@@ -137,12 +145,13 @@ def relabel_all_epochs(
     stream: str = "relabel",
     parent: StageReporter | None = None,
 ) -> SoftLabels:
-    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists in the current
-    format with this protocol, else records every epoch (format v4).
+    """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists in the
+    current format with this protocol, else records every epoch (format v4).
 
-    A recording in one piece, for the random baseline inside `evaluate` and for benchmarks that relabel a set
-    of their own; a job's relabel stage is `relabel`. With a `parent` reporter (the baseline) it only
-    keeps polling the stop flag through the parent and emits no stage events of its own.
+    A recording in one piece, for the random baseline inside `evaluate` and for benchmarks that
+    relabel a set of their own; a job's relabel stage is `relabel`. With a `parent` reporter (the
+    baseline) it only keeps polling the stop flag through the parent and emits no stage events of
+    its own.
     """
     spec = ctx.spec
     reporter = parent or ctx.tracker.stage("relabel")
@@ -171,8 +180,9 @@ def relabel_all_epochs(
     return SoftLabels.load(path)
 
 
-# A relabel shard loads the data, the teachers and the set before its first batch; at least this many epochs
-# keep that a small share of its work (the paper presets' 400 epochs split into at most 16 ranges).
+# A relabel shard loads the data, the teachers and the set before its first batch; at least this
+# many epochs keep that a small share of its work (the paper presets' 400 epochs split into at most
+# 16 ranges).
 MIN_RELABEL_EPOCHS = 25
 
 
@@ -195,11 +205,13 @@ def epoch_ranges(epochs: int, max_workers: int, min_epochs: int = MIN_RELABEL_EP
 def relabel(
     ctx: RunContext, teacher: FD2Model | Committee, images_u8: torch.Tensor, labels: torch.Tensor
 ) -> SoftLabels:
-    """Stage 3: the soft labels of the set (uint8 [N,3,S,S], labels [N]) in `stages/soft_labels.safetensors`.
+    """Stage 3: the soft labels of the set (uint8 [N,3,S,S], labels [N]) in
+    `stages/soft_labels.safetensors`.
 
-    The stage runs its units in order, as the shards of `fd2_core.shards` do: the relabel walk in one range of
-    epochs (`relabel_epochs`), then the join of the ranges into the file (`merge_relabel_parts`). A file
-    already recorded with this protocol is reused; one recorded with another protocol is recorded again.
+    The stage runs its units in order, as the shards of `fd2_core.shards` do: the relabel walk in
+    one range of epochs (`relabel_epochs`), then the join of the ranges into the file
+    (`merge_relabel_parts`). A file already recorded with this protocol is reused; one recorded with
+    another protocol is recorded again.
     """
     path = ctx.stage_dir / SOFT_LABELS_FILE
     existing = reusable(path, ctx.spec)
@@ -219,7 +231,8 @@ def relabel(
 
 
 def part_file(stage_dir: Path, epochs: range) -> Path:
-    """Where a relabel shard saves epochs [start, stop): `stages/relabel/epochs_SSSS_EEEE.safetensors`."""
+    """Where a relabel shard saves epochs [start, stop):
+    `stages/relabel/epochs_SSSS_EEEE.safetensors`."""
     return stage_dir / PARTS_FOLDER / f"epochs_{epochs.start:04d}_{epochs.stop:04d}.safetensors"
 
 
@@ -236,9 +249,10 @@ def relabel_epochs(
     stream: str = "relabel",
     end_message: str = "",
 ) -> Path:
-    """Record only `epochs` of the relabel walk of `images_u8` into their part file (`part_path`, atomic;
-    skipped when it exists). The part holds exactly those epochs of what `relabel_all_epochs` records.
-    One unit of the relabel stage (`relabel`), or one shard of `fd2_core.shards`."""
+    """Record only `epochs` of the relabel walk of `images_u8` into their part file (`part_path`,
+    atomic; skipped when it exists). The part holds exactly those epochs of what
+    `relabel_all_epochs` records. One unit of the relabel stage (`relabel`), or one shard of
+    `fd2_core.shards`."""
     path = part_path(ctx, epochs)
     reporter = ctx.tracker.stage("relabel")
     reporter.begin(1)
@@ -258,8 +272,8 @@ def relabel_epochs(
 
 
 def part_recorded(path: Path) -> bool:
-    """Whether `path` is a part file of the current format, read from its metadata alone; an older part is
-    another augmentation stream, recorded again and never joined."""
+    """Whether `path` is a part file of the current format, read from its metadata alone; an older
+    part is another augmentation stream, recorded again and never joined."""
     return path.exists() and _metadata_of(path).get("format") == PART_FORMAT
 
 
@@ -274,9 +288,9 @@ def _saved_parts(stage_dir: Path) -> list[tuple[range, Path]]:
 
 
 def _joining_parts(parts: list[tuple[range, Path]], epochs: int) -> tuple[list[tuple[Path, range]], list[range]]:
-    """(the parts to join with the epochs taken from each, the epochs no part holds): from epoch 0 on, the part
-    that holds the next epoch and reaches furthest. Parts of two plans (another `max_workers`) may overlap; every
-    part is a slice of the same walk, so any of them serves."""
+    """(the parts to join with the epochs taken from each, the epochs no part holds): from epoch 0
+    on, the part that holds the next epoch and reaches furthest. Parts of two plans (another
+    `max_workers`) may overlap; every part is a slice of the same walk, so any of them serves."""
     chain: list[tuple[Path, range]] = []
     gaps: list[range] = []
     reached = 0
@@ -294,14 +308,16 @@ def _joining_parts(parts: list[tuple[range, Path]], epochs: int) -> tuple[list[t
 
 
 def missing_epochs(stage_dir: Path, epochs: int) -> list[range]:
-    """The ranges of relabel epochs no saved part file holds (empty: `merge_relabel_parts` can join them)."""
+    """The ranges of relabel epochs no saved part file holds (empty:
+    `merge_relabel_parts` can join them)."""
     return _joining_parts(_saved_parts(stage_dir), epochs)[1]
 
 
 def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
-    """Join the saved epoch ranges in epoch order into `path`, the file `relabel` writes when it records every
-    epoch at once (same tensors, same metadata), then remove the part files; a file at `path` with this
-    protocol is kept as it is. Raises ValueError naming the first epochs no part holds."""
+    """Join the saved epoch ranges in epoch order into `path`, the file `relabel` writes when it
+    records every epoch at once (same tensors, same metadata), then remove the part files; a file at
+    `path` with this protocol is kept as it is. Raises ValueError naming the first epochs no part
+    holds."""
     existing = reusable(path, ctx.spec)
     parts = _saved_parts(ctx.stage_dir)
     if existing is None:
@@ -313,7 +329,8 @@ def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
         tensors, metadata = join_soft_label_parts(pieces, ctx.spec.relabel_epochs)
         save_soft_labels(path, tensors, dict(metadata))
         existing = SoftLabels.load(path)
-    for part in (ctx.stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors"):  # older-format parts too
+    # older-format parts too
+    for part in (ctx.stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors"):
         part.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # a folder that still holds something stays
         (ctx.stage_dir / PARTS_FOLDER).rmdir()

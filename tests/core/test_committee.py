@@ -133,7 +133,8 @@ def test_cost_counts_every_member() -> None:
     assert rr["pretrain"] == 3 * one["pretrain"] and rr["relabel"] == 3 * one["relabel"]
     # the published rule (cpu-small's default) adds one plain teacher, whatever the committee's size
     published = stage_image_passes(resolve_spec({"base": "fadrm+", "committee": ["convnet"] * 3}), size)
-    plain = rr_spec.pretrain_epochs * size.train_images * TRAIN_STEP_PASSES  # forward + backward, no CAL passes
+    # forward + backward, no CAL passes
+    plain = rr_spec.pretrain_epochs * size.train_images * TRAIN_STEP_PASSES
     assert published["pretrain"] - rr["pretrain"] == plain
     # one member per step: the steps cost what one teacher's cost
     assert rr["distill"] == one["distill"]

@@ -1,4 +1,5 @@
-"""A run killed mid-distill resumes from its last finished ipc index; the CLI answers bad input cleanly."""
+"""A run killed mid-distill resumes from its last finished ipc index;
+the CLI answers bad input cleanly."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
     assert not (workdir / "artifacts" / "report.json").exists()
     saved = load_file(first)
 
-    # resume and a fresh uninterrupted run both in their own process, so both use the same thread count
+    # resume and a fresh uninterrupted run both in their own process,
+    # so both use the same thread count
     resumed = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "ipc index 0 already distilled" in resumed.stderr
@@ -75,16 +77,18 @@ def test_killed_run_resumes_from_the_last_finished_ipc_index(tmp_path):
 
 
 def safetensors_content(path: Path) -> tuple[dict, dict]:
-    """A safetensors file's metadata and tensors; the header's key order varies from one write to the next."""
+    """A safetensors file's metadata and tensors; the header's key order varies from one write to
+    the next."""
     with safe_open(path, "pt") as handle:
         return handle.metadata(), {key: handle.get_tensor(key).tolist() for key in sorted(handle.keys())}
 
 
 def test_a_folder_of_an_earlier_version_resumes_without_recomputing(tmp_path):
-    """An earlier version saved each finished ipc index of every class as one merged file, with no block files.
+    """An earlier version saved each finished ipc index of every class as one merged file,
+    with no block files.
 
-    Such a folder, killed after index 0, resumes from that file (sliced into the class block) and ends with
-    the files of an uninterrupted run.
+    Such a folder, killed after index 0, resumes from that file (sliced into the class block) and
+    ends with the files of an uninterrupted run.
     """
     spec = tiny_spec(ipc=2)
     finished = tmp_path / "finished"
