@@ -24,6 +24,7 @@ from starlette.requests import Request
 from api.auth import CurrentTenant
 from api.deps import short_transaction
 from api.errors import ApiError
+from api.storage_errors import storage_errors
 from api.upload_slots import check_free_disk
 from api.upload_timeouts import UploadTimeouts
 from api.uploads import receive_upload
@@ -34,7 +35,7 @@ from fd2_core.data.errors import DataError, FileError, UnusableDataError
 from fd2_core.data.layout import DatasetLayout, relative_name, scan_source, validate_images
 from fd2_core.data.limits import DataLimits
 from store.datasets import StorageUsage, create_dataset, dataset_path, remove_tree, tenant_storage_usage
-from store.folders import staging_file, upload_lease
+from store.folders import discard_file, staging_file, upload_lease
 from store.models import Dataset, new_id
 
 MAX_STORED_ERRORS = 1000
@@ -199,10 +200,12 @@ async def receive_dataset(request: Request, session: Session, settings: Settings
 
     `session` serves short transactions only: the body takes as long as the client makes it."""
     assert settings.datasets_dir is not None
-    check_free_disk(settings.datasets_dir, settings.min_free_disk_bytes)
-    await short_transaction(session, check_storage_quota, settings, tenant, 0)
-    with request.app.state.upload_slots.hold(tenant.id):
-        return await _receive_and_store(request, session, settings, tenant)
+    # A disk that fills up or is read-only mid-way answers 503 once the files are removed.
+    with storage_errors(settings):
+        check_free_disk(settings.datasets_dir, settings.min_free_disk_bytes)
+        await short_transaction(session, check_storage_quota, settings, tenant, 0)
+        with request.app.state.upload_slots.hold(tenant.id):
+            return await _receive_and_store(request, session, settings, tenant)
 
 
 async def _receive_and_store(request: Request, session: Session, settings: Settings,
@@ -222,7 +225,7 @@ async def _receive_and_store(request: Request, session: Session, settings: Setti
         except DataError as exc:
             raise ApiError(422, exc.code, exc.message, exc.details) from None
         finally:
-            incoming.unlink(missing_ok=True)
+            discard_file(incoming)
         name = clean_name(upload.fields.get("name") or "") or default_dataset_name(upload.filename)
         try:
             await short_transaction(session, check_storage_quota, settings, tenant, result.size_bytes)

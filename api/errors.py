@@ -174,7 +174,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """503 + `Retry-After` while the database is unreachable (restart, failover, full pool); other
     database errors are unexpected (500)."""
     if not database_unavailable(exc):
-        return await _unexpected_error(request, exc)
+        return await unexpected_error(request, exc)
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]
     logger.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
                    type(exc).__name__, first_line)
@@ -183,15 +183,18 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
                           f"{UNAVAILABLE_RETRY_AFTER_S} s", None, {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from api.storage_errors import storage_error_response  # it builds its answers with this module
+
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeoutError, _database_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_exception_handler(OSError, storage_error_response)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -14,9 +14,11 @@ from typing import Any
 from api.dataset_intake import data_limits
 from api.errors import ApiError
 from api.schemas import Manifest
+from api.storage_errors import storage_errors
 from fd2_config.settings import Settings
 from fd2_core.data.errors import DataError
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items
+from store.folders import discard_file
 from store.jobs import job_workdir
 
 MANIFEST_FILE = "manifest.json"
@@ -77,19 +79,29 @@ def scan_manifest(settings: Settings, manifest: Manifest, test_fraction: float,
 
 
 def write_manifest(settings: Settings, job_id: str, root: Path, rows: list[dict[str, Any]]) -> Path:
-    """`<job workdir>/manifest.json` = {"root", "items"}: the worker reads rows relative to `root`."""
+    """`<job workdir>/manifest.json` = {"root", "items"}: the worker reads rows relative to `root`.
+
+    A disk that cannot take it answers 503 `insufficient_storage` with the partial file and the
+    folder removed (what the disk refuses to remove is the storage sweep's: no row owns it)."""
     path = job_workdir(settings, job_id) / MANIFEST_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"root": str(root), "items": rows}))
-    partial.replace(path)
+    with storage_errors(settings):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"root": str(root), "items": rows}))
+            partial.replace(path)
+        except BaseException:
+            discard_file(partial)
+            remove_manifest(path)
+            raise
     return path
 
 
 def remove_manifest(path: Path | None) -> None:
+    """Quietly: it runs while another answer is being given."""
     if path is None:
         return
-    path.unlink(missing_ok=True)
+    discard_file(path)
     try:
         path.parent.rmdir()
     except OSError:

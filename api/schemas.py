@@ -191,3 +191,12 @@ class DatasetPage(BaseModel):
 class EventPage(BaseModel):
     items: list[EventOut]
     next_cursor: str | None = Field(None, description="Pass as `after` to read the following events.")
+
+
+class DeletionPending(BaseModel):
+    """202 of a delete whose row is gone but whose files the disk would not let go (read-only)."""
+
+    id: str
+    deleted: Literal[True] = True
+    files_removed: Literal[False] = False
+    message: str

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from api.errors import ApiError
+from api.storage_errors import insufficient_storage
 
 UPLOAD_RETRY_AFTER_S = 30
 
@@ -52,5 +53,4 @@ def check_free_disk(folder: Path, minimum: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < minimum:
-        raise ApiError(503, "insufficient_storage", "the service is short of disk space; try again later",
-                       {"free_bytes": free}, headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S)})
+        raise insufficient_storage({"free_bytes": free})

@@ -170,7 +170,8 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int, timeouts:
     """Stream the request's `file_field` part into `dest`; ApiError 413, 415, 422, 408 or 400.
 
     `text_fields` are the text fields the form takes (named in the messages of refused forms; others
-    are kept in `fields` too). The caller removes `dest` whatever happens."""
+    are kept in `fields` too). The caller removes `dest` whatever happens. A failed write raises its
+    OSError (the disk's state, for the caller to answer), never a 400."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -202,7 +203,7 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int, timeouts:
         except ClientDisconnect:
             raise ApiError(400, "upload_interrupted",
                            "the upload ended before it was complete; send it again") from None
-        except ApiError:
+        except (ApiError, OSError):  # a write to disk that failed is the server's, not the body's
             raise
         except Exception as exc:  # the parser's own errors: malformed multipart body
             raise ApiError(400, "bad_request", f"malformed multipart body: {exc}; send a multipart/form-data body "

@@ -260,6 +260,29 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Refused as exc:
         return _fail(str(exc))
+    except Exception as exc:
+        message = _storage_problem(args, exc)
+        if message is None:
+            raise
+        return _fail(message)
+
+
+def _storage_problem(args: argparse.Namespace, exc: Exception) -> str | None:
+    """The one line for a service command stopped by a full or read-only disk
+    (`fd2_cli.storage`)."""
+    if args.func not in SERVICE_COMMANDS:
+        return None
+    from fd2_cli.storage import storage_problem
+    from fd2_config.settings import get_settings
+
+    try:
+        database_url: str | None = get_settings().database_url
+    except Exception:  # settings were refused earlier, or cannot be read: name no database
+        database_url = None
+    return storage_problem(exc, database_url)
+
+
+SERVICE_COMMANDS = (cmd_serve, cmd_worker, cmd_keys_create, cmd_keys_revoke, cmd_keys_list, cmd_migrate)
 
 
 if __name__ == "__main__":

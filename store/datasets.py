@@ -6,6 +6,7 @@ Deleting a dataset and submitting a job on it are both checked under the tenant'
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +138,14 @@ def delete_unused_dataset(session: Session, tenant_id: str, dataset_id: str) -> 
     return True
 
 
-def remove_dataset_files(settings: Settings, dataset_id: str) -> None:
-    remove_tree(dataset_path(settings, dataset_id))
+def remove_dataset_files(settings: Settings, dataset_id: str) -> bool:
+    """False when the folder could not be removed (a read-only disk): no row owns it any more, so
+    the storage sweep removes it once the disk allows."""
+    return remove_tree(dataset_path(settings, dataset_id))
 
 
-def remove_tree(folder: Path) -> None:
-    """Remove a folder if present;
-    quietly, since a half-created folder is exactly what is being cleaned."""
+def remove_tree(folder: Path) -> bool:
+    """Remove a folder if present; quietly, since a half-created folder is exactly what is being
+    cleaned. Returns whether it is gone."""
     shutil.rmtree(folder, ignore_errors=True)
+    return not os.path.lexists(folder)

@@ -65,8 +65,20 @@ def upload_lease(settings: Settings, dataset_id: str) -> Iterator[None]:
         yield
     finally:
         # before the lock goes: a sweep that locks it after this finds the row, or nothing
+        try:
+            discard_file(path)
+        finally:
+            os.close(descriptor)
+
+
+def discard_file(path: Path) -> bool:
+    """Remove a file if present; False when the disk refuses (read-only): the sweep removes it
+    later, and the caller's own answer is not replaced by a clean-up's error."""
+    try:
         path.unlink(missing_ok=True)
-        os.close(descriptor)
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager

@@ -28,10 +28,11 @@ def _inside(path: Path, folders: Iterable[Path]) -> bool:
     return any(folder in path.parents for folder in folders)
 
 
-def remove_job_files(settings: Settings, job_id: str, artifact_paths: Iterable[str] = ()) -> None:
+def remove_job_files(settings: Settings, job_id: str, artifact_paths: Iterable[str] = ()) -> bool:
     """Remove the job's work folder and every registered artifact file that lies in the operator's
-    folders."""
+    folders; False when some could not go (a read-only disk), for the caller to say so."""
     folders = _operator_folders(settings)
+    complete = True
     for text in artifact_paths:
         path = Path(text)
         if not _inside(path, folders):
@@ -42,4 +43,5 @@ def remove_job_files(settings: Settings, job_id: str, artifact_paths: Iterable[s
         except OSError as exc:
             # a folder or unreadable entry: the work folder removal below still runs
             log.warning("job %s: could not remove artifact %s: %s", job_id, path, exc)
-    remove_tree(job_workdir(settings, job_id))
+            complete = False
+    return remove_tree(job_workdir(settings, job_id)) and complete

@@ -13,6 +13,7 @@ from api.dataset_intake import receive_dataset
 from api.deps import ReaderDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, error_responses, not_found
 from api.schemas import DatasetOut, DatasetPage
+from api.storage_errors import DELETE_PENDING_RESPONSE, deletion_pending
 from fd2_config.settings import Settings
 from store.datasets import (
     DatasetInUse,
@@ -93,17 +94,22 @@ async def read_dataset(dataset_id: str, reader: ReaderDep, tenant: TenantDep) ->
     return dataset_resource(dataset)
 
 
-@router.delete("/{dataset_id}", status_code=204, response_class=Response, responses=ERRORS,
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={**ERRORS, **DELETE_PENDING_RESPONSE},
                summary="Delete a dataset and its files (409 while a queued or running job uses it)")
 async def remove_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep,
                          tenant: TenantDep) -> Response:
-    await run_in_threadpool(_delete_unused_dataset, session, settings, tenant.id, dataset_id)
+    """204 once row and files are gone; 202 when the disk (read-only) kept the files: the dataset
+    is gone all the same and the storage sweep removes its folder later."""
+    if not await run_in_threadpool(_delete_unused_dataset, session, settings, tenant.id, dataset_id):
+        return deletion_pending(dataset_id, "dataset")
     return Response(status_code=204)
 
 
-def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str, dataset_id: str) -> None:
+def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str, dataset_id: str) -> bool:
     """The check for active jobs and the delete are one store call under the tenant's lock, so a job
-    submitted at the same moment is either refused (dataset gone) or makes this answer 409."""
+    submitted at the same moment is either refused (dataset gone) or makes this answer 409.
+    Returns whether the files are gone too."""
     try:
         deleted = delete_unused_dataset(session, tenant_id, dataset_id)
     except DatasetInUse:
@@ -114,4 +120,4 @@ def _delete_unused_dataset(session: Session, settings: Settings, tenant_id: str,
         session.rollback()
         raise not_found("dataset")
     session.commit()
-    remove_dataset_files(settings, dataset_id)
+    return remove_dataset_files(settings, dataset_id)

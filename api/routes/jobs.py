@@ -19,6 +19,7 @@ from api.errors import ApiError, error_responses, not_found
 from api.event_stream import EVENT_STREAM, JobEventStream, can_stream, wants_event_stream
 from api.job_submission import submit_job
 from api.schemas import EventPage, JobCreate, JobOut, JobPage
+from api.storage_errors import DELETE_PENDING_RESPONSE, deletion_pending
 from fd2_config.settings import Settings
 from store.job_files import remove_job_files
 from store.job_states import request_cancel
@@ -83,14 +84,17 @@ async def read_job(job_id: str, reader: ReaderDep, settings: SettingsDep, tenant
     return job_resource(job, settings)
 
 
-@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS,
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses={**ERRORS, **DELETE_PENDING_RESPONSE},
                summary="Delete a finished job with its artifacts, events and work folder (409 while active)")
 async def remove_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """The job is removed whole: its row, events and artifact rows at once (a later GET answers 404
     and lists no longer show it), then its artifact files and work folder; the bytes leave the
     tenant's storage quota. A queued or running job answers 409 `job_active`: cancel it first and
-    delete it once it is `cancelled`."""
-    await run_in_threadpool(_delete_finished, session, settings, tenant.id, job_id)
+    delete it once it is `cancelled`. 202 instead of 204 when the disk (read-only) kept the files:
+    the storage sweep removes the job's folder later."""
+    if not await run_in_threadpool(_delete_finished, session, settings, tenant.id, job_id):
+        return deletion_pending(job_id, "job")
     return Response(status_code=204)
 
 
@@ -101,7 +105,7 @@ def job_active(status: str) -> ApiError:
                     "once it has ended", {"status": status})
 
 
-def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_id: str) -> None:
+def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_id: str) -> bool:
     try:
         artifact_paths = delete_finished_job(session, tenant_id, job_id)
     except JobStillActive as exc:
@@ -109,7 +113,7 @@ def _delete_finished(session: Session, settings: Settings, tenant_id: str, job_i
     if artifact_paths is None:
         raise not_found("job")
     session.commit()
-    remove_job_files(settings, job_id, artifact_paths)
+    return remove_job_files(settings, job_id, artifact_paths)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS,
