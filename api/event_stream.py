@@ -124,5 +124,10 @@ class JobEventStream:
                 await anyio.sleep(self.settings.event_stream_poll_s)
 
     def response(self) -> EventSourceResponse:
-        return EventSourceResponse(self.events(), ping=self.settings.event_stream_ping_s, sep=SEPARATOR,
-                                   headers={"Cache-Control": "no-store"})
+        response = EventSourceResponse(self.events(), ping=self.settings.event_stream_ping_s, sep=SEPARATOR,
+                                       headers={"Cache-Control": "no-store"})
+        # `Connection` is hop-by-hop and the server's to set (keep-alive is HTTP/1.1's default; uvicorn
+        # adds `close` when the client asked for it): the library's fixed `keep-alive` would make a
+        # second, contradicting header
+        del response.headers["connection"]
+        return response

@@ -11,7 +11,7 @@ The sweep:
 1. With `FD2_ARTIFACT_RETENTION_DAYS` set, every finished job that finished longer ago than that
    loses its artifact files and work folder; its row stays, marked `artifacts_expired`
    (`store.retention`: files first, then the mark, so a crash in between is finished by the next
-   sweep).
+   sweep; a job whose files the disk keeps, e.g. read-only, stays unmarked until they are gone).
 2. Whatever no row and no live request owns is removed (`store.folders` lists the paths and their
    owners): an upload's staging and lease files once no request holds the lease and they were
    last written more than `FD2_UPLOAD_BODY_TIMEOUT_S` ago (a crash mid-body); a dataset folder
@@ -87,13 +87,19 @@ def expire_old_artifacts(settings: Settings, now: datetime) -> list[str]:
         return []
     finished_before = now - timedelta(days=days)
     expired: list[str] = []
+    tried: set[str] = set()
     while True:
         due = transact(settings, jobs_past_retention, finished_before, RETENTION_BATCH, retry=False)
-        fresh = [job for job in due if job.id not in expired]
-        for job in fresh:
-            remove_job_files(settings, job.id, job.artifact_paths)
-        transact(settings, mark_artifacts_expired, [job.id for job in fresh], now, retry=False)
-        expired.extend(job.id for job in fresh)
+        fresh = [job for job in due if job.id not in tried]
+        tried.update(job.id for job in fresh)
+        # a job whose files the disk keeps (read-only) stays unmarked: the mark says the files are
+        # gone, and the next sweep tries again
+        gone = [job.id for job in fresh if remove_job_files(settings, job.id, job.artifact_paths)]
+        if len(gone) < len(fresh):
+            log.warning("storage sweep: the files of %d expired job(s) could not be removed; retried "
+                        "at the next sweep", len(fresh) - len(gone))
+        transact(settings, mark_artifacts_expired, gone, now, retry=False)
+        expired.extend(gone)
         if len(due) < RETENTION_BATCH or not fresh:
             return expired
 
@@ -115,8 +121,7 @@ def _remove_unowned(settings: Settings, batch: list[Leftover]) -> list[Path]:
         owners = [item.owner for item in free if item.folder is not None]
         owned = transact(settings, owners_with_rows, owners, retry=False) if owners else set()
         for item in free:
-            if item.folder is not None and item.owner not in owned:
-                remove_tree(item.folder)
+            if item.folder is not None and item.owner not in owned and remove_tree(item.folder):
                 removed.append(item.folder)
             # the lease file last: while it is there, no other sweep removes this owner's files
             for path in sorted(item.files, key=lambda path: path.suffix == LEASE_SUFFIX):

@@ -150,4 +150,5 @@ def test_http11_still_streams(server: Server) -> None:
     assert response.status_line.split(" ", 2)[1] == "200"
     assert (response.header("content-type") or "").startswith("text/event-stream")
     assert response.header("transfer-encoding") == "chunked"
+    assert response.header("connection") == "close"  # the client's choice, said once
     assert b"event: end" in response.body

@@ -1,9 +1,10 @@
 """Full and read-only disks are the server's state: a real uvicorn whose datasets folder is a tiny
 tmpfs answers an upload that fills it, in its body or while unpacking, with 503
 `insufficient_storage` + `Retry-After` and leaves no staging file or folder; with its home remounted
-read-only an upload answers 503 too, a dataset delete answers 202 (gone from listings, files
-kept) and the sweep removes the folder once the disk is writable again; `fd2 keys create` and
-`fd2 migrate` on a read-only home exit 2 with one line. Needs root (mount); skipped with the
+read-only an upload and a manifest job's submit answer 503 too, a dataset or job delete answers 202
+(gone from listings, files kept), retention leaves a job unmarked while its files stay, and the
+sweep removes the folders once the disk is writable again; `fd2 keys create` and `fd2 migrate` on
+a read-only home exit 2 with one line. Needs root (mount); skipped with the
 reason otherwise.
 """
 
@@ -21,12 +22,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import image_tree, zip_bytes
+from api_helpers import image_tree, png_bytes, tenant_id, zip_bytes
 from raw_uploads import start_api, tenant_key, uploads_in_flight
 from service_harness import REPO_ROOT, ServiceStack, embedded_settings, service_env
 
+from fd2_config.queues import GPU_QUEUE
 from fd2_config.settings import Settings
-from store.models import utcnow
+from store.artifacts import register_artifact
+from store.db import session_scope
+from store.job_states import finish_job, mark_running
+from store.jobs import create_job, job_workdir
+from store.models import Job, utcnow
 from worker.storage_sweep import LEFTOVER_GRACE, sweep_storage
 
 pytestmark = pytest.mark.service
@@ -151,6 +157,64 @@ def test_a_read_only_home_refuses_uploads_and_defers_deletes_to_the_sweep(tmp_pa
         sweep_storage(settings, utcnow() + LEFTOVER_GRACE + timedelta(minutes=1))
         assert not folder.exists()
         assert nothing_left(settings) == []
+
+
+def finished_job(settings: Settings, tenant: str) -> Path:
+    """A succeeded job with one artifact in its work folder; returns the folder."""
+    with session_scope(settings) as session:
+        job = create_job(session, tenant_id=tenant, spec={"ipc": 1}, queue=GPU_QUEUE)
+        mark_running(session, job.id, "w")
+        folder = job_workdir(settings, job.id)
+        (folder / "artifacts").mkdir(parents=True)
+        (folder / "artifacts" / "report.json").write_text("{}")
+        register_artifact(session, job.id, "report.json", folder / "artifacts" / "report.json")
+        finish_job(session, job.id, "succeeded", metrics={})
+        return folder
+
+
+def test_a_read_only_home_defers_job_deletes_and_expiry_and_refuses_manifest_jobs(tmp_path: Path) -> None:
+    home, shared = tmp_path / "home", tmp_path / "shared"
+    database_url = f"sqlite:///{tmp_path / 'db' / 'fd2.db'}"
+    items = []
+    for name in SMALL_DATASET:
+        (shared / name).mkdir(parents=True)
+        for index in range(SMALL_DATASET[name]):
+            (shared / name / f"{index}.png").write_bytes(png_bytes(index))
+            items.append({"path": f"{name}/{index}.png", "label": name})
+    settings = embedded_settings(home, database_url=database_url, min_free_disk_bytes=0,
+                                 allowed_data_roots=[shared], artifact_retention_days=1)
+    env = {"FD2_HOME": str(home), "FD2_DATABASE_URL": database_url, "FD2_ALLOWED_DATA_ROOTS": str(shared)}
+    with tmpfs(home, "8m"), api_service(tmp_path, settings, env) as client:
+        tenant = tenant_id(settings, {"Authorization": client.headers["Authorization"]})
+        deleted_folder, expiring_folder = finished_job(settings, tenant), finished_job(settings, tenant)
+        deleted_id, expiring_id = deleted_folder.name, expiring_folder.name
+        later = utcnow() + timedelta(days=2)
+        remount(home, "ro")
+        try:
+            deleted = client.delete(f"/v1/jobs/{deleted_id}")
+            assert deleted.status_code == 202, deleted.text
+            assert deleted.json()["files_removed"] is False
+            assert client.get(f"/v1/jobs/{deleted_id}").status_code == 404
+            assert deleted_folder.is_dir()
+
+            body = {"dataset": {"manifest": {"root": str(shared), "items": items}}, "spec": {"ipc": 1}}
+            assert_insufficient_storage(client.post("/v1/jobs", json=body))
+            assert [job["id"] for job in client.get("/v1/jobs").json()["items"]] == [expiring_id]
+
+            # the disk keeps the expired job's files: no mark, so the next sweep tries again
+            # (nor does it report the deleted job's folder as removed)
+            refused = sweep_storage(settings, later + LEFTOVER_GRACE)
+            assert refused.expired == [] and refused.leftovers == []
+            assert expiring_folder.is_dir() and deleted_folder.is_dir()
+            with session_scope(settings) as session:
+                assert session.get(Job, expiring_id).artifacts_expired_at is None
+        finally:
+            remount(home, "rw")
+        swept = sweep_storage(settings, later + LEFTOVER_GRACE)
+        assert swept.expired == [expiring_id]
+        assert not expiring_folder.exists() and not deleted_folder.exists()
+        with session_scope(settings) as session:
+            assert session.get(Job, expiring_id).artifacts_expired_at is not None
 
 
 def fd2(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
