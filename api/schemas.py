@@ -122,7 +122,17 @@ class JobOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: JobError | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Flat, set when the job succeeded: the accuracies and DD-Ranking figures (`teacher_accuracy`, "
+        "`student_accuracy`, `random_baseline_accuracy`, `ior`, `ior_ci95`, `beats_random`, `verdict`, with "
+        "`eval_hlr` also `hard_label_accuracy`, `full_data_accuracy`, `hlr`, `hlr_ci95`) and what the download "
+        "weighs (report.json → `storage`): `distilled_images_bytes` (the encoded images inside distilled.tar.gz), "
+        "`soft_labels_bytes` (the teacher file's size when `soft_labels_kind` is "
+        "`online (teacher file)`, else `stored`), `soft_labels_file_bytes`, `teacher_bytes`, `real_data_bytes` "
+        "with `real_data_kind` (`encoded files` or `decoded pixels (built-in data: S²·3·N)`), `compressed_bytes` "
+        "= images + soft labels and `compression_ratio` = real_data_bytes / compressed_bytes.",
+    )
     artifacts: list[ArtifactOut] = Field(
         default_factory=list,
         description="Files the job produced; after `artifacts_expired` they stay listed as a record, and their "

@@ -63,20 +63,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fd2_core.artifacts import sha256_of  # noqa: E402
+from fd2_core.artifacts import png_bytes, sha256_of  # noqa: E402
 from fd2_core.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from fd2_core.progress import ProgressTracker  # noqa: E402
-from fd2_core.softlabels import FORMAT as SOFT_LABEL_FORMAT  # noqa: E402
 from fd2_core.softlabels import FORMAT_V2 as SOFT_LABEL_FORMAT_V2  # noqa: E402
+from fd2_core.softlabels import FORMAT_V4  # noqa: E402
 from fd2_core.spec import JobSpec  # noqa: E402
 from fd2_core.spec_compat import spec_changes  # noqa: E402
 from fd2_core.spec_resolution import resolve_spec  # noqa: E402
 from fd2_core.stages.committee import Committee, as_committee  # noqa: E402
-from fd2_core.stages.context import RunContext  # noqa: E402
+from fd2_core.stages.context import RunContext, stage_folder  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
-from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
+from fd2_core.stages.pretrain import TEACHER_FILE, pretrain_teacher  # noqa: E402
 from fd2_core.stages.relabel import relabel_all_epochs  # noqa: E402
+from fd2_core.storage_report import human_bytes, is_online, safetensors_metadata  # noqa: E402
 
 FORMAT = "fd2.quality.v3"
 # v3: the published data path (docs/DATA_PATH.md); result files, work folders, plots and the
@@ -296,6 +297,14 @@ def tag_of(results: dict[str, Any]) -> str:
     return str(results.get("format", FORMAT)).rsplit(".", 1)[-1]
 
 
+# The relabel walk the results were measured on, named by the format that first recorded it: v5 files
+# regenerate that very walk and hold the same fp16 logits, so the grid's results carry over.
+SOFT_LABEL_FORMAT = FORMAT_V4
+# The grid measures images: every method's labels stay full fp16 logits of every epoch, whatever
+# cpu-small's default storage becomes (docs/SOFT_LABELS.md).
+FULL_LABELS = {"soft_label_values": "fp16", "topk": 0, "label_epoch_fraction": 1.0}
+
+
 def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match for stored results to be reused (seeds and settings may grow between runs).
 
@@ -304,7 +313,8 @@ def config_key(cfg: dict[str, Any]) -> dict[str, Any]:
     mixes into old results.
     """
     weights = teacher_weights_path(cfg)
-    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **init_fields(cfg), **cfg["spec"]}
+    base = {"preset": "cpu-small", "device": "cpu", "ipc": max(cfg["ipcs"]), **FULL_LABELS, **init_fields(cfg),
+            **cfg["spec"]}
     resolved = {
         f"{arm} / {v.name}" if arm else v.name: {
             k: val for k, val in resolve_spec({**base, **overrides, **v.overrides}).model_dump(mode="json").items()
@@ -344,8 +354,8 @@ class PairRunner:
                  teacher_work: Path | None = None, shared: dict[str, dict] | None = None):
         self.setting, self.seed, self.cfg, self.record, self.save = setting, seed, cfg, record, save
         self.ipcs = tuple(sorted(cfg["ipcs"]))
-        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **init_fields(cfg),
-                     **cfg["spec"]}
+        self.base = {"preset": "cpu-small", "device": "cpu", "seed": seed, "ipc": self.ipcs[-1], **FULL_LABELS,
+                     **init_fields(cfg), **cfg["spec"]}
         if cfg["classes"]:
             source = f"{source}{',' if ':' in source else ':'}classes={cfg['classes']}"
         probe = resolve_spec(self.base)
@@ -446,12 +456,15 @@ class PairRunner:
             spec_k = self.spec(variant, ipc=ipc)
             imgs, labels = images[: ipc * k], torch.arange(k).repeat(ipc)
             acc, secs = self.student(spec_k, wd, own, imgs, labels, f"soft_labels_ipc{ipc}")
-            out["end-to-end"][f"ipc{ipc}"] = {"soft": acc, "time_s": secs}
+            sizes = self.set_bytes(imgs, wd / f"soft_labels_ipc{ipc}.safetensors", variant.teacher)
+            out["end-to-end"][f"ipc{ipc}"] = {"soft": acc, "time_s": secs, **sizes}
             if variant.teacher == COMMON_TEACHER:
-                out["images-only"][f"ipc{ipc}"] = {"soft": acc, "time_s": 0.0, "same_as": "end-to-end"}
+                out["images-only"][f"ipc{ipc}"] = {"soft": acc, "time_s": 0.0, "same_as": "end-to-end", **sizes}
             else:
                 acc2, secs2 = self.student(spec_k, wd, common, imgs, labels, f"common_soft_labels_ipc{ipc}")
-                out["images-only"][f"ipc{ipc}"] = {"soft": acc2, "time_s": secs2}
+                out["images-only"][f"ipc{ipc}"] = {
+                    "soft": acc2, "time_s": secs2,
+                    **self.set_bytes(imgs, wd / f"common_soft_labels_ipc{ipc}.safetensors", COMMON_TEACHER)}
             line = f"{self.setting} seed {self.seed}: {variant.name} ipc {ipc}: " + ", ".join(
                 f"{p} {out[p][f'ipc{ipc}']['soft']:.3f}" for p in PROTOCOLS
             )
@@ -461,6 +474,16 @@ class PairRunner:
                 line += f", hard {hard:.3f}"
             log(line)
         return out
+
+    def set_bytes(self, images: torch.Tensor, soft_labels: Path, teacher: str) -> dict[str, int]:
+        """What a user would download of this set (`fd2_core.storage_report`): `images_bytes`, its
+        images as the artifact's PNGs, and `soft_labels_bytes`, the labels file (the teacher's
+        file when the labels are online)."""
+        labels = soft_labels
+        if is_online(safetensors_metadata(soft_labels)):
+            labels = stage_folder(self.teacher_root / f"teacher-{teacher}") / TEACHER_FILE
+        return {"images_bytes": sum(len(png_bytes(image)) for image in images),
+                "soft_labels_bytes": labels.stat().st_size}
 
     def upper_bound(self) -> dict[str, Any]:
         from fd2_core.stages.full_data import train_full_data_student
@@ -591,10 +614,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 entry["teachers"][f"{kind}_{key}"] = mean_std([r["teachers"][kind][key] for r in runs])
             entry["teachers"][f"{kind}_time_s"] = statistics.fmean(r["teachers"][kind]["time_s"] for r in runs)
         for protocol in results["config"]["protocols"]:
-            block: dict[str, Any] = {"accuracy": {}, "comparisons": {}, "ior": {}}
+            block: dict[str, Any] = {"accuracy": {}, "comparisons": {}, "ior": {}, "set_bytes": {}}
             for name in names:
                 block["accuracy"][name] = {
                     f"ipc{i}": mean_std([r["methods"][name][protocol][f"ipc{i}"]["soft"] for r in runs]) for i in ipcs
+                }
+                block["set_bytes"][name] = {
+                    f"ipc{i}": set_bytes_mean([r["methods"][name][protocol][f"ipc{i}"] for r in runs]) for i in ipcs
                 }
             for label, (a, b) in results["config"].get("comparisons", COMPARISONS).items():
                 block["comparisons"][label] = {f"ipc{i}": paired_interval(
@@ -636,6 +662,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         }
         summary[setting] = entry
     return summary
+
+
+def set_bytes_mean(cells: list[dict[str, Any]]) -> float | None:
+    """Mean distilled images + soft labels bytes over seeds; None when a record predates their
+    recording (PNG sizes differ a little between seeds)."""
+    if not all("images_bytes" in c and "soft_labels_bytes" in c for c in cells):
+        return None
+    return statistics.fmean(c["images_bytes"] + c["soft_labels_bytes"] for c in cells)
 
 
 def _pair_mean(record: dict[str, Any], names: list[str], ipcs: list[int], protocols: list[str]) -> float:
@@ -704,6 +738,11 @@ def fmt_acc(cell: dict[str, Any]) -> str:
     return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
 
+def fmt_bytes(size: float | None) -> str:
+    """A set's size in decimal units, "–" where the records hold none."""
+    return "–" if size is None else human_bytes(size)
+
+
 def fmt_diff(cell: dict[str, Any]) -> str:
     if cell["lo"] is None:
         return f"{cell['mean']:+.1f} (n={cell['n']})"
@@ -746,9 +785,12 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
             "",
         ]
         for protocol, block in entry["protocols"].items():
-            lines += [f"*{protocol}* — accuracy", "", f"| method | {head} |", rule]
+            sizes = block.get("set_bytes", {})
+            lines += [f"*{protocol}* — accuracy; size = distilled images (PNG) + soft labels, bytes per IPC", "",
+                      f"| method | {head} | size ({' / '.join(f'IPC {i}' for i in ipcs)}) |", rule + "---|"]
             for name, cells in block["accuracy"].items():
-                lines.append(f"| {name} | " + " | ".join(fmt_acc(cells[f"ipc{i}"]) for i in ipcs) + " |")
+                size = " / ".join(fmt_bytes(sizes.get(name, {}).get(f"ipc{i}")) for i in ipcs)
+                lines.append(f"| {name} | " + " | ".join(fmt_acc(cells[f"ipc{i}"]) for i in ipcs) + f" | {size} |")
             lines += ["", f"*{protocol}* — paired differences (points)", "", f"| comparison | {head} |", rule]
             for label, cells in block["comparisons"].items():
                 lines.append(f"| {label} | " + " | ".join(fmt_diff(cells[f"ipc{i}"]) for i in ipcs) + " |")

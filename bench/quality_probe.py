@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import log, make_ctx, quantize  # noqa: E402
 from fd2_core.data.dataset import load_dataset  # noqa: E402
+from fd2_core.label_formats import LabelEncoding  # noqa: E402
 from fd2_core.runtime import frozen  # noqa: E402
 from fd2_core.softlabels import SoftLabels, record_soft_labels, save_soft_labels  # noqa: E402
 from fd2_core.spec_resolution import resolve_spec  # noqa: E402
@@ -45,7 +46,7 @@ from fd2_core.stages.committee import as_committee  # noqa: E402
 from fd2_core.stages.distill import distill  # noqa: E402
 from fd2_core.stages.evaluate import train_student  # noqa: E402
 from fd2_core.stages.pretrain import pretrain_teacher  # noqa: E402
-from fd2_core.stages.relabel import epoch_streams  # noqa: E402
+from fd2_core.stages.relabel import augmentation_stream, recorded_epochs  # noqa: E402
 from fd2_core.stages.teacher import relabel_mode, source_logits  # noqa: E402
 
 LABEL_SOURCES: dict[str, tuple[str, str]] = {
@@ -77,19 +78,13 @@ def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
             return source_logits(teacher(x), source, spec.cal_ratio)
 
     with relabel_mode(teacher, spec.relabel_bn_mode):
-        tensors = record_soft_labels(
-            logits_of,
-            images,
-            epochs=spec.relabel_epochs,
-            batch_size=spec.relabel_batch_size,
-            generator=epoch_streams(spec, "relabel"),
-            cutmix_alpha=spec.cutmix_alpha,
-            min_crop_scale=spec.min_crop_scale,
-            topk=spec.topk,
-            forward_splits=spec.relabel_forward_splits,
-        )
+        walk = augmentation_stream(spec, images.shape[0], "relabel")
+        encoding, kept = LabelEncoding.from_spec(spec), recorded_epochs(spec, "relabel")
+        tensors = record_soft_labels(logits_of, images, epochs=spec.relabel_epochs, stream=walk, encoding=encoding,
+                                     kept=kept, forward_splits=spec.relabel_forward_splits)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"batch_size": spec.relabel_batch_size, "epochs": spec.relabel_epochs, "num_images": int(images.shape[0])}
+    meta = {"batch_size": spec.relabel_batch_size, "epochs": spec.relabel_epochs, "num_images": int(images.shape[0]),
+            "augmentations": walk.as_metadata(), "label_encoding": encoding.as_metadata(), "epochs_kept": kept}
     save_soft_labels(path, tensors, meta | protocol | {"num_classes": ctx.num_classes, "topk": spec.topk})
     return SoftLabels.load(path)
 

@@ -22,6 +22,7 @@ from .presets import PRESETS
 from .rollback import OutputRollback
 from .spec import METHODS, JobSpec
 from .spec_errors import describe_spec_error
+from .storage_report import storage_line
 
 EXIT_BAD_INPUT = 2
 
@@ -159,6 +160,8 @@ def print_summary(spec: JobSpec, result) -> None:
         lines.append(f"{'student (hard labels)':<26}{pct(m.get('hard_label_accuracy'))}")
         lines.append(f"{'full real data (hard)':<26}{pct(m.get('full_data_accuracy'))}")
         lines.append(f"{'HLR (hard-label recovery)':<26}{with_ci(m.get('hlr'), m.get('hlr_ci95'))}")
+    if result.report.get("storage"):  # what the download weighs against the real data
+        lines.append(storage_line(result.report["storage"]))
     lines += duplicate_lines((result.report.get("dataset") or {}).get("duplicates") or {})
     # The dataset's warnings (e.g. file names decoded from a guessed code
     # page), as the service lists them.

@@ -9,6 +9,9 @@
         optimizer.step(); optimizer.zero_grad()
 
 Each item is one recorded batch (CutMix mixes inside a batch, so the batch is the unit of replay).
+Online soft labels (`soft_label_values: online`) store no logits: pass the downloaded teacher,
+`SoftLabelReplay(..., teacher="teacher.safetensors")`, and each item's logits are computed by it as
+the relabel stage would have recorded them.
 The teacher forwarded each batch in `forward_splits` consecutive parts, with
 train-mode BatchNorm by default; the published validation script replays
 those parts as micro-batches and steps the optimizer once per batch.
@@ -27,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from .artifacts import ipc_index_of
 from .augment import apply_crop_flip, apply_cutmix
-from .softlabels import SoftLabels, forward_parts
+from .softlabels import SoftLabels, TeacherLogits, forward_parts
 
 
 @dataclass
@@ -75,9 +79,13 @@ class SoftLabelReplay(torch.utils.data.Dataset):
     forwarded in; `split(item)` cuts an item into those parts.
     """
 
-    def __init__(self, distilled: str | Path | DistilledSet, soft_labels: str | Path | SoftLabels):
+    def __init__(self, distilled: str | Path | DistilledSet, soft_labels: str | Path | SoftLabels,
+                 teacher: str | Path | TeacherLogits | None = None):
         self.set = distilled if isinstance(distilled, DistilledSet) else read_distilled(distilled)
         self.soft = soft_labels if isinstance(soft_labels, SoftLabels) else SoftLabels.load(soft_labels)
+        if isinstance(teacher, (str, Path)):
+            teacher = relabel_teacher(teacher, self.soft)
+        self.teacher = teacher
         meta = self.soft.metadata
         order = json.loads(meta["labels"])
         if len(order) != self.set.images.shape[0]:
@@ -95,8 +103,17 @@ class SoftLabelReplay(torch.utils.data.Dataset):
         return len(self.soft)
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raises ValueError for online soft labels without a teacher, AugmentationMismatch when the
+        batch's epoch does not regenerate as recorded."""
         idx, crop, cutmix, logits = self.soft.batch(step)
-        return apply_cutmix(apply_crop_flip(self.images[idx], crop), cutmix), logits
+        images = apply_cutmix(apply_crop_flip(self.images[idx], crop), cutmix)
+        if logits is None:
+            if self.teacher is None:
+                raise ValueError("these soft labels are online (no stored logits): pass the job's teacher, "
+                                 "SoftLabelReplay(..., teacher='teacher.safetensors')")
+            with torch.no_grad():
+                logits = torch.cat([self.teacher(images[part]).float() for part in self.soft.parts(step)])
+        return images, logits
 
     @property
     def soft_label_source(self) -> str:
@@ -115,6 +132,32 @@ class SoftLabelReplay(torch.utils.data.Dataset):
         forwarded (published relabel: 20 → 10 + 10)."""
         images, logits = item
         return [(images[part], logits[part]) for part in forward_parts(images.shape[0], self.forward_splits)]
+
+
+def relabel_teacher(path: str | Path, soft: SoftLabels) -> TeacherLogits:
+    """The downloaded `teacher.safetensors` as the relabel ran it for `soft`: logits of the file's
+    source (backbone | cal | mixed, the teacher's cal_ratio), BatchNorm in the file's mode with the
+    running statistics untouched, gradients off. Raises ValueError for a committee's file (its
+    members are not shipped one by one)."""
+    from .models import build_model
+    from .stages.teacher import relabel_mode, source_logits
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        state = {key: fh.get_tensor(key) for key in fh.keys()}
+    if "committee" in meta or "backbone" not in meta:
+        raise ValueError(f"{path}: not a single teacher's file; online soft labels replay with one teacher")
+    model = build_model(meta["backbone"], soft.num_classes, int(meta["image_size"]), cal=json.loads(meta["cal"]),
+                        num_attention_maps=int(meta["num_attention_maps"]), width=int(meta["model_width"]))
+    model.load_state_dict(state)
+    model.eval()
+    cal_ratio = float(meta["cal_ratio"])
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        with relabel_mode(model, soft.bn_mode):
+            return source_logits(model(images), soft.soft_label_source, cal_ratio)
+
+    return logits_of
 
 
 def _distillation_order(ds: DistilledSet, by_file: dict[str, int], labels: list[int]) -> torch.Tensor:

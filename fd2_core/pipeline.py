@@ -33,7 +33,7 @@ from .spec_resolution import resolve_spec
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
-from .stages.package import Provenance, json_safe, package, quantize
+from .stages.package import Provenance, package, quantize
 from .stages.pretrain import pretrain
 from .stages.relabel import relabel
 from .stages.teacher import check_teacher_weights
@@ -324,4 +324,5 @@ def run(
         with timings.measure("evaluate"):
             metrics.update(evaluate(ctx, teacher, distilled.images, distilled.labels, soft))
     artifacts, report = package(ctx, teacher, distilled, metrics, timings, provenance)
-    return PipelineResult(artifacts=artifacts, metrics=json_safe(metrics), report=report)
+    # the report's metrics: these plus the storage figures package measured, JSON-safe
+    return PipelineResult(artifacts=artifacts, metrics=report["metrics"], report=report)

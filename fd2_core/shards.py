@@ -208,7 +208,7 @@ def shard_done(spec: JobSpec | dict[str, Any], workdir: str | Path, shard_id: st
         return all(ipc_file(stages, j).exists() for j in range(spec.ipc))
     if stage == "relabel":
         merged = recorded(stages / SOFT_LABELS_FILE, spec)
-        return merged or bool(params) and part_recorded(part_file(stages, range(*params["epochs"])))
+        return merged or bool(params) and part_recorded(part_file(stages, range(*params["epochs"])), spec)
     if stage == "evaluate":
         return student_file(stages, params["student"]).exists() or (stages / "evaluate.json").exists()
     return (workdir / "artifacts" / "report.json").exists()
@@ -227,11 +227,13 @@ def _distilled_set(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_student(ctx: RunContext, name: str) -> None:
-    teacher = load_committee(ctx) if name == "random" else None
     images = labels = soft = None
     if name in ("distilled", "distilled_hard_labels"):
         images, labels = _distilled_set(ctx)
         soft = SoftLabels.load(ctx.stage_dir / SOFT_LABELS_FILE)
+    # online soft labels are computed by the student from the teacher
+    online = name == "distilled" and soft is not None and soft.needs_teacher
+    teacher = load_committee(ctx) if name == "random" or online else None
     reporter = ctx.tracker.stage("evaluate")
     reporter.begin(student_steps(ctx, name))
     result = evaluation_student(ctx, name, teacher, images, labels, soft, reporter)
@@ -269,7 +271,7 @@ def _missing(spec: JobSpec, workdir: Path, shard: Shard) -> list[str]:
         stages = stage_folder(workdir)
         if recorded(stages / SOFT_LABELS_FILE, spec):
             return []
-        return [epochs_id(gap) for gap in missing_epochs(stages, spec.relabel_epochs)]
+        return [epochs_id(gap) for gap in missing_epochs(stages, spec)]
     return [dep for dep in shard.depends_on if not shard_done(spec, workdir, dep)]
 
 

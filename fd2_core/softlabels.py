@@ -1,28 +1,31 @@
-"""FKD-style soft labels: recorded augmentations + teacher logits, replayable by any student.
+"""FKD-style soft labels: teacher logits at every position of a relabel walk, replayable by any student.
 
-Layout of `soft_labels.safetensors` (also written into the file's own metadata, key `layout`):
-- `order`        int32   [E, N]     sample visited at each position of epoch e; batches are consecutive
-                                    chunks of `batch_size` positions
-- `boxes`        float32 [E, N, 4]  RandomResizedCrop box (x1, y1, x2, y2) in source pixels, per position
-                                    (format v4: integer-valued, end exclusive, torchvision's get_params rule)
-- `flips`        uint8   [E, N]     horizontal flip after the crop
-- `cutmix_perm`  int32   [E, N]     partner position inside the same batch (batch-local index)
-- `cutmix_box`   int32   [E, B, 4]  pasted box (x1, y1, x2, y2) per batch; all zeros = no CutMix
-- `cutmix_lam`   float32 [E, B]     share of the original image kept
-- `logits`       float16 [E, N, K]  teacher logits of the augmented, mixed image at each position
-  or, with top-k, `topk_values` float16 [E, N, k] and `topk_indices` int32 [E, N, k].
-Images are in normalised space (`mean`/`std` in the metadata); each box is cropped and resized to `image_size`
-by the rule `SoftLabels.resampling` names: format v4 with torchvision's resized_crop (antialiased bilinear,
-`fd2_core.crops.resized_crop`), formats v1–v3 with torchvision.ops.roi_align(aligned=True, sampling_ratio=2).
+Layout of `soft_labels.safetensors`, format v5 (also written into the file's own metadata, key `layout`):
+- `augment_digests` uint8 [E', 8]   8 bytes of SHA-256 of each recorded epoch's choices
+                                    (`fd2_core.relabel_choices`)
+- teacher logits of the E' recorded epochs in the file's `label_encoding` (`fd2_core.label_formats`):
+  `logits` float16 [E', N, K] (the default: every class, fp16), or with top-k `topk_values` float16
+  [E', N, k] + `topk_indices` [E', N, k] in the smallest integer type that holds a class index, or 8-bit
+  `q_logits` uint8 [E', N, k or K] + `q_scale` float16 [E', N] (+ `topk_indices`); `online` files store none
+  (the student forwards the shipped teacher).
+The walk's choices (sample order, RandomResizedCrop boxes, flips, CutMix) are not stored: metadata
+`augmentations` names the seed, stream, sizes and crop rule that regenerate epoch e from its own generator
+(seeded by run seed, stream, e), and replay compares each regenerated epoch with its digest before using it;
+a mismatch (another torch version can change a stream) is an `AugmentationMismatch`, never silent.
+`epochs_kept` lists the E' recorded epochs of the `epochs` E the student trains (all of them unless the
+encoding records a subset; student epoch e replays recorded epoch epochs_kept[e mod E']). Batches are
+consecutive chunks of `batch_size` positions of an epoch's order. Images are in normalised space (`mean`/`std`
+in the metadata); each box is cropped and resized to `image_size` by the rule `SoftLabels.resampling` names.
 
-How the random choices were drawn (formats v3 and v4): each epoch e from its own generator, seeded by (run seed,
-stream, e), so a range of epochs can be recorded alone and the ranges joined in epoch order
-(`join_soft_label_parts`) give the same file as one recording of every epoch. Format v2 files drew the whole
-walk from one stream; their layout and metadata are the same, and they replay the same way. Formats v1–v3 drew
-boxes clamped into the image instead of torchvision's redraws, so an older file is another augmentation stream:
-it replays as recorded but is never reused for a new recording.
+Formats v1–v4 stored the choices as tensors: `order` int32 [E, N], `boxes` float32 [E, N, 4], `flips` uint8
+[E, N], `cutmix_perm` int32 [E, N], `cutmix_box` int32 [E, B, 4], `cutmix_lam` float32 [E, B], and `logits`
+float16 [E, N, K] or `topk_values` float16 + `topk_indices` int32 [E, N, k]. They replay as recorded:
+format v4 with torchvision's resized_crop (antialiased bilinear, `fd2_core.crops.resized_crop`), v1–v3 with
+torchvision.ops.roi_align(aligned=True, sampling_ratio=2). v3 and v4 drew each epoch from its own stream (v4:
+torchvision's crop rule, v3: boxes clamped into the image), so `fd2_core.soft_label_compaction` can rewrite
+them as v5 files; v2 drew the whole walk from one stream, v1 has no protocol metadata.
 
-How the logits were computed (metadata, formats v2–v4):
+How the logits were computed (metadata, formats v2–v5):
 - `soft_label_source`  backbone | cal | mixed — the backbone's own classifier, the CAL head, or
                        (1 − r)·backbone + r·CAL head with r = `cal_ratio`;
 - `relabel_bn_mode`    train = BatchNorm normalised with the statistics of each forwarded part (the teacher's
@@ -39,36 +42,36 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .atomic import save_tensors
-from .augment import (
-    RESIZED_CROP,
-    ROI_ALIGN,
-    CropFlip,
-    CutMix,
-    Resampling,
-    apply_crop_flip,
-    apply_cutmix,
-    sample_crop_flip,
-    sample_cutmix,
-)
+from .augment import RESIZED_CROP, ROI_ALIGN, CropFlip, CutMix, Resampling, apply_crop_flip, apply_cutmix
+from .label_codec import LOGIT_KEYS, decode_logits, encode_logits
+from .label_formats import FULL, LabelEncoding
+from .relabel_choices import AugmentationStream, EpochChoices
 
-FORMAT = "fd2.soft_labels.v4"
+FORMAT = "fd2.soft_labels.v5"
+FORMAT_V4 = "fd2.soft_labels.v4"
 FORMAT_V3 = "fd2.soft_labels.v3"
 FORMAT_V2 = "fd2.soft_labels.v2"
 FORMAT_V1 = "fd2.soft_labels.v1"
-READABLE_FORMATS = (FORMAT, FORMAT_V3, FORMAT_V2, FORMAT_V1)
-FORMAT_VERSIONS = {FORMAT: 4, FORMAT_V3: 3, FORMAT_V2: 2, FORMAT_V1: 1}
-PART_FORMAT = "fd2.soft_labels.v4.part"  # a range of epochs of a v4 recording; not a file a student replays
-PART_FORMAT_V3 = "fd2.soft_labels.v3.part"  # never joined into a v4 file: another augmentation stream
+READABLE_FORMATS = (FORMAT, FORMAT_V4, FORMAT_V3, FORMAT_V2, FORMAT_V1)
+FORMAT_VERSIONS = {FORMAT: 5, FORMAT_V4: 4, FORMAT_V3: 3, FORMAT_V2: 2, FORMAT_V1: 1}
+PART_FORMAT = "fd2.soft_labels.v5.part"  # a range of epochs of a v5 recording; not a file a student replays
+PART_FORMAT_V4 = "fd2.soft_labels.v4.part"
+PART_FORMAT_V3 = "fd2.soft_labels.v3.part"
+OLD_PART_FORMATS = (PART_FORMAT_V4, PART_FORMAT_V3)  # never joined into a v5 file: recorded again
 PROTOCOL_KEYS = ("soft_label_source", "relabel_bn_mode", "forward_splits")
-MISSING_LOGIT = -1.0e4  # logits dropped by top-k: softmax gives them ~0 probability
+V5_KEYS = ("augmentations", "label_encoding", "epochs_kept", "epochs", "num_classes", "batch_size")
+DIGESTS = "augment_digests"
 V1_MIXED = "(1-r)*backbone + r*cal_head"  # the v1 `teacher_logits` value of a CAL teacher
+
+TeacherLogits = Callable[[torch.Tensor], torch.Tensor]  # augmented images [b,3,S,S] → logits [b,K]
 
 
 def forward_parts(batch: int, parts: int) -> list[slice]:
@@ -93,14 +96,48 @@ def forward_parts(batch: int, parts: int) -> list[slice]:
 class SoftLabels:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    _epoch_cache: dict[int, EpochChoices] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def format_version(self) -> int:
+        """5 (choices regenerated from seeds), 4 (torchvision's crops, one stream per epoch), 3 (clamped crops,
+        one stream per epoch), 2 (one stream for the whole walk) or 1 (no protocol metadata)."""
+        return FORMAT_VERSIONS[self.metadata["format"]]
+
+    @cached_property
+    def stream(self) -> AugmentationStream | None:
+        """What regenerates the walk's choices (format v5); None for files that store them."""
+        if self.format_version < 5:
+            return None
+        return AugmentationStream.from_metadata(json.loads(self.metadata["augmentations"]))
+
+    @cached_property
+    def encoding(self) -> LabelEncoding:
+        """How the logits are stored; an older file holds full fp16 logits or fp16 top-k."""
+        if self.format_version >= 5:
+            return LabelEncoding.from_metadata(json.loads(self.metadata["label_encoding"]))
+        if "topk_values" in self.tensors:
+            return LabelEncoding("fp16", int(self.tensors["topk_values"].shape[-1]))
+        return FULL
+
+    @cached_property
+    def recorded_epochs(self) -> list[int]:
+        """The relabel epochs whose logits the file holds, in order (all E but with epoch subsampling)."""
+        if self.format_version >= 5:
+            return [int(e) for e in json.loads(self.metadata["epochs_kept"])]
+        return list(range(self.epochs))
 
     @property
     def epochs(self) -> int:
+        """Epochs E the student trains (v5: also when only a subset was recorded)."""
+        if self.format_version >= 5:
+            return int(self.metadata["epochs"])
         return int(self.tensors["order"].shape[0])
 
     @property
     def num_images(self) -> int:
-        return int(self.tensors["order"].shape[1])
+        stream = self.stream
+        return stream.num_images if stream is not None else int(self.tensors["order"].shape[1])
 
     @property
     def batch_size(self) -> int:
@@ -115,15 +152,17 @@ class SoftLabels:
         return math.ceil(self.num_images / self.batch_size)
 
     @property
-    def format_version(self) -> int:
-        """4 (torchvision's crops, one stream per epoch), 3 (clamped crops, one stream per epoch), 2 (one stream
-        for the whole walk) or 1 (no protocol metadata)."""
-        return FORMAT_VERSIONS[self.metadata["format"]]
+    def needs_teacher(self) -> bool:
+        """True for `online` files: the student computes the logits with the shipped teacher."""
+        return self.encoding.online
 
     @property
     def resampling(self) -> Resampling:
-        """How the recorded boxes are resampled on replay: resized_crop (v4) or roi_align (v1–v3); `batch`
-        hands it on in its CropFlip, so `apply_crop_flip` replays any file as it was recorded."""
+        """How the recorded boxes are resampled on replay: resized_crop (v4, v5 of the torchvision rule) or
+        roi_align (v1–v3 and their v5 rewrites); `batch` hands it on in its CropFlip, so `apply_crop_flip`
+        replays any file as it was recorded."""
+        if self.stream is not None:
+            return self.stream.resampling
         return RESIZED_CROP if self.format_version >= 4 else ROI_ALIGN
 
     @property
@@ -153,23 +192,37 @@ class SoftLabels:
     def __len__(self) -> int:
         return self.epochs * self.batches_per_epoch
 
-    def batch(self, step: int) -> tuple[torch.Tensor, CropFlip, CutMix | None, torch.Tensor]:
-        """(sample indices, crop/flip, CutMix, full teacher logits) of global batch number `step`."""
+    def choices(self, row: int) -> EpochChoices:
+        """The choices of recorded epoch number `row` (of `recorded_epochs`); v5 regenerates them and raises
+        `AugmentationMismatch` when they are not the recorded ones. The last epoch used is cached."""
+        if row not in self._epoch_cache:
+            t = self.tensors
+            if self.stream is None:
+                choices = EpochChoices(t["order"][row], t["boxes"][row].float(), t["flips"][row],
+                                       t["cutmix_perm"][row], t["cutmix_box"][row], t["cutmix_lam"][row])
+            else:
+                epoch = self.recorded_epochs[row]
+                choices = self.stream.checked_epoch(epoch, bytes(t[DIGESTS][row].tolist()))
+            self._epoch_cache.clear()
+            self._epoch_cache[row] = choices
+        return self._epoch_cache[row]
+
+    def verify_augmentations(self) -> None:
+        """Regenerate every recorded epoch and compare it with its digest (v5; older files store their
+        choices). Raises AugmentationMismatch at the first that differs."""
+        if self.stream is not None:
+            for row, epoch in enumerate(self.recorded_epochs):
+                self.stream.checked_epoch(epoch, bytes(self.tensors[DIGESTS][row].tolist()))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, CropFlip, CutMix | None, torch.Tensor | None]:
+        """(sample indices, crop/flip, CutMix, full teacher logits [b,K]) of global batch number `step`; the
+        logits are None for an `online` file (`needs_teacher`)."""
         e, b = divmod(step, self.batches_per_epoch)
-        sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
-        t = self.tensors
-        idx = t["order"][e, sl].long()
-        crop = CropFlip(t["boxes"][e, sl].float(), t["flips"][e, sl].bool(), self.resampling)
-        box = tuple(int(v) for v in t["cutmix_box"][e, b])
-        cutmix = None
-        if any(box):
-            cutmix = CutMix(t["cutmix_perm"][e, sl].long(), float(t["cutmix_lam"][e, b]), box)
-        if "logits" in t:
-            logits = t["logits"][e, sl].float()
-        else:
-            values, indices = t["topk_values"][e, sl].float(), t["topk_indices"][e, sl].long()
-            logits = torch.full((idx.numel(), self.num_classes), MISSING_LOGIT)
-            logits.scatter_(1, indices, values)
+        row = e % len(self.recorded_epochs)
+        idx, crop, cutmix = self.choices(row).batch(b, self.batch_size, self.resampling)
+        sl = slice(b * self.batch_size, b * self.batch_size + idx.numel())
+        stored = {key: self.tensors[key][row, sl] for key in LOGIT_KEYS if key in self.tensors}
+        logits = decode_logits(stored, self.num_classes)
         return idx, crop, cutmix, logits
 
     @classmethod
@@ -184,97 +237,99 @@ class SoftLabels:
         return cls(tensors, metadata)
 
 
-EpochGenerator = Callable[[int], torch.Generator]  # epoch e → the generator all of epoch e's choices come from
-
-
 def record_soft_labels(
-    teacher: Callable[[torch.Tensor], torch.Tensor],
+    teacher: TeacherLogits,
     images: torch.Tensor,
     *,
     epochs: int | range,
-    batch_size: int,
-    generator: EpochGenerator,
-    cutmix_alpha: float,
-    min_crop_scale: float,
-    topk: int = 0,
+    stream: AugmentationStream,
+    encoding: LabelEncoding = FULL,
+    kept: Sequence[int] | None = None,
     forward_splits: int = 1,
+    num_classes: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Walk the set for `epochs` (a count E = range(E), or a range of epochs), augment + CutMix each batch,
-    store teacher logits (fp16) and the choices; tensors [len(epochs), …] in the layout above.
+    """Walk the set over `epochs` (a count E = range(E), or a range of epochs), augment + CutMix each batch and
+    record the teacher's logits at the epochs of `kept` (default: every epoch) inside that range, in
+    `encoding`; tensors [recorded epochs in range, …] in the v5 layout above. An online encoding forwards no
+    teacher and records only the digests of every epoch.
 
-    Epoch e draws only from `generator(e)` (formats v3 and v4), so recording range(a, b) and range(b, c) and joining
-    them equals recording range(a, c). `teacher` is called once per part of `forward_parts(batch,
-    forward_splits)` (published relabel: a batch of 20 as two halves), so a train-mode BatchNorm sees each part's
-    statistics; the random choices do not depend on the split. `on_batch(done, total)` counts this call's batches.
+    Epoch e draws only from `stream.epoch(e)`, so recording range(a, b) and range(b, c) and joining them
+    equals recording range(a, c). `teacher` is called once per part of `forward_parts(batch, forward_splits)`
+    (published relabel: a batch of 20 as two halves), so a train-mode BatchNorm sees each part's statistics;
+    the random choices do not depend on the split. `on_batch(done, total)` counts this call's batches.
+    `num_classes` K shapes the tensors of a range that holds no recorded epoch (default: the teacher's
+    output width; ValueError when neither is known).
     """
     walk = range(epochs) if isinstance(epochs, int) else epochs
-    count = len(walk)
-    n, _, _, size = images.shape
-    nb = math.ceil(n / batch_size)
-    order = torch.empty(count, n, dtype=torch.int32)
-    boxes = torch.empty(count, n, 4)
-    flips = torch.empty(count, n, dtype=torch.uint8)
-    perm = torch.zeros(count, n, dtype=torch.int32)
-    cm_box = torch.zeros(count, nb, 4, dtype=torch.int32)
-    cm_lam = torch.ones(count, nb)
-    logits_all: list[torch.Tensor] = []
-    total = count * nb
-    for e, epoch in enumerate(walk):
-        g = generator(epoch)
-        order[e] = torch.randperm(n, generator=g).int()
+    chosen = set(walk if encoding.online or kept is None else kept)
+    recorded = [e for e in walk if e in chosen]
+    n = images.shape[0]
+    nb = math.ceil(n / stream.batch_size)
+    digests = torch.zeros(len(recorded), 8, dtype=torch.uint8)
+    rows: list[torch.Tensor] = []
+    total = len(recorded) * (1 if encoding.online else nb)
+    for r, epoch in enumerate(recorded):
+        choices = stream.epoch(epoch)
+        digests[r] = torch.tensor(list(choices.digest()), dtype=torch.uint8)
+        if encoding.online:
+            if on_batch is not None:
+                on_batch(r + 1, total)
+            continue
         for b in range(nb):
-            sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-            idx = order[e, sl].long()
-            crop = sample_crop_flip(idx.numel(), size, g, scale=(min_crop_scale, 1.0))
-            cutmix = sample_cutmix(idx.numel(), size, cutmix_alpha, g)
-            boxes[e, sl], flips[e, sl] = crop.boxes, crop.flips.to(torch.uint8)
-            if cutmix is not None:
-                perm[e, sl] = cutmix.permutation.int()
-                cm_box[e, b] = torch.tensor(cutmix.box, dtype=torch.int32)
-                cm_lam[e, b] = cutmix.lam
+            idx, crop, cutmix = choices.batch(b, stream.batch_size, stream.resampling)
             x = apply_cutmix(apply_crop_flip(images[idx.to(images.device)], crop), cutmix)
             with torch.no_grad():
                 for part in forward_parts(x.shape[0], forward_splits):
-                    logits_all.append(teacher(x[part]).float().cpu())
+                    rows.append(teacher(x[part]).float().cpu())
             if on_batch is not None:
-                on_batch(e * nb + b + 1, total)
-    logits = torch.cat(logits_all).view(count, n, -1)
-    out = {
-        "order": order,
-        "boxes": boxes,
-        "flips": flips,
-        "cutmix_perm": perm,
-        "cutmix_box": cm_box,
-        "cutmix_lam": cm_lam,
-    }
-    if topk and topk < logits.shape[-1]:
-        values, indices = logits.topk(topk, dim=-1)
-        out["topk_values"], out["topk_indices"] = values.half(), indices.int()
-    else:
-        out["logits"] = logits.half()
+                on_batch(r * nb + b + 1, total)
+    out = {DIGESTS: digests}
+    if not encoding.online:
+        width = rows[0].shape[-1] if rows else num_classes
+        if width is None:
+            raise ValueError("no epoch of this range is recorded: pass num_classes to shape its tensors")
+        logits = torch.cat(rows).view(len(recorded), n, width) if rows else torch.zeros(0, n, width)
+        out.update(encode_logits(logits, encoding))
     return out
 
 
 def _encoded(metadata: dict[str, object]) -> dict[str, str]:
-    missing = [key for key in PROTOCOL_KEYS if key not in metadata]
+    missing = [key for key in (*PROTOCOL_KEYS, *V5_KEYS) if key not in metadata]
     if missing:
         raise ValueError(f"soft-label metadata lacks {', '.join(missing)}")
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
 def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
-    """Write a v4 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`)."""
+    """Write a v5 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`) and how the walk
+    regenerates and the logits are stored (`V5_KEYS`)."""
     meta = _encoded(metadata)
     meta["format"] = FORMAT
-    meta["layout"] = __doc__ or ""
+    meta["layout"] = layout_of(tensors)
     return save_tensors(path, tensors, meta)
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> str:
+    """One line naming the file's tensors and how its walk regenerates (the module docstring, docs/
+    SOFT_LABELS.md, says the rest): a few hundred bytes where the whole docstring would outweigh the
+    logits of a compressed file."""
+    shapes = "; ".join(f"{key} {str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+                       for key, value in sorted(tensors.items()))
+    return (f"{FORMAT}: {shapes}. Rows are recorded epochs (epochs_kept) x positions of the epoch's order; the "
+            "order, crops, flips and CutMix regenerate from `augmentations` and are checked against "
+            "augment_digests; logits in `label_encoding` (docs/SOFT_LABELS.md)")
+
+
+def _rows_in(kept: Sequence[int], epochs: range) -> list[int]:
+    return [e for e in kept if epochs.start <= e < epochs.stop]
 
 
 @dataclass
 class SoftLabelPart:
-    """Epochs [first, stop) of a recording, with the metadata the whole file will have; `format` is the part
-    file's format (`PART_FORMAT`, or `PART_FORMAT_V3` for a part of an older recording, which never joins)."""
+    """Epochs [first, stop) of a recording (its rows: the recorded epochs inside), with the metadata the whole
+    file will have; `format` is the part file's format (`PART_FORMAT`, or an older part's, which never
+    joins)."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
@@ -289,7 +344,7 @@ class SoftLabelPart:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
         found = metadata.pop("format", None)
-        if found not in (PART_FORMAT, PART_FORMAT_V3):
+        if found not in (PART_FORMAT, *OLD_PART_FORMATS):
             raise ValueError(f"{path}: not a {PART_FORMAT} file")
         first, stop = json.loads(metadata.pop("part_epochs"))
         return cls(tensors, metadata, range(first, stop), found)
@@ -299,16 +354,25 @@ class SoftLabelPart:
         if not (self.epochs.start <= epochs.start and epochs.stop <= self.epochs.stop):
             raise ValueError(f"epochs {epochs.start}-{epochs.stop} are not inside the part's "
                              f"{self.epochs.start}-{self.epochs.stop}")
-        cut = slice(epochs.start - self.epochs.start, epochs.stop - self.epochs.start)
+        if self.format != PART_FORMAT:
+            cut = slice(epochs.start - self.epochs.start, epochs.stop - self.epochs.start)
+        else:
+            mine = _rows_in(json.loads(self.metadata["epochs_kept"]), self.epochs)
+            taken = [i for i, e in enumerate(mine) if epochs.start <= e < epochs.stop]
+            cut = slice(taken[0], taken[-1] + 1) if taken else slice(0, 0)
         return SoftLabelPart({k: v[cut] for k, v in self.tensors.items()}, self.metadata, epochs, self.format)
 
 
 def save_soft_label_part(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], epochs: range
 ) -> Path:
-    """Write epochs `epochs` of a recording (tensors [len(epochs), …]) with the whole file's `metadata`."""
-    if int(tensors["order"].shape[0]) != len(epochs):
-        raise ValueError(f"a part of epochs {epochs.start}-{epochs.stop} holds {tensors['order'].shape[0]} epochs")
+    """Write epochs `epochs` of a recording (tensors [recorded epochs inside, …]) with the whole file's
+    `metadata`."""
+    kept = metadata["epochs_kept"]
+    rows = len(_rows_in(json.loads(kept) if isinstance(kept, str) else kept, epochs))
+    if int(tensors[DIGESTS].shape[0]) != rows:
+        raise ValueError(f"a part of epochs {epochs.start}-{epochs.stop} records {rows} epochs, not "
+                         f"{tensors[DIGESTS].shape[0]}")
     meta = _encoded(metadata)
     meta.update(format=PART_FORMAT, part_epochs=json.dumps([epochs.start, epochs.stop]))
     return save_tensors(path, tensors, meta)
@@ -319,15 +383,16 @@ def join_soft_label_parts(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the whole recording from parts that cover range(epochs) one after another.
 
-    Raises ValueError when the parts leave a gap, overlap, were recorded with different metadata, or any part
-    is not of the current `PART_FORMAT` (a v3 part is another augmentation stream: it must be recorded again).
+    Raises ValueError when the parts leave a gap, overlap, were recorded with different metadata (another
+    protocol, encoding or torch version), or any part is not of the current `PART_FORMAT` (an older part is
+    another layout: it must be recorded again).
     """
     ordered = sorted(parts, key=lambda part: part.epochs.start)
     reached = 0
     for part in ordered:
         if part.format != PART_FORMAT:
             raise ValueError(f"soft-label part of epochs {part.epochs.start}-{part.epochs.stop} is a {part.format} "
-                             f"file, another augmentation stream: it does not join a {FORMAT} recording")
+                             f"file, another layout: it does not join a {FORMAT} recording")
         if part.epochs.start != reached:
             raise ValueError(f"soft-label parts do not join: epoch {reached} is followed by a part from "
                              f"epoch {part.epochs.start}")
@@ -342,10 +407,17 @@ def join_soft_label_parts(
 
 
 def replay(
-    images: torch.Tensor, soft: SoftLabels, device: torch.device | str = "cpu"
+    images: torch.Tensor, soft: SoftLabels, device: torch.device | str = "cpu", teacher: TeacherLogits | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (augmented normalised images, teacher logits) exactly as recorded, batch by batch."""
+    """Yield (augmented normalised images, teacher logits) exactly as recorded, batch by batch; an online file
+    needs `teacher` (called per forwarded part, as at relabel). Raises ValueError when it is missing."""
+    if soft.needs_teacher and teacher is None:
+        raise ValueError("these soft labels are online: pass the teacher that computes them")
     for step in range(len(soft)):
         idx, crop, cutmix, logits = soft.batch(step)
-        x = apply_cutmix(apply_crop_flip(images[idx.to(images.device)], crop), cutmix)
-        yield x.to(device), logits.to(device)
+        x = apply_cutmix(apply_crop_flip(images[idx.to(images.device)], crop), cutmix).to(device)
+        if logits is None:
+            assert teacher is not None
+            with torch.no_grad():
+                logits = torch.cat([teacher(x[part]).float() for part in soft.parts(step)])
+        yield x, logits.to(device)

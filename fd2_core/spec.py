@@ -274,6 +274,19 @@ class JobSpec(BaseModel):
     cutmix_alpha: float = Field(1.0, ge=0.0, le=10.0, description="CutMix Beta(α, α); 0 disables CutMix.")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop minimum area scale.")
     topk: int = Field(0, ge=0, le=10_000, description="Keep only the top-k teacher logits per sample; 0 = all.")
+    soft_label_values: Literal["fp16", "int8", "online"] = Field(
+        "fp16",
+        description="How the kept logits are stored: fp16 (published), int8 (one byte each + one fp16 scale per "
+        "row, relative to the row's maximum), or online (none stored: the student forwards the shipped teacher "
+        "in the relabel mode).",
+    )
+    label_epoch_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of the relabel epochs whose logits are recorded (a seeded subset, at least one); the "
+        "student trains every epoch, cycling through the recorded ones. 1 = all (published).",
+    )
     soft_label_source: Literal["backbone", "cal", "mixed"] = Field(
         "backbone",
         description="Teacher logits stored as soft labels: the backbone's own classifier (published), the CAL "
@@ -350,6 +363,11 @@ class JobSpec(BaseModel):
         if self.soft_label_source != "backbone" and not self.uses_cal:
             raise ValueError(
                 f"soft_label_source {self.soft_label_source!r} reads the CAL head; it needs method fd2 with cal=true"
+            )
+        if self.soft_label_values == "online" and (self.topk or self.label_epoch_fraction != 1.0):
+            raise ValueError(
+                "soft_label_values 'online' stores no logits, so topk and label_epoch_fraction do not apply; "
+                "drop them, or store the labels (fp16 or int8)"
             )
         if self.torchvision_weights and self.backbone == "convnet" and self.committee is None:
             torchvision = ", ".join(name for name in BACKBONES if name != "convnet")

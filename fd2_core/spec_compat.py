@@ -40,6 +40,9 @@ IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     "patch_rule": frozenset({"ranked"}),
     "synthetic_format": frozenset({"png"}),
     "pretrain_lr_decay_mode": frozenset({"stepped"}),
+    # Added with compressed soft labels; before them every epoch's logits were stored in fp16.
+    "soft_label_values": frozenset({"fp16"}),
+    "label_epoch_fraction": frozenset({1.0}),
 }
 
 # The field that came with the published data path.

@@ -49,7 +49,9 @@ _FGSYNTH_QUIET_DEFAULTS: dict[str, object] = {"first": 0}
 class ImageDataset:
     """A decoded dataset: uint8 images `[N, 3, S, S]`, int64 labels, class names and train-split statistics;
     `warnings` say what was used anyway (e.g. file names decoded from a guessed code page); `duplicates` counts
-    equal images per split and test images that occur in train (`DuplicateReport.as_dict`)."""
+    equal images per split and test images that occur in train (`DuplicateReport.as_dict`).
+    `train_bytes` is the on-disk size of the train images' files as read (None for data made in
+    memory, `fgsynth`), so a report can weigh the real data against the distilled set."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -62,6 +64,7 @@ class ImageDataset:
     source: str = ""
     warnings: list[DataWarning] = field(default_factory=list)
     duplicates: dict[str, Any] = field(default_factory=dict)
+    train_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_images", "test_images"):
@@ -120,11 +123,11 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def _assemble(
     train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
     classes: Sequence[str], errors: list[FileError], source: str, duplicates: dict[str, Any],
-    warnings: Sequence[DataWarning] = (),
+    warnings: Sequence[DataWarning] = (), train_bytes: int | None = None,
 ) -> ImageDataset:
     mean, std = channel_stats(train)
     return ImageDataset(train, train_labels, test, test_labels, list(classes), mean, std, errors, source,
-                        list(warnings), duplicates)
+                        list(warnings), duplicates, train_bytes)
 
 
 def parse_fgsynth_source(source: str, image_size: int) -> dict[str, Any]:
@@ -201,16 +204,22 @@ def decode_layout(
     two classes with training images remain). `on_progress(done, total)` is called from this thread every
     few hundred images, so a caller can report progress or stop a long decode. The same decode fingerprints
     each image: `duplicates` counts copies in the layout's splits; `drop_duplicates` also removes them (the
-    rule of `fd2_core.data.duplicates`) and lists each in `errors`."""
+    rule of `fd2_core.data.duplicates`) and lists each in `errors`.
+    `train_bytes` sums the file sizes of the train images kept (each stat right after its decode,
+    in the pool: no second walk)."""
     buffer = np.empty((len(layout.items), image_size, image_size, 3), dtype=np.uint8)
     digests: list[str] = [""] * len(layout.items)
+    sizes = np.zeros(len(layout.items), dtype=np.int64)
 
     def decode_into(index_item: tuple[int, Item]) -> str | None:
         index, item = index_item
         try:
             buffer[index], digests[index] = decode_with_digest(item.path, image_size, limits.max_image_pixels)
+            sizes[index] = os.stat(item.path).st_size
         except ImageDecodeError as exc:
             return exc.reason
+        except OSError as exc:  # the file went away after it decoded
+            return f"cannot read the file's size: {exc.strerror or exc}"
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
@@ -237,8 +246,11 @@ def decode_layout(
                                                                          dtype=torch.uint8)
         labels = torch.tensor([item.label for item in chosen], dtype=torch.int64)
         splits[split] = (images, labels)
+        if split == "train":
+            train_bytes = int(sizes[rows].sum())
     warnings = [*extra_warnings, *layout.warnings, *_duplicate_warnings(found)]
-    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, found.as_dict(), warnings)
+    return _assemble(*splits["train"], *splits["test"], layout.classes, errors, source, found.as_dict(), warnings,
+                     train_bytes)
 
 
 # What the loader (and `fd2_core.pipeline.run`) accepts: a path (folder, archive, manifest file), `fgsynth[:...]`,

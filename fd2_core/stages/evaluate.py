@@ -16,8 +16,9 @@ correctness is saved, and `evaluate` reuses every saved student.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ from ..metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, StudentResult, bootstrap_
 from ..models import FD2Model, build_model
 from ..progress import StageReporter
 from ..runtime import derive_seed, generator, to_device
-from ..softlabels import SoftLabels, forward_parts
+from ..softlabels import SoftLabels, TeacherLogits, forward_parts
 from ..spec import JobSpec
 from .committee import Committee
 from .context import RunContext
 from .full_data import full_data_steps, train_full_data_student
 from .patches import random_real_indices
-from .relabel import relabel_all_epochs
+from .relabel import relabel_all_epochs, teacher_logits
 from .teacher import correctness
 
 SCHEDULES = ("half-cosine", "cosine")
@@ -143,21 +144,31 @@ def _batch_loss(
     soft: SoftLabels,
     step: int,
     hard_labels: bool,
+    teacher: TeacherLogits | None = None,
 ) -> tuple[Callable[[slice], torch.Tensor], int]:
-    """(loss of a batch-local slice of replayed batch `step`, batch size)."""
+    """(loss of a batch-local slice of replayed batch `step`, batch size). Online soft labels get
+    their logits from `teacher` on the same slice: the parts the relabel would have forwarded."""
     idx, crop, cutmix, target = soft.batch(step)
     idx = idx.to(ctx.device)
     x = apply_cutmix(apply_crop_flip(images[idx], crop), cutmix)
-    target, y = target.to(ctx.device), labels[idx]
+    y = labels[idx]
     partner = None if cutmix is None else y[cutmix.permutation.to(ctx.device)]
     lam = 1.0 if cutmix is None else cutmix.lam
+    if target is None and not hard_labels and teacher is None:
+        raise ValueError("these soft labels are online: the student needs the teacher that computes them")
 
     def loss_of(part: slice) -> torch.Tensor:
         with ctx.autocast():
             logits = student(x[part]).logits.float()
         if hard_labels:
             return hard_label_loss(logits, y[part], None if partner is None else partner[part], lam)
-        return soft_label_loss(logits, target[part], ctx.spec.eval_temperature)
+        if target is None:
+            assert teacher is not None
+            with torch.no_grad():
+                wanted = teacher(x[part]).float()
+        else:
+            wanted = target[part].to(ctx.device)
+        return soft_label_loss(logits, wanted, ctx.spec.eval_temperature)
 
     return loss_of, int(x.shape[0])
 
@@ -173,12 +184,14 @@ def train_student(
     reporter=None,
     done_before: int = 0,
     loss_name: str = "student_loss",
+    teacher: TeacherLogits | None = None,
 ) -> StudentResult:
     """Train a fresh student on the replayed batches (one optimizer step
     each); test its last epoch's model.
 
     images_u8 uint8 [N,3,S,S] in the soft labels' order, labels [N].
-    Returns per-test-image correctness.
+    Returns per-test-image correctness. `teacher` computes the logits of online soft labels
+    (`relabel.teacher_logits`); raises ValueError when they need it and it is missing.
     Its loss is reported as `loss_name`: evaluate's students run one after another, and a term of
     their own keeps their curves apart (one line each, not one saw-tooth).
     """
@@ -193,7 +206,7 @@ def train_student(
         epoch = step // soft.batches_per_epoch
         for group in optimizer.param_groups:
             group["lr"] = student_lr(spec.eval_lr, epoch, soft.epochs, spec.eval_schedule)
-        loss_of, size = _batch_loss(ctx, student, images, labels, soft, step, hard_labels)
+        loss_of, size = _batch_loss(ctx, student, images, labels, soft, step, hard_labels, teacher)
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate(loss_of, forward_parts(size, splits), scaler)
         scaler.step(optimizer)
@@ -260,6 +273,21 @@ def _student(
     return result
 
 
+@contextlib.contextmanager
+def online_teacher(
+    ctx: RunContext, teacher: FD2Model | Committee | None, soft: SoftLabels, hard_labels: bool
+) -> Iterator[TeacherLogits | None]:
+    """The relabel's logits function for a student of online soft labels; None when the file stores
+    its logits or the student trains on hard labels. Raises ValueError without a teacher."""
+    if not soft.needs_teacher or hard_labels:
+        yield None
+        return
+    if teacher is None:
+        raise ValueError("these soft labels are online: the student needs the teacher that computes them")
+    with teacher_logits(ctx, teacher) as logits_of:
+        yield logits_of
+
+
 def evaluation_student(
     ctx: RunContext,
     name: str,
@@ -282,8 +310,10 @@ def evaluation_student(
         hard = name == "distilled_hard_labels"
 
         def train(before: int) -> StudentResult:
-            return train_student(ctx, images_u8, labels, soft, stream="student", hard_labels=hard, reporter=reporter,
-                                 done_before=before, loss_name="hard_label_loss" if hard else "student_loss")
+            with online_teacher(ctx, teacher, soft, hard) as logits_of:
+                return train_student(ctx, images_u8, labels, soft, stream="student", hard_labels=hard,
+                                     reporter=reporter, done_before=before,
+                                     loss_name="hard_label_loss" if hard else "student_loss", teacher=logits_of)
     elif name == "random":
         assert teacher is not None
         idx = random_real_indices(ctx, spec.ipc, "baseline-subset").reshape(-1)
@@ -294,10 +324,11 @@ def evaluation_student(
                 ctx, teacher, real_u8, real_labels, ctx.stage_dir / "baseline_soft_labels.safetensors",
                 stream="baseline-relabel", parent=reporter,
             )
-            return train_student(
-                ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter, done_before=before,
-                loss_name="random_baseline_loss",
-            )
+            with online_teacher(ctx, teacher, baseline_soft, False) as logits_of:
+                return train_student(
+                    ctx, real_u8, real_labels, baseline_soft, stream="student", reporter=reporter,
+                    done_before=before, loss_name="random_baseline_loss", teacher=logits_of,
+                )
     elif name == "full_data":
 
         def train(before: int) -> StudentResult:

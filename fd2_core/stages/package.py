@@ -26,6 +26,7 @@ from ..atomic import write_json
 from ..data.dataset import ImageDataset
 from ..models import FD2Model
 from ..models.weights import WeightsLoad
+from ..storage_report import real_data, storage_report
 from ..timings import Timings
 from .committee import Committee
 from .context import RunContext
@@ -35,6 +36,10 @@ from .pretrain import TEACHER_FILE
 from .relabel import SOFT_LABELS_FILE
 
 ATTENTION_BATCH = 256  # images per teacher forward for the preview's attention maps
+# Storage figures left out of the job's metrics: a sentence, and the archive's size, which the
+# artifact list gives and which follows the manifest's spec (the same set made by more workers may
+# gzip to another size).
+NOT_METRICS = frozenset({"compression_ratio_formula", "distilled_archive_bytes"})
 
 
 class QuantizedSet(NamedTuple):
@@ -128,6 +133,13 @@ def _dataset_summary(data: ImageDataset) -> dict[str, Any]:
     }
 
 
+def _storage(artifacts: dict[str, Path], data: ImageDataset) -> dict[str, Any]:
+    """The report's `storage` block (`fd2_core.storage_report`): the download against the real
+    train data the loader read."""
+    real_bytes, kind = real_data(data.train_bytes, int(data.train_images.shape[0]), data.image_size)
+    return storage_report(artifacts, real_bytes, kind)
+
+
 @torch.no_grad()
 def _attention_of(ctx: RunContext, teacher: FD2Model, images_u8: torch.Tensor) -> torch.Tensor | None:
     """The teacher's CAL attention maps of the set, [N, M, H, W] on the
@@ -152,7 +164,8 @@ def package(
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write `distilled.tar.gz`, `soft_labels.safetensors`, `teacher.safetensors`,
     `preview.png` and last `report.json` (with `timings_s`: this stage's seconds
-    and the run's total) under `workdir/artifacts`.
+    and the run's total, and `storage`: what the download weighs against the real data, also
+    added to the report's `metrics` as flat keys but `NOT_METRICS`) under `workdir/artifacts`.
 
     Returns (artifact name → path, the report as written).
     """
@@ -187,7 +200,9 @@ def package(
                 attention=_attention_of(ctx, teacher.model, images),
             ),
         }
+        storage = _storage(artifacts, data)
     timings_s = timings.finish()
+    metrics = {**metrics, **{k: v for k, v in storage.items() if k not in NOT_METRICS}}
     report = json_safe(
         {
             "format": "fd2.report.v1",
@@ -207,6 +222,7 @@ def package(
             "dataset": {**summary, "duplicates": data.duplicates,
                         "errors": [e.as_dict() for e in data.errors[:100]],
                         "warnings": [w.as_dict() for w in data.warnings]},
+            "storage": storage,
             "timings_s": timings_s,
             "resumed": provenance.resumed,
             "device": _device_info(ctx.device),

@@ -4,32 +4,35 @@ Published relabel: the teacher's logits of the chosen source (default the backbo
 classifier), BatchNorm in train mode on each forwarded part of a batch (default two halves), the
 stored running statistics untouched. A committee's soft labels are the weighted mean of its members'
 logits (`committee.ensemble_logits`). Crops are torchvision's RandomResizedCrop, drawn and resampled
-as torchvision does (soft-label format v4). Every epoch draws from its own stream, so a range of
-epochs can also be recorded alone (`relabel_epochs`, one shard of `fd2_core.shards`) and the ranges
-joined (`merge_relabel_parts`) into the very file `relabel` writes. Files and parts of older formats
-are another augmentation stream: they are recorded again, never reused or joined (students still
-replay older files as they were recorded).
-"""
+as torchvision does. Every epoch draws from its own stream, so the file keeps only what regenerates
+the walk (soft-label format v5), and a range of epochs can be recorded alone (`relabel_epochs`, one
+shard of `fd2_core.shards`) and the ranges joined (`merge_relabel_parts`) into the very file
+`relabel` writes. The logits are stored in the spec's encoding (`soft_label_values`, `topk`,
+`label_epoch_fraction`; `fd2_core.label_formats`), which the protocol check includes: a file or part
+of another encoding or an older format is recorded again, never reused or joined (students still
+replay older files as they were recorded)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ..label_codec import kept_epochs
+from ..label_formats import LabelEncoding, kept_epoch_count
 from ..models import FD2Model
 from ..progress import StageReporter, unit_tracker
-from ..runtime import generator
+from ..relabel_choices import AugmentationStream
 from ..softlabels import (
     FORMAT,
     PART_FORMAT,
-    EpochGenerator,
     SoftLabelPart,
     SoftLabels,
+    TeacherLogits,
     join_soft_label_parts,
     record_soft_labels,
     save_soft_label_part,
@@ -62,18 +65,27 @@ def describe_logits(source: str, bn_mode: str, forward_splits: int) -> str:
 
 def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
     """True when a recorded file used the source, BatchNorm mode and forward split the spec asks
-    for."""
-    return (soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (
+    for, and stores its logits in the spec's encoding (`label_formats`)."""
+    return (soft.soft_label_source, soft.bn_mode, soft.forward_splits, soft.encoding) == (
         spec.soft_label_source,
         spec.relabel_bn_mode,
         spec.relabel_forward_splits,
+        LabelEncoding.from_spec(spec),
     )
 
 
-def epoch_streams(spec: JobSpec, stream: str) -> EpochGenerator:
-    """Epoch e's generator of a relabel walk: seeded by (seed, stream, e) alone
-    (soft-label formats v3, v4)."""
-    return lambda epoch: generator(spec.seed, stream, epoch)
+def augmentation_stream(spec: JobSpec, num_images: int, stream: str) -> AugmentationStream:
+    """The relabel walk of `num_images` images: epoch e draws from the generator seeded by (seed,
+    stream, e) alone, with torchvision's crop rule (soft-label format v5)."""
+    return AugmentationStream(spec.seed, stream, int(num_images), spec.image_size, spec.relabel_batch_size,
+                              spec.cutmix_alpha, spec.min_crop_scale)
+
+
+def recorded_epochs(spec: JobSpec, stream: str) -> list[int]:
+    """The relabel epochs whose logits are recorded: all, or the encoding's seeded subset."""
+    encoding = LabelEncoding.from_spec(spec)
+    count = kept_epoch_count(spec.relabel_epochs, encoding.epoch_fraction)
+    return kept_epochs(spec.relabel_epochs, count, spec.seed, stream)
 
 
 def _metadata_of(path: Path) -> dict[str, str]:
@@ -99,6 +111,25 @@ def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
     return SoftLabels.load(path) if recorded(path, spec) else None
 
 
+@contextlib.contextmanager
+def teacher_logits(ctx: RunContext, teacher: FD2Model | Committee) -> Iterator[TeacherLogits]:
+    """The relabel's logits of augmented images [b,3,S,S] → [b,K] (the spec's source, BatchNorm mode
+    and precision), for the block: what `relabel` records, and what a student of `online` soft
+    labels computes instead of reading them. Raises ValueError when the source needs a CAL head the
+    teacher lacks."""
+    spec = ctx.spec
+    committee = as_committee(ctx, teacher)
+    if spec.soft_label_source != "backbone" and any(m.model.cal_head is None for m in committee.members):
+        raise ValueError(f"soft_label_source {spec.soft_label_source!r} needs the CAL head (method fd2, cal on)")
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with ctx.autocast():
+            return ensemble_logits(committee, x, spec.soft_label_source)
+
+    with relabel_members(committee, spec.relabel_bn_mode):
+        yield logits_of
+
+
 def _record(
     ctx: RunContext,
     teacher: FD2Model | Committee,
@@ -112,28 +143,25 @@ def _record(
     `relabel_epochs` run."""
     spec = ctx.spec
     committee = as_committee(ctx, teacher)
-    if spec.soft_label_source != "backbone" and any(m.model.cal_head is None for m in committee.members):
-        raise ValueError(f"soft_label_source {spec.soft_label_source!r} needs the CAL head (method fd2, cal on)")
     images = ctx.normalize(images_u8).float()
-
-    def logits_of(x: torch.Tensor) -> torch.Tensor:
-        with ctx.autocast():
-            return ensemble_logits(committee, x, spec.soft_label_source)
-
-    with relabel_members(committee, spec.relabel_bn_mode):
+    walk = augmentation_stream(spec, images.shape[0], stream)
+    encoding = LabelEncoding.from_spec(spec)
+    kept = recorded_epochs(spec, stream)
+    with teacher_logits(ctx, committee) as logits_of:
         tensors = record_soft_labels(
             logits_of,
             images,
             epochs=epochs,
-            batch_size=spec.relabel_batch_size,
-            generator=epoch_streams(spec, stream),
-            cutmix_alpha=spec.cutmix_alpha,
-            min_crop_scale=spec.min_crop_scale,
-            topk=spec.topk,
+            stream=walk,
+            encoding=encoding,
+            kept=kept,
             forward_splits=spec.relabel_forward_splits,
+            num_classes=ctx.num_classes,
             on_batch=on_batch,
         )
-    return tensors, _metadata(ctx, images.shape[0], labels, committee)
+    metadata = _metadata(ctx, images.shape[0], labels, committee)
+    metadata.update(augmentations=walk.as_metadata(), label_encoding=encoding.as_metadata(), epochs_kept=kept)
+    return tensors, metadata
 
 
 def relabel_all_epochs(
@@ -146,7 +174,7 @@ def relabel_all_epochs(
     parent: StageReporter | None = None,
 ) -> SoftLabels:
     """Soft labels for `images_u8` (uint8 [N,3,S,S]); reuses the file when it already exists in the
-    current format with this protocol, else records every epoch (format v4).
+    current format with this protocol, else records every epoch (format v5).
 
     A recording in one piece, for the random baseline inside `evaluate` and for benchmarks that
     relabel a set of their own; a job's relabel stage is `relabel`. With a `parent` reporter (the
@@ -256,7 +284,7 @@ def relabel_epochs(
     path = part_path(ctx, epochs)
     reporter = ctx.tracker.stage("relabel")
     reporter.begin(1)
-    if part_recorded(path):
+    if part_recorded(path, ctx.spec):
         reporter.log(f"epochs {epochs.start}-{epochs.stop} already recorded; reusing them")
         reporter.end()
         return path
@@ -271,18 +299,25 @@ def relabel_epochs(
     return path
 
 
-def part_recorded(path: Path) -> bool:
-    """Whether `path` is a part file of the current format, read from its metadata alone; an older
-    part is another augmentation stream, recorded again and never joined."""
-    return path.exists() and _metadata_of(path).get("format") == PART_FORMAT
+def part_recorded(path: Path, spec: JobSpec) -> bool:
+    """Whether `path` is a part file of the current format recorded with the spec's protocol and
+    encoding, read from its metadata alone; an older part, or one of another encoding, is recorded
+    again and never joined."""
+    if not path.exists():
+        return False
+    metadata = _metadata_of(path)
+    if metadata.get("format") != PART_FORMAT:
+        return False
+    return protocol_matches(SoftLabels({}, {**metadata, "format": FORMAT}), spec)
 
 
-def _saved_parts(stage_dir: Path) -> list[tuple[range, Path]]:
-    """Every saved part file of the current format with its epochs, in file-name order."""
+def _saved_parts(stage_dir: Path, spec: JobSpec) -> list[tuple[range, Path]]:
+    """Every saved part file of the current format and the spec's protocol with its epochs, in
+    file-name order."""
     parts = []
     for path in sorted((stage_dir / PARTS_FOLDER).glob("epochs_*.safetensors")):
         first, stop = (int(v) for v in path.stem.removeprefix("epochs_").split("_"))
-        if part_recorded(path):
+        if part_recorded(path, spec):
             parts.append((range(first, stop), path))
     return parts
 
@@ -307,10 +342,10 @@ def _joining_parts(parts: list[tuple[range, Path]], epochs: int) -> tuple[list[t
     return chain, gaps
 
 
-def missing_epochs(stage_dir: Path, epochs: int) -> list[range]:
-    """The ranges of relabel epochs no saved part file holds (empty:
+def missing_epochs(stage_dir: Path, spec: JobSpec) -> list[range]:
+    """The ranges of relabel epochs no saved part file of the spec's protocol holds (empty:
     `merge_relabel_parts` can join them)."""
-    return _joining_parts(_saved_parts(stage_dir), epochs)[1]
+    return _joining_parts(_saved_parts(stage_dir, spec), spec.relabel_epochs)[1]
 
 
 def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
@@ -319,7 +354,7 @@ def merge_relabel_parts(ctx: RunContext, path: Path) -> SoftLabels:
     `path` with this protocol is kept as it is. Raises ValueError naming the first epochs no part
     holds."""
     existing = reusable(path, ctx.spec)
-    parts = _saved_parts(ctx.stage_dir)
+    parts = _saved_parts(ctx.stage_dir, ctx.spec)
     if existing is None:
         chain, gaps = _joining_parts(parts, ctx.spec.relabel_epochs)
         if gaps:

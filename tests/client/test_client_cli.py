@@ -256,7 +256,7 @@ def test_ls_names_its_argument_and_a_missing_spec_file_is_named():
 
 def test_submit_and_wait_print_the_id_and_the_status_and_the_verdict_goes_to_stderr():
     metrics = {"teacher_accuracy": 0.52, "student_accuracy": 0.16, "random_baseline_accuracy": 0.2, "ior": -0.04,
-               "ior_ci95": [-0.09, 0.01], "beats_random": False, "verdict": "not_distinguishable"}
+               "ior_ci95": [-0.09, 0.01], "beats_random": False, "verdict": "not_distinguishable", **STORAGE}
 
     def serve(seen: Seen) -> Reply:
         if seen.method == "POST":
@@ -271,8 +271,26 @@ def test_submit_and_wait_print_the_id_and_the_status_and_the_verdict_goes_to_std
     verdict = ("WARNING: verdict not_distinguishable: this set 16.0 % vs random real subset 20.0 % "
                "(IOR -4.0 points, 95 % CI [-9.0, +1.0])")
     assert verdict in submitted.stderr.splitlines()
+    assert STORAGE_LINE in submitted.stderr.splitlines()
     assert waited.returncode == EXIT_OK and waited.stdout == "succeeded\n"
     assert waited.stderr.splitlines() == [verdict], "a set that does not beat random is shown even with --quiet"
+
+
+STORAGE = {"distilled_images_bytes": 41_200, "soft_labels_bytes": 267_100, "soft_labels_kind": "stored",
+           "compressed_bytes": 308_300, "real_data_bytes": 3_100_000, "real_data_kind": "encoded files",
+           "compression_ratio": 3_100_000 / 308_300, "teacher_bytes": 1_200_000}
+STORAGE_LINE = ("storage: images 41.2kB + soft labels 267kB = 308kB; real data 3.10MB (encoded files); "
+                "ratio ×10.1 (real / (images + labels)); teacher 1.20MB")
+
+
+def test_the_storage_line_weighs_the_download_against_the_real_data():
+    from fd2_client.cli import storage_line
+
+    assert storage_line(STORAGE) == STORAGE_LINE
+    online = storage_line({**STORAGE, "soft_labels_kind": "online (teacher file)", "soft_labels_bytes": 1_200_000})
+    assert online.startswith("storage: images 41.2kB + soft labels (online: teacher file) 1.20MB = ")
+    # a job that ended before packaging, or one from before storage was measured
+    assert storage_line({"student_accuracy": 0.4}) is None
 
 
 def test_the_verdict_line_says_when_the_set_beats_random_or_was_not_compared():

@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from fd2_core.augment import (
+    RESIZED_CROP,
     ROI_ALIGN,
     CropFlip,
     apply_crop_flip,
@@ -24,11 +25,16 @@ from fd2_core.augment import (
     sample_crop_flip,
 )
 from fd2_core.crops import resized_crop, sample_resized_crop_boxes
+from fd2_core.label_formats import FULL
+from fd2_core.relabel_choices import AugmentationStream
+from fd2_core.soft_label_compaction import stored_choices
 from fd2_core.softlabels import (
     FORMAT,
     FORMAT_V3,
+    FORMAT_V4,
     PART_FORMAT,
     PART_FORMAT_V3,
+    PART_FORMAT_V4,
     SoftLabelPart,
     SoftLabels,
     join_soft_label_parts,
@@ -237,14 +243,23 @@ def _teacher(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3)) * 10.0  # [B, 3] "logits", enough to record
 
 
-def _soft_tensors(images: torch.Tensor, epochs: int = 2) -> dict[str, torch.Tensor]:
-    return record_soft_labels(
-        _teacher, images, epochs=epochs, batch_size=3, generator=lambda e: torch.Generator().manual_seed(20 + e),
-        cutmix_alpha=1.0, min_crop_scale=0.08,
-    )
+def _stream(rule: str = "torchvision") -> AugmentationStream:
+    resampling = ROI_ALIGN if rule == "clamped" else RESIZED_CROP
+    return AugmentationStream(20, "relabel", 7, 16, 3, 1.0, 0.08, rule, resampling)
 
 
-def test_a_v4_file_replays_what_was_recorded(tmp_path) -> None:
+def _v5_meta(stream: AugmentationStream, epochs: int) -> dict[str, object]:
+    return {"batch_size": 3, "num_classes": 3, "epochs": epochs, **PROTOCOL, "augmentations": stream.as_metadata(),
+            "label_encoding": FULL.as_metadata(), "epochs_kept": list(range(epochs))}
+
+
+def _old_layout(images: torch.Tensor, stream: AugmentationStream, epochs: int = 2) -> dict[str, torch.Tensor]:
+    """The tensors of a v3/v4 file: the walk's choices stored, with their logits."""
+    logits = record_soft_labels(_teacher, images, epochs=epochs, stream=stream)["logits"]
+    return {**stored_choices(stream, epochs), "logits": logits}
+
+
+def test_a_v5_file_regenerates_exactly_what_was_recorded(tmp_path) -> None:
     images = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(13))
     seen: list[torch.Tensor] = []
 
@@ -252,17 +267,23 @@ def test_a_v4_file_replays_what_was_recorded(tmp_path) -> None:
         seen.append(x.clone())
         return _teacher(x)
 
-    tensors = record_soft_labels(
-        teacher, images, epochs=2, batch_size=3, generator=lambda e: torch.Generator().manual_seed(20 + e),
-        cutmix_alpha=1.0, min_crop_scale=0.08,
-    )
-    assert torch.equal(tensors["boxes"], tensors["boxes"].round())  # torchvision's integer boxes
-    path = save_soft_labels(tmp_path / "v4.safetensors", tensors, {"batch_size": 3, "num_classes": 3, **PROTOCOL})
+    stream = _stream()
+    tensors = record_soft_labels(teacher, images, epochs=2, stream=stream)
+    path = save_soft_labels(tmp_path / "v5.safetensors", tensors, _v5_meta(stream, 2))
     soft = SoftLabels.load(path)
-    assert soft.metadata["format"] == FORMAT and soft.format_version == 4 and soft.resampling == "resized_crop"
+    assert soft.metadata["format"] == FORMAT and soft.format_version == 5 and soft.resampling == "resized_crop"
+    assert torch.equal(soft.choices(0).boxes, soft.choices(0).boxes.round())  # torchvision's integer boxes
     replayed = [x for x, _ in replay(images, soft)]
     assert len(replayed) == len(seen) == 6
     for x, recorded in zip(replayed, seen, strict=True):
+        assert torch.equal(x, recorded)  # bit for bit
+    # the same walk stored as a v4 file replays the same images
+    old = _old_layout(images, stream)
+    save_file(old, str(tmp_path / "v4.safetensors"), metadata={
+        "batch_size": "3", "num_classes": "3", "format": FORMAT_V4, **{k: str(v) for k, v in PROTOCOL.items()}})
+    v4 = SoftLabels.load(tmp_path / "v4.safetensors")
+    assert v4.format_version == 4
+    for x, recorded in zip((x for x, _ in replay(images, v4)), seen, strict=True):
         assert torch.equal(x, recorded)
 
 
@@ -270,9 +291,8 @@ def test_a_v3_file_replays_with_roi_align_bit_for_bit(tmp_path) -> None:
     """A file of format v3 (clamped, fractional boxes) replays with roi_align(sampling_ratio=2, aligned=True)
     exactly as it was recorded, through every reader's apply_crop_flip."""
     images = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(14))
-    tensors = _soft_tensors(images)
-    g = torch.Generator().manual_seed(15)
-    tensors["boxes"] = tensors["boxes"] + torch.rand(tensors["boxes"].shape, generator=g) * 0.9  # not integers
+    tensors = _old_layout(images, _stream("clamped"))
+    assert not torch.equal(tensors["boxes"], tensors["boxes"].round())  # not integers
     meta = {"batch_size": "3", "num_classes": "3", "format": FORMAT_V3,
             **{k: str(v) for k, v in PROTOCOL.items()}}
     save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=meta)
@@ -288,23 +308,24 @@ def test_a_v3_file_replays_with_roi_align_bit_for_bit(tmp_path) -> None:
         assert torch.equal(x, expected)
 
 
-def test_parts_of_v3_and_v4_never_join(tmp_path) -> None:
+def test_parts_of_older_formats_never_join(tmp_path) -> None:
     images = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(16))
-    tensors = _soft_tensors(images, epochs=4)
-    meta = {"batch_size": 3, "num_classes": 3, **PROTOCOL}
-    first = {k: v[:2] for k, v in tensors.items()}
-    second = {k: v[2:] for k, v in tensors.items()}
+    stream = _stream()
+    meta = _v5_meta(stream, 4)
+    first = record_soft_labels(_teacher, images, epochs=range(0, 2), stream=stream)
+    second = record_soft_labels(_teacher, images, epochs=range(2, 4), stream=stream)
     save_soft_label_part(tmp_path / "new.safetensors", second, meta, range(2, 4))
-    old = {"batch_size": "3", "num_classes": "3", "format": PART_FORMAT_V3, "part_epochs": "[0, 2]",
-           **{k: str(v) for k, v in PROTOCOL.items()}}
-    save_file(first, str(tmp_path / "old.safetensors"), metadata=old)
-    new_part = SoftLabelPart.load(tmp_path / "new.safetensors")
-    old_part = SoftLabelPart.load(tmp_path / "old.safetensors")
-    assert (new_part.format, old_part.format) == (PART_FORMAT, PART_FORMAT_V3)
-    with pytest.raises(ValueError, match="another augmentation stream"):
-        join_soft_label_parts([old_part, new_part], 4)
-    with pytest.raises(ValueError, match="another augmentation stream"):
-        join_soft_label_parts([old_part, SoftLabelPart(second, old_part.metadata, range(2, 4), PART_FORMAT_V3)], 4)
+    old_tensors = {k: v[:2] for k, v in _old_layout(images, stream, 4).items()}
+    for old_format in (PART_FORMAT_V3, PART_FORMAT_V4):
+        old = {"batch_size": "3", "num_classes": "3", "format": old_format, "part_epochs": "[0, 2]",
+               **{k: str(v) for k, v in PROTOCOL.items()}}
+        save_file(old_tensors, str(tmp_path / "old.safetensors"), metadata=old)
+        new_part = SoftLabelPart.load(tmp_path / "new.safetensors")
+        old_part = SoftLabelPart.load(tmp_path / "old.safetensors")
+        assert (new_part.format, old_part.format) == (PART_FORMAT, old_format)
+        with pytest.raises(ValueError, match="another layout"):
+            join_soft_label_parts([old_part, new_part], 4)
     save_soft_label_part(tmp_path / "first.safetensors", first, meta, range(0, 2))
     joined, _ = join_soft_label_parts([SoftLabelPart.load(tmp_path / "first.safetensors"), new_part], 4)
-    assert all(torch.equal(joined[k], tensors[k]) for k in tensors)
+    whole = record_soft_labels(_teacher, images, epochs=4, stream=stream)
+    assert all(torch.equal(joined[k], whole[k]) for k in whole)

@@ -218,3 +218,30 @@ def test_pixel_limit_applies_while_loading(tmp_path, make_image):
     make_image(tmp_path / "ant" / "big.png", size=(60, 60))
     ds = load_dataset(tmp_path, 8, limits=DataLimits(max_image_pixels=50 * 50))
     assert [e.path for e in ds.errors] == ["ant/big.png"]
+
+
+def test_train_bytes_are_the_train_files_used_as_stored_on_disk(tmp_path, make_image):
+    """The report's real data bytes: the encoded train files the job used, not test files, not
+    files that failed to decode; the same from an archive (its extracted files); none for
+    generated data."""
+    for split, count in (("train", 3), ("test", 1)):
+        for c, name in enumerate(("ant", "bee")):
+            for i in range(count):
+                make_image(tmp_path / "src" / split / name / f"{i}.png", color=(40 * i, 90 * c, 7),
+                           size=(12 + 5 * i + c, 10 + 3 * i))
+    (tmp_path / "src" / "train" / "bee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    expected = sum(p.stat().st_size for p in (tmp_path / "src" / "train").rglob("[0-9].png"))
+    test_files = sum(p.stat().st_size for p in (tmp_path / "src" / "test").rglob("*.png"))
+    assert expected > 0 and test_files > 0
+
+    folder = load_dataset(tmp_path / "src", 8)
+    assert [e.path for e in folder.errors] == ["train/bee/broken.png"] and len(folder.train_labels) == 6
+    assert folder.train_bytes == expected
+
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted((tmp_path / "src").rglob("*.png")):
+            zf.write(file, file.relative_to(tmp_path / "src").as_posix())
+    assert load_dataset(archive, 8).train_bytes == expected
+
+    assert load_dataset("fgsynth:classes=2,train=2,test=1", 16).train_bytes is None

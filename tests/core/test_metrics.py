@@ -183,3 +183,24 @@ def test_cli_summary_ends_with_the_verdict(capsys):
     assert lines[-1].startswith("WARNING: a random real subset of the same size scores 31.2 % vs 29.8 %")
     assert "IOR -1.4 points, 95 % CI [-3.9, +1.1]" in lines[-1]
     assert any(line.startswith("IOR (over random)") for line in lines)
+
+
+def test_cli_summary_says_what_the_download_weighs(capsys):
+    from pathlib import Path
+
+    from fd2_core.cli import print_summary
+    from fd2_core.pipeline import PipelineResult
+    from fd2_core.spec_resolution import resolve_spec
+
+    storage = {"distilled_images_bytes": 41_200, "soft_labels_bytes": 267_100, "soft_labels_kind": "stored",
+               "compressed_bytes": 308_300, "real_data_bytes": 3_100_000, "real_data_kind": "encoded files",
+               "compression_ratio": 3_100_000 / 308_300, "teacher_bytes": 1_200_000}
+    report = {"timings_s": {"total": 3.0}, "device": {"type": "cpu"}, "storage": storage}
+    result = PipelineResult(artifacts={"report.json": Path("out/report.json")}, metrics={}, report=report)
+    print_summary(resolve_spec({"preset": "cpu-small"}), result)
+    lines = capsys.readouterr().out.splitlines()
+    assert ("storage: images 41.2 KB + soft labels 267.1 KB = 308.3 KB; real data 3.1 MB (encoded files); "
+            "ratio ×10.1 (real / (images + labels)); teacher 1.2 MB") in lines
+    # a report written before storage was measured prints no such line
+    print_summary(resolve_spec({"preset": "cpu-small"}), PipelineResult({}, {}, {**report, "storage": None}))
+    assert not any(line.startswith("storage:") for line in capsys.readouterr().out.splitlines())

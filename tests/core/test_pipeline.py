@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -37,11 +38,12 @@ def _check_artifacts(result, spec_raw, num_classes):
         manifest = json.loads(tar.extractfile("manifest.json").read())
         assert sorted(r["file"] for r in rows) == sorted(pngs)
         assert set(manifest["files"]) == set(pngs)
+        pngs_bytes = sum(len(tar.extractfile(name).read()) for name in pngs)
         first = Image.open(io.BytesIO(tar.extractfile(pngs[0]).read()))
         assert first.size == (32, 32) and first.mode == "RGB"
     with safe_open(str(paths["soft_labels.safetensors"]), "pt") as fh:
         meta = fh.metadata()
-        assert meta["format"] == "fd2.soft_labels.v4"
+        assert meta["format"] == "fd2.soft_labels.v5"
         protocol = (meta["soft_label_source"], meta["relabel_bn_mode"], meta["forward_splits"])
         assert protocol == ("backbone", "train", "2")
         logits = fh.get_tensor("logits")
@@ -57,6 +59,24 @@ def _check_artifacts(result, spec_raw, num_classes):
     assert 0.0 <= report["metrics"]["random_baseline_accuracy"] <= 1.0
     assert report["versions"]["torch"] == torch.__version__
     Image.open(paths["preview.png"]).verify()
+    _check_storage(result, report, pngs_bytes)
+
+
+def _check_storage(result, report, pngs_bytes):
+    """report.json → storage: the download (images + soft labels) against the real data, and
+    the same figures in the job's metrics."""
+    storage = report["storage"]
+    paths = result.artifacts
+    assert storage["distilled_images_bytes"] == pngs_bytes
+    assert storage["distilled_archive_bytes"] == os.path.getsize(paths["distilled.tar.gz"])
+    assert storage["soft_labels_kind"] == "stored"
+    assert storage["soft_labels_bytes"] == os.path.getsize(paths["soft_labels.safetensors"])
+    assert storage["teacher_bytes"] == os.path.getsize(paths["teacher.safetensors"])
+    assert storage["compressed_bytes"] == storage["distilled_images_bytes"] + storage["soft_labels_bytes"]
+    assert storage["compression_ratio"] == storage["real_data_bytes"] / storage["compressed_bytes"]
+    assert storage["compression_ratio_formula"] == "real_data_bytes / (distilled_images_bytes + soft_labels_bytes)"
+    flat = {k: v for k, v in storage.items() if k not in ("compression_ratio_formula", "distilled_archive_bytes")}
+    assert report["metrics"].items() >= flat.items() and result.metrics == report["metrics"]
 
 
 @pytest.mark.parametrize("method", ["fd2", "sre2l++", "rded", "random"])
@@ -65,6 +85,10 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_data, method):
     events = []
     result = run(resolve_spec(raw), tiny_data, tmp_path / "run", on_event=events.append)
     _check_artifacts(result, raw, len(tiny_data.classes))
+    # built-in data has no files: its real size is the decoded pixels S²·3·N
+    storage = result.report["storage"]
+    assert storage["real_data_kind"] == "decoded pixels (built-in data: S²·3·N)"
+    assert storage["real_data_bytes"] == 32 * 32 * 3 * len(tiny_data.train_labels)
     stages = [e.stage for e in events if e.kind == "stage_start"]
     assert stages == ["pretrain", "distill", "relabel", "evaluate", "package"]
     progress = [e.progress for e in events]
@@ -179,7 +203,12 @@ def test_loading_a_folder_reports_progress_and_honours_a_stop(tmp_path):
         run(resolve_spec(tiny_spec()), folder, tmp_path / "stopped", events.append, should_stop=lambda: True)
     assert not (tmp_path / "stopped" / "stages").exists()
 
-    run(resolve_spec(tiny_spec()), folder, tmp_path / "run", events.append)
+    result = run(resolve_spec(tiny_spec()), folder, tmp_path / "run", events.append)
     loading = [e for e in events if e.message.startswith("loading data")]
     assert loading and loading[-1].message == "loading data: 30/30 images"
     assert all(e.stage == "pretrain" and e.progress == 0.0 for e in loading)
+    # files on disk: the real data is the train files as stored
+    storage = result.report["storage"]
+    assert storage["real_data_kind"] == "encoded files"
+    assert storage["real_data_bytes"] == sum(p.stat().st_size for p in (folder / "train").rglob("*.png"))
+    assert storage["compression_ratio"] == storage["real_data_bytes"] / storage["compressed_bytes"]

@@ -321,3 +321,35 @@ def test_result_files_of_one_configuration_merge_and_others_refuse(tmp_path):
     longer["runs"]["a/0"]["methods"]["random"] = cell
     with pytest.raises(SystemExit):
         bench.merge_results([doc("a"), longer])
+
+
+def test_the_accuracy_table_gives_each_set_s_size_and_a_dash_for_records_without_one():
+    """The size column: distilled images (PNG) + soft labels per (method, IPC), the mean over seeds;
+    records stored before the sizes were recorded render "–"."""
+    bench = _bench()
+
+    def cell(soft: float, sizes: tuple[int, int] | None) -> dict:
+        return {"soft": soft, "time_s": 1.0,
+                **({"images_bytes": sizes[0], "soft_labels_bytes": sizes[1]} if sizes else {})}
+
+    def record(seed: int) -> dict:
+        fd2 = {p: {"ipc1": cell(0.5, (1000 + seed * 200, 3000)), "ipc2": cell(0.6, (2000, 6000))}
+               for p in bench.PROTOCOLS}
+        old = {p: {"ipc1": cell(0.4, None), "ipc2": cell(0.45, None)} for p in bench.PROTOCOLS}
+        teacher = {"backbone_test_accuracy": 0.5, "test_accuracy": 0.5, "time_s": 1.0}
+        return {"setting": "tiny", "seed": seed, "teachers": {"ce": teacher, "cal": teacher},
+                "methods": {"fd2": {"distill_s": 1.0, **fd2}, "random": {"distill_s": 1.0, **old}}}
+
+    results = {"config": {"ipcs": [1, 2], "methods": ["random", "fd2"], "protocols": list(bench.PROTOCOLS),
+                          "comparisons": {"fd2 − random": ["fd2", "random"]}, "hard_label_methods": [],
+                          "spec": {}, "classes": None, "teacher_init": "scratch"},
+               "settings": ["tiny"], "runs": {"tiny/0": record(0), "tiny/1": record(1)},
+               "environment": {"cpu": "cpu", "threads": 2, "torch": "x"}, "date": "today", "total_s": 60.0,
+               "command": "bench/quality.py", "setting_descriptions": {}}
+    results["summary"] = bench.summarise(results)
+    assert results["summary"]["tiny"]["protocols"]["end-to-end"]["set_bytes"] == {
+        "random": {"ipc1": None, "ipc2": None}, "fd2": {"ipc1": 4100.0, "ipc2": 8000.0}}
+    lines = bench.markdown(results, None).splitlines()
+    assert "| method | IPC 1 | IPC 2 | size (IPC 1 / IPC 2) |" in lines
+    assert "| fd2 | 50.0 ± 0.0 | 60.0 ± 0.0 | 4.1 KB / 8.0 KB |" in lines
+    assert "| random | 40.0 ± 0.0 | 45.0 ± 0.0 | – / – |" in lines

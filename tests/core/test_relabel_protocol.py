@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from old_soft_labels import write_old_format
 from pipeline_helpers import TINY_DATA, tiny_spec
 from safetensors.torch import save_file
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -168,11 +169,11 @@ def test_metadata_records_the_protocol_and_replay_reads_it(tmp_path, data):
     images, labels = _positional(data)
     soft = relabel_all_epochs(ctx, _teacher(ctx), images, labels, tmp_path / "soft.safetensors")
     meta = soft.metadata
-    assert meta["format"] == FORMAT == "fd2.soft_labels.v4"
+    assert meta["format"] == FORMAT == "fd2.soft_labels.v5"
     recorded = (meta["soft_label_source"], meta["relabel_bn_mode"], json.loads(meta["forward_splits"]))
     assert recorded == ("cal", "train", 3)
     assert "r*cal_head" not in meta["teacher_logits"] and "CAL head" in meta["teacher_logits"]
-    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (4, "cal", "train", 3)
+    assert (soft.format_version, soft.soft_label_source, soft.bn_mode, soft.forward_splits) == (5, "cal", "train", 3)
 
     replay = _replay(data, images, labels, soft)
     assert (replay.soft_label_source, replay.bn_mode, replay.forward_splits) == ("cal", "train", 3)
@@ -183,11 +184,10 @@ def test_metadata_records_the_protocol_and_replay_reads_it(tmp_path, data):
 
 
 def _write_v1(path, soft: SoftLabels, teacher_logits: str | None) -> None:
-    meta = {k: v for k, v in soft.metadata.items() if k not in (*PROTOCOL_KEYS, "teacher_logits")}
-    meta["format"] = "fd2.soft_labels.v1"
+    write_old_format(path, soft, "fd2.soft_labels.v1", drop=(*PROTOCOL_KEYS, "teacher_logits"))
     if teacher_logits is not None:
-        meta["teacher_logits"] = teacher_logits
-    save_file(soft.tensors, str(path), metadata=meta)
+        old = SoftLabels.load(path)
+        save_file(old.tensors, str(path), metadata={**old.metadata, "teacher_logits": teacher_logits})
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_relabel_records_again_over_a_file_of_another_protocol(tmp_path, data):
     first = _relabel(ctx, teacher, tmp_path)
     _write_v1(tmp_path / "soft.safetensors", first, "(1-r)*backbone + r*cal_head")
     again = _relabel(ctx, teacher, tmp_path)
-    assert again.format_version == 4 and torch.equal(again.tensors["logits"], first.tensors["logits"])
+    assert again.format_version == 5 and torch.equal(again.tensors["logits"], first.tensors["logits"])
     written = (tmp_path / "soft.safetensors").stat().st_mtime_ns
     _relabel(ctx, teacher, tmp_path)  # same protocol: reused, not written again
     assert (tmp_path / "soft.safetensors").stat().st_mtime_ns == written
@@ -223,11 +223,22 @@ def test_relabel_records_again_over_a_file_of_an_older_format(tmp_path, data):
     ctx = _ctx(tmp_path, data)
     teacher = _teacher(ctx)
     first = _relabel(ctx, teacher, tmp_path)
-    save_file(first.tensors, str(tmp_path / "soft.safetensors"), metadata={**first.metadata,
-                                                                          "format": "fd2.soft_labels.v3"})
+    write_old_format(tmp_path / "soft.safetensors", first, "fd2.soft_labels.v3")
     assert SoftLabels.load(tmp_path / "soft.safetensors").format_version == 3
     again = _relabel(ctx, teacher, tmp_path)
-    assert again.format_version == 4 and torch.equal(again.tensors["logits"], first.tensors["logits"])
+    assert again.format_version == 5 and torch.equal(again.tensors["logits"], first.tensors["logits"])
+
+
+def test_relabel_records_again_when_the_spec_asks_for_another_encoding(tmp_path, data):
+    """The protocol check includes the encoding: a resumed job asking for int8 top-k records again."""
+    ctx = _ctx(tmp_path, data)
+    teacher = _teacher(ctx)
+    first = _relabel(ctx, teacher, tmp_path)
+    assert first.encoding.name == "fp16"
+    compact = _ctx(tmp_path, data, soft_label_values="int8", topk=2)
+    again = _relabel(compact, teacher, tmp_path)
+    assert again.encoding.name == "top2-int8" and set(again.tensors) >= {"q_logits", "q_scale", "topk_indices"}
+    assert torch.equal(again.tensors["topk_indices"].long(), first.tensors["logits"].float().topk(2, -1).indices)
 
 
 def test_forward_parts_are_consecutive_and_balanced():

@@ -11,17 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from old_soft_labels import write_old_format
 from pipeline_helpers import TINY_DATA, tiny_spec
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-import fd2_core.softlabels as softlabels_module
+import fd2_core.relabel_choices as relabel_choices_module
 import fd2_core.stages.distill_files as distill_files
 import fd2_core.stages.fadrm_phases as fadrm_phases
 from fd2_core.cost import DatasetSize, stage_image_passes
 from fd2_core.data.dataset import load_dataset
 from fd2_core.distilled import SoftLabelReplay
+from fd2_core.label_codec import kept_epochs
+from fd2_core.label_formats import LabelEncoding, kept_epoch_count
 from fd2_core.pipeline import run
+from fd2_core.relabel_choices import AugmentationStream
 from fd2_core.shards import (
     MIN_RELABEL_EPOCHS,
     ShardNotReady,
@@ -239,17 +242,24 @@ def test_shards_in_any_order_give_the_unsharded_files(tmp_path, tiny_data, plain
     _assert_same_job(plain(name), tmp_path / "sharded", raw["ipc"])
 
 
-def test_epoch_ranges_join_into_one_recording() -> None:
+@pytest.mark.parametrize("encoding", [LabelEncoding(), LabelEncoding("fp16", 2), LabelEncoding("int8"),
+                                      LabelEncoding("int8", 2, 0.4), LabelEncoding("online")],
+                         ids=lambda encoding: encoding.name)
+def test_epoch_ranges_join_into_one_recording(encoding: LabelEncoding) -> None:
+    """Every encoding is local to a row, so ranges recorded apart join into the recording of every
+    epoch at once (with a subset of epochs, a range may hold none of them)."""
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     images = torch.randn(7, 3, 16, 16)
+    stream = AugmentationStream(50, "relabel", 7, 16, 3, 1.0, 0.08)
+    kept = kept_epochs(5, kept_epoch_count(5, encoding.epoch_fraction), 50, "relabel")
 
     def walk(epochs):
-        return record_soft_labels(teacher, images, epochs=epochs, batch_size=3, cutmix_alpha=1.0,
-                                  min_crop_scale=0.08, generator=lambda e: torch.Generator().manual_seed(50 + e))
+        return record_soft_labels(teacher, images, epochs=epochs, stream=stream, encoding=encoding, kept=kept,
+                                  num_classes=4)
 
     whole = walk(5)
-    meta = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1}
+    meta = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1, "epochs_kept": kept}
     parts = [SoftLabelPart(walk(r), meta, r) for r in (range(3, 5), range(0, 2), range(2, 3))]
     joined, joined_meta = join_soft_label_parts(parts, 5)
     assert joined.keys() == whole.keys() and joined_meta == meta
@@ -363,7 +373,7 @@ def test_merges_and_epoch_ranges_killed_midway_complete_the_same(tmp_path, tiny_
     assert not shard_done(raw, workdir, "distill:merge") and shard_done(raw, workdir, "distill:c00000")
     run_shard(raw, tiny_data, workdir, "distill:merge")
 
-    _kill_on_call(monkeypatch, softlabels_module, "sample_cutmix", 3)  # epoch 1 of the range
+    _kill_on_call(monkeypatch, relabel_choices_module, "sample_cutmix", 3)  # epoch 1 of the range
     with pytest.raises(KeyboardInterrupt):
         run_shard(raw, tiny_data, workdir, "relabel:e0000-0002")
     monkeypatch.undo()
@@ -396,8 +406,7 @@ def test_epoch_ranges_of_another_plan_still_merge(tmp_path, tiny_data, plain) ->
 
 def _as_v2(path: Path) -> None:
     """Re-label a soft-label file as format v2 (the layout and protocol keys are the same)."""
-    tensors, meta = _tensors(path)
-    save_file(tensors, str(path), metadata={**meta, "format": FORMAT_V2})
+    write_old_format(path, SoftLabels.load(path), FORMAT_V2)
 
 
 def test_an_old_format_soft_label_file_replays_but_is_recorded_again(tmp_path, tiny_data, finished) -> None:
@@ -420,7 +429,7 @@ def test_an_old_format_soft_label_file_replays_but_is_recorded_again(tmp_path, t
     assert run_shard(raw, tiny_data, workdir, "relabel:e0000-0002").ran
     result = run(raw, tiny_data, workdir)
     downloaded = SoftLabels.load(result.artifacts["soft_labels.safetensors"])
-    assert downloaded.metadata["format"] == "fd2.soft_labels.v4" and downloaded.resampling == "resized_crop"
+    assert downloaded.metadata["format"] == "fd2.soft_labels.v5" and downloaded.resampling == "resized_crop"
 
 
 def test_max_workers_is_result_neutral(tmp_path, tiny_data, monkeypatch) -> None:
@@ -450,13 +459,15 @@ def test_max_workers_out_of_range_is_refused_naming_the_field(value, words) -> N
 
 
 def test_a_part_file_is_not_a_soft_label_file(tmp_path) -> None:
-    tensors = {"order": torch.zeros(2, 3, dtype=torch.int32)}
-    meta = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1}
+    tensors = {"augment_digests": torch.zeros(2, 8, dtype=torch.uint8)}
+    meta = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1, "epochs": 6,
+            "epochs_kept": list(range(6)), "num_classes": 3, "batch_size": 4, "augmentations": {},
+            "label_encoding": {}}
     path = save_soft_label_part(tmp_path / "p.safetensors", tensors, meta, range(4, 6))
     with pytest.raises(ValueError, match="not a"):
         SoftLabels.load(path)
     part = SoftLabelPart.load(path)
     assert part.epochs == range(4, 6) and part.metadata == {k: json.dumps(v) if not isinstance(v, str) else v
                                                             for k, v in meta.items()}
-    with pytest.raises(ValueError, match="holds 2 epochs"):
+    with pytest.raises(ValueError, match="records 3 epochs, not 2"):
         save_soft_label_part(tmp_path / "q.safetensors", tensors, meta, range(0, 3))

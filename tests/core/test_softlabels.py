@@ -10,8 +10,10 @@ from pipeline_helpers import TINY_DATA, tiny_spec
 from safetensors import safe_open
 
 from fd2_core.distilled import SoftLabelReplay, read_distilled
+from fd2_core.label_formats import LabelEncoding
 from fd2_core.models import build_model
 from fd2_core.pipeline import run
+from fd2_core.relabel_choices import AugmentationStream
 from fd2_core.softlabels import SoftLabels, record_soft_labels, replay, save_soft_labels
 from fd2_core.spec_resolution import resolve_spec
 
@@ -22,16 +24,25 @@ def _teacher():
     return net.eval()
 
 
+def v5_metadata(stream: AugmentationStream, encoding: LabelEncoding, epochs: int, num_classes: int,
+                kept: list[int] | None = None) -> dict[str, object]:
+    """The metadata `relabel` writes, for a walk of `stream` (eval-mode teacher in one part)."""
+    return {"batch_size": stream.batch_size, "num_classes": num_classes, "epochs": epochs,
+            "soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1,
+            "augmentations": stream.as_metadata(), "label_encoding": encoding.as_metadata(),
+            "epochs_kept": list(range(epochs)) if kept is None else kept}
+
+
 @pytest.mark.parametrize("topk", [0, 2])
 def test_replay_reproduces_recorded_logits(tmp_path, topk):
     teacher = _teacher()
     images = torch.randn(7, 3, 16, 16)
-    tensors = record_soft_labels(
-        teacher, images, epochs=3, batch_size=3, generator=lambda e: torch.Generator().manual_seed(3 + e),
-        cutmix_alpha=1.0, min_crop_scale=0.08, topk=topk,
-    )
-    protocol = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 1}
-    path = save_soft_labels(tmp_path / "s.safetensors", tensors, {"batch_size": 3, "num_classes": 4, **protocol})
+    stream = AugmentationStream(3, "relabel", 7, 16, 3, 1.0, 0.08)
+    encoding = LabelEncoding("fp16", topk)
+    tensors = record_soft_labels(teacher, images, epochs=3, stream=stream, encoding=encoding)
+    assert set(tensors) == ({"augment_digests", "topk_values", "topk_indices"} if topk
+                            else {"augment_digests", "logits"})  # no stored order, boxes, flips or CutMix
+    path = save_soft_labels(tmp_path / "s.safetensors", tensors, v5_metadata(stream, encoding, 3, 4))
     soft = SoftLabels.load(path)
     assert len(soft) == 3 * 3  # 3 epochs × ceil(7 / 3) batches
     seen = torch.zeros(7, dtype=torch.long)

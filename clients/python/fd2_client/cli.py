@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm  # type: ignore[import-untyped]  # (types-tqdm has the stubs)
+
 from fd2_client.cli_progress import ByteBar, StageBars
 from fd2_client.client import Client
 from fd2_client.credentials import clean_api_key
@@ -151,6 +153,9 @@ def _wait_and_report(client: Client, job: str | Job, args: argparse.Namespace, o
         out.result(printed(exc.job), exc.job)
         return EXIT_TIMEOUT
     out.note(outcome_line(final))
+    storage = storage_line(final.get("metrics") or {})
+    if storage:
+        out.note(storage)
     verdict, beats = verdict_line(final.get("metrics") or {})
     if beats is False:
         out.warning(verdict)
@@ -175,6 +180,27 @@ def outcome_line(job: Mapping[str, Any]) -> str:
              ("random real subset", "random_baseline_accuracy"))
     shown = [f"{label} {_pct(metrics[key])}" for label, key in named if isinstance(metrics.get(key), (int, float))]
     return f"job {job.get('id')} {job.get('status')}" + (": " + ", ".join(shown) if shown else "")
+
+
+STORAGE_KEYS = ("distilled_images_bytes", "soft_labels_bytes", "compressed_bytes", "real_data_bytes", "teacher_bytes")
+
+
+def _size(value: float) -> str:
+    return tqdm.format_sizeof(value, "B", 1000)  # decimal units: 41200 → 41.2kB
+
+
+def storage_line(metrics: Mapping[str, Any]) -> str | None:
+    """What the download (images + soft labels) weighs against the real data the job read, from
+    the job's storage metrics; None for a job without them (ended before packaging, or older)."""
+    if not all(isinstance(metrics.get(key), (int, float)) for key in STORAGE_KEYS):
+        return None
+    ratio = metrics.get("compression_ratio")
+    online = "(online: teacher file) " if str(metrics.get("soft_labels_kind", "")).startswith("online") else ""
+    return (f"storage: images {_size(metrics['distilled_images_bytes'])} + soft labels {online}"
+            f"{_size(metrics['soft_labels_bytes'])} = {_size(metrics['compressed_bytes'])}; real data "
+            f"{_size(metrics['real_data_bytes'])} ({metrics.get('real_data_kind', '?')}); ratio "
+            f"{f'×{ratio:.1f}' if isinstance(ratio, (int, float)) else 'n/a'} (real / (images + labels)); "
+            f"teacher {_size(metrics['teacher_bytes'])}")
 
 
 def verdict_line(metrics: dict[str, Any]) -> tuple[str, bool | None]:

@@ -1,5 +1,6 @@
 // A finished job's results: the report as a table (teacher with committee members, student, random baseline,
-// DD-Ranking metrics), the images it produced, and its artifacts with sizes and sha256.
+// DD-Ranking metrics, what the download weighs against the real data), the images it produced, and its artifacts
+// with sizes and sha256.
 
 import { apiFetch, artifactPath, blobURL, download } from "../api.js";
 import { h, table } from "../dom.js";
@@ -8,6 +9,8 @@ import { errorNote } from "./common.js";
 
 const interval = (value) => (Array.isArray(value) && value.length === 2
   ? `[${points(value[0])}, ${points(value[1])}]` : "–");
+const size = (value) => (typeof value === "number" ? `${bytes(value)} (${value} bytes)` : "–");
+const ratio = (value) => (typeof value === "number" && Number.isFinite(value) ? `×${value.toFixed(1)}` : "–");
 const plain = (value) => (value === null || value === undefined ? "–"
   : typeof value === "number" ? String(Number(value.toPrecision(6))) : typeof value === "string" ? value
     : JSON.stringify(value));
@@ -32,6 +35,18 @@ const GROUPS = [
     ["full_data_accuracy", "Hard-label accuracy on all real train images", percent],
     ["hlr", "HLR (hard-label recovery)", points],
     ["hlr_ci95", "HLR 95 % interval", interval],
+  ]],
+  // The download (distilled images + soft labels) against the real training data (report.json → storage).
+  ["Storage", [
+    ["distilled_images_bytes", "Distilled images (encoded files in distilled.tar.gz)", size],
+    ["soft_labels_bytes", "Soft labels", size],
+    ["soft_labels_kind", "Soft labels are", plain],
+    ["compressed_bytes", "Images + soft labels", size],
+    ["real_data_bytes", "Real training data", size],
+    ["real_data_kind", "Real data counted as", plain],
+    ["compression_ratio", "Compression ratio: real data / (images + soft labels)", ratio],
+    ["teacher_bytes", "Teacher (teacher.safetensors)", size],
+    ["soft_labels_file_bytes", "soft_labels.safetensors", size],
   ]],
 ];
 const KNOWN = new Set(GROUPS.flatMap(([, rows]) => rows.map(([key]) => key)));

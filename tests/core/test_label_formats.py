@@ -1,0 +1,228 @@
+"""Soft-label storage formats (v5): augmentations regenerated from seeds and checked by digest,
+logits as fp16, top-k, 8-bit, a subset of epochs or online; older files rewritten without their
+stored choices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pipeline_helpers import TINY_DATA, tiny_spec
+from safetensors.torch import save_file
+
+from fd2_core.data.dataset import load_dataset
+from fd2_core.distilled import SoftLabelReplay
+from fd2_core.label_codec import decode_logits, dequantize_rows, encode_logits, kept_epochs, quantize_rows
+from fd2_core.label_formats import LabelEncoding, index_dtype_name, kept_epoch_count
+from fd2_core.pipeline import run
+from fd2_core.relabel_choices import AugmentationMismatch, AugmentationStream
+from fd2_core.shards import plan_shards, run_shard
+from fd2_core.soft_label_compaction import compact_soft_labels, stored_choices
+from fd2_core.softlabels import (
+    FORMAT_V2,
+    FORMAT_V3,
+    FORMAT_V4,
+    SoftLabels,
+    record_soft_labels,
+    replay,
+    save_soft_labels,
+)
+from fd2_core.spec import ValidationError
+from fd2_core.spec_resolution import resolve_spec
+
+PROTOCOL = {"soft_label_source": "backbone", "relabel_bn_mode": "eval", "forward_splits": 2}
+EPOCHS, CLASSES = 4, 6
+IMAGES = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+STREAM = AugmentationStream(11, "relabel", 7, 16, 3, 1.0, 0.08)
+
+
+class Teacher:
+    """A fixed linear map of the mean colour and a coarse layout, remembering what it saw."""
+
+    def __init__(self) -> None:
+        self.weight = torch.randn(12, CLASSES, generator=torch.Generator().manual_seed(2)) * 4
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)[:, :12] @ self.weight
+
+
+def recorded(tmp_path, encoding: LabelEncoding, teacher: Teacher | None = None) -> SoftLabels:
+    kept = kept_epochs(EPOCHS, kept_epoch_count(EPOCHS, encoding.epoch_fraction), 11, "relabel")
+    tensors = record_soft_labels(teacher or Teacher(), IMAGES, epochs=EPOCHS, stream=STREAM, encoding=encoding,
+                                 kept=kept, forward_splits=2, num_classes=CLASSES)
+    meta = {"batch_size": 3, "num_classes": CLASSES, "epochs": EPOCHS, **PROTOCOL,
+            "augmentations": STREAM.as_metadata(), "label_encoding": encoding.as_metadata(), "epochs_kept": kept}
+    return SoftLabels.load(save_soft_labels(tmp_path / f"{encoding.name}.safetensors", tensors, meta))
+
+
+def test_int8_rows_dequantise_as_computed_by_hand() -> None:
+    q, scale = quantize_rows(torch.tensor([[2.0, 1.0, -0.55], [3.0, 3.0, 3.0]]))
+    s = float(torch.tensor(2.55 / 255).half())  # 0.0099945…, the stored fp16 scale
+    assert scale.dtype == torch.float16 and float(scale[0]) == s
+    assert q.tolist()[0] == [0, round(1.0 / s), 255]  # (max − x) / s: 0, 100.05 → 100, 255.1 → 255
+    assert q.tolist()[1] == [0, 0, 0]  # a row of equal logits: all at its maximum
+    back = dequantize_rows(q, scale)
+    assert torch.allclose(back[0], torch.tensor([0.0, -100 * s, -255 * s]))
+    # the softmax the student's loss reads is what the fp32 row gives, to within the step s/2
+    assert torch.allclose(back[0].softmax(0), torch.tensor([2.0, 1.0, -0.55]).softmax(0), atol=s)
+
+
+def test_class_indices_take_the_smallest_integer_type() -> None:
+    assert [index_dtype_name(k) for k in (3, 256, 257, 32768, 32769)] == ["uint8", "uint8", "int16", "int16",
+                                                                          "int32"]
+    for classes, dtype in ((20, torch.uint8), (300, torch.int16)):
+        # distinct quarter steps: exact in fp16, so the kept classes are unambiguous
+        logits = torch.stack([torch.randperm(classes, generator=torch.Generator().manual_seed(r)) for r in range(10)])
+        logits = logits.view(2, 5, classes).float() / 4
+        stored = encode_logits(logits, LabelEncoding("fp16", 3))
+        assert stored["topk_indices"].dtype == dtype
+        full = decode_logits(stored, classes)
+        assert torch.equal(full.topk(3, dim=-1).indices, logits.topk(3, dim=-1).indices)
+
+
+@pytest.mark.parametrize("encoding", [LabelEncoding(), LabelEncoding("fp16", 3), LabelEncoding("int8"),
+                                      LabelEncoding("int8", 3)], ids=lambda e: e.name)
+def test_every_stored_format_replays_the_teachers_logits(tmp_path, encoding: LabelEncoding) -> None:
+    teacher = Teacher()
+    soft = recorded(tmp_path, encoding, teacher)
+    assert soft.format_version == 5 and soft.encoding == encoding
+    assert not {"order", "boxes", "flips", "cutmix_perm", "cutmix_box", "cutmix_lam"} & set(soft.tensors)
+    replayed = list(replay(IMAGES, soft))
+    assert len(replayed) == EPOCHS * 3
+    seen = torch.cat(teacher.seen)  # parts of 2 per batch, in replay order
+    fresh = teacher(seen)
+    got = torch.cat([logits for _, logits in replayed])
+    assert torch.equal(torch.cat([x for x, _ in replayed]), seen)  # regenerated augmentations, bit for bit
+    kept = encoding.kept_values(CLASSES)
+    top = fresh.topk(kept, dim=1).indices
+    shift = fresh.amax(1, keepdim=True) if encoding.values == "int8" else 0.0  # int8 rows: maximum at 0
+    step = (fresh.amax(1) - fresh.gather(1, top).amin(1)) / 255 if encoding.values == "int8" else None
+    error = (got.gather(1, top) - (fresh - shift).gather(1, top)).abs()
+    if step is None:
+        assert error.max() < 2e-2 * fresh.abs().max()  # fp16
+    else:
+        assert (error <= step[:, None] / 2 * 1.01 + 1e-3).all()  # half a step, the fp16 scale's rounding
+    if kept < CLASSES:
+        assert ((got <= -1e3).sum(1) == CLASSES - kept).all()
+
+
+def test_a_subset_of_epochs_is_cycled_by_the_student(tmp_path) -> None:
+    teacher = Teacher()
+    soft = recorded(tmp_path, LabelEncoding("fp16", 0, 0.5), teacher)
+    assert soft.recorded_epochs == kept_epochs(EPOCHS, 2, 11, "relabel") and len(soft.recorded_epochs) == 2
+    assert soft.tensors["logits"].shape[0] == 2 and len(soft) == EPOCHS * 3  # the student still trains E epochs
+    batches = list(replay(IMAGES, soft))
+    for e in range(EPOCHS):
+        source = soft.recorded_epochs[e % 2]
+        mine, theirs = batches[e * 3:(e + 1) * 3], batches[(e % 2) * 3:(e % 2 + 1) * 3]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mine, theirs, strict=True))
+        assert torch.equal(soft.choices(e % 2).order, STREAM.epoch(source).order)
+
+
+def test_online_labels_are_the_teachers_own(tmp_path) -> None:
+    soft = recorded(tmp_path, LabelEncoding("online"))
+    assert soft.needs_teacher and set(soft.tensors) == {"augment_digests"}
+    with pytest.raises(ValueError, match="online"):
+        next(replay(IMAGES, soft))
+    teacher = Teacher()
+    for step, (x, logits) in enumerate(replay(IMAGES, soft, teacher=teacher)):
+        assert torch.equal(logits, torch.cat([teacher(x[part]) for part in soft.parts(step)]))
+
+
+def test_a_changed_stream_is_refused_not_replayed(tmp_path) -> None:
+    soft = recorded(tmp_path, LabelEncoding())
+    soft.tensors["augment_digests"][1, 0] ^= 1  # as if epoch 1 regenerated differently
+    soft._epoch_cache.clear()
+    soft.batch(0)  # epoch 0 still matches
+    with pytest.raises(AugmentationMismatch, match=r"relabel epoch 1: .*changed after recording"):
+        soft.batch(3)
+    soft.metadata["augmentations"] = json.dumps({**STREAM.as_metadata(), "torch": "1.0.0"})
+    del soft.__dict__["stream"]
+    soft._epoch_cache.clear()
+    with pytest.raises(AugmentationMismatch, match=r"recorded with torch 1\.0\.0, this is torch .*replay it with"):
+        soft.batch(3)
+    with pytest.raises(AugmentationMismatch):
+        soft.verify_augmentations()
+
+
+@pytest.mark.parametrize(("version", "rule"), [(FORMAT_V4, "torchvision"), (FORMAT_V3, "clamped")])
+def test_v3_and_v4_files_compact_to_v5_and_replay_the_same(tmp_path, version: str, rule: str) -> None:
+    resampling = "roi_align" if rule == "clamped" else "resized_crop"
+    stream = AugmentationStream(11, "relabel", 7, 16, 3, 1.0, 0.08, rule, resampling)
+    logits = record_soft_labels(Teacher(), IMAGES, epochs=EPOCHS, stream=stream)["logits"]
+    meta = {"batch_size": "3", "num_classes": str(CLASSES), "format": version, "image_size": "16",
+            "cutmix_alpha": "1.0", "min_crop_scale": "0.08", "epochs": str(EPOCHS),
+            **{k: str(v) for k, v in PROTOCOL.items()}}
+    save_file({**stored_choices(stream, EPOCHS), "logits": logits}, str(tmp_path / "old.safetensors"), meta)
+    old = SoftLabels.load(tmp_path / "old.safetensors")
+    with pytest.raises(AugmentationMismatch, match="epoch 0: the stored order"):
+        compact_soft_labels(old, seed=12)
+    tensors, metadata = compact_soft_labels(old, seed=11)
+    new = SoftLabels.load(save_soft_labels(tmp_path / "new.safetensors", tensors, metadata))
+    assert new.format_version == 5 and new.resampling == old.resampling == resampling
+    assert json.loads(new.metadata["compacted_from"]) == {"format": version, "seed": 11, "stream": "relabel"}
+    assert (tmp_path / "new.safetensors").stat().st_size < (tmp_path / "old.safetensors").stat().st_size
+    for (x_old, l_old), (x_new, l_new) in zip(replay(IMAGES, old), replay(IMAGES, new), strict=True):
+        assert torch.equal(x_old, x_new) and torch.equal(l_old, l_new)
+
+
+def test_files_that_drew_one_stream_do_not_compact(tmp_path) -> None:
+    save_file({**stored_choices(STREAM, 2), "logits": torch.zeros(2, 7, 3).half()}, str(tmp_path / "v2.safetensors"),
+              {"batch_size": "3", "num_classes": "3", "format": FORMAT_V2, **{k: str(v) for k, v in PROTOCOL.items()}})
+    with pytest.raises(ValueError, match="only soft-label formats v3 and v4"):
+        compact_soft_labels(SoftLabels.load(tmp_path / "v2.safetensors"), seed=11)
+
+
+def test_online_labels_store_nothing_else() -> None:
+    with pytest.raises(ValidationError, match="online"):
+        resolve_spec({"preset": "cpu-small", "soft_label_values": "online", "topk": 5})
+    with pytest.raises(ValueError, match="online"):
+        LabelEncoding("online", 0, 0.5)
+    assert resolve_spec({"preset": "cpu-small", "soft_label_values": "int8", "topk": 5,
+                         "label_epoch_fraction": 0.25}).soft_label_values == "int8"
+
+
+def _shard_by_shard(raw: dict, workdir) -> None:
+    """Every shard of the plan in dependency order, relabel in ranges of one epoch or more."""
+    data = load_dataset(TINY_DATA, 32, seed=0)
+    pending, done = plan_shards(resolve_spec(raw), len(data.classes), min_relabel_epochs=1), set()
+    while pending:
+        shard = next(s for s in pending if set(s.depends_on) <= done)
+        assert run_shard(raw, data, workdir, shard.id).ran, shard.id
+        done.add(shard.id)
+        pending.remove(shard)
+
+
+def _content(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    soft = SoftLabels.load(path)
+    return soft.tensors, dict(sorted(soft.metadata.items()))
+
+
+@pytest.mark.parametrize("fields", [{"soft_label_values": "int8", "topk": 2, "label_epoch_fraction": 0.5},
+                                    {"soft_label_values": "fp16", "topk": 3},
+                                    {"soft_label_values": "online"}], ids=lambda f: f["soft_label_values"])
+def test_jobs_record_each_format_the_same_whole_or_in_epoch_ranges(tmp_path, fields) -> None:
+    """A job in one piece and the same job in two relabel ranges write the same soft-label file;
+    its student trains from it (online: from the shipped teacher)."""
+    raw = tiny_spec(method="sre2l++", relabel_epochs=4, eval_random_baseline=True, **fields)
+    whole = run(raw, TINY_DATA, tmp_path / "whole")
+    _shard_by_shard({**raw, "max_workers": 2}, tmp_path / "sharded")
+    a, b = _content(whole.artifacts["soft_labels.safetensors"]), _content(
+        tmp_path / "sharded" / "artifacts" / "soft_labels.safetensors")
+    assert a[1] == b[1] and a[0].keys() == b[0].keys()
+    assert all(torch.equal(a[0][key], b[0][key]) for key in a[0])
+    soft = SoftLabels.load(whole.artifacts["soft_labels.safetensors"])
+    encoding = LabelEncoding.from_spec(resolve_spec(raw))
+    assert soft.encoding == encoding and len(soft.recorded_epochs) == kept_epoch_count(4, encoding.epoch_fraction)
+    assert 0.0 <= whole.metrics["student_accuracy"] <= 1.0 and "random_baseline_accuracy" in whole.metrics
+    replay = SoftLabelReplay(whole.artifacts["distilled.tar.gz"], soft)
+    if soft.needs_teacher:
+        with pytest.raises(ValueError, match="online"):
+            replay[0]
+        replay = SoftLabelReplay(whole.artifacts["distilled.tar.gz"], soft, teacher=whole.artifacts[
+            "teacher.safetensors"])
+    images, logits = replay[0]
+    assert logits.shape == (4, 4) and torch.isfinite(logits).all()
