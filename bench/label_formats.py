@@ -21,7 +21,8 @@ Design (docs/SOFT_LABELS.md, "Choosing the default"):
 
     .venv/bin/python bench/label_formats.py                 # 5 seeds × 2 validation settings
     .venv/bin/python bench/label_formats.py --seeds 0 --settings birds-val --ipcs 1   # a smoke run
-    .venv/bin/python bench/label_formats.py --render bench/results/label_formats.json
+    .venv/bin/python bench/label_formats.py --render bench/results/label_formats.json --docs
+                                                            # table + plot into docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from bench.quality import (  # noqa: E402
     make_ctx,
     paired_interval,
     quantize,
+    update_docs,
 )
 from fd2_core.label_codec import encode_logits, kept_epochs  # noqa: E402
 from fd2_core.label_formats import LabelEncoding, kept_epoch_count  # noqa: E402
@@ -193,6 +195,43 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Paired difference to full logits (mean over cells, the bar spans the cells' means) against how
+    many times smaller than the fp16 logits of every position each format is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for name, row in results["summary"]["formats"].items():
+        means = [cell["mean"] for cell in row["cells"].values()]
+        if not means or row["ratio"] is None:
+            continue
+        centre = sum(means) / len(means)
+        ax.errorbar([row["ratio"]], [centre], yerr=[[centre - min(means)], [max(means) - centre]], marker="o",
+                    capsize=3)
+        ax.annotate(name, (row["ratio"], centre), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(TOLERANCE_POINTS, color="black", linestyle="--", linewidth=1, label=f"{TOLERANCE_POINTS} points")
+    ax.set_xscale("log")
+    ax.set_xlabel("× smaller than the fp16 logits of every position (E·N·K·2 bytes)")
+    ax.set_ylabel("student top-1 − full logits (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_docs(results: dict[str, Any], doc: Path, plot_path: Path) -> None:
+    plot(results, plot_path)
+    body = (f"Command: `{results['command']}` (seeds {', '.join(map(str, results.get('seeds', [])))}; "
+            f"settings {', '.join(results['settings'])}).\n\n{markdown(results)}\n\n"
+            f"![size against accuracy]({plot_path.name})")
+    update_docs(doc, "label-formats", body)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(FULL["seeds"]))
@@ -202,16 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".fd2" / "quality_v3", help="stage outputs (resumable)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "label_formats.json")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only print the table of a result file")
+    parser.add_argument("--docs", action="store_true", help="write the table and plot into docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
         results["summary"] = summarise(results)
+        if args.docs:
+            write_docs(results, ROOT / "docs" / "BENCHMARKS.md", ROOT / "docs" / "label_formats.png")
         print(markdown(results))
         return 0
     torch.set_num_threads(args.threads)
     results = json.loads(args.json.read_text()) if args.json.exists() else {
         "format": FORMAT, "formats": [e.as_metadata() for e in FORMATS], "runs": {}}
     results.update(settings=sorted(set(results.get("settings", [])) | set(args.settings)),
+                   seeds=sorted(set(results.get("seeds", [])) | set(args.seeds)),
                    command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/label_formats.py",
                                                              *(argv or sys.argv[1:])]))
 
