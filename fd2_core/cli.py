@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .labels_cli import register_label_commands
 from .presets import PRESETS
 from .rollback import OutputRollback
 from .spec import METHODS, JobSpec
@@ -251,7 +252,7 @@ def _fail(message: str) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `distill` and `data` to a parser (the service CLI mounts them
+    """Add `distill`, `data` and `labels` to a parser (the service CLI mounts them
     next to its own commands)."""
     d = subparsers.add_parser("distill", help="run the whole pipeline on a dataset, no service needed")
     d.add_argument("--data", required=True, help="folder, .zip/.tar(.gz), manifest.json/.csv, or fgsynth[:k=v,…]")
@@ -296,6 +297,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--variant", default="birds")
     g.set_defaults(func=cmd_data_fgsynth)
+    register_label_commands(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import torch
 from pipeline_helpers import TINY_DATA, tiny_spec
 from safetensors.torch import save_file
 
+from fd2_core.cli import main as cli_main
 from fd2_core.data.dataset import load_dataset
 from fd2_core.distilled import SoftLabelReplay
 from fd2_core.label_codec import decode_logits, dequantize_rows, encode_logits, kept_epochs, quantize_rows
@@ -226,3 +227,28 @@ def test_jobs_record_each_format_the_same_whole_or_in_epoch_ranges(tmp_path, fie
             "teacher.safetensors"])
     images, logits = replay[0]
     assert logits.shape == (4, 4) and torch.isfinite(logits).all()
+
+
+def test_the_labels_commands_compact_and_verify(tmp_path, capsys) -> None:
+    stream = AugmentationStream(11, "relabel", 7, 16, 3, 1.0, 0.08)
+    logits = record_soft_labels(Teacher(), IMAGES, epochs=EPOCHS, stream=stream)["logits"]
+    meta = {"batch_size": "3", "num_classes": str(CLASSES), "format": FORMAT_V4, "image_size": "16",
+            "cutmix_alpha": "1.0", "min_crop_scale": "0.08", "epochs": str(EPOCHS),
+            **{k: str(v) for k, v in PROTOCOL.items()}}
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_file({**stored_choices(stream, EPOCHS), "logits": logits}, str(old), meta)
+    assert cli_main(["labels", "compact", str(old), "--seed", "12", "--out", str(new)]) == 2
+    assert "epoch 0: the stored order" in capsys.readouterr().err and not new.exists()
+    assert cli_main(["labels", "compact", str(old), "--seed", "11", "--out", str(new)]) == 0
+    assert "smaller" in capsys.readouterr().out
+    assert cli_main(["labels", "verify", str(new)]) == 0
+    assert f"{EPOCHS} recorded epoch(s) regenerate as recorded" in capsys.readouterr().out
+    assert cli_main(["labels", "compact", str(old), "--seed", "11", "--out", str(new)]) == 2  # no overwrite
+    assert "exists" in capsys.readouterr().err
+    damaged = SoftLabels.load(new)
+    damaged.tensors["augment_digests"][2, 3] ^= 1
+    save_soft_labels(tmp_path / "damaged.safetensors", damaged.tensors,
+                     {k: v for k, v in damaged.metadata.items() if k not in ("format", "layout")})
+    assert cli_main(["labels", "verify", str(tmp_path / "damaged.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "relabel epoch 2" in err
