@@ -3,10 +3,11 @@ validation, idempotency, enqueueing.
 
 A job that cannot run is refused here with 422 rather than failing an hour later on a worker: the
 spec is resolved with the one schema (`api.spec_checks`), the dataset must be ready and fit the spec
-and the operator's cost limits, manifest roots must be operator-allowed (`api.manifest_jobs`),
-callbacks must target allowed hosts. The tenant's cap of active jobs and the dataset's presence
-are checked again where the row is written (`store.jobs.create_job_if_allowed`, under the tenant's
-lock): the checks here answer early, that one holds against simultaneous submits and deletes.
+and the operator's cost limits (a label budget becomes the encoding stored in the spec), manifest
+roots must be operator-allowed (`api.manifest_jobs`), callbacks must target allowed hosts. The
+tenant's cap of active jobs and the dataset's presence are checked again where the row is written
+(`store.jobs.create_job_if_allowed`, under the tenant's lock): the checks here answer early, that
+one holds against simultaneous submits and deletes.
 """
 
 from __future__ import annotations
@@ -125,14 +126,14 @@ def refused_submission(refusal: TooManyActiveJobs | DatasetUnavailable) -> ApiEr
 
 
 def uploaded_dataset(session: Session, settings: Settings, tenant: CurrentTenant, dataset_id: str,
-                     spec: JobSpec) -> Dataset:
+                     spec: JobSpec) -> tuple[Dataset, JobSpec]:
+    """The tenant's ready dataset and the spec to store for it (`check_runnable`), or 422."""
     dataset = get_tenant_dataset(session, tenant.id, dataset_id)
     if dataset is None:
         raise unknown_dataset(dataset_id)
     if dataset.status != DatasetStatus.READY:
         raise dataset_not_ready(dataset_id, dataset.status)
-    check_runnable(settings, spec, dataset_job_counts(dataset, spec))
-    return dataset
+    return dataset, check_runnable(settings, spec, dataset_job_counts(dataset, spec))
 
 
 def _replay(existing: Job, fingerprint: str) -> Submission:
@@ -176,11 +177,12 @@ def submit_job(
     dataset_id: str | None = None
     manifest_path: Path | None = None
     if ref.id is not None:
-        dataset_id = uploaded_dataset(session, settings, tenant, ref.id, spec).id
+        dataset, spec = uploaded_dataset(session, settings, tenant, ref.id, spec)
+        dataset_id = dataset.id
     else:
         assert ref.manifest is not None
         root, rows, layout = scan_manifest(settings, ref.manifest, spec.test_fraction, spec.seed)
-        check_runnable(settings, spec, JobCounts.of_splits(layout.per_class))
+        spec = check_runnable(settings, spec, JobCounts.of_splits(layout.per_class))
         manifest_path = write_manifest(settings, job_id, root, rows)
 
     queue = queue_for_device(settings, spec.device)

@@ -5,7 +5,8 @@ The spec is resolved with the one schema (`fd2_core.spec`), and the user's
 own values must also have the right JSON type: the schema's lax mode would
 read `true` as 1 or `"5"` as 5, which hides client bugs.
 Then the data decides, by the one admission rule (`fd2_core.admission`: classes, ipc, test split,
-cost and decoded size against the operator's limits), whose problems answer here as 422s.
+cost and decoded size against the operator's limits), whose problems answer here as 422s, and a
+`label_budget_bytes` becomes the encoding it fits (`fd2_core.spec_resolution.fit_label_budget`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from fd2_config.settings import Settings
 from fd2_core.admission import JobCounts, Problem, admission_problems
 from fd2_core.spec import JobSpec
 from fd2_core.spec_errors import describe_spec_error
-from fd2_core.spec_resolution import resolve_spec
+from fd2_core.spec_resolution import LabelBudgetError, fit_label_budget, resolve_spec
+
+_INTEGER_TYPES = (int, int | None)
 
 
 def _invalid_spec(exc: ValidationError) -> ApiError:
@@ -38,7 +41,8 @@ def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
     fields = JobSpec.model_fields
     return {
         key: int(value)
-        if key in fields and fields[key].annotation is int and isinstance(value, float) and value.is_integer()
+        if key in fields and fields[key].annotation in _INTEGER_TYPES and isinstance(value, float)
+        and value.is_integer()
         else value
         for key, value in raw.items()
     }
@@ -64,8 +68,13 @@ def problem_error(problem: Problem) -> ApiError:
     return ApiError(422, problem.code, problem.message, details or None)
 
 
-def check_runnable(settings: Settings, spec: JobSpec, counts: JobCounts) -> None:
-    """422 with the first admission problem of `spec` on data the job will see as `counts`."""
+def check_runnable(settings: Settings, spec: JobSpec, counts: JobCounts) -> JobSpec:
+    """The spec to store: 422 with the first admission problem of `spec` on data the job will see as
+    `counts`, else `spec` with its label budget turned into an encoding (422 when none fits)."""
     problems = admission_problems(spec, counts, settings)
     if problems:
         raise problem_error(problems[0])
+    try:
+        return fit_label_budget(spec, len(counts.train_per_class), class_names=list(counts.train_per_class))
+    except LabelBudgetError as exc:
+        raise ApiError(422, exc.code, exc.message, {"field": f"spec.{exc.field}", **exc.details}) from None

@@ -29,7 +29,7 @@ from .progress import EventSink, PipelineEvent, ProgressTracker, StopCheck, Stop
 from .runtime import pick_device
 from .spec import JobSpec
 from .spec_compat import data_path_changed, spec_changes
-from .spec_resolution import resolve_spec
+from .spec_resolution import ENCODING_FIELDS, fit_label_budget, resolve_spec
 from .stages.context import RunContext
 from .stages.distill import distill
 from .stages.evaluate import evaluate, teacher_metrics
@@ -247,6 +247,19 @@ class OpenedRun:
                           teacher_weights=self.teacher_weights)
 
 
+def _budget_as_recorded(spec: JobSpec, workdir: Path) -> JobSpec:
+    """The spec the work-folder check compares before the data is loaded: a label budget picks the
+    encoding only once the classes are known, so until then the folder's earlier pick stands in (the
+    check runs again after `fit_label_budget`)."""
+    if spec.label_budget_bytes is None or not (workdir / "spec.json").is_file():
+        return spec
+    try:
+        earlier = read_json(workdir / "spec.json")
+        return JobSpec.model_validate({**spec.model_dump(), **{k: earlier[k] for k in ENCODING_FIELDS}})
+    except (OSError, ValueError, TypeError, KeyError):  # check_workdir says what is wrong with it
+        return spec
+
+
 def open_run(
     spec: JobSpec | dict[str, Any],
     dataset: DataSource,
@@ -261,13 +274,17 @@ def open_run(
     the arguments and errors are `run`'s.
     Every check comes before the first write, so a refused run leaves `workdir` as it was."""
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
-    workdir, resolved = Path(workdir), spec.model_dump(mode="json")
-    inputs = checked_inputs(spec, workdir, teacher_weights, drop_duplicates)
+    workdir = Path(workdir)
+    inputs = checked_inputs(_budget_as_recorded(spec, workdir), workdir, teacher_weights, drop_duplicates)
     device = pick_device(spec.device)
     timings = Timings()
     with timings.measure("load"):
         data = _load(dataset, spec, limits, _loading_reporter(on_event, should_stop), drop_duplicates)
     check_dataset(spec, data)
+    if spec.label_budget_bytes is not None:  # LabelBudgetError (a ValueError) when nothing fits
+        spec = fit_label_budget(spec, len(data.classes), class_names=data.classes)
+        check_workdir(workdir, spec.model_dump(mode="json"), inputs)
+    resolved = spec.model_dump(mode="json")
     weights_load = check_teacher_weights(spec, data.classes, Path(teacher_weights)) if teacher_weights else None
     provenance = Provenance(inputs, weights_load, resumed=_open_workdir(workdir, resolved, inputs))
     return OpenedRun(spec, workdir, data, device, provenance, timings,

@@ -287,6 +287,15 @@ class JobSpec(BaseModel):
         description="Share of the relabel epochs whose logits are recorded (a seeded subset, at least one); the "
         "student trains every epoch, cycling through the recorded ones. 1 = all (published).",
     )
+    label_budget_bytes: int | None = Field(
+        None,
+        ge=1,
+        le=2**53,
+        description="Largest soft-label file wanted, in bytes: at submit the first encoding of "
+        "fd2_core.label_sizes.BUDGET_ORDER (from full fp16 to online) whose file fits for ipc·K images is chosen "
+        "and stored as soft_label_values, topk and label_epoch_fraction, so set either this or those. null = "
+        "the encoding those fields name.",
+    )
     soft_label_source: Literal["backbone", "cal", "mixed"] = Field(
         "backbone",
         description="Teacher logits stored as soft labels: the backbone's own classifier (published), the CAL "

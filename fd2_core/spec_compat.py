@@ -43,6 +43,8 @@ IMPLIED_BEFORE_ADDED: dict[str, frozenset[Any]] = {
     # Added with compressed soft labels; before them every epoch's logits were stored in fp16.
     "soft_label_values": frozenset({"fp16"}),
     "label_epoch_fraction": frozenset({1.0}),
+    # Before the label budget, the encoding fields alone chose the soft labels' format.
+    "label_budget_bytes": frozenset({None}),
 }
 
 # The field that came with the published data path.
