@@ -6,7 +6,7 @@ format of the soft labels (`fd2_core.label_formats`), paired with the student tr
 logits: same teacher, same images, same augmentation walk and student stream. Both protocols:
 *end to end* (fd2's CAL teacher relabels) and *images only* (the plain-CE teacher relabels).
 
-Design (docs/SOFT_LABELS.md, "Choosing the default"):
+Design (docs/SOFT_LABELS.md; the results in docs/BENCHMARKS.md, "Soft-label formats"):
 - Full logits are recorded once per (setting, seed, IPC, protocol); every stored format is derived
   from that recording (top-k, int8 and an epoch subset are row-wise encodings of it; an epoch subset
   keeps the rows of the epochs `relabel` would record), written as a real v5 file and measured by

@@ -145,8 +145,9 @@ def relabel_teacher(path: str | Path, soft: SoftLabels) -> TeacherLogits:
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
         state = {key: fh.get_tensor(key) for key in fh.keys()}
-    if "committee" in meta or "backbone" not in meta:
-        raise ValueError(f"{path}: not a single teacher's file; online soft labels replay with one teacher")
+    if meta.get("format") != "fd2.teacher.v1" or "members" in meta:
+        raise ValueError(f"{path}: not a single teacher's file (format {meta.get('format')!r}); online soft "
+                         "labels replay with the one teacher of their job")
     model = build_model(meta["backbone"], soft.num_classes, int(meta["image_size"]), cal=json.loads(meta["cal"]),
                         num_attention_maps=int(meta["num_attention_maps"]), width=int(meta["model_width"]))
     model.load_state_dict(state)

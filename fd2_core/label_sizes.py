@@ -32,8 +32,8 @@ _LAYOUT_WORDS = 251
 
 # Provisional order from the most faithful encoding to the smallest; `fit_label_budget` takes the
 # first whose file fits. Replace it by the measured order of docs/BENCHMARKS.md (student accuracy
-# per encoding) once that is measured. A top-k of k ≥ K stores every class, the same file as the
-# entry without top-k tried before it, so `budget_candidates` leaves such entries out.
+# per encoding) once that is measured. A top-k of k ≥ K stores every class: `budget_candidates`
+# tries the same encoding without top-k in its place.
 BUDGET_ORDER: tuple[LabelEncoding, ...] = (
     FULL,
     LabelEncoding("fp16", 0, 0.5),
@@ -47,8 +47,9 @@ BUDGET_ORDER: tuple[LabelEncoding, ...] = (
     LabelEncoding("int8", 5, 0.5),
     LabelEncoding("int8", 5, 0.25),
     LabelEncoding("int8", 5, 0.1),
-    LabelEncoding("online"),
 )
+# `online` is never chosen by a budget: its labels are the teacher file (`storage_report` counts them
+# so), whose size a budget on the labels file cannot see; a user asks for it by name.
 
 
 def recorded_epoch_count(encoding: LabelEncoding, epochs: int) -> int:
@@ -227,8 +228,15 @@ def estimated_label_file_bytes(
 
 
 def budget_candidates(num_classes: int) -> list[LabelEncoding]:
-    """`BUDGET_ORDER` without the top-k entries that keep every one of `num_classes` classes."""
-    return [e for e in BUDGET_ORDER if not e.topk or e.topk < num_classes]
+    """`BUDGET_ORDER` for `num_classes` classes: a top-k of k ≥ K keeps every class, so it stands as the
+    same encoding without top-k (once, where it first comes)."""
+    seen: list[LabelEncoding] = []
+    for encoding in BUDGET_ORDER:
+        if encoding.topk >= num_classes:
+            encoding = LabelEncoding(encoding.values, 0, encoding.epoch_fraction)
+        if encoding not in seen:
+            seen.append(encoding)
+    return seen
 
 
 class LabelBudgetError(ValueError):

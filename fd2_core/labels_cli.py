@@ -20,13 +20,20 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def _load(path: Path):  # -> SoftLabels; torch is imported only when a command runs
+def _load(path: Path):  # -> SoftLabels | None; torch is imported only when a command runs
+    """The file, its walk's metadata read too; None, after one line on stderr, when it is not a
+    soft-label file this version can read."""
+    from safetensors import SafetensorError
+
     from .softlabels import SoftLabels
 
     try:
-        return SoftLabels.load(path)
-    except (OSError, ValueError) as err:
-        raise SystemExit(_fail(f"cannot read {str(path)!r} as soft labels: {err}")) from None
+        soft = SoftLabels.load(path)
+        soft.stream  # noqa: B018 - parse `augmentations` now, inside the error handling
+        return soft
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        _fail(f"cannot read {str(path)!r} as soft labels: {err!s}")
+        return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -34,6 +41,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .relabel_choices import AugmentationMismatch
 
     soft = _load(Path(args.file))
+    if soft is None:
+        return EXIT_BAD_INPUT
     if soft.stream is None:
         print(f"{args.file}: format v{soft.format_version} stores its walk; nothing to regenerate")
         return 0
@@ -53,16 +62,20 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from .softlabels import save_soft_labels
 
     source, out = Path(args.file), Path(args.out)
+    if out.resolve() == source.resolve():
+        return _fail("--out is the file being compacted; write the v5 file to another path")
     if out.exists() and not args.force:
         return _fail(f"--out {str(out)!r} exists; choose another path or pass --force")
     soft = _load(source)
+    if soft is None:
+        return EXIT_BAD_INPUT
     try:
         tensors, metadata = compact_soft_labels(soft, args.seed, args.stream)
         save_soft_labels(out, tensors, metadata)
     except AugmentationMismatch as err:
         return _fail(str(err))
-    except ValueError as err:
-        return _fail(f"{source}: {err}")
+    except (ValueError, KeyError) as err:
+        return _fail(f"{source}: {err!s}")
     except OSError as err:
         return _fail(f"cannot write {str(out)!r}: {err.strerror or err}")
     before, after = source.stat().st_size, out.stat().st_size

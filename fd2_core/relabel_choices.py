@@ -3,11 +3,11 @@
 Each relabel epoch e draws, from its own CPU generator seeded by (run seed, stream, e), the sample
 order, then per batch a RandomResizedCrop box and flip per sample and one CutMix (partner
 permutation, box, λ). Those draws are all a soft-label file needs besides the logits, so format v5
-stores only what regenerates them (`AugmentationStream`: seed, stream, crop rule, sizes) plus an
-8-byte digest per recorded epoch. Replay draws the epoch again and compares digests first: another
-torch version (or a change of a generator's algorithm) can change a stream, and a silent change
-would pair the logits with other crops. Generators stay on the CPU, where torch's streams do not
-depend on the device.
+stores only what regenerates them (`AugmentationStream`: seed, stream, crop rule, sizes, the torch
+and numpy versions) plus an 8-byte digest per recorded epoch. Replay draws the epoch again and
+compares digests first: another torch or numpy version (or a change of a generator's algorithm) can
+change a stream, and a silent change would pair the logits with other crops. Generators stay on the
+CPU, where torch's streams do not depend on the device.
 
 Two crop rules: `torchvision` (RandomResizedCrop.get_params's rule, integer boxes; format v4's
 walk) and `clamped` (boxes drawn once and clamped into the image, float corners; the walk of format
@@ -22,13 +22,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from .augment import RESIZED_CROP, CropFlip, CutMix, Resampling, sample_crop_flip, sample_cutmix
+from .augment import RESIZED_CROP, ROI_ALIGN, CropFlip, CutMix, Resampling, sample_crop_flip, sample_cutmix
 from .runtime import generator
 
 CropRule = Literal["torchvision", "clamped"]
 CROP_RULES: tuple[CropRule, ...] = ("torchvision", "clamped")
+RESAMPLINGS = (RESIZED_CROP, ROI_ALIGN)
 DIGEST_BYTES = 8
 # the order in which an epoch's choices enter its digest (and the keys of `EpochChoices.tensors`)
 CHOICE_KEYS = ("order", "boxes", "flips", "cutmix_perm", "cutmix_box", "cutmix_lam")
@@ -145,6 +147,12 @@ class AugmentationStream:
     rule: CropRule = "torchvision"
     resampling: Resampling = RESIZED_CROP
     torch_version: str = torch.__version__
+    numpy_version: str = np.__version__  # CutMix's λ comes from numpy's Beta
+
+    def versions_differ(self) -> list[str]:
+        """The libraries whose version here differs from the recording's, as `name recorded → here`."""
+        pairs = (("torch", self.torch_version, torch.__version__), ("numpy", self.numpy_version, np.__version__))
+        return [f"{name} {then} → {now}" for name, then, now in pairs if then != now]
 
     def epoch(self, e: int) -> EpochChoices:
         return draw_epoch(generator(self.seed, self.stream, e), self.num_images, self.image_size,
@@ -155,12 +163,13 @@ class AugmentationStream:
         choices = self.epoch(e)
         found = choices.digest()
         if found != digest:
-            if self.torch_version != torch.__version__:
-                why = (f"The file was recorded with torch {self.torch_version}, this is torch {torch.__version__}: "
-                       f"replay it with torch {self.torch_version}, or relabel again with this one")
+            changed = self.versions_differ()
+            if changed:
+                why = (f"It was recorded with other library versions ({', '.join(changed)}), which draw another "
+                       "stream: replay it with the recording's versions, or relabel again with these")
             else:
-                why = (f"Both are torch {torch.__version__}, so the file's digests or its `augmentations` metadata "
-                       "were changed after recording: download it again, or relabel")
+                why = ("The versions are the recording's, so the file's digests or its `augmentations` metadata "
+                       "differ from what was recorded (a damaged or edited file): download it again, or relabel")
             raise AugmentationMismatch(
                 f"relabel epoch {e}: the regenerated crops, flips and CutMix differ from the recorded ones "
                 f"(digest {found.hex()} instead of {digest.hex()}). {why}")
@@ -170,10 +179,14 @@ class AugmentationStream:
         return {"seed": self.seed, "stream": self.stream, "num_images": self.num_images,
                 "image_size": self.image_size, "batch_size": self.batch_size, "cutmix_alpha": self.cutmix_alpha,
                 "min_crop_scale": self.min_crop_scale, "rule": self.rule, "resampling": self.resampling,
-                "torch": self.torch_version}
+                "torch": self.torch_version, "numpy": self.numpy_version}
 
     @classmethod
     def from_metadata(cls, fields: dict[str, Any]) -> AugmentationStream:
+        """Raises ValueError for a rule or resampling this version does not know (a newer file)."""
+        if fields["rule"] not in CROP_RULES or fields["resampling"] not in RESAMPLINGS:
+            raise ValueError(f"unknown crop rule {fields['rule']!r} or resampling {fields['resampling']!r}: the file "
+                             "was written by a newer version; replay it with that version")
         return cls(int(fields["seed"]), str(fields["stream"]), int(fields["num_images"]), int(fields["image_size"]),
                    int(fields["batch_size"]), float(fields["cutmix_alpha"]), float(fields["min_crop_scale"]),
-                   fields["rule"], fields["resampling"], str(fields["torch"]))
+                   fields["rule"], fields["resampling"], str(fields["torch"]), str(fields.get("numpy", "unknown")))

@@ -69,6 +69,7 @@ OLD_PART_FORMATS = (PART_FORMAT_V4, PART_FORMAT_V3)  # never joined into a v5 fi
 PROTOCOL_KEYS = ("soft_label_source", "relabel_bn_mode", "forward_splits")
 V5_KEYS = ("augmentations", "label_encoding", "epochs_kept", "epochs", "num_classes", "batch_size")
 DIGESTS = "augment_digests"
+CACHED_POSITIONS = 2_000_000  # regenerated choices a SoftLabels keeps (~50 MB)
 V1_MIXED = "(1-r)*backbone + r*cal_head"  # the v1 `teacher_logits` value of a CAL teacher
 
 TeacherLogits = Callable[[torch.Tensor], torch.Tensor]  # augmented images [b,3,S,S] → logits [b,K]
@@ -194,8 +195,12 @@ class SoftLabels:
 
     def choices(self, row: int) -> EpochChoices:
         """The choices of recorded epoch number `row` (of `recorded_epochs`); v5 regenerates them and raises
-        `AugmentationMismatch` when they are not the recorded ones. The last epoch used is cached."""
-        if row not in self._epoch_cache:
+        `AugmentationMismatch` when they are not the recorded ones. Regenerated epochs are kept while they
+        hold at most `CACHED_POSITIONS` positions in all (about 26 bytes each, what v4 stored), so a
+        shuffled replay of a small set regenerates each epoch once; in order, one epoch at a time suffices."""
+        if row in self._epoch_cache:
+            self._epoch_cache[row] = self._epoch_cache.pop(row)  # most recently used last
+        else:
             t = self.tensors
             if self.stream is None:
                 choices = EpochChoices(t["order"][row], t["boxes"][row].float(), t["flips"][row],
@@ -203,7 +208,9 @@ class SoftLabels:
             else:
                 epoch = self.recorded_epochs[row]
                 choices = self.stream.checked_epoch(epoch, bytes(t[DIGESTS][row].tolist()))
-            self._epoch_cache.clear()
+            keep = max(1, CACHED_POSITIONS // max(1, self.num_images))
+            while len(self._epoch_cache) >= keep:
+                self._epoch_cache.pop(next(iter(self._epoch_cache)))
             self._epoch_cache[row] = choices
         return self._epoch_cache[row]
 
@@ -267,7 +274,7 @@ def record_soft_labels(
     n = images.shape[0]
     nb = math.ceil(n / stream.batch_size)
     digests = torch.zeros(len(recorded), 8, dtype=torch.uint8)
-    rows: list[torch.Tensor] = []
+    epochs_encoded: list[dict[str, torch.Tensor]] = []  # encoded per epoch: memory is the file's, not fp32's
     total = len(recorded) * (1 if encoding.online else nb)
     for r, epoch in enumerate(recorded):
         choices = stream.epoch(epoch)
@@ -276,6 +283,7 @@ def record_soft_labels(
             if on_batch is not None:
                 on_batch(r + 1, total)
             continue
+        rows: list[torch.Tensor] = []
         for b in range(nb):
             idx, crop, cutmix = choices.batch(b, stream.batch_size, stream.resampling)
             x = apply_cutmix(apply_crop_flip(images[idx.to(images.device)], crop), cutmix)
@@ -284,13 +292,16 @@ def record_soft_labels(
                     rows.append(teacher(x[part]).float().cpu())
             if on_batch is not None:
                 on_batch(r * nb + b + 1, total)
+        epochs_encoded.append(encode_logits(torch.cat(rows).unsqueeze(0), encoding))
     out = {DIGESTS: digests}
-    if not encoding.online:
-        width = rows[0].shape[-1] if rows else num_classes
-        if width is None:
+    if encoding.online:
+        return out
+    if not epochs_encoded:
+        if num_classes is None:
             raise ValueError("no epoch of this range is recorded: pass num_classes to shape its tensors")
-        logits = torch.cat(rows).view(len(recorded), n, width) if rows else torch.zeros(0, n, width)
-        out.update(encode_logits(logits, encoding))
+        out.update(encode_logits(torch.zeros(0, n, num_classes), encoding))
+        return out
+    out.update({key: torch.cat([epoch[key] for epoch in epochs_encoded]) for key in epochs_encoded[0]})
     return out
 
 
@@ -305,9 +316,18 @@ def save_soft_labels(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     """Write a v5 file; `metadata` must name how the logits were computed (`PROTOCOL_KEYS`) and how the walk
     regenerates and the logits are stored (`V5_KEYS`)."""
     meta = _encoded(metadata)
+    _check_rows(json.loads(meta["epochs_kept"]), int(meta["epochs"]), int(tensors[DIGESTS].shape[0]))
     meta["format"] = FORMAT
     meta["layout"] = layout_of(tensors)
     return save_tensors(path, tensors, meta)
+
+
+def _check_rows(kept: list[int], epochs: int, rows: int) -> None:
+    """`epochs_kept` must name each file row's epoch: increasing, inside range(epochs), one per row;
+    ValueError otherwise (the rows would be replayed with another epoch's crops)."""
+    if kept != sorted(set(kept)) or any(not 0 <= e < epochs for e in kept) or len(kept) != rows:
+        raise ValueError(f"epochs_kept must list {rows} increasing epochs below {epochs}, one per recorded "
+                         f"row; got {kept[:10]}{'…' if len(kept) > 10 else ''}")
 
 
 def layout_of(tensors: dict[str, torch.Tensor]) -> str:
@@ -396,14 +416,26 @@ def join_soft_label_parts(
         if part.epochs.start != reached:
             raise ValueError(f"soft-label parts do not join: epoch {reached} is followed by a part from "
                              f"epoch {part.epochs.start}")
-        if part.metadata != ordered[0].metadata:
+        if _without_versions(part.metadata) != _without_versions(ordered[0].metadata):
+            differing = sorted(k for k in {*part.metadata, *ordered[0].metadata}
+                               if part.metadata.get(k) != ordered[0].metadata.get(k))
             raise ValueError(f"soft-label part of epochs {part.epochs.start}-{part.epochs.stop} was recorded with "
-                             "other metadata")
+                             f"other metadata ({', '.join(differing)})")
         reached = part.epochs.stop
     if reached != epochs:
         raise ValueError(f"soft-label parts cover epochs 0-{reached}, not 0-{epochs}")
     keys = ordered[0].tensors.keys()
     return {k: torch.cat([part.tensors[k] for part in ordered]) for k in keys}, dict(ordered[0].metadata)
+
+
+def _without_versions(metadata: dict[str, str]) -> dict[str, object]:
+    """Metadata with the walk's library versions left out: parts recorded by other versions join
+    when their digests regenerate here (the relabel stage checks each part)."""
+    out: dict[str, object] = dict(metadata)
+    if "augmentations" in metadata:
+        walk = json.loads(metadata["augmentations"])
+        out["augmentations"] = {k: v for k, v in walk.items() if k not in ("torch", "numpy")}
+    return out
 
 
 def replay(

@@ -373,6 +373,12 @@ class JobSpec(BaseModel):
             raise ValueError(
                 f"soft_label_source {self.soft_label_source!r} reads the CAL head; it needs method fd2 with cal=true"
             )
+        if self.soft_label_values == "online" and self.committee is not None:
+            raise ValueError(
+                "soft_label_values 'online' ships one teacher whose logits the student computes; a committee's "
+                "labels are the mean of its members, which are not shipped one by one: store the labels (fp16 "
+                "or int8), or drop committee"
+            )
         if self.soft_label_values == "online" and (self.topk or self.label_epoch_fraction != 1.0):
             raise ValueError(
                 "soft_label_values 'online' stores no logits, so topk and label_epoch_fraction do not apply; "

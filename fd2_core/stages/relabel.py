@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from ..label_codec import kept_epochs
 from ..label_formats import LabelEncoding, kept_epoch_count
 from ..models import FD2Model
 from ..progress import StageReporter, unit_tracker
-from ..relabel_choices import AugmentationStream
+from ..relabel_choices import AugmentationMismatch, AugmentationStream
 from ..softlabels import (
+    DIGESTS,
     FORMAT,
     PART_FORMAT,
     SoftLabelPart,
@@ -94,21 +96,61 @@ def _metadata_of(path: Path) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
-def recorded(path: Path, spec: JobSpec) -> bool:
-    """Whether `path` holds soft labels of the current format recorded with the spec's protocol;
-    reads only the file's metadata. An older format is another augmentation stream, so it does not
-    count."""
+# what a file's walk may differ in and still be the spec's: the set's size comes with the set, and
+# the library versions are checked by the digests (`verified_here`)
+_WALK_FREE_KEYS = ("num_images", "torch", "numpy")
+
+
+def walk_matches(metadata: dict[str, str], spec: JobSpec, stream: str) -> bool:
+    """Whether a v5 file's or part's metadata names the walk (seed, stream, sizes, crop rule) and the
+    recorded epochs that `spec` records on `stream`."""
+    try:
+        walk, kept = json.loads(metadata["augmentations"]), json.loads(metadata["epochs_kept"])
+    except (KeyError, ValueError):
+        return False
+    expected = augmentation_stream(spec, 0, stream).as_metadata()
+
+    def fixed(fields: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in fields.items() if k not in _WALK_FREE_KEYS}
+
+    return fixed(walk) == fixed(expected) and kept == recorded_epochs(spec, stream)
+
+
+def verified_here(path: Path) -> bool:
+    """Whether a v5 file or part recorded with other library versions still regenerates here (every
+    digest compared); True at once when the versions are these."""
+    metadata = _metadata_of(path)
+    stream = AugmentationStream.from_metadata(json.loads(metadata["augmentations"]))
+    if not stream.versions_differ():
+        return True
+    loaded = SoftLabelPart.load(path) if metadata.get("format") == PART_FORMAT else SoftLabels.load(path)
+    kept = json.loads(metadata["epochs_kept"])
+    epochs = loaded.epochs if isinstance(loaded, SoftLabelPart) else range(int(metadata["epochs"]))
+    rows = [e for e in kept if e in epochs]
+    digests = loaded.tensors[DIGESTS]
+    try:
+        for row, epoch in enumerate(rows):
+            stream.checked_epoch(epoch, bytes(digests[row].tolist()))
+    except AugmentationMismatch:
+        return False
+    return True
+
+
+def recorded(path: Path, spec: JobSpec, stream: str = "relabel") -> bool:
+    """Whether `path` holds soft labels of the current format recorded with the spec's protocol,
+    encoding and walk; reads only the file's metadata (and, for a file of other library versions,
+    regenerates its walk). An older format is another augmentation stream, so it does not count."""
     if not path.exists():
         return False
     metadata = _metadata_of(path)
-    return metadata.get("format") == FORMAT and protocol_matches(SoftLabels({}, metadata), spec)
+    return (metadata.get("format") == FORMAT and protocol_matches(SoftLabels({}, metadata), spec)
+            and walk_matches(metadata, spec, stream) and verified_here(path))
 
 
-def reusable(path: Path, spec: JobSpec) -> SoftLabels | None:
-    """The soft labels at `path` when they exist in the current format and were recorded with the
-    spec's protocol; None otherwise (an older file is recorded again, as a new run would record
-    it)."""
-    return SoftLabels.load(path) if recorded(path, spec) else None
+def reusable(path: Path, spec: JobSpec, stream: str = "relabel") -> SoftLabels | None:
+    """The soft labels at `path` when `recorded` says they are this spec's; None otherwise (they are
+    recorded again, as a new run would record them)."""
+    return SoftLabels.load(path) if recorded(path, spec, stream) else None
 
 
 @contextlib.contextmanager
@@ -185,7 +227,7 @@ def relabel_all_epochs(
     reporter = parent or ctx.tracker.stage("relabel")
     if parent is None:
         reporter.begin(1)
-    existing = reusable(path, spec)
+    existing = reusable(path, spec, stream)
     if existing is not None:
         if parent is None:
             reporter.log(f"{path.name} already recorded; reusing it")
@@ -300,15 +342,16 @@ def relabel_epochs(
 
 
 def part_recorded(path: Path, spec: JobSpec) -> bool:
-    """Whether `path` is a part file of the current format recorded with the spec's protocol and
-    encoding, read from its metadata alone; an older part, or one of another encoding, is recorded
-    again and never joined."""
+    """Whether `path` is a part file of the current format recorded with the spec's protocol,
+    encoding and walk (`recorded`'s checks); an older part, or one of another encoding or walk, is
+    recorded again and never joined."""
     if not path.exists():
         return False
     metadata = _metadata_of(path)
     if metadata.get("format") != PART_FORMAT:
         return False
-    return protocol_matches(SoftLabels({}, {**metadata, "format": FORMAT}), spec)
+    return (protocol_matches(SoftLabels({}, {**metadata, "format": FORMAT}), spec)
+            and walk_matches(metadata, spec, "relabel") and verified_here(path))
 
 
 def _saved_parts(stage_dir: Path, spec: JobSpec) -> list[tuple[range, Path]]:

@@ -56,7 +56,7 @@ def test_a_budget_stores_the_encoding_it_fits(client: TestClient, tenant, datase
 def test_a_budget_nothing_fits_answers_422_with_the_smallest_size(
     client: TestClient, tenant, dataset  # noqa: F811
 ) -> None:
-    smallest = file_bytes(LabelEncoding("online"))
+    smallest = file_bytes(LabelEncoding("int8", 0, 0.1))  # top5-int8-epochs0.1 at 3 classes
     response = submit(client, tenant, dataset["id"], {"ipc": 2, "label_budget_bytes": 100})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -64,7 +64,7 @@ def test_a_budget_nothing_fits_answers_422_with_the_smallest_size(
     assert f"label_budget_bytes=100 is below the smallest soft-label file this job can have: {smallest} bytes" in (
         error["message"])
     assert error["details"] == {"field": "spec.label_budget_bytes", "label_budget_bytes": 100,
-                                "smallest_bytes": smallest, "smallest_encoding": "online"}
+                                "smallest_bytes": smallest, "smallest_encoding": "int8-epochs0.1"}
 
 
 def test_a_budget_with_an_encoding_field_answers_422_naming_both(

@@ -5,6 +5,7 @@ stored choices."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,12 +139,12 @@ def test_a_changed_stream_is_refused_not_replayed(tmp_path) -> None:
     soft.tensors["augment_digests"][1, 0] ^= 1  # as if epoch 1 regenerated differently
     soft._epoch_cache.clear()
     soft.batch(0)  # epoch 0 still matches
-    with pytest.raises(AugmentationMismatch, match=r"relabel epoch 1: .*changed after recording"):
+    with pytest.raises(AugmentationMismatch, match=r"relabel epoch 1: .*damaged or edited file"):
         soft.batch(3)
     soft.metadata["augmentations"] = json.dumps({**STREAM.as_metadata(), "torch": "1.0.0"})
     del soft.__dict__["stream"]
     soft._epoch_cache.clear()
-    with pytest.raises(AugmentationMismatch, match=r"recorded with torch 1\.0\.0, this is torch .*replay it with"):
+    with pytest.raises(AugmentationMismatch, match=r"other library versions \(torch 1\.0\.0 → .*replay it with"):
         soft.batch(3)
     with pytest.raises(AugmentationMismatch):
         soft.verify_augmentations()
@@ -180,6 +181,8 @@ def test_files_that_drew_one_stream_do_not_compact(tmp_path) -> None:
 def test_online_labels_store_nothing_else() -> None:
     with pytest.raises(ValidationError, match="online"):
         resolve_spec({"preset": "cpu-small", "soft_label_values": "online", "topk": 5})
+    with pytest.raises(ValidationError, match="committee"):
+        resolve_spec({"preset": "cpu-small-fadrm", "soft_label_values": "online"})
     with pytest.raises(ValueError, match="online"):
         LabelEncoding("online", 0, 0.5)
     assert resolve_spec({"preset": "cpu-small", "soft_label_values": "int8", "topk": 5,
@@ -252,3 +255,63 @@ def test_the_labels_commands_compact_and_verify(tmp_path, capsys) -> None:
     assert cli_main(["labels", "verify", str(tmp_path / "damaged.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "relabel epoch 2" in err
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    assert cli_main(["labels", "verify", str(tmp_path / "garbage.safetensors")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert cli_main(["labels", "compact", str(new), "--seed", "11", "--out", str(new), "--force"]) == 2
+    assert "another path" in capsys.readouterr().err
+
+
+def test_the_walk_regenerates_the_pinned_stream() -> None:
+    """Pinned digests: a change to the order of draws (here or in torch) that would stop every shipped
+    v5 file from replaying fails here first."""
+    pinned = {
+        ("torchvision", "resized_crop"): ["6b90cf4d1682f30c", "0f77b9193ebe125a", "20dbe5d216689859"],
+        ("clamped", "roi_align"): ["5b8eca8e7f9ec2eb", "fe3a7603a7252497", "1b58536bc8fbf64d"],
+    }
+    for (rule, resampling), digests in pinned.items():
+        stream = AugmentationStream(5, "relabel", 10, 32, 4, 1.0, 0.08, rule, resampling)
+        assert [stream.epoch(e).digest().hex() for e in range(3)] == digests, rule
+    assert kept_epochs(20, 4, 5, "relabel") == [1, 4, 6, 11]
+
+
+def test_a_file_written_by_the_v4_recorder_compacts_and_replays_the_same() -> None:
+    """tests/fixtures/soft_labels_v4_seed5.safetensors was written by the v4 recorder (seed 5, stream
+    `relabel`, 10 images of torch.rand with seed 3, a linear teacher of the mean colour)."""
+    images = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(4))
+    old = SoftLabels.load(Path(__file__).parents[1] / "fixtures" / "soft_labels_v4_seed5.safetensors")
+    assert old.format_version == 4
+    tensors, metadata = compact_soft_labels(old, seed=5)
+    new = SoftLabels(tensors, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+                     | {"format": "fd2.soft_labels.v5"})
+    for (x_old, l_old), (x_new, l_new) in zip(replay(images, old), replay(images, new), strict=True):
+        assert torch.equal(x_old, x_new) and torch.equal(l_old, l_new)
+        assert torch.allclose(l_new, x_new.mean(dim=(2, 3)) @ weight * 10, atol=2e-2)
+
+
+def test_online_replay_computes_what_the_relabel_stores(tmp_path) -> None:
+    """The same job with stored fp16 labels and with online labels: the downloaded teacher, run by
+    `SoftLabelReplay` in the file's source and BatchNorm mode, gives the stored logits (to fp16)."""
+    raw = tiny_spec(method="fd2", relabel_epochs=2, eval_random_baseline=False)
+    stored = run(raw, TINY_DATA, tmp_path / "stored")
+    online = run({**raw, "soft_label_values": "online"}, TINY_DATA, tmp_path / "online")
+    kept = SoftLabelReplay(stored.artifacts["distilled.tar.gz"], stored.artifacts["soft_labels.safetensors"])
+    computed = SoftLabelReplay(online.artifacts["distilled.tar.gz"], online.artifacts["soft_labels.safetensors"],
+                               teacher=online.artifacts["teacher.safetensors"])
+    assert len(kept) == len(computed) and computed.bn_mode == "train"
+    for step in range(len(kept)):
+        (x_a, logits_a), (x_b, logits_b) = kept[step], computed[step]
+        assert torch.equal(x_a, x_b)
+        assert torch.allclose(logits_a, logits_b, atol=2e-2, rtol=1e-2), step
+
+
+def test_epochs_kept_must_name_each_row(tmp_path) -> None:
+    tensors = record_soft_labels(Teacher(), IMAGES, epochs=EPOCHS, stream=STREAM, kept=[1, 3], num_classes=CLASSES)
+    meta = {"batch_size": 3, "num_classes": CLASSES, "epochs": EPOCHS, **PROTOCOL,
+            "augmentations": STREAM.as_metadata(), "label_encoding": LabelEncoding().as_metadata()}
+    for wrong in ([3, 1], [1, 1], [1, 4], [1]):
+        with pytest.raises(ValueError, match="epochs_kept must list 2 increasing epochs below 4"):
+            save_soft_labels(tmp_path / "s.safetensors", tensors, {**meta, "epochs_kept": wrong})
+    assert SoftLabels.load(save_soft_labels(tmp_path / "s.safetensors", tensors,
+                                            {**meta, "epochs_kept": [1, 3]})).recorded_epochs == [1, 3]

@@ -131,7 +131,8 @@ def test_a_budget_picks_the_first_encoding_that_fits() -> None:
     assert (fitted.soft_label_values, fitted.topk, fitted.label_epoch_fraction) == ("fp16", 10, 1.0)
     last = LabelEncoding("int8", 5, 0.1)
     assert encoding_of(fit_label_budget(budget_spec(size(last)), 200)) == last
-    assert encoding_of(fit_label_budget(budget_spec(size(last) - 1), 200)) == LabelEncoding("online")
+    with pytest.raises(LabelBudgetError):  # online is never a budget's choice: its labels are the teacher
+        fit_label_budget(budget_spec(size(last) - 1), 200)
 
 
 def test_a_resolved_spec_keeps_its_encoding_while_it_fits() -> None:
@@ -147,19 +148,22 @@ def test_a_resolved_spec_keeps_its_encoding_while_it_fits() -> None:
 
 def test_a_budget_nothing_fits_says_the_smallest_size() -> None:
     smallest = min(size(e) for e in BUDGET_ORDER)
-    assert smallest == size(LabelEncoding("online"))
+    assert smallest == size(LabelEncoding("int8", 5, 0.1)) and LabelEncoding("online") not in BUDGET_ORDER
     with pytest.raises(LabelBudgetError) as refused:
         fit_label_budget(budget_spec(smallest - 1), 200)
     error = refused.value
     assert error.code == "label_budget_too_small" and error.field == "label_budget_bytes"
-    assert f"label_budget_bytes={smallest - 1}" in error.message and f"{smallest} bytes (online" in error.message
+    assert f"label_budget_bytes={smallest - 1}" in error.message
+    assert f"{smallest} bytes (top5-int8-epochs0.1" in error.message
     assert error.details == {"label_budget_bytes": smallest - 1, "smallest_bytes": smallest,
-                             "smallest_encoding": "online"}
+                             "smallest_encoding": "top5-int8-epochs0.1"}
 
 
-def test_top_k_that_keeps_every_class_is_no_candidate() -> None:
-    assert all(not e.topk for e in budget_candidates(3))
-    assert len(budget_candidates(200)) == len(BUDGET_ORDER)
+def test_top_k_that_keeps_every_class_stands_as_the_encoding_without_it() -> None:
+    few = budget_candidates(3)
+    assert all(not e.topk for e in few) and len(set(few)) == len(few)
+    assert few[-1] == LabelEncoding("int8", 0, 0.1)  # top5-int8-epochs0.1 keeps all 3 classes
+    assert budget_candidates(200) == list(BUDGET_ORDER)
 
 
 @pytest.mark.parametrize("named", [{"topk": 5}, {"soft_label_values": "int8", "label_epoch_fraction": 0.5}])

@@ -360,3 +360,43 @@ def test_evaluate_reports_each_student_s_loss_under_its_own_term(tmp_path, data,
     fractions = [e.stage_progress for e in progress_events]
     # one rising x: the term, not the x, tells the students apart
     assert fractions == sorted(fractions)
+
+
+def _rewrite_walk(path, **walk_fields) -> None:
+    """The file at `path` with fields of its `augmentations` metadata replaced (digests untouched)."""
+    soft = SoftLabels.load(path)
+    walk = {**json.loads(soft.metadata["augmentations"]), **walk_fields}
+    save_file(soft.tensors, str(path), metadata={**soft.metadata, "augmentations": json.dumps(walk)})
+
+
+def test_relabel_reuses_a_file_of_other_versions_only_when_its_walk_regenerates(tmp_path, data):
+    ctx = _ctx(tmp_path, data)
+    teacher = _teacher(ctx)
+    path = tmp_path / "soft.safetensors"
+    _relabel(ctx, teacher, tmp_path)
+    _rewrite_walk(path, torch="1.0.0")  # another torch whose stream happens to be the same: reused
+    written = path.stat().st_mtime_ns
+    assert _relabel(ctx, teacher, tmp_path).stream.torch_version == "1.0.0"
+    assert path.stat().st_mtime_ns == written
+    tampered = SoftLabels.load(path)
+    tampered.tensors["augment_digests"][0, 0] ^= 1  # as if that torch had drawn another walk
+    save_file(tampered.tensors, str(path), metadata=tampered.metadata)
+    again = _relabel(ctx, teacher, tmp_path)
+    assert again.stream.torch_version == torch.__version__  # recorded again, here
+    again.verify_augmentations()
+
+
+def test_relabel_records_again_over_a_file_of_another_walk(tmp_path, data):
+    ctx = _ctx(tmp_path, data)
+    teacher = _teacher(ctx)
+    path = tmp_path / "soft.safetensors"
+    first = _relabel(ctx, teacher, tmp_path)
+    for changed in ({"seed": 99}, {"cutmix_alpha": 0.5}, {"rule": "clamped", "resampling": "roi_align"}):
+        _rewrite_walk(path, **changed)
+        written = path.stat().st_mtime_ns
+        again = _relabel(ctx, teacher, tmp_path)
+        assert path.stat().st_mtime_ns != written and json.loads(again.metadata["augmentations"]) == json.loads(
+            first.metadata["augmentations"]), changed
+    old = SoftLabels.load(path)
+    save_file(old.tensors, str(path), metadata={**old.metadata, "epochs_kept": "[1]"})
+    assert _relabel(ctx, teacher, tmp_path).recorded_epochs == [0, 1]
