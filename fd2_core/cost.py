@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fd2_core.fadrm import input_side, phase_schedule
+from fd2_core.label_formats import LabelEncoding, kept_epoch_count
 from fd2_core.spec import PUBLISHED_PATCH_FILES, JobSpec
 
 REFERENCE_SIDE = 32
@@ -64,9 +65,12 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     (round robin). A spec that trains a patch scorer (`JobSpec.trains_scorer`: the published patch rule under
     FD²) pretrains once more, a plain teacher: pretrain_epochs·n_train training steps without the CAL passes.
 
-    evaluate = per student on the set (distilled; random subset; distilled with hard labels when eval_hlr):
-    relabel_epochs·n_syn training steps + one test pass; the random subset's relabel; and with eval_hlr the
-    full-data student (fd2_core.stages.full_data): pretrain_epochs·n_train training steps + one test pass.
+    relabel = the teacher passes of the recorded epochs (`label_epoch_fraction` of them; none for online
+    labels, docs/SOFT_LABELS.md). evaluate = per student on the set (distilled; random subset; distilled
+    with hard labels when eval_hlr): relabel_epochs·n_syn training steps + one test pass; the random
+    subset's relabel; for online labels the teacher's pass at every step of each soft-label student; and with
+    eval_hlr the full-data student (fd2_core.stages.full_data): pretrain_epochs·n_train training steps + one
+    test pass.
     package = PACKAGE_PASSES per synthetic image.
     """
     k, n_train = size.num_classes, size.train_images
@@ -78,11 +82,18 @@ def stage_image_passes(spec: JobSpec, size: DatasetSize) -> dict[str, float]:
     if spec.optimises_images:
         steps = fadrm_steps_at_full_size(spec) if spec.recipe == "fadrm+" else spec.distill_iterations
         distill += spec.ipc * steps * k * TRAIN_STEP_PASSES * (1 if spec.round_robin else teachers)
-    relabel = float(spec.relabel_epochs * n_syn * teachers)
+    encoding = LabelEncoding.from_spec(spec)
+    # teacher passes of one relabel walk: the recorded epochs only; none for online labels
+    recorded = 0 if encoding.online else kept_epoch_count(spec.relabel_epochs, encoding.epoch_fraction)
+    relabel = float(recorded * n_syn * teachers)
     evaluate = 0.0
     if spec.evaluate:
         students = 1 + int(spec.eval_random_baseline) + int(spec.eval_hlr)
-        evaluate = spec.relabel_epochs * n_syn * (TRAIN_STEP_PASSES * students + teachers) + size.test_images * students
+        # online labels: each soft-label student (the set's, the random subset's) forwards the teacher
+        online_students = (1 + int(spec.eval_random_baseline)) if encoding.online else 0
+        walk = spec.relabel_epochs * n_syn
+        evaluate = (walk * TRAIN_STEP_PASSES * students + recorded * n_syn * teachers
+                    + walk * teachers * online_students + size.test_images * students)
         if spec.eval_hlr:
             evaluate += spec.pretrain_epochs * n_train * TRAIN_STEP_PASSES + size.test_images
     package = n_syn * PACKAGE_PASSES

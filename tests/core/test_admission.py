@@ -222,6 +222,20 @@ def test_evaluation_weight_counts_the_test_images() -> None:
     assert {k: v for k, v in many.items() if k != "evaluate"} == {k: v for k, v in few.items() if k != "evaluate"}
 
 
+def test_the_cost_follows_the_soft_label_encoding() -> None:
+    """A tenth of the epochs recorded costs a tenth of the relabel's teacher passes; online labels cost
+    none at relabel and one teacher pass per step of each soft-label student instead."""
+    size = DatasetSize(4, 40, 8)
+    base = {"ipc": 2, "relabel_epochs": 30, "eval_random_baseline": True}
+    full = stage_image_passes(resolve_spec(base), size)
+    tenth = stage_image_passes(resolve_spec({**base, "label_epoch_fraction": 0.1}), size)
+    online = stage_image_passes(resolve_spec({**base, "soft_label_values": "online"}), size)
+    walk = 30 * 2 * 4  # relabel_epochs · n_syn
+    assert full["relabel"] == walk and tenth["relabel"] == walk / 10 and online["relabel"] == 0
+    assert full["evaluate"] - tenth["evaluate"] == walk - walk / 10  # the random subset's relabel
+    assert online["evaluate"] - full["evaluate"] == 2 * walk - walk  # two students forward it; no relabel
+
+
 def test_admission_imports_no_torch() -> None:
     code = ("import sys, fd2_core.admission, api.spec_checks, worker.source_check; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
