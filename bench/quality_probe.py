@@ -79,7 +79,8 @@ def soft_labels(ctx, teacher, source: str, images_u8, path: Path) -> SoftLabels:
 
     with relabel_mode(teacher, spec.relabel_bn_mode):
         walk = augmentation_stream(spec, images.shape[0], "relabel")
-        encoding, kept = LabelEncoding.from_spec(spec), recorded_epochs(spec, "relabel")
+        encoding = LabelEncoding.from_spec(spec).for_classes(ctx.num_classes)
+        kept = recorded_epochs(spec, "relabel")
         tensors = record_soft_labels(logits_of, images, epochs=spec.relabel_epochs, stream=walk, encoding=encoding,
                                      kept=kept, forward_splits=spec.relabel_forward_splits)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,13 @@ class LabelEncoding:
             parts.append(f"epochs{self.epoch_fraction:g}")
         return "-".join(parts)
 
+    def for_classes(self, num_classes: int) -> LabelEncoding:
+        """The encoding a file of `num_classes` classes really has: a top-k of k ≥ K keeps every class,
+        so it is the same encoding without top-k (and named so)."""
+        if self.topk and self.topk >= num_classes:
+            return LabelEncoding(self.values, 0, self.epoch_fraction)
+        return self
+
     def kept_values(self, num_classes: int) -> int:
         """Logits kept per row: min(k, K), or K."""
         return min(self.topk, num_classes) if self.topk else num_classes

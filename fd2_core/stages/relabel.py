@@ -72,7 +72,7 @@ def protocol_matches(soft: SoftLabels, spec: JobSpec) -> bool:
         spec.soft_label_source,
         spec.relabel_bn_mode,
         spec.relabel_forward_splits,
-        LabelEncoding.from_spec(spec),
+        LabelEncoding.from_spec(spec).for_classes(soft.num_classes),
     )
 
 
@@ -187,7 +187,7 @@ def _record(
     committee = as_committee(ctx, teacher)
     images = ctx.normalize(images_u8).float()
     walk = augmentation_stream(spec, images.shape[0], stream)
-    encoding = LabelEncoding.from_spec(spec)
+    encoding = LabelEncoding.from_spec(spec).for_classes(ctx.num_classes)
     kept = recorded_epochs(spec, stream)
     with teacher_logits(ctx, committee) as logits_of:
         tensors = record_soft_labels(

@@ -400,3 +400,13 @@ def test_relabel_records_again_over_a_file_of_another_walk(tmp_path, data):
     old = SoftLabels.load(path)
     save_file(old.tensors, str(path), metadata={**old.metadata, "epochs_kept": "[1]"})
     assert _relabel(ctx, teacher, tmp_path).recorded_epochs == [0, 1]
+
+
+def test_a_top_k_that_keeps_every_class_is_recorded_and_named_without_it(tmp_path, data):
+    ctx = _ctx(tmp_path, data, topk=len(data.classes), soft_label_values="int8")
+    teacher = _teacher(ctx)
+    first = _relabel(ctx, teacher, tmp_path)
+    assert first.encoding.name == "int8" and "topk_indices" not in first.tensors
+    written = (tmp_path / "soft.safetensors").stat().st_mtime_ns
+    _relabel(ctx, teacher, tmp_path)  # the spec's top-k is that encoding: reused
+    assert (tmp_path / "soft.safetensors").stat().st_mtime_ns == written
