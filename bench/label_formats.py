@@ -21,6 +21,8 @@ Design (docs/SOFT_LABELS.md; the results in docs/BENCHMARKS.md, "Soft-label form
 
     .venv/bin/python bench/label_formats.py                 # 5 seeds × 2 validation settings
     .venv/bin/python bench/label_formats.py --seeds 0 --settings birds-val --ipcs 1   # a smoke run
+    .venv/bin/python bench/label_formats.py --merge bench/results/label_formats.json \
+        bench/results/label_formats_cars.json --docs    # one process per setting, joined
     .venv/bin/python bench/label_formats.py --render bench/results/label_formats.json --docs
                                                             # table + plot into docs/BENCHMARKS.md
 """
@@ -242,7 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "label_formats.json")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only print the table of a result file")
     parser.add_argument("--docs", action="store_true", help="write the table and plot into docs/BENCHMARKS.md")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="join result files (e.g. one process per setting) into --json, then render it")
     args = parser.parse_args(argv)
+    if args.merge:
+        docs = [json.loads(path.read_text()) for path in args.merge]
+        merged = {**docs[0], "runs": {}, "settings": [], "seeds": []}
+        for doc in docs:
+            overlap = set(merged["runs"]) & set(doc["runs"])
+            if overlap:
+                parser.error(f"the files hold the same pairs twice: {', '.join(sorted(overlap))}")
+            merged["runs"].update(doc["runs"])
+            merged["settings"] = sorted({*merged["settings"], *doc.get("settings", [])})
+            merged["seeds"] = sorted({*merged["seeds"], *doc.get("seeds", [])})
+        merged["command"] = " && ".join(doc["command"] for doc in docs)
+        merged["summary"] = summarise(merged)
+        args.json.write_text(json.dumps(merged, indent=1))
+        args.render = args.json
     if args.render:
         results = json.loads(args.render.read_text())
         results["summary"] = summarise(results)
