@@ -228,7 +228,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def write_docs(results: dict[str, Any], doc: Path, plot_path: Path) -> None:
     plot(results, plot_path)
-    body = (f"Command: `{results['command']}` (seeds {', '.join(map(str, results.get('seeds', [])))}; "
+    seeds = sorted({int(key.rsplit("/", 1)[1]) for key in results["runs"]})
+    body = (f"Command: `{results['command']}` (seeds {', '.join(map(str, seeds))}; "
             f"settings {', '.join(results['settings'])}).\n\n{markdown(results)}\n\n"
             f"![size against accuracy]({plot_path.name})")
     update_docs(doc, "label-formats", body)
