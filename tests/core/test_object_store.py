@@ -1,0 +1,107 @@
+"""`s3://` references and the object-store client, against a real S3-API server process (moto's
+standalone server on a free port; nothing is patched in-process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3_server import S3Server, s3_server, s3_unavailable
+
+from fd2_core.data.object_store import ObjectStore, StoreError
+from fd2_core.data.object_uris import ObjectUri, ObjectUriError, allowed_by, parse_object_uri
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    reason = s3_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with s3_server(tmp_path_factory.mktemp("s3")) as running:
+        client = running.client()
+        client.create_bucket(Bucket="birds")
+        for name in ("train/wren/0.png", "train/wren/1.png", "train/finch/0.png", "test/wren/0.png"):
+            client.put_object(Bucket="birds", Key=name, Body=name.encode())
+        client.put_object(Bucket="birds", Key="train/", Body=b"")  # a console's folder marker
+        yield running
+
+
+@pytest.fixture
+def store(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    return ObjectStore()  # the endpoint and credentials from the standard AWS_* chain
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("https://birds/x", "not an s3:// reference"), ("s3://Birds/x", "not a valid bucket name"),
+    ("s3://ab/x", "not a valid bucket name"), ("s3://10.0.0.1/x", "not a valid bucket name"),
+    ("s3://birds/a//b", "empty, '.' or '..' segment"), ("s3://birds/a/../b", "empty, '.' or '..' segment"),
+    ("s3://birds/a\\b", "backslash"), ("s3://birds/" + "k" * 1025, "1024 bytes"),
+])
+def test_references_s3_would_read_another_way_are_refused(text: str, words: str) -> None:
+    with pytest.raises(ObjectUriError, match=words):
+        parse_object_uri(text)
+
+
+def test_the_allow_list_matches_prefixes_as_text() -> None:
+    allowed = [parse_object_uri("s3://birds/teams/vision/"), parse_object_uri("s3://cars/set")]
+    assert allowed_by(parse_object_uri("s3://birds/teams/vision/cub/"), allowed)
+    assert not allowed_by(parse_object_uri("s3://birds/teams/visionary/"), allowed)
+    assert allowed_by(parse_object_uri("s3://cars/set/train/a.png"), allowed)
+    assert not allowed_by(parse_object_uri("s3://cars/settings/"), allowed)  # "set" allows set/…, not settings
+    assert not allowed_by(parse_object_uri("s3://birds/"), allowed) and not allowed_by(ObjectUri("x" * 3), [])
+    assert str(parse_object_uri("s3://birds/train/")) == "s3://birds/train/"
+
+
+def test_a_prefix_lists_its_objects_with_sizes_and_etags(store: ObjectStore) -> None:
+    listed = store.list(parse_object_uri("s3://birds/train/"), limit=10)
+    assert [o.key for o in listed] == ["train/finch/0.png", "train/wren/0.png", "train/wren/1.png"]
+    assert all(o.size == len(o.key) and len(o.etag) == 32 for o in listed)  # the folder marker is left out
+    assert store.read(parse_object_uri("s3://birds/train/wren/1.png"), listed[2].etag) == b"train/wren/1.png"
+
+
+def test_a_listing_stops_past_its_limit(store: ObjectStore) -> None:
+    with pytest.raises(StoreError) as refused:
+        store.list(parse_object_uri("s3://birds/"), limit=3)
+    assert refused.value.code == "too_many_objects" and refused.value.details["limit"] == 3
+
+
+def test_the_stores_refusals_say_their_cause(store: ObjectStore, server: S3Server) -> None:
+    with pytest.raises(StoreError) as missing_bucket:
+        store.list(parse_object_uri("s3://no-such-bucket/x/"), limit=10)
+    assert missing_bucket.value.code == "no_such_bucket" and "'no-such-bucket'" in missing_bucket.value.message
+    with pytest.raises(StoreError) as missing_key:
+        store.head(parse_object_uri("s3://birds/train/wren/9.png"))
+    assert missing_key.value.code == "no_such_key"
+    before = store.head(parse_object_uri("s3://birds/test/wren/0.png"))
+    server.client().put_object(Bucket="birds", Key="test/wren/0.png", Body=b"another image")
+    with pytest.raises(StoreError) as changed:
+        store.read(parse_object_uri("s3://birds/test/wren/0.png"), before.etag)
+    assert changed.value.code == "object_changed" and "submit the job again" in changed.value.message
+
+
+def test_an_unreachable_store_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service_harness import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = ObjectStore(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setattr("fd2_core.data.object_store.MAX_ATTEMPTS", 1)
+    with pytest.raises(StoreError) as unreachable:
+        store.list(parse_object_uri("s3://birds/"), limit=10)
+    assert unreachable.value.code == "store_unreachable"
+
+
+def test_importing_the_store_loads_no_client_library() -> None:
+    """The API imports these modules at start; boto3 (about 0.1 s) loads only when a store is used."""
+    code = ("import sys, fd2_core.data.object_store, fd2_core.data.object_uris; "
+            "print('boto3' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2], env={**os.environ})
+    assert out.stdout.split() == ["False", "False"]
