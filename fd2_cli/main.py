@@ -176,6 +176,52 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_uris_allow(args: argparse.Namespace) -> int:
+    """Grant a tenant reads under an s3:// bucket or prefix."""
+    from store.data_uris import allow_uri
+    from store.db import migrate, session_scope
+
+    settings = _settings(args)
+    migrate(settings)
+    try:
+        with session_scope(settings) as session:
+            uri = allow_uri(session, args.tenant, args.uri)
+    except ValueError as exc:
+        return _fail(f"{exc}; e.g. `fd2 uris allow acme s3://datasets/acme/`")
+    print(f"{args.tenant.strip()} may read {uri}")
+    return 0
+
+
+def cmd_uris_revoke(args: argparse.Namespace) -> int:
+    from store.data_uris import revoke_uri
+    from store.db import migrate, session_scope
+
+    settings = _settings(args)
+    migrate(settings)
+    try:
+        with session_scope(settings) as session:
+            revoked = revoke_uri(session, args.tenant, args.uri)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if not revoked:
+        return _fail("the tenant has no such grant (`fd2 uris list` shows them)", code=1)
+    print(f"revoked {args.uri.strip()} for {args.tenant.strip()}")
+    return 0
+
+
+def cmd_uris_list(args: argparse.Namespace) -> int:
+    from store.data_uris import list_grants
+    from store.db import migrate, session_scope
+
+    settings = _settings(args)
+    migrate(settings)
+    with session_scope(settings) as session:
+        grants = list_grants(session, args.tenant)
+    for grant in grants:
+        print(f"{grant.tenant}\t{grant.uri}\t{grant.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from store.db import current_revision, migrate
 
@@ -235,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing = keys_sub.add_parser("list", parents=[home], help="list key prefixes, tenants and states")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
     listing.set_defaults(func=cmd_keys_list)
+
+    uris = subparsers.add_parser("uris", help="manage the s3:// buckets and prefixes each tenant may read")
+    uris_sub = uris.add_subparsers(dest="uris_command", required=True, metavar="ACTION")
+    allow = uris_sub.add_parser("allow", parents=[home], help="let a tenant's jobs read under s3://bucket/prefix")
+    allow.add_argument("tenant", help="tenant name (created when new)")
+    allow.add_argument("uri", help="s3://bucket/ or s3://bucket/prefix/")
+    allow.set_defaults(func=cmd_uris_allow)
+    withdraw = uris_sub.add_parser("revoke", parents=[home], help="withdraw a tenant's grant")
+    withdraw.add_argument("tenant")
+    withdraw.add_argument("uri")
+    withdraw.set_defaults(func=cmd_uris_revoke)
+    granted = uris_sub.add_parser("list", parents=[home], help="list the grants")
+    granted.add_argument("--tenant", default=None, help="only this tenant's grants")
+    granted.set_defaults(func=cmd_uris_list)
 
     migrate = subparsers.add_parser("migrate", parents=[home], help="apply database migrations")
     migrate.set_defaults(func=cmd_migrate)

@@ -202,6 +202,17 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
+class DataUriGrant(Base):
+    """A bucket or prefix one tenant's jobs may read (`s3://bucket/prefix`); none means none
+    (docs/SECURITY.md)."""
+
+    __tablename__ = "data_uri_grants"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    uri: Mapped[str] = mapped_column(String(1100), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
     __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)

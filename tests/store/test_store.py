@@ -28,6 +28,7 @@ from fd2_config.celery_config import celery_config
 from fd2_config.queues import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, queue_for_device
 from fd2_config.settings import Settings, get_settings
 from store.artifacts import register_artifact
+from store.data_uris import allow_uri, list_grants, revoke_uri, tenant_grants
 from store.db import alembic_config, current_revision, get_engine, migrate, session_scope
 from store.job_states import finish_job, mark_running, request_cancel, requeue_stale_jobs
 from store.jobs import (
@@ -107,6 +108,25 @@ def test_keys_authenticate_until_revoked(db: Settings) -> None:
         assert revoke_key(session, second_prefix) is True
     with session_scope(db) as session:
         assert authenticate(session, second) is None
+
+
+def test_data_uri_grants_are_per_tenant(db: Settings) -> None:
+    with session_scope(db) as session:
+        tenant = get_or_create_tenant(session, "grants-tenant")
+        other = get_or_create_tenant(session, "grants-other")
+        assert allow_uri(session, "grants-tenant", " s3://datasets/acme/ ") == "s3://datasets/acme/"
+        allow_uri(session, "grants-tenant", "s3://datasets/acme/")  # twice: one grant
+        allow_uri(session, "grants-other", "s3://shared/")
+    with session_scope(db) as session:
+        assert [str(u) for u in tenant_grants(session, tenant.id)] == ["s3://datasets/acme/"]
+        assert [g.uri for g in list_grants(session, "grants-tenant")] == ["s3://datasets/acme/"]
+        assert [str(u) for u in tenant_grants(session, other.id)] == ["s3://shared/"]
+        with pytest.raises(ValueError, match="not a valid bucket name"):
+            allow_uri(session, "grants-tenant", "s3://UPPER/x")
+        assert revoke_uri(session, "grants-tenant", "s3://datasets/acme/") is True
+        assert revoke_uri(session, "grants-tenant", "s3://datasets/acme/") is False
+    with session_scope(db) as session:
+        assert tenant_grants(session, tenant.id) == []
 
 
 def test_worker_life_cycle_of_a_job(db: Settings) -> None:

@@ -67,7 +67,21 @@ def test_migrate_creates_the_embedded_database(tmp_path):
 
 def test_every_command_is_mounted():
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
-    assert {"serve", "worker", "keys", "migrate", "distill", "data"} <= commands
+    assert {"serve", "worker", "keys", "uris", "migrate", "distill", "data", "labels"} <= commands
+
+
+def test_uris_allow_list_and_revoke(tmp_path):
+    home = tmp_path / "home"
+    allowed = fd2("uris", "allow", "acme", "s3://datasets/acme/", home=home)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "acme may read s3://datasets/acme/"
+    listed = fd2("uris", "list", home=home)
+    assert listed.stdout.split("\t")[:2] == ["acme", "s3://datasets/acme/"]
+    refused = fd2("uris", "allow", "acme", "https://datasets/acme/", home=home)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "fd2 uris allow" in refused.stderr
+    assert fd2("uris", "revoke", "acme", "s3://datasets/acme/", home=home).returncode == 0
+    again = fd2("uris", "revoke", "acme", "s3://datasets/acme/", home=home)
+    assert again.returncode == 1 and "no such grant" in again.stderr
+    assert fd2("uris", "list", home=home).stdout == ""
 
 
 @pytest.mark.parametrize(
