@@ -247,7 +247,7 @@ class OpenedRun:
                           teacher_weights=self.teacher_weights)
 
 
-def _budget_as_recorded(spec: JobSpec, workdir: Path) -> JobSpec:
+def budget_as_recorded(spec: JobSpec, workdir: Path) -> JobSpec:
     """The spec the work-folder check compares before the data is loaded: a label budget picks the
     encoding only once the classes are known, so until then the folder's earlier pick stands in (the
     check runs again after `fit_label_budget`)."""
@@ -275,7 +275,7 @@ def open_run(
     Every check comes before the first write, so a refused run leaves `workdir` as it was."""
     spec = spec if isinstance(spec, JobSpec) else resolve_spec(spec)
     workdir = Path(workdir)
-    inputs = checked_inputs(_budget_as_recorded(spec, workdir), workdir, teacher_weights, drop_duplicates)
+    inputs = checked_inputs(budget_as_recorded(spec, workdir), workdir, teacher_weights, drop_duplicates)
     device = pick_device(spec.device)
     timings = Timings()
     with timings.measure("load"):

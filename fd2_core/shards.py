@@ -37,7 +37,7 @@ import torch
 from .atomic import read_json
 from .data.dataset import DataSource
 from .data.limits import DataLimits
-from .pipeline import ARTIFACT_NAMES, PipelineResult, checked_inputs, open_run, run
+from .pipeline import ARTIFACT_NAMES, PipelineResult, budget_as_recorded, checked_inputs, open_run, run
 from .progress import EventSink, ProgressTracker, StopCheck
 from .softlabels import SoftLabels
 from .spec import JobSpec
@@ -299,12 +299,16 @@ def run_shard(
     workdir = Path(workdir)
     stage, _ = _identify(spec, shard_id)
     tracker = ProgressTracker({stage: 1.0}, on_event, should_stop)
+    # a label budget picks its encoding once the classes are known: a folder that holds the pick
+    # stands in for it until the data is loaded (the service passes specs fitted at submit)
+    spec = budget_as_recorded(spec, workdir)
     checked_inputs(spec, workdir, teacher_weights, drop_duplicates)
     if shard_done(spec, workdir, shard_id):
         message = f"shard {shard_id} already finished; nothing to do"
         tracker.stage(stage).log(message, fraction=1.0)
         return ShardResult(shard_id, False, message, _finished_result(workdir) if stage == "package" else None)
     opened = open_run(spec, dataset, workdir, on_event, should_stop, limits, teacher_weights, drop_duplicates)
+    spec = opened.spec  # the budget fitted to the loaded classes
     shard = _shard_of(spec, len(opened.data.classes), shard_id)
     missing = _missing(spec, workdir, shard)
     if missing:

@@ -315,3 +315,20 @@ def test_epochs_kept_must_name_each_row(tmp_path) -> None:
             save_soft_labels(tmp_path / "s.safetensors", tensors, {**meta, "epochs_kept": wrong})
     assert SoftLabels.load(save_soft_labels(tmp_path / "s.safetensors", tensors,
                                             {**meta, "epochs_kept": [1, 3]})).recorded_epochs == [1, 3]
+
+
+def test_a_label_budget_is_fitted_alike_whole_and_shard_by_shard(tmp_path) -> None:
+    """A spec with `label_budget_bytes` run as library calls: the pipeline and every shard fit it to
+    the loaded classes and agree on the encoding."""
+    from fd2_core.label_sizes import estimated_label_file_bytes
+
+    raw = tiny_spec(method="sre2l++", relabel_epochs=4, evaluate=False, eval_random_baseline=False)
+    classes = load_dataset(TINY_DATA, 32, seed=0).classes
+    full = estimated_label_file_bytes(LabelEncoding(), 4, 4, 4, class_names=classes)
+    budgeted = {**raw, "label_budget_bytes": full - 1}
+    whole = run(budgeted, TINY_DATA, tmp_path / "whole")
+    _shard_by_shard({**budgeted, "max_workers": 2}, tmp_path / "sharded")
+    a = SoftLabels.load(whole.artifacts["soft_labels.safetensors"])
+    b = SoftLabels.load(tmp_path / "sharded" / "artifacts" / "soft_labels.safetensors")
+    assert a.encoding == b.encoding != LabelEncoding()
+    assert (tmp_path / "whole" / "artifacts" / "soft_labels.safetensors").stat().st_size <= full - 1
