@@ -105,3 +105,47 @@ def test_importing_the_store_loads_no_client_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2], env={**os.environ})
     assert out.stdout.split() == ["False", "False"]
+
+
+def _png(shade: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, shade, shade)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("layout_name", ["imagefolder", "flat"])
+def test_a_prefix_is_laid_out_as_the_same_files_on_disk_would_be(store: ObjectStore, server: S3Server,
+                                                                  tmp_path: Path, layout_name: str) -> None:
+    """The listing goes through the one layout scanner: classes, splits, the carved test share and the
+    skipped files are those of the same tree uploaded as files; no object is downloaded."""
+    from fd2_core.data.layout import scan_source
+    from fd2_core.data.limits import DataLimits
+    from fd2_core.data.object_layout import scan_object_prefix
+
+    top = "train/" if layout_name == "imagefolder" else ""
+    tree = {f"{top}{name}/{i}.png": _png(i * 20 + len(name)) for name in ("wren", "finch", "tit") for i in range(5)}
+    tree[f"{top}notes.txt"] = b"not an image"
+    tree[f"{top}wren/sub/5.png"] = _png(200)
+    client = server.client()
+    bucket = f"layout-{layout_name}"
+    client.create_bucket(Bucket=bucket)
+    for key, body in tree.items():
+        client.put_object(Bucket=bucket, Key=f"sets/birds/{key}", Body=body)
+        (tmp_path / "disk" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "disk" / key).write_bytes(body)
+    listed = scan_object_prefix(store, parse_object_uri(f"s3://{bucket}/sets/birds"), test_fraction=0.2, seed=3,
+                                limits=DataLimits())
+    on_disk = scan_source(tmp_path / "disk", test_fraction=0.2, seed=3)
+    assert listed.layout.classes == on_disk.classes == ["finch", "tit", "wren"]
+    assert [(i.path.as_posix(), i.label, i.split) for i in listed.layout.items] == [
+        (i.path.relative_to(on_disk.root).as_posix(), i.label, i.split) for i in on_disk.items]
+    assert [e.as_dict() for e in listed.layout.errors] == [e.as_dict() for e in on_disk.errors]
+    assert [o.key for o in listed.objects] == [f"sets/birds/{i.path.as_posix()}" for i in listed.layout.items]
+    assert listed.total_bytes == sum(len(tree[i.path.as_posix()]) for i in listed.layout.items)
+    with pytest.raises(StoreError, match="more than 10 objects"):
+        scan_object_prefix(store, parse_object_uri(f"s3://{bucket}/sets/"), test_fraction=0.2, seed=3,
+                           limits=DataLimits(max_files=10))
