@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, BinaryIO
 
 from .object_uris import ObjectUri
 
@@ -129,6 +129,19 @@ class ObjectStore:
         try:
             answer = self.client.get_object(Bucket=uri.bucket, Key=uri.key, **extra)
             return answer["Body"].read()
+        except Exception as exc:
+            raise self._error(exc, uri) from None
+
+    def download(self, uri: ObjectUri, etag: str, out: BinaryIO, chunk_bytes: int = 1 << 20) -> int:
+        """Stream the object, only if it is still version `etag`, into `out` chunk by chunk; returns
+        the bytes written. Raises StoreError (`object_changed` for another version)."""
+        try:
+            body = self.client.get_object(Bucket=uri.bucket, Key=uri.key, IfMatch=f'"{etag}"')["Body"]
+            written = 0
+            for chunk in body.iter_chunks(chunk_bytes):
+                out.write(chunk)
+                written += len(chunk)
+            return written
         except Exception as exc:
             raise self._error(exc, uri) from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,85 @@ def test_a_prefix_is_laid_out_as_the_same_files_on_disk_would_be(store: ObjectSt
     with pytest.raises(StoreError, match="more than 10 objects"):
         scan_object_prefix(store, parse_object_uri(f"s3://{bucket}/sets/"), test_fraction=0.2, seed=3,
                            limits=DataLimits(max_files=10))
+
+
+@pytest.fixture
+def fetch_bucket(server: S3Server) -> tuple[str, list]:
+    from fd2_core.data.object_store import StoredObject
+
+    client = server.client()
+    bucket = "fetch-me"
+    client.create_bucket(Bucket=bucket)
+    objects = []
+    for i in range(12):
+        body = bytes([i]) * (1000 + i)
+        client.put_object(Bucket=bucket, Key=f"set/c{i % 3}/{i}.png", Body=body)
+        etag = client.head_object(Bucket=bucket, Key=f"set/c{i % 3}/{i}.png")["ETag"].strip('"')
+        objects.append(StoredObject(f"set/c{i % 3}/{i}.png", len(body), etag))
+    return bucket, objects
+
+
+def test_objects_are_fetched_through_the_cache(store: ObjectStore, server: S3Server, tmp_path: Path,
+                                               fetch_bucket: tuple[str, list]) -> None:
+    from fd2_core.data.object_fetch import ObjectCache, fetch_objects
+
+    bucket, objects = fetch_bucket
+    relative = [o.key.removeprefix("set/") for o in objects]
+    cache = ObjectCache(tmp_path / "cache", max_bytes=10**6)
+    seen = []
+    first = fetch_objects(store, bucket, objects, cache, tmp_path / "job1", relative, workers=4,
+                          on_progress=seen.append)
+    assert (first.done, first.cached, first.bytes_done) == (12, 0, sum(o.size for o in objects))
+    assert [p.done for p in seen] == list(range(1, 13)) and "fetching 12 / 12 objects" in seen[-1].message()
+    assert all((tmp_path / "job1" / r).read_bytes() == bytes([i]) * (1000 + i) for i, r in enumerate(relative))
+    for o in objects:  # gone from the store: a second job is served from the cache alone
+        server.client().delete_object(Bucket=bucket, Key=o.key)
+    second = fetch_objects(store, bucket, objects, cache, tmp_path / "job2", relative, workers=4)
+    assert (second.done, second.cached) == (12, 12)
+    assert all((tmp_path / "job2" / r).read_bytes() == bytes([i]) * (1000 + i) for i, r in enumerate(relative))
+
+
+def test_a_killed_fetchs_partial_file_never_counts_and_is_removed_once_stale(tmp_path: Path) -> None:
+    from fd2_core.data.object_fetch import PARTIAL_STALE_S, ObjectCache
+
+    cache = ObjectCache(tmp_path / "cache", max_bytes=10**6)
+    (cache.folder / "ab").mkdir()
+    fresh, stale = cache.folder / "ab" / "x.1.partial", cache.folder / "ab" / "y.2.partial"
+    fresh.write_bytes(b"in flight")
+    stale.write_bytes(b"killed mid-download")
+    old = time.time() - PARTIAL_STALE_S - 1
+    os.utime(stale, (old, old))
+    assert cache.entries() == [] and fresh.exists() and not stale.exists()
+
+
+def test_a_changed_object_is_reported_never_mixed(store: ObjectStore, server: S3Server, tmp_path: Path,
+                                                  fetch_bucket: tuple[str, list]) -> None:
+    from fd2_core.data.object_fetch import ObjectCache, fetch_objects
+
+    bucket, objects = fetch_bucket
+    server.client().put_object(Bucket=bucket, Key=objects[5].key, Body=b"replaced after admission")
+    with pytest.raises(StoreError) as changed:
+        fetch_objects(store, bucket, objects, ObjectCache(tmp_path / "cache", 10**6), tmp_path / "job",
+                      [o.key for o in objects], workers=2)
+    assert changed.value.code == "object_changed" and objects[5].key in changed.value.message
+
+
+def test_the_cache_evicts_the_least_recently_used_and_a_stop_is_prompt(store: ObjectStore, tmp_path: Path,
+                                                                        fetch_bucket: tuple[str, list]) -> None:
+    from fd2_core.data.object_fetch import FetchStopped, ObjectCache, fetch_objects
+
+    bucket, objects = fetch_bucket
+    cache = ObjectCache(tmp_path / "cache", max_bytes=5000)  # room for four of the twelve
+    fetch_objects(store, bucket, objects, cache, tmp_path / "job", [o.key for o in objects], workers=1)
+    kept = cache.entries()
+    assert len(kept) <= 4 and sum(size for _, size, _ in kept) <= 5000
+    with pytest.raises(StoreError, match="cannot hold"):
+        ObjectCache(tmp_path / "tiny", max_bytes=10).make_room(11)
+    calls = []
+    resumable = ObjectCache(tmp_path / "c2", 10**6)
+    with pytest.raises(FetchStopped):
+        fetch_objects(store, bucket, objects, resumable, tmp_path / "job2", [o.key for o in objects], workers=1,
+                      should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert len(list((tmp_path / "job2").rglob("*.png"))) == 3
+    again = fetch_objects(store, bucket, objects, resumable, tmp_path / "job3", [o.key for o in objects])
+    assert (again.done, again.cached) == (12, 3)  # the stopped fetch's objects come from the cache
