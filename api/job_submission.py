@@ -29,6 +29,7 @@ from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
+from api.uri_jobs import scan_uri, write_objects
 from fd2_config.callback_hosts import callback_host_allowed, callback_url_problem
 from fd2_config.queues import queue_for_device
 from fd2_config.settings import Settings
@@ -164,9 +165,9 @@ def submit_job(
     spec = resolve_job_spec(body.spec)
     check_callback_url(settings, body.callback_url)
     ref = body.dataset
-    if (ref.id is None) == (ref.manifest is None):
-        raise ApiError(422, "validation_error", "dataset needs exactly one of 'id' (an uploaded dataset) or "
-                       "'manifest' (files under an allowed data root); give one of them",
+    if sum(value is not None for value in (ref.id, ref.manifest, ref.uri)) != 1:
+        raise ApiError(422, "validation_error", "dataset needs exactly one of 'id' (an uploaded dataset), "
+                       "'manifest' (files under an allowed data root) or 'uri' (an s3:// prefix); give one of them",
                        {"field": "dataset"})
     cap = settings.max_active_jobs_per_tenant
     # Early, before any scan; the binding check is the store's, where the job is inserted.
@@ -176,9 +177,15 @@ def submit_job(
     job_id = new_id("job")
     dataset_id: str | None = None
     manifest_path: Path | None = None
+    dataset_uri: str | None = None
     if ref.id is not None:
         dataset, spec = uploaded_dataset(session, settings, tenant, ref.id, spec)
         dataset_id = dataset.id
+    elif ref.uri is not None:
+        admitted = scan_uri(session, settings, tenant.id, ref.uri, spec.test_fraction, spec.seed)
+        spec = check_runnable(settings, spec, JobCounts.of_splits(admitted.layout.per_class))
+        manifest_path = write_objects(settings, job_id, admitted)
+        dataset_uri = str(admitted.prefix)
     else:
         assert ref.manifest is not None
         root, rows, layout = scan_manifest(settings, ref.manifest, spec.test_fraction, spec.seed)
@@ -190,6 +197,7 @@ def submit_job(
         job = create_job_if_allowed(
             session, max_active_jobs=cap, job_id=job_id, tenant_id=tenant.id, spec=spec.model_dump(mode="json"),
             queue=queue, dataset_id=dataset_id, manifest_path=str(manifest_path) if manifest_path else None,
+            dataset_uri=dataset_uri,
             callback_url=body.callback_url, idempotency_key=idempotency_key, request_hash=fingerprint,
         )
         add_event(session, job.id, EventKind.JOB_QUEUED, f"job queued on {queue}")

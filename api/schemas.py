@@ -40,13 +40,17 @@ class Manifest(BaseModel):
 
 
 class DatasetRef(BaseModel):
-    """Exactly one of `id` (an uploaded dataset) or `manifest` (data
-    already on the workers' storage)."""
+    """Exactly one of `id` (an uploaded dataset), `manifest` (data already on the workers' storage)
+    or `uri` (data in an S3-compatible object store)."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, max_length=200, description="Id of a `ready` uploaded dataset.")
     manifest: Manifest | None = Field(None, description="Images listed under an allowed data root.")
+    uri: str | None = Field(
+        None, max_length=1100, description="`s3://bucket/prefix/` holding an ImageFolder (`train/<class>/…`, "
+        "optional `test/` or `val/`) or flat `<class>/…` layout, under a prefix the operator granted the tenant.",
+    )
 
 
 class JobCreate(BaseModel):
@@ -115,9 +119,11 @@ class JobOut(BaseModel):
     spec: SpecMapping = Field(..., description="The full resolved spec.")
     dataset_id: str | None = Field(None, description="The uploaded dataset; null for a manifest job and once "
                                    "the dataset was deleted.")
-    dataset_source: Literal["upload", "manifest"] = Field(
-        "upload", description="Where the data came from: an uploaded dataset or a manifest of files on the "
-        "workers' storage (so a null `dataset_id` of an `upload` job means its dataset was deleted).")
+    dataset_source: Literal["upload", "manifest", "uri"] = Field(
+        "upload", description="Where the data came from: an uploaded dataset, a manifest of files on the "
+        "workers' storage, or an s3:// reference (so a null `dataset_id` of an `upload` job means its dataset was "
+        "deleted).")
+    dataset_uri: str | None = Field(None, description="The s3:// prefix of a job on data by reference.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

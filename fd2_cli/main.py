@@ -178,14 +178,19 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_uris_allow(args: argparse.Namespace) -> int:
     """Grant a tenant reads under an s3:// bucket or prefix."""
+    from fd2_core.data.object_uris import parse_object_uri
     from store.data_uris import allow_uri
     from store.db import migrate, session_scope
 
+    try:
+        normalised = str(parse_object_uri(args.uri.strip()))
+    except ValueError as exc:
+        return _fail(f"{exc}; e.g. `fd2 uris allow acme s3://datasets/acme/`")
     settings = _settings(args)
     migrate(settings)
     try:
         with session_scope(settings) as session:
-            uri = allow_uri(session, args.tenant, args.uri)
+            uri = allow_uri(session, args.tenant, normalised)
     except ValueError as exc:
         return _fail(f"{exc}; e.g. `fd2 uris allow acme s3://datasets/acme/`")
     print(f"{args.tenant.strip()} may read {uri}")
@@ -193,16 +198,18 @@ def cmd_uris_allow(args: argparse.Namespace) -> int:
 
 
 def cmd_uris_revoke(args: argparse.Namespace) -> int:
+    from fd2_core.data.object_uris import parse_object_uri
     from store.data_uris import revoke_uri
     from store.db import migrate, session_scope
 
-    settings = _settings(args)
-    migrate(settings)
     try:
-        with session_scope(settings) as session:
-            revoked = revoke_uri(session, args.tenant, args.uri)
+        normalised = str(parse_object_uri(args.uri.strip()))
     except ValueError as exc:
         return _fail(str(exc))
+    settings = _settings(args)
+    migrate(settings)
+    with session_scope(settings) as session:
+        revoked = revoke_uri(session, args.tenant, normalised)
     if not revoked:
         return _fail("the tenant has no such grant (`fd2 uris list` shows them)", code=1)
     print(f"revoked {args.uri.strip()} for {args.tenant.strip()}")

@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(None, description="Long-lived artifact storage; default `<home>/artifacts`.")
     datasets_dir: Path | None = Field(None, description="Extracted uploaded datasets; default `<home>/datasets`.")
     jobs_dir: Path | None = Field(None, description="Per-job working folders; default `<home>/jobs`.")
+    object_cache_dir: Path | None = Field(
+        None, description="Objects fetched from the object store for jobs on s3:// data; default `<home>/object-cache`."
+    )
+    object_cache_max_bytes: int = Field(
+        50 * GIB, ge=1, description="Largest size of the object cache; least recently used objects are evicted."
+    )
+    s3_endpoint_url: str = Field(
+        "", description="S3-compatible endpoint for datasets by reference; empty = the standard AWS chain "
+        "(`AWS_ENDPOINT_URL`, else AWS's own). Credentials always come from that chain.",
+    )
+    fetch_concurrency: int = Field(8, ge=1, le=128, description="Object downloads one worker runs at once.")
 
     max_upload_bytes: int = Field(2 * GIB, ge=1, description="Largest accepted dataset upload (413 past it).")
     max_json_body_bytes: int = Field(
@@ -184,6 +195,7 @@ class Settings(BaseSettings):
         self.artifacts_dir = (self.artifacts_dir or self.home / "artifacts").expanduser().resolve()
         self.datasets_dir = (self.datasets_dir or self.home / "datasets").expanduser().resolve()
         self.jobs_dir = (self.jobs_dir or self.home / "jobs").expanduser().resolve()
+        self.object_cache_dir = (self.object_cache_dir or self.home / "object-cache").expanduser().resolve()
         self.allowed_data_roots = [Path(p).expanduser().resolve() for p in self.allowed_data_roots]
         self.callback_allow_hosts = [h.lower() for h in self.callback_allow_hosts]
         return self

@@ -3,6 +3,8 @@
 The operator grants them (`fd2 uris allow <tenant> s3://…`); a tenant without a grant may reference
 nothing, and a reference is checked against its grants before any call to the store
 (`fd2_core.data.object_uris.allowed_by`), so a refused reference reveals nothing about the bucket.
+References are stored as the caller normalised them (`parse_object_uri`, which this layer does not
+import).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from fd2_core.data.object_uris import ObjectUri, parse_object_uri
 from store.keys import get_or_create_tenant
 from store.models import DataUriGrant, Tenant
 
@@ -25,13 +26,12 @@ class Grant:
     created_at: datetime
 
 
-def allow_uri(session: Session, tenant_name: str, uri_text: str) -> str:
-    """Grant `tenant_name` (created when new) reads under `uri_text`; returns the stored reference.
-    Raises ObjectUriError (a ValueError) for a reference that is not a usable `s3://bucket/prefix`."""
+def allow_uri(session: Session, tenant_name: str, uri: str) -> str:
+    """Grant `tenant_name` (created when new) reads under `uri`, a normalised `s3://bucket/prefix`;
+    returns it. Raises ValueError for an empty tenant name."""
     tenant_name = tenant_name.strip()
     if not tenant_name:
         raise ValueError("tenant name must not be empty")
-    uri = str(parse_object_uri(uri_text.strip()))
     tenant = get_or_create_tenant(session, tenant_name)
     if session.get(DataUriGrant, (tenant.id, uri)) is None:
         session.add(DataUriGrant(tenant_id=tenant.id, uri=uri))
@@ -39,12 +39,11 @@ def allow_uri(session: Session, tenant_name: str, uri_text: str) -> str:
     return uri
 
 
-def revoke_uri(session: Session, tenant_name: str, uri_text: str) -> bool:
+def revoke_uri(session: Session, tenant_name: str, uri: str) -> bool:
     """Withdraw one grant; False when the tenant had no such grant."""
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name.strip()))
     if tenant is None:
         return False
-    uri = str(parse_object_uri(uri_text.strip()))
     removed = session.execute(delete(DataUriGrant).where(DataUriGrant.tenant_id == tenant.id,
                                                          DataUriGrant.uri == uri))
     return bool(removed.rowcount)
@@ -59,7 +58,6 @@ def list_grants(session: Session, tenant_name: str | None = None) -> list[Grant]
     return [Grant(*row) for row in session.execute(query.order_by(Tenant.name, DataUriGrant.uri))]
 
 
-def tenant_grants(session: Session, tenant_id: str) -> list[ObjectUri]:
+def tenant_grants(session: Session, tenant_id: str) -> list[str]:
     """The references a tenant's jobs may read under."""
-    uris = session.scalars(select(DataUriGrant.uri).where(DataUriGrant.tenant_id == tenant_id))
-    return [parse_object_uri(uri) for uri in uris]
+    return list(session.scalars(select(DataUriGrant.uri).where(DataUriGrant.tenant_id == tenant_id)))

@@ -68,7 +68,7 @@ class JobSource:
     """Where a job's data is, as recorded in the database
     (nothing on disk has been looked at yet)."""
 
-    kind: Literal["dataset", "manifest"]
+    kind: Literal["dataset", "manifest", "objects"]
     path: str
     dataset_id: str | None = None
     # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked),
@@ -87,6 +87,8 @@ def job_source(session: Session, settings: Settings, job_id: str) -> JobSource |
     job = get_job(session, job_id)
     if job is None:
         return None
+    if job.manifest_path and job.dataset_uri:
+        return JobSource("objects", job.manifest_path)
     if job.manifest_path:
         return JobSource("manifest", job.manifest_path)
     if not job.dataset_id:
@@ -115,6 +117,7 @@ def create_job(
     queue: str,
     dataset_id: str | None = None,
     manifest_path: str | None = None,
+    dataset_uri: str | None = None,
     callback_url: str | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
@@ -127,6 +130,7 @@ def create_job(
         queue=queue,
         dataset_id=dataset_id,
         manifest_path=manifest_path,
+        dataset_uri=dataset_uri,
         callback_url=callback_url,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -264,6 +268,7 @@ class JobRecord:
     cancel_requested: bool
     artifacts_expired_at: datetime | None = None
     manifest_path: str | None = None
+    dataset_uri: str | None = None
     shards: dict[str, Any] | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 

@@ -255,6 +255,9 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True, default=None
     )
     manifest_path: Mapped[str | None] = mapped_column(Text, default=None)
+    # the s3:// prefix a job's data was admitted from; its objects (keys, sizes, ETags) are listed in
+    # the job's `objects.json` at `manifest_path`
+    dataset_uri: Mapped[str | None] = mapped_column(Text, default=None)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(16), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -35,8 +35,10 @@ def job_resource(job: Job | JobRecord, settings: Settings) -> dict[str, Any]:
         "eta_seconds": job.eta_seconds,
         "spec": job.spec,
         "dataset_id": job.dataset_id,
-        # Tells a deleted dataset (dataset_id null, source "upload") from data given as a manifest.
-        "dataset_source": "manifest" if job.manifest_path else "upload",
+        # Tells a deleted dataset (dataset_id null, source "upload") from data given as a manifest or
+        # by an s3:// reference.
+        "dataset_source": "uri" if job.dataset_uri else "manifest" if job.manifest_path else "upload",
+        "dataset_uri": job.dataset_uri,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,

@@ -44,7 +44,7 @@ class SourceRejected(Exception):
 class JobSource:
     """Where a job's data is, as recorded in the database (nothing on disk has been looked at yet)."""
 
-    kind: Literal["dataset", "manifest"]
+    kind: Literal["dataset", "manifest", "objects"]
     path: str
     dataset_id: str | None = None
     # Intake findings a rescan cannot see again (names were decoded when the upload was unpacked), carried into
@@ -90,6 +90,43 @@ def load_stored_manifest(settings: Settings, job_id: str, recorded: str, limits:
     return {"root": str(resolved), "items": items}
 
 
+def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpec, limits: DataLimits) -> DatasetLayout:
+    """The admitted objects of a job on an s3:// prefix (its `objects.json`, confined to the job's folder)
+    fetched through the worker's object cache into `<job workdir>/data/`, laid out as admitted, and
+    scanned as an upload's folder is. Raises SourceRejected with the store's code (`object_changed` for
+    an object that is not the admitted version, `no_such_key`, `insufficient_storage`, …)."""
+    from fd2_core.data.object_fetch import ObjectCache, fetch_objects
+    from fd2_core.data.object_store import ObjectStore, StoredObject, StoreError
+
+    path = Path(recorded)
+    folder = job_workdir(settings, job_id)
+    if not _inside(path.resolve(), folder.resolve()) or not path.is_file():
+        raise SourceRejected("not_found", "the job's object list is missing or outside the job's folder")
+    if path.stat().st_size > limits.max_manifest_bytes * 4:
+        raise SourceRejected("too_large", "the job's object list is larger than the manifest limit allows")
+    try:
+        admitted = json.loads(path.read_text())
+        items = admitted["items"]
+        objects = [StoredObject(str(i["key"]), int(i["size"]), str(i["etag"])) for i in items]
+        relative = [str(i["path"]) for i in items]
+        bucket = str(admitted["bucket"])
+    except (ValueError, KeyError, TypeError):
+        raise SourceRejected("bad_manifest", "the job's object list is not the list the API wrote") from None
+    if any(p.startswith("/") or ".." in p.split("/") for p in relative):
+        raise SourceRejected("path_escape", "the job's object list names a path outside the job's data folder")
+    data = folder / "data"
+    assert settings.object_cache_dir is not None
+    cache = ObjectCache(settings.object_cache_dir, settings.object_cache_max_bytes, settings.min_free_disk_bytes)
+    try:
+        fetch_objects(ObjectStore(settings.s3_endpoint_url), bucket, objects, cache, data, relative,
+                      workers=settings.fetch_concurrency)
+    except StoreError as exc:
+        raise SourceRejected(exc.code, exc.message) from None
+    layout = scan_source(data, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
+    check_admission(settings, spec, layout)
+    return layout
+
+
 def check_admission(settings: Settings, spec: JobSpec, layout: DatasetLayout) -> None:
     """Admission with the counts found now (the files may have changed since submission): the first problem
     raises SourceRejected with its code and message."""
@@ -112,6 +149,8 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
         check_admission(settings, spec, layout)
         layout.warnings[:0] = [DataWarning(w["code"], w["message"], w.get("details") or {}) for w in source.warnings]
         return layout
+    if source.kind == "objects":
+        return fetched_objects(settings, job_id, source.path, spec, limits)
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
     layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,
                                  seed=spec.seed, limits=limits)

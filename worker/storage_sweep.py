@@ -47,11 +47,14 @@ from worker.outages import log_failure, transact
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "stages"
+FETCHED_DIR = "data"  # a job's objects fetched from the object store (`worker.source_check`)
 
 
 def prune_checkpoints(workdir: Path) -> None:
-    """Keep the artifacts of a succeeded job, drop its resumable state."""
+    """Keep the artifacts of a succeeded job, drop its resumable state and the objects it fetched
+    (`data/`; the object cache keeps them)."""
     _remove(workdir / CHECKPOINTS_DIR)
+    _remove(workdir / FETCHED_DIR)
 
 
 def discard_workdir(workdir: Path) -> None:

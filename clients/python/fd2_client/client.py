@@ -95,8 +95,8 @@ class Client:
 
     def submit(self, dataset: str | Mapping[str, Any], spec: Mapping[str, Any] | None = None,
                idempotency_key: str | None = None, callback_url: str | None = None) -> Job:
-        """Queue a distillation job on `dataset` (an id, a dataset resource, or a `{"manifest": …}`
-        reference).
+        """Queue a distillation job on `dataset` (an id, a dataset resource, a `{"manifest": …}`
+        reference, or an `s3://bucket/prefix/` the operator granted the tenant).
 
         `spec` is a partial spec (`preset` plus overrides). An `Idempotency-Key` is always sent (a
         new uuid4 unless given), so a submit retried after a lost answer gets the first job back,
@@ -214,8 +214,14 @@ class Client:
 
 
 def _dataset_ref(dataset: str | Mapping[str, Any]) -> dict[str, Any]:
+    """`{"id": …}`, or a `{"manifest": …}` / `{"uri": …}` reference as given; an `s3://` string is a
+    reference by uri."""
     if isinstance(dataset, Mapping) and "manifest" in dataset:
         return {"manifest": dataset["manifest"]}
+    if isinstance(dataset, Mapping) and "uri" in dataset and "id" not in dataset:
+        return {"uri": dataset["uri"]}
+    if isinstance(dataset, str) and dataset.startswith("s3://"):
+        return {"uri": dataset}
     return {"id": id_of(dataset)}
 
 

@@ -35,8 +35,9 @@ class Job(TypedDict, total=False):
     stage_progress: float  # the current stage, 0..1
     eta_seconds: float | None
     spec: dict[str, Any]
-    dataset_id: str | None  # null for a manifest job, and once the uploaded dataset was deleted
-    dataset_source: str  # upload | manifest
+    dataset_id: str | None  # null for a manifest or uri job, and once the uploaded dataset was deleted
+    dataset_source: str  # upload | manifest | uri
+    dataset_uri: str | None  # the s3:// prefix of a job on data by reference
     created_at: str
     started_at: str | None
     finished_at: str | None

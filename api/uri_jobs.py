@@ -1,0 +1,75 @@
+"""Jobs on data already in an S3-compatible object store: `{"dataset": {"uri": "s3://bucket/prefix/"}}`.
+
+Checked before the job is accepted, in this order: the reference is parsed (422 `invalid_uri`), then
+matched against the tenant's grants (403 `uri_not_allowed`, before any call to the store, so nothing
+about the bucket is revealed), then the prefix is listed within the operator's `max_files` and laid
+out by the one layout scanner without downloading an object (`fd2_core.data.object_layout`); what the
+store answers is a 422 with its cause (`no_such_bucket`, `access_denied`, `too_many_objects`, …).
+The admitted objects (key, size, ETag, relative path) are written to the job's `objects.json`, which
+the worker fetches by (`worker.source_check`): an object changed since admission is reported there,
+never mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from api.dataset_intake import data_limits
+from api.errors import ApiError
+from api.manifest_jobs import remove_manifest
+from api.storage_errors import storage_errors
+from fd2_config.settings import Settings
+from fd2_core.data.errors import DataError
+from fd2_core.data.object_layout import ObjectLayout, scan_object_prefix
+from fd2_core.data.object_store import ObjectStore, StoreError
+from fd2_core.data.object_uris import ObjectUriError, allowed_by, parse_object_uri
+from store.data_uris import tenant_grants
+from store.folders import discard_file
+from store.jobs import job_workdir
+
+OBJECTS_FILE = "objects.json"
+FIELD = "dataset.uri"
+STORE_STATUS = {"store_unreachable": 503}  # the store's other refusals are the reference's: 422
+
+
+def scan_uri(session: Session, settings: Settings, tenant_id: str, text: str, test_fraction: float,
+             seed: int) -> ObjectLayout:
+    """The admitted layout of the objects under `text`, or the ApiError that refuses it."""
+    try:
+        uri = parse_object_uri(text)
+    except ObjectUriError as exc:
+        raise ApiError(422, "invalid_uri", str(exc), {"field": FIELD}) from None
+    if not allowed_by(uri, [parse_object_uri(text) for text in tenant_grants(session, tenant_id)]):
+        raise ApiError(403, "uri_not_allowed", f"{uri} is not among the buckets and prefixes this tenant may read; "
+                       "ask the operator to grant it (`fd2 uris allow <tenant> s3://…`)", {"field": FIELD})
+    try:
+        return scan_object_prefix(ObjectStore(settings.s3_endpoint_url), uri, test_fraction=test_fraction, seed=seed,
+                                  limits=data_limits(settings))
+    except StoreError as exc:
+        raise ApiError(STORE_STATUS.get(exc.code, 422), exc.code, exc.message, {"field": FIELD, **exc.details}) \
+            from None
+    except DataError as exc:
+        raise ApiError(422, exc.code, exc.message, {"field": FIELD, **(exc.details or {})}) from None
+
+
+def write_objects(settings: Settings, job_id: str, admitted: ObjectLayout) -> Path:
+    """`<job workdir>/objects.json`: the prefix and every admitted object (key, size, ETag and its path
+    below the prefix). A disk that cannot take it answers 503 `insufficient_storage`, nothing left."""
+    path = job_workdir(settings, job_id) / OBJECTS_FILE
+    partial = path.with_suffix(".partial")
+    items = [{"key": o.key, "size": o.size, "etag": o.etag, "path": item.path.as_posix()}
+             for o, item in zip(admitted.objects, admitted.layout.items, strict=True)]
+    with storage_errors(settings):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"uri": str(admitted.prefix), "bucket": admitted.prefix.bucket,
+                                           "items": items}))
+            partial.replace(path)
+        except BaseException:
+            discard_file(partial)
+            remove_manifest(path)
+            raise
+    return path
