@@ -102,7 +102,7 @@ class JobRunner:
         try:
             spec = resolve_spec(job.spec)
             # Re-checked here, not trusted from submission: the files may have changed since.
-            data = prepare_source(self.settings, job.id, job.source, spec)
+            data = prepare_source(self.settings, job.id, job.source, spec, reporter, poller)
             limits = DataLimits(**self.settings.data_limit_values())
             result = run(spec, data, job_workdir(self.settings, job.id), on_event=reporter, should_stop=poller,
                          limits=limits)

@@ -215,7 +215,7 @@ class ShardRunner:
             if source is None:
                 raise SourceRejected("not_found", "the job's dataset no longer exists")
             spec = resolve_spec(claim.spec)
-            data = prepare_source(self.settings, job_id, source, spec)
+            data = prepare_source(self.settings, job_id, source, spec, reporter, poller)
             limits = DataLimits(**self.settings.data_limit_values())
             result = run_shard(spec, data, workdir, shard_id, on_event=reporter, should_stop=poller, limits=limits)
         except Exception as exc:

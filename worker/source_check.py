@@ -17,6 +17,7 @@ Torch-free, so it can run before the pipeline is imported.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from fd2_core.admission import JobCounts, admission_problems
 from fd2_core.data.errors import DataWarning
 from fd2_core.data.layout import PATH_ESCAPE_REASONS, DatasetLayout, scan_manifest_items, scan_source
 from fd2_core.data.limits import DataLimits
+from fd2_core.progress import EventSink, PipelineEvent, StopCheck, StopRequested
 from fd2_core.spec import JobSpec
 from store.datasets import dataset_path
 from store.jobs import job_workdir
@@ -90,12 +92,15 @@ def load_stored_manifest(settings: Settings, job_id: str, recorded: str, limits:
     return {"root": str(resolved), "items": items}
 
 
-def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpec, limits: DataLimits) -> DatasetLayout:
+def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpec, limits: DataLimits,
+                    on_event: EventSink | None = None, should_stop: StopCheck | None = None) -> DatasetLayout:
     """The admitted objects of a job on an s3:// prefix (its `objects.json`, confined to the job's folder)
     fetched through the worker's object cache into `<job workdir>/data/`, laid out as admitted, and
-    scanned as an upload's folder is. Raises SourceRejected with the store's code (`object_changed` for
-    an object that is not the admitted version, `no_such_key`, `insufficient_storage`, …)."""
-    from fd2_core.data.object_fetch import ObjectCache, fetch_objects
+    scanned as an upload's folder is. Progress goes to `on_event` as `log` lines at most once a second
+    ("fetching 1 234 / 5 994 objects, …"); `should_stop` is polled before each object. Raises
+    SourceRejected with the store's code (`object_changed` for an object that is not the admitted
+    version, `no_such_key`, `insufficient_storage`, …) and StopRequested on a stop."""
+    from fd2_core.data.object_fetch import FetchStopped, ObjectCache, Progress, fetch_objects
     from fd2_core.data.object_store import ObjectStore, StoredObject, StoreError
 
     path = Path(recorded)
@@ -117,11 +122,21 @@ def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpe
     data = folder / "data"
     assert settings.object_cache_dir is not None
     cache = ObjectCache(settings.object_cache_dir, settings.object_cache_max_bytes, settings.min_free_disk_bytes)
+    last = [0.0]
+
+    def report(progress: Progress) -> None:
+        now = time.monotonic()
+        if on_event is not None and (now - last[0] >= 1.0 or progress.done == progress.total):
+            last[0] = now
+            on_event(PipelineEvent("log", "pretrain", 0.0, 0.0, None, progress.message()))
+
     try:
         fetch_objects(ObjectStore(settings.s3_endpoint_url), bucket, objects, cache, data, relative,
-                      workers=settings.fetch_concurrency)
+                      workers=settings.fetch_concurrency, on_progress=report, should_stop=should_stop)
     except StoreError as exc:
         raise SourceRejected(exc.code, exc.message) from None
+    except FetchStopped:
+        raise StopRequested("stop requested while fetching the data") from None
     layout = scan_source(data, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
     check_admission(settings, spec, layout)
     return layout
@@ -135,7 +150,8 @@ def check_admission(settings: Settings, spec: JobSpec, layout: DatasetLayout) ->
         raise SourceRejected(problems[0].code, problems[0].message)
 
 
-def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec) -> DatasetLayout:
+def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: JobSpec,
+                   on_event: EventSink | None = None, should_stop: StopCheck | None = None) -> DatasetLayout:
     """The checked layout of what this job may read, after every check above: scanned once here and handed to
     the pipeline as it is (the loader decodes it without a second scan).
 
@@ -150,7 +166,7 @@ def prepare_source(settings: Settings, job_id: str, source: JobSource, spec: Job
         layout.warnings[:0] = [DataWarning(w["code"], w["message"], w.get("details") or {}) for w in source.warnings]
         return layout
     if source.kind == "objects":
-        return fetched_objects(settings, job_id, source.path, spec, limits)
+        return fetched_objects(settings, job_id, source.path, spec, limits, on_event, should_stop)
     manifest = load_stored_manifest(settings, job_id, source.path, limits)
     layout = scan_manifest_items(Path(manifest["root"]), manifest["items"], test_fraction=spec.test_fraction,
                                  seed=spec.seed, limits=limits)

@@ -81,6 +81,9 @@ def test_a_job_on_a_granted_prefix_runs_end_to_end(stack: ServiceStack) -> None:
     done = wait_until(lambda: (j := client.get(f"/v1/jobs/{job['id']}").json())["status"] in FINAL and j, 240,
                       interval_s=0.5, what="the s3 job to finish")
     assert done["status"] == "succeeded", (done["error"], stack.log_tail())
+    events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 200}).json()["items"]
+    total = CLASSES * (TRAIN + TEST)
+    assert any(f"fetching {total} / {total} objects" in e["message"] for e in events), [e["message"] for e in events]
     report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
     assert report["dataset"]["num_classes"] == CLASSES
     assert report["dataset"]["splits"] == {"train": CLASSES * TRAIN, "test": CLASSES * TEST}
