@@ -14,9 +14,10 @@ Design (docs/SOFT_LABELS.md; the results in docs/BENCHMARKS.md, "Soft-label form
   teacher file.
 - Teachers and images come from `bench/quality.py`'s pair runner (its validation settings and
   work-folder layout), so a run beside the quality grid's `--validate` reuses them.
-- The choice: the smallest format whose mean paired difference to full logits is ≥ −0.5 points in
-  every (setting, IPC, protocol) cell over the seeds, each with its 95 % t-interval; a cell whose
-  interval is wider than ±1 point cannot resolve 0.5, and the table says so.
+- The choice: the smallest format whose mean paired difference to full logits, pooled per (setting,
+  seed) pair over its IPC × protocol cells, is ≥ −0.5 points over the pairs, with its 95 % t-interval;
+  every cell is reported too, and a cell whose interval is wider than ±1 point cannot resolve 0.5 (the
+  table says so).
 - Resumable: the result file is written after every student; a re-run skips what it holds.
 
     .venv/bin/python bench/label_formats.py                 # 5 seeds × 2 validation settings
@@ -162,13 +163,26 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 ratios += [p[encoding.name]["fp16_all_bytes"] / p[encoding.name]["bytes"] for p in pairs]
                 row["cells"][f"{setting} {key}"] = diff
         row["ratio"] = sum(ratios) / len(ratios) if ratios else None
+        row["pooled"] = _pooled(runs, cells, encoding.name)
         table[encoding.name] = row
     chosen = None
-    for encoding in FORMATS:  # the smallest that holds everywhere: the last in size order that does
-        row = table[encoding.name]["cells"]
-        if row and all(cell["mean"] >= TOLERANCE_POINTS for cell in row.values()):
+    for encoding in FORMATS:  # the smallest whose pooled mean holds
+        pooled = table[encoding.name]["pooled"]
+        if pooled is not None and pooled["mean"] >= TOLERANCE_POINTS:
             chosen = encoding.name if chosen is None or _smaller(table, encoding.name, chosen) else chosen
     return {"formats": table, "chosen": chosen}
+
+
+def _pooled(runs: list[dict[str, Any]], cells: list[str], name: str) -> dict[str, Any] | None:
+    """The paired difference over (setting, seed) pairs of each pair's mean over its complete cells
+    (IPC × protocol): one number per pair, so the interval is over pairs, not over correlated cells."""
+    mine, reference = [], []
+    for run in runs:
+        done = [run["cells"][key] for key in cells if name in run.get("cells", {}).get(key, {})]
+        if len(done) == len(cells):
+            mine.append(sum(cell[name]["accuracy"] for cell in done) / len(done))
+            reference.append(sum(cell[REFERENCE.name]["accuracy"] for cell in done) / len(done))
+    return paired_interval(mine, reference) if mine else None
 
 
 def _smaller(table: dict[str, Any], a: str, b: str) -> bool:
@@ -178,8 +192,8 @@ def _smaller(table: dict[str, Any], a: str, b: str) -> bool:
 def markdown(results: dict[str, Any]) -> str:
     summary = results["summary"]
     keys = sorted({key for row in summary["formats"].values() for key in row["cells"]})
-    lines = ["| format | size ×smaller than fp16 of every position | " + " | ".join(keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    lines = ["| format | size ×smaller than fp16 of every position | pooled over pairs | " + " | ".join(keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
     for name, row in summary["formats"].items():
         cells = []
         for key in keys:
@@ -190,10 +204,15 @@ def markdown(results: dict[str, Any]) -> str:
             wide = " (cannot resolve 0.5)" if cell["hi"] - cell["lo"] > 2 * RESOLUTION_POINTS else ""
             cells.append(f"{cell['mean']:+.1f} [{cell['lo']:+.1f}, {cell['hi']:+.1f}]{wide}")
         ratio = "–" if row["ratio"] is None else f"×{row['ratio']:.1f}"
-        lines.append(f"| {name} | {ratio} | " + " | ".join(cells) + " |")
+        pooled = row.get("pooled")
+        pooled_text = "–" if pooled is None or pooled["lo"] is None else (
+            f"**{pooled['mean']:+.1f}** [{pooled['lo']:+.1f}, {pooled['hi']:+.1f}] (n={pooled['n']})")
+        lines.append(f"| {name} | {ratio} | {pooled_text} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Chosen (smallest with mean ≥ {TOLERANCE_POINTS} points in every cell): "
-                 f"**{summary['chosen'] or 'none'}**.")
+    lines.append(f"Chosen (smallest whose pooled mean paired difference is ≥ {TOLERANCE_POINTS} points): "
+                 f"**{summary['chosen'] or 'none'}**. Cells: mean paired difference to full fp16 logits in points "
+                 "with the 95 % t-interval over seeds; pooled: each (setting, seed) pair's mean over its IPC × "
+                 "protocol cells, paired over pairs.")
     return "\n".join(lines)
 
 
