@@ -29,7 +29,7 @@ from api.errors import ApiError, unavailable
 from api.manifest_jobs import remove_manifest, scan_manifest, write_manifest
 from api.schemas import JobCreate
 from api.spec_checks import check_runnable, resolve_job_spec
-from api.uri_jobs import scan_uri, write_objects
+from api.uri_jobs import scan_uri, scan_uri_manifest, write_objects
 from fd2_config.callback_hosts import callback_host_allowed, callback_url_problem
 from fd2_config.queues import queue_for_device
 from fd2_config.settings import Settings
@@ -181,8 +181,12 @@ def submit_job(
     if ref.id is not None:
         dataset, spec = uploaded_dataset(session, settings, tenant, ref.id, spec)
         dataset_id = dataset.id
-    elif ref.uri is not None:
-        admitted = scan_uri(session, settings, tenant.id, ref.uri, spec.test_fraction, spec.seed)
+    elif ref.uri is not None or (ref.manifest is not None and ref.manifest.of_objects):
+        if ref.uri is not None:
+            admitted = scan_uri(session, settings, tenant.id, ref.uri, spec.test_fraction, spec.seed)
+        else:
+            assert ref.manifest is not None
+            admitted = scan_uri_manifest(session, settings, tenant.id, ref.manifest, spec.test_fraction, spec.seed)
         spec = check_runnable(settings, spec, JobCounts.of_splits(admitted.layout.per_class))
         manifest_path = write_objects(settings, job_id, admitted)
         dataset_uri = str(admitted.prefix)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from store.models import DatasetStatus, JobStatus, ShardStatus
 
@@ -25,7 +25,9 @@ JobStage = Literal["pretrain", "distill", "relabel", "evaluate", "package"]
 class ManifestItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(..., min_length=1, max_length=4096, description="Image path relative to the root.")
+    path: str | None = Field(None, min_length=1, max_length=4096, description="Image path relative to the root.")
+    uri: str | None = Field(None, min_length=1, max_length=1100,
+                            description="`s3://bucket/key` of the image (a manifest of object URIs, no root).")
     label: ClassName | ClassIndex = Field(..., description="Class name (or integer class index).")
     split: Literal["train", "test", "val"] | None = Field(
         None, description="train, test or val (val counts as test); omitted everywhere = a test share is carved."
@@ -33,10 +35,33 @@ class ManifestItem(BaseModel):
 
 
 class Manifest(BaseModel):
+    """Either files under `root` (rows with `path`) or objects in the store (rows with `uri`, no
+    `root`)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    root: str = Field(..., min_length=1, max_length=4096, description="Folder under an operator-allowed data root.")
+    root: str | None = Field(None, min_length=1, max_length=4096,
+                             description="Folder under an operator-allowed data root (rows with `path`).")
     items: list[ManifestItem] = Field(..., min_length=1, description="One row per image.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Manifest:
+        by_uri = [item.uri is not None for item in self.items]
+        if any(item.uri is not None and item.path is not None for item in self.items):
+            raise ValueError("a manifest row has either 'path' (a file under root) or 'uri' (an s3:// object), "
+                             "not both")
+        if any(by_uri) and not all(by_uri):
+            raise ValueError("a manifest lists either files ('path' under 'root') or objects ('uri'), not both")
+        if all(by_uri) and self.root is not None:
+            raise ValueError("a manifest of object URIs has no 'root'; drop it")
+        if not any(by_uri) and (self.root is None or any(item.path is None for item in self.items)):
+            raise ValueError("a manifest of files needs 'root' and a 'path' on every row (or list objects with "
+                             "'uri' instead)")
+        return self
+
+    @property
+    def of_objects(self) -> bool:
+        return self.items[0].uri is not None
 
 
 class DatasetRef(BaseModel):

@@ -19,11 +19,12 @@ from sqlalchemy.orm import Session
 
 from api.dataset_intake import data_limits
 from api.errors import ApiError
-from api.manifest_jobs import remove_manifest
+from api.manifest_jobs import MAX_REPORTED_ROWS, remove_manifest
+from api.schemas import Manifest
 from api.storage_errors import storage_errors
 from fd2_config.settings import Settings
 from fd2_core.data.errors import DataError
-from fd2_core.data.object_layout import ObjectLayout, scan_object_prefix
+from fd2_core.data.object_layout import ObjectLayout, scan_object_prefix, scan_object_rows
 from fd2_core.data.object_store import ObjectStore, StoreError
 from fd2_core.data.object_uris import ObjectUriError, allowed_by, parse_object_uri
 from store.data_uris import tenant_grants
@@ -55,18 +56,61 @@ def scan_uri(session: Session, settings: Settings, tenant_id: str, text: str, te
         raise ApiError(422, exc.code, exc.message, {"field": FIELD, **(exc.details or {})}) from None
 
 
+def scan_uri_manifest(session: Session, settings: Settings, tenant_id: str, manifest: Manifest,
+                      test_fraction: float, seed: int) -> ObjectLayout:
+    """The admitted layout of an inline manifest of object URIs: every URI parsed (422 `invalid_uri`
+    naming the row) and inside the tenant's grants (403 `uri_not_allowed`, before any call to the
+    store), each object's size and ETag read (no download); any row that cannot be used refuses the
+    job with 422 `bad_manifest` listing them, as a manifest of files does."""
+    field = "dataset.manifest.items"
+    grants = [parse_object_uri(text) for text in tenant_grants(session, tenant_id)]
+    rows = []
+    for index, item in enumerate(manifest.items):
+        try:
+            uri = parse_object_uri(item.uri or "")
+        except ObjectUriError as exc:
+            raise ApiError(422, "invalid_uri", f"row {index + 1}: {exc}", {"field": field, "row": index + 1}) \
+                from None
+        if not allowed_by(uri, grants):
+            raise ApiError(403, "uri_not_allowed", f"row {index + 1}: {uri} is not among the buckets and prefixes "
+                           "this tenant may read; ask the operator to grant it (`fd2 uris allow <tenant> s3://…`)",
+                           {"field": field, "row": index + 1})
+        rows.append({"uri": str(uri), "label": str(item.label), **({"split": item.split} if item.split else {})})
+    try:
+        admitted, problems = scan_object_rows(ObjectStore(settings.s3_endpoint_url), rows,
+                                              test_fraction=test_fraction, seed=seed, limits=data_limits(settings))
+    except StoreError as exc:
+        raise ApiError(STORE_STATUS.get(exc.code, 422), exc.code, exc.message, {"field": field, **exc.details}) \
+            from None
+    except DataError as exc:
+        raise ApiError(422, exc.code, exc.message, {"field": field, **(exc.details or {})}) from None
+    if problems:
+        listed = [{"row": p.row, "uri": p.uri, "reason": p.reason} for p in problems[:MAX_REPORTED_ROWS]]
+        first = problems[0]
+        raise ApiError(422, "bad_manifest", f"{len(problems)} manifest row(s) cannot be used; first: {first.uri}: "
+                       f"{first.reason}; fix or remove those rows (each is listed in details.rows)",
+                       {"field": field, "rows": listed, "count": len(problems)})
+    return admitted
+
+
 def write_objects(settings: Settings, job_id: str, admitted: ObjectLayout) -> Path:
     """`<job workdir>/objects.json`: the prefix and every admitted object (key, size, ETag and its path
     below the prefix). A disk that cannot take it answers 503 `insufficient_storage`, nothing left."""
     path = job_workdir(settings, job_id) / OBJECTS_FILE
     partial = path.with_suffix(".partial")
-    items = [{"key": o.key, "size": o.size, "etag": o.etag, "path": item.path.as_posix()}
+    manifest = admitted.layout.kind == "manifest"
+    classes = admitted.layout.classes
+    items = [{"key": o.key, "size": o.size, "etag": o.etag, "path": item.path.as_posix(),
+              **({"bucket": o.bucket} if o.bucket else {}),
+              # a manifest's labels and splits are its rows', not folder names: the worker lays the
+              # fetched files out by them
+              **({"label": classes[item.label], "split": item.split} if manifest else {})}
              for o, item in zip(admitted.objects, admitted.layout.items, strict=True)]
     with storage_errors(settings):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"uri": str(admitted.prefix), "bucket": admitted.prefix.bucket,
-                                           "items": items}))
+                                           "kind": "manifest" if manifest else "prefix", "items": items}))
             partial.replace(path)
         except BaseException:
             discard_file(partial)

@@ -112,7 +112,8 @@ def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpe
     try:
         admitted = json.loads(path.read_text())
         items = admitted["items"]
-        objects = [StoredObject(str(i["key"]), int(i["size"]), str(i["etag"])) for i in items]
+        objects = [StoredObject(str(i["key"]), int(i["size"]), str(i["etag"]), str(i.get("bucket", "")))
+                   for i in items]
         relative = [str(i["path"]) for i in items]
         bucket = str(admitted["bucket"])
     except (ValueError, KeyError, TypeError):
@@ -137,7 +138,11 @@ def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpe
         raise SourceRejected(exc.code, exc.message) from None
     except FetchStopped:
         raise StopRequested("stop requested while fetching the data") from None
-    layout = scan_source(data, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
+    if admitted.get("kind") == "manifest":
+        rows = [{"path": i["path"], "label": i["label"], "split": i["split"]} for i in items]
+        layout = scan_manifest_items(data, rows, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
+    else:
+        layout = scan_source(data, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
     check_admission(settings, spec, layout)
     return layout
 

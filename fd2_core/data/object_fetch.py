@@ -129,7 +129,8 @@ def fetch_objects(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Progress:
-    """Every object of `objects` (as admitted: key, size, ETag) at `destination / relative_paths[i]`,
+    """Every object of `objects` (as admitted: key, size, ETag; in `bucket` unless it names its own) at
+    `destination / relative_paths[i]`,
     through the cache, with at most `workers` downloads at once; returns the final progress.
 
     Raises StoreError (`object_changed` with the key when an object is not the admitted version,
@@ -150,10 +151,10 @@ def fetch_objects(
         partial = entry.with_name(entry.name + f".{threading.get_ident()}{PARTIAL_SUFFIX}")
         try:
             with partial.open("wb") as out:
-                written = store.download(ObjectUri(bucket, item.key), item.etag, out)
+                written = store.download(ObjectUri(item.bucket or bucket, item.key), item.etag, out)
             if written != item.size:
-                raise StoreError("object_changed", f"s3://{bucket}/{item.key} has {written} bytes, not the "
-                                 f"{item.size} admitted; submit the job again", {"key": item.key})
+                raise StoreError("object_changed", f"s3://{item.bucket or bucket}/{item.key} has {written} bytes, "
+                                 f"not the {item.size} admitted; submit the job again", {"key": item.key})
             partial.replace(entry)
         finally:
             partial.unlink(missing_ok=True)
@@ -162,7 +163,7 @@ def fetch_objects(
         if should_stop is not None and should_stop():
             raise FetchStopped()
         item = objects[index]
-        entry = cache.path_of(endpoint, ObjectUri(bucket, item.key), item.etag)
+        entry = cache.path_of(endpoint, ObjectUri(item.bucket or bucket, item.key), item.etag)
         hit = cache.lookup(entry)
         if not hit:
             cache.make_room(item.size)

@@ -93,3 +93,65 @@ def scan_object_prefix(
                         limit=limits.max_files)
     return lay_out_objects(prefix if prefix.is_prefix else ObjectUri(prefix.bucket, prefix.key + "/"), listed,
                            test_fraction=test_fraction, seed=seed, limits=limits)
+
+
+@dataclass
+class RowProblem:
+    row: int
+    uri: str
+    reason: str
+
+
+def scan_object_rows(
+    store: ObjectStore, rows: list[dict[str, str]], *, test_fraction: float, seed: int, limits: DataLimits,
+    workers: int = 16,
+) -> tuple[ObjectLayout, list[RowProblem]]:
+    """The layout of an inline manifest of object URIs (`{"uri", "label", "split"?}` rows, each URI
+    already parsed and allowed): every object's size and ETag read with a HEAD request (bounded
+    concurrency; no object is downloaded), then the rows laid out by `scan_manifest_items` on a
+    skeleton `<bucket>/<key>`. Returns the layout and the rows that cannot be used (missing objects
+    and what the scanner refused), for the caller to refuse the job with; raises StoreError for a
+    store-wide refusal (no such bucket, access denied)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .layout import scan_manifest_items
+    from .object_store import StoreError
+    from .object_uris import parse_object_uri
+
+    if len(rows) > limits.max_manifest_rows:
+        raise StoreError("too_many_objects", f"the manifest lists more than {limits.max_manifest_rows} objects, the "
+                         "operator's limit; split the job", {"limit": limits.max_manifest_rows})
+    uris = [parse_object_uri(row["uri"]) for row in rows]
+    problems: list[RowProblem] = []
+
+    def head(index: int) -> StoredObject | None:
+        try:
+            return store.head(uris[index])
+        except StoreError as exc:
+            if exc.code != "no_such_key":
+                raise
+            problems.append(RowProblem(index + 1, str(uris[index]), "object not found"))
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        heads = list(pool.map(head, range(len(rows))))
+    with tempfile.TemporaryDirectory(prefix="fd2-manifest-") as folder:
+        root = Path(folder)
+        items, by_path = [], {}
+        for row, uri, found in zip(rows, uris, heads, strict=True):
+            if found is None:
+                continue
+            relative = f"{uri.bucket}/{uri.key}"
+            path = root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            by_path[path.resolve()] = found
+            items.append({"path": relative, "label": row["label"], **({"split": row["split"]} if row.get("split")
+                                                                        else {})})
+        layout = scan_manifest_items(root, items, test_fraction=test_fraction, seed=seed, limits=limits)
+        chosen = [by_path[item.path.resolve()] for item in layout.items]
+        layout.items = [dataclasses.replace(item, path=item.path.relative_to(root.resolve())) for item in layout.items]
+    layout.root = Path(".")
+    problems += [RowProblem(0, f"s3://{error.path}", error.reason) for error in layout.errors]
+    common = ObjectUri(uris[0].bucket, "") if uris else ObjectUri("unknown", "")
+    return ObjectLayout(common, layout, chosen), problems

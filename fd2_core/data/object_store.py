@@ -35,11 +35,13 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class StoredObject:
-    """One listed object: its key, size in bytes and ETag (quotes removed)."""
+    """One listed object: its key, size in bytes and ETag (quotes removed); `bucket` when it is not
+    the bucket of the listing it came with (rows of a manifest of object URIs)."""
 
     key: str
     size: int
     etag: str
+    bucket: str = ""
 
 
 _CODES = {
@@ -151,4 +153,4 @@ class ObjectStore:
             answer = self.client.head_object(Bucket=uri.bucket, Key=uri.key)
         except Exception as exc:
             raise self._error(exc, uri) from None
-        return StoredObject(uri.key, int(answer["ContentLength"]), _etag(answer["ETag"]))
+        return StoredObject(uri.key, int(answer["ContentLength"]), _etag(answer["ETag"]), uri.bucket)

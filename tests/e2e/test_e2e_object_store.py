@@ -146,3 +146,27 @@ def test_an_object_changed_after_admission_fails_the_job_saying_so(stack: Servic
                       interval_s=0.5, what="the job to end")
     assert done["status"] == "failed" and done["error"]["code"] == "object_changed", done["error"]
     assert f"{prefix}/c1/2.png" in done["error"]["message"]
+
+
+def test_a_manifest_of_object_uris_runs_and_a_missing_object_refuses_it(stack: ServiceStack, s3: S3Server) -> None:
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="vision/birds/train/")["Contents"]]
+    items = [{"uri": f"s3://{BUCKET}/{key}", "label": key.split("/")[-2]} for key in keys]
+    client = tenant(stack, f"s3://{BUCKET}/vision/birds/")
+    body = {"dataset": {"manifest": {"items": items}}, "spec": SPEC}
+    accepted = client.post("/v1/jobs", json=body)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["dataset_source"] == "uri"
+    job_id = accepted.json()["id"]
+    done = wait_until(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in FINAL and j, 240,
+                      interval_s=0.5, what="the manifest job to finish")
+    assert done["status"] == "succeeded", (done["error"], stack.log_tail())
+    missing = {"uri": f"s3://{BUCKET}/vision/birds/train/nope.png", "label": "wren"}
+    refused = client.post("/v1/jobs", json={**body, "dataset": {"manifest": {"items": [*items, missing]}}})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "bad_manifest", refused.text
+    assert refused.json()["error"]["details"]["rows"][0]["reason"] == "object not found"
+    outside = {"uri": "s3://other-team/anything.png", "label": "wren"}
+    forbidden = client.post("/v1/jobs", json={**body, "dataset": {"manifest": {"items": [*items, outside]}}})
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "uri_not_allowed"
+    mixed = client.post("/v1/jobs", json={**body, "dataset": {"manifest": {"root": "/data", "items": items}}})
+    assert mixed.status_code == 422 and "no 'root'" in mixed.text
+    assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [job_id]
