@@ -1,4 +1,5 @@
-"""Jobs on data already in an S3-compatible object store: `{"dataset": {"uri": "s3://bucket/prefix/"}}`.
+"""Jobs on data already in an S3-compatible object store: `{"dataset": {"uri": "s3://bucket/prefix/"}}`
+(or `…/manifest.csv|.jsonl`, a manifest object), and inline manifests of object URIs.
 
 Checked before the job is accepted, in this order: the reference is parsed (422 `invalid_uri`), then
 matched against the tenant's grants (403 `uri_not_allowed`, before any call to the store, so nothing
@@ -12,9 +13,12 @@ never mixed in.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.dataset_intake import data_limits
@@ -26,12 +30,13 @@ from fd2_config.settings import Settings
 from fd2_core.data.errors import DataError
 from fd2_core.data.object_layout import ObjectLayout, scan_object_prefix, scan_object_rows
 from fd2_core.data.object_store import ObjectStore, StoreError
-from fd2_core.data.object_uris import ObjectUriError, allowed_by, parse_object_uri
+from fd2_core.data.object_uris import ObjectUri, ObjectUriError, allowed_by, parse_object_uri
 from store.data_uris import tenant_grants
 from store.folders import discard_file
 from store.jobs import job_workdir
 
 OBJECTS_FILE = "objects.json"
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
 FIELD = "dataset.uri"
 STORE_STATUS = {"store_unreachable": 503}  # the store's other refusals are the reference's: 422
 
@@ -46,6 +51,9 @@ def scan_uri(session: Session, settings: Settings, tenant_id: str, text: str, te
     if not allowed_by(uri, [parse_object_uri(text) for text in tenant_grants(session, tenant_id)]):
         raise ApiError(403, "uri_not_allowed", f"{uri} is not among the buckets and prefixes this tenant may read; "
                        "ask the operator to grant it (`fd2 uris allow <tenant> s3://…`)", {"field": FIELD})
+    if uri.key.lower().endswith(MANIFEST_SUFFIXES):
+        manifest = read_manifest_object(settings, uri)
+        return scan_uri_manifest(session, settings, tenant_id, manifest, test_fraction, seed)
     try:
         return scan_object_prefix(ObjectStore(settings.s3_endpoint_url), uri, test_fraction=test_fraction, seed=seed,
                                   limits=data_limits(settings))
@@ -54,6 +62,40 @@ def scan_uri(session: Session, settings: Settings, tenant_id: str, text: str, te
             from None
     except DataError as exc:
         raise ApiError(422, exc.code, exc.message, {"field": FIELD, **(exc.details or {})}) from None
+
+
+def read_manifest_object(settings: Settings, uri: ObjectUri) -> Manifest:
+    """A manifest object (`.csv` with a header `uri|path,label[,split]`, or `.jsonl` of such objects)
+    as an inline manifest of object URIs; a `path` is relative to the manifest's folder. Refused with
+    422 when it is larger than the operator's manifest limit, or not such a manifest."""
+    limits = data_limits(settings)
+    store = ObjectStore(settings.s3_endpoint_url)
+    try:
+        head = store.head(uri)
+        if head.size > limits.max_manifest_bytes:
+            raise ApiError(422, "too_large", f"{uri} is larger than the manifest limit "
+                           f"({limits.max_manifest_bytes} bytes); split it", {"field": FIELD})
+        text = store.read(uri, head.etag).decode("utf-8-sig")
+    except StoreError as exc:
+        raise ApiError(STORE_STATUS.get(exc.code, 422), exc.code, exc.message, {"field": FIELD, **exc.details}) \
+            from None
+    except UnicodeDecodeError:
+        raise ApiError(422, "bad_manifest", f"{uri} is not UTF-8 text", {"field": FIELD}) from None
+    folder = uri.key.rsplit("/", 1)[0] + "/" if "/" in uri.key else ""
+    try:
+        if uri.key.lower().endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        items = []
+        for row in rows:
+            target = row.get("uri") or (f"s3://{uri.bucket}/{folder}{row['path']}" if row.get("path") else None)
+            items.append({"uri": target, "label": row.get("label"), **({"split": row["split"]} if row.get("split")
+                                                                          else {})})
+        return Manifest.model_validate({"items": items})
+    except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
+        raise ApiError(422, "bad_manifest", f"{uri} is not a manifest of rows uri (or path), label[, split]: "
+                       f"{str(exc).splitlines()[0][:200]}", {"field": FIELD}) from None
 
 
 def scan_uri_manifest(session: Session, settings: Settings, tenant_id: str, manifest: Manifest,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import FileError
-from .layout import DatasetLayout, scan_source
+from .layout import MANIFEST_NAMES, DatasetLayout, scan_source
 from .limits import DataLimits
 from .object_store import ObjectStore, StoredObject
 from .object_uris import ObjectUri
@@ -70,6 +70,10 @@ def lay_out_objects(
             if relative is None:
                 unusable.append(FileError(item.key, "the object's key cannot be a file name (an empty, '.' or '..' "
                                                     "segment, or a name over 255 bytes); rename it"))
+                continue
+            if "/" not in relative and relative.lower() in (*MANIFEST_NAMES, "manifest.jsonl"):
+                unusable.append(FileError(item.key, "a manifest object is read only when the job names it "
+                                                    f"(dataset.uri s3://{prefix.bucket}/{item.key}); ignored"))
                 continue
             path = root / relative
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,28 @@ def test_a_manifest_of_object_uris_runs_and_a_missing_object_refuses_it(stack: S
     mixed = client.post("/v1/jobs", json={**body, "dataset": {"manifest": {"root": "/data", "items": items}}})
     assert mixed.status_code == 422 and "no 'root'" in mixed.text
     assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [job_id]
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "manifest.jsonl"])
+def test_a_manifest_object_in_the_bucket_runs(stack: ServiceStack, s3: S3Server, name: str) -> None:
+    import json
+
+    client_s3 = s3.client()
+    keys = [o["Key"] for o in client_s3.list_objects_v2(Bucket=BUCKET, Prefix="vision/birds/train/")["Contents"]]
+    rows = [{"path": key.removeprefix("vision/birds/"), "label": key.split("/")[-2]} for key in keys]
+    if name.endswith(".csv"):
+        body = "path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in rows)
+    else:
+        body = "".join(json.dumps({"uri": f"s3://{BUCKET}/vision/birds/{r['path']}", "label": r["label"]}) + "\n"
+                       for r in rows)
+    client_s3.put_object(Bucket=BUCKET, Key=f"vision/birds/{name}", Body=body.encode())
+    client = tenant(stack, f"s3://{BUCKET}/vision/")
+    accepted = submit(client, f"s3://{BUCKET}/vision/birds/{name}")
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    done = wait_until(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in FINAL and j, 240,
+                      interval_s=0.5, what="the manifest-object job to finish")
+    assert done["status"] == "succeeded", (done["error"], stack.log_tail())
+    client_s3.put_object(Bucket=BUCKET, Key="vision/birds/broken.jsonl", Body=b"{not json\n")
+    broken = submit(client, f"s3://{BUCKET}/vision/birds/broken.jsonl")
+    assert broken.status_code == 422 and broken.json()["error"]["code"] == "bad_manifest", broken.text
