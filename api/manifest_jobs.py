@@ -78,23 +78,29 @@ def scan_manifest(settings: Settings, manifest: Manifest, test_fraction: float,
     return root, rows, layout
 
 
-def write_manifest(settings: Settings, job_id: str, root: Path, rows: list[dict[str, Any]]) -> Path:
-    """`<job workdir>/manifest.json` = {"root", "items"}: the worker reads rows relative to `root`.
+def write_job_file(settings: Settings, job_id: str, name: str, document: dict[str, Any]) -> Path:
+    """`<job workdir>/<name>` = `document` as JSON, written whole or not at all.
 
     A disk that cannot take it answers 503 `insufficient_storage` with the partial file and the
     folder removed (what the disk refuses to remove is the storage sweep's: no row owns it)."""
-    path = job_workdir(settings, job_id) / MANIFEST_FILE
+    path = job_workdir(settings, job_id) / name
     partial = path.with_suffix(".partial")
     with storage_errors(settings):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"root": str(root), "items": rows}))
+            partial.write_text(json.dumps(document))
             partial.replace(path)
         except BaseException:
             discard_file(partial)
             remove_manifest(path)
             raise
     return path
+
+
+def write_manifest(settings: Settings, job_id: str, root: Path, rows: list[dict[str, Any]]) -> Path:
+    """`<job workdir>/manifest.json` = {"root", "items"}: the worker reads rows relative to `root`
+    (`write_job_file`'s 503 on a full disk)."""
+    return write_job_file(settings, job_id, MANIFEST_FILE, {"root": str(root), "items": rows})
 
 
 def remove_manifest(path: Path | None) -> None:

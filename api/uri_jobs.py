@@ -23,17 +23,14 @@ from sqlalchemy.orm import Session
 
 from api.dataset_intake import data_limits
 from api.errors import ApiError
-from api.manifest_jobs import MAX_REPORTED_ROWS, remove_manifest
+from api.manifest_jobs import MAX_REPORTED_ROWS, write_job_file
 from api.schemas import Manifest
-from api.storage_errors import storage_errors
 from fd2_config.settings import Settings
 from fd2_core.data.errors import DataError
 from fd2_core.data.object_layout import ObjectLayout, scan_object_prefix, scan_object_rows
 from fd2_core.data.object_store import ObjectStore, StoreError
 from fd2_core.data.object_uris import ObjectUri, ObjectUriError, allowed_by, parse_object_uri
 from store.data_uris import tenant_grants
-from store.folders import discard_file
-from store.jobs import job_workdir
 
 OBJECTS_FILE = "objects.json"
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -137,9 +134,8 @@ def scan_uri_manifest(session: Session, settings: Settings, tenant_id: str, mani
 
 def write_objects(settings: Settings, job_id: str, admitted: ObjectLayout) -> Path:
     """`<job workdir>/objects.json`: the prefix and every admitted object (key, size, ETag and its path
-    below the prefix). A disk that cannot take it answers 503 `insufficient_storage`, nothing left."""
-    path = job_workdir(settings, job_id) / OBJECTS_FILE
-    partial = path.with_suffix(".partial")
+    below the prefix; a manifest's label and split too). A disk that cannot take it answers 503
+    `insufficient_storage`, nothing left (`write_job_file`)."""
     manifest = admitted.layout.kind == "manifest"
     classes = admitted.layout.classes
     items = [{"key": o.key, "size": o.size, "etag": o.etag, "path": item.path.as_posix(),
@@ -148,14 +144,6 @@ def write_objects(settings: Settings, job_id: str, admitted: ObjectLayout) -> Pa
               # fetched files out by them
               **({"label": classes[item.label], "split": item.split} if manifest else {})}
              for o, item in zip(admitted.objects, admitted.layout.items, strict=True)]
-    with storage_errors(settings):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"uri": str(admitted.prefix), "bucket": admitted.prefix.bucket,
-                                           "kind": "manifest" if manifest else "prefix", "items": items}))
-            partial.replace(path)
-        except BaseException:
-            discard_file(partial)
-            remove_manifest(path)
-            raise
-    return path
+    return write_job_file(settings, job_id, OBJECTS_FILE, {
+        "uri": str(admitted.prefix), "bucket": admitted.prefix.bucket, "kind": "manifest" if manifest else "prefix",
+        "items": items})
