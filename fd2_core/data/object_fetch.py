@@ -13,12 +13,13 @@ store answers 412 for another version) and size; a transient failure is retried 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,9 @@ class ObjectCache:
     def __init__(self, folder: Path, max_bytes: int, min_free_bytes: int = 0) -> None:
         self.folder, self.max_bytes, self.min_free_bytes = Path(folder), max_bytes, min_free_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._reserved = 0  # bytes of downloads in flight, counted against the caps until they land
+        self._pinned: dict[Path, int] = {}  # entries being downloaded or linked: never evicted meanwhile
 
     def path_of(self, endpoint: str, uri: ObjectUri, etag: str) -> Path:
         digest = hashlib.sha256(f"{endpoint}\0{uri.bucket}\0{uri.key}\0{etag}".encode()).hexdigest()
@@ -100,21 +103,59 @@ class ObjectCache:
             found.append((stat.st_mtime, stat.st_size, path))
         return sorted(found)
 
-    def make_room(self, size: int) -> None:
-        """Evict least recently used entries until `size` more bytes fit both caps; StoreError
-        `insufficient_storage` when they cannot."""
+    def _fits(self, size: int) -> bool:
+        """Evict least recently used entries until `size` more bytes fit both caps, counting the
+        downloads in flight; whether they now fit. Called holding the lock."""
+        entries = self.entries()
+        used = sum(s for _, s, _ in entries) + self._reserved
+        entries = [entry for entry in entries if entry[2] not in self._pinned]
+        free = shutil.disk_usage(self.folder).free - self._reserved
+        while entries and (used + size > self.max_bytes or free - size < self.min_free_bytes):
+            _, old_size, old = entries.pop(0)
+            old.unlink(missing_ok=True)
+            used, free = used - old_size, free + old_size
+        return used + size <= self.max_bytes and free - size >= self.min_free_bytes
+
+    def make_room(self, size: int, hold: bool = False) -> None:
+        """Make `size` more bytes fit (evicting the least recently used), waiting for downloads in
+        flight to land when only they stand in the way; with `hold`, count them as in flight until
+        `release(size)`. StoreError `insufficient_storage` when they cannot fit even so."""
         with self._lock:
-            entries = self.entries()
-            used = sum(s for _, s, _ in entries)
-            free = shutil.disk_usage(self.folder).free
-            while entries and (used + size > self.max_bytes or free - size < self.min_free_bytes):
-                _, old_size, old = entries.pop(0)
-                old.unlink(missing_ok=True)
-                used, free = used - old_size, free + old_size
-            if used + size > self.max_bytes or free - size < self.min_free_bytes:
-                raise StoreError("insufficient_storage", f"the object cache cannot hold {size} more bytes within "
-                                 f"its cap ({self.max_bytes} bytes) and the disk's free-space floor; the operator "
-                                 "raises the cap or frees disk space")
+            while not self._fits(size):
+                if not self._reserved:
+                    raise StoreError("insufficient_storage", f"the object cache cannot hold {size} more bytes "
+                                     f"within its cap ({self.max_bytes} bytes) and the disk's free-space floor; the "
+                                     "operator raises the cap or frees disk space")
+                self._lock.wait()
+            if hold:
+                self._reserved += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def using(self, entry: Path, size: int) -> Iterator[bool]:
+        """Whether `entry` is cached (a hit becomes the most recently used); when it is not, room for
+        its `size` bytes is held until the block ends. The entry is pinned for the block, so another
+        download's eviction cannot remove it before it is linked."""
+        with self._lock:
+            self._pinned[entry] = self._pinned.get(entry, 0) + 1
+        held = False
+        try:
+            hit = self.lookup(entry)
+            if not hit:
+                self.make_room(size, hold=True)
+                held = True
+            yield hit
+        finally:
+            with self._lock:
+                self._pinned[entry] -= 1
+                if not self._pinned[entry]:
+                    del self._pinned[entry]
+            if held:
+                self.release(size)
 
 
 def fetch_objects(
@@ -164,17 +205,16 @@ def fetch_objects(
             raise FetchStopped()
         item = objects[index]
         entry = cache.path_of(endpoint, ObjectUri(item.bucket or bucket, item.key), item.etag)
-        hit = cache.lookup(entry)
-        if not hit:
-            cache.make_room(item.size)
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            download(item, entry)
         target = destination / relative_paths[index]
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(entry, target)
-        except OSError:  # another file system, or no hard links: a copy
-            shutil.copyfile(entry, target)
+        with cache.using(entry, item.size) as hit:
+            if not hit:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                download(item, entry)
+            try:
+                os.link(entry, target)
+            except OSError:  # another file system, or no hard links: a copy
+                shutil.copyfile(entry, target)
         with lock:
             state["done"] += 1
             state["bytes"] += item.size

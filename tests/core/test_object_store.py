@@ -222,8 +222,14 @@ def test_the_cache_evicts_the_least_recently_used_and_a_stop_is_prompt(store: Ob
     fetch_objects(store, bucket, objects, cache, tmp_path / "job", [o.key for o in objects], workers=1)
     kept = cache.entries()
     assert len(kept) <= 4 and sum(size for _, size, _ in kept) <= 5000
+    parallel = ObjectCache(tmp_path / "parallel", max_bytes=5000)  # eight downloads at once stay within the cap
+    fetch_objects(store, bucket, objects, parallel, tmp_path / "job-p", [o.key for o in objects], workers=8)
+    assert sum(size for _, size, _ in parallel.entries()) <= 5000
     with pytest.raises(StoreError, match="cannot hold"):
         ObjectCache(tmp_path / "tiny", max_bytes=10).make_room(11)
+    in_flight = ObjectCache(tmp_path / "flight", max_bytes=100)
+    with pytest.raises(StoreError, match="cannot hold"):
+        in_flight.make_room(101)  # more than the cap: refused at once, nothing to wait for
     calls = []
     resumable = ObjectCache(tmp_path / "c2", 10**6)
     with pytest.raises(FetchStopped):
