@@ -143,6 +143,7 @@ def fetched_objects(settings: Settings, job_id: str, recorded: str, spec: JobSpe
         layout = scan_manifest_items(data, rows, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
     else:
         layout = scan_source(data, test_fraction=spec.test_fraction, seed=spec.seed, limits=limits)
+    layout.shown_as = str(admitted.get("uri", ""))
     check_admission(settings, spec, layout)
     return layout
 

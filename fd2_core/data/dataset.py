@@ -285,7 +285,7 @@ def load_dataset(
             raise ValueError(f"dataset has {source.image_size} px images, {image_size} px were asked for")
         return source
     if isinstance(source, DatasetLayout):
-        shown = f"manifest:{source.root}" if source.kind == "manifest" else str(source.root)
+        shown = source.shown_as or (f"manifest:{source.root}" if source.kind == "manifest" else str(source.root))
         return decode_layout(source, image_size, limits=limits, workers=workers, source=shown,
                              on_progress=on_progress, drop_duplicates=drop_duplicates)
     if isinstance(source, Mapping):

@@ -81,6 +81,8 @@ class DatasetLayout:
     test_fraction: float = 0.0
     warnings: list[DataWarning] = field(default_factory=list)
     names: TreeNames | None = field(default=None, repr=False, compare=False)  # how paths are shown
+    # how reports name the source when it is not `root` (objects fetched from an s3:// prefix)
+    shown_as: str = ""
 
     @property
     def splits_given(self) -> bool:

@@ -87,6 +87,7 @@ def test_a_job_on_a_granted_prefix_runs_end_to_end(stack: ServiceStack) -> None:
     report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
     assert report["dataset"]["num_classes"] == CLASSES
     assert report["dataset"]["splits"] == {"train": CLASSES * TRAIN, "test": CLASSES * TEST}
+    assert report["dataset"]["source"] == f"s3://{BUCKET}/vision/birds/"  # not the worker's local copy
     listed = client.get("/v1/jobs").json()["items"]
     assert [j["dataset_source"] for j in listed if j["id"] == job["id"]] == ["uri"]
 
