@@ -158,6 +158,19 @@ class ObjectCache:
                 self.release(size)
 
 
+def _place(entry: Path, target: Path) -> None:
+    """`target` becomes the cached `entry`: a hard link, or a copy across file systems. A target left
+    by an interrupted fetch is replaced, or kept when it already is the entry."""
+    if target.exists():
+        if os.path.samefile(entry, target):
+            return
+        target.unlink()
+    try:
+        os.link(entry, target)
+    except OSError:  # another file system, or no hard links
+        shutil.copyfile(entry, target)
+
+
 def fetch_objects(
     store: ObjectStore,
     bucket: str,
@@ -211,10 +224,7 @@ def fetch_objects(
             if not hit:
                 entry.parent.mkdir(parents=True, exist_ok=True)
                 download(item, entry)
-            try:
-                os.link(entry, target)
-            except OSError:  # another file system, or no hard links: a copy
-                shutil.copyfile(entry, target)
+            _place(entry, target)
         with lock:
             state["done"] += 1
             state["bytes"] += item.size

@@ -196,3 +196,33 @@ def test_a_manifest_object_in_the_bucket_runs(stack: ServiceStack, s3: S3Server,
     client_s3.put_object(Bucket=BUCKET, Key="vision/birds/broken.jsonl", Body=b"{not json\n")
     broken = submit(client, f"s3://{BUCKET}/vision/birds/broken.jsonl")
     assert broken.status_code == 422 and broken.json()["error"]["code"] == "bad_manifest", broken.text
+
+
+def test_a_fetch_killed_midway_resumes_from_the_cache(stack: ServiceStack, s3: S3Server) -> None:
+    """SIGKILL of the worker while it fetches; the job's next worker finds what was fetched in the cache."""
+    if stack.mode != "embedded":
+        pytest.skip("one mode suffices: the cache is the worker's, whatever the broker")
+    prefix = "many"
+    client_s3 = s3.client()
+    image = _png()
+    for c in range(2):
+        for i in range(300):
+            client_s3.put_object(Bucket="other-team", Key=f"{prefix}/c{c}/{i}.png", Body=image)
+    client = tenant(stack, f"s3://other-team/{prefix}/")
+    accepted = submit(client, f"s3://other-team/{prefix}/")
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+
+    def messages() -> list[str]:
+        return [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()["items"]]
+
+    wait_until(lambda: any(m.startswith("fetching") and "/ 600 objects" in m and not m.startswith("fetching 600")
+                           for m in messages()), 120, interval_s=0.2, what="the fetch to be under way")
+    stack.worker.kill()
+    stack.start_worker()
+    done = wait_until(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in FINAL and j, 300,
+                      interval_s=0.5, what="the job to finish on the new worker")
+    assert done["status"] == "succeeded", (done["error"], stack.log_tail())
+    final = [m for m in messages() if m.startswith("fetching 600 / 600 objects")]
+    cached = int(final[-1].rsplit("(", 1)[1].split(" ")[0].replace(" ", ""))
+    assert 0 < cached < 600, final  # the second fetch reused what the first had cached
