@@ -209,6 +209,7 @@ def fetch_objects(
             if written != item.size:
                 raise StoreError("object_changed", f"s3://{item.bucket or bucket}/{item.key} has {written} bytes, "
                                  f"not the {item.size} admitted; submit the job again", {"key": item.key})
+            partial.chmod(0o444)  # entries are shared by jobs through hard links: read-only
             partial.replace(entry)
         finally:
             partial.unlink(missing_ok=True)

@@ -185,7 +185,9 @@ def test_objects_are_fetched_through_the_cache(store: ObjectStore, server: S3Ser
         server.client().delete_object(Bucket=bucket, Key=o.key)
     second = fetch_objects(store, bucket, objects, cache, tmp_path / "job2", relative, workers=4)
     assert (second.done, second.cached) == (12, 12)
-    (tmp_path / "job2" / relative[0]).write_bytes(b"a stale copy")  # a retried fetch into the same folder
+    stale = tmp_path / "job2" / relative[0]
+    stale.unlink()
+    stale.write_bytes(b"a stale copy")  # another file where a retried fetch places the entry
     again = fetch_objects(store, bucket, objects, cache, tmp_path / "job2", relative, workers=4)
     assert again.done == 12 and (tmp_path / "job2" / relative[0]).read_bytes() == bytes([0]) * 1000
     assert all((tmp_path / "job2" / r).read_bytes() == bytes([i]) * (1000 + i) for i, r in enumerate(relative))
