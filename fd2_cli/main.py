@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fd2_config.queues import ALL_QUEUES, parse_queue_list
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
@@ -126,6 +132,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- keys and migrate
 
 
+def _in_session(args: argparse.Namespace, work: Callable[[Session], T]) -> T:
+    """`work(session)` on the home's database, migrated first, committed when it returns."""
+    from store.db import migrate, session_scope
+
+    settings = _settings(args)
+    migrate(settings)
+    with session_scope(settings) as session:
+        return work(session)
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     """Print only the new key on stdout, so `KEY=$(fd2 keys create acme)` works."""
     from store.db import migrate, session_scope
@@ -145,32 +161,22 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from store.db import migrate, session_scope
     from store.keys import PREFIX_PATTERN, key_prefix, revoke_key
 
     text = args.key.strip()
     if not PREFIX_PATTERN.match(text) and key_prefix(text) is None:
         return _fail("that is neither a key nor a key prefix; give the whole key or its fd2_xxxxxxxx prefix "
                      "(`fd2 keys list` shows the prefixes)")
-    settings = _settings(args)
-    migrate(settings)
-    with session_scope(settings) as session:
-        revoked = revoke_key(session, args.key)
-    if not revoked:
+    if not _in_session(args, lambda session: revoke_key(session, args.key)):
         return _fail("no active key matches; give the whole key or its fd2_xxxxxxxx prefix", code=1)
     print(f"revoked {args.key.strip()[:12]}")
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from store.db import migrate, session_scope
     from store.keys import list_keys
 
-    settings = _settings(args)
-    migrate(settings)
-    with session_scope(settings) as session:
-        keys = list_keys(session, args.tenant)
-    for info in keys:
+    for info in _in_session(args, lambda session: list_keys(session, args.tenant)):
         state = f"revoked {info.revoked_at:%Y-%m-%d}" if info.revoked_at else "active"
         print(f"{info.prefix}\t{info.tenant}\t{info.created_at:%Y-%m-%d %H:%M}\t{state}")
     return 0
@@ -180,17 +186,10 @@ def cmd_uris_allow(args: argparse.Namespace) -> int:
     """Grant a tenant reads under an s3:// bucket or prefix."""
     from fd2_core.data.object_uris import parse_object_uri
     from store.data_uris import allow_uri
-    from store.db import migrate, session_scope
 
     try:
         normalised = str(parse_object_uri(args.uri.strip()))
-    except ValueError as exc:
-        return _fail(f"{exc}; e.g. `fd2 uris allow acme s3://datasets/acme/`")
-    settings = _settings(args)
-    migrate(settings)
-    try:
-        with session_scope(settings) as session:
-            uri = allow_uri(session, args.tenant, normalised)
+        uri = _in_session(args, lambda session: allow_uri(session, args.tenant, normalised))
     except ValueError as exc:
         return _fail(f"{exc}; e.g. `fd2 uris allow acme s3://datasets/acme/`")
     print(f"{args.tenant.strip()} may read {uri}")
@@ -200,17 +199,12 @@ def cmd_uris_allow(args: argparse.Namespace) -> int:
 def cmd_uris_revoke(args: argparse.Namespace) -> int:
     from fd2_core.data.object_uris import parse_object_uri
     from store.data_uris import revoke_uri
-    from store.db import migrate, session_scope
 
     try:
         normalised = str(parse_object_uri(args.uri.strip()))
     except ValueError as exc:
         return _fail(str(exc))
-    settings = _settings(args)
-    migrate(settings)
-    with session_scope(settings) as session:
-        revoked = revoke_uri(session, args.tenant, normalised)
-    if not revoked:
+    if not _in_session(args, lambda session: revoke_uri(session, args.tenant, normalised)):
         return _fail("the tenant has no such grant (`fd2 uris list` shows them)", code=1)
     print(f"revoked {args.uri.strip()} for {args.tenant.strip()}")
     return 0
@@ -218,13 +212,8 @@ def cmd_uris_revoke(args: argparse.Namespace) -> int:
 
 def cmd_uris_list(args: argparse.Namespace) -> int:
     from store.data_uris import list_grants
-    from store.db import migrate, session_scope
 
-    settings = _settings(args)
-    migrate(settings)
-    with session_scope(settings) as session:
-        grants = list_grants(session, args.tenant)
-    for grant in grants:
+    for grant in _in_session(args, lambda session: list_grants(session, args.tenant)):
         print(f"{grant.tenant}\t{grant.uri}\t{grant.created_at:%Y-%m-%d %H:%M}")
     return 0
 
