@@ -34,6 +34,8 @@ RESAMPLINGS = (RESIZED_CROP, ROI_ALIGN)
 DIGEST_BYTES = 8
 # the order in which an epoch's choices enter its digest (and the keys of `EpochChoices.tensors`)
 CHOICE_KEYS = ("order", "boxes", "flips", "cutmix_perm", "cutmix_box", "cutmix_lam")
+# the library versions in a walk's metadata: checked by the digests, not by equality
+VERSION_KEYS = ("torch", "numpy")
 
 
 class AugmentationMismatch(ValueError):

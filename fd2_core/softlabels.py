@@ -53,7 +53,7 @@ from .atomic import save_tensors
 from .augment import RESIZED_CROP, ROI_ALIGN, CropFlip, CutMix, Resampling, apply_crop_flip, apply_cutmix
 from .label_codec import LOGIT_KEYS, decode_logits, encode_logits
 from .label_formats import FULL, LabelEncoding
-from .relabel_choices import AugmentationStream, EpochChoices
+from .relabel_choices import VERSION_KEYS, AugmentationStream, EpochChoices
 
 FORMAT = "fd2.soft_labels.v5"
 FORMAT_V4 = "fd2.soft_labels.v4"
@@ -434,7 +434,7 @@ def _without_versions(metadata: dict[str, str]) -> dict[str, object]:
     out: dict[str, object] = dict(metadata)
     if "augmentations" in metadata:
         walk = json.loads(metadata["augmentations"])
-        out["augmentations"] = {k: v for k, v in walk.items() if k not in ("torch", "numpy")}
+        out["augmentations"] = {k: v for k, v in walk.items() if k not in VERSION_KEYS}
     return out
 
 

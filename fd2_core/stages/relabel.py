@@ -27,7 +27,7 @@ from ..label_codec import kept_epochs
 from ..label_formats import LabelEncoding, kept_epoch_count
 from ..models import FD2Model
 from ..progress import StageReporter, unit_tracker
-from ..relabel_choices import AugmentationMismatch, AugmentationStream
+from ..relabel_choices import VERSION_KEYS, AugmentationMismatch, AugmentationStream
 from ..softlabels import (
     DIGESTS,
     FORMAT,
@@ -98,7 +98,7 @@ def _metadata_of(path: Path) -> dict[str, str]:
 
 # what a file's walk may differ in and still be the spec's: the set's size comes with the set, and
 # the library versions are checked by the digests (`verified_here`)
-_WALK_FREE_KEYS = ("num_images", "torch", "numpy")
+_WALK_FREE_KEYS = ("num_images", *VERSION_KEYS)
 
 
 def walk_matches(metadata: dict[str, str], spec: JobSpec, stream: str) -> bool:
